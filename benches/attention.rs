@@ -1,0 +1,167 @@
+//! Fused attention against the unfused pipeline a user would otherwise write, on every adapter
+//! present (or those `WGPU_BACKEND` / `WGPU_ADAPTER_NAME` select): causal, RoPE, 8 heads,
+//! head_dim 64, seq 512 / 1024 / 2048. Criterion reports FLOP/s as its throughput (elements =
+//! nominal FLOPs, 4·b·h·seq_q·seq_k·d halved for causal). GPU time comes from timestamp queries
+//! where the adapter has them, else wall time after waiting for the device.
+//!
+//! After the criterion groups, a summary table (median GPU time, GFLOP/s, fused/unfused ratio,
+//! device memory of each path) is printed and written to target/posattn-bench.md.
+//! `POSATTN_BENCH_SEQS=512,1024` narrows the lengths.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use posattn::check::SplitMix;
+use posattn::timing::{median, time_encoded};
+use posattn::{
+    Attention, AttentionBuffers, AttentionSpec, Context, ContextOptions, PositionEncoding, Rope,
+    Unfused, enumerate_adapters,
+};
+use wgpu::util::DeviceExt;
+
+struct Setup {
+    spec: AttentionSpec,
+    q: wgpu::Buffer,
+    k: wgpu::Buffer,
+    v: wgpu::Buffer,
+    out: wgpu::Buffer,
+}
+
+impl Setup {
+    fn new(ctx: &Context, seq: u32) -> Self {
+        let spec = AttentionSpec::new(1, seq, seq, 8, 64)
+            .with_position(PositionEncoding::Rope(Rope::new(10000.0)));
+        let mut rng = SplitMix::new(seq as u64);
+        let mk = |data: Vec<f32>| {
+            ctx.device()
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: None,
+                    contents: bytemuck::cast_slice(&data),
+                    usage: wgpu::BufferUsages::STORAGE,
+                })
+        };
+        let q = mk(rng.vec(spec.q_len(), 1.0));
+        let k = mk(rng.vec(spec.kv_len(), 1.0));
+        let v = mk(rng.vec(spec.kv_len(), 1.0));
+        let out = mk(vec![0.0; spec.q_len()]);
+        Setup { spec, q, k, v, out }
+    }
+    fn bufs(&self) -> AttentionBuffers<'_> {
+        AttentionBuffers {
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            out: &self.out,
+            positions_q: None,
+            positions_k: None,
+        }
+    }
+    fn io_bytes(&self) -> u64 {
+        self.q.size() + self.k.size() + self.v.size() + self.out.size()
+    }
+}
+
+fn short_name(ctx: &Context) -> String {
+    let i = ctx.adapter_info();
+    let name: String = i
+        .name
+        .split_whitespace()
+        .next()
+        .unwrap_or("adapter")
+        .to_lowercase();
+    format!("{name}-{:?}", i.backend).to_lowercase()
+}
+
+fn bench(c: &mut Criterion) {
+    let seqs: Vec<u32> = std::env::var("POSATTN_BENCH_SEQS")
+        .ok()
+        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![512, 1024, 2048]);
+    let mut report = String::new();
+    for adapter in enumerate_adapters(&ContextOptions::default()) {
+        let ctx = match Context::from_adapter(&adapter) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("skipping an adapter that failed to open: {e}");
+                continue;
+            }
+        };
+        let tag = short_name(&ctx);
+        let _ = writeln!(report, "\n{}\n", ctx.describe());
+        let _ = writeln!(
+            report,
+            "| seq | fused ms | fused GFLOP/s | unfused ms | unfused GFLOP/s | fused/unfused speed | fused MiB | unfused MiB | clock |\n|---|---|---|---|---|---|---|---|---|"
+        );
+        let mut group = c.benchmark_group(format!("attention/{tag}"));
+        group
+            .sample_size(10)
+            .warm_up_time(Duration::from_millis(500))
+            .measurement_time(Duration::from_secs(3));
+        for &seq in &seqs {
+            let s = Setup::new(&ctx, seq);
+            let fused = Attention::new(&ctx, &s.spec).expect("fused plan");
+            let unfused = match Unfused::new(&ctx, &s.spec) {
+                Ok(u) => Some(u),
+                Err(e) => {
+                    eprintln!("{tag} seq {seq}: unfused baseline unavailable: {e}");
+                    None
+                }
+            };
+            group.throughput(Throughput::Elements(s.spec.flops() as u64));
+            group.bench_function(BenchmarkId::new("fused_rope_causal", seq), |b| {
+                b.iter_custom(|iters| {
+                    let (_, d) = time_encoded(&ctx, iters as usize, |enc| {
+                        fused.encode(&ctx, enc, &s.bufs())
+                    })
+                    .expect("timed run");
+                    d.iter().sum()
+                })
+            });
+            if let Some(u) = &unfused {
+                group.bench_function(BenchmarkId::new("unfused_rope_causal", seq), |b| {
+                    b.iter_custom(|iters| {
+                        let (_, d) = time_encoded(&ctx, iters as usize, |enc| {
+                            u.encode(&ctx, enc, &s.bufs())
+                        })
+                        .expect("timed run");
+                        d.iter().sum()
+                    })
+                });
+            }
+            // Summary: medians of five runs each.
+            let (clock, fd) =
+                time_encoded(&ctx, 5, |enc| fused.encode(&ctx, enc, &s.bufs())).expect("fused");
+            let f_ms = median(&fd).as_secs_f64() * 1e3;
+            let gf = |ms: f64| s.spec.flops() / (ms * 1e-3) / 1e9;
+            let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+            let f_mem = mib(s.io_bytes() + fused.own_bytes());
+            let line = match &unfused {
+                Some(u) => {
+                    let (_, ud) = time_encoded(&ctx, 5, |enc| u.encode(&ctx, enc, &s.bufs()))
+                        .expect("unfused");
+                    let u_ms = median(&ud).as_secs_f64() * 1e3;
+                    format!(
+                        "| {seq} | {f_ms:.2} | {:.2} | {u_ms:.2} | {:.2} | {:.2}× | {f_mem:.1} | {:.1} | {clock} |",
+                        gf(f_ms),
+                        gf(u_ms),
+                        u_ms / f_ms,
+                        mib(s.io_bytes() + u.own_bytes())
+                    )
+                }
+                None => format!(
+                    "| {seq} | {f_ms:.2} | {:.2} | - | - | - | {f_mem:.1} | - | {clock} |",
+                    gf(f_ms)
+                ),
+            };
+            let _ = writeln!(report, "{line}");
+        }
+        group.finish();
+    }
+    println!("\nposattn summary (h=8, d=64, causal, RoPE, batch 1){report}");
+    let _ = std::fs::create_dir_all("target");
+    let _ = std::fs::write("target/posattn-bench.md", &report);
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,275 @@
+// Fused forward attention with the position encoding applied inside the kernel.
+//
+// FlashAttention-2 style: one workgroup owns BLOCK_Q query rows of one (batch, head); each
+// invocation owns one query row, held rotated and pre-scaled in registers, with its output
+// accumulator. The workgroup walks the keys in tiles of BLOCK_K: each tile of K (rotated on load)
+// and V is staged in workgroup memory, and the invocation folds the tile into its accumulator
+// four keys at a time with an online softmax in base 2 (one rescale per four keys). No rotated
+// Q/K, score or bias matrix ever reaches device memory.
+//
+// Code shape matters on software drivers: llvmpipe turns a shader with barriers into a
+// coroutine, and LLVM's coroutine splitting grows much faster than linearly with the code between
+// barriers. So the rotation code appears once (queries are rotated through workgroup memory by
+// the same loop shape as keys), and only the per-channel loops over one group of keys are
+// expanded.
+//
+// The host prepends the variant constants (see src/kernel.rs, `KernelKey::wgsl_header`):
+//   HEAD_DIM, BLOCK_Q, BLOCK_K, POS_KIND, ROPE_INTERLEAVED,
+// and expands every loop marked `@unroll` into straight-line copies with a constant index, so no
+// private array is ever indexed dynamically (Mesa's GL path turns such indexing into branch
+// ladders; every driver keeps constant-indexed arrays in registers).
+// Bindings and `Params` are declared once here and once in src/kernel.rs: keep in sync.
+
+const POS_NONE: u32 = 0u;
+const POS_ROPE: u32 = 1u;
+const POS_ALIBI: u32 = 2u;
+const POS_XPOS: u32 = 3u;
+
+const HEAD_VEC: u32 = HEAD_DIM / 4u;
+const LOG2E: f32 = 1.4426950408889634;
+// Finite stand-in for −∞: WGSL lets implementations assume there are no infinities.
+const MASKED: f32 = -1.0e30;
+
+// NaN test on the bits: WGSL lets compilers assume floats are never NaN, so `x != x` and
+// max() cannot be trusted to see one.
+fn is_nan_bits(x: f32) -> bool {
+    return (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u;
+}
+
+struct Params {
+    batch: u32,
+    seq_q: u32,
+    seq_k: u32,
+    num_heads: u32,
+    num_kv_heads: u32,
+    causal: u32,
+    rotary_dim: u32,
+    alibi_symmetric: u32,
+    scale_log2: f32,
+    attn_factor: f32,
+    xpos_inv_scale_base: f32,
+    scale: f32,
+    freq_offset: u32,
+    slope_offset: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+@group(0) @binding(0) var<storage, read> q_buf: array<f32>;
+@group(0) @binding(1) var<storage, read> k_buf: array<f32>;
+@group(0) @binding(2) var<storage, read> v_buf: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> o_buf: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read> pos_q: array<i32>;
+@group(0) @binding(5) var<storage, read> pos_k: array<i32>;
+@group(0) @binding(6) var<storage, read> aux: array<vec4<f32>>;
+@group(0) @binding(7) var<uniform> params: Params;
+
+var<workgroup> k_tile: array<vec4<f32>, BLOCK_K * HEAD_VEC>;
+var<workgroup> v_tile: array<vec4<f32>, BLOCK_K * HEAD_VEC>;
+
+const ROTATES: bool = POS_KIND == POS_ROPE || POS_KIND == POS_XPOS;
+
+// Stages one tile into k_tile: BLOCK_K rows of Q (rotated, times `q_mul`) when `from_q`, else of
+// K (rotated), starting at `row0`, rows past `rows` zero. Work is split by channel pairs so that
+// the rotation code exists once and each pair's angle is computed once.
+fn stage_rows(from_q: bool, lid: u32, batch: u32, head: u32, row0: u32, rows: u32, origin: i32, q_mul: f32) {
+    let seq = select(params.seq_k, params.seq_q, from_q);
+    let heads = select(params.num_kv_heads, params.num_heads, from_q);
+    let half_d = HEAD_DIM / 2u;
+    let r = select(0u, params.rotary_dim, ROTATES);
+    for (var idx = lid; idx < BLOCK_K * half_d; idx += BLOCK_Q) {
+        let t_row = idx / half_d;
+        let slot = idx % half_d;
+        let src_row = row0 + t_row;
+        // Pair slots below r/2 rotate; the others carry two pass-through channels.
+        var ch = vec2<u32>(r + 2u * (slot - r / 2u), r + 2u * (slot - r / 2u) + 1u);
+        if (slot < r / 2u) {
+            ch = rope_pair_channels(slot, r);
+        }
+        var y = vec2<f32>(0.0);
+        if (src_row < rows) {
+            let base = ((batch * seq + src_row) * heads + head) * HEAD_DIM;
+            let pos = select(pos_k[batch * seq + src_row], pos_q[batch * seq + src_row], from_q);
+            var x: vec2<f32>;
+            if (from_q) {
+                x = vec2<f32>(q_buf[base + ch.x], q_buf[base + ch.y]);
+            } else {
+                x = vec2<f32>(k_buf[base + ch.x], k_buf[base + ch.y]);
+            }
+            y = x;
+            if (slot < r / 2u) {
+                y = rope_rotate(x, slot, pos, pos - origin, select(-1.0, 1.0, from_q));
+            }
+            y *= q_mul;
+        }
+        let e0 = t_row * HEAD_DIM + ch.x;
+        let e1 = t_row * HEAD_DIM + ch.y;
+        k_tile[e0 / 4u][e0 % 4u] = y.x;
+        k_tile[e1 / 4u][e1 % 4u] = y.y;
+    }
+}
+
+@compute @workgroup_size(BLOCK_Q)
+fn attention_fused(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let head = wg.y;
+    let batch = wg.z;
+    let kv_head = head / (params.num_heads / params.num_kv_heads);
+    let first_row = wg.x * BLOCK_Q;
+    let row = first_row + lid;
+    let row_valid = row < params.seq_q;
+    let row_c = min(row, params.seq_q - 1u);
+    // Query row r sees key j iff j <= r + diag (bottom-right aligned causal mask).
+    let diag = i32(params.seq_k) - i32(params.seq_q);
+    let qpos = pos_q[batch * params.seq_q + row_c];
+    // xPos origin: the first query of the tile, so that per-token scales stay near 1.
+    let origin = pos_q[batch * params.seq_q + first_row];
+
+    var q: array<vec4<f32>, HEAD_VEC>;
+    var slope = 0.0;
+    if (POS_KIND == POS_ALIBI) {
+        slope = aux[params.slope_offset + head / 4u][head % 4u] * LOG2E;
+    }
+    let sym = params.alibi_symmetric != 0u;
+
+    var acc: array<vec4<f32>, HEAD_VEC>;
+    // @unroll
+    for (var c = 0u; c < HEAD_VEC; c++) {
+        acc[c] = vec4<f32>(0.0);
+    }
+    var m_run = MASKED;
+    var l_run = 0.0;
+    // A NaN score at a visible key makes the whole row NaN, as it does in a plain softmax.
+    var row_nan = false;
+
+    // Keys past the last visible one for the workgroup's last row are never loaded.
+    var key_end = params.seq_k;
+    if (params.causal != 0u) {
+        let last_row = min(first_row + BLOCK_Q, params.seq_q) - 1u;
+        key_end = u32(clamp(i32(last_row) + diag + 1, 0, i32(params.seq_k)));
+    }
+    let n_tiles = (key_end + BLOCK_K - 1u) / BLOCK_K;
+
+    // Steps 0..q_rounds stage the workgroup's query rows (rotated, times scale · log2 e)
+    // through k_tile, BLOCK_K rows at a time, and each invocation copies its row to registers;
+    // the steps after that walk the key tiles. One loop, so the staging code exists once.
+    let q_rounds = BLOCK_Q / BLOCK_K;
+    for (var step = 0u; step < q_rounds + n_tiles; step++) {
+        let is_q = step < q_rounds;
+        let t = step - select(q_rounds, 0u, is_q);
+        let key0 = t * BLOCK_K;
+        workgroupBarrier();
+        if (is_q) {
+            stage_rows(true, lid, batch, head, first_row + step * BLOCK_K, params.seq_q, origin,
+                       params.scale_log2);
+        } else {
+            stage_rows(false, lid, batch, kv_head, key0, params.seq_k, origin, 1.0);
+            for (var idx = lid; idx < BLOCK_K * HEAD_VEC; idx += BLOCK_Q) {
+                let key = key0 + idx / HEAD_VEC;
+                var vv = vec4<f32>(0.0);
+                if (key < params.seq_k) {
+                    let v_base = ((batch * params.seq_k + key) * params.num_kv_heads + kv_head) * HEAD_VEC;
+                    vv = v_buf[v_base + idx % HEAD_VEC];
+                }
+                v_tile[idx] = vv;
+            }
+        }
+        workgroupBarrier();
+        if (is_q) {
+            if (lid / BLOCK_K == step) {
+                let r0 = (lid % BLOCK_K) * HEAD_VEC;
+                // @unroll
+                for (var c = 0u; c < HEAD_VEC; c++) {
+                    q[c] = k_tile[r0 + c];
+                }
+            }
+            continue;
+        }
+
+        // The tile is fully visible to every row of the workgroup: no per-key mask needed.
+        let full = key0 + BLOCK_K <= params.seq_k
+            && (params.causal == 0u || i32(key0 + BLOCK_K - 1u) <= i32(first_row) + diag);
+
+        for (var g = 0u; g < BLOCK_K; g += 4u) {
+            // Scores of keys key0+g .. key0+g+3.
+            var d0 = vec4<f32>(0.0);
+            var d1 = vec4<f32>(0.0);
+            var d2 = vec4<f32>(0.0);
+            var d3 = vec4<f32>(0.0);
+            let kb = g * HEAD_VEC;
+            // @unroll
+            for (var c = 0u; c < HEAD_VEC; c++) {
+                d0 = fma(q[c], k_tile[kb + c], d0);
+                d1 = fma(q[c], k_tile[kb + HEAD_VEC + c], d1);
+                d2 = fma(q[c], k_tile[kb + 2u * HEAD_VEC + c], d2);
+                d3 = fma(q[c], k_tile[kb + 3u * HEAD_VEC + c], d3);
+            }
+            var s = vec4<f32>(
+                (d0.x + d0.y) + (d0.z + d0.w),
+                (d1.x + d1.y) + (d1.z + d1.w),
+                (d2.x + d2.y) + (d2.z + d2.w),
+                (d3.x + d3.y) + (d3.z + d3.w),
+            );
+            let key = vec4<u32>(key0 + g) + vec4<u32>(0u, 1u, 2u, 3u);
+            if (POS_KIND == POS_ALIBI) {
+                let kp = batch * params.seq_k;
+                let last = params.seq_k - 1u;
+                s += vec4<f32>(
+                    alibi_bias(slope, qpos, pos_k[kp + min(key.x, last)], sym),
+                    alibi_bias(slope, qpos, pos_k[kp + min(key.y, last)], sym),
+                    alibi_bias(slope, qpos, pos_k[kp + min(key.z, last)], sym),
+                    alibi_bias(slope, qpos, pos_k[kp + min(key.w, last)], sym),
+                );
+            }
+            // Visibility of the four keys: all true in a full tile. Masked keys get p = 0 and
+            // their V is never multiplied in, so a NaN there cannot reach the output.
+            var vis = vec4<bool>(true);
+            if (!full) {
+                let lim = i32(row) + diag;
+                vis = key < vec4<u32>(params.seq_k)
+                    & (vec4<bool>(params.causal == 0u) | vec4<i32>(key) <= vec4<i32>(lim));
+                s = select(vec4<f32>(MASKED), s, vis);
+            }
+            row_nan = row_nan || any(vis & vec4<bool>(is_nan_bits(s.x), is_nan_bits(s.y),
+                                                       is_nan_bits(s.z), is_nan_bits(s.w)));
+            let m_new = max(m_run, max(max(s.x, s.y), max(s.z, s.w)));
+            let alpha = exp2(m_run - m_new);
+            let p = select(vec4<f32>(0.0), exp2(s - vec4<f32>(m_new)), vis);
+            l_run = l_run * alpha + ((p.x + p.y) + (p.z + p.w));
+            m_run = m_new;
+            if (all(vis)) {
+                // @unroll
+                for (var c = 0u; c < HEAD_VEC; c++) {
+                    var a = acc[c] * alpha;
+                    a = fma(vec4<f32>(p.x), v_tile[kb + c], a);
+                    a = fma(vec4<f32>(p.y), v_tile[kb + HEAD_VEC + c], a);
+                    a = fma(vec4<f32>(p.z), v_tile[kb + 2u * HEAD_VEC + c], a);
+                    acc[c] = fma(vec4<f32>(p.w), v_tile[kb + 3u * HEAD_VEC + c], a);
+                }
+            } else {
+                let z = vec4<f32>(0.0);
+                // @unroll
+                for (var c = 0u; c < HEAD_VEC; c++) {
+                    var a = acc[c] * alpha;
+                    a += select(z, p.x * v_tile[kb + c], vis.x);
+                    a += select(z, p.y * v_tile[kb + HEAD_VEC + c], vis.y);
+                    a += select(z, p.z * v_tile[kb + 2u * HEAD_VEC + c], vis.z);
+                    acc[c] = a + select(z, p.w * v_tile[kb + 3u * HEAD_VEC + c], vis.w);
+                }
+            }
+        }
+    }
+
+    if (row_valid) {
+        let o_base = ((batch * params.seq_q + row) * params.num_heads + head) * HEAD_VEC;
+        let inv_l = select(0.0, 1.0 / l_run, l_run > 0.0);
+        let nan4 = vec4<f32>(bitcast<f32>(0x7fc00000u));
+        // @unroll
+        for (var c = 0u; c < HEAD_VEC; c++) {
+            let o = select(vec4<f32>(0.0), acc[c] * inv_l, l_run > 0.0);
+            o_buf[o_base + c] = select(o, nan4, row_nan);
+        }
+    }
+}

@@ -1,0 +1,82 @@
+// Position math shared by every attention kernel.
+//
+// Keep in sync with src/position.rs: `FreqEntry` (the vec4 layout of one frequency entry) and the
+// CPU reference functions of the same names in src/reference.rs.
+
+// One RoPE frequency, stored as turns per position (inv_freq / 2π) split in three so that the
+// product with a 12-bit chunk of a position is exact in f32:
+//   x = the leading 12 significant bits, y = the next 12 bits, z = the remainder,
+//   w = log2(ζ_i) for xPos (0 for plain RoPE).
+// The phase of `pos · inv_freq` is then formed from exact products and exact `fract`s, so the
+// angle keeps about 1e-6 turns of accuracy at any position an i32 holds (a plain f32 product loses
+// the phase entirely near 1e6).
+fn rope_turns(pos: i32, f: vec4<f32>) -> f32 {
+    let u = select(u32(pos), 0u - u32(pos), pos < 0);
+    let p0 = f32(u & 0xfffu);
+    let p1 = f32((u >> 12u) & 0xfffu);
+    let p2 = f32(u >> 24u);
+    var t = fract(p0 * f.x) + fract(p0 * f.y);
+    t = fract(t) + fract(p1 * (f.x * 4096.0)) + fract(p1 * (f.y * 4096.0));
+    t = fract(t) + fract(p2 * (f.x * 16777216.0)) + fract(p2 * (f.y * 16777216.0));
+    t = fract(t) + fract(f32(u & 0xffffffu) * f.z) + fract(p2 * (f.z * 16777216.0));
+    t = fract(t);
+    return select(t, -t, pos < 0);
+}
+
+// (cos, sin) of 2π·t for t in (-1, 1). Quadrant reduction is exact; the polynomials are Taylor
+// series to degree 9/10 on [-π/4, π/4] (truncation below 3e-8), so the result does not depend on
+// the backend's sin/cos precision (Vulkan only promises 2^-11 absolute).
+fn sincos_turns(t: f32) -> vec2<f32> {
+    let x = t * 4.0;
+    let k = round(x);
+    let r = (x - k) * 1.5707963267948966;
+    let r2 = r * r;
+    let s = r + r * r2 * (-0.16666666666666666 + r2 * (0.008333333333333333
+        + r2 * (-0.0001984126984126984 + r2 * 2.7557319223985893e-6)));
+    let c = 1.0 + r2 * (-0.5 + r2 * (0.041666666666666664 + r2 * (-0.001388888888888889
+        + r2 * 2.48015873015873e-5)));
+    let q = i32(k) & 3;
+    if (q == 0) {
+        return vec2<f32>(c, s);
+    } else if (q == 1) {
+        return vec2<f32>(-s, c);
+    } else if (q == 2) {
+        return vec2<f32>(-c, -s);
+    }
+    return vec2<f32>(s, -c);
+}
+
+// xPos magnitude for a token at `rel` positions from the tile's origin: ζ^(rel / scale_base).
+// `sign` is +1 for queries and -1 for keys (torchscale's `downscale`).
+fn xpos_scale(log2_zeta: f32, rel: i32, inv_scale_base: f32, sign: f32) -> f32 {
+    return exp2(log2_zeta * (sign * f32(rel) * inv_scale_base));
+}
+
+// ALiBi bias in natural-log units for query position m and key position n.
+// Causal form: slope · (n − m), which differs from BLOOM's slope · n by a per-row constant that
+// softmax removes, and stays small at large positions. Symmetric form: −slope · |m − n|.
+fn alibi_bias(slope: f32, m: i32, n: i32, symmetric: bool) -> f32 {
+    let delta = f32(m - n);
+    return select(-slope * delta, -slope * abs(delta), symmetric);
+}
+
+// The two channels of rotation pair i: (i, i + r/2) in the half layout, (2i, 2i + 1) in the
+// interleaved one.
+fn rope_pair_channels(i: u32, rotary_dim: u32) -> vec2<u32> {
+    if (ROPE_INTERLEAVED) {
+        return vec2<u32>(2u * i, 2u * i + 1u);
+    }
+    return vec2<u32>(i, i + rotary_dim / 2u);
+}
+
+// Rotates the pair (x_a, x_b) of rotation pair i at position `pos`:
+// (x_a cos − x_b sin, x_b cos + x_a sin), with cos and sin scaled by the attention factor and,
+// for xPos, by ζ_i^(sign · rel / scale_base).
+fn rope_rotate(x: vec2<f32>, i: u32, pos: i32, rel: i32, sign: f32) -> vec2<f32> {
+    let f = aux[params.freq_offset + i];
+    var cs = sincos_turns(rope_turns(pos, f)) * params.attn_factor;
+    if (POS_KIND == POS_XPOS) {
+        cs *= xpos_scale(f.w, rel, params.xpos_inv_scale_base, sign);
+    }
+    return vec2<f32>(x.x * cs.x - x.y * cs.y, x.y * cs.x + x.x * cs.y);
+}

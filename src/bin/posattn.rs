@@ -1,0 +1,243 @@
+//! `posattn`: check that an adapter computes attention correctly, and see what it has.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use posattn::check::{self, CaseResult, Status};
+use posattn::{Context, ContextOptions, describe_adapter, enumerate_adapters};
+
+#[derive(Parser)]
+#[command(
+    name = "posattn",
+    version,
+    about = "Fused position-aware attention on wgpu"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Backend {
+    All,
+    Vulkan,
+    Gl,
+    Metal,
+    Dx12,
+}
+
+impl Backend {
+    fn backends(self) -> wgpu::Backends {
+        match self {
+            Backend::All => wgpu::Backends::all(),
+            Backend::Vulkan => wgpu::Backends::VULKAN,
+            Backend::Gl => wgpu::Backends::GL,
+            Backend::Metal => wgpu::Backends::METAL,
+            Backend::Dx12 => wgpu::Backends::DX12,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the conformance matrix on every adapter (or the chosen ones) against the f64 CPU
+    /// reference and print a pass/fail table per adapter. Exits non-zero on any failure.
+    Check {
+        /// Backend to check (default: WGPU_BACKEND if set, else all).
+        #[arg(long, value_enum)]
+        backend: Option<Backend>,
+        /// Only adapters whose name contains this (case-insensitive).
+        #[arg(long)]
+        adapter: Option<String>,
+        /// A short subset of the matrix.
+        #[arg(long)]
+        quick: bool,
+        /// Only cases whose name contains this.
+        #[arg(long)]
+        filter: Option<String>,
+        /// Print every case, not only the failures and a summary.
+        #[arg(long, short)]
+        verbose: bool,
+    },
+    /// List adapters with the limits and features that matter to this crate.
+    Info {
+        #[arg(long, value_enum)]
+        backend: Option<Backend>,
+    },
+}
+
+fn options(backend: Option<Backend>, adapter: Option<String>) -> ContextOptions {
+    let mut o = ContextOptions::default();
+    if let Some(b) = backend {
+        o.backends = b.backends();
+    }
+    if adapter.is_some() {
+        o.adapter_name = adapter;
+    }
+    o
+}
+
+fn fmt_err(x: f64) -> String {
+    if x.is_nan() {
+        "-".into()
+    } else {
+        format!("{x:.2e}")
+    }
+}
+
+fn print_row(r: &CaseResult) {
+    let (status, note) = match &r.status {
+        Status::Pass => ("pass", String::new()),
+        Status::Fail(why) => ("FAIL", why.clone()),
+        Status::Unsupported(why) => ("unsupported", why.clone()),
+    };
+    println!(
+        "  {:<44} {:<11} {:>9} {:>9} {:>9.1} ms  {}",
+        r.name,
+        status,
+        fmt_err(r.err_gpu),
+        fmt_err(r.bound),
+        r.time.as_secs_f64() * 1e3,
+        note
+    );
+}
+
+fn check(
+    backend: Option<Backend>,
+    adapter: Option<String>,
+    quick: bool,
+    filter: Option<String>,
+    verbose: bool,
+) -> ExitCode {
+    let opts = options(backend, adapter);
+    let adapters = enumerate_adapters(&opts);
+    if adapters.is_empty() {
+        eprintln!(
+            "no adapter found (backends {:?}, name filter {:?}). Without a GPU, install a software \
+             Vulkan driver: apt-get install mesa-vulkan-drivers",
+            opts.backends, opts.adapter_name
+        );
+        return ExitCode::from(2);
+    }
+    println!("adapters found:");
+    for a in &adapters {
+        println!("  {}", describe_adapter(&a.get_info()));
+    }
+    let mut cases = if quick {
+        check::quick_cases()
+    } else {
+        check::conformance_cases()
+    };
+    if let Some(f) = &filter {
+        cases.retain(|c| c.name.contains(f.as_str()));
+    }
+    let mut summary = Vec::new();
+    for adapter in adapters {
+        let name = describe_adapter(&adapter.get_info());
+        println!("\n{name}");
+        let ctx = match Context::from_adapter(&adapter) {
+            Ok(c) => c,
+            Err(e) => {
+                println!("  could not open the device: {e}");
+                summary.push((name, 0, 1, 0));
+                continue;
+            }
+        };
+        println!(
+            "  {:<44} {:<11} {:>9} {:>9} {:>12}",
+            "case", "result", "error", "bound", "time"
+        );
+        let total = cases.len();
+        let mut done = 0;
+        let results = check::run_cases(&ctx, &cases, |r| {
+            done += 1;
+            if verbose || !matches!(r.status, Status::Pass) {
+                print_row(r);
+            } else {
+                eprint!("\r  {done}/{total} {:<50}", r.name);
+            }
+        });
+        eprint!("\r{:<70}\r", "");
+        let pass = results.iter().filter(|r| r.status == Status::Pass).count();
+        let fail = results
+            .iter()
+            .filter(|r| matches!(r.status, Status::Fail(_)))
+            .count();
+        let unsup = results.len() - pass - fail;
+        let worst = results
+            .iter()
+            .filter(|r| r.bound > 0.0)
+            .map(|r| r.err_gpu / r.bound)
+            .fold(0.0f64, f64::max);
+        println!(
+            "  {pass} passed, {fail} failed, {unsup} unsupported; worst error/bound {worst:.3}"
+        );
+        for e in ctx.take_uncaptured_errors() {
+            println!("  uncaptured wgpu error: {e}");
+        }
+        summary.push((name, pass, fail, unsup));
+    }
+    println!(
+        "\n{:<72} {:>6} {:>6} {:>11}",
+        "adapter", "passed", "failed", "unsupported"
+    );
+    for (name, p, f, u) in &summary {
+        println!("{name:<72} {p:>6} {f:>6} {u:>11}");
+    }
+    if summary.iter().any(|s| s.2 > 0) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn info(backend: Option<Backend>) -> ExitCode {
+    let adapters = enumerate_adapters(&options(backend, None));
+    if adapters.is_empty() {
+        eprintln!("no adapter found");
+        return ExitCode::from(2);
+    }
+    for a in adapters {
+        let info = a.get_info();
+        let l = a.limits();
+        let f = a.features();
+        println!("{}", describe_adapter(&info));
+        println!(
+            "  workgroup storage {} B, invocations/workgroup {}, workgroups/dim {}",
+            l.max_compute_workgroup_storage_size,
+            l.max_compute_invocations_per_workgroup,
+            l.max_compute_workgroups_per_dimension
+        );
+        println!(
+            "  storage binding {} B, buffer {} B, storage buffers/stage {}",
+            l.max_storage_buffer_binding_size,
+            l.max_buffer_size,
+            l.max_storage_buffers_per_shader_stage
+        );
+        let has = |x: wgpu::Features| if f.contains(x) { "yes" } else { "no" };
+        println!(
+            "  f16 {}, subgroups {} (size {}..{}), timestamps {} (inside encoders {})",
+            has(wgpu::Features::SHADER_F16),
+            has(wgpu::Features::SUBGROUP),
+            info.subgroup_min_size,
+            info.subgroup_max_size,
+            has(wgpu::Features::TIMESTAMP_QUERY),
+            has(wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS)
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check {
+            backend,
+            adapter,
+            quick,
+            filter,
+            verbose,
+        } => check(backend, adapter, quick, filter, verbose),
+        Command::Info { backend } => info(backend),
+    }
+}

@@ -1,0 +1,451 @@
+//! The conformance harness: cases that probe every encoding, mask, head grouping and tile edge,
+//! each run on the GPU with a poisoned output and compared against the f64 CPU reference.
+//! The tests and the `posattn check` command both run it.
+//!
+//! Tolerance rule (FlashAttention style): with `ref64` the f64 reference and `ref32` the same
+//! reference computed in plain f32,
+//!
+//! ```text
+//! max|gpu − ref64|  ≤  ERR_MULTIPLE · max|ref32 − ref64|  +  ERR_FLOOR · max(1, max|ref64|)
+//! ```
+//!
+//! and the GPU output is NaN exactly where the reference is NaN. The multiple allows for the
+//! kernel's different summation order and exp2-based softmax; the floor covers cases where the
+//! plain f32 implementation happens to be nearly exact (a single visible key, say).
+
+use std::time::{Duration, Instant};
+
+use crate::attention::Attention;
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::position::{Alibi, AlibiForm, AlibiSlopes, PositionEncoding, Rope, RopeLayout, Xpos};
+use crate::reference;
+use crate::spec::{AttentionSpec, SUPPORTED_HEAD_DIMS};
+
+/// GPU error may be this many times the plain f32 implementation's error.
+pub const ERR_MULTIPLE: f64 = 4.0;
+/// Plus this much, relative to the largest reference magnitude (at least 1).
+pub const ERR_FLOOR: f64 = 2e-6;
+
+/// How a case lays out its token positions.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Positions {
+    /// Keys at 0..seq_k, queries at the last seq_q of them.
+    Default,
+    /// Default positions shifted by this much (a continued sequence).
+    Offset(i32),
+    /// Every position multiplied by this stride (gaps).
+    Stride(i32),
+    /// Sorted random subsets of 0..max, different per batch (randomized positional encodings).
+    RandomSubset(i32),
+}
+
+/// Which input gets a NaN planted, to check masking and propagation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NanPlant {
+    None,
+    /// A NaN in V at a key the causal mask hides from some rows: must reach only rows that see it.
+    MaskedValue,
+    /// A NaN in K at the same place: rows that see the key become NaN, the others must not.
+    MaskedKey,
+}
+
+/// One conformance case.
+#[derive(Clone, Debug)]
+pub struct Case {
+    pub name: String,
+    pub spec: AttentionSpec,
+    pub positions: Positions,
+    pub nan: NanPlant,
+    pub seed: u64,
+}
+
+/// The outcome of one case.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Status {
+    Pass,
+    Fail(String),
+    /// The adapter cannot run this case (a limit or a missing feature), with the reason.
+    Unsupported(String),
+}
+
+/// A case's result with its errors against the f64 reference.
+#[derive(Clone, Debug)]
+pub struct CaseResult {
+    pub name: String,
+    pub status: Status,
+    /// max |gpu − ref64|
+    pub err_gpu: f64,
+    /// max |ref32 − ref64|
+    pub err_f32: f64,
+    /// The allowed error.
+    pub bound: f64,
+    /// Wall time of the GPU run (upload, dispatch, readback).
+    pub time: Duration,
+}
+
+/// Deterministic generator for inputs (SplitMix64): the same seed gives the same tensors on every
+/// platform and crate version, so a failing case can be replayed by name.
+pub struct SplitMix(u64);
+
+impl SplitMix {
+    pub fn new(seed: u64) -> Self {
+        SplitMix(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-1, 1).
+    pub fn uniform(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    pub fn vec(&mut self, n: usize, amplitude: f32) -> Vec<f32> {
+        (0..n).map(|_| self.uniform() * amplitude).collect()
+    }
+}
+
+impl Case {
+    pub fn new(name: impl Into<String>, spec: AttentionSpec) -> Self {
+        let name = name.into();
+        // Seed from the name so that each case has its own inputs and replays identically.
+        let seed = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
+        Case {
+            name,
+            spec,
+            positions: Positions::Default,
+            nan: NanPlant::None,
+            seed,
+        }
+    }
+
+    pub fn with_positions(mut self, p: Positions) -> Self {
+        self.positions = p;
+        self
+    }
+
+    pub fn with_nan(mut self, nan: NanPlant) -> Self {
+        self.nan = nan;
+        self
+    }
+
+    /// The case's inputs: q, k, v and positions.
+    pub fn inputs(&self) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<i32>, Vec<i32>) {
+        let s = &self.spec;
+        let mut rng = SplitMix::new(self.seed);
+        // Amplitude 2 gives logits of a few units: softmax neither flat nor one-hot.
+        let q = rng.vec(s.q_len(), 2.0);
+        let mut k = rng.vec(s.kv_len(), 2.0);
+        let mut v = rng.vec(s.kv_len(), 1.0);
+        let (mut pq, mut pk) = s.default_positions();
+        match self.positions {
+            Positions::Default => {}
+            Positions::Offset(o) => {
+                pq.iter_mut().chain(pk.iter_mut()).for_each(|p| *p += o);
+            }
+            Positions::Stride(st) => {
+                pq.iter_mut().chain(pk.iter_mut()).for_each(|p| *p *= st);
+            }
+            Positions::RandomSubset(max) => {
+                // Per batch: a sorted random subset of 0..max for the keys; queries take the last
+                // seq_q of them, as in a self-attention over the subset.
+                let (sq, sk) = (s.seq_q as usize, s.seq_k as usize);
+                for b in 0..s.batch as usize {
+                    let mut chosen: Vec<i32> = Vec::with_capacity(sk);
+                    while chosen.len() < sk {
+                        let c = (rng.next_u64() % max as u64) as i32;
+                        if !chosen.contains(&c) {
+                            chosen.push(c);
+                        }
+                    }
+                    chosen.sort_unstable();
+                    pk[b * sk..(b + 1) * sk].copy_from_slice(&chosen);
+                    for i in 0..sq {
+                        pq[b * sq + i] = chosen[(i + sk).saturating_sub(sq).min(sk - 1)];
+                    }
+                }
+            }
+        }
+        if self.nan != NanPlant::None {
+            // The last key of batch 0, kv head 0: hidden from every row but the last under the
+            // causal mask.
+            let j = s.seq_k as usize - 1;
+            let base = j * s.num_kv_heads as usize * s.head_dim as usize;
+            match self.nan {
+                NanPlant::MaskedValue => v[base + 1] = f32::NAN,
+                NanPlant::MaskedKey => k[base + 1] = f32::NAN,
+                NanPlant::None => {}
+            }
+        }
+        (q, k, v, pq, pk)
+    }
+}
+
+/// Compares a GPU output with the references; returns (status, err_gpu, err_f32, bound).
+pub fn compare(gpu: &[f32], ref64: &[f64], ref32: &[f32]) -> (Status, f64, f64, f64) {
+    let mut err_gpu = 0.0f64;
+    let mut err_f32 = 0.0f64;
+    let mut max_ref = 1.0f64;
+    let mut nan_mismatch = None;
+    for (i, ((&g, &r), &r32)) in gpu.iter().zip(ref64).zip(ref32).enumerate() {
+        if r.is_nan() != g.is_nan() || (!r.is_nan() && !g.is_finite()) {
+            nan_mismatch.get_or_insert((i, g, r));
+            continue;
+        }
+        if r.is_nan() {
+            continue;
+        }
+        max_ref = max_ref.max(r.abs());
+        err_gpu = err_gpu.max((g as f64 - r).abs());
+        if !r32.is_nan() {
+            err_f32 = err_f32.max((r32 as f64 - r).abs());
+        }
+    }
+    let bound = ERR_MULTIPLE * err_f32 + ERR_FLOOR * max_ref;
+    let status = if let Some((i, g, r)) = nan_mismatch {
+        Status::Fail(format!("element {i}: gpu {g}, reference {r}"))
+    } else if err_gpu > bound {
+        Status::Fail(format!("error {err_gpu:.3e} > bound {bound:.3e}"))
+    } else {
+        Status::Pass
+    };
+    (status, err_gpu, err_f32, bound)
+}
+
+/// Runs one case on `ctx` and checks it against the CPU reference.
+pub fn run_case(ctx: &Context, case: &Case) -> CaseResult {
+    let (q, k, v, pq, pk) = case.inputs();
+    let start = Instant::now();
+    let gpu = Attention::new(ctx, &case.spec)
+        .and_then(|plan| plan.run(ctx, &q, &k, &v, Some(&pq), Some(&pk)));
+    let time = start.elapsed();
+    let mut result = CaseResult {
+        name: case.name.clone(),
+        status: Status::Pass,
+        err_gpu: f64::NAN,
+        err_f32: f64::NAN,
+        bound: f64::NAN,
+        time,
+    };
+    match gpu {
+        Err(e @ Error::Unavailable { .. }) => result.status = Status::Unsupported(e.to_string()),
+        Err(e) => result.status = Status::Fail(e.to_string()),
+        Ok(gpu) => {
+            let r64 = reference::attention::<f64>(&case.spec, &q, &k, &v, &pq, &pk);
+            let r32 = reference::attention::<f32>(&case.spec, &q, &k, &v, &pq, &pk);
+            let (status, eg, ef, b) = compare(&gpu, &r64, &r32);
+            result.status = status;
+            result.err_gpu = eg;
+            result.err_f32 = ef;
+            result.bound = b;
+        }
+    }
+    result
+}
+
+/// Runs every case; `progress` is called after each one.
+pub fn run_cases(
+    ctx: &Context,
+    cases: &[Case],
+    mut progress: impl FnMut(&CaseResult),
+) -> Vec<CaseResult> {
+    cases
+        .iter()
+        .map(|c| {
+            let r = run_case(ctx, c);
+            progress(&r);
+            r
+        })
+        .collect()
+}
+
+fn rope() -> PositionEncoding {
+    PositionEncoding::Rope(Rope::new(10000.0))
+}
+
+/// The encodings the matrix covers, by name.
+pub fn encodings(num_heads: u32) -> Vec<(&'static str, PositionEncoding)> {
+    vec![
+        ("none", PositionEncoding::None),
+        ("rope_half", rope()),
+        (
+            "rope_interleaved",
+            PositionEncoding::Rope(Rope::new(10000.0).with_layout(RopeLayout::Interleaved)),
+        ),
+        (
+            "rope_partial_af",
+            PositionEncoding::Rope(
+                Rope::new(500000.0)
+                    .with_rotary_dim(24)
+                    .with_attention_factor(1.1),
+            ),
+        ),
+        (
+            "rope_partial_interleaved",
+            PositionEncoding::Rope(
+                Rope::new(10000.0)
+                    .with_rotary_dim(16)
+                    .with_layout(RopeLayout::Interleaved),
+            ),
+        ),
+        (
+            "alibi_causal",
+            PositionEncoding::Alibi(Alibi {
+                slopes: AlibiSlopes::Standard,
+                form: AlibiForm::Causal,
+            }),
+        ),
+        (
+            "alibi_symmetric",
+            PositionEncoding::Alibi(Alibi {
+                slopes: AlibiSlopes::Standard,
+                form: AlibiForm::Symmetric,
+            }),
+        ),
+        (
+            "alibi_custom",
+            PositionEncoding::Alibi(Alibi {
+                slopes: AlibiSlopes::Custom(
+                    (0..num_heads).map(|h| 0.05 + 0.1 * h as f32).collect(),
+                ),
+                form: AlibiForm::Causal,
+            }),
+        ),
+        ("xpos", PositionEncoding::Xpos(Xpos::default())),
+        (
+            "xpos_half",
+            PositionEncoding::Xpos(Xpos {
+                layout: RopeLayout::Half,
+                ..Xpos::default()
+            }),
+        ),
+    ]
+}
+
+/// The conformance matrix: every encoding × causal/bidirectional × MHA/GQA/MQA, then the tile
+/// edges, sequence-length mismatches, batches with their own positions, every head size, and
+/// NaN placement.
+pub fn conformance_cases() -> Vec<Case> {
+    let mut cases = Vec::new();
+    let heads = 4;
+    for (ename, enc) in encodings(heads) {
+        for causal in [true, false] {
+            for (gname, kv) in [("mha", 4), ("gqa", 2), ("mqa", 1)] {
+                let mask = if causal { "causal" } else { "bidir" };
+                let spec = AttentionSpec::new(1, 37, 37, heads, 64)
+                    .with_kv_heads(kv)
+                    .with_causal(causal)
+                    .with_position(enc.clone());
+                cases.push(Case::new(format!("{ename}_{mask}_{gname}_s37_d64"), spec));
+            }
+        }
+    }
+    // Tile edges: 64 query rows per workgroup, 32 keys per tile at d = 64.
+    for enc_name in ["rope_half", "alibi_causal", "xpos"] {
+        let enc = encodings(2)
+            .into_iter()
+            .find(|e| e.0 == enc_name)
+            .map(|e| e.1)
+            .expect("encoding");
+        for (sq, sk) in [
+            (1, 1),
+            (1, 100),
+            (63, 63),
+            (64, 64),
+            (65, 65),
+            (31, 31),
+            (32, 32),
+            (33, 33),
+            (17, 100),
+            (100, 17),
+            (129, 129),
+        ] {
+            for causal in [true, false] {
+                let mask = if causal { "causal" } else { "bidir" };
+                let spec = AttentionSpec::new(1, sq, sk, 2, 64)
+                    .with_kv_heads(1)
+                    .with_causal(causal)
+                    .with_position(enc.clone());
+                cases.push(Case::new(
+                    format!("{enc_name}_{mask}_q{sq}_k{sk}_d64"),
+                    spec,
+                ));
+            }
+        }
+    }
+    // Batches whose rows have different positions, and unusual position layouts.
+    for (pname, pos) in [
+        ("offset1000", Positions::Offset(1000)),
+        ("stride3", Positions::Stride(3)),
+        ("random4096", Positions::RandomSubset(4096)),
+        ("offset100000", Positions::Offset(100_000)),
+    ] {
+        for enc_name in ["rope_half", "alibi_symmetric", "xpos"] {
+            let enc = encodings(4)
+                .into_iter()
+                .find(|e| e.0 == enc_name)
+                .map(|e| e.1)
+                .expect("encoding");
+            let spec = AttentionSpec::new(3, 40, 70, 4, 64)
+                .with_kv_heads(2)
+                .with_position(enc);
+            cases.push(
+                Case::new(format!("{enc_name}_b3_q40_k70_{pname}"), spec)
+                    .with_positions(pos.clone()),
+            );
+        }
+    }
+    // Every supported head size.
+    for &d in SUPPORTED_HEAD_DIMS {
+        for (ename, enc) in [
+            ("rope_half", rope()),
+            ("alibi_causal", encodings(2)[5].1.clone()),
+        ] {
+            let spec = AttentionSpec::new(1, 50, 50, 2, d).with_position(enc);
+            cases.push(Case::new(format!("{ename}_causal_s50_d{d}"), spec));
+        }
+    }
+    // NaN placement: masked-out NaN must not leak; attended NaN must propagate.
+    for (nname, nan) in [
+        ("nan_masked_v", NanPlant::MaskedValue),
+        ("nan_masked_k", NanPlant::MaskedKey),
+    ] {
+        let spec = AttentionSpec::new(1, 70, 70, 2, 64).with_position(rope());
+        cases.push(Case::new(format!("rope_causal_s70_{nname}"), spec).with_nan(nan));
+    }
+    // A non-default softmax scale (T5 style: unscaled logits).
+    let spec = AttentionSpec::new(1, 45, 45, 2, 32)
+        .with_scale(1.0)
+        .with_causal(false);
+    cases.push(Case::new("none_bidir_s45_d32_scale1", spec));
+    cases
+}
+
+/// A short subset of the matrix for quick runs: one case per encoding and a few edges.
+pub fn quick_cases() -> Vec<Case> {
+    conformance_cases()
+        .into_iter()
+        .filter(|c| {
+            c.name.ends_with("_mha_s37_d64")
+                || c.name.contains("_q65_k65")
+                || c.name.contains("nan")
+        })
+        .collect()
+}
+
+/// Checks `case` names are unique (a replayed failure must find its case).
+pub fn assert_unique_names(cases: &[Case]) -> Result<()> {
+    let mut names: Vec<&str> = cases.iter().map(|c| c.name.as_str()).collect();
+    names.sort_unstable();
+    for w in names.windows(2) {
+        if w[0] == w[1] {
+            return Err(Error::invalid("case name", "unique names", w[0]));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,284 @@
+//! The device this crate runs on: either one it opens itself (adapter chosen from the
+//! environment, a name filter, or the best present) or the caller's own `wgpu::Device`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::kernel::{KernelKey, Kernels};
+
+/// How to pick an adapter when the crate opens its own device.
+#[derive(Clone, Debug)]
+pub struct ContextOptions {
+    /// Backends to look at. Default: `WGPU_BACKEND` if set (e.g. `vulkan`, `gl`), else all.
+    pub backends: wgpu::Backends,
+    /// Case-insensitive substring of the adapter name. Default: `WGPU_ADAPTER_NAME` if set.
+    pub adapter_name: Option<String>,
+    /// Longest wait for the device to finish one submission.
+    pub timeout: Duration,
+}
+
+impl Default for ContextOptions {
+    fn default() -> Self {
+        ContextOptions {
+            backends: wgpu::Backends::from_env().unwrap_or(wgpu::Backends::all()),
+            adapter_name: std::env::var("WGPU_ADAPTER_NAME")
+                .ok()
+                .filter(|s| !s.is_empty()),
+            timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// A device and queue plus the compiled pipelines this crate made on them.
+pub struct Context {
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    pub(crate) timeout: Duration,
+    pub(crate) kernels: Kernels,
+    pub(crate) pipelines: Mutex<HashMap<KernelKey, wgpu::ComputePipeline>>,
+    uncaptured: Arc<Mutex<Vec<String>>>,
+}
+
+/// Rank used to pick the best adapter: real GPUs first, software rasterisers last.
+fn device_rank(t: wgpu::DeviceType) -> u8 {
+    match t {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    }
+}
+
+/// Every adapter on the chosen backends that matches the name filter, best first.
+pub fn enumerate_adapters(options: &ContextOptions) -> Vec<wgpu::Adapter> {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    desc.backends = options.backends;
+    let instance = wgpu::Instance::new(desc);
+    let mut adapters: Vec<wgpu::Adapter> =
+        pollster::block_on(instance.enumerate_adapters(options.backends))
+            .into_iter()
+            .filter(|a| {
+                let info = a.get_info();
+                // wgpu's GL backend can list the same GPU twice through different EGL platforms.
+                info.backend != wgpu::Backend::Noop
+                    && match &options.adapter_name {
+                        Some(f) => info.name.to_lowercase().contains(&f.to_lowercase()),
+                        None => true,
+                    }
+            })
+            .collect();
+    adapters.sort_by_key(|a| {
+        let i = a.get_info();
+        (device_rank(i.device_type), i.backend as u8)
+    });
+    adapters
+}
+
+/// One line naming an adapter: name, backend, type and driver.
+pub fn describe_adapter(info: &wgpu::AdapterInfo) -> String {
+    let driver = if info.driver.is_empty() {
+        String::new()
+    } else {
+        format!(", {} {}", info.driver, info.driver_info)
+    };
+    format!(
+        "{} ({:?}, {:?}{})",
+        info.name, info.backend, info.device_type, driver
+    )
+}
+
+impl Context {
+    /// Opens a device on the best adapter that `ContextOptions::default()` allows.
+    pub fn new() -> Result<Self> {
+        Self::with_options(&ContextOptions::default())
+    }
+
+    /// Opens a device on the best adapter that `options` allows.
+    pub fn with_options(options: &ContextOptions) -> Result<Self> {
+        let adapter = enumerate_adapters(options).into_iter().next().ok_or_else(|| {
+            Error::NoAdapter(format!(
+                "backends {:?}, name filter {:?}; on a machine without a GPU install a software \
+                 Vulkan driver (Debian/Ubuntu: mesa-vulkan-drivers)",
+                options.backends, options.adapter_name
+            ))
+        })?;
+        let mut ctx = Self::from_adapter(&adapter)?;
+        ctx.timeout = options.timeout;
+        Ok(ctx)
+    }
+
+    /// Opens a device on `adapter` with the features this crate can use (timestamp queries when
+    /// present) and the adapter's own limits.
+    pub fn from_adapter(adapter: &wgpu::Adapter) -> Result<Self> {
+        let info = adapter.get_info();
+        let wanted = wgpu::Features::TIMESTAMP_QUERY
+            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS
+            | wgpu::Features::SHADER_F16
+            | wgpu::Features::SUBGROUP;
+        let features = adapter.features() & wanted;
+        let desc = wgpu::DeviceDescriptor {
+            label: Some("posattn"),
+            required_features: features,
+            required_limits: adapter.limits(),
+            ..Default::default()
+        };
+        let (device, queue) =
+            pollster::block_on(adapter.request_device(&desc)).map_err(|source| {
+                Error::RequestDevice {
+                    adapter: describe_adapter(&info),
+                    source,
+                }
+            })?;
+        // Our own device: errors outside our scopes are recorded, never panicked on.
+        let uncaptured = Arc::new(Mutex::new(Vec::new()));
+        let sink = uncaptured.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            if let Ok(mut v) = sink.lock() {
+                v.push(e.to_string());
+            }
+        }));
+        Ok(Self::build(device, queue, info, uncaptured))
+    }
+
+    /// Wraps a caller's device and queue (a game engine's, an application's). The crate does not
+    /// touch the device's uncaptured-error handler: every error from this crate's own operations
+    /// is caught in error scopes and returned.
+    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue, info: wgpu::AdapterInfo) -> Self {
+        Self::build(device, queue, info, Arc::new(Mutex::new(Vec::new())))
+    }
+
+    fn build(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        info: wgpu::AdapterInfo,
+        uncaptured: Arc<Mutex<Vec<String>>>,
+    ) -> Self {
+        let kernels = Kernels::new(&device);
+        Context {
+            device,
+            queue,
+            info,
+            timeout: ContextOptions::default().timeout,
+            kernels,
+            pipelines: Mutex::new(HashMap::new()),
+            uncaptured,
+        }
+    }
+
+    pub fn device(&self) -> &wgpu::Device {
+        &self.device
+    }
+
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.queue
+    }
+
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.info
+    }
+
+    /// Name, backend, type and driver of the adapter.
+    pub fn describe(&self) -> String {
+        describe_adapter(&self.info)
+    }
+
+    /// Sets the longest wait for one submission.
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    /// Whether GPU time can be read with timestamp queries written between commands.
+    pub fn has_timestamps(&self) -> bool {
+        self.device.features().contains(
+            wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS,
+        )
+    }
+
+    /// Errors that reached the uncaptured handler of a device this crate opened.
+    pub fn take_uncaptured_errors(&self) -> Vec<String> {
+        self.uncaptured
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default()
+    }
+
+    /// Runs `f` inside validation, out-of-memory and internal error scopes and returns the first
+    /// error wgpu reported, tagged with `during`.
+    pub(crate) fn scoped<R>(&self, during: &'static str, f: impl FnOnce() -> R) -> Result<R> {
+        let internal = self.device.push_error_scope(wgpu::ErrorFilter::Internal);
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let r = f();
+        let errors = [validation.pop(), oom.pop(), internal.pop()]
+            .into_iter()
+            .filter_map(pollster::block_on)
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>();
+        match errors.into_iter().next() {
+            Some(message) => Err(Error::Wgpu { during, message }),
+            None => Ok(r),
+        }
+    }
+
+    /// Waits for `submission`, at most `self.timeout`.
+    pub(crate) fn wait(&self, submission: wgpu::SubmissionIndex) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::Wait {
+                submission_index: Some(submission),
+                timeout: Some(self.timeout),
+            })
+            .map(|_| ())
+            .map_err(|e| match e {
+                wgpu::PollError::Timeout => Error::Timeout(self.timeout),
+                other => Error::Device {
+                    during: "waiting for the device",
+                    message: other.to_string(),
+                },
+            })
+    }
+
+    /// Copies `size` bytes of `src` back to the host.
+    pub(crate) fn read_buffer(&self, src: &wgpu::Buffer, size: u64) -> Result<Vec<u8>> {
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("posattn readback"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("posattn readback"),
+            });
+        enc.copy_buffer_to_buffer(src, 0, &staging, 0, size);
+        let sub = self.queue.submit([enc.finish()]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait(sub)?;
+        match rx.recv_timeout(self.timeout) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(Error::Device {
+                    during: "mapping a readback buffer",
+                    message: e.to_string(),
+                });
+            }
+            Err(_) => return Err(Error::Timeout(self.timeout)),
+        }
+        let bytes = staging
+            .get_mapped_range(..)
+            .map_err(|e| Error::Device {
+                during: "reading a mapped buffer",
+                message: e.to_string(),
+            })?
+            .to_vec();
+        staging.unmap();
+        Ok(bytes)
+    }
+}

@@ -1,0 +1,86 @@
+//! Errors are values: a caller's invalid request, what the device cannot do, and what went wrong
+//! on the device are kept apart so that a caller can tell them apart.
+
+use std::time::Duration;
+
+/// Everything that can go wrong in this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is invalid: `field` does not hold what was expected.
+    #[error("invalid `{field}`: expected {expected}, got {got}")]
+    Invalid {
+        field: &'static str,
+        expected: String,
+        got: String,
+    },
+    /// The request is valid but this device cannot run it (a limit or a missing feature).
+    #[error("unavailable on this device: `{what}` needs {needed}, the device allows {allowed}")]
+    Unavailable {
+        what: &'static str,
+        needed: String,
+        allowed: String,
+    },
+    /// No adapter matched the request.
+    #[error("no adapter found: {0}")]
+    NoAdapter(String),
+    /// The adapter refused to open a device.
+    #[error("could not open a device on {adapter}: {source}")]
+    RequestDevice {
+        adapter: String,
+        #[source]
+        source: wgpu::RequestDeviceError,
+    },
+    /// wgpu reported a validation, out-of-memory or internal error while this crate worked.
+    #[error("wgpu reported an error during {during}: {message}")]
+    Wgpu {
+        during: &'static str,
+        message: String,
+    },
+    /// The device did not finish within the allowed time.
+    #[error("timed out after {0:?} waiting for the device")]
+    Timeout(Duration),
+    /// The device was lost, or polling or mapping failed.
+    #[error("device failure during {during}: {message}")]
+    Device {
+        during: &'static str,
+        message: String,
+    },
+}
+
+/// This crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn invalid(
+        field: &'static str,
+        expected: impl Into<String>,
+        got: impl std::fmt::Display,
+    ) -> Self {
+        Error::Invalid {
+            field,
+            expected: expected.into(),
+            got: got.to_string(),
+        }
+    }
+
+    pub(crate) fn unavailable(
+        what: &'static str,
+        needed: impl std::fmt::Display,
+        allowed: impl std::fmt::Display,
+    ) -> Self {
+        Error::Unavailable {
+            what,
+            needed: needed.to_string(),
+            allowed: allowed.to_string(),
+        }
+    }
+
+    /// The field an [`Error::Invalid`] names, for callers and tests that match on it.
+    pub fn field(&self) -> Option<&'static str> {
+        match self {
+            Error::Invalid { field, .. } => Some(field),
+            Error::Unavailable { what, .. } => Some(what),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! # posattn
+//!
+//! Transformer attention with the position handling fused into the kernel, as WGSL compute
+//! shaders run through wgpu, with an f64 CPU reference that checks every result.
+//!
+//! ```no_run
+//! use posattn::{AttentionSpec, Context, PositionEncoding, Rope};
+//! let ctx = Context::new()?;
+//! let spec = AttentionSpec::new(1, 128, 128, 8, 64)
+//!     .with_kv_heads(2)
+//!     .with_position(PositionEncoding::Rope(Rope::new(10000.0)));
+//! let (q, k, v) = (vec![0.1; spec.q_len()], vec![0.2; spec.kv_len()], vec![0.3; spec.kv_len()]);
+//! let out = ctx.attention(&spec, &q, &k, &v, None)?;
+//! # Ok::<(), posattn::Error>(())
+//! ```
+
+pub mod attention;
+pub mod check;
+pub mod context;
+pub mod error;
+pub mod kernel;
+pub mod position;
+pub mod reference;
+pub mod spec;
+pub mod timing;
+pub mod unfused;
+
+pub use attention::{Attention, AttentionBuffers};
+pub use context::{Context, ContextOptions, describe_adapter, enumerate_adapters};
+pub use error::{Error, Result};
+pub use position::{Alibi, AlibiForm, AlibiSlopes, PositionEncoding, Rope, RopeLayout, Xpos};
+pub use spec::{AttentionSpec, SUPPORTED_HEAD_DIMS};
+
+pub use unfused::Unfused;

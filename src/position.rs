@@ -1,0 +1,373 @@
+//! Position encodings: their descriptions, their validation, and the host-side tables (computed
+//! in f64) that the kernels read. The exact math follows `shared/reference/position-encodings.md`
+//! and the code that defines each scheme (Hugging Face transformers, torchscale, BLOOM).
+
+use crate::error::{Error, Result};
+
+/// Which channels of a head form a rotation pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RopeLayout {
+    /// Pair (i, i + r/2): GPT-NeoX, Hugging Face `rotate_half`, FlashAttention `interleaved=False`.
+    Half,
+    /// Pair (2i, 2i + 1): GPT-J, llama.cpp's NORMAL mode, torchscale.
+    Interleaved,
+}
+
+/// Rotary position embedding (Su et al.), applied to queries and keys inside the kernel.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rope {
+    pub layout: RopeLayout,
+    /// Channels that rotate (even, at most head_dim); the rest pass through. `None` = head_dim.
+    pub rotary_dim: Option<u32>,
+    /// Base of the default frequencies `1 / theta^(2i / r)`.
+    pub theta: f64,
+    /// Multiplies cos and sin for queries and keys alike (HF `attention_scaling`), so the logits
+    /// carry its square.
+    pub attention_factor: f64,
+    /// Explicit inverse frequencies, `rotary_dim / 2` of them, replacing the ones derived from
+    /// `theta`. This is where a scaling scheme plugs in: it is just another table.
+    pub inv_freq: Option<Vec<f64>>,
+}
+
+impl Rope {
+    /// Plain RoPE in the half layout over the whole head with the given base.
+    pub fn new(theta: f64) -> Self {
+        Rope {
+            layout: RopeLayout::Half,
+            rotary_dim: None,
+            theta,
+            attention_factor: 1.0,
+            inv_freq: None,
+        }
+    }
+
+    pub fn with_layout(mut self, layout: RopeLayout) -> Self {
+        self.layout = layout;
+        self
+    }
+
+    pub fn with_rotary_dim(mut self, rotary_dim: u32) -> Self {
+        self.rotary_dim = Some(rotary_dim);
+        self
+    }
+
+    pub fn with_attention_factor(mut self, attention_factor: f64) -> Self {
+        self.attention_factor = attention_factor;
+        self
+    }
+
+    /// The rotary dimension for a head of `head_dim` channels.
+    pub fn rotary_dim(&self, head_dim: u32) -> u32 {
+        self.rotary_dim.unwrap_or(head_dim)
+    }
+
+    /// The inverse frequencies in f64, one per rotation pair.
+    pub fn inv_freq(&self, head_dim: u32) -> Vec<f64> {
+        match &self.inv_freq {
+            Some(table) => table.clone(),
+            None => rope_inv_freq(self.theta, self.rotary_dim(head_dim)),
+        }
+    }
+}
+
+/// ALiBi slopes: the standard geometric sequence or the caller's own.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AlibiSlopes {
+    /// Press et al.'s slopes, with non-power-of-two head counts as BLOOM computes them.
+    Standard,
+    /// One slope per query head.
+    Custom(Vec<f32>),
+}
+
+/// How ALiBi turns a distance into a bias.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AlibiForm {
+    /// `slope · (n − m)`: BLOOM's `slope · n` up to a per-row constant that softmax removes.
+    Causal,
+    /// `−slope · |m − n|`, FlashAttention's `alibi_slopes` for bidirectional attention.
+    Symmetric,
+}
+
+/// Attention with linear biases (Press et al. 2022).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Alibi {
+    pub slopes: AlibiSlopes,
+    pub form: AlibiForm,
+}
+
+/// xPos (Sun et al. 2022) as torchscale defines it: RoPE whose pair i is scaled by
+/// `ζ_i^(m/γ)` for queries and `ζ_i^(−n/γ)` for keys, `ζ_i = (2i + 0.4d) / (1.4d)`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Xpos {
+    /// torchscale rotates every two channels (interleaved); lucidrains' rotary-embedding-torch
+    /// uses the half layout.
+    pub layout: RopeLayout,
+    pub theta: f64,
+    /// γ, 512 in torchscale.
+    pub scale_base: f64,
+}
+
+impl Default for Xpos {
+    fn default() -> Self {
+        Xpos {
+            layout: RopeLayout::Interleaved,
+            theta: 10000.0,
+            scale_base: 512.0,
+        }
+    }
+}
+
+/// The position encoding fused into the attention kernel.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub enum PositionEncoding {
+    #[default]
+    None,
+    Rope(Rope),
+    Alibi(Alibi),
+    Xpos(Xpos),
+}
+
+impl PositionEncoding {
+    /// Short name used in kernel keys, reports and test names.
+    pub fn name(&self) -> &'static str {
+        match self {
+            PositionEncoding::None => "none",
+            PositionEncoding::Rope(_) => "rope",
+            PositionEncoding::Alibi(_) => "alibi",
+            PositionEncoding::Xpos(_) => "xpos",
+        }
+    }
+}
+
+/// `1 / theta^(2i / r)` for i in 0..r/2, in f64.
+pub fn rope_inv_freq(theta: f64, rotary_dim: u32) -> Vec<f64> {
+    (0..rotary_dim / 2)
+        .map(|i| 1.0 / theta.powf(2.0 * i as f64 / rotary_dim as f64))
+        .collect()
+}
+
+/// ALiBi's standard slopes for `num_heads` heads (BLOOM `build_alibi_tensor`).
+pub fn alibi_slopes(num_heads: u32) -> Vec<f64> {
+    let cp = 1u32 << (31 - num_heads.leading_zeros());
+    let cpf = cp as f64;
+    let mut slopes: Vec<f64> = (1..=cp).map(|k| 2f64.powf(-8.0 * k as f64 / cpf)).collect();
+    let remaining = num_heads - cp;
+    slopes.extend((0..remaining).map(|j| 2f64.powf(-4.0 * (2 * j + 1) as f64 / cpf)));
+    slopes
+}
+
+/// xPos' per-pair ratios `ζ_i = (2i + 0.4d) / (1.4d)`.
+pub fn xpos_zeta(head_dim: u32) -> Vec<f64> {
+    let d = head_dim as f64;
+    (0..head_dim / 2)
+        .map(|i| (2.0 * i as f64 + 0.4 * d) / (1.4 * d))
+        .collect()
+}
+
+/// One frequency entry as the kernels read it (keep in sync with `rope_turns` in
+/// shaders/position.wgsl): turns per position split into a 12-bit head, a 12-bit middle and the
+/// remainder, so that each product with a 12-bit position chunk is exact in f32; `w` carries
+/// log2(ζ) for xPos.
+pub fn freq_entry(inv_freq: f64, log2_zeta: f64) -> [f32; 4] {
+    let turns = inv_freq / std::f64::consts::TAU;
+    let hi = round_to_bits(turns, 12);
+    let mid = round_to_bits(turns - hi, 12);
+    let lo = turns - hi - mid;
+    [hi as f32, mid as f32, lo as f32, log2_zeta as f32]
+}
+
+/// `x` rounded to `bits` significant bits (exact in f32 for bits ≤ 24).
+fn round_to_bits(x: f64, bits: i32) -> f64 {
+    if x == 0.0 || !x.is_finite() {
+        return x;
+    }
+    let e = x.abs().log2().floor() as i32;
+    let scale = 2f64.powi(bits - 1 - e);
+    let r = (x * scale).round() / scale;
+    // f32 must hold it exactly: flush what f32 cannot represent as a normal number.
+    if r.abs() < f32::MIN_POSITIVE as f64 {
+        0.0
+    } else {
+        r
+    }
+}
+
+/// Kernel-facing code of an encoding (keep in sync with POS_* in the shaders).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PosKind {
+    None = 0,
+    Rope = 1,
+    Alibi = 2,
+    Xpos = 3,
+}
+
+/// An encoding checked against the shapes and turned into what the kernel reads.
+#[derive(Clone, Debug)]
+pub(crate) struct ResolvedPosition {
+    pub kind: PosKind,
+    pub interleaved: bool,
+    pub rotary_dim: u32,
+    pub attention_factor: f32,
+    pub xpos_inv_scale_base: f32,
+    pub alibi_symmetric: bool,
+    /// Frequency entries (rotary_dim / 2), then slopes packed four to an entry.
+    pub aux: Vec<[f32; 4]>,
+    pub freq_offset: u32,
+    pub slope_offset: u32,
+}
+
+fn check_finite(field: &'static str, x: f64, positive: bool) -> Result<()> {
+    if !x.is_finite() || (positive && x <= 0.0) {
+        let expected = if positive {
+            "a finite number > 0"
+        } else {
+            "a finite number"
+        };
+        return Err(Error::invalid(field, expected, x));
+    }
+    Ok(())
+}
+
+fn check_rotary_dim(field: &'static str, r: u32, head_dim: u32) -> Result<()> {
+    if r == 0 || r % 2 != 0 || r > head_dim {
+        return Err(Error::invalid(
+            field,
+            format!("an even number in 2..={head_dim} (head_dim)"),
+            r,
+        ));
+    }
+    Ok(())
+}
+
+impl PositionEncoding {
+    pub(crate) fn resolve(&self, head_dim: u32, num_heads: u32) -> Result<ResolvedPosition> {
+        let mut out = ResolvedPosition {
+            kind: PosKind::None,
+            interleaved: false,
+            rotary_dim: 0,
+            attention_factor: 1.0,
+            xpos_inv_scale_base: 0.0,
+            alibi_symmetric: false,
+            aux: vec![[0.0; 4]],
+            freq_offset: 0,
+            slope_offset: 0,
+        };
+        match self {
+            PositionEncoding::None => {}
+            PositionEncoding::Rope(rope) => {
+                let r = rope.rotary_dim(head_dim);
+                check_rotary_dim("rope.rotary_dim", r, head_dim)?;
+                check_finite("rope.attention_factor", rope.attention_factor, false)?;
+                let inv = match &rope.inv_freq {
+                    Some(table) => {
+                        if table.len() != (r / 2) as usize {
+                            return Err(Error::invalid(
+                                "rope.inv_freq",
+                                format!("{} entries (rotary_dim / 2)", r / 2),
+                                format!("{} entries", table.len()),
+                            ));
+                        }
+                        if let Some(bad) = table.iter().find(|f| !f.is_finite() || **f < 0.0) {
+                            return Err(Error::invalid(
+                                "rope.inv_freq",
+                                "finite frequencies ≥ 0",
+                                bad,
+                            ));
+                        }
+                        table.clone()
+                    }
+                    None => {
+                        check_finite("rope.theta", rope.theta, true)?;
+                        rope_inv_freq(rope.theta, r)
+                    }
+                };
+                out.kind = PosKind::Rope;
+                out.interleaved = rope.layout == RopeLayout::Interleaved;
+                out.rotary_dim = r;
+                out.attention_factor = rope.attention_factor as f32;
+                out.aux = inv.iter().map(|&f| freq_entry(f, 0.0)).collect();
+            }
+            PositionEncoding::Xpos(x) => {
+                check_finite("xpos.theta", x.theta, true)?;
+                check_finite("xpos.scale_base", x.scale_base, true)?;
+                let inv = rope_inv_freq(x.theta, head_dim);
+                let zeta = xpos_zeta(head_dim);
+                out.kind = PosKind::Xpos;
+                out.interleaved = x.layout == RopeLayout::Interleaved;
+                out.rotary_dim = head_dim;
+                out.xpos_inv_scale_base = (1.0 / x.scale_base) as f32;
+                out.aux = inv
+                    .iter()
+                    .zip(&zeta)
+                    .map(|(&f, &z)| freq_entry(f, z.log2()))
+                    .collect();
+            }
+            PositionEncoding::Alibi(a) => {
+                let slopes: Vec<f32> = match &a.slopes {
+                    AlibiSlopes::Standard => {
+                        alibi_slopes(num_heads).iter().map(|&s| s as f32).collect()
+                    }
+                    AlibiSlopes::Custom(s) => {
+                        if s.len() != num_heads as usize {
+                            return Err(Error::invalid(
+                                "alibi.slopes",
+                                format!("{num_heads} slopes (one per query head)"),
+                                format!("{} slopes", s.len()),
+                            ));
+                        }
+                        if let Some(bad) = s.iter().find(|x| !x.is_finite()) {
+                            return Err(Error::invalid("alibi.slopes", "finite slopes", bad));
+                        }
+                        s.clone()
+                    }
+                };
+                out.kind = PosKind::Alibi;
+                out.alibi_symmetric = a.form == AlibiForm::Symmetric;
+                out.aux = slopes
+                    .chunks(4)
+                    .map(|c| {
+                        let mut e = [0.0f32; 4];
+                        e[..c.len()].copy_from_slice(c);
+                        e
+                    })
+                    .collect();
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bloom_slopes_for_power_of_two_and_not() {
+        let s8 = alibi_slopes(8);
+        assert_eq!(s8.len(), 8);
+        for (k, s) in s8.iter().enumerate() {
+            assert_eq!(*s, 2f64.powi(-(k as i32 + 1)));
+        }
+        // 12 heads: 8 from base 2^-1, then 4 from 2^-0.5 at odd powers (BLOOM).
+        let s12 = alibi_slopes(12);
+        assert_eq!(s12.len(), 12);
+        assert_eq!(&s12[..8], &s8[..]);
+        for j in 0..4 {
+            assert_eq!(s12[8 + j], 2f64.powf(-0.5 * (2 * j + 1) as f64));
+        }
+    }
+
+    #[test]
+    fn freq_split_reassembles_exactly_enough() {
+        for &f in &[1.0, 0.5, 1e-4, 3.1e-7, 0.7498942093324559] {
+            let e = freq_entry(f, 0.0);
+            let back = (e[0] as f64 + e[1] as f64 + e[2] as f64) * std::f64::consts::TAU;
+            assert!(((back - f) / f).abs() < 1e-13, "{f}: {back}");
+            // The head and middle hold at most 12 significant bits.
+            for part in [e[0], e[1]] {
+                let m = part.to_bits() & 0x7f_ffff;
+                assert_eq!(m & 0xfff, 0, "{part} has more than 12 significant bits");
+            }
+        }
+    }
+}

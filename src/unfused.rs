@@ -1,0 +1,227 @@
+//! The unfused baseline: what a user writes without a fused kernel. A RoPE pass writes rotated Q
+//! and K, a scores pass writes the seq_q × seq_k matrix for every head, a softmax pass normalises
+//! it in place, and a P·V pass writes the output: four dispatches and three intermediate tensors.
+//! It exists to be measured against (and is checked against the same CPU reference).
+
+use wgpu::util::DeviceExt;
+
+use crate::attention::{AttentionBuffers, check_buffer, check_limits, params_for};
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::kernel::{KernelKey, Params, Stage};
+use crate::position::{PosKind, ResolvedPosition};
+use crate::spec::AttentionSpec;
+
+/// Most workgroups along one dimension that every WebGPU device accepts.
+const MAX_GROUPS: u32 = 65535;
+
+/// A planned unfused attention: pipelines, parameters and intermediate buffers allocated once.
+pub struct Unfused {
+    spec: AttentionSpec,
+    pos: ResolvedPosition,
+    rope: Option<wgpu::ComputePipeline>,
+    scores: wgpu::ComputePipeline,
+    softmax: wgpu::ComputePipeline,
+    pv: wgpu::ComputePipeline,
+    params: wgpu::Buffer,
+    params_q: wgpu::Buffer,
+    params_k: wgpu::Buffer,
+    aux: wgpu::Buffer,
+    default_pos_q: wgpu::Buffer,
+    default_pos_k: wgpu::Buffer,
+    q_rot: wgpu::Buffer,
+    k_rot: wgpu::Buffer,
+    score_buf: wgpu::Buffer,
+}
+
+fn grid_1d(n: u32) -> (u32, u32) {
+    let x = n.clamp(1, MAX_GROUPS);
+    (x, n.div_ceil(x))
+}
+
+impl Unfused {
+    /// Plans the unfused pipeline. Supports no position encoding or RoPE.
+    pub fn new(ctx: &Context, spec: &AttentionSpec) -> Result<Self> {
+        spec.validate()?;
+        let pos = spec.position.resolve(spec.head_dim, spec.num_heads)?;
+        if !matches!(pos.kind, PosKind::None | PosKind::Rope) {
+            return Err(Error::invalid(
+                "position",
+                "none or rope for the unfused baseline",
+                spec.position.name(),
+            ));
+        }
+        check_limits(ctx, spec, [1, 1, 1])?;
+        let score_bytes =
+            spec.batch as u64 * spec.num_heads as u64 * spec.seq_q as u64 * spec.seq_k as u64 * 4;
+        let limits = ctx.device.limits();
+        let max_bind = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size);
+        if score_bytes > max_bind {
+            return Err(Error::unavailable(
+                "score matrix bytes",
+                score_bytes,
+                format!("{max_bind} (max storage binding)"),
+            ));
+        }
+        let key = |stage| KernelKey::unfused(stage, spec.head_dim, pos.kind, pos.interleaved);
+        let rope = match pos.kind {
+            PosKind::Rope => Some(ctx.pipeline(key(Stage::RopeApply))?),
+            _ => None,
+        };
+        let scores = ctx.pipeline(key(Stage::Scores))?;
+        let softmax = ctx.pipeline(key(Stage::Softmax))?;
+        let pv = ctx.pipeline(key(Stage::Pv))?;
+
+        let params = params_for(spec, &pos);
+        // The RoPE pass sees each tensor as [batch, seq_q, num_heads, d].
+        let params_q = params;
+        let params_k = Params {
+            seq_q: spec.seq_k,
+            num_heads: spec.num_kv_heads,
+            ..params
+        };
+        let (pq, pk) = spec.default_positions();
+        ctx.scoped("allocating the unfused pipeline", || {
+            let init = |label, contents: &[u8], usage| {
+                ctx.device
+                    .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                        label: Some(label),
+                        contents,
+                        usage,
+                    })
+            };
+            let scratch = |label, size: u64| {
+                ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some(label),
+                    size: size.max(4),
+                    usage: wgpu::BufferUsages::STORAGE,
+                    mapped_at_creation: false,
+                })
+            };
+            let st = wgpu::BufferUsages::STORAGE;
+            let un = wgpu::BufferUsages::UNIFORM;
+            Unfused {
+                spec: spec.clone(),
+                rope,
+                scores,
+                softmax,
+                pv,
+                params: init("unfused params", bytemuck::bytes_of(&params), un),
+                params_q: init("unfused params q", bytemuck::bytes_of(&params_q), un),
+                params_k: init("unfused params k", bytemuck::bytes_of(&params_k), un),
+                aux: init("unfused aux", bytemuck::cast_slice(&pos.aux), st),
+                default_pos_q: init("unfused pos_q", bytemuck::cast_slice(&pq), st),
+                default_pos_k: init("unfused pos_k", bytemuck::cast_slice(&pk), st),
+                q_rot: scratch("unfused q_rot", spec.q_len() as u64 * 4),
+                k_rot: scratch("unfused k_rot", spec.kv_len() as u64 * 4),
+                score_buf: scratch("unfused scores", score_bytes),
+                pos,
+            }
+        })
+    }
+
+    /// Device bytes of the intermediates (rotated Q and K, the score matrix) and tables.
+    pub fn own_bytes(&self) -> u64 {
+        [
+            &self.params,
+            &self.params_q,
+            &self.params_k,
+            &self.aux,
+            &self.default_pos_q,
+            &self.default_pos_k,
+            &self.q_rot,
+            &self.k_rot,
+            &self.score_buf,
+        ]
+        .iter()
+        .map(|b| b.size())
+        .sum()
+    }
+
+    /// Records the four passes into `encoder`.
+    pub fn encode(
+        &self,
+        ctx: &Context,
+        encoder: &mut wgpu::CommandEncoder,
+        bufs: &AttentionBuffers,
+    ) -> Result<()> {
+        let s = &self.spec;
+        check_buffer("q", bufs.q, s.q_len() as u64 * 4)?;
+        check_buffer("k", bufs.k, s.kv_len() as u64 * 4)?;
+        check_buffer("v", bufs.v, s.kv_len() as u64 * 4)?;
+        check_buffer("out", bufs.out, s.q_len() as u64 * 4)?;
+        let pos_q = bufs.positions_q.unwrap_or(&self.default_pos_q);
+        let pos_k = bufs.positions_k.unwrap_or(&self.default_pos_k);
+        check_buffer("positions_q", pos_q, s.batch as u64 * s.seq_q as u64 * 4)?;
+        check_buffer("positions_k", pos_k, s.batch as u64 * s.seq_k as u64 * 4)?;
+        let roped = self.pos.kind == PosKind::Rope;
+        let (qr, kr) = if roped {
+            (&self.q_rot, &self.k_rot)
+        } else {
+            (bufs.q, bufs.k)
+        };
+        let groups = ctx.scoped("creating unfused bind groups", || {
+            let bg = |a: &wgpu::Buffer,
+                      b: &wgpu::Buffer,
+                      dst: &wgpu::Buffer,
+                      pos: &wgpu::Buffer,
+                      params: &wgpu::Buffer| {
+                let entries: Vec<_> = [a, b, dst, pos, &self.aux, params]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, buf)| wgpu::BindGroupEntry {
+                        binding: i as u32,
+                        resource: buf.as_entire_binding(),
+                    })
+                    .collect();
+                ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some("posattn unfused"),
+                    layout: &ctx.kernels.unfused_bgl,
+                    entries: &entries,
+                })
+            };
+            [
+                bg(bufs.q, bufs.q, &self.q_rot, pos_q, &self.params_q),
+                bg(bufs.k, bufs.k, &self.k_rot, pos_k, &self.params_k),
+                bg(qr, kr, &self.score_buf, pos_q, &self.params),
+                bg(qr, kr, &self.score_buf, pos_q, &self.params),
+                bg(&self.score_buf, bufs.v, bufs.out, pos_q, &self.params),
+            ]
+        })?;
+        let mut pass =
+            |label, pipeline: &wgpu::ComputePipeline, bg: &wgpu::BindGroup, g: [u32; 3]| {
+                let mut p = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some(label),
+                    timestamp_writes: None,
+                });
+                p.set_pipeline(pipeline);
+                p.set_bind_group(0, bg, &[]);
+                p.dispatch_workgroups(g[0], g[1], g[2]);
+            };
+        let d = s.head_dim;
+        if let Some(rope) = &self.rope {
+            let (x, y) = grid_1d((s.q_len() as u32).div_ceil(256));
+            pass("unfused rope q", rope, &groups[0], [x, y, 1]);
+            let (x, y) = grid_1d((s.kv_len() as u32).div_ceil(256));
+            pass("unfused rope k", rope, &groups[1], [x, y, 1]);
+        }
+        let bh = s.batch * s.num_heads;
+        pass(
+            "unfused scores",
+            &self.scores,
+            &groups[2],
+            [s.seq_k.div_ceil(64), s.seq_q.div_ceil(64), bh],
+        );
+        let (x, y) = grid_1d(bh * s.seq_q);
+        pass("unfused softmax", &self.softmax, &groups[3], [x, y, 1]);
+        pass(
+            "unfused pv",
+            &self.pv,
+            &groups[4],
+            [d.div_ceil(64), s.seq_q.div_ceil(64), bh],
+        );
+        Ok(())
+    }
+}
