@@ -1,8 +1,10 @@
 // Fused forward attention with the position encoding applied inside the kernel.
 //
 // FlashAttention-2 style: one workgroup owns BLOCK_Q query rows of one (batch, head); each
-// invocation owns one query row, held rotated and pre-scaled in registers, with its output
-// accumulator. The workgroup walks the keys in tiles of BLOCK_K: each tile of K (rotated on load)
+// invocation owns ROWS of them (rows lid, lid + WG_SIZE, ...), held rotated and pre-scaled in
+// registers, with their output accumulators. ROWS > 1 makes every K or V value read from
+// workgroup memory feed ROWS rows: CPU adapters gather those reads lane by lane, so it pays
+// there; GPUs run ROWS = 1 to keep registers low. The workgroup walks the keys in tiles of BLOCK_K: each tile of K (rotated on load)
 // and V is staged in workgroup memory, and the invocation folds the tile into its accumulator
 // four keys at a time with an online softmax in base 2 (one rescale per four keys). No rotated
 // Q/K, score or bias matrix ever reaches device memory.
@@ -14,7 +16,7 @@
 // expanded.
 //
 // The host prepends the variant constants (see src/kernel.rs, `KernelKey::wgsl_header`):
-//   HEAD_DIM, BLOCK_Q, BLOCK_K, POS_KIND, ROPE_INTERLEAVED,
+//   HEAD_DIM, BLOCK_Q, BLOCK_K, ROWS, POS_KIND, ROPE_INTERLEAVED,
 // and expands every loop marked `@unroll` into straight-line copies with a constant index, so no
 // private array is ever indexed dynamically (Mesa's GL path turns such indexing into branch
 // ladders; every driver keeps constant-indexed arrays in registers).
@@ -26,6 +28,7 @@ const POS_ALIBI: u32 = 2u;
 const POS_XPOS: u32 = 3u;
 
 const HEAD_VEC: u32 = HEAD_DIM / 4u;
+const WG_SIZE: u32 = BLOCK_Q / ROWS;
 const LOG2E: f32 = 1.4426950408889634;
 // Finite stand-in for −∞: WGSL lets implementations assume there are no infinities.
 const MASKED: f32 = -1.0e30;
@@ -77,7 +80,7 @@ fn stage_rows(from_q: bool, lid: u32, batch: u32, head: u32, row0: u32, rows: u3
     let heads = select(params.num_kv_heads, params.num_heads, from_q);
     let half_d = HEAD_DIM / 2u;
     let r = select(0u, params.rotary_dim, ROTATES);
-    for (var idx = lid; idx < BLOCK_K * half_d; idx += BLOCK_Q) {
+    for (var idx = lid; idx < BLOCK_K * half_d; idx += WG_SIZE) {
         let t_row = idx / half_d;
         let slot = idx % half_d;
         let src_row = row0 + t_row;
@@ -109,7 +112,7 @@ fn stage_rows(from_q: bool, lid: u32, batch: u32, head: u32, row0: u32, rows: u3
     }
 }
 
-@compute @workgroup_size(BLOCK_Q)
+@compute @workgroup_size(WG_SIZE)
 fn attention_fused(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
@@ -118,31 +121,39 @@ fn attention_fused(
     let batch = wg.z;
     let kv_head = head / (params.num_heads / params.num_kv_heads);
     let first_row = wg.x * BLOCK_Q;
-    let row = first_row + lid;
-    let row_valid = row < params.seq_q;
-    let row_c = min(row, params.seq_q - 1u);
     // Query row r sees key j iff j <= r + diag (bottom-right aligned causal mask).
     let diag = i32(params.seq_k) - i32(params.seq_q);
-    let qpos = pos_q[batch * params.seq_q + row_c];
     // xPos origin: the first query of the tile, so that per-token scales stay near 1.
     let origin = pos_q[batch * params.seq_q + first_row];
 
-    var q: array<vec4<f32>, HEAD_VEC>;
     var slope = 0.0;
     if (POS_KIND == POS_ALIBI) {
         slope = aux[params.slope_offset + head / 4u][head % 4u] * LOG2E;
     }
     let sym = params.alibi_symmetric != 0u;
 
-    var acc: array<vec4<f32>, HEAD_VEC>;
+    // Per row: its index, position, query (rotated, times scale · log2 e), accumulator, running
+    // max and sum, and whether a NaN score was seen at a visible key (then the row is NaN, as in
+    // a plain softmax).
+    var rows: array<u32, ROWS>;
+    var qpos: array<i32, ROWS>;
+    var q: array<vec4<f32>, ROWS * HEAD_VEC>;
+    var acc: array<vec4<f32>, ROWS * HEAD_VEC>;
+    var m_run: array<f32, ROWS>;
+    var l_run: array<f32, ROWS>;
+    var row_nan: array<bool, ROWS>;
     // @unroll
-    for (var c = 0u; c < HEAD_VEC; c++) {
-        acc[c] = vec4<f32>(0.0);
+    for (var r = 0u; r < ROWS; r++) {
+        rows[r] = first_row + r * WG_SIZE + lid;
+        qpos[r] = pos_q[batch * params.seq_q + min(rows[r], params.seq_q - 1u)];
+        m_run[r] = MASKED;
+        l_run[r] = 0.0;
+        row_nan[r] = false;
+        // @unroll
+        for (var c = 0u; c < HEAD_VEC; c++) {
+            acc[r * HEAD_VEC + c] = vec4<f32>(0.0);
+        }
     }
-    var m_run = MASKED;
-    var l_run = 0.0;
-    // A NaN score at a visible key makes the whole row NaN, as it does in a plain softmax.
-    var row_nan = false;
 
     // Keys past the last visible one for the workgroup's last row are never loaded.
     var key_end = params.seq_k;
@@ -153,7 +164,7 @@ fn attention_fused(
     let n_tiles = (key_end + BLOCK_K - 1u) / BLOCK_K;
 
     // Steps 0..q_rounds stage the workgroup's query rows (rotated, times scale · log2 e)
-    // through k_tile, BLOCK_K rows at a time, and each invocation copies its row to registers;
+    // through k_tile, BLOCK_K rows at a time, and each invocation copies its rows to registers;
     // the steps after that walk the key tiles. One loop, so the staging code exists once.
     let q_rounds = BLOCK_Q / BLOCK_K;
     for (var step = 0u; step < q_rounds + n_tiles; step++) {
@@ -166,7 +177,7 @@ fn attention_fused(
                        params.scale_log2);
         } else {
             stage_rows(false, lid, batch, kv_head, key0, params.seq_k, origin, 1.0);
-            for (var idx = lid; idx < BLOCK_K * HEAD_VEC; idx += BLOCK_Q) {
+            for (var idx = lid; idx < BLOCK_K * HEAD_VEC; idx += WG_SIZE) {
                 let key = key0 + idx / HEAD_VEC;
                 var vv = vec4<f32>(0.0);
                 if (key < params.seq_k) {
@@ -178,11 +189,15 @@ fn attention_fused(
         }
         workgroupBarrier();
         if (is_q) {
-            if (lid / BLOCK_K == step) {
-                let r0 = (lid % BLOCK_K) * HEAD_VEC;
-                // @unroll
-                for (var c = 0u; c < HEAD_VEC; c++) {
-                    q[c] = k_tile[r0 + c];
+            // @unroll
+            for (var r = 0u; r < ROWS; r++) {
+                let local = r * WG_SIZE + lid;
+                if (local / BLOCK_K == step) {
+                    let r0 = (local % BLOCK_K) * HEAD_VEC;
+                    // @unroll
+                    for (var c = 0u; c < HEAD_VEC; c++) {
+                        q[r * HEAD_VEC + c] = k_tile[r0 + c];
+                    }
                 }
             }
             continue;
@@ -193,83 +208,128 @@ fn attention_fused(
             && (params.causal == 0u || i32(key0 + BLOCK_K - 1u) <= i32(first_row) + diag);
 
         for (var g = 0u; g < BLOCK_K; g += 4u) {
-            // Scores of keys key0+g .. key0+g+3.
-            var d0 = vec4<f32>(0.0);
-            var d1 = vec4<f32>(0.0);
-            var d2 = vec4<f32>(0.0);
-            var d3 = vec4<f32>(0.0);
             let kb = g * HEAD_VEC;
+            // Scores of keys key0+g .. key0+g+3 for every row: d[4r + e] holds key e's lanes.
+            var d: array<vec4<f32>, ROWS * 4u>;
+            // @unroll
+            for (var r = 0u; r < ROWS; r++) {
+                d[4u * r] = vec4<f32>(0.0);
+                d[4u * r + 1u] = vec4<f32>(0.0);
+                d[4u * r + 2u] = vec4<f32>(0.0);
+                d[4u * r + 3u] = vec4<f32>(0.0);
+            }
             // @unroll
             for (var c = 0u; c < HEAD_VEC; c++) {
-                d0 = fma(q[c], k_tile[kb + c], d0);
-                d1 = fma(q[c], k_tile[kb + HEAD_VEC + c], d1);
-                d2 = fma(q[c], k_tile[kb + 2u * HEAD_VEC + c], d2);
-                d3 = fma(q[c], k_tile[kb + 3u * HEAD_VEC + c], d3);
+                let k0 = k_tile[kb + c];
+                let k1 = k_tile[kb + HEAD_VEC + c];
+                let k2 = k_tile[kb + 2u * HEAD_VEC + c];
+                let k3 = k_tile[kb + 3u * HEAD_VEC + c];
+                // @unroll
+                for (var r = 0u; r < ROWS; r++) {
+                    let qc = q[r * HEAD_VEC + c];
+                    d[4u * r] = fma(qc, k0, d[4u * r]);
+                    d[4u * r + 1u] = fma(qc, k1, d[4u * r + 1u]);
+                    d[4u * r + 2u] = fma(qc, k2, d[4u * r + 2u]);
+                    d[4u * r + 3u] = fma(qc, k3, d[4u * r + 3u]);
+                }
             }
-            var s = vec4<f32>(
-                (d0.x + d0.y) + (d0.z + d0.w),
-                (d1.x + d1.y) + (d1.z + d1.w),
-                (d2.x + d2.y) + (d2.z + d2.w),
-                (d3.x + d3.y) + (d3.z + d3.w),
-            );
             let key = vec4<u32>(key0 + g) + vec4<u32>(0u, 1u, 2u, 3u);
+            var kpos = vec4<i32>(0);
             if (POS_KIND == POS_ALIBI) {
                 let kp = batch * params.seq_k;
                 let last = params.seq_k - 1u;
-                s += vec4<f32>(
-                    alibi_bias(slope, qpos, pos_k[kp + min(key.x, last)], sym),
-                    alibi_bias(slope, qpos, pos_k[kp + min(key.y, last)], sym),
-                    alibi_bias(slope, qpos, pos_k[kp + min(key.z, last)], sym),
-                    alibi_bias(slope, qpos, pos_k[kp + min(key.w, last)], sym),
-                );
+                kpos = vec4<i32>(pos_k[kp + min(key.x, last)], pos_k[kp + min(key.y, last)],
+                                 pos_k[kp + min(key.z, last)], pos_k[kp + min(key.w, last)]);
             }
-            // Visibility of the four keys: all true in a full tile. Masked keys get p = 0 and
-            // their V is never multiplied in, so a NaN there cannot reach the output.
-            var vis = vec4<bool>(true);
-            if (!full) {
-                let lim = i32(row) + diag;
-                vis = key < vec4<u32>(params.seq_k)
-                    & (vec4<bool>(params.causal == 0u) | vec4<i32>(key) <= vec4<i32>(lim));
-                s = select(vec4<f32>(MASKED), s, vis);
+            // Softmax weights of the four keys per row; alpha rescales the row's accumulator.
+            var p: array<vec4<f32>, ROWS>;
+            var alpha: array<f32, ROWS>;
+            var vis: array<vec4<bool>, ROWS>;
+            var all_vis = true;
+            // @unroll
+            for (var r = 0u; r < ROWS; r++) {
+                let d0 = d[4u * r];
+                let d1 = d[4u * r + 1u];
+                let d2 = d[4u * r + 2u];
+                let d3 = d[4u * r + 3u];
+                var s = vec4<f32>((d0.x + d0.y) + (d0.z + d0.w), (d1.x + d1.y) + (d1.z + d1.w),
+                                  (d2.x + d2.y) + (d2.z + d2.w), (d3.x + d3.y) + (d3.z + d3.w));
+                if (POS_KIND == POS_ALIBI) {
+                    let m = qpos[r];
+                    s += vec4<f32>(alibi_bias(slope, m, kpos.x, sym), alibi_bias(slope, m, kpos.y, sym),
+                                   alibi_bias(slope, m, kpos.z, sym), alibi_bias(slope, m, kpos.w, sym));
+                }
+                // Masked keys get p = 0 and their V is never multiplied in, so a NaN there
+                // cannot reach the output.
+                var v4 = vec4<bool>(true);
+                if (!full) {
+                    let lim = i32(rows[r]) + diag;
+                    v4 = key < vec4<u32>(params.seq_k)
+                        & (vec4<bool>(params.causal == 0u) | vec4<i32>(key) <= vec4<i32>(lim));
+                    s = select(vec4<f32>(MASKED), s, v4);
+                }
+                vis[r] = v4;
+                all_vis = all_vis && all(v4);
+                row_nan[r] = row_nan[r] || any(v4 & vec4<bool>(is_nan_bits(s.x), is_nan_bits(s.y),
+                                                                is_nan_bits(s.z), is_nan_bits(s.w)));
+                let m_new = max(m_run[r], max(max(s.x, s.y), max(s.z, s.w)));
+                alpha[r] = exp2(m_run[r] - m_new);
+                p[r] = select(vec4<f32>(0.0), exp2(s - vec4<f32>(m_new)), v4);
+                l_run[r] = l_run[r] * alpha[r] + ((p[r].x + p[r].y) + (p[r].z + p[r].w));
+                m_run[r] = m_new;
             }
-            row_nan = row_nan || any(vis & vec4<bool>(is_nan_bits(s.x), is_nan_bits(s.y),
-                                                       is_nan_bits(s.z), is_nan_bits(s.w)));
-            let m_new = max(m_run, max(max(s.x, s.y), max(s.z, s.w)));
-            let alpha = exp2(m_run - m_new);
-            let p = select(vec4<f32>(0.0), exp2(s - vec4<f32>(m_new)), vis);
-            l_run = l_run * alpha + ((p.x + p.y) + (p.z + p.w));
-            m_run = m_new;
-            if (all(vis)) {
+            if (all_vis) {
                 // @unroll
                 for (var c = 0u; c < HEAD_VEC; c++) {
-                    var a = acc[c] * alpha;
-                    a = fma(vec4<f32>(p.x), v_tile[kb + c], a);
-                    a = fma(vec4<f32>(p.y), v_tile[kb + HEAD_VEC + c], a);
-                    a = fma(vec4<f32>(p.z), v_tile[kb + 2u * HEAD_VEC + c], a);
-                    acc[c] = fma(vec4<f32>(p.w), v_tile[kb + 3u * HEAD_VEC + c], a);
+                    let v0 = v_tile[kb + c];
+                    let v1 = v_tile[kb + HEAD_VEC + c];
+                    let v2 = v_tile[kb + 2u * HEAD_VEC + c];
+                    let v3 = v_tile[kb + 3u * HEAD_VEC + c];
+                    // @unroll
+                    for (var r = 0u; r < ROWS; r++) {
+                        let pr = p[r];
+                        var a = acc[r * HEAD_VEC + c] * alpha[r];
+                        a = fma(vec4<f32>(pr.x), v0, a);
+                        a = fma(vec4<f32>(pr.y), v1, a);
+                        a = fma(vec4<f32>(pr.z), v2, a);
+                        acc[r * HEAD_VEC + c] = fma(vec4<f32>(pr.w), v3, a);
+                    }
                 }
             } else {
                 let z = vec4<f32>(0.0);
                 // @unroll
                 for (var c = 0u; c < HEAD_VEC; c++) {
-                    var a = acc[c] * alpha;
-                    a += select(z, p.x * v_tile[kb + c], vis.x);
-                    a += select(z, p.y * v_tile[kb + HEAD_VEC + c], vis.y);
-                    a += select(z, p.z * v_tile[kb + 2u * HEAD_VEC + c], vis.z);
-                    acc[c] = a + select(z, p.w * v_tile[kb + 3u * HEAD_VEC + c], vis.w);
+                    let v0 = v_tile[kb + c];
+                    let v1 = v_tile[kb + HEAD_VEC + c];
+                    let v2 = v_tile[kb + 2u * HEAD_VEC + c];
+                    let v3 = v_tile[kb + 3u * HEAD_VEC + c];
+                    // @unroll
+                    for (var r = 0u; r < ROWS; r++) {
+                        let pr = p[r];
+                        let vr = vis[r];
+                        var a = acc[r * HEAD_VEC + c] * alpha[r];
+                        a += select(z, pr.x * v0, vr.x);
+                        a += select(z, pr.y * v1, vr.y);
+                        a += select(z, pr.z * v2, vr.z);
+                        acc[r * HEAD_VEC + c] = a + select(z, pr.w * v3, vr.w);
+                    }
                 }
             }
         }
     }
 
-    if (row_valid) {
-        let o_base = ((batch * params.seq_q + row) * params.num_heads + head) * HEAD_VEC;
-        let inv_l = select(0.0, 1.0 / l_run, l_run > 0.0);
-        let nan4 = vec4<f32>(bitcast<f32>(0x7fc00000u));
-        // @unroll
-        for (var c = 0u; c < HEAD_VEC; c++) {
-            let o = select(vec4<f32>(0.0), acc[c] * inv_l, l_run > 0.0);
-            o_buf[o_base + c] = select(o, nan4, row_nan);
+    let nan4 = vec4<f32>(bitcast<f32>(0x7fc00000u));
+    // @unroll
+    for (var r = 0u; r < ROWS; r++) {
+        if (rows[r] < params.seq_q) {
+            let o_base = ((batch * params.seq_q + rows[r]) * params.num_heads + head) * HEAD_VEC;
+            let l = l_run[r];
+            let inv_l = select(0.0, 1.0 / l, l > 0.0);
+            // @unroll
+            for (var c = 0u; c < HEAD_VEC; c++) {
+                let o = select(vec4<f32>(0.0), acc[r * HEAD_VEC + c] * inv_l, l > 0.0);
+                o_buf[o_base + c] = select(o, nan4, row_nan[r]);
+            }
         }
     }
 }

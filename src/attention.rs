@@ -117,7 +117,12 @@ impl Attention {
     pub fn new(ctx: &Context, spec: &AttentionSpec) -> Result<Self> {
         spec.validate()?;
         let pos = spec.position.resolve(spec.head_dim, spec.num_heads)?;
-        let key = KernelKey::fused(spec.head_dim, pos.kind, pos.interleaved);
+        let key = KernelKey::fused(
+            spec.head_dim,
+            ctx.rows_per_invocation(),
+            pos.kind,
+            pos.interleaved,
+        );
         let limits = ctx.device.limits();
         let wg_bytes = 2 * key.block_k * spec.head_dim * 4;
         if wg_bytes > limits.max_compute_workgroup_storage_size {
@@ -127,10 +132,10 @@ impl Attention {
                 limits.max_compute_workgroup_storage_size,
             ));
         }
-        if key.block_q > limits.max_compute_invocations_per_workgroup {
+        if key.block_q / key.rows > limits.max_compute_invocations_per_workgroup {
             return Err(Error::unavailable(
                 "invocations per workgroup",
-                key.block_q,
+                key.block_q / key.rows,
                 limits.max_compute_invocations_per_workgroup,
             ));
         }

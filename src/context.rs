@@ -39,6 +39,7 @@ pub struct Context {
     pub(crate) timeout: Duration,
     pub(crate) kernels: Kernels,
     pub(crate) pipelines: Mutex<HashMap<KernelKey, wgpu::ComputePipeline>>,
+    rows: u32,
     uncaptured: Arc<Mutex<Vec<String>>>,
 }
 
@@ -159,6 +160,7 @@ impl Context {
     ) -> Self {
         let kernels = Kernels::new(&device);
         Context {
+            rows: crate::kernel::rows_for_device(&info),
             device,
             queue,
             info,
@@ -184,6 +186,24 @@ impl Context {
     /// Name, backend, type and driver of the adapter.
     pub fn describe(&self) -> String {
         describe_adapter(&self.info)
+    }
+
+    /// Query rows each invocation of the fused kernel handles (see `kernel::rows_for_device`).
+    pub fn rows_per_invocation(&self) -> u32 {
+        self.rows
+    }
+
+    /// Overrides the rows per invocation (one of `kernel::ROWS_CHOICES`).
+    pub fn set_rows_per_invocation(&mut self, rows: u32) -> Result<()> {
+        if !crate::kernel::ROWS_CHOICES.contains(&rows) {
+            return Err(Error::invalid(
+                "rows_per_invocation",
+                format!("one of {:?}", crate::kernel::ROWS_CHOICES),
+                rows,
+            ));
+        }
+        self.rows = rows;
+        Ok(())
     }
 
     /// Sets the longest wait for one submission.

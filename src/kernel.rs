@@ -17,6 +17,20 @@ pub(crate) const UNFUSED_WGSL: &str = include_str!("../shaders/unfused.wgsl");
 
 /// Query rows per workgroup of the fused kernel (one per invocation).
 pub const BLOCK_Q: u32 = 64;
+/// Query rows per invocation the fused kernel is built with (see `rows_for_device`).
+pub const ROWS_CHOICES: &[u32] = &[1, 4, 8];
+
+/// Rows per invocation for an adapter: 8 on CPU adapters (each K/V read from workgroup memory is a
+/// lane-by-lane gather there, so it should feed several rows), 1 on GPUs (registers are the
+/// limit there) and on GL, whose software driver compiles the larger kernel very slowly.
+pub fn rows_for_device(info: &wgpu::AdapterInfo) -> u32 {
+    if info.device_type == wgpu::DeviceType::Cpu && info.backend != wgpu::Backend::Gl {
+        8
+    } else {
+        1
+    }
+}
+
 /// Workgroup memory the fused kernel may use: WebGPU's default limit.
 pub const WORKGROUP_BYTES: u32 = 16384;
 
@@ -31,10 +45,11 @@ pub fn block_k_for(head_dim: u32) -> u32 {
 }
 
 /// The uniform block every kernel reads. Keep in sync with `struct Params` in
-/// shaders/attention.wgsl and shaders/unfused.wgsl (a test compares the layouts).
+/// shaders/attention.wgsl and shaders/unfused.wgsl (tests/shaders.rs compares the layouts).
+/// Public for that test and for tools that inspect kernels; not needed to call attention.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
-pub(crate) struct Params {
+pub struct Params {
     pub batch: u32,
     pub seq_q: u32,
     pub seq_k: u32,
@@ -75,17 +90,20 @@ pub struct KernelKey {
     pub head_dim: u32,
     pub block_q: u32,
     pub block_k: u32,
+    /// Query rows per invocation of the fused kernel.
+    pub rows: u32,
     pub pos: PosKind,
     pub interleaved: bool,
 }
 
 impl KernelKey {
-    pub fn fused(head_dim: u32, pos: PosKind, interleaved: bool) -> Self {
+    pub fn fused(head_dim: u32, rows: u32, pos: PosKind, interleaved: bool) -> Self {
         KernelKey {
             stage: Stage::Fused,
             head_dim,
             block_q: BLOCK_Q,
             block_k: block_k_for(head_dim),
+            rows,
             pos,
             interleaved,
         }
@@ -97,6 +115,7 @@ impl KernelKey {
             head_dim,
             block_q: 0,
             block_k: 0,
+            rows: 1,
             pos,
             interleaved,
         }
@@ -111,7 +130,9 @@ impl KernelKey {
                     if interleaved && !matches!(pos, PosKind::Rope | PosKind::Xpos) {
                         continue;
                     }
-                    keys.push(KernelKey::fused(d, pos, interleaved));
+                    for rows in ROWS_CHOICES {
+                        keys.push(KernelKey::fused(d, *rows, pos, interleaved));
+                    }
                 }
             }
         }
@@ -146,8 +167,8 @@ impl KernelKey {
         let layout = if self.interleaved { "_interleaved" } else { "" };
         match self.stage {
             Stage::Fused => format!(
-                "attention_fused_d{}_bq{}_bk{}_{pos}{layout}",
-                self.head_dim, self.block_q, self.block_k
+                "attention_fused_d{}_bq{}_bk{}_r{}_{pos}{layout}",
+                self.head_dim, self.block_q, self.block_k, self.rows
             ),
             _ => format!(
                 "unfused_{}_d{}_{pos}{layout}",
@@ -171,11 +192,12 @@ impl KernelKey {
     pub fn wgsl_header(&self) -> String {
         format!(
             "// variant {}\nconst HEAD_DIM: u32 = {}u;\nconst BLOCK_Q: u32 = {}u;\n\
-             const BLOCK_K: u32 = {}u;\nconst POS_KIND: u32 = {}u;\nconst ROPE_INTERLEAVED: bool = {};\n",
+             const BLOCK_K: u32 = {}u;\nconst ROWS: u32 = {}u;\nconst POS_KIND: u32 = {}u;\nconst ROPE_INTERLEAVED: bool = {};\n",
             self.name(),
             self.head_dim,
             self.block_q.max(1),
             self.block_k.max(1),
+            self.rows.max(1),
             self.pos as u32,
             self.interleaved
         )
@@ -190,6 +212,7 @@ impl KernelKey {
         let bounds = [
             ("HEAD_VEC", self.head_dim / 4),
             ("BLOCK_K", self.block_k.max(1)),
+            ("ROWS", self.rows.max(1)),
         ];
         let body = unroll(&format!("{POSITION_WGSL}\n{family}"), &bounds);
         format!("{}\n{}", self.wgsl_header(), body)
