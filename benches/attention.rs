@@ -80,7 +80,7 @@ fn bench(c: &mut Criterion) {
         .unwrap_or_else(|| vec![512, 1024, 2048]);
     let mut report = String::new();
     for adapter in enumerate_adapters(&ContextOptions::default()) {
-        let ctx = match Context::from_adapter(&adapter) {
+        let mut ctx = match Context::from_adapter(&adapter) {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("skipping an adapter that failed to open: {e}");
@@ -157,6 +157,29 @@ fn bench(c: &mut Criterion) {
             let _ = writeln!(report, "{line}");
         }
         group.finish();
+        // The fused kernel with each rows-per-invocation choice, to show why the default is what
+        // it is on this adapter.
+        let default_rows = ctx.rows_per_invocation();
+        let _ = writeln!(
+            report,
+            "\nfused kernel by rows per invocation (default {default_rows}):\n\n| seq | rows | ms | GFLOP/s |\n|---|---|---|---|"
+        );
+        for &seq in &seqs {
+            let s = Setup::new(&ctx, seq);
+            for &rows in posattn::kernel::ROWS_CHOICES {
+                ctx.set_rows_per_invocation(rows).expect("rows");
+                let plan = Attention::new(&ctx, &s.spec).expect("fused plan");
+                let (_, d) =
+                    time_encoded(&ctx, 5, |enc| plan.encode(&ctx, enc, &s.bufs())).expect("fused");
+                let ms = median(&d).as_secs_f64() * 1e3;
+                let _ = writeln!(
+                    report,
+                    "| {seq} | {rows} | {ms:.2} | {:.2} |",
+                    s.spec.flops() / (ms * 1e-3) / 1e9
+                );
+            }
+        }
+        ctx.set_rows_per_invocation(default_rows).expect("rows");
     }
     println!("\nposattn summary (h=8, d=64, causal, RoPE, batch 1){report}");
     let _ = std::fs::create_dir_all("target");

@@ -50,6 +50,9 @@ pub enum NanPlant {
     MaskedKey,
 }
 
+/// q, k, v ([batch, seq, heads, head_dim]) and query and key positions ([batch, seq]).
+pub type Inputs = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<i32>, Vec<i32>);
+
 /// One conformance case.
 #[derive(Clone, Debug)]
 pub struct Case {
@@ -135,7 +138,7 @@ impl Case {
     }
 
     /// The case's inputs: q, k, v and positions.
-    pub fn inputs(&self) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<i32>, Vec<i32>) {
+    pub fn inputs(&self) -> Inputs {
         let s = &self.spec;
         let mut rng = SplitMix::new(self.seed);
         // Amplitude 2 gives logits of a few units: softmax neither flat nor one-hot.

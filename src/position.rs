@@ -229,7 +229,7 @@ fn check_finite(field: &'static str, x: f64, positive: bool) -> Result<()> {
 }
 
 fn check_rotary_dim(field: &'static str, r: u32, head_dim: u32) -> Result<()> {
-    if r == 0 || r % 2 != 0 || r > head_dim {
+    if r == 0 || !r.is_multiple_of(2) || r > head_dim {
         return Err(Error::invalid(
             field,
             format!("an even number in 2..={head_dim} (head_dim)"),

@@ -2,7 +2,8 @@
 //! softmax, weighted sum), generic over the float type so that the same code gives the f64
 //! reference and the plain f32 implementation whose error sets the tolerance. It shares no code
 //! with the tiled GPU algorithm; its steps carry the names of the shader functions they mirror
-//! (`rope_rotate`, `xpos_scale`, `alibi_bias`).
+//! (`rope_rotate`, `xpos_scale`, `alibi_bias`). Loops index like the formulas they transcribe.
+#![allow(clippy::needless_range_loop)]
 
 use crate::position::{
     AlibiForm, AlibiSlopes, PositionEncoding, RopeLayout, alibi_slopes, rope_inv_freq, xpos_zeta,

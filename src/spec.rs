@@ -122,7 +122,7 @@ impl AttentionSpec {
                 return Err(Error::invalid(field, "at least 1", v));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(Error::invalid(
                 "num_kv_heads",
                 format!("a divisor of num_heads ({})", self.num_heads),

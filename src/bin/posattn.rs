@@ -1,5 +1,6 @@
 //! `posattn`: check that an adapter computes attention correctly, and see what it has.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -149,15 +150,18 @@ fn check(
         );
         let total = cases.len();
         let mut done = 0;
+        let live = std::io::stderr().is_terminal();
         let results = check::run_cases(&ctx, &cases, |r| {
             done += 1;
             if verbose || !matches!(r.status, Status::Pass) {
                 print_row(r);
-            } else {
+            } else if live {
                 eprint!("\r  {done}/{total} {:<50}", r.name);
             }
         });
-        eprint!("\r{:<70}\r", "");
+        if live {
+            eprint!("\r{:<70}\r", "");
+        }
         let pass = results.iter().filter(|r| r.status == Status::Pass).count();
         let fail = results
             .iter()
