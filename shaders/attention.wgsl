@@ -20,42 +20,17 @@
 // and expands every loop marked `@unroll` into straight-line copies with a constant index, so no
 // private array is ever indexed dynamically (Mesa's GL path turns such indexing into branch
 // ladders; every driver keeps constant-indexed arrays in registers).
-// Bindings and `Params` are declared once here and once in src/kernel.rs: keep in sync.
+// Bindings are declared once here and once in src/kernel.rs (`Kernels::new`): keep in sync.
 
-const POS_NONE: u32 = 0u;
-const POS_ROPE: u32 = 1u;
-const POS_ALIBI: u32 = 2u;
-const POS_XPOS: u32 = 3u;
 
 const HEAD_VEC: u32 = HEAD_DIM / 4u;
 const WG_SIZE: u32 = BLOCK_Q / ROWS;
 const LOG2E: f32 = 1.4426950408889634;
-// Finite stand-in for −∞: WGSL lets implementations assume there are no infinities.
-const MASKED: f32 = -1.0e30;
 
 // NaN test on the bits: WGSL lets compilers assume floats are never NaN, so `x != x` and
 // max() cannot be trusted to see one.
 fn is_nan_bits(x: f32) -> bool {
     return (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u;
-}
-
-struct Params {
-    batch: u32,
-    seq_q: u32,
-    seq_k: u32,
-    num_heads: u32,
-    num_kv_heads: u32,
-    causal: u32,
-    rotary_dim: u32,
-    alibi_symmetric: u32,
-    scale_log2: f32,
-    attn_factor: f32,
-    xpos_inv_scale_base: f32,
-    scale: f32,
-    freq_offset: u32,
-    slope_offset: u32,
-    _pad1: u32,
-    _pad2: u32,
 }
 
 @group(0) @binding(0) var<storage, read> q_buf: array<f32>;

@@ -3,35 +3,11 @@
 // the seq_q × seq_k matrix, a row softmax over it, then P·V. Four dispatches, each a plain
 // WGSL kernel in a reasonable style (64×64 register-blocked tiles for the two products).
 //
-// Shares `Params`, the bindings and the position math with attention.wgsl (prepended by the host);
-// keep in sync with src/unfused.rs.
+// Shares `Params` (common.wgsl) and the position math with attention.wgsl; its bindings are
+// declared once here and once in src/kernel.rs (`Kernels::new`): keep in sync.
 
-const POS_NONE: u32 = 0u;
-const POS_ROPE: u32 = 1u;
-const POS_ALIBI: u32 = 2u;
-const POS_XPOS: u32 = 3u;
-const MASKED: f32 = -1.0e30;
 const TILE: u32 = 64u;
 const KSTEP: u32 = 16u;
-
-struct Params {
-    batch: u32,
-    seq_q: u32,
-    seq_k: u32,
-    num_heads: u32,
-    num_kv_heads: u32,
-    causal: u32,
-    rotary_dim: u32,
-    alibi_symmetric: u32,
-    scale_log2: f32,
-    attn_factor: f32,
-    xpos_inv_scale_base: f32,
-    scale: f32,
-    freq_offset: u32,
-    slope_offset: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
 
 @group(0) @binding(0) var<storage, read> src_a: array<f32>;
 @group(0) @binding(1) var<storage, read> src_b: array<f32>;

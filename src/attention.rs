@@ -77,6 +77,25 @@ pub(crate) fn check_buffer(field: &'static str, buf: &wgpu::Buffer, need: u64) -
     Ok(())
 }
 
+/// Checks every buffer of a call and returns the position buffers to bind (the caller's, or the
+/// plan's defaults).
+pub(crate) fn check_call_buffers<'a>(
+    s: &AttentionSpec,
+    bufs: &AttentionBuffers<'a>,
+    default_q: &'a wgpu::Buffer,
+    default_k: &'a wgpu::Buffer,
+) -> Result<(&'a wgpu::Buffer, &'a wgpu::Buffer)> {
+    check_buffer("q", bufs.q, s.q_len() as u64 * 4)?;
+    check_buffer("k", bufs.k, s.kv_len() as u64 * 4)?;
+    check_buffer("v", bufs.v, s.kv_len() as u64 * 4)?;
+    check_buffer("out", bufs.out, s.q_len() as u64 * 4)?;
+    let pos_q = bufs.positions_q.unwrap_or(default_q);
+    let pos_k = bufs.positions_k.unwrap_or(default_k);
+    check_buffer("positions_q", pos_q, s.batch as u64 * s.seq_q as u64 * 4)?;
+    check_buffer("positions_k", pos_k, s.batch as u64 * s.seq_k as u64 * 4)?;
+    Ok((pos_q, pos_k))
+}
+
 /// Checks sizes against the device's binding and dispatch limits.
 pub(crate) fn check_limits(ctx: &Context, spec: &AttentionSpec, grid: [u32; 3]) -> Result<()> {
     let limits = ctx.device.limits();
@@ -194,15 +213,8 @@ impl Attention {
     }
 
     fn bind_group(&self, ctx: &Context, bufs: &AttentionBuffers) -> Result<wgpu::BindGroup> {
-        let s = &self.spec;
-        check_buffer("q", bufs.q, s.q_len() as u64 * 4)?;
-        check_buffer("k", bufs.k, s.kv_len() as u64 * 4)?;
-        check_buffer("v", bufs.v, s.kv_len() as u64 * 4)?;
-        check_buffer("out", bufs.out, s.q_len() as u64 * 4)?;
-        let pos_q = bufs.positions_q.unwrap_or(&self.default_pos_q);
-        let pos_k = bufs.positions_k.unwrap_or(&self.default_pos_k);
-        check_buffer("positions_q", pos_q, s.batch as u64 * s.seq_q as u64 * 4)?;
-        check_buffer("positions_k", pos_k, s.batch as u64 * s.seq_k as u64 * 4)?;
+        let (pos_q, pos_k) =
+            check_call_buffers(&self.spec, bufs, &self.default_pos_q, &self.default_pos_k)?;
         ctx.scoped("creating the bind group", || {
             let entries = [
                 bufs.q,

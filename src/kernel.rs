@@ -11,6 +11,7 @@ use crate::context::Context;
 use crate::error::Result;
 use crate::position::PosKind;
 
+pub(crate) const COMMON_WGSL: &str = include_str!("../shaders/common.wgsl");
 pub(crate) const POSITION_WGSL: &str = include_str!("../shaders/position.wgsl");
 pub(crate) const ATTENTION_WGSL: &str = include_str!("../shaders/attention.wgsl");
 pub(crate) const UNFUSED_WGSL: &str = include_str!("../shaders/unfused.wgsl");
@@ -45,7 +46,7 @@ pub fn block_k_for(head_dim: u32) -> u32 {
 }
 
 /// The uniform block every kernel reads. Keep in sync with `struct Params` in
-/// shaders/attention.wgsl and shaders/unfused.wgsl (tests/shaders.rs compares the layouts).
+/// shaders/common.wgsl (tests/shaders.rs compares the layouts).
 /// Public for that test and for tools that inspect kernels; not needed to call attention.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
@@ -214,7 +215,10 @@ impl KernelKey {
             ("BLOCK_K", self.block_k.max(1)),
             ("ROWS", self.rows.max(1)),
         ];
-        let body = unroll(&format!("{POSITION_WGSL}\n{family}"), &bounds);
+        let body = unroll(
+            &format!("{COMMON_WGSL}\n{POSITION_WGSL}\n{family}"),
+            &bounds,
+        );
         format!("{}\n{}", self.wgsl_header(), body)
     }
 }

@@ -5,7 +5,7 @@
 
 use wgpu::util::DeviceExt;
 
-use crate::attention::{AttentionBuffers, check_buffer, check_limits, params_for};
+use crate::attention::{AttentionBuffers, check_call_buffers, check_limits, params_for};
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::kernel::{KernelKey, Params, Stage};
@@ -148,14 +148,7 @@ impl Unfused {
         bufs: &AttentionBuffers,
     ) -> Result<()> {
         let s = &self.spec;
-        check_buffer("q", bufs.q, s.q_len() as u64 * 4)?;
-        check_buffer("k", bufs.k, s.kv_len() as u64 * 4)?;
-        check_buffer("v", bufs.v, s.kv_len() as u64 * 4)?;
-        check_buffer("out", bufs.out, s.q_len() as u64 * 4)?;
-        let pos_q = bufs.positions_q.unwrap_or(&self.default_pos_q);
-        let pos_k = bufs.positions_k.unwrap_or(&self.default_pos_k);
-        check_buffer("positions_q", pos_q, s.batch as u64 * s.seq_q as u64 * 4)?;
-        check_buffer("positions_k", pos_k, s.batch as u64 * s.seq_k as u64 * 4)?;
+        let (pos_q, pos_k) = check_call_buffers(s, bufs, &self.default_pos_q, &self.default_pos_k)?;
         let roped = self.pos.kind == PosKind::Rope;
         let (qr, kr) = if roped {
             (&self.q_rot, &self.k_rot)
