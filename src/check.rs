@@ -20,6 +20,7 @@ use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::position::{Alibi, AlibiForm, AlibiSlopes, PositionEncoding, Rope, RopeLayout, Xpos};
 use crate::reference;
+use crate::scaling::{RopeScaling, Yarn, rope_frequencies};
 use crate::spec::{AttentionSpec, SUPPORTED_HEAD_DIMS};
 
 /// GPU error may be this many times the plain f32 implementation's error.
@@ -271,6 +272,12 @@ fn rope() -> PositionEncoding {
     PositionEncoding::Rope(Rope::new(10000.0))
 }
 
+/// RoPE at theta 500000 with a scaling scheme's table and attention factor (head_dim 64).
+fn scaled(scheme: RopeScaling) -> PositionEncoding {
+    let f = rope_frequencies(500000.0, 64, 1.0, &scheme, None).expect("scaling table");
+    PositionEncoding::Rope(f.to_rope(500000.0, RopeLayout::Half))
+}
+
 /// The encodings the matrix covers, by name.
 pub fn encodings(num_heads: u32) -> Vec<(&'static str, PositionEncoding)> {
     vec![
@@ -319,6 +326,23 @@ pub fn encodings(num_heads: u32) -> Vec<(&'static str, PositionEncoding)> {
                 form: AlibiForm::Causal,
             }),
         ),
+        ("rope_yarn", scaled(RopeScaling::Yarn(Yarn {
+            factor: Some(4.0),
+            original_max_position_embeddings: 4096,
+            max_position_embeddings: 16384,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            mscale: None,
+            mscale_all_dim: None,
+            attention_factor: None,
+            truncate: true,
+        }))),
+        ("rope_llama3", scaled(RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        })),
         ("xpos", PositionEncoding::Xpos(Xpos::default())),
         (
             "xpos_half",

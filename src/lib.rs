@@ -21,6 +21,7 @@ pub mod error;
 pub mod kernel;
 pub mod position;
 pub mod reference;
+pub mod scaling;
 pub mod spec;
 pub mod timing;
 pub mod unfused;
@@ -29,6 +30,7 @@ pub use attention::{Attention, AttentionBuffers};
 pub use context::{Context, ContextOptions, describe_adapter, enumerate_adapters};
 pub use error::{Error, Result};
 pub use position::{Alibi, AlibiForm, AlibiSlopes, PositionEncoding, Rope, RopeLayout, Xpos};
+pub use scaling::{LongRope, RopeFrequencies, RopeScaling, Yarn, rope_frequencies};
 pub use spec::{AttentionSpec, SUPPORTED_HEAD_DIMS};
 
 pub use unfused::Unfused;

@@ -1,0 +1,183 @@
+//! The crate's RoPE scaling tables against golden tables made by Hugging Face transformers' own
+//! functions (tests/golden/gen_rope_scaling.py; versions in the JSON). transformers computes in
+//! float32 and this crate in f64: inverse frequencies agree within 1e-6 relative, attention
+//! factors (python floats there) within 1e-12.
+
+use posattn::{LongRope, RopeScaling, Yarn, rope_frequencies};
+use serde_json::Value;
+
+fn f(v: &Value, key: &str) -> Option<f64> {
+    v.get(key).and_then(Value::as_f64)
+}
+
+fn list(v: &Value, key: &str) -> Vec<f64> {
+    v[key]
+        .as_array()
+        .expect(key)
+        .iter()
+        .map(|x| x.as_f64().expect("number"))
+        .collect()
+}
+
+/// The scheme a golden case's `rope_parameters` describe.
+fn scheme(case: &Value) -> RopeScaling {
+    let p = &case["rope_parameters"];
+    let max_pos = case["max_position_embeddings"]
+        .as_u64()
+        .expect("max_position_embeddings");
+    let orig = p
+        .get("original_max_position_embeddings")
+        .and_then(Value::as_u64)
+        .unwrap_or(max_pos);
+    match p["rope_type"].as_str().expect("rope_type") {
+        "default" => RopeScaling::Default,
+        "linear" => RopeScaling::Linear {
+            factor: f(p, "factor").unwrap(),
+        },
+        "dynamic" => RopeScaling::Dynamic {
+            factor: f(p, "factor").unwrap(),
+            max_position_embeddings: max_pos,
+        },
+        "yarn" => RopeScaling::Yarn(Yarn {
+            factor: f(p, "factor"),
+            original_max_position_embeddings: orig,
+            max_position_embeddings: max_pos,
+            beta_fast: f(p, "beta_fast").unwrap_or(32.0),
+            beta_slow: f(p, "beta_slow").unwrap_or(1.0),
+            mscale: f(p, "mscale"),
+            mscale_all_dim: f(p, "mscale_all_dim"),
+            attention_factor: f(p, "attention_factor"),
+            truncate: p.get("truncate").and_then(Value::as_bool).unwrap_or(true),
+        }),
+        "longrope" => RopeScaling::LongRope(LongRope {
+            short_factor: list(p, "short_factor"),
+            long_factor: list(p, "long_factor"),
+            factor: f(p, "factor"),
+            original_max_position_embeddings: orig,
+            max_position_embeddings: max_pos,
+            attention_factor: f(p, "attention_factor"),
+        }),
+        "llama3" => RopeScaling::Llama3 {
+            factor: f(p, "factor").unwrap(),
+            low_freq_factor: f(p, "low_freq_factor").unwrap(),
+            high_freq_factor: f(p, "high_freq_factor").unwrap(),
+            original_max_position_embeddings: orig,
+        },
+        "proportional" => RopeScaling::Proportional {
+            factor: f(p, "factor").unwrap_or(1.0),
+        },
+        other => panic!("unknown rope_type {other}"),
+    }
+}
+
+#[test]
+fn tables_match_transformers() {
+    let doc: Value = serde_json::from_str(include_str!("golden/rope_scaling.json")).unwrap();
+    let cases = doc["cases"].as_array().unwrap();
+    assert!(cases.len() >= 20);
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        assert!(
+            case.get("error").is_none(),
+            "{name}: the generator failed: {}",
+            case["error"]
+        );
+        let p = &case["rope_parameters"];
+        let got = rope_frequencies(
+            f(p, "rope_theta").unwrap(),
+            case["head_dim"].as_u64().unwrap() as u32,
+            f(p, "partial_rotary_factor").unwrap_or(1.0),
+            &scheme(case),
+            case["seq_len"].as_u64(),
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let want = list(case, "inv_freq");
+        assert_eq!(got.inv_freq.len(), want.len(), "{name}: table length");
+        let worst = got
+            .inv_freq
+            .iter()
+            .zip(&want)
+            .map(|(g, w)| {
+                if *w == 0.0 {
+                    g.abs()
+                } else {
+                    ((g - w) / w).abs()
+                }
+            })
+            .fold(0.0f64, f64::max);
+        assert!(worst <= 1e-6, "{name}: inv_freq relative error {worst:.2e}");
+        let af = f(case, "attention_factor").unwrap();
+        assert!(
+            (got.attention_factor - af).abs() <= 1e-12 * af.abs().max(1.0),
+            "{name}: attention factor {} vs {af}",
+            got.attention_factor
+        );
+        println!("{name}: inv_freq within {worst:.1e}, attention factor {af}");
+    }
+    println!(
+        "{} schemes match transformers {}",
+        cases.len(),
+        doc["transformers"].as_str().unwrap_or("?")
+    );
+}
+
+#[test]
+fn invalid_scaling_parameters_name_their_field() {
+    use posattn::Error;
+    let field = |r: posattn::Result<posattn::RopeFrequencies>| match r {
+        Err(Error::Invalid { field, .. }) => field,
+        other => panic!("expected Invalid, got {other:?}"),
+    };
+    assert_eq!(
+        field(rope_frequencies(
+            f64::NAN,
+            64,
+            1.0,
+            &RopeScaling::Default,
+            None
+        )),
+        "rope_theta"
+    );
+    assert_eq!(
+        field(rope_frequencies(1e4, 64, 0.0, &RopeScaling::Default, None)),
+        "partial_rotary_factor"
+    );
+    assert_eq!(
+        field(rope_frequencies(
+            1e4,
+            64,
+            1.0,
+            &RopeScaling::Linear { factor: -2.0 },
+            None
+        )),
+        "factor"
+    );
+    let long = LongRope {
+        short_factor: vec![1.0; 3],
+        long_factor: vec![1.0; 32],
+        factor: None,
+        original_max_position_embeddings: 4096,
+        max_position_embeddings: 131072,
+        attention_factor: None,
+    };
+    assert_eq!(
+        field(rope_frequencies(
+            1e4,
+            64,
+            1.0,
+            &RopeScaling::LongRope(long),
+            None
+        )),
+        "short_factor"
+    );
+    let llama3 = RopeScaling::Llama3 {
+        factor: 8.0,
+        low_freq_factor: 4.0,
+        high_freq_factor: 1.0,
+        original_max_position_embeddings: 8192,
+    };
+    assert_eq!(
+        field(rope_frequencies(5e5, 128, 1.0, &llama3, None)),
+        "high_freq_factor"
+    );
+}
