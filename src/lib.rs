@@ -16,6 +16,7 @@
 
 pub mod attention;
 pub mod check;
+pub mod config;
 pub mod context;
 pub mod error;
 pub mod kernel;
@@ -27,6 +28,7 @@ pub mod timing;
 pub mod unfused;
 
 pub use attention::{Attention, AttentionBuffers};
+pub use config::{HfDefaults, LlamaCppRope, RopeConfig};
 pub use context::{Context, ContextOptions, describe_adapter, enumerate_adapters};
 pub use error::{Error, Result};
 pub use position::{Alibi, AlibiForm, AlibiSlopes, PositionEncoding, Rope, RopeLayout, Xpos};
