@@ -78,7 +78,7 @@ fn stage_rows(from_q: bool, lid: u32, batch: u32, head: u32, row0: u32, rows: u3
             if (slot < r / 2u) {
                 y = rope_rotate(x, slot, pos, pos - origin, select(-1.0, 1.0, from_q));
             }
-            y *= q_mul;
+            y *= select(q_mul, q_mul * logn_scale(pos), from_q);
         }
         let e0 = t_row * HEAD_DIM + ch.x;
         let e1 = t_row * HEAD_DIM + ch.y;

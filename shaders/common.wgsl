@@ -27,6 +27,7 @@ struct Params {
     scale: f32,
     freq_offset: u32,
     slope_offset: u32,
-    _pad1: u32,
+    // 1 / ln(train_len) for log-n query scaling; 0 turns it off.
+    logn_inv_ln_len: f32,
     _pad2: u32,
 }

@@ -52,6 +52,15 @@ fn xpos_scale(log2_zeta: f32, rel: i32, inv_scale_base: f32, sign: f32) -> f32 {
     return exp2(log2_zeta * (sign * f32(rel) * inv_scale_base));
 }
 
+// Log-n attention scaling of a query at `pos` (Qwen's use_logn_attn, ReRoPE's form):
+// max(1, ln(pos + 1) / ln(train_len)); 1 when turned off.
+fn logn_scale(pos: i32) -> f32 {
+    if (params.logn_inv_ln_len == 0.0) {
+        return 1.0;
+    }
+    return max(1.0, log(f32(max(pos, 0)) + 1.0) * params.logn_inv_ln_len);
+}
+
 // ALiBi bias in natural-log units for query position m and key position n.
 // Causal form: slope · (n − m), which differs from BLOOM's slope · n by a per-row constant that
 // softmax removes, and stays small at large positions. Symmetric form: −slope · |m − n|.

@@ -53,7 +53,9 @@ pub(crate) fn params_for(spec: &AttentionSpec, pos: &ResolvedPosition) -> Params
         scale: scale as f32,
         freq_offset: pos.freq_offset,
         slope_offset: pos.slope_offset,
-        _pad1: 0,
+        logn_inv_ln_len: spec
+            .logn_train_len
+            .map_or(0.0, |l| (1.0 / (l as f64).ln()) as f32),
         _pad2: 0,
     }
 }

@@ -451,6 +451,18 @@ pub fn conformance_cases() -> Vec<Case> {
         let spec = AttentionSpec::new(1, 70, 70, 2, 64).with_position(rope());
         cases.push(Case::new(format!("rope_causal_s70_{nname}"), spec).with_nan(nan));
     }
+    // Log-n query scaling, with queries past the training length.
+    for (ename, enc) in [("none", PositionEncoding::None), ("rope_half", rope())] {
+        for causal in [true, false] {
+            let mask = if causal { "causal" } else { "bidir" };
+            let spec = AttentionSpec::new(2, 40, 70, 4, 64)
+                .with_kv_heads(2)
+                .with_causal(causal)
+                .with_logn(32)
+                .with_position(enc.clone());
+            cases.push(Case::new(format!("{ename}_{mask}_logn32_b2_q40_k70"), spec));
+        }
+    }
     // A non-default softmax scale (T5 style: unscaled logits).
     let spec = AttentionSpec::new(1, 45, 45, 2, 32)
         .with_scale(1.0)

@@ -16,6 +16,8 @@ pub struct RopeConfig {
     pub head_dim: u32,
     pub partial_rotary_factor: f64,
     pub scaling: RopeScaling,
+    /// Log-n query scaling's training length (Qwen-1's `use_logn_attn` with `seq_length`).
+    pub logn_train_len: Option<u32>,
 }
 
 impl RopeConfig {
@@ -37,6 +39,21 @@ impl RopeConfig {
         Ok(self.frequencies(seq_len)?.to_rope(self.theta, layout))
     }
 
+    /// Sets `spec`'s position encoding (this model's table at `seq_len`, in `layout`) and its
+    /// log-n scaling.
+    pub fn apply(
+        &self,
+        spec: crate::spec::AttentionSpec,
+        layout: RopeLayout,
+        seq_len: Option<u64>,
+    ) -> Result<crate::spec::AttentionSpec> {
+        let mut spec = spec.with_position(crate::position::PositionEncoding::Rope(
+            self.to_rope(layout, seq_len)?,
+        ));
+        spec.logn_train_len = self.logn_train_len;
+        Ok(spec)
+    }
+
     /// From a whole Hugging Face `config.json`: `rope_theta`, `head_dim` (or `hidden_size /
     /// num_attention_heads`), `partial_rotary_factor`, `max_position_embeddings` and the rope dict
     /// (`rope_parameters`, else `rope_scaling`).
@@ -44,8 +61,11 @@ impl RopeConfig {
         let obj = config
             .as_object()
             .ok_or_else(|| Error::invalid("config", "a JSON object", kind(config)))?;
+        // Aliases of older model families: Qwen-1 (`kv_channels`, `rotary_emb_base`) and
+        // GPT-NeoX (`rotary_pct`).
         let head_dim = match obj.get("head_dim").filter(|v| !v.is_null()) {
             Some(v) => uint(v, "head_dim")?,
+            None if obj.contains_key("kv_channels") => uint(&obj["kv_channels"], "kv_channels")?,
             None => {
                 let hidden = uint(need(obj.get("hidden_size"), "hidden_size")?, "hidden_size")?;
                 let heads = uint(
@@ -63,15 +83,20 @@ impl RopeConfig {
             .filter(|v| !v.is_null())
             .or_else(|| obj.get("rope_scaling").filter(|v| !v.is_null()));
         let defaults = HfDefaults {
-            theta: obj
-                .get("rope_theta")
-                .map(|v| num(v, "rope_theta"))
-                .transpose()?,
-            partial_rotary_factor: obj
-                .get("partial_rotary_factor")
-                .filter(|v| !v.is_null())
-                .map(|v| num(v, "partial_rotary_factor"))
-                .transpose()?,
+            theta: match obj.get("rope_theta") {
+                Some(v) => Some(num(v, "rope_theta")?),
+                None => obj
+                    .get("rotary_emb_base")
+                    .map(|v| num(v, "rotary_emb_base"))
+                    .transpose()?,
+            },
+            partial_rotary_factor: match obj.get("partial_rotary_factor").filter(|v| !v.is_null()) {
+                Some(v) => Some(num(v, "partial_rotary_factor")?),
+                None => obj
+                    .get("rotary_pct")
+                    .map(|v| num(v, "rotary_pct"))
+                    .transpose()?,
+            },
             max_position_embeddings: obj
                 .get("max_position_embeddings")
                 .map(|v| uint64(v, "max_position_embeddings"))
@@ -82,7 +107,19 @@ impl RopeConfig {
                 .map(|v| uint64(v, "original_max_position_embeddings"))
                 .transpose()?,
         };
-        Self::from_hf_rope_dict(rope, head_dim as u32, &defaults)
+        let mut cfg = Self::from_hf_rope_dict(rope, head_dim as u32, &defaults)?;
+        if obj.get("use_logn_attn").and_then(Value::as_bool) == Some(true) {
+            let len = uint(need(obj.get("seq_length"), "seq_length")?, "seq_length")?;
+            if len < 2 {
+                return Err(Error::invalid(
+                    "seq_length",
+                    "at least 2 (for use_logn_attn)",
+                    len,
+                ));
+            }
+            cfg.logn_train_len = Some(len);
+        }
+        Ok(cfg)
     }
 
     /// From a `config.json` given as text.
@@ -216,6 +253,7 @@ impl RopeConfig {
             head_dim,
             partial_rotary_factor: prf,
             scaling,
+            logn_train_len: None,
         };
         // Surface every parameter error now rather than at first use.
         cfg.frequencies(None)?;
@@ -300,7 +338,7 @@ impl LlamaCppRope {
     /// YaRN model (so the product equals HF's attention factor).
     pub fn frequencies(&self) -> Result<RopeFrequencies> {
         let n = self.n_dims;
-        if n < 2 || n % 2 != 0 {
+        if n < 2 || !n.is_multiple_of(2) {
             return Err(Error::invalid("n_dims", "an even number ≥ 2", n));
         }
         for (field, x) in [

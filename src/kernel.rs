@@ -65,7 +65,7 @@ pub struct Params {
     pub scale: f32,
     pub freq_offset: u32,
     pub slope_offset: u32,
-    pub _pad1: u32,
+    pub logn_inv_ln_len: f32,
     pub _pad2: u32,
 }
 

@@ -106,6 +106,11 @@ pub fn alibi_bias<T: Real>(slope: T, m: i64, n: i64, form: AlibiForm) -> T {
     }
 }
 
+/// Log-n query scaling: `max(1, ln(m + 1) / ln(train_len))`.
+pub fn logn_scale(m: i64, train_len: u32) -> f64 {
+    ((m.max(0) as f64 + 1.0).ln() / (train_len as f64).ln()).max(1.0)
+}
+
 /// Whether query row `i` sees key `j` (bottom-right aligned causal mask, FlashAttention ≥ 2.1).
 pub fn visible(spec: &AttentionSpec, i: usize, j: usize) -> bool {
     !spec.causal || (j as i64) <= i as i64 + spec.seq_k as i64 - spec.seq_q as i64
@@ -194,6 +199,10 @@ pub fn attention<T: Real>(
             for i in 0..sq {
                 let m = pos_q[b * sq + i] as i64;
                 let mut qi = row(q, b, i, sq, h_n, h);
+                if let Some(l) = spec.logn_train_len {
+                    let f = T::from_f64(logn_scale(m, l));
+                    qi.iter_mut().for_each(|x| *x = *x * f);
+                }
                 if !inv_freq.is_empty() {
                     qi = rope_rotate(&qi, m, &inv_freq, layout, af);
                 }

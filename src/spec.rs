@@ -30,6 +30,9 @@ pub struct AttentionSpec {
     pub scale: Option<f64>,
     pub causal: bool,
     pub position: PositionEncoding,
+    /// Log-n attention scaling (Qwen's `use_logn_attn`, ReRoPE): queries at position m are
+    /// multiplied by `max(1, ln(m + 1) / ln(train_len))`. `None` turns it off.
+    pub logn_train_len: Option<u32>,
 }
 
 impl AttentionSpec {
@@ -45,6 +48,7 @@ impl AttentionSpec {
             scale: None,
             causal: true,
             position: PositionEncoding::None,
+            logn_train_len: None,
         }
     }
 
@@ -60,6 +64,12 @@ impl AttentionSpec {
 
     pub fn with_scale(mut self, scale: f64) -> Self {
         self.scale = Some(scale);
+        self
+    }
+
+    /// Turns on log-n query scaling for a model trained at `train_len` tokens.
+    pub fn with_logn(mut self, train_len: u32) -> Self {
+        self.logn_train_len = Some(train_len);
         self
     }
 
@@ -146,6 +156,11 @@ impl AttentionSpec {
             if v > max_seq {
                 return Err(Error::invalid(field, format!("at most {max_seq}"), v));
             }
+        }
+        if let Some(l) = self.logn_train_len
+            && l < 2
+        {
+            return Err(Error::invalid("logn_train_len", "at least 2", l));
         }
         self.position.resolve(self.head_dim, self.num_heads)?;
         Ok(())

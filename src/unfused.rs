@@ -51,6 +51,13 @@ impl Unfused {
                 spec.position.name(),
             ));
         }
+        if spec.logn_train_len.is_some() {
+            return Err(Error::invalid(
+                "logn_train_len",
+                "None for the unfused baseline",
+                format!("{:?}", spec.logn_train_len),
+            ));
+        }
         check_limits(ctx, spec, [1, 1, 1])?;
         let score_bytes =
             spec.batch as u64 * spec.num_heads as u64 * spec.seq_q as u64 * spec.seq_k as u64 * 4;

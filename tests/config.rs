@@ -87,6 +87,35 @@ fn head_dim_comes_from_hidden_size_when_absent() {
 }
 
 #[test]
+fn qwen_logn_attention_is_read() {
+    let cfg = json!({"hidden_size": 4096, "num_attention_heads": 32, "kv_channels": 128,
+                     "seq_length": 8192, "use_logn_attn": true, "rotary_emb_base": 20000,
+                     "rotary_pct": 0.5, "max_position_embeddings": 32768});
+    let rc = RopeConfig::from_hf_config(&cfg).unwrap();
+    assert_eq!(rc.logn_train_len, Some(8192));
+    assert_eq!(
+        (rc.theta, rc.head_dim, rc.partial_rotary_factor),
+        (20000.0, 128, 0.5)
+    );
+    let spec = rc
+        .apply(
+            posattn::AttentionSpec::new(1, 4, 4, 32, 128),
+            posattn::RopeLayout::Half,
+            None,
+        )
+        .unwrap();
+    assert_eq!(spec.logn_train_len, Some(8192));
+    let missing = json!({"head_dim": 64, "use_logn_attn": true});
+    assert!(matches!(
+        RopeConfig::from_hf_config(&missing),
+        Err(Error::Invalid {
+            field: "seq_length",
+            ..
+        })
+    ));
+}
+
+#[test]
 fn malformed_configs_name_the_key() {
     let field = |v: Value| match RopeConfig::from_hf_config(&v) {
         Err(Error::Invalid { field, .. }) => field,

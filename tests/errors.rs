@@ -54,6 +54,7 @@ fn shape_errors_name_their_field() {
             "head_dim",
         ),
         (base().with_scale(f64::NAN), "scale"),
+        (base().with_logn(1), "logn_train_len"),
         (base().with_scale(f64::INFINITY), "scale"),
         (
             base().with_position(PositionEncoding::Rope(Rope::new(f64::NAN))),

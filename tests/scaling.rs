@@ -181,3 +181,51 @@ fn invalid_scaling_parameters_name_their_field() {
         "high_freq_factor"
     );
 }
+
+/// Dynamic NTK while the sequence grows past max_position_embeddings: the table is computed for
+/// the current length (largest position + 1) and the kernel rotates queries and keys with it on
+/// every call, so every key uses the current frequencies. (A cache of keys pre-rotated with the
+/// table of the length at which each arrived mixes tables: transformers issue 25104.)
+#[test]
+fn dynamic_ntk_uses_the_current_length_for_every_key() {
+    use posattn::check::{Case, Positions, Status, run_case};
+    use posattn::{AttentionSpec, Context, ContextOptions, RopeLayout, enumerate_adapters};
+    let scheme = RopeScaling::Dynamic {
+        factor: 2.0,
+        max_position_embeddings: 2048,
+    };
+    let at = |len| rope_frequencies(10000.0, 64, 1.0, &scheme, Some(len)).unwrap();
+    // Up to the threshold the table is the plain one; past it every frequency but the first shrinks.
+    assert_eq!(at(100).inv_freq, at(2048).inv_freq);
+    let (before, after) = (at(2048), at(2070));
+    assert_eq!(before.inv_freq[0], after.inv_freq[0]);
+    assert!(
+        before.inv_freq[1..]
+            .iter()
+            .zip(&after.inv_freq[1..])
+            .all(|(b, a)| a < b)
+    );
+
+    let Some(adapter) = enumerate_adapters(&ContextOptions::default())
+        .into_iter()
+        .next()
+    else {
+        println!("no adapter: the GPU half of the dynamic NTK test did not run");
+        return;
+    };
+    let ctx = Context::from_adapter(&adapter).unwrap();
+    // Keys 2000..2069: the sequence crosses 2048, so the table is the one at length 2070.
+    let rope = after.to_rope(10000.0, RopeLayout::Half);
+    let spec =
+        AttentionSpec::new(1, 70, 70, 2, 64).with_position(posattn::PositionEncoding::Rope(rope));
+    let case = Case::new("dynamic_ntk_crossing_2048", spec).with_positions(Positions::Offset(2000));
+    let r = run_case(&ctx, &case);
+    println!(
+        "{} on {}: {:?}, error {:.2e}",
+        r.name,
+        ctx.describe(),
+        r.status,
+        r.err_gpu
+    );
+    assert_eq!(r.status, Status::Pass);
+}

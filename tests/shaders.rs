@@ -50,7 +50,7 @@ const RUST_PARAMS: &[(&str, usize)] = &[
     ("scale", 44),
     ("freq_offset", 48),
     ("slope_offset", 52),
-    ("_pad1", 56),
+    ("logn_inv_ln_len", 56),
     ("_pad2", 60),
 ];
 
