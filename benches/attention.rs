@@ -159,7 +159,7 @@ fn bench(c: &mut Criterion) {
         group.finish();
         // The fused kernel with each rows-per-invocation choice, to show why the default is what
         // it is on this adapter.
-        let default_rows = ctx.rows_per_invocation();
+        let default_rows = ctx.rows_per_invocation(64);
         let _ = writeln!(
             report,
             "\nfused kernel by rows per invocation (default {default_rows}):\n\n| seq | rows | ms | GFLOP/s |\n|---|---|---|---|"
@@ -167,7 +167,7 @@ fn bench(c: &mut Criterion) {
         for &seq in &seqs {
             let s = Setup::new(&ctx, seq);
             for &rows in posattn::kernel::ROWS_CHOICES {
-                ctx.set_rows_per_invocation(rows).expect("rows");
+                ctx.set_rows_per_invocation(Some(rows)).expect("rows");
                 let plan = Attention::new(&ctx, &s.spec).expect("fused plan");
                 let (_, d) =
                     time_encoded(&ctx, 5, |enc| plan.encode(&ctx, enc, &s.bufs())).expect("fused");
@@ -179,7 +179,7 @@ fn bench(c: &mut Criterion) {
                 );
             }
         }
-        ctx.set_rows_per_invocation(default_rows).expect("rows");
+        ctx.set_rows_per_invocation(None).expect("rows");
     }
     println!("\nposattn summary (h=8, d=64, causal, RoPE, batch 1){report}");
     let _ = std::fs::create_dir_all("target");

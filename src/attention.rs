@@ -140,7 +140,7 @@ impl Attention {
         let pos = spec.position.resolve(spec.head_dim, spec.num_heads)?;
         let key = KernelKey::fused(
             spec.head_dim,
-            ctx.rows_per_invocation(),
+            ctx.rows_per_invocation(spec.head_dim),
             pos.kind,
             pos.interleaved,
         );

@@ -39,7 +39,8 @@ pub struct Context {
     pub(crate) timeout: Duration,
     pub(crate) kernels: Kernels,
     pub(crate) pipelines: Mutex<HashMap<KernelKey, wgpu::ComputePipeline>>,
-    rows: u32,
+    multi_row: bool,
+    rows_override: Option<u32>,
     uncaptured: Arc<Mutex<Vec<String>>>,
 }
 
@@ -160,7 +161,8 @@ impl Context {
     ) -> Self {
         let kernels = Kernels::new(&device);
         Context {
-            rows: crate::kernel::rows_for_device(&info),
+            multi_row: crate::kernel::multi_row_device(&info),
+            rows_override: None,
             device,
             queue,
             info,
@@ -188,21 +190,29 @@ impl Context {
         describe_adapter(&self.info)
     }
 
-    /// Query rows each invocation of the fused kernel handles (see `kernel::rows_for_device`).
-    pub fn rows_per_invocation(&self) -> u32 {
-        self.rows
+    /// Query rows each invocation of the fused kernel handles at `head_dim` (see
+    /// `kernel::multi_row_device` and `kernel::multi_rows_for`), unless overridden.
+    pub fn rows_per_invocation(&self, head_dim: u32) -> u32 {
+        match self.rows_override {
+            Some(r) => r,
+            None if self.multi_row => crate::kernel::multi_rows_for(head_dim),
+            None => 1,
+        }
     }
 
-    /// Overrides the rows per invocation (one of `kernel::ROWS_CHOICES`).
-    pub fn set_rows_per_invocation(&mut self, rows: u32) -> Result<()> {
-        if !crate::kernel::ROWS_CHOICES.contains(&rows) {
+    /// Overrides the rows per invocation for every head size (one of `kernel::ROWS_CHOICES`);
+    /// `None` restores the adapter's default.
+    pub fn set_rows_per_invocation(&mut self, rows: Option<u32>) -> Result<()> {
+        if let Some(r) = rows
+            && !crate::kernel::ROWS_CHOICES.contains(&r)
+        {
             return Err(Error::invalid(
                 "rows_per_invocation",
                 format!("one of {:?}", crate::kernel::ROWS_CHOICES),
-                rows,
+                r,
             ));
         }
-        self.rows = rows;
+        self.rows_override = rows;
         Ok(())
     }
 

@@ -18,18 +18,26 @@ pub(crate) const UNFUSED_WGSL: &str = include_str!("../shaders/unfused.wgsl");
 
 /// Query rows per workgroup of the fused kernel (one per invocation).
 pub const BLOCK_Q: u32 = 64;
-/// Query rows per invocation the fused kernel is built with (see `rows_for_device`).
-pub const ROWS_CHOICES: &[u32] = &[1, 4, 8];
+/// Query rows per invocation the fused kernel can be built with.
+pub const ROWS_CHOICES: &[u32] = &[1, 2, 4, 8];
 
-/// Rows per invocation for an adapter: 8 on CPU adapters (each K/V read from workgroup memory is a
-/// lane-by-lane gather there, so it should feed several rows), 1 on GPUs (registers are the
-/// limit there) and on GL, whose software driver compiles the larger kernel very slowly.
-pub fn rows_for_device(info: &wgpu::AdapterInfo) -> u32 {
-    if info.device_type == wgpu::DeviceType::Cpu && info.backend != wgpu::Backend::Gl {
-        8
-    } else {
-        1
+/// Whether an adapter runs several query rows per invocation: CPU adapters do (each K/V read
+/// from workgroup memory is a lane-by-lane gather there, so it should feed several rows); GPUs
+/// do not (registers are the limit there), nor does GL, whose software driver compiles the larger
+/// kernel very slowly.
+pub fn multi_row_device(info: &wgpu::AdapterInfo) -> bool {
+    info.device_type == wgpu::DeviceType::Cpu && info.backend != wgpu::Backend::Gl
+}
+
+/// Rows per invocation on a multi-row adapter: the most (up to 8) whose queries and accumulators
+/// stay within 2 × 512 floats per invocation, since LLVM's compile time grows steeply past that
+/// (8 at head_dim ≤ 64, 4 up to 128, 2 above).
+pub fn multi_rows_for(head_dim: u32) -> u32 {
+    let mut rows = 8;
+    while rows > 1 && rows * head_dim > 512 {
+        rows /= 2;
     }
+    rows
 }
 
 /// Workgroup memory the fused kernel may use: WebGPU's default limit.
@@ -122,7 +130,8 @@ impl KernelKey {
         }
     }
 
-    /// Every fused variant the crate can build.
+    /// Every fused variant the crate builds by default (one row per invocation, and the
+    /// multi-row count for the head size).
     pub fn all_fused() -> Vec<KernelKey> {
         let mut keys = Vec::new();
         for &d in crate::spec::SUPPORTED_HEAD_DIMS {
@@ -131,9 +140,8 @@ impl KernelKey {
                     if interleaved && !matches!(pos, PosKind::Rope | PosKind::Xpos) {
                         continue;
                     }
-                    for rows in ROWS_CHOICES {
-                        keys.push(KernelKey::fused(d, *rows, pos, interleaved));
-                    }
+                    keys.push(KernelKey::fused(d, 1, pos, interleaved));
+                    keys.push(KernelKey::fused(d, multi_rows_for(d), pos, interleaved));
                 }
             }
         }

@@ -38,7 +38,7 @@ fn run_matrix(backends: wgpu::Backends, name: &str, rows: Option<u32>, cases: Ve
     for adapter in adapters {
         let mut ctx = Context::from_adapter(&adapter).expect("open device");
         if let Some(r) = rows {
-            ctx.set_rows_per_invocation(r).unwrap();
+            ctx.set_rows_per_invocation(Some(r)).unwrap();
         }
         let verbose = std::env::var_os("POSATTN_VERBOSE").is_some();
         let results = check::run_cases(&ctx, &cases, |r| {
@@ -62,10 +62,10 @@ fn run_matrix(backends: wgpu::Backends, name: &str, rows: Option<u32>, cases: Ve
             }
         }
         println!(
-            "conformance on {} ({} rows per invocation): {pass} passed, {fail} failed, {unsup} unsupported; \
+            "conformance on {} ({} rows per invocation at head_dim 64): {pass} passed, {fail} failed, {unsup} unsupported; \
              worst error/bound {worst:.3}",
             ctx.describe(),
-            ctx.rows_per_invocation()
+            ctx.rows_per_invocation(64)
         );
         let errs = ctx.take_uncaptured_errors();
         assert!(errs.is_empty(), "uncaptured wgpu errors: {errs:?}");
