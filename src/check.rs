@@ -274,7 +274,11 @@ fn rope() -> PositionEncoding {
 
 /// RoPE at theta 500000 with a scaling scheme's table and attention factor (head_dim 64).
 fn scaled(scheme: RopeScaling) -> PositionEncoding {
-    let f = rope_frequencies(500000.0, 64, 1.0, &scheme, None).expect("scaling table");
+    scaled_at(scheme, None)
+}
+
+fn scaled_at(scheme: RopeScaling, seq_len: Option<u64>) -> PositionEncoding {
+    let f = rope_frequencies(500000.0, 64, 1.0, &scheme, seq_len).expect("scaling table");
     PositionEncoding::Rope(f.to_rope(500000.0, RopeLayout::Half))
 }
 
@@ -357,6 +361,53 @@ pub fn encodings(num_heads: u32) -> Vec<(&'static str, PositionEncoding)> {
                 ..Xpos::default()
             }),
         ),
+    ]
+}
+
+/// Every RoPE scaling scheme through the fused kernel (head_dim 64, theta 500000), by name.
+pub fn scaling_encodings() -> Vec<(&'static str, PositionEncoding)> {
+    let long = |n: usize, step: f64| (0..n).map(|i| 1.0 + step * i as f64).collect::<Vec<_>>();
+    vec![
+        ("rope_linear", scaled(RopeScaling::Linear { factor: 4.0 })),
+        (
+            "rope_ntk_alpha",
+            scaled(RopeScaling::NtkAlpha { alpha: 8.0 }),
+        ),
+        (
+            "rope_dynamic_past",
+            scaled_at(
+                RopeScaling::Dynamic {
+                    factor: 2.0,
+                    max_position_embeddings: 32,
+                },
+                Some(70),
+            ),
+        ),
+        (
+            "rope_longrope_long",
+            scaled_at(
+                RopeScaling::LongRope(crate::scaling::LongRope {
+                    short_factor: long(32, 0.01),
+                    long_factor: long(32, 0.5),
+                    factor: None,
+                    original_max_position_embeddings: 32,
+                    max_position_embeddings: 1024,
+                    attention_factor: None,
+                }),
+                Some(70),
+            ),
+        ),
+        ("rope_proportional", {
+            let f = rope_frequencies(
+                500000.0,
+                64,
+                0.25,
+                &RopeScaling::Proportional { factor: 2.0 },
+                None,
+            )
+            .expect("table");
+            PositionEncoding::Rope(f.to_rope(500000.0, RopeLayout::Half))
+        }),
     ]
 }
 
@@ -450,6 +501,17 @@ pub fn conformance_cases() -> Vec<Case> {
     ] {
         let spec = AttentionSpec::new(1, 70, 70, 2, 64).with_position(rope());
         cases.push(Case::new(format!("rope_causal_s70_{nname}"), spec).with_nan(nan));
+    }
+    // Every scaling scheme's table through the kernel, causal and bidirectional, with GQA.
+    for (ename, enc) in scaling_encodings() {
+        for causal in [true, false] {
+            let mask = if causal { "causal" } else { "bidir" };
+            let spec = AttentionSpec::new(1, 70, 70, 4, 64)
+                .with_kv_heads(2)
+                .with_causal(causal)
+                .with_position(enc.clone());
+            cases.push(Case::new(format!("{ename}_{mask}_gqa_s70_d64"), spec));
+        }
     }
     // Log-n query scaling, with queries past the training length.
     for (ename, enc) in [("none", PositionEncoding::None), ("rope_half", rope())] {

@@ -237,13 +237,18 @@ impl RopeConfig {
                 high_freq_factor: factor("high_freq_factor")?,
                 original_max_position_embeddings: orig()?,
             },
+            // Not a transformers rope_type: the fixed-alpha NTK-aware base change, for configs
+            // that spell it out this way.
+            "ntk" => RopeScaling::NtkAlpha {
+                alpha: factor("alpha")?,
+            },
             "proportional" => RopeScaling::Proportional {
                 factor: opt("factor")?.unwrap_or(1.0),
             },
             other => {
                 return Err(Error::invalid(
                     "rope_type",
-                    "one of default, linear, dynamic, yarn, longrope (su), llama3, proportional",
+                    "one of default, linear, dynamic, yarn, longrope (su), llama3, proportional, ntk",
                     other,
                 ));
             }

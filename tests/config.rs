@@ -87,6 +87,17 @@ fn head_dim_comes_from_hidden_size_when_absent() {
 }
 
 #[test]
+fn ntk_alpha_is_read() {
+    let cfg = json!({"head_dim": 64, "rope_parameters": {"rope_type": "ntk", "alpha": 8.0, "rope_theta": 10000.0}});
+    let rc = RopeConfig::from_hf_config(&cfg).unwrap();
+    assert_eq!(rc.scaling, RopeScaling::NtkAlpha { alpha: 8.0 });
+    // base' = base · alpha^(r/(r−2)): the second frequency is base'^(−2/64).
+    let f = rc.frequencies(None).unwrap();
+    let base = 10000.0 * 8f64.powf(64.0 / 62.0);
+    assert!((f.inv_freq[1] - base.powf(-2.0 / 64.0)).abs() < 1e-15);
+}
+
+#[test]
 fn qwen_logn_attention_is_read() {
     let cfg = json!({"hidden_size": 4096, "num_attention_heads": 32, "kv_channels": 128,
                      "seq_length": 8192, "use_logn_attn": true, "rotary_emb_base": 20000,
