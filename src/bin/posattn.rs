@@ -59,6 +59,9 @@ enum Command {
         /// Print every case, not only the failures and a summary.
         #[arg(long, short)]
         verbose: bool,
+        /// Also write a machine-readable report (adapters, cases, errors, times) to FILE.
+        #[arg(long, value_name = "FILE")]
+        json: Option<std::path::PathBuf>,
     },
     /// List adapters with the limits and features that matter to this crate.
     Info {
@@ -103,12 +106,29 @@ fn print_row(r: &CaseResult) {
     );
 }
 
+fn status_json(s: &Status) -> (&'static str, Option<&str>) {
+    match s {
+        Status::Pass => ("pass", None),
+        Status::Fail(w) => ("fail", Some(w.as_str())),
+        Status::Unsupported(w) => ("unsupported", Some(w.as_str())),
+    }
+}
+
+fn num_json(x: f64) -> serde_json::Value {
+    if x.is_finite() {
+        serde_json::json!(x)
+    } else {
+        serde_json::Value::Null
+    }
+}
+
 fn check(
     backend: Option<Backend>,
     adapter: Option<String>,
     quick: bool,
     filter: Option<String>,
     verbose: bool,
+    json: Option<std::path::PathBuf>,
 ) -> ExitCode {
     let opts = options(backend, adapter);
     let adapters = enumerate_adapters(&opts);
@@ -133,6 +153,7 @@ fn check(
         cases.retain(|c| c.name.contains(f.as_str()));
     }
     let mut summary = Vec::new();
+    let mut report = Vec::new();
     for adapter in adapters {
         let name = describe_adapter(&adapter.get_info());
         println!("\n{name}");
@@ -140,6 +161,9 @@ fn check(
             Ok(c) => c,
             Err(e) => {
                 println!("  could not open the device: {e}");
+                report.push(
+                    serde_json::json!({"adapter": name, "error": e.to_string(), "cases": []}),
+                );
                 summary.push((name, 0, 1, 0));
                 continue;
             }
@@ -148,20 +172,23 @@ fn check(
             "  {:<44} {:<11} {:>9} {:>9} {:>12}",
             "case", "result", "error", "bound", "time"
         );
-        let total = cases.len();
-        let mut done = 0;
-        let live = std::io::stderr().is_terminal();
+        let bar = if std::io::stderr().is_terminal() {
+            indicatif::ProgressBar::new(cases.len() as u64)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("  {bar:30} {pos}/{len} {msg}")
+                .expect("progress template"),
+        );
         let results = check::run_cases(&ctx, &cases, |r| {
-            done += 1;
+            bar.inc(1);
+            bar.set_message(r.name.clone());
             if verbose || !matches!(r.status, Status::Pass) {
-                print_row(r);
-            } else if live {
-                eprint!("\r  {done}/{total} {:<50}", r.name);
+                bar.suspend(|| print_row(r));
             }
         });
-        if live {
-            eprint!("\r{:<70}\r", "");
-        }
+        bar.finish_and_clear();
         let pass = results.iter().filter(|r| r.status == Status::Pass).count();
         let fail = results
             .iter()
@@ -176,9 +203,29 @@ fn check(
         println!(
             "  {pass} passed, {fail} failed, {unsup} unsupported; worst error/bound {worst:.3}"
         );
-        for e in ctx.take_uncaptured_errors() {
+        let uncaptured = ctx.take_uncaptured_errors();
+        for e in &uncaptured {
             println!("  uncaptured wgpu error: {e}");
         }
+        report.push(serde_json::json!({
+            "adapter": name,
+            "backend": format!("{:?}", ctx.adapter_info().backend),
+            "device_type": format!("{:?}", ctx.adapter_info().device_type),
+            "driver": ctx.adapter_info().driver,
+            "uncaptured_errors": uncaptured,
+            "cases": results.iter().map(|r| {
+                let (status, detail) = status_json(&r.status);
+                serde_json::json!({
+                    "name": r.name,
+                    "status": status,
+                    "detail": detail,
+                    "err_gpu": num_json(r.err_gpu),
+                    "err_f32": num_json(r.err_f32),
+                    "bound": num_json(r.bound),
+                    "time_ms": r.time.as_secs_f64() * 1e3,
+                })
+            }).collect::<Vec<_>>(),
+        }));
         summary.push((name, pass, fail, unsup));
     }
     println!(
@@ -187,6 +234,19 @@ fn check(
     );
     for (name, p, f, u) in &summary {
         println!("{name:<72} {p:>6} {f:>6} {u:>11}");
+    }
+    if let Some(path) = json {
+        let doc = serde_json::json!({
+            "posattn": env!("CARGO_PKG_VERSION"),
+            "tolerance": {"multiple_of_f32_error": check::ERR_MULTIPLE, "floor": check::ERR_FLOOR},
+            "adapters": report,
+        });
+        let text = serde_json::to_string_pretty(&doc).expect("report");
+        if let Err(e) = std::fs::write(&path, text) {
+            eprintln!("could not write {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+        println!("report written to {}", path.display());
     }
     if summary.iter().any(|s| s.2 > 0) {
         ExitCode::FAILURE
@@ -241,7 +301,8 @@ fn main() -> ExitCode {
             quick,
             filter,
             verbose,
-        } => check(backend, adapter, quick, filter, verbose),
+            json,
+        } => check(backend, adapter, quick, filter, verbose, json),
         Command::Info { backend } => info(backend),
     }
 }
