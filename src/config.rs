@@ -50,7 +50,9 @@ impl RopeConfig {
         let mut spec = spec.with_position(crate::position::PositionEncoding::Rope(
             self.to_rope(layout, seq_len)?,
         ));
-        spec.logn_train_len = self.logn_train_len;
+        if self.logn_train_len.is_some() {
+            spec.logn_train_len = self.logn_train_len;
+        }
         Ok(spec)
     }
 
@@ -83,10 +85,11 @@ impl RopeConfig {
             .filter(|v| !v.is_null())
             .or_else(|| obj.get("rope_scaling").filter(|v| !v.is_null()));
         let defaults = HfDefaults {
-            theta: match obj.get("rope_theta") {
+            theta: match obj.get("rope_theta").filter(|v| !v.is_null()) {
                 Some(v) => Some(num(v, "rope_theta")?),
                 None => obj
                     .get("rotary_emb_base")
+                    .filter(|v| !v.is_null())
                     .map(|v| num(v, "rotary_emb_base"))
                     .transpose()?,
             },
@@ -99,6 +102,7 @@ impl RopeConfig {
             },
             max_position_embeddings: obj
                 .get("max_position_embeddings")
+                .filter(|v| !v.is_null())
                 .map(|v| uint64(v, "max_position_embeddings"))
                 .transpose()?,
             original_max_position_embeddings: obj

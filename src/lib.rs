@@ -19,6 +19,8 @@ pub mod check;
 pub mod config;
 pub mod context;
 pub mod error;
+#[cfg(feature = "cli")]
+pub mod files;
 pub mod kernel;
 pub mod position;
 pub mod reference;

@@ -63,6 +63,35 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         json: Option<std::path::PathBuf>,
     },
+    /// One attention on tensors from .npy files ([batch, seq, heads, head_dim]; f32, f16 or f64,
+    /// computed in f32), described by a JSON spec; writes the output as .npy.
+    Run {
+        #[arg(long)]
+        q: std::path::PathBuf,
+        #[arg(long)]
+        k: std::path::PathBuf,
+        #[arg(long)]
+        v: std::path::PathBuf,
+        /// Query positions, [batch, seq_q] or [seq_q], int32 or int64 (default: bottom-right).
+        #[arg(long)]
+        positions_q: Option<std::path::PathBuf>,
+        /// Key positions, [batch, seq_k] or [seq_k] (default: 0..seq_k).
+        #[arg(long)]
+        positions_k: Option<std::path::PathBuf>,
+        /// The run spec (JSON; see the README).
+        #[arg(long)]
+        spec: std::path::PathBuf,
+        /// Where to write the output .npy.
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// A reference output (e.g. from PyTorch) to compare against.
+        #[arg(long)]
+        compare: Option<std::path::PathBuf>,
+        #[arg(long, value_enum)]
+        backend: Option<Backend>,
+        #[arg(long)]
+        adapter: Option<String>,
+    },
     /// List adapters with the limits and features that matter to this crate.
     Info {
         #[arg(long, value_enum)]
@@ -255,6 +284,121 @@ fn check(
     }
 }
 
+struct RunArgs {
+    q: std::path::PathBuf,
+    k: std::path::PathBuf,
+    v: std::path::PathBuf,
+    positions_q: Option<std::path::PathBuf>,
+    positions_k: Option<std::path::PathBuf>,
+    spec: std::path::PathBuf,
+    out: std::path::PathBuf,
+    compare: Option<std::path::PathBuf>,
+}
+
+fn run(a: RunArgs, backend: Option<Backend>, adapter: Option<String>) -> posattn::Result<bool> {
+    use posattn::files::{parse_npy, parse_positions, parse_spec, read_limited, write_npy};
+    let q = parse_npy("q", &read_limited("q", &a.q)?, Some(4))?;
+    let k = parse_npy("k", &read_limited("k", &a.k)?, Some(4))?;
+    let v = parse_npy("v", &read_limited("v", &a.v)?, Some(4))?;
+    let dim = |x: u64, field: &'static str| {
+        u32::try_from(x).map_err(|_| posattn::Error::Invalid {
+            field,
+            expected: "a dimension below 2^32".into(),
+            got: x.to_string(),
+        })
+    };
+    let (b, sq, h, d) = (
+        dim(q.shape[0], "q")?,
+        dim(q.shape[1], "q")?,
+        dim(q.shape[2], "q")?,
+        dim(q.shape[3], "q")?,
+    );
+    let (sk, hkv) = (dim(k.shape[1], "k")?, dim(k.shape[2], "k")?);
+    if k.shape[0] != b as u64 || k.shape[3] != d as u64 {
+        return Err(posattn::Error::Invalid {
+            field: "k",
+            expected: format!("shape [{b}, seq_k, kv_heads, {d}] to match q"),
+            got: format!("{:?}", k.shape),
+        });
+    }
+    if v.shape != k.shape {
+        return Err(posattn::Error::Invalid {
+            field: "v",
+            expected: format!("the shape of k, {:?}", k.shape),
+            got: format!("{:?}", v.shape),
+        });
+    }
+    let probe = posattn::AttentionSpec::new(b, sq, sk, h, d).with_kv_heads(hkv);
+    let (dq, dk) = probe.default_positions();
+    let pq = match &a.positions_q {
+        Some(p) => parse_positions(
+            "positions_q",
+            &read_limited("positions_q", p)?,
+            b as u64,
+            sq as u64,
+        )?,
+        None => dq,
+    };
+    let pk = match &a.positions_k {
+        Some(p) => parse_positions(
+            "positions_k",
+            &read_limited("positions_k", p)?,
+            b as u64,
+            sk as u64,
+        )?,
+        None => dk,
+    };
+    let max_pos = pq.iter().chain(&pk).copied().max().unwrap_or(0) as i64;
+    let text =
+        String::from_utf8(read_limited("spec", &a.spec)?).map_err(|_| posattn::Error::Invalid {
+            field: "spec",
+            expected: "UTF-8 JSON".into(),
+            got: "bytes that are not UTF-8".into(),
+        })?;
+    let dir = a.spec.parent().unwrap_or(std::path::Path::new("."));
+    let spec = parse_spec(&text, [b, sq, sk, h, hkv, d], dir, max_pos)?;
+    let ctx = Context::with_options(&options(backend, adapter))?;
+    eprintln!("running on {}", ctx.describe());
+    let plan = posattn::Attention::new(&ctx, &spec)?;
+    let out = plan.run(&ctx, &q.data, &k.data, &v.data, Some(&pq), Some(&pk))?;
+    write_npy(&a.out, &q.shape, &out)?;
+    println!("wrote {} ({:?})", a.out.display(), q.shape);
+    let Some(cmp) = &a.compare else {
+        return Ok(true);
+    };
+    let reference = parse_npy("compare", &read_limited("compare", cmp)?, Some(4))?;
+    if reference.shape != q.shape {
+        return Err(posattn::Error::Invalid {
+            field: "compare",
+            expected: format!("the output's shape {:?}", q.shape),
+            got: format!("{:?}", reference.shape),
+        });
+    }
+    // The given reference plays the part of the plain implementation in the tolerance rule:
+    // |ours − f64| must be within a multiple of |theirs − f64|, plus the floor.
+    let r64 = posattn::reference::attention::<f64>(&spec, &q.data, &k.data, &v.data, &pq, &pk);
+    let (status, err_ours, err_theirs, bound) = check::compare(&out, &r64, &reference.data);
+    let direct = out
+        .iter()
+        .zip(&reference.data)
+        .map(|(a, b)| (a - b).abs() as f64)
+        .fold(0.0f64, f64::max);
+    println!("max |posattn − reference| = {direct:.3e}");
+    println!(
+        "against the f64 CPU reference: posattn {err_ours:.3e}, given reference {err_theirs:.3e}, allowed {bound:.3e}"
+    );
+    match status {
+        Status::Pass => {
+            println!("within the tolerance rule");
+            Ok(true)
+        }
+        other => {
+            println!("outside the tolerance rule: {other:?}");
+            Ok(false)
+        }
+    }
+}
+
 fn info(backend: Option<Backend>) -> ExitCode {
     let adapters = enumerate_adapters(&options(backend, None));
     if adapters.is_empty() {
@@ -304,5 +448,36 @@ fn main() -> ExitCode {
             json,
         } => check(backend, adapter, quick, filter, verbose, json),
         Command::Info { backend } => info(backend),
+        Command::Run {
+            q,
+            k,
+            v,
+            positions_q,
+            positions_k,
+            spec,
+            out,
+            compare,
+            backend,
+            adapter,
+        } => {
+            let args = RunArgs {
+                q,
+                k,
+                v,
+                positions_q,
+                positions_k,
+                spec,
+                out,
+                compare,
+            };
+            match run(args, backend, adapter) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
     }
 }

@@ -1,0 +1,283 @@
+//! The `posattn` command end to end: `run` on tensors dumped from a Hugging Face Llama attention
+//! (Llama 3.1 RoPE scaling, GQA, causal, positions 100..148; tests/golden/gen_llama_attention.py)
+//! reproduces it within the tolerance rule, and malformed or hostile files and specs give a clear
+//! error and exit code 2, never a panic. A property test drives the parsers with arbitrary bytes.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use posattn::files::{parse_npy, parse_positions, parse_spec};
+use proptest::prelude::*;
+
+fn golden() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/llama_attention")
+}
+
+fn posattn(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_posattn"))
+        .args(args)
+        .output()
+        .expect("run posattn");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+fn have_adapter() -> bool {
+    let found = !posattn::enumerate_adapters(&posattn::ContextOptions::default()).is_empty();
+    if !found {
+        println!("no adapter: the GPU half of the CLI test did not run");
+    }
+    found
+}
+
+#[test]
+fn run_reproduces_a_hugging_face_llama_attention() {
+    if !have_adapter() {
+        return;
+    }
+    let g = golden();
+    let out = std::env::temp_dir().join(format!("posattn-cli-{}.npy", std::process::id()));
+    let p = |f: &str| g.join(f).to_string_lossy().into_owned();
+    let (code, text) = posattn(&[
+        "run",
+        "--q",
+        &p("q.npy"),
+        "--k",
+        &p("k.npy"),
+        "--v",
+        &p("v.npy"),
+        "--positions-q",
+        &p("positions.npy"),
+        "--positions-k",
+        &p("positions.npy"),
+        "--spec",
+        &p("spec.json"),
+        "--out",
+        out.to_str().unwrap(),
+        "--compare",
+        &p("out.npy"),
+    ]);
+    println!("{text}");
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("within the tolerance rule"), "{text}");
+    // The written file is a valid .npy of the output's shape.
+    let written = parse_npy("out", &std::fs::read(&out).unwrap(), Some(4)).unwrap();
+    assert_eq!(written.shape, vec![2, 48, 8, 64]);
+    let _ = std::fs::remove_file(out);
+}
+
+/// A .npy header for `descr` and `shape`, followed by `payload` bytes.
+fn npy(descr: &str, shape: &str, payload: usize) -> Vec<u8> {
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    out.extend(std::iter::repeat_n(0u8, payload));
+    out
+}
+
+#[test]
+fn malformed_files_are_clear_errors() {
+    let field = |r: posattn::Result<posattn::files::Tensor>| match r {
+        Err(posattn::Error::Invalid {
+            field, expected, ..
+        }) => format!("{field}: {expected}"),
+        Ok(t) => panic!("accepted {:?}", t.shape),
+        Err(e) => panic!("{e}"),
+    };
+    // Valid, for contrast.
+    assert_eq!(
+        parse_npy("q", &npy("<f4", "(1, 2, 1, 4)", 32), Some(4))
+            .unwrap()
+            .data
+            .len(),
+        8
+    );
+    // Wrong dtype, wrong rank, big-endian, truncated data, a header that claims gigabytes.
+    assert!(field(parse_npy("q", &npy("<c8", "(1, 2, 1, 4)", 64), Some(4))).contains("dtype"));
+    assert!(field(parse_npy("q", &npy("<f4", "(2, 4)", 32), Some(4))).contains("rank 4"));
+    assert!(
+        field(parse_npy("q", &npy(">f4", "(1, 2, 1, 4)", 32), Some(4))).contains("little-endian")
+    );
+    assert!(
+        field(parse_npy("q", &npy("<f4", "(1, 2, 1, 4)", 31), Some(4))).contains("header says")
+    );
+    assert!(
+        field(parse_npy(
+            "q",
+            &npy("<f4", "(100000, 100000, 1000, 64)", 16),
+            Some(4)
+        ))
+        .contains("header says")
+    );
+    assert!(
+        field(parse_npy(
+            "q",
+            &npy("<f4", "(18446744073709551615, 2, 2, 2)", 16),
+            Some(4)
+        ))
+        .contains("64 bits")
+    );
+    assert!(field(parse_npy("q", b"not a numpy file at all", Some(4))).contains("valid .npy"));
+    // Positions: float dtype, wrong length, out of range.
+    let pos_err = |r: posattn::Result<Vec<i32>>| match r {
+        Err(posattn::Error::Invalid { field, .. }) => field,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        pos_err(parse_positions(
+            "positions_q",
+            &npy("<f4", "(4,)", 16),
+            1,
+            4
+        )),
+        "positions_q"
+    );
+    assert_eq!(
+        pos_err(parse_positions(
+            "positions_q",
+            &npy("<i4", "(5,)", 20),
+            1,
+            4
+        )),
+        "positions_q"
+    );
+    let mut far = npy("<i8", "(1,)", 0);
+    far.extend_from_slice(&(1i64 << 40).to_le_bytes());
+    assert_eq!(
+        pos_err(parse_positions("positions_k", &far, 1, 1)),
+        "positions_k"
+    );
+}
+
+#[test]
+fn malformed_specs_are_clear_errors() {
+    let shape = [1, 4, 4, 2, 2, 64];
+    let dir = Path::new(".");
+    let err = |text: &str| match parse_spec(text, shape, dir, 3) {
+        Err(posattn::Error::Invalid { field, .. }) => field,
+        other => panic!("{text}: {other:?}"),
+    };
+    assert!(
+        parse_spec(
+            r#"{"causal": false, "position": {"type": "rope", "theta": 1e4}}"#,
+            shape,
+            dir,
+            3
+        )
+        .is_ok()
+    );
+    assert_eq!(err("[1, 2"), "spec");
+    assert_eq!(err("[]"), "spec");
+    assert_eq!(err(r#"{"casual": true}"#), "spec");
+    assert_eq!(err(r#"{"causal": "yes"}"#), "causal");
+    assert_eq!(
+        err(r#"{"position": {"type": "rope", "theta": "NaN"}}"#),
+        "theta"
+    );
+    assert_eq!(
+        err(r#"{"position": {"type": "rope", "theta": -3}}"#),
+        "rope.theta"
+    );
+    assert_eq!(err(r#"{"position": {"type": "warp"}}"#), "position.type");
+    assert_eq!(
+        err(r#"{"position": {"type": "alibi", "slopes": [1, 2, 3]}}"#),
+        "alibi.slopes"
+    );
+    assert_eq!(
+        err(
+            r#"{"position": {"type": "hf", "rope_parameters": {"rope_type": "yarn", "factor": 4}}}"#
+        ),
+        "original_max_position_embeddings"
+    );
+    assert_eq!(
+        err(r#"{"position": {"type": "hf_config", "path": "/nonexistent/config.json"}}"#),
+        "path"
+    );
+    assert_eq!(err(r#"{"scale": 1e999}"#), "spec");
+}
+
+#[test]
+fn the_command_reports_bad_files_with_exit_code_2() {
+    let dir = std::env::temp_dir().join(format!("posattn-cli-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.npy");
+    std::fs::write(&bad, npy("<f4", "(100000, 100000, 1000, 64)", 16)).unwrap();
+    let spec = dir.join("spec.json");
+    std::fs::write(&spec, [0xff, 0xfe, 0x00]).unwrap();
+    let b = bad.to_str().unwrap();
+    let (code, text) = posattn(&[
+        "run",
+        "--q",
+        b,
+        "--k",
+        b,
+        "--v",
+        b,
+        "--spec",
+        spec.to_str().unwrap(),
+        "--out",
+        "/dev/null",
+    ]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("error: invalid `q`"), "{text}");
+    assert!(!text.contains("panicked"), "{text}");
+    let g = golden();
+    let q = g.join("q.npy");
+    let k = g.join("k.npy");
+    let (code, text) = posattn(&[
+        "run",
+        "--q",
+        q.to_str().unwrap(),
+        "--k",
+        k.to_str().unwrap(),
+        "--v",
+        k.to_str().unwrap(),
+        "--spec",
+        spec.to_str().unwrap(),
+        "--out",
+        "/dev/null",
+    ]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("invalid `spec`"), "{text}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+    #[test]
+    fn npy_parser_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+        let _ = parse_npy("q", &bytes, Some(4));
+        let _ = parse_positions("positions_q", &bytes, 2, 3);
+    }
+
+    #[test]
+    fn npy_parser_survives_mutated_headers(
+        descr in prop::sample::select(vec!["<f4", "<f2", "<f8", "<i4", "<i8", ">f4", "|u1", "<c8", "O"]),
+        dims in proptest::collection::vec(0u64..1u64 << 40, 0..6),
+        payload in 0usize..256,
+        flip in any::<(usize, u8)>(),
+    ) {
+        let shape = format!("({}{})", dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "), if dims.len() == 1 { "," } else { "" });
+        let mut bytes = npy(descr, &shape, payload);
+        let i = flip.0 % bytes.len();
+        bytes[i] ^= flip.1;
+        if let Ok(t) = parse_npy("q", &bytes, None) {
+            prop_assert!(t.data.len() as u64 * 2 <= bytes.len() as u64);
+        }
+    }
+
+    #[test]
+    fn spec_parser_never_panics(text in "\\PC{0,200}") {
+        let _ = parse_spec(&text, [1, 4, 4, 2, 2, 64], Path::new("."), 3);
+    }
+}
