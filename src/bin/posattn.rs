@@ -92,6 +92,21 @@ enum Command {
         #[arg(long)]
         adapter: Option<String>,
     },
+    /// A quick side-by-side of the fused kernel and the unfused pipeline on every adapter
+    /// (causal, RoPE, 8 heads, head_dim 64, batch 1): median GPU time of a few runs, GFLOP/s,
+    /// fused/unfused speed and device memory. `cargo bench` is the careful measurement.
+    Bench {
+        #[arg(long, value_enum)]
+        backend: Option<Backend>,
+        #[arg(long)]
+        adapter: Option<String>,
+        /// Sequence lengths.
+        #[arg(long, value_delimiter = ',', default_values_t = vec![256u32, 512, 1024])]
+        seq: Vec<u32>,
+        /// Timed runs per measurement (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// List adapters with the limits and features that matter to this crate.
     Info {
         #[arg(long, value_enum)]
@@ -399,6 +414,89 @@ fn run(a: RunArgs, backend: Option<Backend>, adapter: Option<String>) -> posattn
     }
 }
 
+fn bench(
+    backend: Option<Backend>,
+    adapter: Option<String>,
+    seqs: &[u32],
+    runs: usize,
+) -> posattn::Result<()> {
+    use posattn::timing::{median, time_encoded};
+    use wgpu::util::DeviceExt;
+    let adapters = enumerate_adapters(&options(backend, adapter));
+    if adapters.is_empty() {
+        return Err(posattn::Error::NoAdapter("nothing to benchmark".into()));
+    }
+    for a in adapters {
+        let ctx = Context::from_adapter(&a)?;
+        println!("\n{}", ctx.describe());
+        println!(
+            "  {:>6} {:>11} {:>9} {:>11} {:>9} {:>7} {:>10} {:>12}",
+            "seq",
+            "fused ms",
+            "GFLOP/s",
+            "unfused ms",
+            "GFLOP/s",
+            "speed",
+            "fused MiB",
+            "unfused MiB"
+        );
+        for &seq in seqs {
+            let spec = posattn::AttentionSpec::new(1, seq, seq, 8, 64)
+                .with_position(posattn::PositionEncoding::Rope(posattn::Rope::new(10000.0)));
+            let mut rng = check::SplitMix::new(seq as u64);
+            let mk = |n: usize, rng: &mut check::SplitMix| {
+                ctx.device()
+                    .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                        label: None,
+                        contents: bytemuck::cast_slice(&rng.vec(n, 1.0)),
+                        usage: wgpu::BufferUsages::STORAGE,
+                    })
+            };
+            let (q, k, v, o) = (
+                mk(spec.q_len(), &mut rng),
+                mk(spec.kv_len(), &mut rng),
+                mk(spec.kv_len(), &mut rng),
+                mk(spec.q_len(), &mut rng),
+            );
+            let bufs = posattn::AttentionBuffers {
+                q: &q,
+                k: &k,
+                v: &v,
+                out: &o,
+                positions_q: None,
+                positions_k: None,
+            };
+            let io = (q.size() + k.size() + v.size() + o.size()) as f64;
+            let mib = |b: f64| b / (1024.0 * 1024.0);
+            let gf = |ms: f64| spec.flops() / (ms * 1e-3) / 1e9;
+            let fused = posattn::Attention::new(&ctx, &spec)?;
+            let (_, _) = time_encoded(&ctx, 1, |e| fused.encode(&ctx, e, &bufs))?; // warm-up
+            let (clock, t) = time_encoded(&ctx, runs, |e| fused.encode(&ctx, e, &bufs))?;
+            let f_ms = median(&t).as_secs_f64() * 1e3;
+            let line = match posattn::Unfused::new(&ctx, &spec) {
+                Ok(u) => {
+                    let _ = time_encoded(&ctx, 1, |e| u.encode(&ctx, e, &bufs))?;
+                    let (_, t) = time_encoded(&ctx, runs, |e| u.encode(&ctx, e, &bufs))?;
+                    let u_ms = median(&t).as_secs_f64() * 1e3;
+                    format!(
+                        "{u_ms:>11.3} {:>9.1} {:>6.2}x {:>10.1} {:>12.1}",
+                        gf(u_ms),
+                        u_ms / f_ms,
+                        mib(io + fused.own_bytes() as f64),
+                        mib(io + u.own_bytes() as f64)
+                    )
+                }
+                Err(e) => format!("  unfused unavailable: {e}"),
+            };
+            println!(
+                "  {seq:>6} {f_ms:>11.3} {:>9.1} {line}  ({clock})",
+                gf(f_ms)
+            );
+        }
+    }
+    Ok(())
+}
+
 fn info(backend: Option<Backend>) -> ExitCode {
     let adapters = enumerate_adapters(&options(backend, None));
     if adapters.is_empty() {
@@ -448,6 +546,18 @@ fn main() -> ExitCode {
             json,
         } => check(backend, adapter, quick, filter, verbose, json),
         Command::Info { backend } => info(backend),
+        Command::Bench {
+            backend,
+            adapter,
+            seq,
+            runs,
+        } => match bench(backend, adapter, &seq, runs.max(1)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Run {
             q,
             k,
