@@ -8,6 +8,9 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::kernel::{KernelKey, Kernels};
 
+/// Longest wait for one submission unless `ContextOptions::timeout` or `set_timeout` says otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// How to pick an adapter when the crate opens its own device.
 #[derive(Clone, Debug)]
 pub struct ContextOptions {
@@ -26,7 +29,7 @@ impl Default for ContextOptions {
             adapter_name: std::env::var("WGPU_ADAPTER_NAME")
                 .ok()
                 .filter(|s| !s.is_empty()),
-            timeout: Duration::from_secs(120),
+            timeout: DEFAULT_TIMEOUT,
         }
     }
 }
@@ -166,7 +169,7 @@ impl Context {
             device,
             queue,
             info,
-            timeout: ContextOptions::default().timeout,
+            timeout: DEFAULT_TIMEOUT,
             kernels,
             pipelines: Mutex::new(HashMap::new()),
             uncaptured,

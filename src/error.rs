@@ -51,7 +51,8 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    pub(crate) fn invalid(
+    /// An [`Error::Invalid`] for `field`.
+    pub fn invalid(
         field: &'static str,
         expected: impl Into<String>,
         got: impl std::fmt::Display,

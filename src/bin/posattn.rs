@@ -316,11 +316,7 @@ fn run(a: RunArgs, backend: Option<Backend>, adapter: Option<String>) -> posattn
     let k = parse_npy("k", &read_limited("k", &a.k)?, Some(4))?;
     let v = parse_npy("v", &read_limited("v", &a.v)?, Some(4))?;
     let dim = |x: u64, field: &'static str| {
-        u32::try_from(x).map_err(|_| posattn::Error::Invalid {
-            field,
-            expected: "a dimension below 2^32".into(),
-            got: x.to_string(),
-        })
+        u32::try_from(x).map_err(|_| posattn::Error::invalid(field, "a dimension below 2^32", x))
     };
     let (b, sq, h, d) = (
         dim(q.shape[0], "q")?,
@@ -330,46 +326,31 @@ fn run(a: RunArgs, backend: Option<Backend>, adapter: Option<String>) -> posattn
     );
     let (sk, hkv) = (dim(k.shape[1], "k")?, dim(k.shape[2], "k")?);
     if k.shape[0] != b as u64 || k.shape[3] != d as u64 {
-        return Err(posattn::Error::Invalid {
-            field: "k",
-            expected: format!("shape [{b}, seq_k, kv_heads, {d}] to match q"),
-            got: format!("{:?}", k.shape),
-        });
+        return Err(posattn::Error::invalid(
+            "k",
+            format!("shape [{b}, seq_k, kv_heads, {d}] to match q"),
+            format!("{:?}", k.shape),
+        ));
     }
     if v.shape != k.shape {
-        return Err(posattn::Error::Invalid {
-            field: "v",
-            expected: format!("the shape of k, {:?}", k.shape),
-            got: format!("{:?}", v.shape),
-        });
+        return Err(posattn::Error::invalid(
+            "v",
+            format!("the shape of k, {:?}", k.shape),
+            format!("{:?}", v.shape),
+        ));
     }
     let probe = posattn::AttentionSpec::new(b, sq, sk, h, d).with_kv_heads(hkv);
     let (dq, dk) = probe.default_positions();
-    let pq = match &a.positions_q {
-        Some(p) => parse_positions(
-            "positions_q",
-            &read_limited("positions_q", p)?,
-            b as u64,
-            sq as u64,
-        )?,
-        None => dq,
-    };
-    let pk = match &a.positions_k {
-        Some(p) => parse_positions(
-            "positions_k",
-            &read_limited("positions_k", p)?,
-            b as u64,
-            sk as u64,
-        )?,
-        None => dk,
-    };
+    let positions =
+        |field, path: &Option<std::path::PathBuf>, seq: u32, default: Vec<i32>| match path {
+            Some(p) => parse_positions(field, &read_limited(field, p)?, b as u64, seq as u64),
+            None => Ok(default),
+        };
+    let pq = positions("positions_q", &a.positions_q, sq, dq)?;
+    let pk = positions("positions_k", &a.positions_k, sk, dk)?;
     let max_pos = pq.iter().chain(&pk).copied().max().unwrap_or(0) as i64;
-    let text =
-        String::from_utf8(read_limited("spec", &a.spec)?).map_err(|_| posattn::Error::Invalid {
-            field: "spec",
-            expected: "UTF-8 JSON".into(),
-            got: "bytes that are not UTF-8".into(),
-        })?;
+    let text = String::from_utf8(read_limited("spec", &a.spec)?)
+        .map_err(|_| posattn::Error::invalid("spec", "UTF-8 JSON", "bytes that are not UTF-8"))?;
     let dir = a.spec.parent().unwrap_or(std::path::Path::new("."));
     let spec = parse_spec(&text, [b, sq, sk, h, hkv, d], dir, max_pos)?;
     let ctx = Context::with_options(&options(backend, adapter))?;
@@ -383,11 +364,11 @@ fn run(a: RunArgs, backend: Option<Backend>, adapter: Option<String>) -> posattn
     };
     let reference = parse_npy("compare", &read_limited("compare", cmp)?, Some(4))?;
     if reference.shape != q.shape {
-        return Err(posattn::Error::Invalid {
-            field: "compare",
-            expected: format!("the output's shape {:?}", q.shape),
-            got: format!("{:?}", reference.shape),
-        });
+        return Err(posattn::Error::invalid(
+            "compare",
+            format!("the output's shape {:?}", q.shape),
+            format!("{:?}", reference.shape),
+        ));
     }
     // The given reference plays the part of the plain implementation in the tolerance rule:
     // |ours − f64| must be within a multiple of |theirs − f64|, plus the floor.
