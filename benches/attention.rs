@@ -55,6 +55,7 @@ impl Setup {
             out: &self.out,
             positions_q: None,
             positions_k: None,
+            bias: None,
         }
     }
     fn io_bytes(&self) -> u64 {

@@ -15,8 +15,15 @@
 // the same loop shape as keys), and only the per-channel loops over one group of keys are
 // expanded.
 //
+// Masks (causal, sliding window, attention sinks), the softcap, per-head sink logits, a caller
+// bias and the table-driven biases (T5, KERPLE, Sandwich, FIRE) act per score; key tiles that
+// the masks hide from the whole workgroup are never visited. The two-branch variant
+// (TWO_BRANCH) holds a second rotation of each query row and a second K tile and picks one of
+// the two scores per key: ReRoPE's clamped distance, LM-Infinite's distance limit and
+// StreamingLLM's cache-index positions.
+//
 // The host prepends the variant constants (see src/kernel.rs, `KernelKey::wgsl_header`):
-//   HEAD_DIM, BLOCK_Q, BLOCK_K, ROWS, POS_KIND, ROPE_INTERLEAVED,
+//   HEAD_DIM, BLOCK_Q, BLOCK_K, ROWS, POS_KIND, ROPE_INTERLEAVED, TWO_BRANCH, K_TILES,
 // and expands every loop marked `@unroll` into straight-line copies with a constant index, so no
 // private array is ever indexed dynamically (Mesa's GL path turns such indexing into branch
 // ladders; every driver keeps constant-indexed arrays in registers).
@@ -41,24 +48,36 @@ fn is_nan_bits(x: f32) -> bool {
 @group(0) @binding(5) var<storage, read> pos_k: array<i32>;
 @group(0) @binding(6) var<storage, read> aux: array<vec4<f32>>;
 @group(0) @binding(7) var<uniform> params: Params;
+@group(0) @binding(8) var<storage, read> user_bias: array<f32>;
 
-var<workgroup> k_tile: array<vec4<f32>, BLOCK_K * HEAD_VEC>;
+// K_TILES tiles of keys (the second one rotated for the second branch), then one of values.
+var<workgroup> k_tile: array<vec4<f32>, K_TILES * BLOCK_K * HEAD_VEC>;
 var<workgroup> v_tile: array<vec4<f32>, BLOCK_K * HEAD_VEC>;
 
 const ROTATES: bool = POS_KIND == POS_ROPE || POS_KIND == POS_XPOS;
+const TABLE_BIAS: bool = POS_KIND >= POS_T5;
+const KPOS: bool = POS_KIND == POS_ALIBI || TABLE_BIAS || TWO_BRANCH;
+const K2: u32 = BLOCK_K * HEAD_VEC;
 
 // Stages one tile into k_tile: BLOCK_K rows of Q (rotated, times `q_mul`) when `from_q`, else of
 // K (rotated), starting at `row0`, rows past `rows` zero. Work is split by channel pairs so that
-// the rotation code exists once and each pair's angle is computed once.
-fn stage_rows(from_q: bool, lid: u32, batch: u32, head: u32, row0: u32, rows: u32, origin: i32, q_mul: f32) {
+// the rotation code exists once and each pair's angle is computed once. With TWO_BRANCH, keys
+// fill both tiles (the second with the branch rotation) and `branch_q` stages the queries'
+// branch rotation instead of the ordinary one.
+fn stage_rows(from_q: bool, branch_q: bool, lid: u32, batch: u32, head: u32, row0: u32, rows: u32,
+              origin: i32, q_mul: f32) {
     let seq = select(params.seq_k, params.seq_q, from_q);
     let heads = select(params.num_kv_heads, params.num_heads, from_q);
     let half_d = HEAD_DIM / 2u;
     let r = select(0u, params.rotary_dim, ROTATES);
-    for (var idx = lid; idx < BLOCK_K * half_d; idx += WG_SIZE) {
-        let t_row = idx / half_d;
+    let tiles = select(K_TILES, 1u, from_q);
+    let diag = i32(params.seq_k) - i32(params.seq_q);
+    for (var idx = lid; idx < tiles * BLOCK_K * half_d; idx += WG_SIZE) {
+        let tile = idx / (BLOCK_K * half_d);
+        let t_row = (idx / half_d) % BLOCK_K;
         let slot = idx % half_d;
         let src_row = row0 + t_row;
+        let branch = (TWO_BRANCH && tile == 1u) || branch_q;
         // Pair slots below r/2 rotate; the others carry two pass-through channels.
         var ch = vec2<u32>(r + 2u * (slot - r / 2u), r + 2u * (slot - r / 2u) + 1u);
         if (slot < r / 2u) {
@@ -76,15 +95,35 @@ fn stage_rows(from_q: bool, lid: u32, batch: u32, head: u32, row0: u32, rows: u3
             }
             y = x;
             if (slot < r / 2u) {
-                y = rope_rotate(x, slot, pos, pos - origin, select(-1.0, 1.0, from_q));
+                if (TWO_BRANCH && branch) {
+                    var bpos = pos;
+                    if (from_q && params.branch_q_mode == 1u) {
+                        bpos = 0;
+                    } else if (from_q && params.branch_q_mode == 2u) {
+                        // StreamingLLM: the query's index in the rolling cache of sinks and
+                        // window, min(i', sinks + left); keys keep their positions.
+                        let ip = i32(src_row) + diag;
+                        bpos = pos - max(0, ip - i32(params.sink_tokens) - params.window_left);
+                    }
+                    y = rope_rotate_branch(x, slot, bpos, from_q);
+                } else {
+                    y = rope_rotate(x, slot, pos, pos - origin, select(-1.0, 1.0, from_q));
+                }
             }
             y *= select(q_mul, q_mul * logn_scale(pos), from_q);
         }
-        let e0 = t_row * HEAD_DIM + ch.x;
-        let e1 = t_row * HEAD_DIM + ch.y;
+        let e0 = tile * BLOCK_K * HEAD_DIM + t_row * HEAD_DIM + ch.x;
+        let e1 = tile * BLOCK_K * HEAD_DIM + t_row * HEAD_DIM + ch.y;
         k_tile[e0 / 4u][e0 % 4u] = y.x;
         k_tile[e1 / 4u][e1 % 4u] = y.y;
     }
+}
+
+// Whether the caller's bias value hides the key: −∞ or at most −1e30 (tested on the bits, since
+// WGSL lets compilers assume there are no infinities).
+fn bias_masks(b: f32) -> bool {
+    let bits = bitcast<u32>(b);
+    return bits >= bitcast<u32>(MASKED) && bits <= 0xff800000u;
 }
 
 @compute @workgroup_size(WG_SIZE)
@@ -96,23 +135,42 @@ fn attention_fused(
     let batch = wg.z;
     let kv_head = head / (params.num_heads / params.num_kv_heads);
     let first_row = wg.x * BLOCK_Q;
-    // Query row r sees key j iff j <= r + diag (bottom-right aligned causal mask).
+    let last_row = min(first_row + BLOCK_Q, params.seq_q) - 1u;
+    // Query row r sits at key index r + diag (bottom-right alignment of the masks).
     let diag = i32(params.seq_k) - i32(params.seq_q);
+    let first_ip = i32(first_row) + diag;
+    let last_ip = i32(last_row) + diag;
     // xPos origin: the first query of the tile, so that per-token scales stay near 1.
     let origin = pos_q[batch * params.seq_q + first_row];
 
     var slope = 0.0;
     if (POS_KIND == POS_ALIBI) {
-        slope = aux[params.slope_offset + head / 4u][head % 4u] * LOG2E;
+        slope = aux[params.bias_offset + head / 4u][head % 4u] * LOG2E;
     }
     let sym = params.alibi_symmetric != 0u;
+    let left = params.window_left;
+    let right = params.window_right;
+    let sinks = i32(params.sink_tokens);
+    let capped = params.softcap_log2 != 0.0;
+    let cap = params.softcap_log2;
+    let has_bias = params.user_bias != 0u;
+    let bias_base = batch * params.user_bias_stride_b + head * params.user_bias_stride_h;
 
     // Per row: its index, position, query (rotated, times scale · log2 e), accumulator, running
     // max and sum, and whether a NaN score was seen at a visible key (then the row is NaN, as in
-    // a plain softmax).
+    // a plain softmax). A sink logit starts the running max and sum (exp of itself relative to
+    // itself is 1) and adds nothing to the accumulator.
+    var m0 = MASKED;
+    var l0 = 0.0;
+    if (params.sink_logit_offset != 0xffffffffu) {
+        m0 = aux_f(params.sink_logit_offset + head) * LOG2E;
+        l0 = 1.0;
+    }
     var rows: array<u32, ROWS>;
     var qpos: array<i32, ROWS>;
     var q: array<vec4<f32>, ROWS * HEAD_VEC>;
+    // The second branch's query rotation (dead, and removed by the compiler, without TWO_BRANCH).
+    var q2: array<vec4<f32>, ROWS * HEAD_VEC>;
     var acc: array<vec4<f32>, ROWS * HEAD_VEC>;
     var m_run: array<f32, ROWS>;
     var l_run: array<f32, ROWS>;
@@ -121,8 +179,8 @@ fn attention_fused(
     for (var r = 0u; r < ROWS; r++) {
         rows[r] = first_row + r * WG_SIZE + lid;
         qpos[r] = pos_q[batch * params.seq_q + min(rows[r], params.seq_q - 1u)];
-        m_run[r] = MASKED;
-        l_run[r] = 0.0;
+        m_run[r] = m0;
+        l_run[r] = l0;
         row_nan[r] = false;
         // @unroll
         for (var c = 0u; c < HEAD_VEC; c++) {
@@ -130,28 +188,45 @@ fn attention_fused(
         }
     }
 
-    // Keys past the last visible one for the workgroup's last row are never loaded.
-    var key_end = params.seq_k;
+    // The key tiles any row of the workgroup can see: the sink tiles, then the window's (or
+    // every tile up to the causal bound). Tiles outside both are never loaded.
+    var hi = i32(params.seq_k);
     if (params.causal != 0u) {
-        let last_row = min(first_row + BLOCK_Q, params.seq_q) - 1u;
-        key_end = u32(clamp(i32(last_row) + diag + 1, 0, i32(params.seq_k)));
+        hi = min(hi, last_ip + 1);
     }
-    let n_tiles = (key_end + BLOCK_K - 1u) / BLOCK_K;
+    let sink_hi = clamp(min(sinks, hi), 0, i32(params.seq_k));
+    if (right >= 0) {
+        hi = min(hi, last_ip + right + 1);
+    }
+    hi = max(hi, 0);
+    var lo = 0;
+    if (left >= 0) {
+        lo = clamp(first_ip - left, 0, hi);
+    }
+    let n_sink_tiles = (u32(sink_hi) + BLOCK_K - 1u) / BLOCK_K;
+    let win_t0 = max(u32(lo) / BLOCK_K, n_sink_tiles);
+    let win_t1 = max((u32(hi) + BLOCK_K - 1u) / BLOCK_K, win_t0);
+    let n_tiles = n_sink_tiles + win_t1 - win_t0;
 
     // Steps 0..q_rounds stage the workgroup's query rows (rotated, times scale · log2 e)
-    // through k_tile, BLOCK_K rows at a time, and each invocation copies its rows to registers;
-    // the steps after that walk the key tiles. One loop, so the staging code exists once.
-    let q_rounds = BLOCK_Q / BLOCK_K;
+    // through k_tile, BLOCK_K rows at a time, and each invocation copies its rows to registers
+    // (twice with TWO_BRANCH: ordinary, then branch rotation); the steps after that walk the key
+    // tiles. One loop, so the staging code exists once.
+    let q_steps = BLOCK_Q / BLOCK_K;
+    let q_rounds = q_steps * select(1u, 2u, TWO_BRANCH);
     for (var step = 0u; step < q_rounds + n_tiles; step++) {
         let is_q = step < q_rounds;
         let t = step - select(q_rounds, 0u, is_q);
-        let key0 = t * BLOCK_K;
+        let tile = select(win_t0 + t - n_sink_tiles, t, t < n_sink_tiles);
+        let key0 = tile * BLOCK_K;
+        let q_branch = is_q && step >= q_steps;
+        let q_step = step % q_steps;
         workgroupBarrier();
         if (is_q) {
-            stage_rows(true, lid, batch, head, first_row + step * BLOCK_K, params.seq_q, origin,
-                       params.scale_log2);
+            stage_rows(true, q_branch, lid, batch, head, first_row + q_step * BLOCK_K, params.seq_q,
+                       origin, params.scale_log2);
         } else {
-            stage_rows(false, lid, batch, kv_head, key0, params.seq_k, origin, 1.0);
+            stage_rows(false, false, lid, batch, kv_head, key0, params.seq_k, origin, 1.0);
             for (var idx = lid; idx < BLOCK_K * HEAD_VEC; idx += WG_SIZE) {
                 let key = key0 + idx / HEAD_VEC;
                 var vv = vec4<f32>(0.0);
@@ -167,25 +242,38 @@ fn attention_fused(
             // @unroll
             for (var r = 0u; r < ROWS; r++) {
                 let local = r * WG_SIZE + lid;
-                if (local / BLOCK_K == step) {
+                if (local / BLOCK_K == q_step) {
                     let r0 = (local % BLOCK_K) * HEAD_VEC;
-                    // @unroll
-                    for (var c = 0u; c < HEAD_VEC; c++) {
-                        q[r * HEAD_VEC + c] = k_tile[r0 + c];
+                    if (TWO_BRANCH && q_branch) {
+                        // @unroll
+                        for (var c = 0u; c < HEAD_VEC; c++) {
+                            q2[r * HEAD_VEC + c] = k_tile[r0 + c];
+                        }
+                    } else {
+                        // @unroll
+                        for (var c = 0u; c < HEAD_VEC; c++) {
+                            q[r * HEAD_VEC + c] = k_tile[r0 + c];
+                        }
                     }
                 }
             }
             continue;
         }
 
-        // The tile is fully visible to every row of the workgroup: no per-key mask needed.
+        // The tile is visible to every row of the workgroup with no per-key test: inside the
+        // bounds, before the causal bound, and inside the window or among the sinks.
+        let k_last = i32(key0 + BLOCK_K) - 1;
+        let in_window = (left < 0 || i32(key0) >= last_ip - left) && (right < 0 || k_last <= first_ip + right);
         let full = key0 + BLOCK_K <= params.seq_k
-            && (params.causal == 0u || i32(key0 + BLOCK_K - 1u) <= i32(first_row) + diag);
+            && (params.causal == 0u || k_last <= first_ip)
+            && (in_window || k_last < sinks)
+            && !has_bias;
 
         for (var g = 0u; g < BLOCK_K; g += 4u) {
             let kb = g * HEAD_VEC;
             // Scores of keys key0+g .. key0+g+3 for every row: d[4r + e] holds key e's lanes.
             var d: array<vec4<f32>, ROWS * 4u>;
+            var d2: array<vec4<f32>, ROWS * 4u>;
             // @unroll
             for (var r = 0u; r < ROWS; r++) {
                 d[4u * r] = vec4<f32>(0.0);
@@ -208,9 +296,36 @@ fn attention_fused(
                     d[4u * r + 3u] = fma(qc, k3, d[4u * r + 3u]);
                 }
             }
+            if (TWO_BRANCH) {
+                // @unroll
+                for (var r = 0u; r < ROWS; r++) {
+                    let e = 4u * r;
+                    d2[e] = vec4<f32>(0.0);
+                    d2[e + 1u] = vec4<f32>(0.0);
+                    d2[e + 2u] = vec4<f32>(0.0);
+                    d2[e + 3u] = vec4<f32>(0.0);
+                }
+                // @unroll
+                for (var c = 0u; c < HEAD_VEC; c++) {
+                    let k0 = k_tile[K2 + kb + c];
+                    let k1 = k_tile[K2 + kb + HEAD_VEC + c];
+                    let k2 = k_tile[K2 + kb + 2u * HEAD_VEC + c];
+                    let k3 = k_tile[K2 + kb + 3u * HEAD_VEC + c];
+                    // @unroll
+                    for (var r = 0u; r < ROWS; r++) {
+                        let e = 4u * r;
+                        let qc = q2[r * HEAD_VEC + c];
+                        d2[e] = fma(qc, k0, d2[e]);
+                        d2[e + 1u] = fma(qc, k1, d2[e + 1u]);
+                        d2[e + 2u] = fma(qc, k2, d2[e + 2u]);
+                        d2[e + 3u] = fma(qc, k3, d2[e + 3u]);
+                    }
+                }
+            }
             let key = vec4<u32>(key0 + g) + vec4<u32>(0u, 1u, 2u, 3u);
+            let kk = vec4<i32>(key);
             var kpos = vec4<i32>(0);
-            if (POS_KIND == POS_ALIBI) {
+            if (KPOS) {
                 let kp = batch * params.seq_k;
                 let last = params.seq_k - 1u;
                 kpos = vec4<i32>(pos_k[kp + min(key.x, last)], pos_k[kp + min(key.y, last)],
@@ -225,22 +340,65 @@ fn attention_fused(
             for (var r = 0u; r < ROWS; r++) {
                 let d0 = d[4u * r];
                 let d1 = d[4u * r + 1u];
-                let d2 = d[4u * r + 2u];
+                let d2_ = d[4u * r + 2u];
                 let d3 = d[4u * r + 3u];
                 var s = vec4<f32>((d0.x + d0.y) + (d0.z + d0.w), (d1.x + d1.y) + (d1.z + d1.w),
-                                  (d2.x + d2.y) + (d2.z + d2.w), (d3.x + d3.y) + (d3.z + d3.w));
+                                  (d2_.x + d2_.y) + (d2_.z + d2_.w), (d3.x + d3.y) + (d3.z + d3.w));
+                let m = qpos[r];
+                let ip = i32(rows[r]) + diag;
+                var win = vec4<bool>(true);
+                if (left >= 0) {
+                    win = win & (kk >= vec4<i32>(ip - left));
+                }
+                if (right >= 0) {
+                    win = win & (kk <= vec4<i32>(ip + right));
+                }
+                let sink = kk < vec4<i32>(sinks);
+                if (TWO_BRANCH) {
+                    let e = 4u * r;
+                    let b0 = d2[e];
+                    let b1 = d2[e + 1u];
+                    let b2 = d2[e + 2u];
+                    let b3 = d2[e + 3u];
+                    let s2 = vec4<f32>((b0.x + b0.y) + (b0.z + b0.w), (b1.x + b1.y) + (b1.z + b1.w),
+                                       (b2.x + b2.y) + (b2.z + b2.w), (b3.x + b3.y) + (b3.z + b3.w));
+                    var use2 = sink & !win;
+                    if (params.branch_rule == 1u) {
+                        use2 = abs(vec4<i32>(m) - kpos) >= vec4<i32>(params.branch_w);
+                    }
+                    s = select(s, s2, use2);
+                }
+                // Softcap on the scaled logits, before any bias (|x| ≤ 10 keeps every tanh
+                // implementation finite; tanh(10) is 1 in f32).
+                if (capped) {
+                    s = cap * tanh(clamp(s / cap, vec4<f32>(-10.0), vec4<f32>(10.0)));
+                }
                 if (POS_KIND == POS_ALIBI) {
-                    let m = qpos[r];
                     s += vec4<f32>(alibi_bias(slope, m, kpos.x, sym), alibi_bias(slope, m, kpos.y, sym),
                                    alibi_bias(slope, m, kpos.z, sym), alibi_bias(slope, m, kpos.w, sym));
+                }
+                if (TABLE_BIAS) {
+                    s += LOG2E * vec4<f32>(table_bias(head, m, kpos.x), table_bias(head, m, kpos.y),
+                                           table_bias(head, m, kpos.z), table_bias(head, m, kpos.w));
                 }
                 // Masked keys get p = 0 and their V is never multiplied in, so a NaN there
                 // cannot reach the output.
                 var v4 = vec4<bool>(true);
                 if (!full) {
-                    let lim = i32(rows[r]) + diag;
                     v4 = key < vec4<u32>(params.seq_k)
-                        & (vec4<bool>(params.causal == 0u) | vec4<i32>(key) <= vec4<i32>(lim));
+                        & (vec4<bool>(params.causal == 0u) | kk <= vec4<i32>(ip))
+                        & (win | sink);
+                    if (has_bias) {
+                        let row_base = bias_base + min(rows[r], params.seq_q - 1u) * params.seq_k;
+                        let last = params.seq_k - 1u;
+                        let ub = vec4<f32>(user_bias[row_base + min(key.x, last)],
+                                           user_bias[row_base + min(key.y, last)],
+                                           user_bias[row_base + min(key.z, last)],
+                                           user_bias[row_base + min(key.w, last)]);
+                        v4 = v4 & !vec4<bool>(bias_masks(ub.x), bias_masks(ub.y), bias_masks(ub.z),
+                                              bias_masks(ub.w));
+                        s += select(vec4<f32>(0.0), ub * LOG2E, v4);
+                    }
                     s = select(vec4<f32>(MASKED), s, v4);
                 }
                 vis[r] = v4;

@@ -89,3 +89,78 @@ fn rope_rotate(x: vec2<f32>, i: u32, pos: i32, rel: i32, sign: f32) -> vec2<f32>
     }
     return vec2<f32>(x.x * cs.x - x.y * cs.y, x.y * cs.x + x.x * cs.y);
 }
+
+// Float `i` of the aux table (floats packed four to an entry).
+fn aux_f(i: u32) -> f32 {
+    return aux[i / 4u][i % 4u];
+}
+
+// The second RoPE branch (ReRoPE, LM-Infinite, StreamingLLM cache index): pair i rotated at
+// `pos` with the branch's own frequency table, whose `w` holds a constant phase in turns that
+// queries add (ReRoPE's w·(1 − 1/k)·θ_i, LM-Infinite's limit·θ_i).
+fn rope_rotate_branch(x: vec2<f32>, i: u32, pos: i32, add_phase: bool) -> vec2<f32> {
+    let f = aux[params.branch_offset + i];
+    var t = rope_turns(pos, vec4<f32>(f.xyz, 0.0));
+    if (add_phase) {
+        t += f.w;
+    }
+    let cs = sincos_turns(t) * params.attn_factor;
+    return vec2<f32>(x.x * cs.x - x.y * cs.y, x.y * cs.x + x.x * cs.y);
+}
+
+// Relative-position bias in natural-log units of head h for query position m and key position
+// n, for the table-driven encodings (keep in sync with src/reference.rs `position_bias`):
+//   T5: the head's table by relative position n − m, clamped to ±max_distance (every bucket past
+//       it is the last one);
+//   KERPLE: −p·ln(1 + a|Δ|) or −a·|Δ|^p with the head's (p, a);
+//   Sandwich: (Σ_k cos(Δ·ω_k) − d'/2) · H/(8h), from a table below bias_len, else summed here;
+//   FIRE: the MLP at ln(|cΔ| + 1) / (ln(|c·max(m, L)| + 1) + 1e-6).
+fn table_bias(h: u32, m: i32, n: i32) -> f32 {
+    let base = params.bias_offset * 4u;
+    if (POS_KIND == POS_T5) {
+        let dmax = i32(params.bias_len);
+        let rel = clamp(n - m, -dmax, dmax);
+        return aux_f(base + h * u32(2 * dmax + 1) + u32(rel + dmax));
+    }
+    let dist = abs(m - n);
+    if (POS_KIND == POS_KERPLE_LOG) {
+        let p = aux_f(base + 2u * h);
+        let a = aux_f(base + 2u * h + 1u);
+        return -p * log(1.0 + a * f32(dist));
+    }
+    if (POS_KIND == POS_KERPLE_POWER) {
+        let p = aux_f(base + 2u * h);
+        let a = aux_f(base + 2u * h + 1u);
+        if (dist == 0) {
+            return 0.0;
+        }
+        return -a * exp2(p * log2(f32(dist)));
+    }
+    if (POS_KIND == POS_SANDWICH) {
+        let len = params.bias_len;
+        var s = 0.0;
+        if (u32(dist) < len) {
+            s = aux_f(base + u32(dist));
+        } else {
+            let pairs = params.rotary_dim / 2u;
+            for (var k = 0u; k < pairs; k++) {
+                s += sincos_turns(rope_turns(dist, aux[params.freq_offset + k])).x;
+            }
+            s -= f32(pairs);
+        }
+        return s * aux_f(base + len + h);
+    }
+    if (POS_KIND == POS_FIRE) {
+        let w = params.bias_len;
+        let c = params.bias_p0;
+        let x = log(abs(c * f32(m - n)) + 1.0)
+            / (log(abs(c * max(f32(m), params.bias_p1)) + 1.0) + 1e-6);
+        let w2 = base + 2u * w + h * w;
+        var acc = aux_f(base + 2u * w + params.num_heads * w + h);
+        for (var j = 0u; j < w; j++) {
+            acc += aux_f(w2 + j) * max(aux_f(base + j) * x + aux_f(base + w + j), 0.0);
+        }
+        return acc;
+    }
+    return 0.0;
+}

@@ -5,8 +5,9 @@ use wgpu::util::DeviceExt;
 
 use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::kernel::{BLOCK_Q, KernelKey, Params};
-use crate::position::ResolvedPosition;
+use crate::kernel::{BLOCK_Q, KernelKey, NO_SINK_LOGITS, Params, two_branch_rows, workgroup_bytes};
+use crate::mask::Extrapolation;
+use crate::position::{PositionEncoding, ResolvedPosition, freq_entry};
 use crate::spec::AttentionSpec;
 
 /// Device buffers of one call. Tensors are f32, contiguous [batch, seq, heads, head_dim];
@@ -20,6 +21,8 @@ pub struct AttentionBuffers<'a> {
     pub positions_q: Option<&'a wgpu::Buffer>,
     /// Key positions; `None` uses 0..seq_k.
     pub positions_k: Option<&'a wgpu::Buffer>,
+    /// The additive bias the spec's `bias` layout describes; required when it is set.
+    pub bias: Option<&'a wgpu::Buffer>,
 }
 
 /// A validated attention call on one context: pipeline, parameters and tables uploaded once,
@@ -36,8 +39,93 @@ pub struct Attention {
     own_bytes: u64,
 }
 
+/// Everything the fused kernel reads besides the tensors: the encoding's tables with the sink
+/// logits and the second-branch frequencies appended, and the uniform block.
+pub(crate) fn resolve_call(spec: &AttentionSpec) -> Result<(ResolvedPosition, Params)> {
+    let seq_hint = spec.seq_q.max(spec.seq_k);
+    let mut pos = spec
+        .position
+        .resolve(spec.head_dim, spec.num_heads, seq_hint)?;
+    let mut params = params_for(spec, &pos);
+    if let Some(s) = &spec.sink_logits {
+        params.sink_logit_offset = pos.aux.len() as u32 * 4;
+        pos.aux.extend(s.chunks(4).map(|c| {
+            let mut e = [0.0f32; 4];
+            e[..c.len()].copy_from_slice(c);
+            e
+        }));
+    }
+    if let PositionEncoding::Rope(rope) = &spec.position {
+        let inv = rope.inv_freq(spec.head_dim);
+        let turns = |x: f64| (x / std::f64::consts::TAU).rem_euclid(1.0);
+        // Per pair: the branch frequency, and the constant phase (turns) queries add.
+        let table: Option<(u32, u32, i32, Vec<(f64, f64)>)> = match spec.extrapolation {
+            Extrapolation::None => None,
+            Extrapolation::ReRope { window, leak } => {
+                let inv_k = leak.map_or(0.0, |k| 1.0 / k);
+                let w = window as f64;
+                Some((
+                    1,
+                    0,
+                    window as i32,
+                    inv.iter()
+                        .map(|&f| (f * inv_k, turns(w * (1.0 - inv_k) * f)))
+                        .collect(),
+                ))
+            }
+            Extrapolation::LmInfinite { limit } => Some((
+                2,
+                1,
+                0,
+                inv.iter().map(|&f| (0.0, turns(limit as f64 * f))).collect(),
+            )),
+            Extrapolation::StreamingCacheIndex => {
+                Some((2, 2, 0, inv.iter().map(|&f| (f, 0.0)).collect()))
+            }
+        };
+        if let Some((rule, q_mode, w, entries)) = table {
+            params.branch_rule = rule;
+            params.branch_q_mode = q_mode;
+            params.branch_w = w;
+            params.branch_offset = pos.aux.len() as u32;
+            pos.aux.extend(entries.iter().map(|&(f, phase)| {
+                let mut e = freq_entry(f, 0.0);
+                e[3] = phase as f32;
+                e
+            }));
+        }
+    }
+    Ok((pos, params))
+}
+
+/// Whether the spec needs the two-branch kernel.
+pub(crate) fn two_branch(spec: &AttentionSpec) -> bool {
+    spec.extrapolation != Extrapolation::None
+}
+
 pub(crate) fn params_for(spec: &AttentionSpec, pos: &ResolvedPosition) -> Params {
     let scale = spec.softmax_scale();
+    let log2e = std::f64::consts::LOG2_E;
+    let (stride_b, stride_h) = match spec.bias {
+        Some(layout) => {
+            let plane = spec.seq_q * spec.seq_k;
+            let heads = if layout.broadcast_heads {
+                1
+            } else {
+                spec.num_heads
+            };
+            (
+                if layout.broadcast_batch {
+                    0
+                } else {
+                    heads * plane
+                },
+                if layout.broadcast_heads { 0 } else { plane },
+            )
+        }
+        None => (0, 0),
+    };
+    let side = |w: Option<u32>| w.map_or(-1, |w| w as i32);
     Params {
         batch: spec.batch,
         seq_q: spec.seq_q,
@@ -52,11 +140,47 @@ pub(crate) fn params_for(spec: &AttentionSpec, pos: &ResolvedPosition) -> Params
         xpos_inv_scale_base: pos.xpos_inv_scale_base,
         scale: scale as f32,
         freq_offset: pos.freq_offset,
-        slope_offset: pos.slope_offset,
+        bias_offset: pos.bias_offset,
         logn_inv_ln_len: spec
             .logn_train_len
             .map_or(0.0, |l| (1.0 / (l as f64).ln()) as f32),
-        _pad2: 0,
+        sink_tokens: spec.sink_tokens,
+        window_left: side(spec.window.left),
+        window_right: side(spec.window.right),
+        softcap_log2: spec.softcap.map_or(0.0, |c| (c * log2e) as f32),
+        sink_logit_offset: NO_SINK_LOGITS,
+        bias_len: pos.bias_len,
+        bias_p0: pos.bias_params[0],
+        bias_p1: pos.bias_params[1],
+        user_bias: spec.bias.is_some() as u32,
+        user_bias_stride_b: stride_b,
+        user_bias_stride_h: stride_h,
+        branch_rule: 0,
+        branch_q_mode: 0,
+        branch_w: 0,
+        branch_offset: 0,
+        _pad0: 0,
+        _pad1: 0,
+    }
+}
+
+/// Elements of the caller bias a spec expects (0 without one).
+pub fn bias_len(spec: &AttentionSpec) -> usize {
+    match spec.bias {
+        Some(layout) => {
+            let b = if layout.broadcast_batch {
+                1
+            } else {
+                spec.batch as usize
+            };
+            let h = if layout.broadcast_heads {
+                1
+            } else {
+                spec.num_heads as usize
+            };
+            b * h * spec.seq_q as usize * spec.seq_k as usize
+        }
+        None => 0,
     }
 }
 
@@ -95,6 +219,24 @@ pub(crate) fn check_call_buffers<'a>(
     let pos_k = bufs.positions_k.unwrap_or(default_k);
     check_buffer("positions_q", pos_q, s.batch as u64 * s.seq_q as u64 * 4)?;
     check_buffer("positions_k", pos_k, s.batch as u64 * s.seq_k as u64 * 4)?;
+    match (s.bias.is_some(), bufs.bias) {
+        (true, Some(b)) => check_buffer("bias", b, bias_len(s) as u64 * 4)?,
+        (true, None) => {
+            return Err(Error::invalid(
+                "bias",
+                "a bias buffer (the spec sets a bias layout)",
+                "none",
+            ));
+        }
+        (false, Some(_)) => {
+            return Err(Error::invalid(
+                "bias",
+                "no buffer (the spec sets no bias layout)",
+                "a buffer",
+            ));
+        }
+        (false, None) => {}
+    }
     Ok((pos_q, pos_k))
 }
 
@@ -107,6 +249,7 @@ pub(crate) fn check_limits(ctx: &Context, spec: &AttentionSpec, grid: [u32; 3]) 
     for (what, bytes) in [
         ("q / out bytes", spec.q_len() as u64 * 4),
         ("k / v bytes", spec.kv_len() as u64 * 4),
+        ("bias bytes", bias_len(spec) as u64 * 4),
     ] {
         if bytes > max_bind {
             return Err(Error::unavailable(
@@ -137,15 +280,15 @@ impl Attention {
     /// uploads the tables.
     pub fn new(ctx: &Context, spec: &AttentionSpec) -> Result<Self> {
         spec.validate()?;
-        let pos = spec.position.resolve(spec.head_dim, spec.num_heads)?;
-        let key = KernelKey::fused(
-            spec.head_dim,
-            ctx.rows_per_invocation(spec.head_dim),
-            pos.kind,
-            pos.interleaved,
-        );
+        let (pos, params) = resolve_call(spec)?;
+        let rows = ctx.rows_per_invocation(spec.head_dim);
+        let key = if two_branch(spec) {
+            KernelKey::fused_two_branch(spec.head_dim, two_branch_rows(rows), pos.interleaved)
+        } else {
+            KernelKey::fused(spec.head_dim, rows, pos.kind, pos.interleaved)
+        };
         let limits = ctx.device.limits();
-        let wg_bytes = 2 * key.block_k * spec.head_dim * 4;
+        let wg_bytes = workgroup_bytes(&key);
         if wg_bytes > limits.max_compute_workgroup_storage_size {
             return Err(Error::unavailable(
                 "workgroup storage bytes",
@@ -163,7 +306,6 @@ impl Attention {
         let workgroups = [spec.seq_q.div_ceil(BLOCK_Q), spec.num_heads, spec.batch];
         check_limits(ctx, spec, workgroups)?;
         let pipeline = ctx.pipeline(key)?;
-        let params = params_for(spec, &pos);
         let (pq, pk) = spec.default_positions();
         let (params, aux, default_pos_q, default_pos_k) = ctx.scoped("uploading tables", || {
             let init = |label, contents: &[u8], usage| {
@@ -218,6 +360,7 @@ impl Attention {
         let (pos_q, pos_k) =
             check_call_buffers(&self.spec, bufs, &self.default_pos_q, &self.default_pos_k)?;
         ctx.scoped("creating the bind group", || {
+            // Without a caller bias, binding 8 gets the aux table (never read: user_bias = 0).
             let entries = [
                 bufs.q,
                 bufs.k,
@@ -227,6 +370,7 @@ impl Attention {
                 pos_k,
                 &self.aux,
                 &self.params,
+                bufs.bias.unwrap_or(&self.aux),
             ]
             .iter()
             .enumerate()
@@ -274,17 +418,34 @@ impl Attention {
         positions_q: Option<&[i32]>,
         positions_k: Option<&[i32]>,
     ) -> Result<Vec<f32>> {
+        self.run_with_bias(ctx, q, k, v, positions_q, positions_k, None)
+    }
+
+    /// `run` with the caller's additive bias (laid out as the spec's `bias` says).
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_with_bias(
+        &self,
+        ctx: &Context,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        positions_q: Option<&[i32]>,
+        positions_k: Option<&[i32]>,
+        bias: Option<&[f32]>,
+    ) -> Result<Vec<f32>> {
         let s = &self.spec;
+        let empty = [0.0f32; 0];
         for (field, data, want) in [
             ("q", q, s.q_len()),
             ("k", k, s.kv_len()),
             ("v", v, s.kv_len()),
+            ("bias", bias.unwrap_or(&empty), bias_len(s)),
         ] {
             if data.len() != want {
                 return Err(Error::invalid(
                     field,
                     format!(
-                        "{want} values ([batch, seq, heads, head_dim] = {:?})",
+                        "{want} values (shape {:?})",
                         shape(s, field)
                     ),
                     format!("{} values", data.len()),
@@ -314,6 +475,7 @@ impl Attention {
                 init("posattn pos_q", bytemuck::cast_slice(pq)),
                 init("posattn pos_k", bytemuck::cast_slice(pk)),
             );
+            let bb = bias.map(|b| init("posattn bias", bytemuck::cast_slice(b)));
             let poison = vec![f32::NAN; s.q_len()];
             let out = ctx
                 .device
@@ -337,6 +499,7 @@ impl Attention {
                     out: &out,
                     positions_q: Some(&pqb),
                     positions_k: Some(&pkb),
+                    bias: bb.as_ref(),
                 },
             )?;
             ctx.queue.submit([enc.finish()]);
@@ -350,6 +513,15 @@ impl Attention {
 fn shape(s: &AttentionSpec, field: &str) -> [u32; 4] {
     match field {
         "q" | "out" => [s.batch, s.seq_q, s.num_heads, s.head_dim],
+        "bias" => {
+            let l = s.bias.unwrap_or_default();
+            [
+                if l.broadcast_batch { 1 } else { s.batch },
+                if l.broadcast_heads { 1 } else { s.num_heads },
+                s.seq_q,
+                s.seq_k,
+            ]
+        }
         _ => [s.batch, s.seq_k, s.num_kv_heads, s.head_dim],
     }
 }

@@ -15,9 +15,11 @@
 
 use std::time::{Duration, Instant};
 
-use crate::attention::Attention;
+use crate::attention::{Attention, bias_len};
+use crate::bias::{Fire, Kerple, KerpleForm, Sandwich, T5Bias};
 use crate::context::Context;
 use crate::error::{Error, Result};
+use crate::mask::{BiasLayout, Extrapolation, Window};
 use crate::position::{Alibi, AlibiForm, AlibiSlopes, PositionEncoding, Rope, RopeLayout, Xpos};
 use crate::reference;
 use crate::scaling::{RopeScaling, Yarn, rope_frequencies};
@@ -190,6 +192,23 @@ impl Case {
     }
 }
 
+impl Case {
+    /// The caller bias of a spec with a bias layout: uniform in [-2, 2), about one entry in
+    /// eight −∞ (a masked key), and the first query row of each plane fully masked.
+    pub fn bias(&self) -> Option<Vec<f32>> {
+        self.spec.bias?;
+        let mut rng = SplitMix::new(self.seed ^ 0x5eed_b1a5);
+        let sk = self.spec.seq_k as usize;
+        let mut b = rng.vec(bias_len(&self.spec), 2.0);
+        for (i, x) in b.iter_mut().enumerate() {
+            if rng.next_u64() % 8 == 0 || (i / sk) % self.spec.seq_q as usize == 0 {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+        Some(b)
+    }
+}
+
 /// Compares a GPU output with the references; returns (status, err_gpu, err_f32, bound).
 pub fn compare(gpu: &[f32], ref64: &[f64], ref32: &[f32]) -> (Status, f64, f64, f64) {
     let mut err_gpu = 0.0f64;
@@ -224,9 +243,11 @@ pub fn compare(gpu: &[f32], ref64: &[f64], ref32: &[f32]) -> (Status, f64, f64, 
 /// Runs one case on `ctx` and checks it against the CPU reference.
 pub fn run_case(ctx: &Context, case: &Case) -> CaseResult {
     let (q, k, v, pq, pk) = case.inputs();
+    let bias = case.bias();
     let start = Instant::now();
-    let gpu = Attention::new(ctx, &case.spec)
-        .and_then(|plan| plan.run(ctx, &q, &k, &v, Some(&pq), Some(&pk)));
+    let gpu = Attention::new(ctx, &case.spec).and_then(|plan| {
+        plan.run_with_bias(ctx, &q, &k, &v, Some(&pq), Some(&pk), bias.as_deref())
+    });
     let time = start.elapsed();
     let mut result = CaseResult {
         name: case.name.clone(),
@@ -240,8 +261,9 @@ pub fn run_case(ctx: &Context, case: &Case) -> CaseResult {
         Err(e @ Error::Unavailable { .. }) => result.status = Status::Unsupported(e.to_string()),
         Err(e) => result.status = Status::Fail(e.to_string()),
         Ok(gpu) => {
-            let r64 = reference::attention::<f64>(&case.spec, &q, &k, &v, &pq, &pk);
-            let r32 = reference::attention::<f32>(&case.spec, &q, &k, &v, &pq, &pk);
+            let b = bias.as_deref();
+            let r64 = reference::attention_with_bias::<f64>(&case.spec, &q, &k, &v, &pq, &pk, b);
+            let r32 = reference::attention_with_bias::<f32>(&case.spec, &q, &k, &v, &pq, &pk, b);
             let (status, eg, ef, b) = compare(&gpu, &r64, &r32);
             result.status = status;
             result.err_gpu = eg;
@@ -530,6 +552,241 @@ pub fn conformance_cases() -> Vec<Case> {
         .with_scale(1.0)
         .with_causal(false);
     cases.push(Case::new("none_bidir_s45_d32_scale1", spec));
+    cases.extend(bias_and_mask_cases());
+    cases
+}
+
+/// Seeded per-head parameters for the table-driven biases.
+fn params(seed: u64, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    let mut rng = SplitMix::new(seed);
+    (0..n)
+        .map(|_| lo + (rng.uniform() + 1.0) * 0.5 * (hi - lo))
+        .collect()
+}
+
+/// T5 buckets with a seeded table.
+pub fn t5(num_buckets: u32, max_distance: u32, bidirectional: bool, heads: u32) -> PositionEncoding {
+    PositionEncoding::T5(T5Bias {
+        num_buckets,
+        max_distance,
+        bidirectional,
+        table: params(7, (num_buckets * heads) as usize, -2.0, 2.0),
+    })
+}
+
+/// KERPLE with seeded parameters (one head's below the clamp floor).
+pub fn kerple(form: KerpleForm, heads: u32) -> PositionEncoding {
+    let mut p = params(11, heads as usize, 0.05, 1.9);
+    p[0] = 0.001;
+    PositionEncoding::Kerple(Kerple {
+        form,
+        p,
+        a: params(13, heads as usize, 0.02, 1.0),
+    })
+}
+
+/// FIRE with a seeded MLP of width 32 and a small threshold L, so max(m, L) switches inside the
+/// sequence.
+pub fn fire(heads: u32) -> PositionEncoding {
+    let w = 32;
+    PositionEncoding::Fire(Fire {
+        c: 0.1,
+        l: 16.0,
+        ..Fire::new(
+            params(17, w, -2.0, 2.0),
+            params(19, w, -1.0, 1.0),
+            params(23, w * heads as usize, -1.0, 1.0),
+            params(29, heads as usize, -1.0, 1.0),
+        )
+    })
+}
+
+/// The relative biases alone, then masks, sinks, softcap, the caller bias and the
+/// extrapolation methods, alone and in the combinations models use.
+fn bias_and_mask_cases() -> Vec<Case> {
+    let mut cases = Vec::new();
+    let heads = 4;
+    let base = |sq, sk| AttentionSpec::new(1, sq, sk, heads, 64).with_kv_heads(2);
+    // Relative biases, each causal and bidirectional.
+    for (name, enc) in [
+        ("t5_bidirectional", t5(32, 128, true, heads)),
+        ("t5_unidirectional_nb16_md40", t5(16, 40, false, heads)),
+        ("kerple_log", kerple(KerpleForm::Log, heads)),
+        ("kerple_power", kerple(KerpleForm::Power, heads)),
+        ("sandwich", PositionEncoding::Sandwich(Sandwich::default())),
+        ("sandwich_dim128", PositionEncoding::Sandwich(Sandwich { dim: Some(128) })),
+        ("fire", fire(heads)),
+    ] {
+        for causal in [true, false] {
+            let mask = if causal { "causal" } else { "bidir" };
+            let spec = base(100, 100).with_causal(causal).with_position(enc.clone());
+            cases.push(Case::new(format!("{name}_{mask}_gqa_s100"), spec));
+        }
+        // Positions far apart: past T5's max distance, past the Sandwich table (summed in the
+        // kernel), FIRE's normaliser at large m.
+        let spec = base(40, 70).with_kv_heads(1).with_position(enc.clone());
+        cases.push(
+            Case::new(format!("{name}_causal_q40_k70_stride300"), spec)
+                .with_positions(Positions::Stride(300)),
+        );
+    }
+    let rope_w = |spec: AttentionSpec| spec.with_position(rope());
+    // Sliding windows: causal (Mistral), two-sided, with seq_q ≠ seq_k, and with rows that see
+    // nothing (they give 0).
+    for (name, spec) in [
+        ("window_l16_causal_s150", rope_w(base(150, 150)).with_window(Window::recent(17))),
+        (
+            "window_l16_r8_bidir_s150",
+            rope_w(base(150, 150)).with_causal(false).with_window(Window {
+                left: Some(16),
+                right: Some(8),
+            }),
+        ),
+        (
+            "window_l20_causal_q40_k150",
+            rope_w(base(40, 150)).with_window(Window::recent(21)),
+        ),
+        (
+            "window_r0_bidir_q90_k30_empty_rows",
+            rope_w(base(90, 30)).with_causal(false).with_window(Window {
+                left: Some(3),
+                right: Some(0),
+            }),
+        ),
+        (
+            "alibi_window_l32_causal_s150",
+            base(150, 150)
+                .with_position(encodings(heads)[5].1.clone())
+                .with_window(Window::recent(33)),
+        ),
+        // Softcap alone: strong (2) and Gemma 2's 50.
+        ("softcap2_rope_causal_s70", rope_w(base(70, 70)).with_softcap(2.0)),
+        (
+            "softcap50_rope_bidir_s70",
+            rope_w(base(70, 70)).with_causal(false).with_softcap(50.0),
+        ),
+        // Learned sink logits, one of them dominant, and with rows that see no key.
+        (
+            "sink_logits_rope_causal_s70",
+            rope_w(base(70, 70)).with_sink_logits(vec![-1.0, 0.5, 3.0, 10.0]),
+        ),
+        (
+            "sink_logits_none_causal_q90_k30",
+            base(90, 30).with_sink_logits(vec![0.0, 1.0, -2.0, 5.0]),
+        ),
+        // The caller's bias: per head and batch, broadcast over heads, with −∞ entries.
+        (
+            "user_bias_none_bidir_b2_s70",
+            base(70, 70)
+                .with_causal(false)
+                .with_bias(BiasLayout::default()),
+        ),
+        (
+            "user_bias_heads_broadcast_rope_causal_s70",
+            rope_w(base(70, 70)).with_bias(BiasLayout {
+                broadcast_batch: true,
+                broadcast_heads: true,
+            }),
+        ),
+        // StreamingLLM: 4 sinks and 32 recent keys, original and cache-index positions.
+        ("streaming_s4_r32_original_s150", rope_w(base(150, 150)).with_streaming(4, 32, false)),
+        ("streaming_s4_r32_cache_index_s150", rope_w(base(150, 150)).with_streaming(4, 32, true)),
+        // LM-Infinite: global 4, local 32, limit at and past the local branch.
+        ("lm_infinite_g4_l32_limit32_s150", rope_w(base(150, 150)).with_lm_infinite(4, 32, 32)),
+        ("lm_infinite_g10_l24_limit40_s150", rope_w(base(150, 150)).with_lm_infinite(10, 24, 40)),
+        // ReRoPE and Leaky ReRoPE, causal and bidirectional.
+        (
+            "rerope_w16_causal_s100",
+            rope_w(base(100, 100)).with_extrapolation(Extrapolation::ReRope {
+                window: 16,
+                leak: None,
+            }),
+        ),
+        (
+            "rerope_w16_bidir_s100",
+            rope_w(base(100, 100))
+                .with_causal(false)
+                .with_extrapolation(Extrapolation::ReRope {
+                    window: 16,
+                    leak: None,
+                }),
+        ),
+        (
+            "leaky_rerope_w16_k4_causal_s100",
+            rope_w(base(100, 100)).with_extrapolation(Extrapolation::ReRope {
+                window: 16,
+                leak: Some(4.0),
+            }),
+        ),
+        // Combinations models use. RoPE + window + sinks + softcap + sink logits.
+        (
+            "combo_rope_window_sinks_softcap_sink_logits_s150",
+            rope_w(base(150, 150))
+                .with_streaming(4, 48, false)
+                .with_softcap(30.0)
+                .with_sink_logits(vec![0.3, -0.7, 1.5, 2.0]),
+        ),
+        // Gemma 2 local layer: window and softcap.
+        (
+            "combo_gemma2_window_softcap_s150",
+            rope_w(base(150, 150))
+                .with_window(Window::recent(64))
+                .with_softcap(50.0),
+        ),
+        // gpt-oss: sliding window 128 with learned sinks.
+        (
+            "combo_gpt_oss_window_sink_logits_s150",
+            rope_w(base(150, 150))
+                .with_window(Window::recent(40))
+                .with_sink_logits(vec![1.0, 2.0, 0.0, -1.0]),
+        ),
+        // RoPE scaling + log-n + ReRoPE (ReRoPE's own recipe with a YaRN table).
+        (
+            "combo_yarn_logn_rerope_s150",
+            base(150, 150)
+                .with_position(
+                    encodings(heads)
+                        .into_iter()
+                        .chain(scaling_encodings())
+                        .find(|e| e.0 == "rope_yarn")
+                        .expect("rope_yarn")
+                        .1,
+                )
+                .with_logn(32)
+                .with_extrapolation(Extrapolation::ReRope {
+                    window: 24,
+                    leak: None,
+                }),
+        ),
+        // T5 with a caller mask as a bias buffer (padding), and KERPLE with a window.
+        (
+            "combo_t5_user_bias_bidir_s70",
+            base(70, 70)
+                .with_causal(false)
+                .with_position(t5(32, 128, true, heads))
+                .with_bias(BiasLayout {
+                    broadcast_batch: false,
+                    broadcast_heads: true,
+                }),
+        ),
+        (
+            "combo_kerple_log_window_s150",
+            base(150, 150)
+                .with_position(kerple(KerpleForm::Log, heads))
+                .with_window(Window::recent(33)),
+        ),
+    ] {
+        cases.push(Case::new(name, spec));
+    }
+    // A NaN that only the window hides: in K at the last key, bidirectional, so that only rows
+    // whose window reaches it become NaN.
+    let spec = rope_w(base(100, 100))
+        .with_causal(false)
+        .with_window(Window {
+            left: Some(8),
+            right: Some(8),
+        });
+    cases.push(Case::new("window_l8_r8_bidir_s100_nan_masked_k", spec).with_nan(NanPlant::MaskedKey));
     cases
 }
 

@@ -40,17 +40,30 @@ pub fn multi_rows_for(head_dim: u32) -> u32 {
     rows
 }
 
+/// Rows per invocation of the two-branch variant given the one-branch count: half (it holds two
+/// rotated copies of each query row).
+pub fn two_branch_rows(rows: u32) -> u32 {
+    (rows / 2).max(1)
+}
+
 /// Workgroup memory the fused kernel may use: WebGPU's default limit.
 pub const WORKGROUP_BYTES: u32 = 16384;
 
-/// Keys per tile for a head size: the largest power of two ≤ 64 whose K and V tiles fit in
-/// WebGPU's default 16 KiB of workgroup memory.
-pub fn block_k_for(head_dim: u32) -> u32 {
+/// Keys per tile for a head size: the largest power of two ≤ 64 whose K and V tiles (and the
+/// second K tile of a two-branch kernel) fit in WebGPU's default 16 KiB of workgroup memory.
+pub fn block_k_for(head_dim: u32, two_branch: bool) -> u32 {
+    let tiles = if two_branch { 3 } else { 2 };
     let mut bk = 64;
-    while bk > 1 && 2 * bk * head_dim * 4 > WORKGROUP_BYTES {
+    while bk > 4 && tiles * bk * head_dim * 4 > WORKGROUP_BYTES {
         bk /= 2;
     }
     bk
+}
+
+/// Workgroup bytes of a fused variant.
+pub fn workgroup_bytes(key: &KernelKey) -> u32 {
+    let tiles = if key.two_branch { 3 } else { 2 };
+    tiles * key.block_k * key.head_dim * 4
 }
 
 /// The uniform block every kernel reads. Keep in sync with `struct Params` in
@@ -72,10 +85,35 @@ pub struct Params {
     pub xpos_inv_scale_base: f32,
     pub scale: f32,
     pub freq_offset: u32,
-    pub slope_offset: u32,
+    pub bias_offset: u32,
     pub logn_inv_ln_len: f32,
-    pub _pad2: u32,
+    pub sink_tokens: u32,
+    /// Negative: unbounded.
+    pub window_left: i32,
+    pub window_right: i32,
+    /// cap · log2(e); 0 turns the softcap off.
+    pub softcap_log2: f32,
+    /// Float index of the sink logits in aux; `NO_SINK_LOGITS` when there are none.
+    pub sink_logit_offset: u32,
+    pub bias_len: u32,
+    pub bias_p0: f32,
+    pub bias_p1: f32,
+    /// 1 when a caller bias is bound.
+    pub user_bias: u32,
+    pub user_bias_stride_b: u32,
+    pub user_bias_stride_h: u32,
+    /// 0 none, 1 ReRoPE distance rule, 2 keys seen only through the sink rule.
+    pub branch_rule: u32,
+    /// Second-branch query position: 0 its own, 1 zero (LM-Infinite), 2 cache index (StreamingLLM).
+    pub branch_q_mode: u32,
+    pub branch_w: i32,
+    pub branch_offset: u32,
+    pub _pad0: u32,
+    pub _pad1: u32,
 }
+
+/// `Params::sink_logit_offset` when there are no sink logits.
+pub const NO_SINK_LOGITS: u32 = u32::MAX;
 
 /// Which kernel of which family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -103,6 +141,8 @@ pub struct KernelKey {
     pub rows: u32,
     pub pos: PosKind,
     pub interleaved: bool,
+    /// Two RoPE scores per key (ReRoPE, LM-Infinite, StreamingLLM cache-index positions).
+    pub two_branch: bool,
 }
 
 impl KernelKey {
@@ -111,10 +151,20 @@ impl KernelKey {
             stage: Stage::Fused,
             head_dim,
             block_q: BLOCK_Q,
-            block_k: block_k_for(head_dim),
+            block_k: block_k_for(head_dim, false),
             rows,
             pos,
             interleaved,
+            two_branch: false,
+        }
+    }
+
+    /// The two-branch RoPE variant.
+    pub fn fused_two_branch(head_dim: u32, rows: u32, interleaved: bool) -> Self {
+        KernelKey {
+            block_k: block_k_for(head_dim, true),
+            two_branch: true,
+            ..KernelKey::fused(head_dim, rows, PosKind::Rope, interleaved)
         }
     }
 
@@ -127,6 +177,7 @@ impl KernelKey {
             rows: 1,
             pos,
             interleaved,
+            two_branch: false,
         }
     }
 
@@ -135,13 +186,21 @@ impl KernelKey {
     pub fn all_fused() -> Vec<KernelKey> {
         let mut keys = Vec::new();
         for &d in crate::spec::SUPPORTED_HEAD_DIMS {
-            for pos in [PosKind::None, PosKind::Rope, PosKind::Alibi, PosKind::Xpos] {
+            for pos in PosKind::ALL {
                 for interleaved in [false, true] {
-                    if interleaved && !matches!(pos, PosKind::Rope | PosKind::Xpos) {
+                    if interleaved && !pos.rotates() {
                         continue;
                     }
                     keys.push(KernelKey::fused(d, 1, pos, interleaved));
                     keys.push(KernelKey::fused(d, multi_rows_for(d), pos, interleaved));
+                    if pos == PosKind::Rope {
+                        keys.push(KernelKey::fused_two_branch(d, 1, interleaved));
+                        keys.push(KernelKey::fused_two_branch(
+                            d,
+                            two_branch_rows(multi_rows_for(d)),
+                            interleaved,
+                        ));
+                    }
                 }
             }
         }
@@ -167,16 +226,12 @@ impl KernelKey {
 
     /// A name that spells the configuration, e.g. `attention_fused_d64_bq64_bk32_rope_half`.
     pub fn name(&self) -> String {
-        let pos = match self.pos {
-            PosKind::None => "none",
-            PosKind::Rope => "rope",
-            PosKind::Alibi => "alibi",
-            PosKind::Xpos => "xpos",
-        };
+        let pos = self.pos.name();
         let layout = if self.interleaved { "_interleaved" } else { "" };
+        let branch = if self.two_branch { "_2branch" } else { "" };
         match self.stage {
             Stage::Fused => format!(
-                "attention_fused_d{}_bq{}_bk{}_r{}_{pos}{layout}",
+                "attention_fused_d{}_bq{}_bk{}_r{}_{pos}{layout}{branch}",
                 self.head_dim, self.block_q, self.block_k, self.rows
             ),
             _ => format!(
@@ -201,14 +256,17 @@ impl KernelKey {
     pub fn wgsl_header(&self) -> String {
         format!(
             "// variant {}\nconst HEAD_DIM: u32 = {}u;\nconst BLOCK_Q: u32 = {}u;\n\
-             const BLOCK_K: u32 = {}u;\nconst ROWS: u32 = {}u;\nconst POS_KIND: u32 = {}u;\nconst ROPE_INTERLEAVED: bool = {};\n",
+             const BLOCK_K: u32 = {}u;\nconst ROWS: u32 = {}u;\nconst POS_KIND: u32 = {}u;\nconst ROPE_INTERLEAVED: bool = {};\n\
+             const TWO_BRANCH: bool = {};\nconst K_TILES: u32 = {}u;\n",
             self.name(),
             self.head_dim,
             self.block_q.max(1),
             self.block_k.max(1),
             self.rows.max(1),
             self.pos as u32,
-            self.interleaved
+            self.interleaved,
+            self.two_branch,
+            if self.two_branch { 2 } else { 1 }
         )
     }
 
@@ -327,7 +385,7 @@ pub(crate) struct Kernels {
 
 impl Kernels {
     pub fn new(device: &wgpu::Device) -> Self {
-        // q, k, v, out, pos_q, pos_k, aux, params
+        // q, k, v, out, pos_q, pos_k, aux, params, caller bias
         let fused_bgl = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
             label: Some("posattn fused"),
             entries: &[
@@ -339,6 +397,7 @@ impl Kernels {
                 storage(5, true),
                 storage(6, true),
                 uniform(7),
+                storage(8, true),
             ],
         });
         // src_a, src_b, dst, positions, aux, params

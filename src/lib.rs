@@ -15,6 +15,7 @@
 //! ```
 
 pub mod attention;
+pub mod bias;
 pub mod check;
 pub mod config;
 pub mod context;
@@ -22,6 +23,7 @@ pub mod error;
 #[cfg(feature = "cli")]
 pub mod files;
 pub mod kernel;
+pub mod mask;
 pub mod position;
 pub mod reference;
 pub mod scaling;
@@ -30,9 +32,11 @@ pub mod timing;
 pub mod unfused;
 
 pub use attention::{Attention, AttentionBuffers};
+pub use bias::{Fire, Kerple, KerpleForm, Sandwich, T5Bias};
 pub use config::{HfDefaults, LlamaCppRope, RopeConfig};
 pub use context::{Context, ContextOptions, describe_adapter, enumerate_adapters};
 pub use error::{Error, Result};
+pub use mask::{BiasLayout, Extrapolation, Window};
 pub use position::{Alibi, AlibiForm, AlibiSlopes, PositionEncoding, Rope, RopeLayout, Xpos};
 pub use scaling::{LongRope, RopeFrequencies, RopeScaling, Yarn, rope_frequencies};
 pub use spec::{AttentionSpec, SUPPORTED_HEAD_DIMS};

@@ -2,6 +2,10 @@
 //! in f64) that the kernels read. The exact math follows `shared/reference/position-encodings.md`
 //! and the code that defines each scheme (Hugging Face transformers, torchscale, BLOOM).
 
+use crate::bias::{
+    Fire, Kerple, KerpleForm, SANDWICH_TABLE_MAX, Sandwich, T5Bias, kerple_params,
+    sandwich_freqs, sandwich_sum,
+};
 use crate::error::{Error, Result};
 
 /// Which channels of a head form a rotation pair.
@@ -125,6 +129,14 @@ pub enum PositionEncoding {
     Rope(Rope),
     Alibi(Alibi),
     Xpos(Xpos),
+    /// T5's learned relative buckets.
+    T5(T5Bias),
+    /// KERPLE, log or power kernel.
+    Kerple(Kerple),
+    /// Sandwich.
+    Sandwich(Sandwich),
+    /// FIRE, with the caller's MLP.
+    Fire(Fire),
 }
 
 impl PositionEncoding {
@@ -135,6 +147,13 @@ impl PositionEncoding {
             PositionEncoding::Rope(_) => "rope",
             PositionEncoding::Alibi(_) => "alibi",
             PositionEncoding::Xpos(_) => "xpos",
+            PositionEncoding::T5(_) => "t5",
+            PositionEncoding::Kerple(k) => match k.form {
+                KerpleForm::Log => "kerple_log",
+                KerpleForm::Power => "kerple_power",
+            },
+            PositionEncoding::Sandwich(_) => "sandwich",
+            PositionEncoding::Fire(_) => "fire",
         }
     }
 }
@@ -199,6 +218,44 @@ pub enum PosKind {
     Rope = 1,
     Alibi = 2,
     Xpos = 3,
+    T5 = 4,
+    KerpleLog = 5,
+    KerplePower = 6,
+    Sandwich = 7,
+    Fire = 8,
+}
+
+impl PosKind {
+    pub const ALL: [PosKind; 9] = [
+        PosKind::None,
+        PosKind::Rope,
+        PosKind::Alibi,
+        PosKind::Xpos,
+        PosKind::T5,
+        PosKind::KerpleLog,
+        PosKind::KerplePower,
+        PosKind::Sandwich,
+        PosKind::Fire,
+    ];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            PosKind::None => "none",
+            PosKind::Rope => "rope",
+            PosKind::Alibi => "alibi",
+            PosKind::Xpos => "xpos",
+            PosKind::T5 => "t5",
+            PosKind::KerpleLog => "kerple_log",
+            PosKind::KerplePower => "kerple_power",
+            PosKind::Sandwich => "sandwich",
+            PosKind::Fire => "fire",
+        }
+    }
+
+    /// Whether queries and keys rotate.
+    pub fn rotates(&self) -> bool {
+        matches!(self, PosKind::Rope | PosKind::Xpos)
+    }
 }
 
 /// An encoding checked against the shapes and turned into what the kernel reads.
@@ -210,10 +267,28 @@ pub(crate) struct ResolvedPosition {
     pub attention_factor: f32,
     pub xpos_inv_scale_base: f32,
     pub alibi_symmetric: bool,
-    /// Frequency entries (rotary_dim / 2), then slopes packed four to an entry.
+    /// Frequency entries (rotary_dim / 2 of them, at `freq_offset`), then the per-head bias
+    /// tables (ALiBi slopes, T5 or Sandwich tables, KERPLE parameters, FIRE weights) as floats
+    /// packed four to an entry from entry `bias_offset`.
     pub aux: Vec<[f32; 4]>,
     pub freq_offset: u32,
-    pub slope_offset: u32,
+    pub bias_offset: u32,
+    /// T5: max_distance; Sandwich: table length; FIRE: MLP width.
+    pub bias_len: u32,
+    /// FIRE: c and L.
+    pub bias_params: [f32; 2],
+}
+
+impl ResolvedPosition {
+    /// Appends `floats` (packed four to an entry) as the bias tables.
+    fn push_bias(&mut self, floats: &[f32]) {
+        self.bias_offset = self.aux.len() as u32;
+        self.aux.extend(floats.chunks(4).map(|c| {
+            let mut e = [0.0f32; 4];
+            e[..c.len()].copy_from_slice(c);
+            e
+        }));
+    }
 }
 
 fn check_finite(field: &'static str, x: f64, positive: bool) -> Result<()> {
@@ -240,7 +315,14 @@ fn check_rotary_dim(field: &'static str, r: u32, head_dim: u32) -> Result<()> {
 }
 
 impl PositionEncoding {
-    pub(crate) fn resolve(&self, head_dim: u32, num_heads: u32) -> Result<ResolvedPosition> {
+    /// Checks the encoding and builds its tables. `seq_hint` (the longest sequence of the call)
+    /// sizes the Sandwich table; longer distances are summed in the kernel.
+    pub(crate) fn resolve(
+        &self,
+        head_dim: u32,
+        num_heads: u32,
+        seq_hint: u32,
+    ) -> Result<ResolvedPosition> {
         let mut out = ResolvedPosition {
             kind: PosKind::None,
             interleaved: false,
@@ -250,7 +332,9 @@ impl PositionEncoding {
             alibi_symmetric: false,
             aux: vec![[0.0; 4]],
             freq_offset: 0,
-            slope_offset: 0,
+            bias_offset: 0,
+            bias_len: 0,
+            bias_params: [0.0; 2],
         };
         match self {
             PositionEncoding::None => {}
@@ -323,14 +407,57 @@ impl PositionEncoding {
                 };
                 out.kind = PosKind::Alibi;
                 out.alibi_symmetric = a.form == AlibiForm::Symmetric;
-                out.aux = slopes
-                    .chunks(4)
-                    .map(|c| {
-                        let mut e = [0.0f32; 4];
-                        e[..c.len()].copy_from_slice(c);
-                        e
+                out.push_bias(&slopes);
+            }
+            PositionEncoding::T5(t) => {
+                t.validate(num_heads)?;
+                out.kind = PosKind::T5;
+                out.bias_len = t.max_distance;
+                out.push_bias(&t.lut(num_heads));
+            }
+            PositionEncoding::Kerple(k) => {
+                k.validate(num_heads)?;
+                out.kind = match k.form {
+                    KerpleForm::Log => PosKind::KerpleLog,
+                    KerpleForm::Power => PosKind::KerplePower,
+                };
+                let pa: Vec<f32> = k
+                    .p
+                    .iter()
+                    .zip(&k.a)
+                    .flat_map(|(&p, &a)| {
+                        let (p, a) = kerple_params(k.form, p, a);
+                        [p, a]
                     })
                     .collect();
+                out.push_bias(&pa);
+            }
+            PositionEncoding::Sandwich(sw) => {
+                sw.validate(head_dim)?;
+                let dim = sw.dim(head_dim);
+                let freqs = sandwich_freqs(dim);
+                out.kind = PosKind::Sandwich;
+                // The kernel's fallback sum reads the frequencies as rotation entries.
+                out.rotary_dim = dim;
+                out.aux = freqs.iter().map(|&f| freq_entry(f, 0.0)).collect();
+                let len = seq_hint.clamp(1, SANDWICH_TABLE_MAX);
+                out.bias_len = len;
+                let mut table: Vec<f32> = (0..len as i64)
+                    .map(|d| sandwich_sum(d, &freqs) as f32)
+                    .collect();
+                table.extend((1..=num_heads).map(|h| (num_heads as f64 / (8.0 * h as f64)) as f32));
+                out.push_bias(&table);
+            }
+            PositionEncoding::Fire(f) => {
+                f.validate(num_heads)?;
+                out.kind = PosKind::Fire;
+                out.bias_len = f.width() as u32;
+                out.bias_params = [f.c, f.l.abs()];
+                let mut w = f.w1.clone();
+                w.extend(&f.b1);
+                w.extend(&f.w2);
+                w.extend(&f.b2);
+                out.push_bias(&w);
             }
         }
         Ok(out)

@@ -5,6 +5,8 @@
 //! (`rope_rotate`, `xpos_scale`, `alibi_bias`). Loops index like the formulas they transcribe.
 #![allow(clippy::needless_range_loop)]
 
+use crate::bias::{FIRE_EPS, KerpleForm, kerple_params, sandwich_freqs, t5_bucket};
+use crate::mask::Extrapolation;
 use crate::position::{
     AlibiForm, AlibiSlopes, PositionEncoding, RopeLayout, alibi_slopes, rope_inv_freq, xpos_zeta,
 };
@@ -12,7 +14,8 @@ use crate::spec::AttentionSpec;
 
 /// The float operations the reference needs.
 pub trait Real:
-    Copy
+    'static
+    + Copy
     + PartialOrd
     + std::ops::Add<Output = Self>
     + std::ops::Sub<Output = Self>
@@ -28,6 +31,8 @@ pub trait Real:
     fn powf(self, e: Self) -> Self;
     fn abs(self) -> Self;
     fn is_nan(self) -> bool;
+    fn ln(self) -> Self;
+    fn tanh(self) -> Self;
 }
 
 macro_rules! impl_real {
@@ -57,6 +62,12 @@ macro_rules! impl_real {
             fn is_nan(self) -> bool {
                 <$t>::is_nan(self)
             }
+            fn ln(self) -> Self {
+                <$t>::ln(self)
+            }
+            fn tanh(self) -> Self {
+                <$t>::tanh(self)
+            }
         }
     };
 }
@@ -73,14 +84,26 @@ pub fn rope_rotate<T: Real>(
     layout: RopeLayout,
     attention_factor: T,
 ) -> Vec<T> {
-    let r = inv_freq.len() * 2;
+    let p = T::from_f64(pos as f64);
+    let angles: Vec<T> = inv_freq.iter().map(|&f| p * f).collect();
+    rope_rotate_angles(x, &angles, layout, attention_factor)
+}
+
+/// `rope_rotate` with the angle of each pair given.
+pub fn rope_rotate_angles<T: Real>(
+    x: &[T],
+    angles: &[T],
+    layout: RopeLayout,
+    attention_factor: T,
+) -> Vec<T> {
+    let r = angles.len() * 2;
     let mut out = x.to_vec();
     for i in 0..r / 2 {
         let (a, b) = match layout {
             RopeLayout::Half => (i, i + r / 2),
             RopeLayout::Interleaved => (2 * i, 2 * i + 1),
         };
-        let angle = T::from_f64(pos as f64) * inv_freq[i];
+        let angle = angles[i];
         let (c, s) = (
             angle.cos() * attention_factor,
             angle.sin() * attention_factor,
@@ -111,9 +134,70 @@ pub fn logn_scale(m: i64, train_len: u32) -> f64 {
     ((m.max(0) as f64 + 1.0).ln() / (train_len as f64).ln()).max(1.0)
 }
 
-/// Whether query row `i` sees key `j` (bottom-right aligned causal mask, FlashAttention ≥ 2.1).
+/// Whether query row `i` sees key `j`: the causal mask (bottom-right aligned, FlashAttention
+/// ≥ 2.1), the window and the sinks (`AttentionSpec::visible`).
 pub fn visible(spec: &AttentionSpec, i: usize, j: usize) -> bool {
-    !spec.causal || (j as i64) <= i as i64 + spec.seq_k as i64 - spec.seq_q as i64
+    spec.visible(i, j)
+}
+
+/// The table-driven relative biases (T5, KERPLE, Sandwich, FIRE) of head `h` for query position
+/// m and key position n, in natural-log units; 0 for other encodings. Mirrors `table_bias` in
+/// shaders/position.wgsl, computed from the definitions rather than the kernel's tables.
+pub fn position_bias<T: Real>(spec: &AttentionSpec, h: usize, m: i64, n: i64) -> T {
+    let t = |x: f64| T::from_f64(x);
+    let heads = spec.num_heads as usize;
+    let dist = t((m - n).abs() as f64);
+    match &spec.position {
+        PositionEncoding::T5(b) => {
+            let bucket = t5_bucket(n - m, b.num_buckets, b.max_distance, b.bidirectional) as usize;
+            t(b.table[bucket * heads + h] as f64)
+        }
+        PositionEncoding::Kerple(k) => {
+            let (p, a) = kerple_params(k.form, k.p[h], k.a[h]);
+            let (p, a) = (t(p as f64), t(a as f64));
+            match k.form {
+                KerpleForm::Log => -(p * (t(1.0) + a * dist).ln()),
+                KerpleForm::Power if m == n => t(0.0),
+                KerpleForm::Power => -(a * dist.powf(p)),
+            }
+        }
+        PositionEncoding::Sandwich(sw) => {
+            let freqs = sandwich_freqs(sw.dim(spec.head_dim));
+            let mut sum = t(0.0);
+            for &w in &freqs {
+                sum = sum + (dist * t(w)).cos();
+            }
+            (sum - t(freqs.len() as f64)) * t(heads as f64 / (8.0 * (h + 1) as f64))
+        }
+        PositionEncoding::Fire(f) => {
+            let (c, l) = (t(f.c as f64), t(f.l.abs() as f64));
+            let mp = t(m as f64);
+            let norm = if mp > l { mp } else { l };
+            let x = (t((m - n) as f64) * c).abs().ln_1p_t()
+                / ((c * norm).abs().ln_1p_t() + t(FIRE_EPS));
+            let w = f.width();
+            let mut acc = t(f.b2[h] as f64);
+            for j in 0..w {
+                let hidden = t(f.w1[j] as f64) * x + t(f.b1[j] as f64);
+                if hidden > t(0.0) {
+                    acc = acc + t(f.w2[h * w + j] as f64) * hidden;
+                }
+            }
+            acc
+        }
+        _ => t(0.0),
+    }
+}
+
+trait Ln1p {
+    fn ln_1p_t(self) -> Self;
+}
+
+impl<T: Real> Ln1p for T {
+    /// ln(x + 1) as the sources write it (`torch.log(x + 1)`), not a dedicated log1p.
+    fn ln_1p_t(self) -> Self {
+        (self + T::from_f64(1.0)).ln()
+    }
 }
 
 /// Attention over [batch, seq, heads, head_dim] tensors in precision `T`. `pos_q` and `pos_k`
@@ -125,6 +209,80 @@ pub fn attention<T: Real>(
     v: &[f32],
     pos_q: &[i32],
     pos_k: &[i32],
+) -> Vec<T> {
+    attention_with_bias(spec, q, k, v, pos_q, pos_k, None)
+}
+
+/// The second RoPE branch of an extrapolation method: per pair, the query's angle and the key's.
+struct Branch<T> {
+    /// Query angles for a query at position m and key index ip.
+    q_angles: Box<dyn Fn(i64, i64) -> Vec<T>>,
+    /// Key angles for a key at position n.
+    k_angles: Box<dyn Fn(i64) -> Vec<T>>,
+}
+
+fn branch<T: Real>(spec: &AttentionSpec, inv: &[f64]) -> Option<Branch<T>> {
+    let inv = inv.to_vec();
+    let at = move |inv: &[f64], p: f64, scale: f64, phase: f64| -> Vec<T> {
+        inv.iter()
+            .map(|&f| T::from_f64(p) * T::from_f64(f * scale) + T::from_f64(phase * f))
+            .collect()
+    };
+    match spec.extrapolation {
+        Extrapolation::None => None,
+        Extrapolation::ReRope { window, leak } => {
+            // Beyond the window the distance is w + (Δ − w)/k: the query at m/k + w(1 − 1/k),
+            // the key at n/k (unrotated for plain ReRoPE, k = ∞).
+            let inv_k = leak.map_or(0.0, |k| 1.0 / k);
+            let w = window as f64;
+            let (iq, ik) = (inv.clone(), inv);
+            Some(Branch {
+                q_angles: Box::new(move |m, _| at(&iq, m as f64, inv_k, w * (1.0 - inv_k))),
+                k_angles: Box::new(move |n| at(&ik, n as f64, inv_k, 0.0)),
+            })
+        }
+        Extrapolation::LmInfinite { limit } => {
+            let (iq, ik) = (inv.clone(), inv);
+            Some(Branch {
+                q_angles: Box::new(move |_, _| at(&iq, 0.0, 0.0, limit as f64)),
+                k_angles: Box::new(move |_| at(&ik, 0.0, 0.0, 0.0)),
+            })
+        }
+        Extrapolation::StreamingCacheIndex => {
+            let cache_last = spec.sink_tokens as i64 + spec.window.left.unwrap_or(0) as i64;
+            let (iq, ik) = (inv.clone(), inv);
+            Some(Branch {
+                q_angles: Box::new(move |m, ip| {
+                    at(&iq, (m - (ip - cache_last).max(0)) as f64, 1.0, 0.0)
+                }),
+                k_angles: Box::new(move |n| at(&ik, n as f64, 1.0, 0.0)),
+            })
+        }
+    }
+}
+
+/// Whether the score of query row at key index `ip` (position m) for key j at position n comes
+/// from the second branch.
+fn uses_branch(spec: &AttentionSpec, ip: i64, m: i64, j: i64, n: i64) -> bool {
+    match spec.extrapolation {
+        Extrapolation::None => false,
+        Extrapolation::ReRope { window, .. } => (m - n).abs() >= window as i64,
+        Extrapolation::LmInfinite { .. } | Extrapolation::StreamingCacheIndex => {
+            j < spec.sink_tokens as i64 && !spec.in_window(ip, j)
+        }
+    }
+}
+
+/// `attention` with the caller's additive bias, laid out as `spec.bias` says.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_with_bias<T: Real>(
+    spec: &AttentionSpec,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    pos_q: &[i32],
+    pos_k: &[i32],
+    bias: Option<&[f32]>,
 ) -> Vec<T> {
     let (b_n, sq, sk) = (
         spec.batch as usize,
@@ -145,25 +303,21 @@ pub fn attention<T: Real>(
     };
 
     // Per-encoding preparation.
-    let (inv_freq, layout, af): (Vec<T>, RopeLayout, T) = match &spec.position {
+    let (inv_f64, layout, af): (Vec<f64>, RopeLayout, T) = match &spec.position {
         PositionEncoding::Rope(r) => (
-            r.inv_freq(spec.head_dim)
-                .iter()
-                .map(|&f| T::from_f64(f))
-                .collect(),
+            r.inv_freq(spec.head_dim),
             r.layout,
             T::from_f64(r.attention_factor),
         ),
         PositionEncoding::Xpos(x) => (
-            rope_inv_freq(x.theta, spec.head_dim)
-                .iter()
-                .map(|&f| T::from_f64(f))
-                .collect(),
+            rope_inv_freq(x.theta, spec.head_dim),
             x.layout,
             T::from_f64(1.0),
         ),
         _ => (Vec::new(), RopeLayout::Half, T::from_f64(1.0)),
     };
+    let inv_freq: Vec<T> = inv_f64.iter().map(|&f| T::from_f64(f)).collect();
+    let second = branch::<T>(spec, &inv_f64);
     let slopes: Vec<T> = match &spec.position {
         PositionEncoding::Alibi(a) => match &a.slopes {
             AlibiSlopes::Standard => alibi_slopes(spec.num_heads)
@@ -178,43 +332,69 @@ pub fn attention<T: Real>(
         .iter()
         .map(|&z| T::from_f64(z))
         .collect();
+    let cap = spec.softcap.map(T::from_f64);
+    let layout_b = spec.bias.unwrap_or_default();
 
     let mut out = vec![T::from_f64(0.0); b_n * sq * h_n * d];
     let mut scores = vec![T::from_f64(0.0); sk];
+    let mut vis = vec![false; sk];
     for b in 0..b_n {
         for h in 0..h_n {
             let kvh = h / group;
-            // Rotate every key of this head once.
+            // Every key of this head, rotated once (and once more for the second branch).
+            let raw_keys: Vec<Vec<T>> = (0..sk).map(|j| row(k, b, j, sk, hkv, kvh)).collect();
             let keys: Vec<Vec<T>> = (0..sk)
                 .map(|j| {
-                    let kj = row(k, b, j, sk, hkv, kvh);
                     let n = pos_k[b * sk + j] as i64;
                     if inv_freq.is_empty() {
-                        kj
+                        raw_keys[j].clone()
                     } else {
-                        rope_rotate(&kj, n, &inv_freq, layout, af)
+                        rope_rotate(&raw_keys[j], n, &inv_freq, layout, af)
                     }
                 })
                 .collect();
+            let keys2: Vec<Vec<T>> = match &second {
+                Some(br) => (0..sk)
+                    .map(|j| {
+                        let n = pos_k[b * sk + j] as i64;
+                        rope_rotate_angles(&raw_keys[j], &(br.k_angles)(n), layout, af)
+                    })
+                    .collect(),
+                None => Vec::new(),
+            };
             for i in 0..sq {
                 let m = pos_q[b * sq + i] as i64;
-                let mut qi = row(q, b, i, sq, h_n, h);
+                let ip = i as i64 + sk as i64 - sq as i64;
+                let mut q_raw = row(q, b, i, sq, h_n, h);
                 if let Some(l) = spec.logn_train_len {
                     let f = T::from_f64(logn_scale(m, l));
-                    qi.iter_mut().for_each(|x| *x = *x * f);
+                    q_raw.iter_mut().for_each(|x| *x = *x * f);
                 }
-                if !inv_freq.is_empty() {
-                    qi = rope_rotate(&qi, m, &inv_freq, layout, af);
-                }
+                let qi = if inv_freq.is_empty() {
+                    q_raw.clone()
+                } else {
+                    rope_rotate(&q_raw, m, &inv_freq, layout, af)
+                };
+                let q2 = second
+                    .as_ref()
+                    .map(|br| rope_rotate_angles(&q_raw, &(br.q_angles)(m, ip), layout, af));
+                let dot = |a: &[T], c: &[T]| {
+                    let mut acc = T::from_f64(0.0);
+                    for x in 0..d {
+                        acc = acc + a[x] * c[x];
+                    }
+                    acc
+                };
                 let mut max = T::from_f64(f64::NEG_INFINITY);
                 let mut any = false;
                 for j in 0..sk {
-                    if !visible(spec, i, j) {
+                    vis[j] = visible(spec, i, j);
+                    if !vis[j] {
                         continue;
                     }
                     let n = pos_k[b * sk + j] as i64;
-                    let dot = match &spec.position {
-                        PositionEncoding::Xpos(x) => {
+                    let raw = match (&spec.position, &q2) {
+                        (PositionEncoding::Xpos(x), _) => {
                             let gamma = T::from_f64(x.scale_base);
                             let mut acc = T::from_f64(0.0);
                             for p in 0..d / 2 {
@@ -227,37 +407,59 @@ pub fn attention<T: Real>(
                             }
                             acc
                         }
-                        _ => {
-                            let mut acc = T::from_f64(0.0);
-                            for c in 0..d {
-                                acc = acc + qi[c] * keys[j][c];
-                            }
-                            acc
+                        (_, Some(q2)) if uses_branch(spec, ip, m, j as i64, n) => {
+                            dot(q2, &keys2[j])
                         }
+                        _ => dot(&qi, &keys[j]),
                     };
-                    let mut s = dot * scale;
+                    let mut s = raw * scale;
+                    if let Some(c) = cap {
+                        s = c * (s / c).tanh();
+                    }
                     if let PositionEncoding::Alibi(a) = &spec.position {
                         s = s + alibi_bias(slopes[h], m, n, a.form);
                     }
+                    s = s + position_bias::<T>(spec, h, m, n);
+                    if let Some(bias) = bias {
+                        let bb = if layout_b.broadcast_batch { 0 } else { b };
+                        let hh = if layout_b.broadcast_heads { 0 } else { h };
+                        let hb = if layout_b.broadcast_heads { 1 } else { h_n };
+                        let x = bias[((bb * hb + hh) * sq + i) * sk + j];
+                        if x <= -1e30 {
+                            vis[j] = false;
+                            continue;
+                        }
+                        s = s + T::from_f64(x as f64);
+                    }
                     scores[j] = s;
-                    if !any || s > max {
+                    if !any || s > max || s.is_nan() {
                         max = s;
                     }
                     any = true;
                 }
                 let o = &mut out[((b * sq + i) * h_n + h) * d..][..d];
+                let sink = spec
+                    .sink_logits
+                    .as_ref()
+                    .map(|l| T::from_f64(l[h] as f64));
                 if !any {
                     continue;
                 }
-                let mut sum = T::from_f64(0.0);
+                if let Some(sl) = sink
+                    && sl > max
+                    && !max.is_nan()
+                {
+                    max = sl;
+                }
+                let mut sum = sink.map_or(T::from_f64(0.0), |sl| (sl - max).exp());
                 for j in 0..sk {
-                    if visible(spec, i, j) {
+                    if vis[j] {
                         scores[j] = (scores[j] - max).exp();
                         sum = sum + scores[j];
                     }
                 }
                 for j in 0..sk {
-                    if !visible(spec, i, j) {
+                    if !vis[j] {
                         continue;
                     }
                     let p = scores[j] / sum;

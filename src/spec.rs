@@ -2,6 +2,7 @@
 //! that turn a request into a valid one or a typed error naming the field.
 
 use crate::error::{Error, Result};
+use crate::mask::{BiasLayout, Extrapolation, Window};
 use crate::position::PositionEncoding;
 
 /// Head sizes the kernels are built for. Each is one pipeline variant per position kind.
@@ -33,6 +34,23 @@ pub struct AttentionSpec {
     /// Log-n attention scaling (Qwen's `use_logn_attn`, ReRoPE): queries at position m are
     /// multiplied by `max(1, ln(m + 1) / ln(train_len))`. `None` turns it off.
     pub logn_train_len: Option<u32>,
+    /// Sliding window on key indices (FlashAttention `window_size`).
+    pub window: Window,
+    /// Attention sinks: the first `sink_tokens` keys stay visible to every query whatever the
+    /// window (StreamingLLM's `start_size`, LM-Infinite's global branch). The causal mask still
+    /// applies. Needs a window.
+    pub sink_tokens: u32,
+    /// ReRoPE, LM-Infinite's distance limit or StreamingLLM's cache-index positions.
+    pub extrapolation: Extrapolation,
+    /// Logit softcap (Gemma 2): `s = cap · tanh(s / cap)` on the scaled logits, before any bias
+    /// and mask (FlashAttention 2 and llama.cpp order).
+    pub softcap: Option<f64>,
+    /// Learned per-head sink logits (gpt-oss, llama.cpp `add_sinks`, onnxruntime `head_sink`): one
+    /// extra logit per head, in natural-log units and not scaled, that joins the softmax
+    /// denominator and attends to nothing.
+    pub sink_logits: Option<Vec<f32>>,
+    /// A caller-provided additive bias (the escape hatch); the buffer comes with each call.
+    pub bias: Option<BiasLayout>,
 }
 
 impl AttentionSpec {
@@ -49,6 +67,12 @@ impl AttentionSpec {
             causal: true,
             position: PositionEncoding::None,
             logn_train_len: None,
+            window: Window::NONE,
+            sink_tokens: 0,
+            extrapolation: Extrapolation::None,
+            softcap: None,
+            sink_logits: None,
+            bias: None,
         }
     }
 
@@ -78,10 +102,112 @@ impl AttentionSpec {
         self
     }
 
-    /// The softmax scale in use.
+    pub fn with_window(mut self, window: Window) -> Self {
+        self.window = window;
+        self
+    }
+
+    /// Keeps the first `sink_tokens` keys visible whatever the window.
+    pub fn with_sink_tokens(mut self, sink_tokens: u32) -> Self {
+        self.sink_tokens = sink_tokens;
+        self
+    }
+
+    pub fn with_extrapolation(mut self, extrapolation: Extrapolation) -> Self {
+        self.extrapolation = extrapolation;
+        self
+    }
+
+    pub fn with_softcap(mut self, cap: f64) -> Self {
+        self.softcap = Some(cap);
+        self
+    }
+
+    pub fn with_sink_logits(mut self, logits: Vec<f32>) -> Self {
+        self.sink_logits = Some(logits);
+        self
+    }
+
+    pub fn with_bias(mut self, layout: BiasLayout) -> Self {
+        self.bias = Some(layout);
+        self
+    }
+
+    /// StreamingLLM: the first `start_size` keys plus the `recent_size` most recent ones, causal;
+    /// `cache_index` re-assigns positions by index in the rolling cache (its pos-shift mode).
+    pub fn with_streaming(mut self, start_size: u32, recent_size: u32, cache_index: bool) -> Self {
+        self.causal = true;
+        self.sink_tokens = start_size;
+        self.window = Window::recent(recent_size);
+        self.extrapolation = if cache_index {
+            Extrapolation::StreamingCacheIndex
+        } else {
+            Extrapolation::None
+        };
+        self
+    }
+
+    /// LM-Infinite: Λ-shaped mask (the first `global_branch` keys and the keys at distance below
+    /// `local_branch`), causal, with distances of global keys limited to `limit_distance`.
+    pub fn with_lm_infinite(mut self, global_branch: u32, local_branch: u32, limit_distance: u32) -> Self {
+        self.causal = true;
+        self.sink_tokens = global_branch;
+        self.window = Window::recent(local_branch);
+        self.extrapolation = Extrapolation::LmInfinite {
+            limit: limit_distance,
+        };
+        self
+    }
+
+    /// The softmax scale in use: the given one, else 1 for T5 buckets (T5 does not scale its
+    /// logits) and `1/√head_dim` otherwise.
     pub fn softmax_scale(&self) -> f64 {
-        self.scale
-            .unwrap_or_else(|| 1.0 / (self.head_dim as f64).sqrt())
+        match (self.scale, &self.position) {
+            (Some(s), _) => s,
+            (None, PositionEncoding::T5(_)) => 1.0,
+            (None, _) => 1.0 / (self.head_dim as f64).sqrt(),
+        }
+    }
+
+    /// Whether query row `i` sees key `j`: bounds, the bottom-right aligned causal mask, the
+    /// window and the sinks (a caller bias of −∞ aside).
+    pub fn visible(&self, i: usize, j: usize) -> bool {
+        let ip = i as i64 + self.seq_k as i64 - self.seq_q as i64;
+        let j = j as i64;
+        if j >= self.seq_k as i64 || (self.causal && j > ip) {
+            return false;
+        }
+        j < self.sink_tokens as i64 || self.in_window(ip, j)
+    }
+
+    /// Whether key `j` lies in the window of a query at key index `ip`.
+    pub fn in_window(&self, ip: i64, j: i64) -> bool {
+        self.window.left.is_none_or(|l| j >= ip - l as i64)
+            && self.window.right.is_none_or(|r| j <= ip + r as i64)
+    }
+
+    /// (query, key) pairs the masks leave visible, summed over rows (per batch and head).
+    pub fn visible_pairs(&self) -> u64 {
+        let sk = self.seq_k as i64;
+        let sinks = (self.sink_tokens as i64).min(sk);
+        (0..self.seq_q as i64)
+            .map(|i| {
+                let ip = i + sk - self.seq_q as i64;
+                let mut hi = sk - 1;
+                if self.causal {
+                    hi = hi.min(ip);
+                }
+                let mut w_hi = hi;
+                if let Some(r) = self.window.right {
+                    w_hi = w_hi.min(ip + r as i64);
+                }
+                let w_lo = self.window.left.map_or(0, |l| (ip - l as i64).max(0));
+                let window = (w_hi - w_lo + 1).max(0);
+                // Sinks below the window and not past the causal bound.
+                let s_hi = sinks.min(hi + 1).min(w_lo);
+                (window + s_hi.max(0)) as u64
+            })
+            .sum()
     }
 
     /// Elements of Q and O.
@@ -97,8 +223,16 @@ impl AttentionSpec {
             * self.head_dim as usize
     }
 
-    /// Nominal floating-point operations: 4·b·h·seq_q·seq_k·d, halved when causal.
+    /// Nominal floating-point operations: 4·b·h·seq_q·seq_k·d, halved when causal; with a
+    /// window or sinks, 4·b·h·d per visible (query, key) pair.
     pub fn flops(&self) -> f64 {
+        if !self.window.is_none() || self.sink_tokens > 0 {
+            return 4.0
+                * self.batch as f64
+                * self.num_heads as f64
+                * self.head_dim as f64
+                * self.visible_pairs() as f64;
+        }
         let f = 4.0
             * self.batch as f64
             * self.num_heads as f64
@@ -162,7 +296,99 @@ impl AttentionSpec {
         {
             return Err(Error::invalid("logn_train_len", "at least 2", l));
         }
-        self.position.resolve(self.head_dim, self.num_heads)?;
+        self.position
+            .resolve(self.head_dim, self.num_heads, self.seq_q.max(self.seq_k))?;
+        self.validate_extras()?;
+        Ok(())
+    }
+
+    fn validate_extras(&self) -> Result<()> {
+        let max = MAX_ABS_POSITION as u32;
+        for (field, side) in [
+            ("window.left", self.window.left),
+            ("window.right", self.window.right),
+        ] {
+            if let Some(w) = side
+                && w > max
+            {
+                return Err(Error::invalid(field, format!("at most {max}"), w));
+            }
+        }
+        if self.sink_tokens > max {
+            return Err(Error::invalid("sink_tokens", format!("at most {max}"), self.sink_tokens));
+        }
+        if self.sink_tokens > 0 && self.window.is_none() {
+            return Err(Error::invalid(
+                "sink_tokens",
+                "0 unless a window is set (without one every key is visible already)",
+                self.sink_tokens,
+            ));
+        }
+        if let Some(c) = self.softcap
+            && !(c.is_finite() && c > 0.0)
+        {
+            return Err(Error::invalid("softcap", "a finite number > 0", c));
+        }
+        if let Some(s) = &self.sink_logits {
+            if s.len() != self.num_heads as usize {
+                return Err(Error::invalid(
+                    "sink_logits",
+                    format!("{} logits (one per query head)", self.num_heads),
+                    format!("{} logits", s.len()),
+                ));
+            }
+            if let Some(bad) = s.iter().find(|x| !x.is_finite()) {
+                return Err(Error::invalid("sink_logits", "finite logits", bad));
+            }
+        }
+        let name = self.extrapolation.name();
+        if self.extrapolation != Extrapolation::None
+            && !matches!(self.position, PositionEncoding::Rope(_))
+        {
+            return Err(Error::invalid(
+                "extrapolation",
+                format!("RoPE as the position encoding for {name}"),
+                self.position.name(),
+            ));
+        }
+        match &self.extrapolation {
+            Extrapolation::None => {}
+            Extrapolation::ReRope { window, leak } => {
+                if *window == 0 || *window > max {
+                    return Err(Error::invalid(
+                        "extrapolation.window",
+                        format!("in 1..={max}"),
+                        window,
+                    ));
+                }
+                if let Some(k) = leak
+                    && !(k.is_finite() && *k >= 1.0)
+                {
+                    return Err(Error::invalid("extrapolation.leak", "a finite number ≥ 1", k));
+                }
+            }
+            Extrapolation::LmInfinite { .. } | Extrapolation::StreamingCacheIndex => {
+                if self.sink_tokens == 0 || self.window.left.is_none() {
+                    return Err(Error::invalid(
+                        "extrapolation",
+                        format!("sink_tokens > 0 and a window with `left` for {name}"),
+                        format!(
+                            "sink_tokens {}, window.left {:?}",
+                            self.sink_tokens, self.window.left
+                        ),
+                    ));
+                }
+                if let Extrapolation::LmInfinite { limit } = self.extrapolation
+                    && limit > max
+                {
+                    return Err(Error::invalid(
+                        "extrapolation.limit",
+                        format!("at most {max}"),
+                        limit,
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 

@@ -43,12 +43,28 @@ impl Unfused {
     /// Plans the unfused pipeline. Supports no position encoding or RoPE.
     pub fn new(ctx: &Context, spec: &AttentionSpec) -> Result<Self> {
         spec.validate()?;
-        let pos = spec.position.resolve(spec.head_dim, spec.num_heads)?;
+        let pos = spec
+            .position
+            .resolve(spec.head_dim, spec.num_heads, spec.seq_q.max(spec.seq_k))?;
         if !matches!(pos.kind, PosKind::None | PosKind::Rope) {
             return Err(Error::invalid(
                 "position",
                 "none or rope for the unfused baseline",
                 spec.position.name(),
+            ));
+        }
+        let plain = AttentionSpec::new(1, 1, 1, 1, spec.head_dim);
+        if spec.window != plain.window
+            || spec.sink_tokens != 0
+            || spec.extrapolation != plain.extrapolation
+            || spec.softcap.is_some()
+            || spec.sink_logits.is_some()
+            || spec.bias.is_some()
+        {
+            return Err(Error::invalid(
+                "spec",
+                "no window, sinks, extrapolation, softcap, sink logits or bias for the unfused baseline",
+                "one of them set",
             ));
         }
         if spec.logn_train_len.is_some() {

@@ -64,6 +64,7 @@ fn run_encoded(ctx: &Context, case: &Case, unfused: bool) -> Vec<f32> {
         out: &out,
         positions_q: Some(&pqb),
         positions_k: Some(&pkb),
+        bias: None,
     };
     let mut enc = dev.create_command_encoder(&Default::default());
     if unfused {

@@ -206,6 +206,7 @@ fn device_side_errors_are_typed() {
                 out,
                 positions_q: pq,
                 positions_k: None,
+                bias: None,
             },
         )
     };

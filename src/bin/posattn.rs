@@ -446,6 +446,7 @@ fn bench(
                 out: &o,
                 positions_q: None,
                 positions_k: None,
+                bias: None,
             };
             let io = (q.size() + k.size() + v.size() + o.size()) as f64;
             let mib = |b: f64| b / (1024.0 * 1024.0);
