@@ -12,67 +12,12 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use posattn::check::SplitMix;
 use posattn::timing::{median, time_encoded};
-use posattn::{
-    Attention, AttentionBuffers, AttentionSpec, Context, ContextOptions, PositionEncoding, Rope,
-    Unfused, enumerate_adapters,
-};
-use wgpu::util::DeviceExt;
+use posattn::{Attention, Context, ContextOptions, Unfused, enumerate_adapters};
 
-struct Setup {
-    spec: AttentionSpec,
-    q: wgpu::Buffer,
-    k: wgpu::Buffer,
-    v: wgpu::Buffer,
-    out: wgpu::Buffer,
-}
+mod common;
 
-impl Setup {
-    fn new(ctx: &Context, seq: u32) -> Self {
-        let spec = AttentionSpec::new(1, seq, seq, 8, 64)
-            .with_position(PositionEncoding::Rope(Rope::new(10000.0)));
-        let mut rng = SplitMix::new(seq as u64);
-        let mk = |data: Vec<f32>| {
-            ctx.device()
-                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: None,
-                    contents: bytemuck::cast_slice(&data),
-                    usage: wgpu::BufferUsages::STORAGE,
-                })
-        };
-        let q = mk(rng.vec(spec.q_len(), 1.0));
-        let k = mk(rng.vec(spec.kv_len(), 1.0));
-        let v = mk(rng.vec(spec.kv_len(), 1.0));
-        let out = mk(vec![0.0; spec.q_len()]);
-        Setup { spec, q, k, v, out }
-    }
-    fn bufs(&self) -> AttentionBuffers<'_> {
-        AttentionBuffers {
-            q: &self.q,
-            k: &self.k,
-            v: &self.v,
-            out: &self.out,
-            positions_q: None,
-            positions_k: None,
-            bias: None,
-        }
-    }
-    fn io_bytes(&self) -> u64 {
-        self.q.size() + self.k.size() + self.v.size() + self.out.size()
-    }
-}
-
-fn short_name(ctx: &Context) -> String {
-    let i = ctx.adapter_info();
-    let name: String = i
-        .name
-        .split_whitespace()
-        .next()
-        .unwrap_or("adapter")
-        .to_lowercase();
-    format!("{name}-{:?}", i.backend).to_lowercase()
-}
+use common::{Setup, rope_causal, short_name};
 
 fn bench(c: &mut Criterion) {
     let seqs: Vec<u32> = std::env::var("POSATTN_BENCH_SEQS")
@@ -100,7 +45,7 @@ fn bench(c: &mut Criterion) {
             .warm_up_time(Duration::from_millis(500))
             .measurement_time(Duration::from_secs(3));
         for &seq in &seqs {
-            let s = Setup::new(&ctx, seq);
+            let s = Setup::new(&ctx, rope_causal(seq));
             let fused = Attention::new(&ctx, &s.spec).expect("fused plan");
             let unfused = match Unfused::new(&ctx, &s.spec) {
                 Ok(u) => Some(u),
@@ -171,7 +116,7 @@ fn bench(c: &mut Criterion) {
             "\nfused kernel by rows per invocation (default {default_rows}):\n\n| seq | rows | ms | GFLOP/s |\n|---|---|---|---|"
         );
         for &seq in &seqs {
-            let s = Setup::new(&ctx, seq);
+            let s = Setup::new(&ctx, rope_causal(seq));
             for &rows in posattn::kernel::ROWS_CHOICES {
                 ctx.set_rows_per_invocation(Some(rows)).expect("rows");
                 let plan = Attention::new(&ctx, &s.spec).expect("fused plan");

@@ -9,6 +9,8 @@ use serde_json::Value;
 
 use crate::config::RopeConfig;
 use crate::error::{Error, Result};
+use crate::bias::{Fire, Kerple, KerpleForm, Sandwich, T5Bias};
+use crate::mask::{Extrapolation, Window};
 use crate::position::{Alibi, AlibiForm, AlibiSlopes, PositionEncoding, Rope, RopeLayout, Xpos};
 use crate::spec::AttentionSpec;
 
@@ -249,13 +251,21 @@ pub fn parse_spec(
     let obj = v
         .as_object()
         .ok_or_else(|| bad("spec", "a JSON object", &v))?;
+    const KEYS: &[&str] = &[
+        "causal",
+        "scale",
+        "position",
+        "seq_len",
+        "logn_train_len",
+        "window",
+        "sink_tokens",
+        "softcap",
+        "sink_logits",
+        "extrapolation",
+    ];
     for key in obj.keys() {
-        if !["causal", "scale", "position", "seq_len", "logn_train_len"].contains(&key.as_str()) {
-            return Err(bad(
-                "spec",
-                "keys causal, scale, position, seq_len, logn_train_len",
-                key,
-            ));
+        if !KEYS.contains(&key.as_str()) {
+            return Err(bad("spec", format!("keys {}", KEYS.join(", ")), key));
         }
     }
     let mut spec = AttentionSpec::new(batch, seq_q, seq_k, heads, head_dim).with_kv_heads(kv_heads);
@@ -275,6 +285,7 @@ pub fn parse_spec(
             .ok_or_else(|| bad("logn_train_len", "an integer", l))?;
         spec = spec.with_logn(l as u32);
     }
+    parse_masks(obj, &mut spec)?;
     let seq_len = match obj.get("seq_len").filter(|s| !s.is_null()) {
         Some(s) => s
             .as_u64()
@@ -346,6 +357,39 @@ pub fn parse_spec(
             theta: num("theta", 10000.0)?,
             scale_base: num("scale_base", 512.0)?,
         }),
+        "t5" => PositionEncoding::T5(T5Bias {
+            num_buckets: uint(pos, "num_buckets")?.unwrap_or(32),
+            max_distance: uint(pos, "max_distance")?.unwrap_or(128),
+            bidirectional: match pos.get("bidirectional") {
+                None => true,
+                Some(b) => b
+                    .as_bool()
+                    .ok_or_else(|| bad("bidirectional", "true or false", b))?,
+            },
+            table: floats(pos, "table")?,
+        }),
+        "kerple" => PositionEncoding::Kerple(Kerple {
+            form: match pos.get("form").and_then(Value::as_str).unwrap_or("log") {
+                "log" => KerpleForm::Log,
+                "power" => KerpleForm::Power,
+                other => return Err(bad("form", "log or power", other)),
+            },
+            p: floats(pos, "p")?,
+            a: floats(pos, "a")?,
+        }),
+        "sandwich" => PositionEncoding::Sandwich(Sandwich {
+            dim: uint(pos, "dim")?,
+        }),
+        "fire" => PositionEncoding::Fire(Fire {
+            c: num("c", 0.1)? as f32,
+            l: num("l", 512.0)? as f32,
+            ..Fire::new(
+                floats(pos, "w1")?,
+                floats(pos, "b1")?,
+                floats(pos, "w2")?,
+                floats(pos, "b2")?,
+            )
+        }),
         "hf" | "hf_config" => {
             let cfg = if kind == "hf" {
                 let defaults = crate::config::HfDefaults {
@@ -385,11 +429,88 @@ pub fn parse_spec(
         other => {
             return Err(bad(
                 "position.type",
-                "none, rope, alibi, xpos, hf or hf_config",
+                "none, rope, alibi, xpos, t5, kerple, sandwich, fire, hf or hf_config",
                 other,
             ));
         }
     };
     spec.validate()?;
     Ok(spec)
+}
+
+/// An optional unsigned integer under `key`.
+fn uint(obj: &serde_json::Map<String, Value>, key: &'static str) -> Result<Option<u32>> {
+    match obj.get(key).filter(|v| !v.is_null()) {
+        None => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .filter(|&x| x <= u32::MAX as u64)
+            .map(|x| Some(x as u32))
+            .ok_or_else(|| bad(key, "a non-negative integer", v)),
+    }
+}
+
+/// A required list of numbers under `key`.
+fn floats(obj: &serde_json::Map<String, Value>, key: &'static str) -> Result<Vec<f32>> {
+    match obj.get(key) {
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|x| {
+                x.as_f64()
+                    .map(|f| f as f32)
+                    .ok_or_else(|| bad(key, "a list of numbers", x))
+            })
+            .collect(),
+        Some(other) => Err(bad(key, "a list of numbers", other)),
+        None => Err(bad(key, "a list of numbers", "missing")),
+    }
+}
+
+/// `window`, `sink_tokens`, `softcap`, `sink_logits` and `extrapolation`.
+fn parse_masks(obj: &serde_json::Map<String, Value>, spec: &mut AttentionSpec) -> Result<()> {
+    if let Some(w) = obj.get("window").filter(|v| !v.is_null()) {
+        let w = w
+            .as_object()
+            .ok_or_else(|| bad("window", "an object with left and/or right", w))?;
+        spec.window = Window {
+            left: uint(w, "left")?,
+            right: uint(w, "right")?,
+        };
+    }
+    spec.sink_tokens = uint(obj, "sink_tokens")?.unwrap_or(0);
+    if let Some(c) = obj.get("softcap").filter(|v| !v.is_null()) {
+        spec.softcap = Some(c.as_f64().ok_or_else(|| bad("softcap", "a number", c))?);
+    }
+    if obj.get("sink_logits").is_some_and(|v| !v.is_null()) {
+        spec.sink_logits = Some(floats(obj, "sink_logits")?);
+    }
+    if let Some(e) = obj.get("extrapolation").filter(|v| !v.is_null()) {
+        let e = e
+            .as_object()
+            .ok_or_else(|| bad("extrapolation", "an object with a type", e))?;
+        let need = |key: &'static str| -> Result<u32> {
+            uint(e, key)?.ok_or_else(|| bad(key, "a non-negative integer", "missing"))
+        };
+        spec.extrapolation = match e.get("type").and_then(Value::as_str) {
+            Some("rerope") => Extrapolation::ReRope {
+                window: need("window")?,
+                leak: match e.get("leak").filter(|v| !v.is_null()) {
+                    None => None,
+                    Some(k) => Some(k.as_f64().ok_or_else(|| bad("leak", "a number", k))?),
+                },
+            },
+            Some("lm_infinite") => Extrapolation::LmInfinite {
+                limit: need("limit")?,
+            },
+            Some("streaming_cache_index") => Extrapolation::StreamingCacheIndex,
+            other => {
+                return Err(bad(
+                    "extrapolation.type",
+                    "rerope, lm_infinite or streaming_cache_index",
+                    format!("{other:?}"),
+                ));
+            }
+        };
+    }
+    Ok(())
 }

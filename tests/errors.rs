@@ -2,8 +2,9 @@
 //! where possible, and never a panic (wgpu's default handler is never reached).
 
 use posattn::{
-    Alibi, AlibiForm, AlibiSlopes, Attention, AttentionBuffers, AttentionSpec, Context,
-    ContextOptions, Error, PositionEncoding, Rope, Xpos, enumerate_adapters,
+    Alibi, AlibiForm, AlibiSlopes, Attention, AttentionBuffers, AttentionSpec, BiasLayout, Context,
+    ContextOptions, Error, Extrapolation, Fire, Kerple, KerpleForm, PositionEncoding, Rope,
+    Sandwich, T5Bias, Window, Xpos, enumerate_adapters,
 };
 
 fn base() -> AttentionSpec {
@@ -119,6 +120,145 @@ fn shape_errors_name_their_field() {
     }
 }
 
+fn rope() -> PositionEncoding {
+    PositionEncoding::Rope(Rope::new(1e4))
+}
+
+fn t5(num_buckets: u32, max_distance: u32, table: usize) -> PositionEncoding {
+    PositionEncoding::T5(T5Bias {
+        num_buckets,
+        max_distance,
+        bidirectional: true,
+        table: vec![0.5; table],
+    })
+}
+
+fn fire(w: usize, heads: usize) -> Fire {
+    Fire::new(vec![0.1; w], vec![0.1; w], vec![0.1; w * heads], vec![0.1; heads])
+}
+
+#[test]
+fn bias_mask_and_extrapolation_errors_name_their_field() {
+    let rerope = |window, leak| Extrapolation::ReRope { window, leak };
+    let cases: Vec<(AttentionSpec, &str)> = vec![
+        (base().with_position(t5(32, 128, 100)), "t5.table"),
+        (base().with_position(t5(2, 128, 8)), "t5.num_buckets"),
+        (base().with_position(t5(32, 8, 128)), "t5.max_distance"),
+        (base().with_position(t5(32, 1 << 20, 128)), "t5.max_distance"),
+        (
+            base().with_position(PositionEncoding::Kerple(Kerple {
+                form: KerpleForm::Log,
+                p: vec![1.0; 3],
+                a: vec![1.0; 4],
+            })),
+            "kerple.p",
+        ),
+        (
+            base().with_position(PositionEncoding::Kerple(Kerple {
+                form: KerpleForm::Power,
+                p: vec![1.0; 4],
+                a: vec![1.0, f32::NAN, 1.0, 1.0],
+            })),
+            "kerple.a",
+        ),
+        (
+            base().with_position(PositionEncoding::Sandwich(Sandwich { dim: Some(7) })),
+            "sandwich.dim",
+        ),
+        (base().with_position(PositionEncoding::Fire(fire(0, 4))), "fire.w1"),
+        (
+            base().with_position(PositionEncoding::Fire(Fire {
+                b2: vec![0.0; 3],
+                ..fire(32, 4)
+            })),
+            "fire.b2",
+        ),
+        (
+            base().with_position(PositionEncoding::Fire(Fire {
+                w2: vec![0.0; 32],
+                ..fire(32, 4)
+            })),
+            "fire.w2",
+        ),
+        (
+            base().with_position(PositionEncoding::Fire(Fire {
+                c: f32::INFINITY,
+                ..fire(32, 4)
+            })),
+            "fire.c",
+        ),
+        (base().with_softcap(0.0), "softcap"),
+        (base().with_softcap(f64::NAN), "softcap"),
+        (base().with_sink_logits(vec![0.0; 3]), "sink_logits"),
+        (base().with_sink_logits(vec![0.0, 0.0, f32::NAN, 0.0]), "sink_logits"),
+        // Sinks mean nothing without a window.
+        (base().with_sink_tokens(4), "sink_tokens"),
+        (
+            base().with_window(Window {
+                left: Some(u32::MAX),
+                right: None,
+            }),
+            "window.left",
+        ),
+        // Extrapolation methods rotate: they need RoPE.
+        (base().with_extrapolation(rerope(16, None)), "extrapolation"),
+        (
+            base()
+                .with_position(PositionEncoding::Xpos(Xpos::default()))
+                .with_extrapolation(rerope(16, None)),
+            "extrapolation",
+        ),
+        (
+            base()
+                .with_position(PositionEncoding::Alibi(Alibi {
+                    slopes: AlibiSlopes::Standard,
+                    form: AlibiForm::Causal,
+                }))
+                .with_streaming(4, 16, true),
+            "extrapolation",
+        ),
+        (
+            base().with_position(rope()).with_extrapolation(rerope(0, None)),
+            "extrapolation.window",
+        ),
+        (
+            base()
+                .with_position(rope())
+                .with_extrapolation(rerope(16, Some(0.5))),
+            "extrapolation.leak",
+        ),
+        // LM-Infinite and StreamingLLM's cache index need sinks and a left window.
+        (
+            base()
+                .with_position(rope())
+                .with_extrapolation(Extrapolation::LmInfinite { limit: 32 }),
+            "extrapolation",
+        ),
+        (
+            base()
+                .with_position(rope())
+                .with_streaming(0, 16, true),
+            "extrapolation",
+        ),
+    ];
+    for (spec, field) in cases {
+        assert_eq!(invalid_field(spec.validate()), field, "{spec:?}");
+    }
+    // The valid forms of the same.
+    for spec in [
+        base().with_position(rope()).with_streaming(4, 16, true),
+        base().with_position(rope()).with_lm_infinite(4, 16, 16),
+        base()
+            .with_position(rope())
+            .with_extrapolation(rerope(16, Some(8.0)))
+            .with_logn(512),
+        base().with_position(t5(32, 128, 128)).with_bias(BiasLayout::default()),
+        base().with_position(PositionEncoding::Fire(fire(32, 4))).with_softcap(30.0),
+    ] {
+        spec.validate().unwrap();
+    }
+}
+
 #[test]
 fn position_errors_name_their_field() {
     let s = AttentionSpec::new(2, 3, 5, 1, 32);
@@ -228,5 +368,45 @@ fn device_side_errors_are_typed() {
             other => panic!("{field}: expected Invalid, got {other:?}"),
         }
     }
+    // A caller bias: the spec's layout and the buffer must agree.
+    let biased = AttentionSpec::new(1, 8, 8, 2, 32).with_bias(BiasLayout::default());
+    let bplan = Attention::new(&ctx, &biased).unwrap();
+    let bias = vec![0.0f32; 2 * 8 * 8];
+    for (want, r) in [
+        ("bias", bplan.run(&ctx, &q, &k, &k, None, None)),
+        (
+            "bias",
+            bplan.run_with_bias(&ctx, &q, &k, &k, None, None, Some(&bias[1..])),
+        ),
+        (
+            "bias",
+            plan.run_with_bias(&ctx, &q, &k, &k, None, None, Some(&bias)),
+        ),
+    ] {
+        match r {
+            Err(Error::Invalid { field, .. }) => assert_eq!(field, want),
+            other => panic!("expected Invalid bias, got {other:?}"),
+        }
+    }
+    assert!(
+        bplan
+            .run_with_bias(&ctx, &q, &k, &k, None, None, Some(&bias))
+            .is_ok()
+    );
+    let mut enc = ctx.device().create_command_encoder(&Default::default());
+    let r = bplan.encode(
+        &ctx,
+        &mut enc,
+        &AttentionBuffers {
+            q: &good_q,
+            k: &good_kv,
+            v: &good_kv,
+            out: &good_q,
+            positions_q: None,
+            positions_k: None,
+            bias: Some(&small),
+        },
+    );
+    assert!(matches!(r, Err(Error::Invalid { field: "bias", .. })), "{r:?}");
     assert!(ctx.take_uncaptured_errors().is_empty());
 }

@@ -1,0 +1,69 @@
+//! Set-up shared by the benchmarks: seeded device tensors for a spec, and adapter tags.
+
+use posattn::check::SplitMix;
+use posattn::{AttentionBuffers, AttentionSpec, Context};
+use wgpu::util::DeviceExt;
+
+pub struct Setup {
+    #[allow(dead_code)]
+    pub spec: AttentionSpec,
+    pub q: wgpu::Buffer,
+    pub k: wgpu::Buffer,
+    pub v: wgpu::Buffer,
+    pub out: wgpu::Buffer,
+}
+
+impl Setup {
+    /// Seeded q, k, v (uniform in [-1, 1)) and an output buffer for `spec`.
+    pub fn new(ctx: &Context, spec: AttentionSpec) -> Self {
+        let mut rng = SplitMix::new(spec.seq_q as u64);
+        let mk = |data: Vec<f32>| {
+            ctx.device()
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: None,
+                    contents: bytemuck::cast_slice(&data),
+                    usage: wgpu::BufferUsages::STORAGE,
+                })
+        };
+        let q = mk(rng.vec(spec.q_len(), 1.0));
+        let k = mk(rng.vec(spec.kv_len(), 1.0));
+        let v = mk(rng.vec(spec.kv_len(), 1.0));
+        let out = mk(vec![0.0; spec.q_len()]);
+        Setup { spec, q, k, v, out }
+    }
+
+    pub fn bufs(&self) -> AttentionBuffers<'_> {
+        AttentionBuffers {
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            out: &self.out,
+            positions_q: None,
+            positions_k: None,
+            bias: None,
+        }
+    }
+
+    #[allow(dead_code)]
+    pub fn io_bytes(&self) -> u64 {
+        self.q.size() + self.k.size() + self.v.size() + self.out.size()
+    }
+}
+
+/// A short tag for the adapter, e.g. `llvmpipe-vulkan`.
+pub fn short_name(ctx: &Context) -> String {
+    let i = ctx.adapter_info();
+    let name: String = i
+        .name
+        .split_whitespace()
+        .next()
+        .unwrap_or("adapter")
+        .to_lowercase();
+    format!("{name}-{:?}", i.backend).to_lowercase()
+}
+
+/// The causal RoPE problem both benchmarks measure: batch 1, 8 heads, head_dim 64.
+pub fn rope_causal(seq: u32) -> AttentionSpec {
+    AttentionSpec::new(1, seq, seq, 8, 64)
+        .with_position(posattn::PositionEncoding::Rope(posattn::Rope::new(10000.0)))
+}
