@@ -9,15 +9,14 @@
 //! `POSATTN_BENCH_SEQS=512,1024` narrows the lengths.
 
 use std::fmt::Write as _;
-use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use posattn::timing::{median, time_encoded};
-use posattn::{Attention, Context, ContextOptions, Unfused, enumerate_adapters};
+use posattn::{Attention, Unfused};
 
 mod common;
 
-use common::{Setup, rope_causal, short_name};
+use common::{Setup, contexts, group, rope_causal, short_name};
 
 fn bench(c: &mut Criterion) {
     let seqs: Vec<u32> = std::env::var("POSATTN_BENCH_SEQS")
@@ -25,25 +24,14 @@ fn bench(c: &mut Criterion) {
         .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![512, 1024, 2048]);
     let mut report = String::new();
-    for adapter in enumerate_adapters(&ContextOptions::default()) {
-        let mut ctx = match Context::from_adapter(&adapter) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("skipping an adapter that failed to open: {e}");
-                continue;
-            }
-        };
+    for mut ctx in contexts() {
         let tag = short_name(&ctx);
         let _ = writeln!(report, "\n{}\n", ctx.describe());
         let _ = writeln!(
             report,
             "| seq | fused ms | fused GFLOP/s | unfused ms | unfused GFLOP/s | fused/unfused speed | fused MiB | unfused MiB | clock |\n|---|---|---|---|---|---|---|---|---|"
         );
-        let mut group = c.benchmark_group(format!("attention/{tag}"));
-        group
-            .sample_size(10)
-            .warm_up_time(Duration::from_millis(500))
-            .measurement_time(Duration::from_secs(3));
+        let mut group = group(c, format!("attention/{tag}"));
         for &seq in &seqs {
             let s = Setup::new(&ctx, rope_causal(seq));
             let fused = Attention::new(&ctx, &s.spec).expect("fused plan");

@@ -1,7 +1,10 @@
 //! Set-up shared by the benchmarks: seeded device tensors for a spec, and adapter tags.
 
+use std::time::Duration;
+
+use criterion::{BenchmarkGroup, Criterion, measurement::WallTime};
 use posattn::check::SplitMix;
-use posattn::{AttentionBuffers, AttentionSpec, Context};
+use posattn::{AttentionBuffers, AttentionSpec, Context, ContextOptions, enumerate_adapters};
 use wgpu::util::DeviceExt;
 
 pub struct Setup {
@@ -66,4 +69,29 @@ pub fn short_name(ctx: &Context) -> String {
 pub fn rope_causal(seq: u32) -> AttentionSpec {
     AttentionSpec::new(1, seq, seq, 8, 64)
         .with_position(posattn::PositionEncoding::Rope(posattn::Rope::new(10000.0)))
+}
+
+/// A context on every adapter present (`WGPU_BACKEND` / `WGPU_ADAPTER_NAME` select); adapters
+/// that fail to open are reported and left out.
+pub fn contexts() -> Vec<Context> {
+    enumerate_adapters(&ContextOptions::default())
+        .iter()
+        .filter_map(|a| match Context::from_adapter(a) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("skipping an adapter that failed to open: {e}");
+                None
+            }
+        })
+        .collect()
+}
+
+/// A criterion group sized for slow adapters: 10 samples, 3 s.
+pub fn group<'a>(c: &'a mut Criterion, name: String) -> BenchmarkGroup<'a, WallTime> {
+    let mut group = c.benchmark_group(name);
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
+    group
 }

@@ -1,7 +1,8 @@
 //! Sliding windows skip the key tiles they hide: a window of w over n tokens should cost about
 //! n·w, not the n²/2 of full causal attention. Causal RoPE, 8 heads, head_dim 64, n = 4096
 //! (`POSATTN_WINDOW_SEQ` changes it), windows 1024 / 256 / 64 and StreamingLLM (4 sinks + 256
-//! recent), each against full causal on the same adapter. Criterion reports visible-pair FLOP/s
+//! recent), each against full causal on the same adapter; and ReRoPE (window 512) over the full
+//! triangle, the price of the two-branch kernel. Criterion reports visible-pair FLOP/s
 //! (4·h·d per visible (query, key) pair).
 //!
 //! The summary (median GPU time, visible pairs, time and pair ratios to full causal) is printed
@@ -10,12 +11,11 @@
 mod common;
 
 use std::fmt::Write as _;
-use std::time::Duration;
 
-use common::{Setup, rope_causal, short_name};
+use common::{Setup, contexts, group, rope_causal, short_name};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use posattn::timing::{median, time_encoded};
-use posattn::{Attention, Context, ContextOptions, Window, enumerate_adapters};
+use posattn::{Attention, Extrapolation, Window};
 
 fn bench(c: &mut Criterion) {
     let seq: u32 = std::env::var("POSATTN_WINDOW_SEQ")
@@ -25,31 +25,40 @@ fn bench(c: &mut Criterion) {
     let base = rope_causal(seq);
     let variants = [
         ("full_causal".to_string(), base.clone()),
-        ("window_1024".into(), base.clone().with_window(Window::recent(1024))),
-        ("window_256".into(), base.clone().with_window(Window::recent(256))),
-        ("window_64".into(), base.clone().with_window(Window::recent(64))),
-        ("streaming_4+256".into(), base.clone().with_streaming(4, 256, false)),
+        (
+            "window_1024".into(),
+            base.clone().with_window(Window::recent(1024)),
+        ),
+        (
+            "window_256".into(),
+            base.clone().with_window(Window::recent(256)),
+        ),
+        (
+            "window_64".into(),
+            base.clone().with_window(Window::recent(64)),
+        ),
+        (
+            "streaming_4+256".into(),
+            base.clone().with_streaming(4, 256, false),
+        ),
+        // The two-branch kernel over the full causal triangle: ReRoPE's cost of one pass.
+        (
+            "rerope_512".into(),
+            base.clone().with_extrapolation(Extrapolation::ReRope {
+                window: 512,
+                leak: None,
+            }),
+        ),
     ];
     let mut report = String::new();
-    for adapter in enumerate_adapters(&ContextOptions::default()) {
-        let ctx = match Context::from_adapter(&adapter) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("skipping an adapter that failed to open: {e}");
-                continue;
-            }
-        };
+    for ctx in contexts() {
         let tag = short_name(&ctx);
         let _ = writeln!(report, "\n{} — n = {seq}\n", ctx.describe());
         let _ = writeln!(
             report,
             "| mask | ms | visible pairs | GFLOP/s (visible) | time / full | pairs / full | clock |\n|---|---|---|---|---|---|---|"
         );
-        let mut group = c.benchmark_group(format!("window/{tag}"));
-        group
-            .sample_size(10)
-            .warm_up_time(Duration::from_millis(500))
-            .measurement_time(Duration::from_secs(3));
+        let mut group = group(c, format!("window/{tag}"));
         let mut full_ms = None;
         let full_pairs = base.visible_pairs() as f64;
         for (name, spec) in &variants {

@@ -7,7 +7,7 @@ use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::kernel::{BLOCK_Q, KernelKey, NO_SINK_LOGITS, Params, two_branch_rows, workgroup_bytes};
 use crate::mask::Extrapolation;
-use crate::position::{PositionEncoding, ResolvedPosition, freq_entry};
+use crate::position::{PositionEncoding, ResolvedPosition, freq_entry, pack4};
 use crate::spec::AttentionSpec;
 
 /// Device buffers of one call. Tensors are f32, contiguous [batch, seq, heads, head_dim];
@@ -49,17 +49,15 @@ pub(crate) fn resolve_call(spec: &AttentionSpec) -> Result<(ResolvedPosition, Pa
     let mut params = params_for(spec, &pos);
     if let Some(s) = &spec.sink_logits {
         params.sink_logit_offset = pos.aux.len() as u32 * 4;
-        pos.aux.extend(s.chunks(4).map(|c| {
-            let mut e = [0.0f32; 4];
-            e[..c.len()].copy_from_slice(c);
-            e
-        }));
+        pos.aux.extend(pack4(s));
     }
     if let PositionEncoding::Rope(rope) = &spec.position {
         let inv = rope.inv_freq(spec.head_dim);
         let turns = |x: f64| (x / std::f64::consts::TAU).rem_euclid(1.0);
-        // Per pair: the branch frequency, and the constant phase (turns) queries add.
-        let table: Option<(u32, u32, i32, Vec<(f64, f64)>)> = match spec.extrapolation {
+        // Rule, query position mode, w, and per pair the branch frequency and the constant phase
+        // (turns) queries add.
+        type Branch = (u32, u32, i32, Vec<(f64, f64)>);
+        let table: Option<Branch> = match spec.extrapolation {
             Extrapolation::None => None,
             Extrapolation::ReRope { window, leak } => {
                 let inv_k = leak.map_or(0.0, |k| 1.0 / k);
@@ -77,7 +75,9 @@ pub(crate) fn resolve_call(spec: &AttentionSpec) -> Result<(ResolvedPosition, Pa
                 2,
                 1,
                 0,
-                inv.iter().map(|&f| (0.0, turns(limit as f64 * f))).collect(),
+                inv.iter()
+                    .map(|&f| (0.0, turns(limit as f64 * f)))
+                    .collect(),
             )),
             Extrapolation::StreamingCacheIndex => {
                 Some((2, 2, 0, inv.iter().map(|&f| (f, 0.0)).collect()))
@@ -444,10 +444,7 @@ impl Attention {
             if data.len() != want {
                 return Err(Error::invalid(
                     field,
-                    format!(
-                        "{want} values (shape {:?})",
-                        shape(s, field)
-                    ),
+                    format!("{want} values (shape {:?})", shape(s, field)),
                     format!("{} values", data.len()),
                 ));
             }

@@ -182,8 +182,8 @@ impl T5Bias {
         let mut out = Vec::with_capacity(num_heads as usize * (2 * d as usize + 1));
         for h in 0..num_heads as usize {
             for rel in -d..=d {
-                let b =
-                    t5_bucket(rel, self.num_buckets, self.max_distance, self.bidirectional) as usize;
+                let b = t5_bucket(rel, self.num_buckets, self.max_distance, self.bidirectional)
+                    as usize;
                 out.push(self.table[b * num_heads as usize + h]);
             }
         }
@@ -193,8 +193,18 @@ impl T5Bias {
 
 impl Kerple {
     pub(crate) fn validate(&self, num_heads: u32) -> Result<()> {
-        check_len("kerple.p", &self.p, num_heads as usize, "one per query head")?;
-        check_len("kerple.a", &self.a, num_heads as usize, "one per query head")?;
+        check_len(
+            "kerple.p",
+            &self.p,
+            num_heads as usize,
+            "one per query head",
+        )?;
+        check_len(
+            "kerple.a",
+            &self.a,
+            num_heads as usize,
+            "one per query head",
+        )?;
         check_finite("kerple.p", &self.p)?;
         check_finite("kerple.a", &self.a)
     }
@@ -208,7 +218,11 @@ impl Sandwich {
     pub(crate) fn validate(&self, head_dim: u32) -> Result<()> {
         let d = self.dim(head_dim);
         if d < 2 || !d.is_multiple_of(2) || d > 4096 {
-            return Err(Error::invalid("sandwich.dim", "an even number in 2..=4096", d));
+            return Err(Error::invalid(
+                "sandwich.dim",
+                "an even number in 2..=4096",
+                d,
+            ));
         }
         Ok(())
     }
@@ -247,7 +261,12 @@ impl Fire {
             w * num_heads as usize,
             "num_heads × width",
         )?;
-        check_len("fire.b2", &self.b2, num_heads as usize, "one per query head")?;
+        check_len(
+            "fire.b2",
+            &self.b2,
+            num_heads as usize,
+            "one per query head",
+        )?;
         for (field, v) in [
             ("fire.w1", &self.w1),
             ("fire.b1", &self.b1),

@@ -201,7 +201,8 @@ impl Case {
         let sk = self.spec.seq_k as usize;
         let mut b = rng.vec(bias_len(&self.spec), 2.0);
         for (i, x) in b.iter_mut().enumerate() {
-            if rng.next_u64() % 8 == 0 || (i / sk) % self.spec.seq_q as usize == 0 {
+            if rng.next_u64().is_multiple_of(8) || (i / sk).is_multiple_of(self.spec.seq_q as usize)
+            {
                 *x = f32::NEG_INFINITY;
             }
         }
@@ -565,7 +566,12 @@ fn params(seed: u64, n: usize, lo: f32, hi: f32) -> Vec<f32> {
 }
 
 /// T5 buckets with a seeded table.
-pub fn t5(num_buckets: u32, max_distance: u32, bidirectional: bool, heads: u32) -> PositionEncoding {
+pub fn t5(
+    num_buckets: u32,
+    max_distance: u32,
+    bidirectional: bool,
+    heads: u32,
+) -> PositionEncoding {
     PositionEncoding::T5(T5Bias {
         num_buckets,
         max_distance,
@@ -614,12 +620,17 @@ fn bias_and_mask_cases() -> Vec<Case> {
         ("kerple_log", kerple(KerpleForm::Log, heads)),
         ("kerple_power", kerple(KerpleForm::Power, heads)),
         ("sandwich", PositionEncoding::Sandwich(Sandwich::default())),
-        ("sandwich_dim128", PositionEncoding::Sandwich(Sandwich { dim: Some(128) })),
+        (
+            "sandwich_dim128",
+            PositionEncoding::Sandwich(Sandwich { dim: Some(128) }),
+        ),
         ("fire", fire(heads)),
     ] {
         for causal in [true, false] {
             let mask = if causal { "causal" } else { "bidir" };
-            let spec = base(100, 100).with_causal(causal).with_position(enc.clone());
+            let spec = base(100, 100)
+                .with_causal(causal)
+                .with_position(enc.clone());
             cases.push(Case::new(format!("{name}_{mask}_gqa_s100"), spec));
         }
         // Positions far apart: past T5's max distance, past the Sandwich table (summed in the
@@ -634,13 +645,18 @@ fn bias_and_mask_cases() -> Vec<Case> {
     // Sliding windows: causal (Mistral), two-sided, with seq_q ≠ seq_k, and with rows that see
     // nothing (they give 0).
     for (name, spec) in [
-        ("window_l16_causal_s150", rope_w(base(150, 150)).with_window(Window::recent(17))),
+        (
+            "window_l16_causal_s150",
+            rope_w(base(150, 150)).with_window(Window::recent(17)),
+        ),
         (
             "window_l16_r8_bidir_s150",
-            rope_w(base(150, 150)).with_causal(false).with_window(Window {
-                left: Some(16),
-                right: Some(8),
-            }),
+            rope_w(base(150, 150))
+                .with_causal(false)
+                .with_window(Window {
+                    left: Some(16),
+                    right: Some(8),
+                }),
         ),
         (
             "window_l20_causal_q40_k150",
@@ -660,7 +676,10 @@ fn bias_and_mask_cases() -> Vec<Case> {
                 .with_window(Window::recent(33)),
         ),
         // Softcap alone: strong (2) and Gemma 2's 50.
-        ("softcap2_rope_causal_s70", rope_w(base(70, 70)).with_softcap(2.0)),
+        (
+            "softcap2_rope_causal_s70",
+            rope_w(base(70, 70)).with_softcap(2.0),
+        ),
         (
             "softcap50_rope_bidir_s70",
             rope_w(base(70, 70)).with_causal(false).with_softcap(50.0),
@@ -689,11 +708,23 @@ fn bias_and_mask_cases() -> Vec<Case> {
             }),
         ),
         // StreamingLLM: 4 sinks and 32 recent keys, original and cache-index positions.
-        ("streaming_s4_r32_original_s150", rope_w(base(150, 150)).with_streaming(4, 32, false)),
-        ("streaming_s4_r32_cache_index_s150", rope_w(base(150, 150)).with_streaming(4, 32, true)),
+        (
+            "streaming_s4_r32_original_s150",
+            rope_w(base(150, 150)).with_streaming(4, 32, false),
+        ),
+        (
+            "streaming_s4_r32_cache_index_s150",
+            rope_w(base(150, 150)).with_streaming(4, 32, true),
+        ),
         // LM-Infinite: global 4, local 32, limit at and past the local branch.
-        ("lm_infinite_g4_l32_limit32_s150", rope_w(base(150, 150)).with_lm_infinite(4, 32, 32)),
-        ("lm_infinite_g10_l24_limit40_s150", rope_w(base(150, 150)).with_lm_infinite(10, 24, 40)),
+        (
+            "lm_infinite_g4_l32_limit32_s150",
+            rope_w(base(150, 150)).with_lm_infinite(4, 32, 32),
+        ),
+        (
+            "lm_infinite_g10_l24_limit40_s150",
+            rope_w(base(150, 150)).with_lm_infinite(10, 24, 40),
+        ),
         // ReRoPE and Leaky ReRoPE, causal and bidirectional.
         (
             "rerope_w16_causal_s100",
@@ -786,7 +817,9 @@ fn bias_and_mask_cases() -> Vec<Case> {
             left: Some(8),
             right: Some(8),
         });
-    cases.push(Case::new("window_l8_r8_bidir_s100_nan_masked_k", spec).with_nan(NanPlant::MaskedKey));
+    cases.push(
+        Case::new("window_l8_r8_bidir_s100_nan_masked_k", spec).with_nan(NanPlant::MaskedKey),
+    );
     cases
 }
 

@@ -7,9 +7,9 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use crate::bias::{Fire, Kerple, KerpleForm, Sandwich, T5Bias};
 use crate::config::RopeConfig;
 use crate::error::{Error, Result};
-use crate::bias::{Fire, Kerple, KerpleForm, Sandwich, T5Bias};
 use crate::mask::{Extrapolation, Window};
 use crate::position::{Alibi, AlibiForm, AlibiSlopes, PositionEncoding, Rope, RopeLayout, Xpos};
 use crate::spec::AttentionSpec;

@@ -3,8 +3,8 @@
 //! and the code that defines each scheme (Hugging Face transformers, torchscale, BLOOM).
 
 use crate::bias::{
-    Fire, Kerple, KerpleForm, SANDWICH_TABLE_MAX, Sandwich, T5Bias, kerple_params,
-    sandwich_freqs, sandwich_sum,
+    Fire, Kerple, KerpleForm, SANDWICH_TABLE_MAX, Sandwich, T5Bias, kerple_params, sandwich_freqs,
+    sandwich_sum,
 };
 use crate::error::{Error, Result};
 
@@ -283,12 +283,17 @@ impl ResolvedPosition {
     /// Appends `floats` (packed four to an entry) as the bias tables.
     fn push_bias(&mut self, floats: &[f32]) {
         self.bias_offset = self.aux.len() as u32;
-        self.aux.extend(floats.chunks(4).map(|c| {
-            let mut e = [0.0f32; 4];
-            e[..c.len()].copy_from_slice(c);
-            e
-        }));
+        self.aux.extend(pack4(floats));
     }
+}
+
+/// Floats packed four to an aux entry, the last one padded with zeros.
+pub(crate) fn pack4(floats: &[f32]) -> impl Iterator<Item = [f32; 4]> + '_ {
+    floats.chunks(4).map(|c| {
+        let mut e = [0.0f32; 4];
+        e[..c.len()].copy_from_slice(c);
+        e
+    })
 }
 
 fn check_finite(field: &'static str, x: f64, positive: bool) -> Result<()> {
@@ -421,15 +426,14 @@ impl PositionEncoding {
                     KerpleForm::Log => PosKind::KerpleLog,
                     KerpleForm::Power => PosKind::KerplePower,
                 };
-                let pa: Vec<f32> = k
-                    .p
-                    .iter()
-                    .zip(&k.a)
-                    .flat_map(|(&p, &a)| {
-                        let (p, a) = kerple_params(k.form, p, a);
-                        [p, a]
-                    })
-                    .collect();
+                let pa: Vec<f32> =
+                    k.p.iter()
+                        .zip(&k.a)
+                        .flat_map(|(&p, &a)| {
+                            let (p, a) = kerple_params(k.form, p, a);
+                            [p, a]
+                        })
+                        .collect();
                 out.push_bias(&pa);
             }
             PositionEncoding::Sandwich(sw) => {

@@ -438,10 +438,7 @@ pub fn attention_with_bias<T: Real>(
                     any = true;
                 }
                 let o = &mut out[((b * sq + i) * h_n + h) * d..][..d];
-                let sink = spec
-                    .sink_logits
-                    .as_ref()
-                    .map(|l| T::from_f64(l[h] as f64));
+                let sink = spec.sink_logits.as_ref().map(|l| T::from_f64(l[h] as f64));
                 if !any {
                     continue;
                 }

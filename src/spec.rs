@@ -149,7 +149,12 @@ impl AttentionSpec {
 
     /// LM-Infinite: Λ-shaped mask (the first `global_branch` keys and the keys at distance below
     /// `local_branch`), causal, with distances of global keys limited to `limit_distance`.
-    pub fn with_lm_infinite(mut self, global_branch: u32, local_branch: u32, limit_distance: u32) -> Self {
+    pub fn with_lm_infinite(
+        mut self,
+        global_branch: u32,
+        local_branch: u32,
+        limit_distance: u32,
+    ) -> Self {
         self.causal = true;
         self.sink_tokens = global_branch;
         self.window = Window::recent(local_branch);
@@ -315,7 +320,11 @@ impl AttentionSpec {
             }
         }
         if self.sink_tokens > max {
-            return Err(Error::invalid("sink_tokens", format!("at most {max}"), self.sink_tokens));
+            return Err(Error::invalid(
+                "sink_tokens",
+                format!("at most {max}"),
+                self.sink_tokens,
+            ));
         }
         if self.sink_tokens > 0 && self.window.is_none() {
             return Err(Error::invalid(
@@ -364,7 +373,11 @@ impl AttentionSpec {
                 if let Some(k) = leak
                     && !(k.is_finite() && *k >= 1.0)
                 {
-                    return Err(Error::invalid("extrapolation.leak", "a finite number ≥ 1", k));
+                    return Err(Error::invalid(
+                        "extrapolation.leak",
+                        "a finite number ≥ 1",
+                        k,
+                    ));
                 }
             }
             Extrapolation::LmInfinite { .. } | Extrapolation::StreamingCacheIndex => {

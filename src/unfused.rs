@@ -43,9 +43,9 @@ impl Unfused {
     /// Plans the unfused pipeline. Supports no position encoding or RoPE.
     pub fn new(ctx: &Context, spec: &AttentionSpec) -> Result<Self> {
         spec.validate()?;
-        let pos = spec
-            .position
-            .resolve(spec.head_dim, spec.num_heads, spec.seq_q.max(spec.seq_k))?;
+        let pos =
+            spec.position
+                .resolve(spec.head_dim, spec.num_heads, spec.seq_q.max(spec.seq_k))?;
         if !matches!(pos.kind, PosKind::None | PosKind::Rope) {
             return Err(Error::invalid(
                 "position",

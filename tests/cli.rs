@@ -205,10 +205,18 @@ fn malformed_specs_are_clear_errors() {
     assert_eq!(err(r#"{"scale": 1e999}"#), "spec");
     // Masks, extras and the table-driven biases.
     let ok = |text: &str| parse_spec(text, shape, dir, 3).unwrap();
-    let s = ok(r#"{"position": {"type": "rope"}, "window": {"left": 16}, "sink_tokens": 4,
+    let s = ok(
+        r#"{"position": {"type": "rope"}, "window": {"left": 16}, "sink_tokens": 4,
                   "softcap": 30, "sink_logits": [0.5, 1],
-                  "extrapolation": {"type": "streaming_cache_index"}}"#);
-    assert_eq!(s.window, posattn::Window { left: Some(16), right: None });
+                  "extrapolation": {"type": "streaming_cache_index"}}"#,
+    );
+    assert_eq!(
+        s.window,
+        posattn::Window {
+            left: Some(16),
+            right: None
+        }
+    );
     assert_eq!(s.sink_tokens, 4);
     assert_eq!(s.softcap, Some(30.0));
     assert_eq!(s.extrapolation, posattn::Extrapolation::StreamingCacheIndex);
@@ -216,21 +224,35 @@ fn malformed_specs_are_clear_errors() {
                   "extrapolation": {"type": "rerope", "window": 8, "leak": 4}}"#);
     assert_eq!(
         s.extrapolation,
-        posattn::Extrapolation::ReRope { window: 8, leak: Some(4.0) }
+        posattn::Extrapolation::ReRope {
+            window: 8,
+            leak: Some(4.0)
+        }
     );
-    ok(r#"{"position": {"type": "t5", "num_buckets": 8, "max_distance": 16, "table": [
-           0,1,2,3,4,5,6,7,0,1,2,3,4,5,6,7]}}"#);
+    ok(
+        r#"{"position": {"type": "t5", "num_buckets": 8, "max_distance": 16, "table": [
+           0,1,2,3,4,5,6,7,0,1,2,3,4,5,6,7]}}"#,
+    );
     ok(r#"{"position": {"type": "kerple", "form": "power", "p": [1, 1.5], "a": [0.1, 0.2]}}"#);
     ok(r#"{"position": {"type": "sandwich"}}"#);
     ok(r#"{"position": {"type": "fire", "w1": [1], "b1": [0], "w2": [1, 2], "b2": [0, 0]}}"#);
-    assert_eq!(err(r#"{"position": {"type": "t5", "table": [1, 2]}}"#), "t5.table");
-    assert_eq!(err(r#"{"position": {"type": "kerple", "form": "cubic", "p": [], "a": []}}"#), "form");
+    assert_eq!(
+        err(r#"{"position": {"type": "t5", "table": [1, 2]}}"#),
+        "t5.table"
+    );
+    assert_eq!(
+        err(r#"{"position": {"type": "kerple", "form": "cubic", "p": [], "a": []}}"#),
+        "form"
+    );
     assert_eq!(err(r#"{"position": {"type": "fire", "w1": [1]}}"#), "b1");
     assert_eq!(err(r#"{"window": 5}"#), "window");
     assert_eq!(err(r#"{"sink_tokens": 4}"#), "sink_tokens");
     assert_eq!(err(r#"{"softcap": -1}"#), "softcap");
     assert_eq!(err(r#"{"sink_logits": [1, 2, 3]}"#), "sink_logits");
-    assert_eq!(err(r#"{"extrapolation": {"type": "rerope", "window": 8}}"#), "extrapolation");
+    assert_eq!(
+        err(r#"{"extrapolation": {"type": "rerope", "window": 8}}"#),
+        "extrapolation"
+    );
     assert_eq!(
         err(r#"{"position": {"type": "rope"}, "extrapolation": {"type": "warp"}}"#),
         "extrapolation.type"

@@ -84,7 +84,8 @@ fn conformance_vulkan() {
 }
 
 /// Software Vulkan runs the CPU-shaped kernel (8 rows per invocation) in the full matrix; this
-/// runs the GPU-shaped one (1 row per invocation) on the quick subset and every head size too.
+/// runs the GPU-shaped one (1 row per invocation) on the quick subset, every head size and the
+/// combinations of biases, masks and extrapolation methods.
 #[test]
 fn conformance_vulkan_one_row_per_invocation() {
     let cases = check::conformance_cases()
@@ -96,6 +97,7 @@ fn conformance_vulkan_one_row_per_invocation() {
                 || c.name.contains("_s50_d")
                 || c.name.contains("nan")
                 || c.name.contains("_b3_")
+                || c.name.starts_with("combo_")
         })
         .collect();
     run_matrix(wgpu::Backends::VULKAN, "vulkan", Some(1), cases);

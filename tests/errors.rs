@@ -134,7 +134,12 @@ fn t5(num_buckets: u32, max_distance: u32, table: usize) -> PositionEncoding {
 }
 
 fn fire(w: usize, heads: usize) -> Fire {
-    Fire::new(vec![0.1; w], vec![0.1; w], vec![0.1; w * heads], vec![0.1; heads])
+    Fire::new(
+        vec![0.1; w],
+        vec![0.1; w],
+        vec![0.1; w * heads],
+        vec![0.1; heads],
+    )
 }
 
 #[test]
@@ -144,7 +149,10 @@ fn bias_mask_and_extrapolation_errors_name_their_field() {
         (base().with_position(t5(32, 128, 100)), "t5.table"),
         (base().with_position(t5(2, 128, 8)), "t5.num_buckets"),
         (base().with_position(t5(32, 8, 128)), "t5.max_distance"),
-        (base().with_position(t5(32, 1 << 20, 128)), "t5.max_distance"),
+        (
+            base().with_position(t5(32, 1 << 20, 128)),
+            "t5.max_distance",
+        ),
         (
             base().with_position(PositionEncoding::Kerple(Kerple {
                 form: KerpleForm::Log,
@@ -165,7 +173,10 @@ fn bias_mask_and_extrapolation_errors_name_their_field() {
             base().with_position(PositionEncoding::Sandwich(Sandwich { dim: Some(7) })),
             "sandwich.dim",
         ),
-        (base().with_position(PositionEncoding::Fire(fire(0, 4))), "fire.w1"),
+        (
+            base().with_position(PositionEncoding::Fire(fire(0, 4))),
+            "fire.w1",
+        ),
         (
             base().with_position(PositionEncoding::Fire(Fire {
                 b2: vec![0.0; 3],
@@ -190,7 +201,10 @@ fn bias_mask_and_extrapolation_errors_name_their_field() {
         (base().with_softcap(0.0), "softcap"),
         (base().with_softcap(f64::NAN), "softcap"),
         (base().with_sink_logits(vec![0.0; 3]), "sink_logits"),
-        (base().with_sink_logits(vec![0.0, 0.0, f32::NAN, 0.0]), "sink_logits"),
+        (
+            base().with_sink_logits(vec![0.0, 0.0, f32::NAN, 0.0]),
+            "sink_logits",
+        ),
         // Sinks mean nothing without a window.
         (base().with_sink_tokens(4), "sink_tokens"),
         (
@@ -218,7 +232,9 @@ fn bias_mask_and_extrapolation_errors_name_their_field() {
             "extrapolation",
         ),
         (
-            base().with_position(rope()).with_extrapolation(rerope(0, None)),
+            base()
+                .with_position(rope())
+                .with_extrapolation(rerope(0, None)),
             "extrapolation.window",
         ),
         (
@@ -235,9 +251,7 @@ fn bias_mask_and_extrapolation_errors_name_their_field() {
             "extrapolation",
         ),
         (
-            base()
-                .with_position(rope())
-                .with_streaming(0, 16, true),
+            base().with_position(rope()).with_streaming(0, 16, true),
             "extrapolation",
         ),
     ];
@@ -252,8 +266,12 @@ fn bias_mask_and_extrapolation_errors_name_their_field() {
             .with_position(rope())
             .with_extrapolation(rerope(16, Some(8.0)))
             .with_logn(512),
-        base().with_position(t5(32, 128, 128)).with_bias(BiasLayout::default()),
-        base().with_position(PositionEncoding::Fire(fire(32, 4))).with_softcap(30.0),
+        base()
+            .with_position(t5(32, 128, 128))
+            .with_bias(BiasLayout::default()),
+        base()
+            .with_position(PositionEncoding::Fire(fire(32, 4)))
+            .with_softcap(30.0),
     ] {
         spec.validate().unwrap();
     }
@@ -407,6 +425,9 @@ fn device_side_errors_are_typed() {
             bias: Some(&small),
         },
     );
-    assert!(matches!(r, Err(Error::Invalid { field: "bias", .. })), "{r:?}");
+    assert!(
+        matches!(r, Err(Error::Invalid { field: "bias", .. })),
+        "{r:?}"
+    );
     assert!(ctx.take_uncaptured_errors().is_empty());
 }

@@ -48,7 +48,10 @@ fn rust_params() -> Vec<(&'static str, usize)> {
         ("alibi_symmetric", offset_of!(Params, alibi_symmetric)),
         ("scale_log2", offset_of!(Params, scale_log2)),
         ("attn_factor", offset_of!(Params, attn_factor)),
-        ("xpos_inv_scale_base", offset_of!(Params, xpos_inv_scale_base)),
+        (
+            "xpos_inv_scale_base",
+            offset_of!(Params, xpos_inv_scale_base),
+        ),
         ("scale", offset_of!(Params, scale)),
         ("freq_offset", offset_of!(Params, freq_offset)),
         ("bias_offset", offset_of!(Params, bias_offset)),
