@@ -271,6 +271,42 @@ fn attention_fused(
 
         for (var g = 0u; g < BLOCK_K; g += 4u) {
             let kb = g * HEAD_VEC;
+            let key = vec4<u32>(key0 + g) + vec4<u32>(0u, 1u, 2u, 3u);
+            let kk = vec4<i32>(key);
+            var kpos = vec4<i32>(0);
+            if (KPOS) {
+                let kp = batch * params.seq_k;
+                let last = params.seq_k - 1u;
+                kpos = vec4<i32>(pos_k[kp + min(key.x, last)], pos_k[kp + min(key.y, last)],
+                                 pos_k[kp + min(key.z, last)], pos_k[kp + min(key.w, last)]);
+            }
+            // Two-branch kernels pick a score per (row, key) from the indices and positions alone,
+            // so an invocation computes only the dot products some of its rows and keys use (the
+            // rows of an invocation are close, so this is nearly always one of the two).
+            var use2: array<vec4<bool>, ROWS>;
+            var need1 = true;
+            var need2 = false;
+            if (TWO_BRANCH) {
+                need1 = false;
+                // @unroll
+                for (var r = 0u; r < ROWS; r++) {
+                    let ip = i32(rows[r]) + diag;
+                    var win = vec4<bool>(true);
+                    if (left >= 0) {
+                        win = win & (kk >= vec4<i32>(ip - left));
+                    }
+                    if (right >= 0) {
+                        win = win & (kk <= vec4<i32>(ip + right));
+                    }
+                    var u = (kk < vec4<i32>(sinks)) & !win;
+                    if (params.branch_rule == 1u) {
+                        u = abs(vec4<i32>(qpos[r]) - kpos) >= vec4<i32>(params.branch_w);
+                    }
+                    use2[r] = u;
+                    need1 = need1 || !all(u);
+                    need2 = need2 || any(u);
+                }
+            }
             // Scores of keys key0+g .. key0+g+3 for every row: d[4r + e] holds key e's lanes.
             var d: array<vec4<f32>, ROWS * 4u>;
             var d2: array<vec4<f32>, ROWS * 4u>;
@@ -281,22 +317,24 @@ fn attention_fused(
                 d[4u * r + 2u] = vec4<f32>(0.0);
                 d[4u * r + 3u] = vec4<f32>(0.0);
             }
-            // @unroll
-            for (var c = 0u; c < HEAD_VEC; c++) {
-                let k0 = k_tile[kb + c];
-                let k1 = k_tile[kb + HEAD_VEC + c];
-                let k2 = k_tile[kb + 2u * HEAD_VEC + c];
-                let k3 = k_tile[kb + 3u * HEAD_VEC + c];
+            if (need1) {
                 // @unroll
-                for (var r = 0u; r < ROWS; r++) {
-                    let qc = q[r * HEAD_VEC + c];
-                    d[4u * r] = fma(qc, k0, d[4u * r]);
-                    d[4u * r + 1u] = fma(qc, k1, d[4u * r + 1u]);
-                    d[4u * r + 2u] = fma(qc, k2, d[4u * r + 2u]);
-                    d[4u * r + 3u] = fma(qc, k3, d[4u * r + 3u]);
+                for (var c = 0u; c < HEAD_VEC; c++) {
+                    let k0 = k_tile[kb + c];
+                    let k1 = k_tile[kb + HEAD_VEC + c];
+                    let k2 = k_tile[kb + 2u * HEAD_VEC + c];
+                    let k3 = k_tile[kb + 3u * HEAD_VEC + c];
+                    // @unroll
+                    for (var r = 0u; r < ROWS; r++) {
+                        let qc = q[r * HEAD_VEC + c];
+                        d[4u * r] = fma(qc, k0, d[4u * r]);
+                        d[4u * r + 1u] = fma(qc, k1, d[4u * r + 1u]);
+                        d[4u * r + 2u] = fma(qc, k2, d[4u * r + 2u]);
+                        d[4u * r + 3u] = fma(qc, k3, d[4u * r + 3u]);
+                    }
                 }
             }
-            if (TWO_BRANCH) {
+            if (TWO_BRANCH && need2) {
                 // @unroll
                 for (var r = 0u; r < ROWS; r++) {
                     let e = 4u * r;
@@ -321,15 +359,6 @@ fn attention_fused(
                         d2[e + 3u] = fma(qc, k3, d2[e + 3u]);
                     }
                 }
-            }
-            let key = vec4<u32>(key0 + g) + vec4<u32>(0u, 1u, 2u, 3u);
-            let kk = vec4<i32>(key);
-            var kpos = vec4<i32>(0);
-            if (KPOS) {
-                let kp = batch * params.seq_k;
-                let last = params.seq_k - 1u;
-                kpos = vec4<i32>(pos_k[kp + min(key.x, last)], pos_k[kp + min(key.y, last)],
-                                 pos_k[kp + min(key.z, last)], pos_k[kp + min(key.w, last)]);
             }
             // Softmax weights of the four keys per row; alpha rescales the row's accumulator.
             var p: array<vec4<f32>, ROWS>;
@@ -362,11 +391,7 @@ fn attention_fused(
                     let b3 = d2[e + 3u];
                     let s2 = vec4<f32>((b0.x + b0.y) + (b0.z + b0.w), (b1.x + b1.y) + (b1.z + b1.w),
                                        (b2.x + b2.y) + (b2.z + b2.w), (b3.x + b3.y) + (b3.z + b3.w));
-                    var use2 = sink & !win;
-                    if (params.branch_rule == 1u) {
-                        use2 = abs(vec4<i32>(m) - kpos) >= vec4<i32>(params.branch_w);
-                    }
-                    s = select(s, s2, use2);
+                    s = select(s, s2, use2[r]);
                 }
                 // Softcap on the scaled logits, before any bias (|x| ≤ 10 keeps every tanh
                 // implementation finite; tanh(10) is 1 in f32).
