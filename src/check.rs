@@ -823,7 +823,8 @@ fn bias_and_mask_cases() -> Vec<Case> {
     cases
 }
 
-/// A short subset of the matrix for quick runs: one case per encoding and a few edges.
+/// A short subset of the matrix for quick runs: one case per encoding and relative bias, the
+/// combinations of masks and extrapolation methods, and a few edges.
 pub fn quick_cases() -> Vec<Case> {
     conformance_cases()
         .into_iter()
@@ -831,6 +832,8 @@ pub fn quick_cases() -> Vec<Case> {
             c.name.ends_with("_mha_s37_d64")
                 || c.name.contains("_q65_k65")
                 || c.name.contains("nan")
+                || c.name.ends_with("_causal_gqa_s100")
+                || c.name.starts_with("combo_")
         })
         .collect()
 }
