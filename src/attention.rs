@@ -106,21 +106,15 @@ pub(crate) fn two_branch(spec: &AttentionSpec) -> bool {
 pub(crate) fn params_for(spec: &AttentionSpec, pos: &ResolvedPosition) -> Params {
     let scale = spec.softmax_scale();
     let log2e = std::f64::consts::LOG2_E;
-    let (stride_b, stride_h) = match spec.bias {
-        Some(layout) => {
-            let plane = spec.seq_q * spec.seq_k;
-            let heads = if layout.broadcast_heads {
-                1
-            } else {
-                spec.num_heads
-            };
+    // Strides in elements; a broadcast (or size-1) dimension has stride 0. Sizes past u32 never
+    // reach a dispatch: check_limits rejects a bias larger than a storage binding.
+    let (stride_b, stride_h) = match bias_dims(spec) {
+        Some([b, h, sq, sk]) => {
+            let plane = sq as u64 * sk as u64;
+            let fit = |x: u64| u32::try_from(x).unwrap_or(u32::MAX);
             (
-                if layout.broadcast_batch {
-                    0
-                } else {
-                    heads * plane
-                },
-                if layout.broadcast_heads { 0 } else { plane },
+                if b == 1 { 0 } else { fit(h as u64 * plane) },
+                if h == 1 { 0 } else { fit(plane) },
             )
         }
         None => (0, 0),
@@ -164,24 +158,21 @@ pub(crate) fn params_for(spec: &AttentionSpec, pos: &ResolvedPosition) -> Params
     }
 }
 
+/// Shape of the caller bias a spec expects: [batch or 1, heads or 1, seq_q, seq_k].
+pub fn bias_dims(spec: &AttentionSpec) -> Option<[u32; 4]> {
+    spec.bias.map(|l| {
+        [
+            if l.broadcast_batch { 1 } else { spec.batch },
+            if l.broadcast_heads { 1 } else { spec.num_heads },
+            spec.seq_q,
+            spec.seq_k,
+        ]
+    })
+}
+
 /// Elements of the caller bias a spec expects (0 without one).
 pub fn bias_len(spec: &AttentionSpec) -> usize {
-    match spec.bias {
-        Some(layout) => {
-            let b = if layout.broadcast_batch {
-                1
-            } else {
-                spec.batch as usize
-            };
-            let h = if layout.broadcast_heads {
-                1
-            } else {
-                spec.num_heads as usize
-            };
-            b * h * spec.seq_q as usize * spec.seq_k as usize
-        }
-        None => 0,
-    }
+    bias_dims(spec).map_or(0, |d| d.iter().map(|&x| x as usize).product())
 }
 
 /// Checks that a buffer the caller passes can be bound as storage and holds `need` bytes.
@@ -510,15 +501,7 @@ impl Attention {
 fn shape(s: &AttentionSpec, field: &str) -> [u32; 4] {
     match field {
         "q" | "out" => [s.batch, s.seq_q, s.num_heads, s.head_dim],
-        "bias" => {
-            let l = s.bias.unwrap_or_default();
-            [
-                if l.broadcast_batch { 1 } else { s.batch },
-                if l.broadcast_heads { 1 } else { s.num_heads },
-                s.seq_q,
-                s.seq_k,
-            ]
-        }
+        "bias" => bias_dims(s).unwrap_or([0; 4]),
         _ => [s.batch, s.seq_k, s.num_kv_heads, s.head_dim],
     }
 }
