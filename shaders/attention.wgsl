@@ -119,6 +119,18 @@ fn stage_rows(from_q: bool, branch_q: bool, lid: u32, batch: u32, head: u32, row
     }
 }
 
+// Which of four keys (indices kk) lie in the sliding window of a query at key index ip.
+fn in_window(kk: vec4<i32>, ip: i32) -> vec4<bool> {
+    var win = vec4<bool>(true);
+    if (params.window_left >= 0) {
+        win = win & (kk >= vec4<i32>(ip - params.window_left));
+    }
+    if (params.window_right >= 0) {
+        win = win & (kk <= vec4<i32>(ip + params.window_right));
+    }
+    return win;
+}
+
 // Whether the caller's bias value hides the key: −∞ or at most −1e30 (tested on the bits, since
 // WGSL lets compilers assume there are no infinities).
 fn bias_masks(b: f32) -> bool {
@@ -263,10 +275,10 @@ fn attention_fused(
         // The tile is visible to every row of the workgroup with no per-key test: inside the
         // bounds, before the causal bound, and inside the window or among the sinks.
         let k_last = i32(key0 + BLOCK_K) - 1;
-        let in_window = (left < 0 || i32(key0) >= last_ip - left) && (right < 0 || k_last <= first_ip + right);
+        let tile_in_window = (left < 0 || i32(key0) >= last_ip - left) && (right < 0 || k_last <= first_ip + right);
         let full = key0 + BLOCK_K <= params.seq_k
             && (params.causal == 0u || k_last <= first_ip)
-            && (in_window || k_last < sinks)
+            && (tile_in_window || k_last < sinks)
             && !has_bias;
 
         for (var g = 0u; g < BLOCK_K; g += 4u) {
@@ -291,14 +303,7 @@ fn attention_fused(
                 // @unroll
                 for (var r = 0u; r < ROWS; r++) {
                     let ip = i32(rows[r]) + diag;
-                    var win = vec4<bool>(true);
-                    if (left >= 0) {
-                        win = win & (kk >= vec4<i32>(ip - left));
-                    }
-                    if (right >= 0) {
-                        win = win & (kk <= vec4<i32>(ip + right));
-                    }
-                    var u = (kk < vec4<i32>(sinks)) & !win;
+                    var u = (kk < vec4<i32>(sinks)) & !in_window(kk, ip);
                     if (params.branch_rule == 1u) {
                         u = abs(vec4<i32>(qpos[r]) - kpos) >= vec4<i32>(params.branch_w);
                     }
@@ -375,13 +380,7 @@ fn attention_fused(
                                   (d2_.x + d2_.y) + (d2_.z + d2_.w), (d3.x + d3.y) + (d3.z + d3.w));
                 let m = qpos[r];
                 let ip = i32(rows[r]) + diag;
-                var win = vec4<bool>(true);
-                if (left >= 0) {
-                    win = win & (kk >= vec4<i32>(ip - left));
-                }
-                if (right >= 0) {
-                    win = win & (kk <= vec4<i32>(ip + right));
-                }
+                let win = in_window(kk, ip);
                 let sink = kk < vec4<i32>(sinks);
                 if (TWO_BRANCH) {
                     let e = 4u * r;
