@@ -70,6 +70,123 @@ fn run_reproduces_a_hugging_face_llama_attention() {
     let _ = std::fs::remove_file(out);
 }
 
+/// `run --bias`: a caller bias broadcast over heads, with −inf entries, on the same tensors and a
+/// window; the output matches the f64 reference with that bias.
+#[test]
+fn run_takes_a_bias_file() {
+    if !have_adapter() {
+        return;
+    }
+    let g = golden();
+    let tmp = std::env::temp_dir();
+    let id = std::process::id();
+    let (out, bias_path, spec_path) = (
+        tmp.join(format!("posattn-bias-out-{id}.npy")),
+        tmp.join(format!("posattn-bias-{id}.npy")),
+        tmp.join(format!("posattn-bias-spec-{id}.json")),
+    );
+    let load = |f: &'static str| parse_npy(f, &std::fs::read(g.join(f)).unwrap(), Some(4)).unwrap();
+    let (q, k, v) = (load("q.npy"), load("k.npy"), load("v.npy"));
+    let (b, s) = (q.shape[0] as usize, q.shape[1] as usize);
+    let mut rng = posattn::check::SplitMix::new(5);
+    let bias: Vec<f32> = (0..b * s * s)
+        .map(|i| {
+            if i % 7 == 3 {
+                f32::NEG_INFINITY
+            } else {
+                rng.uniform()
+            }
+        })
+        .collect();
+    let shape = [b as u64, 1, s as u64, s as u64];
+    posattn::files::write_npy(&bias_path, &shape, &bias).unwrap();
+    let spec_text = r#"{"causal": true, "position": {"type": "rope", "theta": 500000},
+                        "window": {"left": 20}, "softcap": 20}"#;
+    std::fs::write(&spec_path, spec_text).unwrap();
+    let (code, text) = posattn(&[
+        "run",
+        "--q",
+        g.join("q.npy").to_str().unwrap(),
+        "--k",
+        g.join("k.npy").to_str().unwrap(),
+        "--v",
+        g.join("v.npy").to_str().unwrap(),
+        "--bias",
+        bias_path.to_str().unwrap(),
+        "--spec",
+        spec_path.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{text}");
+    let got = parse_npy("out", &std::fs::read(&out).unwrap(), Some(4)).unwrap();
+    let dims = [
+        b as u32,
+        s as u32,
+        s as u32,
+        q.shape[2] as u32,
+        k.shape[2] as u32,
+        64,
+    ];
+    let mut spec = parse_spec(spec_text, dims, Path::new("."), s as i64).unwrap();
+    spec.bias = Some(posattn::BiasLayout {
+        broadcast_batch: false,
+        broadcast_heads: true,
+    });
+    let (pq, pk) = spec.default_positions();
+    let r = |bias| {
+        posattn::reference::attention_with_bias::<f64>(
+            &spec, &q.data, &k.data, &v.data, &pq, &pk, bias,
+        )
+    };
+    let r32 = posattn::reference::attention_with_bias::<f32>(
+        &spec,
+        &q.data,
+        &k.data,
+        &v.data,
+        &pq,
+        &pk,
+        Some(&bias),
+    );
+    let (status, err, _, bound) = posattn::check::compare(&got.data, &r(Some(&bias)), &r32);
+    assert_eq!(status, posattn::check::Status::Pass, "{err} > {bound}");
+    // The bias mattered: without it the reference differs.
+    let plain = r(None);
+    assert!(
+        got.data
+            .iter()
+            .zip(&plain)
+            .any(|(a, b)| (*a as f64 - b).abs() > 1e-3)
+    );
+    // A bias whose shape does not fit is a clear error.
+    posattn::files::write_npy(
+        &bias_path,
+        &[b as u64, 3, s as u64, s as u64],
+        &vec![0.0; b * 3 * s * s],
+    )
+    .unwrap();
+    let (code, text) = posattn(&[
+        "run",
+        "--q",
+        g.join("q.npy").to_str().unwrap(),
+        "--k",
+        g.join("k.npy").to_str().unwrap(),
+        "--v",
+        g.join("v.npy").to_str().unwrap(),
+        "--bias",
+        bias_path.to_str().unwrap(),
+        "--spec",
+        spec_path.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("bias"), "{text}");
+    for f in [out, bias_path, spec_path] {
+        let _ = std::fs::remove_file(f);
+    }
+}
+
 /// A .npy header for `descr` and `shape`, followed by `payload` bytes.
 fn npy(descr: &str, shape: &str, payload: usize) -> Vec<u8> {
     let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");

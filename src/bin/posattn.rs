@@ -78,6 +78,9 @@ enum Command {
         /// Key positions, [batch, seq_k] or [seq_k] (default: 0..seq_k).
         #[arg(long)]
         positions_k: Option<std::path::PathBuf>,
+        /// An additive bias, [batch or 1, heads or 1, seq_q, seq_k], f32/f16/f64; −inf hides a key.
+        #[arg(long)]
+        bias: Option<std::path::PathBuf>,
         /// The run spec (JSON; see the README).
         #[arg(long)]
         spec: std::path::PathBuf,
@@ -305,6 +308,7 @@ struct RunArgs {
     v: std::path::PathBuf,
     positions_q: Option<std::path::PathBuf>,
     positions_k: Option<std::path::PathBuf>,
+    bias: Option<std::path::PathBuf>,
     spec: std::path::PathBuf,
     out: std::path::PathBuf,
     compare: Option<std::path::PathBuf>,
@@ -352,11 +356,39 @@ fn run(a: RunArgs, backend: Option<Backend>, adapter: Option<String>) -> posattn
     let text = String::from_utf8(read_limited("spec", &a.spec)?)
         .map_err(|_| posattn::Error::invalid("spec", "UTF-8 JSON", "bytes that are not UTF-8"))?;
     let dir = a.spec.parent().unwrap_or(std::path::Path::new("."));
-    let spec = parse_spec(&text, [b, sq, sk, h, hkv, d], dir, max_pos)?;
+    let mut spec = parse_spec(&text, [b, sq, sk, h, hkv, d], dir, max_pos)?;
+    let bias = match &a.bias {
+        Some(p) => {
+            let t = parse_npy("bias", &read_limited("bias", p)?, Some(4))?;
+            let s = &t.shape;
+            let fits = |dim: u64, full: u32| dim == 1 || dim == full as u64;
+            if !(fits(s[0], b) && fits(s[1], h) && s[2] == sq as u64 && s[3] == sk as u64) {
+                return Err(posattn::Error::invalid(
+                    "bias",
+                    format!("shape [{b} or 1, {h} or 1, {sq}, {sk}]"),
+                    format!("{s:?}"),
+                ));
+            }
+            spec.bias = Some(posattn::BiasLayout {
+                broadcast_batch: s[0] == 1,
+                broadcast_heads: s[1] == 1,
+            });
+            Some(t.data)
+        }
+        None => None,
+    };
     let ctx = Context::with_options(&options(backend, adapter))?;
     eprintln!("running on {}", ctx.describe());
     let plan = posattn::Attention::new(&ctx, &spec)?;
-    let out = plan.run(&ctx, &q.data, &k.data, &v.data, Some(&pq), Some(&pk))?;
+    let out = plan.run_with_bias(
+        &ctx,
+        &q.data,
+        &k.data,
+        &v.data,
+        Some(&pq),
+        Some(&pk),
+        bias.as_deref(),
+    )?;
     write_npy(&a.out, &q.shape, &out)?;
     println!("wrote {} ({:?})", a.out.display(), q.shape);
     let Some(cmp) = &a.compare else {
@@ -372,7 +404,15 @@ fn run(a: RunArgs, backend: Option<Backend>, adapter: Option<String>) -> posattn
     }
     // The given reference plays the part of the plain implementation in the tolerance rule:
     // |ours − f64| must be within a multiple of |theirs − f64|, plus the floor.
-    let r64 = posattn::reference::attention::<f64>(&spec, &q.data, &k.data, &v.data, &pq, &pk);
+    let r64 = posattn::reference::attention_with_bias::<f64>(
+        &spec,
+        &q.data,
+        &k.data,
+        &v.data,
+        &pq,
+        &pk,
+        bias.as_deref(),
+    );
     let (status, err_ours, err_theirs, bound) = check::compare(&out, &r64, &reference.data);
     let direct = out
         .iter()
@@ -546,6 +586,7 @@ fn main() -> ExitCode {
             v,
             positions_q,
             positions_k,
+            bias,
             spec,
             out,
             compare,
@@ -558,6 +599,7 @@ fn main() -> ExitCode {
                 v,
                 positions_q,
                 positions_k,
+                bias,
                 spec,
                 out,
                 compare,
