@@ -103,21 +103,26 @@ fn run_takes_a_bias_file() {
     let spec_text = r#"{"causal": true, "position": {"type": "rope", "theta": 500000},
                         "window": {"left": 20}, "softcap": 20}"#;
     std::fs::write(&spec_path, spec_text).unwrap();
-    let (code, text) = posattn(&[
-        "run",
-        "--q",
-        g.join("q.npy").to_str().unwrap(),
-        "--k",
-        g.join("k.npy").to_str().unwrap(),
-        "--v",
-        g.join("v.npy").to_str().unwrap(),
-        "--bias",
-        bias_path.to_str().unwrap(),
-        "--spec",
-        spec_path.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let run = || {
+        let arg = |p: &Path| p.to_str().unwrap().to_string();
+        let args = [
+            "run".into(),
+            "--q".into(),
+            arg(&g.join("q.npy")),
+            "--k".into(),
+            arg(&g.join("k.npy")),
+            "--v".into(),
+            arg(&g.join("v.npy")),
+            "--bias".into(),
+            arg(&bias_path),
+            "--spec".into(),
+            arg(&spec_path),
+            "--out".into(),
+            arg(&out),
+        ];
+        posattn(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let (code, text) = run();
     assert_eq!(code, 0, "{text}");
     let got = parse_npy("out", &std::fs::read(&out).unwrap(), Some(4)).unwrap();
     let dims = [
@@ -165,21 +170,7 @@ fn run_takes_a_bias_file() {
         &vec![0.0; b * 3 * s * s],
     )
     .unwrap();
-    let (code, text) = posattn(&[
-        "run",
-        "--q",
-        g.join("q.npy").to_str().unwrap(),
-        "--k",
-        g.join("k.npy").to_str().unwrap(),
-        "--v",
-        g.join("v.npy").to_str().unwrap(),
-        "--bias",
-        bias_path.to_str().unwrap(),
-        "--spec",
-        spec_path.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let (code, text) = run();
     assert_eq!(code, 2, "{text}");
     assert!(text.contains("bias"), "{text}");
     for f in [out, bias_path, spec_path] {

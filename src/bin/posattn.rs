@@ -66,30 +66,8 @@ enum Command {
     /// One attention on tensors from .npy files ([batch, seq, heads, head_dim]; f32, f16 or f64,
     /// computed in f32), described by a JSON spec; writes the output as .npy.
     Run {
-        #[arg(long)]
-        q: std::path::PathBuf,
-        #[arg(long)]
-        k: std::path::PathBuf,
-        #[arg(long)]
-        v: std::path::PathBuf,
-        /// Query positions, [batch, seq_q] or [seq_q], int32 or int64 (default: bottom-right).
-        #[arg(long)]
-        positions_q: Option<std::path::PathBuf>,
-        /// Key positions, [batch, seq_k] or [seq_k] (default: 0..seq_k).
-        #[arg(long)]
-        positions_k: Option<std::path::PathBuf>,
-        /// An additive bias, [batch or 1, heads or 1, seq_q, seq_k], f32/f16/f64; −inf hides a key.
-        #[arg(long)]
-        bias: Option<std::path::PathBuf>,
-        /// The run spec (JSON; see the README).
-        #[arg(long)]
-        spec: std::path::PathBuf,
-        /// Where to write the output .npy.
-        #[arg(long)]
-        out: std::path::PathBuf,
-        /// A reference output (e.g. from PyTorch) to compare against.
-        #[arg(long)]
-        compare: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        args: RunArgs,
         #[arg(long, value_enum)]
         backend: Option<Backend>,
         #[arg(long)]
@@ -302,15 +280,31 @@ fn check(
     }
 }
 
+#[derive(clap::Args)]
 struct RunArgs {
+    #[arg(long)]
     q: std::path::PathBuf,
+    #[arg(long)]
     k: std::path::PathBuf,
+    #[arg(long)]
     v: std::path::PathBuf,
+    /// Query positions, [batch, seq_q] or [seq_q], int32 or int64 (default: bottom-right).
+    #[arg(long)]
     positions_q: Option<std::path::PathBuf>,
+    /// Key positions, [batch, seq_k] or [seq_k] (default: 0..seq_k).
+    #[arg(long)]
     positions_k: Option<std::path::PathBuf>,
+    /// An additive bias, [batch or 1, heads or 1, seq_q, seq_k], f32/f16/f64; −inf hides a key.
+    #[arg(long)]
     bias: Option<std::path::PathBuf>,
+    /// The run spec (JSON; see the README).
+    #[arg(long)]
     spec: std::path::PathBuf,
+    /// Where to write the output .npy.
+    #[arg(long)]
     out: std::path::PathBuf,
+    /// A reference output (e.g. from PyTorch) to compare against.
+    #[arg(long)]
     compare: Option<std::path::PathBuf>,
 }
 
@@ -581,37 +575,16 @@ fn main() -> ExitCode {
             }
         },
         Command::Run {
-            q,
-            k,
-            v,
-            positions_q,
-            positions_k,
-            bias,
-            spec,
-            out,
-            compare,
+            args,
             backend,
             adapter,
-        } => {
-            let args = RunArgs {
-                q,
-                k,
-                v,
-                positions_q,
-                positions_k,
-                bias,
-                spec,
-                out,
-                compare,
-            };
-            match run(args, backend, adapter) {
-                Ok(true) => ExitCode::SUCCESS,
-                Ok(false) => ExitCode::FAILURE,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(2)
-                }
+        } => match run(args, backend, adapter) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
             }
-        }
+        },
     }
 }
