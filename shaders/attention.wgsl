@@ -22,12 +22,12 @@
 // the two scores per key: ReRoPE's clamped distance, LM-Infinite's distance limit and
 // StreamingLLM's cache-index positions.
 //
-// The host prepends the variant constants (see src/kernel.rs, `KernelKey::wgsl_header`):
+// The host prepends the variant constants (see src/kernel/variants.rs, `KernelKey::wgsl_header`):
 //   HEAD_DIM, BLOCK_Q, BLOCK_K, ROWS, POS_KIND, ROPE_INTERLEAVED, TWO_BRANCH, K_TILES,
 // and expands every loop marked `@unroll` into straight-line copies with a constant index, so no
 // private array is ever indexed dynamically (Mesa's GL path turns such indexing into branch
 // ladders; every driver keeps constant-indexed arrays in registers).
-// Bindings are declared once here and once in src/kernel.rs (`Kernels::new`): keep in sync.
+// The bindings, `Params` and the codes come from src/kernel/abi.rs (generated declarations).
 
 
 const HEAD_VEC: u32 = HEAD_DIM / 4u;
@@ -39,16 +39,6 @@ const LOG2E: f32 = 1.4426950408889634;
 fn is_nan_bits(x: f32) -> bool {
     return (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u;
 }
-
-@group(0) @binding(0) var<storage, read> q_buf: array<f32>;
-@group(0) @binding(1) var<storage, read> k_buf: array<f32>;
-@group(0) @binding(2) var<storage, read> v_buf: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read_write> o_buf: array<vec4<f32>>;
-@group(0) @binding(4) var<storage, read> pos_q: array<i32>;
-@group(0) @binding(5) var<storage, read> pos_k: array<i32>;
-@group(0) @binding(6) var<storage, read> aux: array<vec4<f32>>;
-@group(0) @binding(7) var<uniform> params: Params;
-@group(0) @binding(8) var<storage, read> user_bias: array<f32>;
 
 // K_TILES tiles of keys (the second one rotated for the second branch), then one of values.
 var<workgroup> k_tile: array<vec4<f32>, K_TILES * BLOCK_K * HEAD_VEC>;
@@ -97,9 +87,9 @@ fn stage_rows(from_q: bool, branch_q: bool, lid: u32, batch: u32, head: u32, row
             if (slot < r / 2u) {
                 if (TWO_BRANCH && branch) {
                     var bpos = pos;
-                    if (from_q && params.branch_q_mode == 1u) {
+                    if (from_q && params.branch_q_mode == BRANCH_Q_ZERO) {
                         bpos = 0;
-                    } else if (from_q && params.branch_q_mode == 2u) {
+                    } else if (from_q && params.branch_q_mode == BRANCH_Q_CACHE_INDEX) {
                         // StreamingLLM: the query's index in the rolling cache of sinks and
                         // window, min(i', sinks + left); keys keep their positions.
                         let ip = i32(src_row) + diag;
@@ -174,7 +164,7 @@ fn attention_fused(
     // itself is 1) and adds nothing to the accumulator.
     var m0 = MASKED;
     var l0 = 0.0;
-    if (params.sink_logit_offset != 0xffffffffu) {
+    if (params.sink_logit_offset != NO_SINK_LOGITS) {
         m0 = aux_f(params.sink_logit_offset + head) * LOG2E;
         l0 = 1.0;
     }
@@ -304,7 +294,7 @@ fn attention_fused(
                 for (var r = 0u; r < ROWS; r++) {
                     let ip = i32(rows[r]) + diag;
                     var u = (kk < vec4<i32>(sinks)) & !in_window(kk, ip);
-                    if (params.branch_rule == 1u) {
+                    if (params.branch_rule == BRANCH_RULE_DISTANCE) {
                         u = abs(vec4<i32>(qpos[r]) - kpos) >= vec4<i32>(params.branch_w);
                     }
                     use2[r] = u;

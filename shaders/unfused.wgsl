@@ -3,18 +3,11 @@
 // the seq_q × seq_k matrix, a row softmax over it, then P·V. Four dispatches, each a plain
 // WGSL kernel in a reasonable style (64×64 register-blocked tiles for the two products).
 //
-// Shares `Params` (common.wgsl) and the position math with attention.wgsl; its bindings are
-// declared once here and once in src/kernel.rs (`Kernels::new`): keep in sync.
+// Shares `Params` and the position math with attention.wgsl; its bindings, like the fused
+// kernel's, are generated from src/kernel/abi.rs.
 
 const TILE: u32 = 64u;
 const KSTEP: u32 = 16u;
-
-@group(0) @binding(0) var<storage, read> src_a: array<f32>;
-@group(0) @binding(1) var<storage, read> src_b: array<f32>;
-@group(0) @binding(2) var<storage, read_write> dst: array<f32>;
-@group(0) @binding(3) var<storage, read> positions: array<i32>;
-@group(0) @binding(4) var<storage, read> aux: array<vec4<f32>>;
-@group(0) @binding(5) var<uniform> params: Params;
 
 // Pass 1: rotate one tensor ([batch, seq, heads, HEAD_DIM] in src_a) into dst. The host binds Q or
 // K, with `num_heads` and `seq_q` set to that tensor's head count and length.

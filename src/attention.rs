@@ -5,10 +5,11 @@ use wgpu::util::DeviceExt;
 
 use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::kernel::{BLOCK_Q, KernelKey, NO_SINK_LOGITS, Params, two_branch_rows, workgroup_bytes};
-use crate::mask::Extrapolation;
-use crate::position::{PositionEncoding, ResolvedPosition, freq_entry, pack4};
+use crate::kernel::abi::Family;
+use crate::kernel::{BLOCK_Q, KernelKey, workgroup_bytes};
+use crate::plan::lower;
 use crate::spec::AttentionSpec;
+pub use crate::spec::{bias_dims, bias_len};
 
 /// Device buffers of one call. Tensors are f32, contiguous [batch, seq, heads, head_dim];
 /// positions are i32 [batch, seq]. Every buffer needs `BufferUsages::STORAGE`.
@@ -37,142 +38,6 @@ pub struct Attention {
     default_pos_k: wgpu::Buffer,
     workgroups: [u32; 3],
     own_bytes: u64,
-}
-
-/// Everything the fused kernel reads besides the tensors: the encoding's tables with the sink
-/// logits and the second-branch frequencies appended, and the uniform block.
-pub(crate) fn resolve_call(spec: &AttentionSpec) -> Result<(ResolvedPosition, Params)> {
-    let seq_hint = spec.seq_q.max(spec.seq_k);
-    let mut pos = spec
-        .position
-        .resolve(spec.head_dim, spec.num_heads, seq_hint)?;
-    let mut params = params_for(spec, &pos);
-    if let Some(s) = &spec.sink_logits {
-        params.sink_logit_offset = pos.aux.len() as u32 * 4;
-        pos.aux.extend(pack4(s));
-    }
-    if let PositionEncoding::Rope(rope) = &spec.position {
-        let inv = rope.inv_freq(spec.head_dim);
-        let turns = |x: f64| (x / std::f64::consts::TAU).rem_euclid(1.0);
-        // Rule, query position mode, w, and per pair the branch frequency and the constant phase
-        // (turns) queries add.
-        type Branch = (u32, u32, i32, Vec<(f64, f64)>);
-        let table: Option<Branch> = match spec.extrapolation {
-            Extrapolation::None => None,
-            Extrapolation::ReRope { window, leak } => {
-                let inv_k = leak.map_or(0.0, |k| 1.0 / k);
-                let w = window as f64;
-                Some((
-                    1,
-                    0,
-                    window as i32,
-                    inv.iter()
-                        .map(|&f| (f * inv_k, turns(w * (1.0 - inv_k) * f)))
-                        .collect(),
-                ))
-            }
-            Extrapolation::LmInfinite { limit } => Some((
-                2,
-                1,
-                0,
-                inv.iter()
-                    .map(|&f| (0.0, turns(limit as f64 * f)))
-                    .collect(),
-            )),
-            Extrapolation::StreamingCacheIndex => {
-                Some((2, 2, 0, inv.iter().map(|&f| (f, 0.0)).collect()))
-            }
-        };
-        if let Some((rule, q_mode, w, entries)) = table {
-            params.branch_rule = rule;
-            params.branch_q_mode = q_mode;
-            params.branch_w = w;
-            params.branch_offset = pos.aux.len() as u32;
-            pos.aux.extend(entries.iter().map(|&(f, phase)| {
-                let mut e = freq_entry(f, 0.0);
-                e[3] = phase as f32;
-                e
-            }));
-        }
-    }
-    Ok((pos, params))
-}
-
-/// Whether the spec needs the two-branch kernel.
-pub(crate) fn two_branch(spec: &AttentionSpec) -> bool {
-    spec.extrapolation != Extrapolation::None
-}
-
-pub(crate) fn params_for(spec: &AttentionSpec, pos: &ResolvedPosition) -> Params {
-    let scale = spec.softmax_scale();
-    let log2e = std::f64::consts::LOG2_E;
-    // Strides in elements; a broadcast (or size-1) dimension has stride 0. Sizes past u32 never
-    // reach a dispatch: check_limits rejects a bias larger than a storage binding.
-    let (stride_b, stride_h) = match bias_dims(spec) {
-        Some([b, h, sq, sk]) => {
-            let plane = sq as u64 * sk as u64;
-            let fit = |x: u64| u32::try_from(x).unwrap_or(u32::MAX);
-            (
-                if b == 1 { 0 } else { fit(h as u64 * plane) },
-                if h == 1 { 0 } else { fit(plane) },
-            )
-        }
-        None => (0, 0),
-    };
-    let side = |w: Option<u32>| w.map_or(-1, |w| w as i32);
-    Params {
-        batch: spec.batch,
-        seq_q: spec.seq_q,
-        seq_k: spec.seq_k,
-        num_heads: spec.num_heads,
-        num_kv_heads: spec.num_kv_heads,
-        causal: spec.causal as u32,
-        rotary_dim: pos.rotary_dim,
-        alibi_symmetric: pos.alibi_symmetric as u32,
-        scale_log2: (scale * std::f64::consts::LOG2_E) as f32,
-        attn_factor: pos.attention_factor,
-        xpos_inv_scale_base: pos.xpos_inv_scale_base,
-        scale: scale as f32,
-        freq_offset: pos.freq_offset,
-        bias_offset: pos.bias_offset,
-        logn_inv_ln_len: spec
-            .logn_train_len
-            .map_or(0.0, |l| (1.0 / (l as f64).ln()) as f32),
-        sink_tokens: spec.sink_tokens,
-        window_left: side(spec.window.left),
-        window_right: side(spec.window.right),
-        softcap_log2: spec.softcap.map_or(0.0, |c| (c * log2e) as f32),
-        sink_logit_offset: NO_SINK_LOGITS,
-        bias_len: pos.bias_len,
-        bias_p0: pos.bias_params[0],
-        bias_p1: pos.bias_params[1],
-        user_bias: spec.bias.is_some() as u32,
-        user_bias_stride_b: stride_b,
-        user_bias_stride_h: stride_h,
-        branch_rule: 0,
-        branch_q_mode: 0,
-        branch_w: 0,
-        branch_offset: 0,
-        _pad0: 0,
-        _pad1: 0,
-    }
-}
-
-/// Shape of the caller bias a spec expects: [batch or 1, heads or 1, seq_q, seq_k].
-pub fn bias_dims(spec: &AttentionSpec) -> Option<[u32; 4]> {
-    spec.bias.map(|l| {
-        [
-            if l.broadcast_batch { 1 } else { spec.batch },
-            if l.broadcast_heads { 1 } else { spec.num_heads },
-            spec.seq_q,
-            spec.seq_k,
-        ]
-    })
-}
-
-/// Elements of the caller bias a spec expects (0 without one).
-pub fn bias_len(spec: &AttentionSpec) -> usize {
-    bias_dims(spec).map_or(0, |d| d.iter().map(|&x| x as usize).product())
 }
 
 /// Checks that a buffer the caller passes can be bound as storage and holds `need` bytes.
@@ -233,7 +98,7 @@ pub(crate) fn check_call_buffers<'a>(
 
 /// Checks sizes against the device's binding and dispatch limits.
 pub(crate) fn check_limits(ctx: &Context, spec: &AttentionSpec, grid: [u32; 3]) -> Result<()> {
-    let limits = ctx.device.limits();
+    let limits = ctx.device().limits();
     let max_bind = limits
         .max_storage_buffer_binding_size
         .min(limits.max_buffer_size);
@@ -270,15 +135,9 @@ impl Attention {
     /// Validates `spec` against itself and the device, compiles (or reuses) the pipeline and
     /// uploads the tables.
     pub fn new(ctx: &Context, spec: &AttentionSpec) -> Result<Self> {
-        spec.validate()?;
-        let (pos, params) = resolve_call(spec)?;
-        let rows = ctx.rows_per_invocation(spec.head_dim);
-        let key = if two_branch(spec) {
-            KernelKey::fused_two_branch(spec.head_dim, two_branch_rows(rows), pos.interleaved)
-        } else {
-            KernelKey::fused(spec.head_dim, rows, pos.kind, pos.interleaved)
-        };
-        let limits = ctx.device.limits();
+        let plan = lower(spec)?;
+        let key = plan.fused_key(spec.head_dim, ctx.rows_per_invocation(spec.head_dim));
+        let limits = ctx.device().limits();
         let wg_bytes = workgroup_bytes(&key);
         if wg_bytes > limits.max_compute_workgroup_storage_size {
             return Err(Error::unavailable(
@@ -300,7 +159,7 @@ impl Attention {
         let (pq, pk) = spec.default_positions();
         let (params, aux, default_pos_q, default_pos_k) = ctx.scoped("uploading tables", || {
             let init = |label, contents: &[u8], usage| {
-                ctx.device
+                ctx.device()
                     .create_buffer_init(&wgpu::util::BufferInitDescriptor {
                         label: Some(label),
                         contents,
@@ -311,10 +170,10 @@ impl Attention {
             (
                 init(
                     "posattn params",
-                    bytemuck::bytes_of(&params),
+                    bytemuck::bytes_of(&plan.params),
                     wgpu::BufferUsages::UNIFORM,
                 ),
-                init("posattn aux", bytemuck::cast_slice(&pos.aux), st),
+                init("posattn aux", bytemuck::cast_slice(&plan.aux), st),
                 init("posattn default pos_q", bytemuck::cast_slice(&pq), st),
                 init("posattn default pos_k", bytemuck::cast_slice(&pk), st),
             )
@@ -351,28 +210,27 @@ impl Attention {
         let (pos_q, pos_k) =
             check_call_buffers(&self.spec, bufs, &self.default_pos_q, &self.default_pos_k)?;
         ctx.scoped("creating the bind group", || {
-            // Without a caller bias, binding 8 gets the aux table (never read: user_bias = 0).
+            // Without a caller bias, `user_bias` gets the aux table (never read: user_bias = 0).
             let entries = [
-                bufs.q,
-                bufs.k,
-                bufs.v,
-                bufs.out,
-                pos_q,
-                pos_k,
-                &self.aux,
-                &self.params,
-                bufs.bias.unwrap_or(&self.aux),
+                ("q_buf", bufs.q),
+                ("k_buf", bufs.k),
+                ("v_buf", bufs.v),
+                ("o_buf", bufs.out),
+                ("pos_q", pos_q),
+                ("pos_k", pos_k),
+                ("aux", &self.aux),
+                ("params", &self.params),
+                ("user_bias", bufs.bias.unwrap_or(&self.aux)),
             ]
             .iter()
-            .enumerate()
-            .map(|(i, b)| wgpu::BindGroupEntry {
-                binding: i as u32,
+            .map(|(name, b)| wgpu::BindGroupEntry {
+                binding: Family::Fused.slot(name),
                 resource: b.as_entire_binding(),
             })
             .collect::<Vec<_>>();
-            ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            ctx.device().create_bind_group(&wgpu::BindGroupDescriptor {
                 label: Some("posattn fused"),
-                layout: &ctx.kernels.fused_bgl,
+                layout: ctx.bind_group_layout(Family::Fused),
                 entries: &entries,
             })
         })
@@ -447,7 +305,7 @@ impl Attention {
         let out = ctx.scoped("running attention", || -> Result<wgpu::Buffer> {
             let st = wgpu::BufferUsages::STORAGE;
             let init = |label, contents: &[u8]| {
-                ctx.device
+                ctx.device()
                     .create_buffer_init(&wgpu::util::BufferInitDescriptor {
                         label: Some(label),
                         contents,
@@ -466,14 +324,14 @@ impl Attention {
             let bb = bias.map(|b| init("posattn bias", bytemuck::cast_slice(b)));
             let poison = vec![f32::NAN; s.q_len()];
             let out = ctx
-                .device
+                .device()
                 .create_buffer_init(&wgpu::util::BufferInitDescriptor {
                     label: Some("posattn out"),
                     contents: bytemuck::cast_slice(&poison),
                     usage: st | wgpu::BufferUsages::COPY_SRC,
                 });
             let mut enc = ctx
-                .device
+                .device()
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                     label: Some("posattn run"),
                 });
@@ -490,7 +348,7 @@ impl Attention {
                     bias: bb.as_ref(),
                 },
             )?;
-            ctx.queue.submit([enc.finish()]);
+            ctx.queue().submit([enc.finish()]);
             Ok(out)
         })??;
         let bytes = ctx.read_buffer(&out, s.q_len() as u64 * 4)?;

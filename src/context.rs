@@ -1,12 +1,13 @@
 //! The device this crate runs on: either one it opens itself (adapter chosen from the
 //! environment, a name filter, or the best present) or the caller's own `wgpu::Device`.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::kernel::{KernelKey, Kernels};
+use crate::kernel::KernelKey;
+use crate::kernel::abi::Family;
+use crate::kernel::pipeline::Pipelines;
 
 /// Longest wait for one submission unless `ContextOptions::timeout` or `set_timeout` says otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -36,12 +37,11 @@ impl Default for ContextOptions {
 
 /// A device and queue plus the compiled pipelines this crate made on them.
 pub struct Context {
-    pub(crate) device: wgpu::Device,
-    pub(crate) queue: wgpu::Queue,
+    device: wgpu::Device,
+    queue: wgpu::Queue,
     info: wgpu::AdapterInfo,
-    pub(crate) timeout: Duration,
-    pub(crate) kernels: Kernels,
-    pub(crate) pipelines: Mutex<HashMap<KernelKey, wgpu::ComputePipeline>>,
+    timeout: Duration,
+    pipelines: Pipelines,
     multi_row: bool,
     rows_override: Option<u32>,
     uncaptured: Arc<Mutex<Vec<String>>>,
@@ -162,7 +162,7 @@ impl Context {
         info: wgpu::AdapterInfo,
         uncaptured: Arc<Mutex<Vec<String>>>,
     ) -> Self {
-        let kernels = Kernels::new(&device);
+        let pipelines = Pipelines::new(&device);
         Context {
             multi_row: crate::kernel::multi_row_device(&info),
             rows_override: None,
@@ -170,8 +170,7 @@ impl Context {
             queue,
             info,
             timeout: DEFAULT_TIMEOUT,
-            kernels,
-            pipelines: Mutex::new(HashMap::new()),
+            pipelines,
             uncaptured,
         }
     }
@@ -242,19 +241,17 @@ impl Context {
     /// Runs `f` inside validation, out-of-memory and internal error scopes and returns the first
     /// error wgpu reported, tagged with `during`.
     pub(crate) fn scoped<R>(&self, during: &'static str, f: impl FnOnce() -> R) -> Result<R> {
-        let internal = self.device.push_error_scope(wgpu::ErrorFilter::Internal);
-        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let r = f();
-        let errors = [validation.pop(), oom.pop(), internal.pop()]
-            .into_iter()
-            .filter_map(pollster::block_on)
-            .map(|e| e.to_string())
-            .collect::<Vec<_>>();
-        match errors.into_iter().next() {
-            Some(message) => Err(Error::Wgpu { during, message }),
-            None => Ok(r),
-        }
+        crate::error::scoped(&self.device, during, f)
+    }
+
+    /// The pipeline for `key`, compiled on first use and cached for the context's lifetime.
+    pub(crate) fn pipeline(&self, key: KernelKey) -> Result<wgpu::ComputePipeline> {
+        self.pipelines.get(&self.device, key)
+    }
+
+    /// The bind-group layout every kernel of `family` uses.
+    pub(crate) fn bind_group_layout(&self, family: Family) -> &wgpu::BindGroupLayout {
+        self.pipelines.bind_group_layout(family)
     }
 
     /// Waits for `submission`, at most `self.timeout`.

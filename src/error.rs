@@ -85,3 +85,25 @@ impl Error {
         }
     }
 }
+
+/// Runs `f` inside validation, out-of-memory and internal error scopes of `device` and returns
+/// the first error wgpu reported, tagged with `during`.
+pub(crate) fn scoped<R>(
+    device: &wgpu::Device,
+    during: &'static str,
+    f: impl FnOnce() -> R,
+) -> Result<R> {
+    let internal = device.push_error_scope(wgpu::ErrorFilter::Internal);
+    let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+    let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let r = f();
+    let errors = [validation.pop(), oom.pop(), internal.pop()]
+        .into_iter()
+        .filter_map(pollster::block_on)
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>();
+    match errors.into_iter().next() {
+        Some(message) => Err(Error::Wgpu { during, message }),
+        None => Ok(r),
+    }
+}

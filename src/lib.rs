@@ -24,6 +24,7 @@ pub mod error;
 pub mod files;
 pub mod kernel;
 pub mod mask;
+mod plan;
 pub mod position;
 pub mod reference;
 pub mod scaling;

@@ -7,6 +7,7 @@ use crate::bias::{
     sandwich_sum,
 };
 use crate::error::{Error, Result};
+use crate::kernel::abi::{AuxTable, BiasArgs, PosKind, freq_entry};
 
 /// Which channels of a head form a rotation pair.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -183,81 +184,6 @@ pub fn xpos_zeta(head_dim: u32) -> Vec<f64> {
         .collect()
 }
 
-/// One frequency entry as the kernels read it (keep in sync with `rope_turns` in
-/// shaders/position.wgsl): turns per position split into a 12-bit head, a 12-bit middle and the
-/// remainder, so that each product with a 12-bit position chunk is exact in f32; `w` carries
-/// log2(ζ) for xPos.
-pub fn freq_entry(inv_freq: f64, log2_zeta: f64) -> [f32; 4] {
-    let turns = inv_freq / std::f64::consts::TAU;
-    let hi = round_to_bits(turns, 12);
-    let mid = round_to_bits(turns - hi, 12);
-    let lo = turns - hi - mid;
-    [hi as f32, mid as f32, lo as f32, log2_zeta as f32]
-}
-
-/// `x` rounded to `bits` significant bits (exact in f32 for bits ≤ 24).
-fn round_to_bits(x: f64, bits: i32) -> f64 {
-    if x == 0.0 || !x.is_finite() {
-        return x;
-    }
-    let e = x.abs().log2().floor() as i32;
-    let scale = 2f64.powi(bits - 1 - e);
-    let r = (x * scale).round() / scale;
-    // f32 must hold it exactly: flush what f32 cannot represent as a normal number.
-    if r.abs() < f32::MIN_POSITIVE as f64 {
-        0.0
-    } else {
-        r
-    }
-}
-
-/// Kernel-facing code of an encoding (keep in sync with POS_* in the shaders).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum PosKind {
-    None = 0,
-    Rope = 1,
-    Alibi = 2,
-    Xpos = 3,
-    T5 = 4,
-    KerpleLog = 5,
-    KerplePower = 6,
-    Sandwich = 7,
-    Fire = 8,
-}
-
-impl PosKind {
-    pub const ALL: [PosKind; 9] = [
-        PosKind::None,
-        PosKind::Rope,
-        PosKind::Alibi,
-        PosKind::Xpos,
-        PosKind::T5,
-        PosKind::KerpleLog,
-        PosKind::KerplePower,
-        PosKind::Sandwich,
-        PosKind::Fire,
-    ];
-
-    pub fn name(&self) -> &'static str {
-        match self {
-            PosKind::None => "none",
-            PosKind::Rope => "rope",
-            PosKind::Alibi => "alibi",
-            PosKind::Xpos => "xpos",
-            PosKind::T5 => "t5",
-            PosKind::KerpleLog => "kerple_log",
-            PosKind::KerplePower => "kerple_power",
-            PosKind::Sandwich => "sandwich",
-            PosKind::Fire => "fire",
-        }
-    }
-
-    /// Whether queries and keys rotate.
-    pub fn rotates(&self) -> bool {
-        matches!(self, PosKind::Rope | PosKind::Xpos)
-    }
-}
-
 /// An encoding checked against the shapes and turned into what the kernel reads.
 #[derive(Clone, Debug)]
 pub(crate) struct ResolvedPosition {
@@ -268,32 +194,11 @@ pub(crate) struct ResolvedPosition {
     pub xpos_inv_scale_base: f32,
     pub alibi_symmetric: bool,
     /// Frequency entries (rotary_dim / 2 of them, at `freq_offset`), then the per-head bias
-    /// tables (ALiBi slopes, T5 or Sandwich tables, KERPLE parameters, FIRE weights) as floats
-    /// packed four to an entry from entry `bias_offset`.
-    pub aux: Vec<[f32; 4]>,
+    /// tables at `bias_offset` (see the aux layout in `kernel::abi`).
+    pub aux: AuxTable,
     pub freq_offset: u32,
     pub bias_offset: u32,
-    /// T5: max_distance; Sandwich: table length; FIRE: MLP width.
-    pub bias_len: u32,
-    /// FIRE: c and L.
-    pub bias_params: [f32; 2],
-}
-
-impl ResolvedPosition {
-    /// Appends `floats` (packed four to an entry) as the bias tables.
-    fn push_bias(&mut self, floats: &[f32]) {
-        self.bias_offset = self.aux.len() as u32;
-        self.aux.extend(pack4(floats));
-    }
-}
-
-/// Floats packed four to an aux entry, the last one padded with zeros.
-pub(crate) fn pack4(floats: &[f32]) -> impl Iterator<Item = [f32; 4]> + '_ {
-    floats.chunks(4).map(|c| {
-        let mut e = [0.0f32; 4];
-        e[..c.len()].copy_from_slice(c);
-        e
-    })
+    pub bias: BiasArgs,
 }
 
 fn check_finite(field: &'static str, x: f64, positive: bool) -> Result<()> {
@@ -335,11 +240,10 @@ impl PositionEncoding {
             attention_factor: 1.0,
             xpos_inv_scale_base: 0.0,
             alibi_symmetric: false,
-            aux: vec![[0.0; 4]],
+            aux: AuxTable::default(),
             freq_offset: 0,
             bias_offset: 0,
-            bias_len: 0,
-            bias_params: [0.0; 2],
+            bias: BiasArgs::None,
         };
         match self {
             PositionEncoding::None => {}
@@ -374,7 +278,9 @@ impl PositionEncoding {
                 out.interleaved = rope.layout == RopeLayout::Interleaved;
                 out.rotary_dim = r;
                 out.attention_factor = rope.attention_factor as f32;
-                out.aux = inv.iter().map(|&f| freq_entry(f, 0.0)).collect();
+                out.freq_offset = out
+                    .aux
+                    .push_entries(inv.iter().map(|&f| freq_entry(f, 0.0)));
             }
             PositionEncoding::Xpos(x) => {
                 check_finite("xpos.theta", x.theta, true)?;
@@ -385,11 +291,11 @@ impl PositionEncoding {
                 out.interleaved = x.layout == RopeLayout::Interleaved;
                 out.rotary_dim = head_dim;
                 out.xpos_inv_scale_base = (1.0 / x.scale_base) as f32;
-                out.aux = inv
-                    .iter()
-                    .zip(&zeta)
-                    .map(|(&f, &z)| freq_entry(f, z.log2()))
-                    .collect();
+                out.freq_offset = out.aux.push_entries(
+                    inv.iter()
+                        .zip(&zeta)
+                        .map(|(&f, &z)| freq_entry(f, z.log2())),
+                );
             }
             PositionEncoding::Alibi(a) => {
                 let slopes: Vec<f32> = match &a.slopes {
@@ -412,13 +318,15 @@ impl PositionEncoding {
                 };
                 out.kind = PosKind::Alibi;
                 out.alibi_symmetric = a.form == AlibiForm::Symmetric;
-                out.push_bias(&slopes);
+                out.bias_offset = out.aux.push_floats(&slopes);
             }
             PositionEncoding::T5(t) => {
                 t.validate(num_heads)?;
                 out.kind = PosKind::T5;
-                out.bias_len = t.max_distance;
-                out.push_bias(&t.lut(num_heads));
+                out.bias = BiasArgs::T5 {
+                    max_distance: t.max_distance,
+                };
+                out.bias_offset = out.aux.push_floats(&t.lut(num_heads));
             }
             PositionEncoding::Kerple(k) => {
                 k.validate(num_heads)?;
@@ -434,7 +342,7 @@ impl PositionEncoding {
                             [p, a]
                         })
                         .collect();
-                out.push_bias(&pa);
+                out.bias_offset = out.aux.push_floats(&pa);
             }
             PositionEncoding::Sandwich(sw) => {
                 sw.validate(head_dim)?;
@@ -443,25 +351,30 @@ impl PositionEncoding {
                 out.kind = PosKind::Sandwich;
                 // The kernel's fallback sum reads the frequencies as rotation entries.
                 out.rotary_dim = dim;
-                out.aux = freqs.iter().map(|&f| freq_entry(f, 0.0)).collect();
+                out.freq_offset = out
+                    .aux
+                    .push_entries(freqs.iter().map(|&f| freq_entry(f, 0.0)));
                 let len = seq_hint.clamp(1, SANDWICH_TABLE_MAX);
-                out.bias_len = len;
+                out.bias = BiasArgs::Sandwich { table_len: len };
                 let mut table: Vec<f32> = (0..len as i64)
                     .map(|d| sandwich_sum(d, &freqs) as f32)
                     .collect();
                 table.extend((1..=num_heads).map(|h| (num_heads as f64 / (8.0 * h as f64)) as f32));
-                out.push_bias(&table);
+                out.bias_offset = out.aux.push_floats(&table);
             }
             PositionEncoding::Fire(f) => {
                 f.validate(num_heads)?;
                 out.kind = PosKind::Fire;
-                out.bias_len = f.width() as u32;
-                out.bias_params = [f.c, f.l.abs()];
+                out.bias = BiasArgs::Fire {
+                    width: f.width() as u32,
+                    c: f.c,
+                    l: f.l.abs(),
+                };
                 let mut w = f.w1.clone();
                 w.extend(&f.b1);
                 w.extend(&f.w2);
                 w.extend(&f.b2);
-                out.push_bias(&w);
+                out.bias_offset = out.aux.push_floats(&w);
             }
         }
         Ok(out)
@@ -485,20 +398,6 @@ mod tests {
         assert_eq!(&s12[..8], &s8[..]);
         for j in 0..4 {
             assert_eq!(s12[8 + j], 2f64.powf(-0.5 * (2 * j + 1) as f64));
-        }
-    }
-
-    #[test]
-    fn freq_split_reassembles_exactly_enough() {
-        for &f in &[1.0, 0.5, 1e-4, 3.1e-7, 0.7498942093324559] {
-            let e = freq_entry(f, 0.0);
-            let back = (e[0] as f64 + e[1] as f64 + e[2] as f64) * std::f64::consts::TAU;
-            assert!(((back - f) / f).abs() < 1e-13, "{f}: {back}");
-            // The head and middle hold at most 12 significant bits.
-            for part in [e[0], e[1]] {
-                let m = part.to_bits() & 0x7f_ffff;
-                assert_eq!(m & 0xfff, 0, "{part} has more than 12 significant bits");
-            }
         }
     }
 }

@@ -259,6 +259,11 @@ impl AttentionSpec {
 
     /// Checks the shapes and parameters (not the device's limits).
     pub fn validate(&self) -> Result<()> {
+        crate::plan::lower(self).map(|_| ())
+    }
+
+    /// The checks that need no tables: sizes, scale, sequence limits.
+    pub(crate) fn validate_shape(&self) -> Result<()> {
         for (field, v) in [
             ("batch", self.batch),
             ("seq_q", self.seq_q),
@@ -301,13 +306,11 @@ impl AttentionSpec {
         {
             return Err(Error::invalid("logn_train_len", "at least 2", l));
         }
-        self.position
-            .resolve(self.head_dim, self.num_heads, self.seq_q.max(self.seq_k))?;
-        self.validate_extras()?;
         Ok(())
     }
 
-    fn validate_extras(&self) -> Result<()> {
+    /// Window, sinks, extrapolation, softcap, sink logits and bias (after the encoding).
+    pub(crate) fn validate_extras(&self) -> Result<()> {
         let max = MAX_ABS_POSITION as u32;
         for (field, side) in [
             ("window.left", self.window.left),
@@ -432,4 +435,21 @@ impl AttentionSpec {
         }
         Ok(())
     }
+}
+
+/// Shape of the caller bias a spec expects: [batch or 1, heads or 1, seq_q, seq_k].
+pub fn bias_dims(spec: &AttentionSpec) -> Option<[u32; 4]> {
+    spec.bias.map(|l| {
+        [
+            if l.broadcast_batch { 1 } else { spec.batch },
+            if l.broadcast_heads { 1 } else { spec.num_heads },
+            spec.seq_q,
+            spec.seq_k,
+        ]
+    })
+}
+
+/// Elements of the caller bias a spec expects (0 without one).
+pub fn bias_len(spec: &AttentionSpec) -> usize {
+    bias_dims(spec).map_or(0, |d| d.iter().map(|&x| x as usize).product())
 }

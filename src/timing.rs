@@ -32,12 +32,12 @@ pub fn time_encoded(
 ) -> Result<(Clock, Vec<Duration>)> {
     let timestamps = ctx.has_timestamps();
     let (query_set, resolve) = if timestamps {
-        let qs = ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
+        let qs = ctx.device().create_query_set(&wgpu::QuerySetDescriptor {
             label: Some("posattn timer"),
             ty: wgpu::QueryType::Timestamp,
             count: 2,
         });
-        let buf = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        let buf = ctx.device().create_buffer(&wgpu::BufferDescriptor {
             label: Some("posattn timer resolve"),
             size: 16,
             usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
@@ -47,11 +47,11 @@ pub fn time_encoded(
     } else {
         (None, None)
     };
-    let period = ctx.queue.get_timestamp_period() as f64;
+    let period = ctx.queue().get_timestamp_period() as f64;
     let mut out = Vec::with_capacity(iters);
     for _ in 0..iters {
         let mut enc = ctx
-            .device
+            .device()
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("posattn timed"),
             });
@@ -64,7 +64,9 @@ pub fn time_encoded(
             enc.resolve_query_set(qs, 0..2, buf, 0);
         }
         let start = Instant::now();
-        let sub = ctx.scoped("submitting timed work", || ctx.queue.submit([enc.finish()]))?;
+        let sub = ctx.scoped("submitting timed work", || {
+            ctx.queue().submit([enc.finish()])
+        })?;
         ctx.wait(sub)?;
         let wall = start.elapsed();
         match &resolve {

@@ -5,11 +5,12 @@
 
 use wgpu::util::DeviceExt;
 
-use crate::attention::{AttentionBuffers, check_call_buffers, check_limits, params_for};
+use crate::attention::{AttentionBuffers, check_call_buffers, check_limits};
 use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::kernel::{KernelKey, Params, Stage};
-use crate::position::{PosKind, ResolvedPosition};
+use crate::kernel::abi::{Family, Params, PosKind};
+use crate::kernel::{KernelKey, Stage};
+use crate::plan::lower;
 use crate::spec::AttentionSpec;
 
 /// Most workgroups along one dimension that every WebGPU device accepts.
@@ -18,7 +19,7 @@ const MAX_GROUPS: u32 = 65535;
 /// A planned unfused attention: pipelines, parameters and intermediate buffers allocated once.
 pub struct Unfused {
     spec: AttentionSpec,
-    pos: ResolvedPosition,
+    kind: PosKind,
     rope: Option<wgpu::ComputePipeline>,
     scores: wgpu::ComputePipeline,
     softmax: wgpu::ComputePipeline,
@@ -42,11 +43,8 @@ fn grid_1d(n: u32) -> (u32, u32) {
 impl Unfused {
     /// Plans the unfused pipeline. Supports no position encoding or RoPE.
     pub fn new(ctx: &Context, spec: &AttentionSpec) -> Result<Self> {
-        spec.validate()?;
-        let pos =
-            spec.position
-                .resolve(spec.head_dim, spec.num_heads, spec.seq_q.max(spec.seq_k))?;
-        if !matches!(pos.kind, PosKind::None | PosKind::Rope) {
+        let plan = lower(spec)?;
+        if !matches!(plan.kind, PosKind::None | PosKind::Rope) {
             return Err(Error::invalid(
                 "position",
                 "none or rope for the unfused baseline",
@@ -77,7 +75,7 @@ impl Unfused {
         check_limits(ctx, spec, [1, 1, 1])?;
         let score_bytes =
             spec.batch as u64 * spec.num_heads as u64 * spec.seq_q as u64 * spec.seq_k as u64 * 4;
-        let limits = ctx.device.limits();
+        let limits = ctx.device().limits();
         let max_bind = limits
             .max_storage_buffer_binding_size
             .min(limits.max_buffer_size);
@@ -88,8 +86,8 @@ impl Unfused {
                 format!("{max_bind} (max storage binding)"),
             ));
         }
-        let key = |stage| KernelKey::unfused(stage, spec.head_dim, pos.kind, pos.interleaved);
-        let rope = match pos.kind {
+        let key = |stage| KernelKey::unfused(stage, spec.head_dim, plan.kind, plan.interleaved);
+        let rope = match plan.kind {
             PosKind::Rope => Some(ctx.pipeline(key(Stage::RopeApply))?),
             _ => None,
         };
@@ -97,7 +95,7 @@ impl Unfused {
         let softmax = ctx.pipeline(key(Stage::Softmax))?;
         let pv = ctx.pipeline(key(Stage::Pv))?;
 
-        let params = params_for(spec, &pos);
+        let params = plan.params;
         // The RoPE pass sees each tensor as [batch, seq_q, num_heads, d].
         let params_q = params;
         let params_k = Params {
@@ -108,7 +106,7 @@ impl Unfused {
         let (pq, pk) = spec.default_positions();
         ctx.scoped("allocating the unfused pipeline", || {
             let init = |label, contents: &[u8], usage| {
-                ctx.device
+                ctx.device()
                     .create_buffer_init(&wgpu::util::BufferInitDescriptor {
                         label: Some(label),
                         contents,
@@ -116,7 +114,7 @@ impl Unfused {
                     })
             };
             let scratch = |label, size: u64| {
-                ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                ctx.device().create_buffer(&wgpu::BufferDescriptor {
                     label: Some(label),
                     size: size.max(4),
                     usage: wgpu::BufferUsages::STORAGE,
@@ -134,13 +132,13 @@ impl Unfused {
                 params: init("unfused params", bytemuck::bytes_of(&params), un),
                 params_q: init("unfused params q", bytemuck::bytes_of(&params_q), un),
                 params_k: init("unfused params k", bytemuck::bytes_of(&params_k), un),
-                aux: init("unfused aux", bytemuck::cast_slice(&pos.aux), st),
+                aux: init("unfused aux", bytemuck::cast_slice(&plan.aux), st),
                 default_pos_q: init("unfused pos_q", bytemuck::cast_slice(&pq), st),
                 default_pos_k: init("unfused pos_k", bytemuck::cast_slice(&pk), st),
                 q_rot: scratch("unfused q_rot", spec.q_len() as u64 * 4),
                 k_rot: scratch("unfused k_rot", spec.kv_len() as u64 * 4),
                 score_buf: scratch("unfused scores", score_bytes),
-                pos,
+                kind: plan.kind,
             }
         })
     }
@@ -172,7 +170,7 @@ impl Unfused {
     ) -> Result<()> {
         let s = &self.spec;
         let (pos_q, pos_k) = check_call_buffers(s, bufs, &self.default_pos_q, &self.default_pos_k)?;
-        let roped = self.pos.kind == PosKind::Rope;
+        let roped = self.kind == PosKind::Rope;
         let (qr, kr) = if roped {
             (&self.q_rot, &self.k_rot)
         } else {
@@ -184,17 +182,23 @@ impl Unfused {
                       dst: &wgpu::Buffer,
                       pos: &wgpu::Buffer,
                       params: &wgpu::Buffer| {
-                let entries: Vec<_> = [a, b, dst, pos, &self.aux, params]
-                    .iter()
-                    .enumerate()
-                    .map(|(i, buf)| wgpu::BindGroupEntry {
-                        binding: i as u32,
-                        resource: buf.as_entire_binding(),
-                    })
-                    .collect();
-                ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                let entries: Vec<_> = [
+                    ("src_a", a),
+                    ("src_b", b),
+                    ("dst", dst),
+                    ("positions", pos),
+                    ("aux", &self.aux),
+                    ("params", params),
+                ]
+                .iter()
+                .map(|(name, buf)| wgpu::BindGroupEntry {
+                    binding: Family::Unfused.slot(name),
+                    resource: buf.as_entire_binding(),
+                })
+                .collect();
+                ctx.device().create_bind_group(&wgpu::BindGroupDescriptor {
                     label: Some("posattn unfused"),
-                    layout: &ctx.kernels.unfused_bgl,
+                    layout: ctx.bind_group_layout(Family::Unfused),
                     entries: &entries,
                 })
             };

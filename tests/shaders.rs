@@ -1,13 +1,26 @@
-//! Every kernel variant the crate can build parses and validates with naga (no device needed),
-//! every `@unroll` marker was expanded, and the uniform block's layout matches the Rust struct.
+//! Every kernel variant the crate can build composes, parses and validates with naga (no device
+//! needed), no loop marked for unrolling survives, and each variant's reflected interface (its
+//! bindings and the uniform block's layout) is exactly the host's contract in
+//! `posattn::kernel::abi`, from which the bind-group layouts are built.
 
-use posattn::kernel::{KernelKey, Params};
+use posattn::kernel::KernelKey;
+use posattn::kernel::abi::{Access, Params};
+use posattn::kernel::source::UNROLL_MARK;
+
+fn all_keys() -> Vec<KernelKey> {
+    KernelKey::all_fused()
+        .into_iter()
+        .chain(KernelKey::all_unfused())
+        .collect()
+}
 
 fn validate(key: &KernelKey) -> naga::Module {
-    let src = key.wgsl();
+    let src = key
+        .try_wgsl()
+        .unwrap_or_else(|e| panic!("{}: {e}", key.name()));
     assert!(
-        !src.contains("// @unroll"),
-        "{}: an @unroll loop was not expanded",
+        !src.lines().any(|l| l.trim() == UNROLL_MARK),
+        "{}: a marked loop survived composition",
         key.name()
     );
     let module = naga::front::wgsl::parse_str(&src)
@@ -21,65 +34,75 @@ fn validate(key: &KernelKey) -> naga::Module {
     module
 }
 
-#[test]
-fn every_variant_validates() {
-    let keys: Vec<KernelKey> = KernelKey::all_fused()
-        .into_iter()
-        .chain(KernelKey::all_unfused())
-        .collect();
-    for key in &keys {
-        validate(key);
+/// The WGSL spelling naga gives a type, for comparison with the contract's.
+fn type_name(module: &naga::Module, ty: naga::Handle<naga::Type>) -> String {
+    let t = &module.types[ty];
+    if let Some(name) = &t.name {
+        return name.clone();
     }
-    println!("{} kernel variants validated with naga", keys.len());
-}
-
-/// `Params`' fields on the Rust side, in declaration order, with their offsets (keep the list
-/// in sync with src/kernel.rs; the offsets come from the compiler).
-fn rust_params() -> Vec<(&'static str, usize)> {
-    use std::mem::offset_of;
-    vec![
-        ("batch", offset_of!(Params, batch)),
-        ("seq_q", offset_of!(Params, seq_q)),
-        ("seq_k", offset_of!(Params, seq_k)),
-        ("num_heads", offset_of!(Params, num_heads)),
-        ("num_kv_heads", offset_of!(Params, num_kv_heads)),
-        ("causal", offset_of!(Params, causal)),
-        ("rotary_dim", offset_of!(Params, rotary_dim)),
-        ("alibi_symmetric", offset_of!(Params, alibi_symmetric)),
-        ("scale_log2", offset_of!(Params, scale_log2)),
-        ("attn_factor", offset_of!(Params, attn_factor)),
-        (
-            "xpos_inv_scale_base",
-            offset_of!(Params, xpos_inv_scale_base),
-        ),
-        ("scale", offset_of!(Params, scale)),
-        ("freq_offset", offset_of!(Params, freq_offset)),
-        ("bias_offset", offset_of!(Params, bias_offset)),
-        ("logn_inv_ln_len", offset_of!(Params, logn_inv_ln_len)),
-        ("sink_tokens", offset_of!(Params, sink_tokens)),
-        ("window_left", offset_of!(Params, window_left)),
-        ("window_right", offset_of!(Params, window_right)),
-        ("softcap_log2", offset_of!(Params, softcap_log2)),
-        ("sink_logit_offset", offset_of!(Params, sink_logit_offset)),
-        ("bias_len", offset_of!(Params, bias_len)),
-        ("bias_p0", offset_of!(Params, bias_p0)),
-        ("bias_p1", offset_of!(Params, bias_p1)),
-        ("user_bias", offset_of!(Params, user_bias)),
-        ("user_bias_stride_b", offset_of!(Params, user_bias_stride_b)),
-        ("user_bias_stride_h", offset_of!(Params, user_bias_stride_h)),
-        ("branch_rule", offset_of!(Params, branch_rule)),
-        ("branch_q_mode", offset_of!(Params, branch_q_mode)),
-        ("branch_w", offset_of!(Params, branch_w)),
-        ("branch_offset", offset_of!(Params, branch_offset)),
-        ("_pad0", offset_of!(Params, _pad0)),
-        ("_pad1", offset_of!(Params, _pad1)),
-    ]
+    let scalar = |s: naga::Scalar| match (s.kind, s.width) {
+        (naga::ScalarKind::Float, 4) => "f32".to_string(),
+        (naga::ScalarKind::Sint, 4) => "i32".to_string(),
+        (naga::ScalarKind::Uint, 4) => "u32".to_string(),
+        other => format!("{other:?}"),
+    };
+    match &t.inner {
+        naga::TypeInner::Scalar(s) => scalar(*s),
+        naga::TypeInner::Vector { size, scalar: s } => {
+            format!("vec{}<{}>", *size as u8, scalar(*s))
+        }
+        naga::TypeInner::Array {
+            base,
+            size: naga::ArraySize::Dynamic,
+            ..
+        } => format!("array<{}>", type_name(module, *base)),
+        other => format!("{other:?}"),
+    }
 }
 
 #[test]
-fn params_layout_matches_the_shaders() {
-    for key in [KernelKey::all_fused()[0], KernelKey::all_unfused()[0]] {
-        let module = validate(&key);
+fn every_variant_validates_and_matches_the_contract() {
+    let keys = all_keys();
+    assert!(!keys.is_empty());
+    for key in &keys {
+        let module = validate(key);
+        // Bindings: number, name, address space, access and type.
+        let mut got: Vec<(u32, String, Access, String)> = module
+            .global_variables
+            .iter()
+            .filter_map(|(_, g)| {
+                let b = g.binding.as_ref()?;
+                assert_eq!(b.group, 0, "{}: group", key.name());
+                let access = match g.space {
+                    naga::AddressSpace::Uniform => Access::Uniform,
+                    naga::AddressSpace::Storage { access } => {
+                        if access.contains(naga::StorageAccess::STORE) {
+                            Access::ReadWrite
+                        } else {
+                            Access::Read
+                        }
+                    }
+                    other => panic!("{}: binding in {other:?}", key.name()),
+                };
+                Some((
+                    b.binding,
+                    g.name.clone().unwrap_or_default(),
+                    access,
+                    type_name(&module, g.ty),
+                ))
+            })
+            .collect();
+        got.sort_by_key(|b| b.0);
+        let want: Vec<(u32, String, Access, String)> = key
+            .family()
+            .bindings()
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (i as u32, b.name.to_string(), b.access, b.ty.to_string()))
+            .collect();
+        assert_eq!(got, want, "{}: bindings", key.name());
+
+        // The uniform block: size, member names, offsets and types.
         let (_, ty) = module
             .types
             .iter()
@@ -94,14 +117,24 @@ fn params_layout_matches_the_shaders() {
             "{}: Params size",
             key.name()
         );
-        let got: Vec<(String, usize)> = members
+        let got: Vec<(String, String, usize)> = members
             .iter()
-            .map(|m| (m.name.clone().unwrap_or_default(), m.offset as usize))
+            .map(|m| {
+                (
+                    m.name.clone().unwrap_or_default(),
+                    type_name(&module, m.ty),
+                    m.offset as usize,
+                )
+            })
             .collect();
-        let want: Vec<(String, usize)> = rust_params()
+        let want: Vec<(String, String, usize)> = Params::FIELDS
             .iter()
-            .map(|(n, o)| (n.to_string(), *o))
+            .map(|(n, t, o)| (n.to_string(), t.to_string(), *o))
             .collect();
         assert_eq!(got, want, "{}: Params members", key.name());
     }
+    println!(
+        "{} kernel variants validated with naga; bindings and Params match the host",
+        keys.len()
+    );
 }

@@ -1,0 +1,220 @@
+//! Composes a variant's WGSL module: the contract generated from [`super::abi`], the variant's
+//! constants, the shared sources and the family's source, then unrolls every marked loop.
+//!
+//! Specialisation needs no preprocessor: each variant choice is a WGSL `const`, and every driver
+//! folds `if (POS_KIND == POS_ROPE)` on a constant. What a preprocessor cannot give is unrolling,
+//! which the software drivers need (a private array indexed by a loop variable becomes a branch
+//! ladder on Mesa's GL path), so the composer has exactly one transformation: a loop written as
+//!
+//! ```text
+//! // @unroll
+//! for (var c = 0u; c < BOUND; c++) { BODY }
+//! ```
+//!
+//! with BOUND one of the variant's unroll bounds (`HEAD_VEC`, `BLOCK_K`, `ROWS`) becomes
+//! `{ const c = 0u; BODY } { const c = 1u; BODY } …`, nested loops included. A marker before
+//! anything else is an error, never a loop left as written.
+
+use super::abi::{self, Family};
+use super::variants::KernelKey;
+
+pub(crate) const COMMON_WGSL: &str = include_str!("../../shaders/common.wgsl");
+pub(crate) const POSITION_WGSL: &str = include_str!("../../shaders/position.wgsl");
+pub(crate) const ATTENTION_WGSL: &str = include_str!("../../shaders/attention.wgsl");
+pub(crate) const UNFUSED_WGSL: &str = include_str!("../../shaders/unfused.wgsl");
+
+/// The line that marks a loop for unrolling.
+pub const UNROLL_MARK: &str = "// @unroll";
+
+/// Why a shader source could not be composed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ComposeError {
+    #[error(
+        "a `// @unroll` loop must read `for (var NAME = 0u; NAME < BOUND; NAME++) {{`; found `{0}`"
+    )]
+    LoopShape(String),
+    #[error("unroll bound `{bound}` in `{header}` is none of {known:?}")]
+    UnknownBound {
+        header: String,
+        bound: String,
+        known: Vec<&'static str>,
+    },
+    #[error("the body of `{0}` has no closing brace")]
+    Unclosed(String),
+}
+
+/// The whole module of `key`.
+pub(crate) fn compose(key: &KernelKey) -> Result<String, ComposeError> {
+    let family = match key.family() {
+        Family::Fused => ATTENTION_WGSL,
+        Family::Unfused => UNFUSED_WGSL,
+    };
+    let body = unroll(
+        &format!("{COMMON_WGSL}\n{POSITION_WGSL}\n{family}"),
+        &key.unroll_bounds(),
+    )?;
+    Ok(format!(
+        "{}\n{}\n{}",
+        key.wgsl_header(),
+        abi::wgsl_declarations(key.family()),
+        body
+    ))
+}
+
+/// Parses `for (var c = 0u; c < BOUND; c++)` into (c, BOUND).
+fn loop_header(header: &str) -> Option<(&str, &str)> {
+    let inner = header.strip_prefix("for (var ")?.strip_suffix(')')?;
+    let mut parts = inner.split(';').map(str::trim);
+    let var = parts.next()?.strip_suffix("= 0u")?.trim();
+    let bound = parts
+        .next()?
+        .strip_prefix(var)?
+        .trim()
+        .strip_prefix('<')?
+        .trim();
+    let step = parts.next()?;
+    let ident = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    (parts.next().is_none() && step == format!("{var}++") && ident(var) && ident(bound))
+        .then_some((var, bound))
+}
+
+/// Expands every loop marked with [`UNROLL_MARK`] (on a line of its own), innermost loops
+/// included, with bounds looked up in `bounds`.
+pub(crate) fn unroll(src: &str, bounds: &[(&'static str, u32)]) -> Result<String, ComposeError> {
+    let mut out = src.to_string();
+    while let Some(at) = find_mark(&out) {
+        let after = at + UNROLL_MARK.len();
+        let open = out[after..].find('{').map(|i| after + i).ok_or_else(|| {
+            ComposeError::LoopShape(out[after..].trim().chars().take(80).collect())
+        })?;
+        let header = out[after..open].trim().to_string();
+        let (var, bound) =
+            loop_header(&header).ok_or_else(|| ComposeError::LoopShape(header.clone()))?;
+        let n = bounds
+            .iter()
+            .find(|b| b.0 == bound)
+            .map(|b| b.1)
+            .ok_or_else(|| ComposeError::UnknownBound {
+                header: header.clone(),
+                bound: bound.to_string(),
+                known: bounds.iter().map(|b| b.0).collect(),
+            })?;
+        let var = var.to_string();
+        let mut depth = 1;
+        let mut close = None;
+        for (i, ch) in out[open + 1..].char_indices() {
+            match ch {
+                '{' => depth += 1,
+                '}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        close = Some(open + 1 + i);
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let close = close.ok_or_else(|| ComposeError::Unclosed(header.clone()))?;
+        let body = out[open + 1..close].to_string();
+        let expanded: String = (0..n)
+            .map(|k| format!("{{ const {var} = {k}u;{body}}}\n"))
+            .collect();
+        out.replace_range(at..close + 1, &expanded);
+    }
+    Ok(out)
+}
+
+/// Byte offset of the first marker that is a line of its own (after indentation).
+fn find_mark(s: &str) -> Option<usize> {
+    let mut line_start = 0;
+    for line in s.split_inclusive('\n') {
+        let trimmed = line.trim_start();
+        if trimmed.trim_end() == UNROLL_MARK {
+            return Some(line_start + (line.len() - trimmed.len()));
+        }
+        line_start += line.len();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const B: &[(&str, u32)] = &[("N", 3), ("M", 2)];
+
+    fn squash(s: &str) -> String {
+        s.split_whitespace().collect::<Vec<_>>().join(" ")
+    }
+
+    #[test]
+    fn unrolls_a_loop_into_constant_copies() {
+        let src = "a\n// @unroll\nfor (var i = 0u; i < N; i++) { x[i] = i; }\nb\n";
+        let got = unroll(src, B).unwrap();
+        assert_eq!(
+            squash(&got),
+            "a { const i = 0u; x[i] = i; } { const i = 1u; x[i] = i; } { const i = 2u; x[i] = i; } b"
+        );
+    }
+
+    #[test]
+    fn unrolls_nested_loops_and_inner_braces() {
+        let src = "    // @unroll\n    for (var i = 0u; i < M; i++) {\n        if (c) { y(); }\n        // @unroll\n        for (var j = 0u; j < M; j++) { z[i][j] = 1.0; }\n    }\n";
+        let got = unroll(src, B).unwrap();
+        assert!(!got.contains(UNROLL_MARK), "{got}");
+        assert!(!got.contains("for ("), "{got}");
+        assert_eq!(got.matches("z[i][j] = 1.0;").count(), 4);
+        assert_eq!(got.matches("if (c) { y(); }").count(), 2);
+        assert_eq!(got.matches("const j = 1u;").count(), 2);
+    }
+
+    #[test]
+    fn leaves_unmarked_loops_and_mentions_in_prose() {
+        let src =
+            "// loops marked `// @unroll` are expanded\nfor (var i = 0u; i < N; i++) { f(i); }\n";
+        assert_eq!(unroll(src, B).unwrap(), src);
+    }
+
+    #[test]
+    fn a_marked_loop_of_another_shape_is_an_error() {
+        for header in [
+            "for (var i = 1u; i < N; i++)",
+            "for (var i = 0u; i <= N; i++)",
+            "for (var i = 0u; i < N; i += 2u)",
+            "for (var i = 0u; j < N; i++)",
+            "loop",
+            "while (i < N)",
+        ] {
+            let src = format!("// @unroll\n{header} {{ f(i); }}\n");
+            assert!(
+                matches!(unroll(&src, B), Err(ComposeError::LoopShape(_))),
+                "{header}: {:?}",
+                unroll(&src, B)
+            );
+        }
+    }
+
+    #[test]
+    fn an_unknown_bound_is_an_error() {
+        let src = "// @unroll\nfor (var i = 0u; i < K; i++) { f(i); }\n";
+        assert!(matches!(
+            unroll(src, B),
+            Err(ComposeError::UnknownBound { bound, .. }) if bound == "K"
+        ));
+    }
+
+    #[test]
+    fn an_unclosed_body_is_an_error() {
+        let src = "// @unroll\nfor (var i = 0u; i < N; i++) { f(i);\n";
+        assert!(matches!(unroll(src, B), Err(ComposeError::Unclosed(_))));
+        let src = "// @unroll\n";
+        assert!(matches!(unroll(src, B), Err(ComposeError::LoopShape(_))));
+    }
+
+    #[test]
+    fn a_zero_bound_removes_the_loop() {
+        let src = "// @unroll\nfor (var i = 0u; i < Z; i++) { f(i); }\nend";
+        assert_eq!(unroll(src, &[("Z", 0)]).unwrap().trim(), "end");
+    }
+}
