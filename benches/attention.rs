@@ -11,8 +11,9 @@
 use std::fmt::Write as _;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use posattn::timing::{median, time_encoded};
-use posattn::{Attention, Unfused};
+use posattn::Attention;
+use posattn::harness::Unfused;
+use posattn::harness::timing::{median, time_encoded};
 
 mod common;
 

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use criterion::{BenchmarkGroup, Criterion, measurement::WallTime};
-use posattn::check::SplitMix;
+use posattn::harness::check::SplitMix;
 use posattn::{AttentionBuffers, AttentionSpec, Context, ContextOptions, enumerate_adapters};
 use wgpu::util::DeviceExt;
 

@@ -14,7 +14,7 @@ use std::fmt::Write as _;
 
 use common::{Setup, contexts, group, rope_causal, short_name};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use posattn::timing::{median, time_encoded};
+use posattn::harness::timing::{median, time_encoded};
 use posattn::{Attention, Extrapolation, Window};
 
 fn bench(c: &mut Criterion) {

@@ -78,7 +78,7 @@ pub const KERPLE_EPS: f32 = 1e-2;
 
 /// T5's bucket of a relative position `rel = key_pos − query_pos`, computed in f32 as
 /// transformers does (`torch.log` on float32, then truncation).
-pub fn t5_bucket(rel: i64, num_buckets: u32, max_distance: u32, bidirectional: bool) -> u32 {
+pub(crate) fn t5_bucket(rel: i64, num_buckets: u32, max_distance: u32, bidirectional: bool) -> u32 {
     let mut nb = num_buckets as i64;
     let mut bucket = 0i64;
     let mut rel = rel;
@@ -103,7 +103,7 @@ pub fn t5_bucket(rel: i64, num_buckets: u32, max_distance: u32, bidirectional: b
 }
 
 /// KERPLE's parameters after the source's clamps.
-pub fn kerple_params(form: KerpleForm, p: f32, a: f32) -> (f32, f32) {
+pub(crate) fn kerple_params(form: KerpleForm, p: f32, a: f32) -> (f32, f32) {
     let p = p.max(KERPLE_EPS);
     let p = if form == KerpleForm::Power {
         p.min(2.0)
@@ -114,14 +114,14 @@ pub fn kerple_params(form: KerpleForm, p: f32, a: f32) -> (f32, f32) {
 }
 
 /// Sandwich's frequencies `10000^(−2k/d')`, k = 1..d'/2.
-pub fn sandwich_freqs(dim: u32) -> Vec<f64> {
+pub(crate) fn sandwich_freqs(dim: u32) -> Vec<f64> {
     (1..=dim / 2)
         .map(|k| 10000f64.powf(-2.0 * k as f64 / dim as f64))
         .collect()
 }
 
 /// Sandwich's head-independent part: `Σ cos(δ·ω_k) − d'/2`.
-pub fn sandwich_sum(delta: i64, freqs: &[f64]) -> f64 {
+pub(crate) fn sandwich_sum(delta: i64, freqs: &[f64]) -> f64 {
     let s: f64 = freqs.iter().map(|w| (delta as f64 * w).cos()).sum();
     s - freqs.len() as f64
 }

@@ -16,21 +16,24 @@
 
 pub mod attention;
 pub mod bias;
-pub mod check;
 pub mod config;
 pub mod context;
 pub mod error;
 #[cfg(feature = "cli")]
 pub mod files;
+#[cfg(feature = "harness")]
+pub mod harness;
+/// Kernel variants, their composed WGSL and the host↔kernel contract; public for the harness
+/// and tools (feature `harness`), internal otherwise.
+#[cfg(feature = "harness")]
 pub mod kernel;
+#[cfg(not(feature = "harness"))]
+mod kernel;
 pub mod mask;
 mod plan;
 pub mod position;
-pub mod reference;
 pub mod scaling;
 pub mod spec;
-pub mod timing;
-pub mod unfused;
 
 pub use attention::{Attention, AttentionBuffers};
 pub use bias::{Fire, Kerple, KerpleForm, Sandwich, T5Bias};
@@ -41,5 +44,3 @@ pub use mask::{BiasLayout, Extrapolation, Window};
 pub use position::{Alibi, AlibiForm, AlibiSlopes, PositionEncoding, Rope, RopeLayout, Xpos};
 pub use scaling::{LongRope, RopeFrequencies, RopeScaling, Yarn, rope_frequencies};
 pub use spec::{AttentionSpec, SUPPORTED_HEAD_DIMS};
-
-pub use unfused::Unfused;

@@ -88,7 +88,7 @@ fn run_takes_a_bias_file() {
     let load = |f: &'static str| parse_npy(f, &std::fs::read(g.join(f)).unwrap(), Some(4)).unwrap();
     let (q, k, v) = (load("q.npy"), load("k.npy"), load("v.npy"));
     let (b, s) = (q.shape[0] as usize, q.shape[1] as usize);
-    let mut rng = posattn::check::SplitMix::new(5);
+    let mut rng = posattn::harness::check::SplitMix::new(5);
     let bias: Vec<f32> = (0..b * s * s)
         .map(|i| {
             if i % 7 == 3 {
@@ -140,11 +140,11 @@ fn run_takes_a_bias_file() {
     });
     let (pq, pk) = spec.default_positions();
     let r = |bias| {
-        posattn::reference::attention_with_bias::<f64>(
+        posattn::harness::reference::attention_with_bias::<f64>(
             &spec, &q.data, &k.data, &v.data, &pq, &pk, bias,
         )
     };
-    let r32 = posattn::reference::attention_with_bias::<f32>(
+    let r32 = posattn::harness::reference::attention_with_bias::<f32>(
         &spec,
         &q.data,
         &k.data,
@@ -153,8 +153,13 @@ fn run_takes_a_bias_file() {
         &pk,
         Some(&bias),
     );
-    let (status, err, _, bound) = posattn::check::compare(&got.data, &r(Some(&bias)), &r32);
-    assert_eq!(status, posattn::check::Status::Pass, "{err} > {bound}");
+    let (status, err, _, bound) =
+        posattn::harness::check::compare(&got.data, &r(Some(&bias)), &r32);
+    assert_eq!(
+        status,
+        posattn::harness::check::Status::Pass,
+        "{err} > {bound}"
+    );
     // The bias mattered: without it the reference differs.
     let plain = r(None);
     assert!(

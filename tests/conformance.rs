@@ -1,10 +1,10 @@
 //! GPU against the f64 CPU reference on every adapter present, one test per backend.
 //!
 //! Each case's output buffer is poisoned with NaN before the dispatch and the tolerance rule is
-//! `posattn::check`'s (FlashAttention style, stated there). Set `POSATTN_REQUIRE_BACKENDS`
+//! `posattn::harness::check`'s (FlashAttention style, stated there). Set `POSATTN_REQUIRE_BACKENDS`
 //! (e.g. `vulkan,gl`) to make a backend with no adapter a failure rather than a reported skip.
 
-use posattn::check::{self, Status};
+use posattn::harness::check::{self, Group, Status};
 use posattn::{Context, ContextOptions, enumerate_adapters};
 
 fn required(name: &str) -> bool {
@@ -88,14 +88,13 @@ fn conformance_vulkan() {
 /// relative bias and the combinations of masks and extrapolation methods) and every head size.
 #[test]
 fn conformance_vulkan_one_row_per_invocation() {
-    let quick: Vec<String> = check::quick_cases().into_iter().map(|c| c.name).collect();
     let cases = check::conformance_cases()
         .into_iter()
         .filter(|c| {
-            quick.contains(&c.name)
-                || c.name.contains("_q1_k100")
-                || c.name.contains("_s50_d")
-                || c.name.contains("_b3_")
+            check::is_quick(c)
+                || (c.group == Group::TileEdges && c.spec.seq_q == 1 && c.spec.seq_k == 100)
+                || c.group == Group::HeadDims
+                || c.group == Group::Positions
         })
         .collect();
     run_matrix(wgpu::Backends::VULKAN, "vulkan", Some(1), cases);
@@ -105,18 +104,19 @@ fn conformance_vulkan_one_row_per_invocation() {
 /// splitting of the barrier code: 10 s at head_dim 32, about 2 minutes at 256), so the GL run
 /// sweeps head sizes 32, 64, 80 and 128 with RoPE only; every other case of the matrix runs.
 /// Vulkan runs the whole sweep.
-const GL_SWEEP: &[&str] = &[
-    "rope_half_causal_s50_d32",
-    "rope_half_causal_s50_d64",
-    "rope_half_causal_s50_d80",
-    "rope_half_causal_s50_d128",
-];
+const GL_SWEEP_HEAD_DIMS: &[u32] = &[32, 64, 80, 128];
+const GL_SWEEP_ENCODING: &str = "rope_half";
+
+/// Whether the GL run takes a case (see `GL_SWEEP_HEAD_DIMS`).
+fn runs_on_gl(c: &check::Case) -> bool {
+    c.group != Group::HeadDims
+        || (c.encoding == GL_SWEEP_ENCODING && GL_SWEEP_HEAD_DIMS.contains(&c.spec.head_dim))
+}
 
 #[test]
 fn conformance_gl() {
-    let (cases, left): (Vec<_>, Vec<_>) = check::conformance_cases()
-        .into_iter()
-        .partition(|c| !c.name.contains("_s50_d") || GL_SWEEP.contains(&c.name.as_str()));
+    let (cases, left): (Vec<_>, Vec<_>) =
+        check::conformance_cases().into_iter().partition(runs_on_gl);
     let left: Vec<_> = left.iter().map(|c| c.name.as_str()).collect();
     println!(
         "conformance [gl]: declared as not run on GL (compile time): {}",

@@ -2,11 +2,12 @@
 //! submits; the crate records one pass and nothing else. Also checks the unfused baseline
 //! against the same reference, since the benchmark compares against it.
 
-use posattn::check::{Case, Status, compare};
-use posattn::reference;
+use posattn::harness::Unfused;
+use posattn::harness::check::{Case, Status, compare};
+use posattn::harness::reference;
 use posattn::{
     Attention, AttentionBuffers, AttentionSpec, Context, ContextOptions, PositionEncoding, Rope,
-    RopeLayout, Unfused, enumerate_adapters,
+    RopeLayout, enumerate_adapters,
 };
 use wgpu::util::DeviceExt;
 

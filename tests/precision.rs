@@ -3,8 +3,8 @@
 //! loses about 1e-2 rad near 1e6), so these cases use a fixed rule instead:
 //! max|gpu − ref64| / max|ref64| ≤ 1e-4, at positions around 2^16, 1e6 and just under 2^24.
 
-use posattn::check::{Case, Positions};
-use posattn::reference;
+use posattn::harness::check::{Case, Positions};
+use posattn::harness::reference;
 use posattn::{
     Attention, AttentionSpec, Context, ContextOptions, PositionEncoding, Rope, RopeLayout,
     enumerate_adapters,

@@ -188,7 +188,7 @@ fn invalid_scaling_parameters_name_their_field() {
 /// table of the length at which each arrived mixes tables: transformers issue 25104.)
 #[test]
 fn dynamic_ntk_uses_the_current_length_for_every_key() {
-    use posattn::check::{Case, Positions, Status, run_case};
+    use posattn::harness::check::{Case, Positions, Status, run_case};
     use posattn::{AttentionSpec, Context, ContextOptions, RopeLayout, enumerate_adapters};
     let scheme = RopeScaling::Dynamic {
         factor: 2.0,

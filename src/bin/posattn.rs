@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use posattn::check::{self, CaseResult, Status};
+use posattn::harness::check::{self, CaseResult, Status};
 use posattn::{Context, ContextOptions, describe_adapter, enumerate_adapters};
 
 #[derive(Parser)]
@@ -53,7 +53,8 @@ enum Command {
         /// A short subset of the matrix.
         #[arg(long)]
         quick: bool,
-        /// Only cases whose name contains this.
+        /// Only the cases with these attributes: comma-separated KEY=VALUE terms, keys group,
+        /// encoding, mask, kv, head_dim, name (e.g. `group=relative_bias,mask=causal`).
         #[arg(long)]
         filter: Option<String>,
         /// Print every case, not only the failures and a summary.
@@ -175,7 +176,21 @@ fn check(
         check::conformance_cases()
     };
     if let Some(f) = &filter {
-        cases.retain(|c| c.name.contains(f.as_str()));
+        let selection = match check::Selection::parse(f) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(2);
+            }
+        };
+        cases.retain(|c| selection.matches(c));
+    }
+    if cases.is_empty() {
+        eprintln!(
+            "no case matches the filter {filter:?}{}",
+            if quick { " in the quick subset" } else { "" }
+        );
+        return ExitCode::from(2);
     }
     let mut summary = Vec::new();
     let mut report = Vec::new();
@@ -398,7 +413,7 @@ fn run(a: RunArgs, backend: Option<Backend>, adapter: Option<String>) -> posattn
     }
     // The given reference plays the part of the plain implementation in the tolerance rule:
     // |ours − f64| must be within a multiple of |theirs − f64|, plus the floor.
-    let r64 = posattn::reference::attention_with_bias::<f64>(
+    let r64 = posattn::harness::reference::attention_with_bias::<f64>(
         &spec,
         &q.data,
         &k.data,
@@ -435,7 +450,7 @@ fn bench(
     seqs: &[u32],
     runs: usize,
 ) -> posattn::Result<()> {
-    use posattn::timing::{median, time_encoded};
+    use posattn::harness::timing::{median, time_encoded};
     use wgpu::util::DeviceExt;
     let adapters = enumerate_adapters(&options(backend, adapter));
     if adapters.is_empty() {
@@ -489,7 +504,7 @@ fn bench(
             let (_, _) = time_encoded(&ctx, 1, |e| fused.encode(&ctx, e, &bufs))?; // warm-up
             let (clock, t) = time_encoded(&ctx, runs, |e| fused.encode(&ctx, e, &bufs))?;
             let f_ms = median(&t).as_secs_f64() * 1e3;
-            let line = match posattn::Unfused::new(&ctx, &spec) {
+            let line = match posattn::harness::Unfused::new(&ctx, &spec) {
                 Ok(u) => {
                     let _ = time_encoded(&ctx, 1, |e| u.encode(&ctx, e, &bufs))?;
                     let (_, t) = time_encoded(&ctx, runs, |e| u.encode(&ctx, e, &bufs))?;

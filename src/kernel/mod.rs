@@ -1,3 +1,4 @@
+#![cfg_attr(not(feature = "harness"), allow(dead_code, unused_imports))]
 //! Everything on the kernel side of the crate: the host↔kernel contract ([`abi`]), how a
 //! variant's WGSL is put together ([`source`]), the variant keys ([`variants`]) and the
 //! pipeline cache ([`pipeline`]).

@@ -5,7 +5,7 @@
 //! (`rope_rotate`, `xpos_scale`, `alibi_bias`). Loops index like the formulas they transcribe.
 #![allow(clippy::needless_range_loop)]
 
-use crate::bias::{FIRE_EPS, KerpleForm, kerple_params, sandwich_freqs, t5_bucket};
+use crate::bias::{FIRE_EPS, KerpleForm, T5Bias};
 use crate::mask::Extrapolation;
 use crate::position::{
     AlibiForm, AlibiSlopes, PositionEncoding, RopeLayout, alibi_slopes, rope_inv_freq, xpos_zeta,
@@ -140,6 +140,33 @@ pub fn visible(spec: &AttentionSpec, i: usize, j: usize) -> bool {
     spec.visible(i, j)
 }
 
+/// T5's bucket of `rel = key_pos − query_pos`, from the definition (transformers'
+/// `T5Attention._relative_position_bucket`), written apart from the kernel's table builder so that
+/// a mistake there shows as a mismatch. transformers takes the log of a float32 tensor and the log
+/// of the distance ratio as a Python float, then truncates; so does this.
+fn t5_bucket(b: &T5Bias, rel: i64) -> usize {
+    let mut nb = b.num_buckets as i64;
+    let mut offset = 0;
+    let r = if b.bidirectional {
+        nb /= 2;
+        if rel > 0 {
+            offset = nb;
+        }
+        rel.abs()
+    } else {
+        -rel.min(0)
+    };
+    let max_exact = nb / 2;
+    let bucket = if r < max_exact {
+        r
+    } else {
+        let ratio_log = (b.max_distance as f64 / max_exact as f64).ln();
+        let large = (r as f32 / max_exact as f32).ln() / ratio_log as f32 * (nb - max_exact) as f32;
+        (max_exact + large as i64).min(nb - 1)
+    };
+    (offset + bucket) as usize
+}
+
 /// The table-driven relative biases (T5, KERPLE, Sandwich, FIRE) of head `h` for query position
 /// m and key position n, in natural-log units; 0 for other encodings. Mirrors `table_bias` in
 /// shaders/position.wgsl, computed from the definitions rather than the kernel's tables.
@@ -149,12 +176,18 @@ pub fn position_bias<T: Real>(spec: &AttentionSpec, h: usize, m: i64, n: i64) ->
     let dist = t((m - n).abs() as f64);
     match &spec.position {
         PositionEncoding::T5(b) => {
-            let bucket = t5_bucket(n - m, b.num_buckets, b.max_distance, b.bidirectional) as usize;
+            let bucket = t5_bucket(b, n - m);
             t(b.table[bucket * heads + h] as f64)
         }
         PositionEncoding::Kerple(k) => {
-            let (p, a) = kerple_params(k.form, k.p[h], k.a[h]);
-            let (p, a) = (t(p as f64), t(a as f64));
+            // Per-head parameters clamped to ≥ 1e-2 (and p ≤ 2 for the power form).
+            let p = (k.p[h] as f64).max(0.01);
+            let p = if k.form == KerpleForm::Power {
+                p.min(2.0)
+            } else {
+                p
+            };
+            let (p, a) = (t(p), t((k.a[h] as f64).max(0.01)));
             match k.form {
                 KerpleForm::Log => -(p * (t(1.0) + a * dist).ln()),
                 KerpleForm::Power if m == n => t(0.0),
@@ -162,12 +195,14 @@ pub fn position_bias<T: Real>(spec: &AttentionSpec, h: usize, m: i64, n: i64) ->
             }
         }
         PositionEncoding::Sandwich(sw) => {
-            let freqs = sandwich_freqs(sw.dim(spec.head_dim));
+            // Σ_{k=1..d'/2} cos(Δ / 10000^(2k/d')), minus d'/2, times H / (8h).
+            let d = sw.dim(spec.head_dim) as f64;
+            let half = sw.dim(spec.head_dim) / 2;
             let mut sum = t(0.0);
-            for &w in &freqs {
-                sum = sum + (dist * t(w)).cos();
+            for k in 1..=half {
+                sum = sum + (dist / t(10000f64.powf(2.0 * k as f64 / d))).cos();
             }
-            (sum - t(freqs.len() as f64)) * t(heads as f64 / (8.0 * (h + 1) as f64))
+            (sum - t(half as f64)) * t(heads as f64 / (8.0 * (h + 1) as f64))
         }
         PositionEncoding::Fire(f) => {
             let (c, l) = (t(f.c as f64), t(f.l.abs() as f64));

@@ -19,9 +19,9 @@ use crate::attention::{Attention, bias_len};
 use crate::bias::{Fire, Kerple, KerpleForm, Sandwich, T5Bias};
 use crate::context::Context;
 use crate::error::{Error, Result};
+use crate::harness::reference;
 use crate::mask::{BiasLayout, Extrapolation, Window};
 use crate::position::{Alibi, AlibiForm, AlibiSlopes, PositionEncoding, Rope, RopeLayout, Xpos};
-use crate::reference;
 use crate::scaling::{RopeScaling, Yarn, rope_frequencies};
 use crate::spec::{AttentionSpec, SUPPORTED_HEAD_DIMS};
 
@@ -56,7 +56,76 @@ pub enum NanPlant {
 /// q, k, v ([batch, seq, heads, head_dim]) and query and key positions ([batch, seq]).
 pub type Inputs = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<i32>, Vec<i32>);
 
-/// One conformance case.
+/// The part of the matrix a case belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Group {
+    /// Every encoding × causal/bidirectional × MHA/GQA/MQA.
+    Encodings,
+    /// Sequence lengths around the tile sizes.
+    TileEdges,
+    /// Batches with their own positions, unusual position layouts.
+    Positions,
+    /// Every supported head size.
+    HeadDims,
+    /// NaN placement under the causal mask.
+    NanPlacement,
+    /// RoPE scaling schemes.
+    Scaling,
+    /// Log-n query scaling.
+    Logn,
+    /// A non-default softmax scale.
+    Scale,
+    /// Table-driven relative biases.
+    RelativeBias,
+    /// Table-driven relative biases at positions far apart.
+    RelativeBiasFar,
+    /// Windows, sinks, softcap, sink logits, the caller bias, extrapolation methods.
+    Features,
+    /// Combinations of the features that models use.
+    Combination,
+    /// A case built outside the matrix.
+    Other,
+}
+
+impl Group {
+    pub const ALL: [Group; 13] = [
+        Group::Encodings,
+        Group::TileEdges,
+        Group::Positions,
+        Group::HeadDims,
+        Group::NanPlacement,
+        Group::Scaling,
+        Group::Logn,
+        Group::Scale,
+        Group::RelativeBias,
+        Group::RelativeBiasFar,
+        Group::Features,
+        Group::Combination,
+        Group::Other,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Group::Encodings => "encodings",
+            Group::TileEdges => "tile_edges",
+            Group::Positions => "positions",
+            Group::HeadDims => "head_dims",
+            Group::NanPlacement => "nan_placement",
+            Group::Scaling => "scaling",
+            Group::Logn => "logn",
+            Group::Scale => "scale",
+            Group::RelativeBias => "relative_bias",
+            Group::RelativeBiasFar => "relative_bias_far",
+            Group::Features => "features",
+            Group::Combination => "combination",
+            Group::Other => "other",
+        }
+    }
+}
+
+/// One conformance case. Besides its spec it carries the attributes that selections use (its
+/// group and the matrix's name for its encoding); the mask, head counts and sizes are read from
+/// the spec.
 #[derive(Clone, Debug)]
 pub struct Case {
     pub name: String,
@@ -64,6 +133,10 @@ pub struct Case {
     pub positions: Positions,
     pub nan: NanPlant,
     pub seed: u64,
+    pub group: Group,
+    /// The matrix's name of the encoding (`rope_half`, `alibi_causal`, ...); by default the
+    /// encoding's own name.
+    pub encoding: String,
 }
 
 /// The outcome of one case.
@@ -123,10 +196,33 @@ impl Case {
         });
         Case {
             name,
+            encoding: spec.position.name().to_string(),
             spec,
             positions: Positions::Default,
             nan: NanPlant::None,
             seed,
+            group: Group::Other,
+        }
+    }
+
+    /// Places the case in `group`, its encoding named `encoding`.
+    pub fn tagged(mut self, group: Group, encoding: &str) -> Self {
+        self.group = group;
+        self.encoding = encoding.to_string();
+        self
+    }
+
+    /// `causal` or `bidir`.
+    pub fn mask(&self) -> &'static str {
+        if self.spec.causal { "causal" } else { "bidir" }
+    }
+
+    /// `mha`, `gqa` or `mqa`.
+    pub fn kv_sharing(&self) -> &'static str {
+        match self.spec.num_kv_heads {
+            k if k == self.spec.num_heads => "mha",
+            1 => "mqa",
+            _ => "gqa",
         }
     }
 
@@ -305,6 +401,15 @@ fn scaled_at(scheme: RopeScaling, seq_len: Option<u64>) -> PositionEncoding {
     PositionEncoding::Rope(f.to_rope(500000.0, RopeLayout::Half))
 }
 
+/// The matrix's encoding called `name`.
+fn encoding(name: &str, num_heads: u32) -> PositionEncoding {
+    encodings(num_heads)
+        .into_iter()
+        .find(|e| e.0 == name)
+        .map(|e| e.1)
+        .unwrap_or_else(|| panic!("no encoding {name} in the matrix"))
+}
+
 /// The encodings the matrix covers, by name.
 pub fn encodings(num_heads: u32) -> Vec<(&'static str, PositionEncoding)> {
     vec![
@@ -448,17 +553,16 @@ pub fn conformance_cases() -> Vec<Case> {
                     .with_kv_heads(kv)
                     .with_causal(causal)
                     .with_position(enc.clone());
-                cases.push(Case::new(format!("{ename}_{mask}_{gname}_s37_d64"), spec));
+                cases.push(
+                    Case::new(format!("{ename}_{mask}_{gname}_s37_d64"), spec)
+                        .tagged(Group::Encodings, ename),
+                );
             }
         }
     }
     // Tile edges: 64 query rows per workgroup, 32 keys per tile at d = 64.
     for enc_name in ["rope_half", "alibi_causal", "xpos"] {
-        let enc = encodings(2)
-            .into_iter()
-            .find(|e| e.0 == enc_name)
-            .map(|e| e.1)
-            .expect("encoding");
+        let enc = encoding(enc_name, 2);
         for (sq, sk) in [
             (1, 1),
             (1, 100),
@@ -478,10 +582,10 @@ pub fn conformance_cases() -> Vec<Case> {
                     .with_kv_heads(1)
                     .with_causal(causal)
                     .with_position(enc.clone());
-                cases.push(Case::new(
-                    format!("{enc_name}_{mask}_q{sq}_k{sk}_d64"),
-                    spec,
-                ));
+                cases.push(
+                    Case::new(format!("{enc_name}_{mask}_q{sq}_k{sk}_d64"), spec)
+                        .tagged(Group::TileEdges, enc_name),
+                );
             }
         }
     }
@@ -493,17 +597,14 @@ pub fn conformance_cases() -> Vec<Case> {
         ("offset100000", Positions::Offset(100_000)),
     ] {
         for enc_name in ["rope_half", "alibi_symmetric", "xpos"] {
-            let enc = encodings(4)
-                .into_iter()
-                .find(|e| e.0 == enc_name)
-                .map(|e| e.1)
-                .expect("encoding");
+            let enc = encoding(enc_name, 4);
             let spec = AttentionSpec::new(3, 40, 70, 4, 64)
                 .with_kv_heads(2)
                 .with_position(enc);
             cases.push(
                 Case::new(format!("{enc_name}_b3_q40_k70_{pname}"), spec)
-                    .with_positions(pos.clone()),
+                    .with_positions(pos.clone())
+                    .tagged(Group::Positions, enc_name),
             );
         }
     }
@@ -511,10 +612,12 @@ pub fn conformance_cases() -> Vec<Case> {
     for &d in SUPPORTED_HEAD_DIMS {
         for (ename, enc) in [
             ("rope_half", rope()),
-            ("alibi_causal", encodings(2)[5].1.clone()),
+            ("alibi_causal", encoding("alibi_causal", 2)),
         ] {
             let spec = AttentionSpec::new(1, 50, 50, 2, d).with_position(enc);
-            cases.push(Case::new(format!("{ename}_causal_s50_d{d}"), spec));
+            cases.push(
+                Case::new(format!("{ename}_causal_s50_d{d}"), spec).tagged(Group::HeadDims, ename),
+            );
         }
     }
     // NaN placement: masked-out NaN must not leak; attended NaN must propagate.
@@ -523,7 +626,11 @@ pub fn conformance_cases() -> Vec<Case> {
         ("nan_masked_k", NanPlant::MaskedKey),
     ] {
         let spec = AttentionSpec::new(1, 70, 70, 2, 64).with_position(rope());
-        cases.push(Case::new(format!("rope_causal_s70_{nname}"), spec).with_nan(nan));
+        cases.push(
+            Case::new(format!("rope_causal_s70_{nname}"), spec)
+                .with_nan(nan)
+                .tagged(Group::NanPlacement, "rope_half"),
+        );
     }
     // Every scaling scheme's table through the kernel, causal and bidirectional, with GQA.
     for (ename, enc) in scaling_encodings() {
@@ -533,7 +640,10 @@ pub fn conformance_cases() -> Vec<Case> {
                 .with_kv_heads(2)
                 .with_causal(causal)
                 .with_position(enc.clone());
-            cases.push(Case::new(format!("{ename}_{mask}_gqa_s70_d64"), spec));
+            cases.push(
+                Case::new(format!("{ename}_{mask}_gqa_s70_d64"), spec)
+                    .tagged(Group::Scaling, ename),
+            );
         }
     }
     // Log-n query scaling, with queries past the training length.
@@ -545,14 +655,17 @@ pub fn conformance_cases() -> Vec<Case> {
                 .with_causal(causal)
                 .with_logn(32)
                 .with_position(enc.clone());
-            cases.push(Case::new(format!("{ename}_{mask}_logn32_b2_q40_k70"), spec));
+            cases.push(
+                Case::new(format!("{ename}_{mask}_logn32_b2_q40_k70"), spec)
+                    .tagged(Group::Logn, ename),
+            );
         }
     }
     // A non-default softmax scale (T5 style: unscaled logits).
     let spec = AttentionSpec::new(1, 45, 45, 2, 32)
         .with_scale(1.0)
         .with_causal(false);
-    cases.push(Case::new("none_bidir_s45_d32_scale1", spec));
+    cases.push(Case::new("none_bidir_s45_d32_scale1", spec).tagged(Group::Scale, "none"));
     cases.extend(bias_and_mask_cases());
     cases
 }
@@ -631,14 +744,18 @@ fn bias_and_mask_cases() -> Vec<Case> {
             let spec = base(100, 100)
                 .with_causal(causal)
                 .with_position(enc.clone());
-            cases.push(Case::new(format!("{name}_{mask}_gqa_s100"), spec));
+            cases.push(
+                Case::new(format!("{name}_{mask}_gqa_s100"), spec)
+                    .tagged(Group::RelativeBias, name),
+            );
         }
         // Positions far apart: past T5's max distance, past the Sandwich table (summed in the
         // kernel), FIRE's normaliser at large m.
         let spec = base(40, 70).with_kv_heads(1).with_position(enc.clone());
         cases.push(
             Case::new(format!("{name}_causal_q40_k70_stride300"), spec)
-                .with_positions(Positions::Stride(300)),
+                .with_positions(Positions::Stride(300))
+                .tagged(Group::RelativeBiasFar, name),
         );
     }
     let rope_w = |spec: AttentionSpec| spec.with_position(rope());
@@ -807,7 +924,13 @@ fn bias_and_mask_cases() -> Vec<Case> {
                 .with_window(Window::recent(33)),
         ),
     ] {
-        cases.push(Case::new(name, spec));
+        let group = if name.starts_with("combo_") {
+            Group::Combination
+        } else {
+            Group::Features
+        };
+        let encoding = spec.position.name();
+        cases.push(Case::new(name, spec).tagged(group, encoding));
     }
     // A NaN that only the window hides: in K at the last key, bidirectional, so that only rows
     // whose window reaches it become NaN.
@@ -818,7 +941,9 @@ fn bias_and_mask_cases() -> Vec<Case> {
             right: Some(8),
         });
     cases.push(
-        Case::new("window_l8_r8_bidir_s100_nan_masked_k", spec).with_nan(NanPlant::MaskedKey),
+        Case::new("window_l8_r8_bidir_s100_nan_masked_k", spec)
+            .with_nan(NanPlant::MaskedKey)
+            .tagged(Group::Features, "rope_half"),
     );
     cases
 }
@@ -826,16 +951,88 @@ fn bias_and_mask_cases() -> Vec<Case> {
 /// A short subset of the matrix for quick runs: one case per encoding and relative bias, the
 /// combinations of masks and extrapolation methods, and a few edges.
 pub fn quick_cases() -> Vec<Case> {
-    conformance_cases()
-        .into_iter()
-        .filter(|c| {
-            c.name.ends_with("_mha_s37_d64")
-                || c.name.contains("_q65_k65")
-                || c.name.contains("nan")
-                || c.name.ends_with("_causal_gqa_s100")
-                || c.name.starts_with("combo_")
-        })
-        .collect()
+    conformance_cases().into_iter().filter(is_quick).collect()
+}
+
+/// Whether a case is in the quick subset: the encodings with MHA, the tile edge at 65 × 65,
+/// every NaN placement, each relative bias causal, and the combinations.
+pub fn is_quick(c: &Case) -> bool {
+    let s = &c.spec;
+    c.nan != NanPlant::None
+        || match c.group {
+            Group::Encodings => c.kv_sharing() == "mha",
+            Group::TileEdges => s.seq_q == 65 && s.seq_k == 65,
+            Group::RelativeBias => s.causal,
+            Group::Combination => true,
+            _ => false,
+        }
+}
+
+/// A selection of cases by their attributes: comma-separated `KEY=VALUE` terms that must all
+/// hold, with keys `group`, `encoding`, `mask` (causal, bidir), `kv` (mha, gqa, mqa),
+/// `head_dim` and `name` (the exact case name, to replay one case).
+#[derive(Clone, Debug, Default)]
+pub struct Selection {
+    terms: Vec<(&'static str, String)>,
+}
+
+impl Selection {
+    pub const KEYS: [&'static str; 6] = ["group", "encoding", "mask", "kv", "head_dim", "name"];
+
+    /// Parses a selection; an unknown key, a term without `=` or a value no case of the full
+    /// matrix can have is an error naming `filter`.
+    pub fn parse(text: &str) -> Result<Self> {
+        let all = conformance_cases();
+        let mut terms = Vec::new();
+        for term in text.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            let Some((key, value)) = term.split_once('=') else {
+                return Err(Error::invalid("filter", "KEY=VALUE terms", term));
+            };
+            let Some(&key) = Self::KEYS.iter().find(|k| **k == key.trim()) else {
+                return Err(Error::invalid(
+                    "filter",
+                    format!("keys among {:?}", Self::KEYS),
+                    key,
+                ));
+            };
+            let value = value.trim().to_string();
+            let mut known: Vec<String> = all.iter().map(|c| Self::attr(c, key)).collect();
+            known.sort_unstable();
+            known.dedup();
+            if !known.contains(&value) {
+                let shown = if key == "name" {
+                    "the name of a case".to_string()
+                } else {
+                    format!("one of {known:?}")
+                };
+                return Err(Error::invalid("filter", format!("{key}: {shown}"), value));
+            }
+            terms.push((key, value));
+        }
+        if terms.is_empty() {
+            return Err(Error::invalid(
+                "filter",
+                "at least one KEY=VALUE term",
+                "none",
+            ));
+        }
+        Ok(Selection { terms })
+    }
+
+    fn attr(c: &Case, key: &str) -> String {
+        match key {
+            "group" => c.group.name().to_string(),
+            "encoding" => c.encoding.clone(),
+            "mask" => c.mask().to_string(),
+            "kv" => c.kv_sharing().to_string(),
+            "head_dim" => c.spec.head_dim.to_string(),
+            _ => c.name.clone(),
+        }
+    }
+
+    pub fn matches(&self, c: &Case) -> bool {
+        self.terms.iter().all(|(k, v)| Self::attr(c, k) == *v)
+    }
 }
 
 /// Checks `case` names are unique (a replayed failure must find its case).
@@ -848,4 +1045,64 @@ pub fn assert_unique_names(cases: &[Case]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_matrix_case_is_tagged() {
+        let cases = conformance_cases();
+        assert_unique_names(&cases).unwrap();
+        for c in &cases {
+            assert_ne!(c.group, Group::Other, "{}", c.name);
+        }
+        for g in Group::ALL.into_iter().filter(|g| *g != Group::Other) {
+            assert!(cases.iter().any(|c| c.group == g), "no case in {g:?}");
+        }
+    }
+
+    #[test]
+    fn quick_covers_every_encoding_and_relative_bias() {
+        let quick = quick_cases();
+        for (name, _) in encodings(4) {
+            assert!(quick.iter().any(|c| c.encoding == name), "{name}");
+        }
+        let all = conformance_cases();
+        for c in all.iter().filter(|c| c.group == Group::RelativeBias) {
+            assert!(
+                quick.iter().any(|q| q.encoding == c.encoding),
+                "{}",
+                c.encoding
+            );
+        }
+        assert!(quick.iter().any(|c| c.group == Group::Combination));
+        assert!(quick.len() < all.len());
+    }
+
+    #[test]
+    fn selections_match_attributes_and_reject_unknowns() {
+        let sel = Selection::parse("group=relative_bias, mask=causal").unwrap();
+        let got: Vec<Case> = conformance_cases()
+            .into_iter()
+            .filter(|c| sel.matches(c))
+            .collect();
+        assert!(!got.is_empty());
+        assert!(
+            got.iter()
+                .all(|c| c.group == Group::RelativeBias && c.spec.causal)
+        );
+        for bad in [
+            "rope",
+            "colour=red",
+            "group=nope",
+            "head_dim=65",
+            "",
+            "name=nope",
+        ] {
+            let e = Selection::parse(bad).unwrap_err();
+            assert_eq!(e.field(), Some("filter"), "{bad}");
+        }
+    }
 }

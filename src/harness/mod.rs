@@ -1,0 +1,11 @@
+//! What checks and measures the library, kept out of an embedder's build (feature `harness`,
+//! which the `cli` feature, the tests and the benches turn on): the f64/f32 CPU reference, the
+//! conformance case matrix and its runner, GPU timing, and the unfused baseline the fused kernel
+//! is measured against.
+
+pub mod check;
+pub mod reference;
+pub mod timing;
+pub mod unfused;
+
+pub use unfused::Unfused;
