@@ -30,6 +30,7 @@ pub struct AttentionBuffers<'a> {
 /// ready to be recorded any number of times.
 pub struct Attention {
     spec: AttentionSpec,
+    #[cfg_attr(not(feature = "harness"), allow(dead_code))]
     key: KernelKey,
     pipeline: wgpu::ComputePipeline,
     params: wgpu::Buffer,
@@ -196,7 +197,8 @@ impl Attention {
         &self.spec
     }
 
-    /// The kernel variant this call runs.
+    /// The kernel variant this call runs (for tools; feature `harness`).
+    #[cfg(feature = "harness")]
     pub fn kernel(&self) -> KernelKey {
         self.key
     }
