@@ -128,6 +128,22 @@ fn bias_masks(b: f32) -> bool {
     return bits >= bitcast<u32>(MASKED) && bits <= 0xff800000u;
 }
 
+// The four dot products whose lanes are in a, b, c, d.
+fn lane_sums(a: vec4<f32>, b: vec4<f32>, c: vec4<f32>, d: vec4<f32>) -> vec4<f32> {
+    return vec4<f32>((a.x + a.y) + (a.z + a.w), (b.x + b.y) + (b.z + b.w),
+                     (c.x + c.y) + (c.z + c.w), (d.x + d.y) + (d.z + d.w));
+}
+
+fn alibi_bias4(slope: f32, m: i32, n: vec4<i32>, sym: bool) -> vec4<f32> {
+    return vec4<f32>(alibi_bias(slope, m, n.x, sym), alibi_bias(slope, m, n.y, sym),
+                     alibi_bias(slope, m, n.z, sym), alibi_bias(slope, m, n.w, sym));
+}
+
+fn table_bias4(head: u32, m: i32, n: vec4<i32>) -> vec4<f32> {
+    return vec4<f32>(table_bias(head, m, n.x), table_bias(head, m, n.y),
+                     table_bias(head, m, n.z), table_bias(head, m, n.w));
+}
+
 @compute @workgroup_size(WG_SIZE)
 fn attention_fused(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -170,9 +186,8 @@ fn attention_fused(
     }
     var rows: array<u32, ROWS>;
     var qpos: array<i32, ROWS>;
-    var q: array<vec4<f32>, ROWS * HEAD_VEC>;
-    // The second branch's query rotation (dead, and removed by the compiler, without TWO_BRANCH).
-    var q2: array<vec4<f32>, ROWS * HEAD_VEC>;
+    // Branch br's rotation of row r at (br · ROWS + r) · HEAD_VEC (K_TILES branches).
+    var q: array<vec4<f32>, K_TILES * ROWS * HEAD_VEC>;
     var acc: array<vec4<f32>, ROWS * HEAD_VEC>;
     var m_run: array<f32, ROWS>;
     var l_run: array<f32, ROWS>;
@@ -241,20 +256,19 @@ fn attention_fused(
         }
         workgroupBarrier();
         if (is_q) {
+            // Step: copy this invocation's staged query rows of branch `br` to registers.
             // @unroll
-            for (var r = 0u; r < ROWS; r++) {
-                let local = r * WG_SIZE + lid;
-                if (local / BLOCK_K == q_step) {
-                    let r0 = (local % BLOCK_K) * HEAD_VEC;
-                    if (TWO_BRANCH && q_branch) {
-                        // @unroll
-                        for (var c = 0u; c < HEAD_VEC; c++) {
-                            q2[r * HEAD_VEC + c] = k_tile[r0 + c];
-                        }
-                    } else {
-                        // @unroll
-                        for (var c = 0u; c < HEAD_VEC; c++) {
-                            q[r * HEAD_VEC + c] = k_tile[r0 + c];
+            for (var br = 0u; br < K_TILES; br++) {
+                if (select(0u, 1u, q_branch) == br) {
+                    // @unroll
+                    for (var r = 0u; r < ROWS; r++) {
+                        let local = r * WG_SIZE + lid;
+                        if (local / BLOCK_K == q_step) {
+                            let r0 = (local % BLOCK_K) * HEAD_VEC;
+                            // @unroll
+                            for (var c = 0u; c < HEAD_VEC; c++) {
+                                q[(br * ROWS + r) * HEAD_VEC + c] = k_tile[r0 + c];
+                            }
                         }
                     }
                 }
@@ -302,56 +316,37 @@ fn attention_fused(
                     need2 = need2 || any(u);
                 }
             }
-            // Scores of keys key0+g .. key0+g+3 for every row: d[4r + e] holds key e's lanes.
-            var d: array<vec4<f32>, ROWS * 4u>;
-            var d2: array<vec4<f32>, ROWS * 4u>;
+            // Step: score four keys. For each branch br that some row uses, the lanes of the
+            // dot products of keys key0+g .. key0+g+3 with every row: d[4 (br · ROWS + r) + e]
+            // holds key e's lanes for row r.
+            var d: array<vec4<f32>, K_TILES * ROWS * 4u>;
             // @unroll
-            for (var r = 0u; r < ROWS; r++) {
-                d[4u * r] = vec4<f32>(0.0);
-                d[4u * r + 1u] = vec4<f32>(0.0);
-                d[4u * r + 2u] = vec4<f32>(0.0);
-                d[4u * r + 3u] = vec4<f32>(0.0);
-            }
-            if (need1) {
-                // @unroll
-                for (var c = 0u; c < HEAD_VEC; c++) {
-                    let k0 = k_tile[kb + c];
-                    let k1 = k_tile[kb + HEAD_VEC + c];
-                    let k2 = k_tile[kb + 2u * HEAD_VEC + c];
-                    let k3 = k_tile[kb + 3u * HEAD_VEC + c];
-                    // @unroll
-                    for (var r = 0u; r < ROWS; r++) {
-                        let qc = q[r * HEAD_VEC + c];
-                        d[4u * r] = fma(qc, k0, d[4u * r]);
-                        d[4u * r + 1u] = fma(qc, k1, d[4u * r + 1u]);
-                        d[4u * r + 2u] = fma(qc, k2, d[4u * r + 2u]);
-                        d[4u * r + 3u] = fma(qc, k3, d[4u * r + 3u]);
-                    }
-                }
-            }
-            if (TWO_BRANCH && need2) {
+            for (var br = 0u; br < K_TILES; br++) {
                 // @unroll
                 for (var r = 0u; r < ROWS; r++) {
-                    let e = 4u * r;
-                    d2[e] = vec4<f32>(0.0);
-                    d2[e + 1u] = vec4<f32>(0.0);
-                    d2[e + 2u] = vec4<f32>(0.0);
-                    d2[e + 3u] = vec4<f32>(0.0);
+                    let e = 4u * (br * ROWS + r);
+                    d[e] = vec4<f32>(0.0);
+                    d[e + 1u] = vec4<f32>(0.0);
+                    d[e + 2u] = vec4<f32>(0.0);
+                    d[e + 3u] = vec4<f32>(0.0);
                 }
-                // @unroll
-                for (var c = 0u; c < HEAD_VEC; c++) {
-                    let k0 = k_tile[K2 + kb + c];
-                    let k1 = k_tile[K2 + kb + HEAD_VEC + c];
-                    let k2 = k_tile[K2 + kb + 2u * HEAD_VEC + c];
-                    let k3 = k_tile[K2 + kb + 3u * HEAD_VEC + c];
+                if (select(need1, need2, br == 1u)) {
                     // @unroll
-                    for (var r = 0u; r < ROWS; r++) {
-                        let e = 4u * r;
-                        let qc = q2[r * HEAD_VEC + c];
-                        d2[e] = fma(qc, k0, d2[e]);
-                        d2[e + 1u] = fma(qc, k1, d2[e + 1u]);
-                        d2[e + 2u] = fma(qc, k2, d2[e + 2u]);
-                        d2[e + 3u] = fma(qc, k3, d2[e + 3u]);
+                    for (var c = 0u; c < HEAD_VEC; c++) {
+                        let kt = br * K2 + kb + c;
+                        let k0 = k_tile[kt];
+                        let k1 = k_tile[kt + HEAD_VEC];
+                        let k2 = k_tile[kt + 2u * HEAD_VEC];
+                        let k3 = k_tile[kt + 3u * HEAD_VEC];
+                        // @unroll
+                        for (var r = 0u; r < ROWS; r++) {
+                            let e = 4u * (br * ROWS + r);
+                            let qc = q[(br * ROWS + r) * HEAD_VEC + c];
+                            d[e] = fma(qc, k0, d[e]);
+                            d[e + 1u] = fma(qc, k1, d[e + 1u]);
+                            d[e + 2u] = fma(qc, k2, d[e + 2u]);
+                            d[e + 3u] = fma(qc, k3, d[e + 3u]);
+                        }
                     }
                 }
             }
@@ -362,25 +357,17 @@ fn attention_fused(
             var all_vis = true;
             // @unroll
             for (var r = 0u; r < ROWS; r++) {
-                let d0 = d[4u * r];
-                let d1 = d[4u * r + 1u];
-                let d2_ = d[4u * r + 2u];
-                let d3 = d[4u * r + 3u];
-                var s = vec4<f32>((d0.x + d0.y) + (d0.z + d0.w), (d1.x + d1.y) + (d1.z + d1.w),
-                                  (d2_.x + d2_.y) + (d2_.z + d2_.w), (d3.x + d3.y) + (d3.z + d3.w));
+                // Step: update the softmax with the four scores.
+                var s = lane_sums(d[4u * r], d[4u * r + 1u], d[4u * r + 2u], d[4u * r + 3u]);
                 let m = qpos[r];
                 let ip = i32(rows[r]) + diag;
                 let win = in_window(kk, ip);
                 let sink = kk < vec4<i32>(sinks);
                 if (TWO_BRANCH) {
-                    let e = 4u * r;
-                    let b0 = d2[e];
-                    let b1 = d2[e + 1u];
-                    let b2 = d2[e + 2u];
-                    let b3 = d2[e + 3u];
-                    let s2 = vec4<f32>((b0.x + b0.y) + (b0.z + b0.w), (b1.x + b1.y) + (b1.z + b1.w),
-                                       (b2.x + b2.y) + (b2.z + b2.w), (b3.x + b3.y) + (b3.z + b3.w));
-                    s = select(s, s2, use2[r]);
+                    // The last branch's block (the second one here; written so that the index
+                    // stays in bounds in the one-branch variant, where this is dead code).
+                    let e = 4u * ((K_TILES - 1u) * ROWS + r);
+                    s = select(s, lane_sums(d[e], d[e + 1u], d[e + 2u], d[e + 3u]), use2[r]);
                 }
                 // Softcap on the scaled logits, before any bias (|x| ≤ 10 keeps every tanh
                 // implementation finite; tanh(10) is 1 in f32).
@@ -388,12 +375,10 @@ fn attention_fused(
                     s = cap * tanh(clamp(s / cap, vec4<f32>(-10.0), vec4<f32>(10.0)));
                 }
                 if (POS_KIND == POS_ALIBI) {
-                    s += vec4<f32>(alibi_bias(slope, m, kpos.x, sym), alibi_bias(slope, m, kpos.y, sym),
-                                   alibi_bias(slope, m, kpos.z, sym), alibi_bias(slope, m, kpos.w, sym));
+                    s += alibi_bias4(slope, m, kpos, sym);
                 }
                 if (TABLE_BIAS) {
-                    s += LOG2E * vec4<f32>(table_bias(head, m, kpos.x), table_bias(head, m, kpos.y),
-                                           table_bias(head, m, kpos.z), table_bias(head, m, kpos.w));
+                    s += LOG2E * table_bias4(head, m, kpos);
                 }
                 // Masked keys get p = 0 and their V is never multiplied in, so a NaN there
                 // cannot reach the output.
@@ -425,6 +410,7 @@ fn attention_fused(
                 l_run[r] = l_run[r] * alpha[r] + ((p[r].x + p[r].y) + (p[r].z + p[r].w));
                 m_run[r] = m_new;
             }
+            // Step: accumulate P·V (without per-key selects when every key is visible).
             if (all_vis) {
                 // @unroll
                 for (var c = 0u; c < HEAD_VEC; c++) {

@@ -213,17 +213,23 @@ impl KernelKey {
             self.pos as u32,
             self.interleaved,
             self.two_branch,
-            if self.two_branch { 2 } else { 1 }
+            self.k_tiles()
         )
     }
 
     /// Bounds the composer may unroll loops over.
-    pub(crate) fn unroll_bounds(&self) -> [(&'static str, u32); 3] {
+    pub(crate) fn unroll_bounds(&self) -> [(&'static str, u32); 4] {
         [
             ("HEAD_VEC", self.head_dim / 4),
             ("BLOCK_K", self.block_k.max(1)),
             ("ROWS", self.rows.max(1)),
+            ("K_TILES", self.k_tiles()),
         ]
+    }
+
+    /// RoPE branches, each with its own K tile: 2 for the two-branch variant, else 1.
+    pub fn k_tiles(&self) -> u32 {
+        if self.two_branch { 2 } else { 1 }
     }
 
     /// The whole WGSL module of this variant, or why it could not be composed.
