@@ -2,7 +2,9 @@
 //! software drivers (llvmpipe compiles a kernel at its first dispatch, and its coroutine
 //! splitting grows steeply with the code between barriers). Run with the driver's cache off:
 //! `MESA_SHADER_CACHE_DISABLE=true WGPU_BACKEND=vulkan cargo run --release --example compile_time`
-//! (or `WGPU_BACKEND=gl` for the GL variant). Each line is plan + compile + one tiny dispatch.
+//! (or `WGPU_BACKEND=gl` for the GL variant). Each line is plan + compile + one tiny dispatch,
+//! as wall time and as the process's CPU time (user + system, all threads; Linux only), which
+//! a busy machine disturbs much less.
 
 use std::time::Instant;
 
@@ -64,13 +66,30 @@ fn main() -> posattn::Result<()> {
             vec![0.2; spec.kv_len()],
             vec![0.3; spec.kv_len()],
         );
-        let start = Instant::now();
+        let (start, cpu0) = (Instant::now(), cpu_seconds());
         let out = ctx.attention(&spec, &q, &k, &v, None)?;
         assert!(
             out.iter().all(|x| x.is_finite()),
             "{label}: non-finite output"
         );
-        println!("{label:<28} {:>7.2} s", start.elapsed().as_secs_f64());
+        println!(
+            "{label:<28} {:>7.2} s wall {:>7.2} s cpu",
+            start.elapsed().as_secs_f64(),
+            cpu_seconds() - cpu0
+        );
     }
     Ok(())
+}
+
+/// User + system CPU seconds of this process so far (from /proc/self/stat; NaN elsewhere).
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return f64::NAN;
+    };
+    // Fields after the command name (which is in parentheses): utime and stime are 14 and 15.
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(f64::NAN);
+    // utime is field 14 overall, i.e. index 11 after the state field (field 3).
+    (ticks(11) + ticks(12)) / 100.0
 }
