@@ -1,7 +1,8 @@
 // Position math shared by every attention kernel.
 //
-// Keep in sync with src/position.rs: `FreqEntry` (the vec4 layout of one frequency entry) and the
-// CPU reference functions of the same names in src/reference.rs.
+// The vec4 layout of one frequency entry is the contract's (`freq_entry` in src/kernel/abi.rs).
+// The CPU reference (src/harness/reference.rs) computes the same math independently, in f64,
+// under the same function names; the conformance matrix compares the two.
 
 // One RoPE frequency, stored as turns per position (inv_freq / 2π) split in three so that the
 // product with a 12-bit chunk of a position is exact in f32:
@@ -109,7 +110,8 @@ fn rope_rotate_branch(x: vec2<f32>, i: u32, pos: i32, add_phase: bool) -> vec2<f
 }
 
 // Relative-position bias in natural-log units of head h for query position m and key position
-// n, for the table-driven encodings (keep in sync with src/reference.rs `position_bias`):
+// n, for the table-driven encodings (src/harness/reference.rs `position_bias` computes the same
+// from the definitions):
 //   T5: the head's table by relative position n − m, clamped to ±max_distance (every bucket past
 //       it is the last one);
 //   KERPLE: −p·ln(1 + a|Δ|) or −a·|Δ|^p with the head's (p, a);
