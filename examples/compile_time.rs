@@ -89,7 +89,11 @@ fn cpu_seconds() -> f64 {
     // Fields after the command name (which is in parentheses): utime and stime are 14 and 15.
     let rest = stat.rsplit(')').next().unwrap_or("");
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(f64::NAN);
+    let ticks = |i: usize| {
+        f.get(i)
+            .and_then(|x| x.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
     // utime is field 14 overall, i.e. index 11 after the state field (field 3).
     (ticks(11) + ticks(12)) / 100.0
 }
