@@ -21,6 +21,8 @@ pub mod config;
 pub mod context;
 pub mod error;
 #[cfg(feature = "cli")]
+pub mod export;
+#[cfg(feature = "cli")]
 pub mod files;
 pub mod kernel;
 pub mod mask;
