@@ -527,3 +527,25 @@ impl Context {
         )
     }
 }
+
+// ---- Harness only: what a plan binds, for running a case on another WebGPU implementation ----
+
+/// What `Attention::new` would bind for `spec` with `rows` query rows per invocation, without a
+/// device: the kernel variant (chosen as `Attention::new` chooses it), the uniform block, the aux
+/// table and the dispatch size. The tensors, positions and caller bias are the caller's.
+#[cfg(feature = "cli")]
+#[allow(clippy::type_complexity)]
+pub(crate) fn plan_bindings(
+    spec: &AttentionSpec,
+    rows: u32,
+) -> Result<(KernelKey, Params, Vec<[f32; 4]>, [u32; 3])> {
+    spec.validate()?;
+    let (pos, params) = resolve_call(spec)?;
+    let key = if two_branch(spec) {
+        KernelKey::fused_two_branch(spec.head_dim, two_branch_rows(rows), pos.interleaved)
+    } else {
+        KernelKey::fused(spec.head_dim, rows, pos.kind, pos.interleaved)
+    };
+    let workgroups = [spec.seq_q.div_ceil(BLOCK_Q), spec.num_heads, spec.batch];
+    Ok((key, params, pos.aux, workgroups))
+}

@@ -16,6 +16,8 @@
 
 pub mod attention;
 pub mod bias;
+#[cfg(feature = "cli")]
+pub mod bundle;
 pub mod check;
 pub mod config;
 pub mod context;
