@@ -384,8 +384,9 @@ fn attention_fused(
                 // cannot reach the output.
                 var v4 = vec4<bool>(true);
                 if (!full) {
-                    v4 = key < vec4<u32>(params.seq_k)
-                        & (vec4<bool>(params.causal == 0u) | kk <= vec4<i32>(ip))
+                    // WGSL requires parentheses where relational and bitwise operators mix.
+                    v4 = (key < vec4<u32>(params.seq_k))
+                        & (vec4<bool>(params.causal == 0u) | (kk <= vec4<i32>(ip)))
                         & (win | sink);
                     if (has_bias) {
                         let row_base = bias_base + min(rows[r], params.seq_q - 1u) * params.seq_k;
@@ -451,7 +452,10 @@ fn attention_fused(
         }
     }
 
-    let nan4 = vec4<f32>(bitcast<f32>(0x7fc00000u));
+    // A NaN built at run time: WGSL forbids a constant expression that evaluates to NaN, and a
+    // function variable is never a constant expression.
+    var nan_bits = 0x7fc00000u;
+    let nan4 = vec4<f32>(bitcast<f32>(nan_bits));
     // @unroll
     for (var r = 0u; r < ROWS; r++) {
         if (rows[r] < params.seq_q) {

@@ -89,11 +89,55 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// Write every kernel variant the crate builds into DIR, one file per variant named by its
+    /// key (`<name>.<lang>`): the WGSL wgpu compiles, or naga's translation to SPIR-V, MSL,
+    /// HLSL or GLSL ES 3.10. Needs no adapter.
+    Shaders {
+        #[arg(long, value_name = "DIR")]
+        out: std::path::PathBuf,
+        #[arg(long, value_enum, default_value_t = Lang::Wgsl)]
+        lang: Lang,
+    },
     /// List adapters with the limits and features that matter to this crate.
     Info {
         #[arg(long, value_enum)]
         backend: Option<Backend>,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Lang {
+    Wgsl,
+    Spv,
+    Msl,
+    Hlsl,
+    Glsl,
+}
+
+fn shaders(out: &std::path::Path, lang: Lang) -> ExitCode {
+    use posattn::kernel::export;
+    let lang = match lang {
+        Lang::Wgsl => export::Lang::Wgsl,
+        Lang::Spv => export::Lang::Spv,
+        Lang::Msl => export::Lang::Msl,
+        Lang::Hlsl => export::Lang::Hlsl,
+        Lang::Glsl => export::Lang::Glsl,
+    };
+    match export::write_all(out, lang) {
+        Ok(paths) => {
+            println!(
+                "{} variants written to {} as {}",
+                paths.len(),
+                out.display(),
+                lang.extension()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 fn options(backend: Option<Backend>, adapter: Option<String>) -> ContextOptions {
@@ -577,6 +621,7 @@ fn main() -> ExitCode {
             json,
         } => check(backend, adapter, quick, filter, verbose, json),
         Command::Info { backend } => info(backend),
+        Command::Shaders { out, lang } => shaders(&out, lang),
         Command::Bench {
             backend,
             adapter,

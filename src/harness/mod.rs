@@ -3,6 +3,7 @@
 //! conformance case matrix and its runner, GPU timing, and the unfused baseline the fused kernel
 //! is measured against.
 
+pub mod bundle;
 pub mod check;
 pub mod reference;
 pub mod timing;

@@ -8,6 +8,8 @@
 //! [`abi::Params`] and the aux table, so a new shape never compiles a new shader.
 
 pub mod abi;
+#[cfg(feature = "cli")]
+pub mod export;
 pub(crate) mod pipeline;
 pub mod source;
 pub mod variants;

@@ -1,0 +1,186 @@
+//! Every kernel variant the crate builds, written out as WGSL or translated by naga to the
+//! languages wgpu hands to drivers (SPIR-V for Vulkan, MSL for Metal, HLSL for DX12, GLSL ES for
+//! GL). `posattn shaders` and the portability tests use it; behind the `cli` feature, since
+//! embedders never need it.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use naga::back::{glsl, hlsl, msl, spv};
+use naga::valid::{Capabilities, ValidationFlags, Validator};
+
+use crate::kernel::KernelKey;
+
+/// An output language.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Lang {
+    /// The module as the crate hands it to wgpu.
+    Wgsl,
+    /// SPIR-V 1.0 binary (naga's default options), as wgpu gives Vulkan drivers.
+    Spv,
+    /// Metal Shading Language (naga's default options).
+    Msl,
+    /// HLSL shader model 5.1 (naga's default options).
+    Hlsl,
+    /// GLSL ES 3.10, the compute entry point only.
+    Glsl,
+}
+
+impl Lang {
+    pub const ALL: [Lang; 5] = [Lang::Wgsl, Lang::Spv, Lang::Msl, Lang::Hlsl, Lang::Glsl];
+
+    /// The file extension (also the name `posattn shaders --lang` takes).
+    pub fn extension(self) -> &'static str {
+        match self {
+            Lang::Wgsl => "wgsl",
+            Lang::Spv => "spv",
+            Lang::Msl => "msl",
+            Lang::Hlsl => "hlsl",
+            Lang::Glsl => "glsl",
+        }
+    }
+}
+
+/// A variant naga could not parse, validate or translate (a bug in the kernel source or in naga).
+#[derive(Debug, Clone)]
+pub struct TranslateError {
+    /// The variant's name ([`KernelKey::name`]).
+    pub variant: String,
+    /// What failed: "parse", "validate", or the output language.
+    pub stage: &'static str,
+    pub message: String,
+}
+
+impl fmt::Display for TranslateError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}: {}", self.variant, self.stage, self.message)
+    }
+}
+
+impl std::error::Error for TranslateError {}
+
+/// Every distinct variant: the fused kernels, then the unfused baseline's. (`all_fused` lists a
+/// two-branch key twice where the multi-row count halves to one row.)
+pub fn all_variants() -> Vec<KernelKey> {
+    let mut seen = std::collections::HashSet::new();
+    KernelKey::all_fused()
+        .into_iter()
+        .chain(KernelKey::all_unfused())
+        .filter(|k| seen.insert(*k))
+        .collect()
+}
+
+/// A variant parsed and validated by naga, ready to be written in any language.
+pub struct Module {
+    key: KernelKey,
+    source: String,
+    module: naga::Module,
+    info: naga::valid::ModuleInfo,
+}
+
+impl Module {
+    pub fn new(key: KernelKey) -> Result<Self, TranslateError> {
+        let source = key.wgsl();
+        let err = |stage, message: String| TranslateError {
+            variant: key.name(),
+            stage,
+            message,
+        };
+        let module = naga::front::wgsl::parse_str(&source)
+            .map_err(|e| err("parse", e.emit_to_string(&source)))?;
+        let info = Validator::new(ValidationFlags::all(), Capabilities::empty())
+            .validate(&module)
+            .map_err(|e| err("validate", e.emit_to_string(&source)))?;
+        Ok(Module {
+            key,
+            source,
+            module,
+            info,
+        })
+    }
+
+    pub fn key(&self) -> KernelKey {
+        self.key
+    }
+
+    /// The module in `lang`: text, or for SPIR-V the little-endian words.
+    pub fn emit(&self, lang: Lang) -> Result<Vec<u8>, TranslateError> {
+        let err = |message: String| TranslateError {
+            variant: self.key.name(),
+            stage: lang.extension(),
+            message,
+        };
+        let (m, info) = (&self.module, &self.info);
+        Ok(match lang {
+            Lang::Wgsl => self.source.clone().into_bytes(),
+            Lang::Spv => spv::write_vec(m, info, &spv::Options::default(), None)
+                .map_err(|e| err(e.to_string()))?
+                .iter()
+                .flat_map(|w| w.to_le_bytes())
+                .collect(),
+            Lang::Msl => msl::write_string(
+                m,
+                info,
+                &msl::Options::default(),
+                &msl::PipelineOptions::default(),
+            )
+            .map_err(|e| err(e.to_string()))?
+            .0
+            .into_bytes(),
+            Lang::Hlsl => {
+                let mut out = String::new();
+                let (opts, pipe) = (hlsl::Options::default(), hlsl::PipelineOptions::default());
+                hlsl::Writer::new(&mut out, &opts, &pipe)
+                    .write(m, info, None)
+                    .map_err(|e| err(e.to_string()))?;
+                out.into_bytes()
+            }
+            Lang::Glsl => {
+                let mut out = String::new();
+                let opts = glsl::Options {
+                    version: glsl::Version::new_gles(310),
+                    ..glsl::Options::default()
+                };
+                let pipe = glsl::PipelineOptions {
+                    shader_stage: naga::ShaderStage::Compute,
+                    entry_point: self.key.entry_point().to_string(),
+                    multiview: None,
+                };
+                glsl::Writer::new(
+                    &mut out,
+                    m,
+                    info,
+                    &opts,
+                    &pipe,
+                    naga::proc::BoundsCheckPolicies::default(),
+                )
+                .and_then(|mut w| w.write())
+                .map_err(|e| err(e.to_string()))?;
+                out.into_bytes()
+            }
+        })
+    }
+}
+
+/// The file name of a variant in a language: `<name>.<extension>`.
+pub fn file_name(key: &KernelKey, lang: Lang) -> String {
+    format!("{}.{}", key.name(), lang.extension())
+}
+
+/// Writes every variant in `lang` into `dir` (created if missing), one file per variant named by
+/// [`file_name`]; returns the paths in [`all_variants`] order.
+pub fn write_all(dir: &Path, lang: Lang) -> Result<Vec<PathBuf>, Box<dyn std::error::Error>> {
+    std::fs::create_dir_all(dir)?;
+    let mut paths = Vec::new();
+    for key in all_variants() {
+        let bytes = if lang == Lang::Wgsl {
+            key.wgsl().into_bytes()
+        } else {
+            Module::new(key)?.emit(lang)?
+        };
+        let path = dir.join(file_name(&key, lang));
+        std::fs::write(&path, bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+        paths.push(path);
+    }
+    Ok(paths)
+}
