@@ -392,10 +392,9 @@ fn attention_fused(
                                        (b2.x + b2.y) + (b2.z + b2.w), (b3.x + b3.y) + (b3.z + b3.w));
                     s = select(s, s2, use2[r]);
                 }
-                // Softcap on the scaled logits, before any bias (|x| ≤ 10 keeps every tanh
-                // implementation finite; tanh(10) is 1 in f32).
+                // Softcap on the scaled logits, before any bias (softcap4 in position.wgsl).
                 if (capped) {
-                    s = cap * tanh(clamp(s / cap, vec4<f32>(-10.0), vec4<f32>(10.0)));
+                    s = softcap4(s, cap);
                 }
                 if (POS_KIND == POS_ALIBI) {
                     s += vec4<f32>(alibi_bias(slope, m, kpos.x, sym), alibi_bias(slope, m, kpos.y, sym),

@@ -34,6 +34,19 @@ impl Default for ContextOptions {
     }
 }
 
+impl ContextOptions {
+    /// The defaults, with `WGPU_BACKEND` and `WGPU_ADAPTER_NAME` read strictly: an unknown
+    /// backend name is an error naming the variable (`Default` cannot fail, and there an
+    /// unreadable variable leaves the setting at its default).
+    pub fn from_env() -> Result<Self> {
+        Ok(ContextOptions {
+            backends: crate::env::backends_from_env()?.unwrap_or(wgpu::Backends::all()),
+            adapter_name: crate::env::adapter_name_from_env()?,
+            timeout: DEFAULT_TIMEOUT,
+        })
+    }
+}
+
 /// A device and queue plus the compiled pipelines this crate made on them.
 pub struct Context {
     pub(crate) device: wgpu::Device,
@@ -99,18 +112,22 @@ pub fn describe_adapter(info: &wgpu::AdapterInfo) -> String {
 impl Context {
     /// Opens a device on the best adapter that `ContextOptions::default()` allows.
     pub fn new() -> Result<Self> {
-        Self::with_options(&ContextOptions::default())
+        Self::with_options(&ContextOptions::from_env()?)
     }
 
     /// Opens a device on the best adapter that `options` allows.
     pub fn with_options(options: &ContextOptions) -> Result<Self> {
-        let adapter = enumerate_adapters(options).into_iter().next().ok_or_else(|| {
-            Error::NoAdapter(format!(
-                "backends {:?}, name filter {:?}; on a machine without a GPU install a software \
-                 Vulkan driver (Debian/Ubuntu: mesa-vulkan-drivers)",
-                options.backends, options.adapter_name
-            ))
-        })?;
+        let adapter = enumerate_adapters(options)
+            .into_iter()
+            .next()
+            .ok_or_else(|| {
+                Error::NoAdapter(format!(
+                    "backends {:?}, name filter {:?}; {}",
+                    options.backends,
+                    options.adapter_name,
+                    crate::env::no_adapter_hint(options.backends)
+                ))
+            })?;
         let mut ctx = Self::from_adapter(&adapter)?;
         ctx.timeout = options.timeout;
         Ok(ctx)

@@ -19,9 +19,11 @@ pub mod bias;
 pub mod check;
 pub mod config;
 pub mod context;
+pub mod env;
 pub mod error;
 #[cfg(feature = "cli")]
 pub mod files;
+pub mod json;
 pub mod kernel;
 pub mod mask;
 pub mod position;
@@ -33,7 +35,7 @@ pub mod unfused;
 
 pub use attention::{Attention, AttentionBuffers};
 pub use bias::{Fire, Kerple, KerpleForm, Sandwich, T5Bias};
-pub use config::{HfDefaults, LlamaCppRope, RopeConfig};
+pub use config::{HfConfigFile, HfDefaults, LlamaCppRope, RopeConfig};
 pub use context::{Context, ContextOptions, describe_adapter, enumerate_adapters};
 pub use error::{Error, Result};
 pub use mask::{BiasLayout, Extrapolation, Window};

@@ -271,7 +271,7 @@ fn malformed_specs_are_clear_errors() {
     let shape = [1, 4, 4, 2, 2, 64];
     let dir = Path::new(".");
     let err = |text: &str| match parse_spec(text, shape, dir, 3) {
-        Err(posattn::Error::Invalid { field, .. }) => field,
+        Err(e) if e.is_invalid() => e.path().unwrap().to_string(),
         other => panic!("{text}: {other:?}"),
     };
     assert!(
@@ -285,11 +285,11 @@ fn malformed_specs_are_clear_errors() {
     );
     assert_eq!(err("[1, 2"), "spec");
     assert_eq!(err("[]"), "spec");
-    assert_eq!(err(r#"{"casual": true}"#), "spec");
+    assert_eq!(err(r#"{"casual": true}"#), "casual");
     assert_eq!(err(r#"{"causal": "yes"}"#), "causal");
     assert_eq!(
         err(r#"{"position": {"type": "rope", "theta": "NaN"}}"#),
-        "theta"
+        "position.theta"
     );
     assert_eq!(
         err(r#"{"position": {"type": "rope", "theta": -3}}"#),
@@ -304,13 +304,13 @@ fn malformed_specs_are_clear_errors() {
         err(
             r#"{"position": {"type": "hf", "rope_parameters": {"rope_type": "yarn", "factor": 4}}}"#
         ),
-        "original_max_position_embeddings"
+        "position.rope_parameters.original_max_position_embeddings"
     );
     assert_eq!(
         err(r#"{"position": {"type": "hf_config", "path": "/nonexistent/config.json"}}"#),
-        "path"
+        "position.path"
     );
-    assert_eq!(err(r#"{"scale": 1e999}"#), "spec");
+    assert_eq!(err(r#"{"scale": 1e999}"#), "scale");
     // Masks, extras and the table-driven biases.
     let ok = |text: &str| parse_spec(text, shape, dir, 3).unwrap();
     let s = ok(
@@ -350,9 +350,12 @@ fn malformed_specs_are_clear_errors() {
     );
     assert_eq!(
         err(r#"{"position": {"type": "kerple", "form": "cubic", "p": [], "a": []}}"#),
-        "form"
+        "position.form"
     );
-    assert_eq!(err(r#"{"position": {"type": "fire", "w1": [1]}}"#), "b1");
+    assert_eq!(
+        err(r#"{"position": {"type": "fire", "w1": [1]}}"#),
+        "position.b1"
+    );
     assert_eq!(err(r#"{"window": 5}"#), "window");
     assert_eq!(err(r#"{"sink_tokens": 4}"#), "sink_tokens");
     assert_eq!(err(r#"{"softcap": -1}"#), "softcap");
