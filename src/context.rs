@@ -291,6 +291,33 @@ impl Context {
             })
     }
 
+    /// A buffer holding `contents`: created empty and filled by a queue write. (wgpu's
+    /// `create_buffer_init` maps at creation and panics when the device is lost; this way a
+    /// lost device is an error in the caller's error scope instead.)
+    pub(crate) fn buffer_init(
+        &self,
+        label: &str,
+        contents: &[u8],
+        usage: wgpu::BufferUsages,
+    ) -> wgpu::Buffer {
+        let align = wgpu::COPY_BUFFER_ALIGNMENT as usize;
+        let padded = contents.len().div_ceil(align).max(1) * align;
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: padded as u64,
+            usage: usage | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        if padded == contents.len() {
+            self.queue.write_buffer(&buffer, 0, contents);
+        } else {
+            let mut bytes = contents.to_vec();
+            bytes.resize(padded, 0);
+            self.queue.write_buffer(&buffer, 0, &bytes);
+        }
+        buffer
+    }
+
     /// Copies `size` bytes of `src` back to the host.
     pub(crate) fn read_buffer(&self, src: &wgpu::Buffer, size: u64) -> Result<Vec<u8>> {
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
