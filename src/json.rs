@@ -118,7 +118,10 @@ fn convert(doc: &str, root: &str, e: serde_path_to_error::Error<serde_json::Erro
             && let Some(end) = rest.find('`')
         {
             let key = &rest[..end];
-            let full = if path.ends_with(key) {
+            // serde_path_to_error's path may or may not end with the key already.
+            let full = if key.is_empty() {
+                join(&path, "\"\"")
+            } else if path == key || path.ends_with(&format!(".{key}")) {
                 path.clone()
             } else {
                 join(&path, key)
