@@ -28,7 +28,25 @@ pub fn from_str<T: DeserializeOwned>(doc: &str, root: &str, text: &str) -> Resul
         ));
     }
     let mut de = serde_json::Deserializer::from_str(text);
-    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| convert(doc, root, e))?;
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        // serde_json reports a number or list where a name belongs as a syntax error
+        // ("expected value") although the text is valid JSON: say what it is.
+        let valid = serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok();
+        let syntax = matches!(
+            e.inner().classify(),
+            serde_json::error::Category::Syntax | serde_json::error::Category::Eof
+        );
+        if valid && syntax {
+            let rel = clean_path(&e.path().to_string());
+            at(
+                doc,
+                &join(root, &rel),
+                "expected one of this key's names (a string), got another type".into(),
+            )
+        } else {
+            convert(doc, root, e)
+        }
+    })?;
     de.end().map_err(|e| at(doc, root, strip_position(&e)))?;
     Ok(value)
 }
@@ -93,14 +111,16 @@ fn strip_position(e: &serde_json::Error) -> String {
     format!("{msg} (line {}, column {})", e.line(), e.column())
 }
 
-fn convert(doc: &str, root: &str, e: serde_path_to_error::Error<serde_json::Error>) -> Error {
-    // serde_path_to_error writes "." for the root and "?" where it could not tell the key.
-    let rel = e.path().to_string();
-    let rel = rel
-        .split('.')
+/// serde_path_to_error writes "." for the root and "?" where it could not tell the key.
+fn clean_path(path: &str) -> String {
+    path.split('.')
         .filter(|seg| !seg.is_empty() && *seg != "?")
         .collect::<Vec<_>>()
-        .join(".");
+        .join(".")
+}
+
+fn convert(doc: &str, root: &str, e: serde_path_to_error::Error<serde_json::Error>) -> Error {
+    let rel = clean_path(&e.path().to_string());
     let inner = e.into_inner();
     let msg = strip_position(&inner);
     let path = join(root, &rel);
