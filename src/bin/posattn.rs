@@ -325,7 +325,9 @@ struct RunArgs {
     /// Where to write the output .npy.
     #[arg(long)]
     out: std::path::PathBuf,
-    /// A reference output (e.g. from PyTorch) to compare against.
+    /// A reference output (e.g. from PyTorch) to compare against: exit 1, naming the element,
+    /// unless NaN sits in the same places and both posattn and the reference pass the tolerance
+    /// rule against the f64 CPU reference.
     #[arg(long)]
     compare: Option<std::path::PathBuf>,
 }
