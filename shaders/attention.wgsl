@@ -369,10 +369,9 @@ fn attention_fused(
                     let e = 4u * ((K_TILES - 1u) * ROWS + r);
                     s = select(s, lane_sums(d[e], d[e + 1u], d[e + 2u], d[e + 3u]), use2[r]);
                 }
-                // Softcap on the scaled logits, before any bias (|x| ≤ 10 keeps every tanh
-                // implementation finite; tanh(10) is 1 in f32).
+                // Softcap on the scaled logits, before any bias (softcap4 in position.wgsl).
                 if (capped) {
-                    s = cap * tanh(clamp(s / cap, vec4<f32>(-10.0), vec4<f32>(10.0)));
+                    s = softcap4(s, cap);
                 }
                 if (POS_KIND == POS_ALIBI) {
                     s += alibi_bias4(slope, m, kpos, sym);

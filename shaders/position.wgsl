@@ -166,3 +166,17 @@ fn table_bias(h: u32, m: i32, n: i32) -> f32 {
     }
     return 0.0;
 }
+
+// Logit softcap, cap · tanh(s / cap), accurate for every cap (1e-2 to 1e8 are checked). When
+// s / cap is tiny (large caps), the result must come out as s itself, but a builtin tanh built
+// on exp(2x) − 1 cancels there and loses every digit. So |x| < 1/4 uses tanh's odd series to
+// x⁹ (the next term is below 1e-8 relative there), and the rest 1 − 2 / (exp(2|x|) + 1), which
+// cancels by at most two bits; |x| is clamped to 10, where tanh is 1 in f32.
+fn softcap4(s: vec4<f32>, cap: f32) -> vec4<f32> {
+    let x = clamp(s / cap, vec4<f32>(-10.0), vec4<f32>(10.0));
+    let x2 = x * x;
+    let series = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0
+        + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))));
+    let far = sign(x) * (1.0 - 2.0 / (exp(2.0 * abs(x)) + 1.0));
+    return cap * select(far, series, abs(x) < vec4<f32>(0.25));
+}

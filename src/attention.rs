@@ -1,8 +1,6 @@
 //! The fused attention call: a validated plan that records into the caller's command encoder
 //! with the caller's buffers, and a convenience call on host slices.
 
-use wgpu::util::DeviceExt;
-
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::kernel::abi::Family;
@@ -159,14 +157,7 @@ impl Attention {
         let pipeline = ctx.pipeline(key)?;
         let (pq, pk) = spec.default_positions();
         let (params, aux, default_pos_q, default_pos_k) = ctx.scoped("uploading tables", || {
-            let init = |label, contents: &[u8], usage| {
-                ctx.device()
-                    .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                        label: Some(label),
-                        contents,
-                        usage,
-                    })
-            };
+            let init = |label, contents: &[u8], usage| ctx.buffer_init(label, contents, usage);
             let st = wgpu::BufferUsages::STORAGE;
             (
                 init(
@@ -306,14 +297,7 @@ impl Attention {
         s.validate_positions(pq, pk)?;
         let out = ctx.scoped("running attention", || -> Result<wgpu::Buffer> {
             let st = wgpu::BufferUsages::STORAGE;
-            let init = |label, contents: &[u8]| {
-                ctx.device()
-                    .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                        label: Some(label),
-                        contents,
-                        usage: st,
-                    })
-            };
+            let init = |label, contents: &[u8]| ctx.buffer_init(label, contents, st);
             let (qb, kb, vb) = (
                 init("posattn q", bytemuck::cast_slice(q)),
                 init("posattn k", bytemuck::cast_slice(k)),
@@ -325,13 +309,11 @@ impl Attention {
             );
             let bb = bias.map(|b| init("posattn bias", bytemuck::cast_slice(b)));
             let poison = vec![f32::NAN; s.q_len()];
-            let out = ctx
-                .device()
-                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: Some("posattn out"),
-                    contents: bytemuck::cast_slice(&poison),
-                    usage: st | wgpu::BufferUsages::COPY_SRC,
-                });
+            let out = ctx.buffer_init(
+                "posattn out",
+                bytemuck::cast_slice(&poison),
+                st | wgpu::BufferUsages::COPY_SRC,
+            );
             let mut enc = ctx
                 .device()
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {

@@ -3,6 +3,7 @@
 //! rope parameters as a GGUF model carries them. Both become a [`RopeConfig`] or a frequency
 //! table for the same kernel.
 
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
@@ -58,62 +59,126 @@ impl RopeConfig {
 
     /// From a whole Hugging Face `config.json`: `rope_theta`, `head_dim` (or `hidden_size /
     /// num_attention_heads`), `partial_rotary_factor`, `max_position_embeddings` and the rope dict
-    /// (`rope_parameters`, else `rope_scaling`).
+    /// (`rope_parameters`, else `rope_scaling`). Keys this crate does not read are left alone (a
+    /// config carries every setting of a model); the ones it reads must have the right type, and
+    /// the rope dict must not hold keys its `rope_type` does not use.
     pub fn from_hf_config(config: &Value) -> Result<Self> {
-        let obj = config
-            .as_object()
-            .ok_or_else(|| Error::invalid("config", "a JSON object", kind(config)))?;
-        // Aliases of older model families: Qwen-1 (`kv_channels`, `rotary_emb_base`) and
-        // GPT-NeoX (`rotary_pct`).
-        let head_dim = match obj.get("head_dim").filter(|v| !v.is_null()) {
-            Some(v) => uint(v, "head_dim")?,
-            None if obj.contains_key("kv_channels") => uint(&obj["kv_channels"], "kv_channels")?,
-            None => {
-                let hidden = uint(need(obj.get("hidden_size"), "hidden_size")?, "hidden_size")?;
-                let heads = uint(
-                    need(obj.get("num_attention_heads"), "num_attention_heads")?,
-                    "num_attention_heads",
-                )?;
+        HfConfigFile::from_value(config)?.into_rope_config()
+    }
+
+    /// From a `config.json` given as text.
+    pub fn from_hf_config_str(text: &str) -> Result<Self> {
+        let file: HfConfigFile = crate::json::from_str("config", "", text)?;
+        // The rope dict again from the text itself, where a key given twice can still be seen
+        // (a parsed `Value` keeps only the last).
+        let raw: RawRope = crate::json::from_str("config", "", text)?;
+        let dict = match (&raw.rope_parameters, &raw.rope_scaling) {
+            (Some(r), _) if r.get() != "null" => Some(("rope_parameters", r)),
+            (_, Some(r)) if r.get() != "null" => Some(("rope_scaling", r)),
+            _ => None,
+        };
+        if let Some((root, r)) = dict {
+            crate::json::from_str::<RopeDict>("config", root, r.get())?;
+        }
+        file.into_rope_config()
+    }
+
+    /// From a rope dict alone (`None`: plain RoPE), with the top-level values a config would
+    /// supply.
+    pub fn from_hf_rope_dict(
+        rope: Option<&Value>,
+        head_dim: u32,
+        defaults: &HfDefaults,
+    ) -> Result<Self> {
+        Self::from_rope_dict_at("rope_parameters", rope, head_dim, defaults)
+    }
+
+    /// [`RopeConfig::from_hf_rope_dict`] with errors named from `root` (the dict's own path).
+    pub(crate) fn from_rope_dict_at(
+        root: &str,
+        rope: Option<&Value>,
+        head_dim: u32,
+        defaults: &HfDefaults,
+    ) -> Result<Self> {
+        let dict: RopeDict = match rope {
+            None | Some(Value::Null) => RopeDict::default(),
+            Some(v) => crate::json::from_value("rope_parameters", root, v)?,
+        };
+        dict.into_rope_config(root, head_dim, defaults)
+    }
+}
+
+/// The parts of a Hugging Face `config.json` this crate reads: the one mapping from a model's
+/// configuration to its RoPE, shared by the library, the command line and the tests.
+#[derive(Debug, Default, Deserialize)]
+#[serde(expecting = "a JSON object")]
+pub struct HfConfigFile {
+    head_dim: Option<UInt>,
+    /// Qwen-1's name for head_dim.
+    kv_channels: Option<UInt>,
+    hidden_size: Option<UInt>,
+    num_attention_heads: Option<UInt>,
+    rope_theta: Option<f64>,
+    /// Qwen-1's name for rope_theta.
+    rotary_emb_base: Option<f64>,
+    partial_rotary_factor: Option<f64>,
+    /// GPT-NeoX's name for partial_rotary_factor.
+    rotary_pct: Option<f64>,
+    max_position_embeddings: Option<UInt>,
+    original_max_position_embeddings: Option<UInt>,
+    rope_parameters: Option<Value>,
+    rope_scaling: Option<Value>,
+    use_logn_attn: Option<bool>,
+    seq_length: Option<UInt>,
+}
+
+impl HfConfigFile {
+    /// Reads the keys from a parsed config (every key's type checked, paths in errors).
+    pub fn from_value(config: &Value) -> Result<Self> {
+        crate::json::from_value("config", "", config)
+    }
+
+    /// The model's head size: `head_dim`, else `kv_channels`, else `hidden_size /
+    /// num_attention_heads`.
+    pub fn head_dim(&self) -> Result<u32> {
+        let d = match (self.head_dim, self.kv_channels) {
+            (Some(d), _) => d.u32("head_dim")?,
+            (None, Some(d)) => d.u32("kv_channels")?,
+            (None, None) => {
+                let hidden = need(self.hidden_size, "hidden_size")?.u32("hidden_size")?;
+                let heads = need(self.num_attention_heads, "num_attention_heads")?
+                    .u32("num_attention_heads")?;
                 if heads == 0 {
                     return Err(Error::invalid("num_attention_heads", "at least 1", 0));
                 }
                 hidden / heads
             }
         };
-        let rope = obj
-            .get("rope_parameters")
-            .filter(|v| !v.is_null())
-            .or_else(|| obj.get("rope_scaling").filter(|v| !v.is_null()));
-        let defaults = HfDefaults {
-            theta: match obj.get("rope_theta").filter(|v| !v.is_null()) {
-                Some(v) => Some(num(v, "rope_theta")?),
-                None => obj
-                    .get("rotary_emb_base")
-                    .filter(|v| !v.is_null())
-                    .map(|v| num(v, "rotary_emb_base"))
-                    .transpose()?,
-            },
-            partial_rotary_factor: match obj.get("partial_rotary_factor").filter(|v| !v.is_null()) {
-                Some(v) => Some(num(v, "partial_rotary_factor")?),
-                None => obj
-                    .get("rotary_pct")
-                    .map(|v| num(v, "rotary_pct"))
-                    .transpose()?,
-            },
-            max_position_embeddings: obj
-                .get("max_position_embeddings")
-                .filter(|v| !v.is_null())
-                .map(|v| uint64(v, "max_position_embeddings"))
-                .transpose()?,
-            original_max_position_embeddings: obj
-                .get("original_max_position_embeddings")
-                .filter(|v| !v.is_null())
-                .map(|v| uint64(v, "original_max_position_embeddings"))
-                .transpose()?,
+        Ok(d)
+    }
+
+    /// The top-level values a rope dict may rely on.
+    pub fn defaults(&self) -> HfDefaults {
+        HfDefaults {
+            theta: self.rope_theta.or(self.rotary_emb_base),
+            partial_rotary_factor: self.partial_rotary_factor.or(self.rotary_pct),
+            max_position_embeddings: self.max_position_embeddings.map(|u| u.0),
+            original_max_position_embeddings: self.original_max_position_embeddings.map(|u| u.0),
+        }
+    }
+
+    /// The model's RoPE.
+    pub fn into_rope_config(self) -> Result<RopeConfig> {
+        let head_dim = self.head_dim()?;
+        let defaults = self.defaults();
+        let (root, rope) = match (&self.rope_parameters, &self.rope_scaling) {
+            (Some(r), _) if !r.is_null() => ("rope_parameters", Some(r)),
+            (_, Some(r)) if !r.is_null() => ("rope_scaling", Some(r)),
+            _ => ("rope_parameters", None),
         };
-        let mut cfg = Self::from_hf_rope_dict(rope, head_dim as u32, &defaults)?;
-        if obj.get("use_logn_attn").and_then(Value::as_bool) == Some(true) {
-            let len = uint(need(obj.get("seq_length"), "seq_length")?, "seq_length")?;
+        let mut cfg = RopeConfig::from_rope_dict_at(root, rope, head_dim, &defaults)?;
+        if self.use_logn_attn == Some(true) {
+            let len = need(self.seq_length, "seq_length")?.u32("seq_length")?;
             if len < 2 {
                 return Err(Error::invalid(
                     "seq_length",
@@ -125,50 +190,149 @@ impl RopeConfig {
         }
         Ok(cfg)
     }
+}
 
-    /// From a `config.json` given as text.
-    pub fn from_hf_config_str(text: &str) -> Result<Self> {
-        let v: Value = serde_json::from_str(text)
-            .map_err(|e| Error::invalid("config", "valid JSON", e.to_string()))?;
-        Self::from_hf_config(&v)
+/// The rope dicts of a config as text.
+#[derive(Deserialize)]
+struct RawRope {
+    rope_parameters: Option<Box<serde_json::value::RawValue>>,
+    rope_scaling: Option<Box<serde_json::value::RawValue>>,
+}
+
+/// A rope dict's `rope_type` (`type` in legacy `rope_scaling` dicts).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RopeType {
+    #[default]
+    Default,
+    Linear,
+    Dynamic,
+    Yarn,
+    Longrope,
+    /// The name early Phi-3 configs used for LongRoPE.
+    Su,
+    Llama3,
+    /// Not a transformers rope_type: the fixed-alpha NTK-aware base change, for configs that
+    /// spell it out this way.
+    Ntk,
+    Proportional,
+}
+
+/// A Hugging Face rope dict: the union of the keys the rope types use. Which of them a given
+/// type accepts is checked after reading (`RopeDict::check_keys`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a JSON object")]
+struct RopeDict {
+    rope_type: Option<RopeType>,
+    #[serde(rename = "type")]
+    legacy_type: Option<RopeType>,
+    rope_theta: Option<f64>,
+    partial_rotary_factor: Option<f64>,
+    factor: Option<f64>,
+    original_max_position_embeddings: Option<UInt>,
+    low_freq_factor: Option<f64>,
+    high_freq_factor: Option<f64>,
+    beta_fast: Option<f64>,
+    beta_slow: Option<f64>,
+    mscale: Option<f64>,
+    mscale_all_dim: Option<f64>,
+    attention_factor: Option<f64>,
+    truncate: Option<bool>,
+    short_factor: Option<Vec<f64>>,
+    long_factor: Option<Vec<f64>>,
+    alpha: Option<f64>,
+}
+
+impl RopeDict {
+    /// Keys present beyond the type, base and partial rotation every dict may carry.
+    fn present(&self) -> Vec<&'static str> {
+        let f = |x: bool, k: &'static str| x.then_some(k);
+        [
+            f(self.factor.is_some(), "factor"),
+            f(
+                self.original_max_position_embeddings.is_some(),
+                "original_max_position_embeddings",
+            ),
+            f(self.low_freq_factor.is_some(), "low_freq_factor"),
+            f(self.high_freq_factor.is_some(), "high_freq_factor"),
+            f(self.beta_fast.is_some(), "beta_fast"),
+            f(self.beta_slow.is_some(), "beta_slow"),
+            f(self.mscale.is_some(), "mscale"),
+            f(self.mscale_all_dim.is_some(), "mscale_all_dim"),
+            f(self.attention_factor.is_some(), "attention_factor"),
+            f(self.truncate.is_some(), "truncate"),
+            f(self.short_factor.is_some(), "short_factor"),
+            f(self.long_factor.is_some(), "long_factor"),
+            f(self.alpha.is_some(), "alpha"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
     }
 
-    /// From a rope dict alone (`None`: plain RoPE), with the top-level values a config would
-    /// supply.
-    pub fn from_hf_rope_dict(
-        rope: Option<&Value>,
+    /// The keys each type uses; any other key present is an error, not silently dropped.
+    fn uses(ty: RopeType, key: &str) -> bool {
+        use RopeType::*;
+        let keys: &[&str] = match ty {
+            Default => &[],
+            Linear | Proportional => &["factor"],
+            Dynamic => &["factor", "original_max_position_embeddings"],
+            Yarn => &[
+                "factor",
+                "original_max_position_embeddings",
+                "beta_fast",
+                "beta_slow",
+                "mscale",
+                "mscale_all_dim",
+                "attention_factor",
+                "truncate",
+            ],
+            Longrope | Su => &[
+                "short_factor",
+                "long_factor",
+                "factor",
+                "original_max_position_embeddings",
+                "attention_factor",
+            ],
+            Llama3 => &[
+                "factor",
+                "low_freq_factor",
+                "high_freq_factor",
+                "original_max_position_embeddings",
+            ],
+            Ntk => &["alpha"],
+        };
+        keys.contains(&key)
+    }
+
+    fn into_rope_config(
+        self,
+        root: &str,
         head_dim: u32,
         defaults: &HfDefaults,
-    ) -> Result<Self> {
-        let empty = serde_json::Map::new();
-        let d = match rope {
-            Some(Value::Object(m)) => m,
-            Some(other) => {
-                return Err(Error::invalid(
-                    "rope_parameters",
-                    "a JSON object",
-                    kind(other),
-                ));
+    ) -> Result<RopeConfig> {
+        let path = |key: &str| crate::json::join(root, key);
+        let ty = match (self.rope_type, self.legacy_type) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(Error::InvalidAt {
+                    path: path("type"),
+                    message: format!("the same type as rope_type ({a:?}), got {b:?}"),
+                });
             }
-            None => &empty,
+            (Some(t), _) | (None, Some(t)) => t,
+            (None, None) => RopeType::Default,
         };
-        let get = |k: &str| d.get(k).filter(|v| !v.is_null());
-        let theta = match get("rope_theta") {
-            Some(v) => num(v, "rope_theta")?,
-            None => defaults.theta.unwrap_or(10000.0),
-        };
-        let prf = match get("partial_rotary_factor") {
-            Some(v) => num(v, "partial_rotary_factor")?,
-            None => defaults.partial_rotary_factor.unwrap_or(1.0),
-        };
-        let rope_type = match get("rope_type").or_else(|| get("type")) {
-            Some(Value::String(s)) => s.as_str(),
-            Some(other) => return Err(Error::invalid("rope_type", "a string", kind(other))),
-            None => "default",
-        };
-        let factor = |key: &'static str| -> Result<f64> { num(need(get(key), key)?, key) };
-        let opt = |key: &'static str| -> Result<Option<f64>> {
-            get(key).map(|v| num(v, key)).transpose()
+        if let Some(k) = self.present().into_iter().find(|k| !Self::uses(ty, k)) {
+            return Err(Error::InvalidAt {
+                path: path(k),
+                message: format!("only keys that rope_type {ty:?} uses, got this one"),
+            });
+        }
+        let required = |x: Option<f64>, key: &str| -> Result<f64> {
+            x.ok_or_else(|| Error::InvalidAt {
+                path: path(key),
+                message: format!("a number (rope_type {ty:?} needs it), missing"),
+            })
         };
         let max_pos = || -> Result<u64> {
             defaults.max_position_embeddings.ok_or_else(|| {
@@ -180,87 +344,72 @@ impl RopeConfig {
             })
         };
         let orig = || -> Result<u64> {
-            match get("original_max_position_embeddings") {
-                Some(v) => uint64(v, "original_max_position_embeddings"),
-                None => defaults.original_max_position_embeddings.map_or_else(
-                    || {
-                        Err(Error::invalid(
-                            "original_max_position_embeddings",
-                            "present in the rope dict or the config",
-                            "missing",
-                        ))
-                    },
-                    Ok,
-                ),
+            match (
+                self.original_max_position_embeddings,
+                defaults.original_max_position_embeddings,
+            ) {
+                (Some(v), _) => Ok(v.0),
+                (None, Some(v)) => Ok(v),
+                (None, None) => Err(Error::InvalidAt {
+                    path: path("original_max_position_embeddings"),
+                    message: "an integer in the rope dict or the config, missing".into(),
+                }),
             }
         };
-        let list = |key: &'static str| -> Result<Vec<f64>> {
-            match need(get(key), key)? {
-                Value::Array(a) => a.iter().map(|x| num(x, key)).collect(),
-                other => Err(Error::invalid(key, "a list of numbers", kind(other))),
-            }
+        let list = |x: &Option<Vec<f64>>, key: &str| -> Result<Vec<f64>> {
+            x.clone().ok_or_else(|| Error::InvalidAt {
+                path: path(key),
+                message: format!("a list of numbers (rope_type {ty:?} needs it), missing"),
+            })
         };
-        let scaling = match rope_type {
-            "default" => RopeScaling::Default,
-            "linear" => RopeScaling::Linear {
-                factor: factor("factor")?,
+        let scaling = match ty {
+            RopeType::Default => RopeScaling::Default,
+            RopeType::Linear => RopeScaling::Linear {
+                factor: required(self.factor, "factor")?,
             },
-            "dynamic" => RopeScaling::Dynamic {
-                factor: factor("factor")?,
+            RopeType::Dynamic => RopeScaling::Dynamic {
+                factor: required(self.factor, "factor")?,
                 max_position_embeddings: max_pos()?,
             },
-            "yarn" => RopeScaling::Yarn(Yarn {
-                factor: opt("factor")?,
+            RopeType::Yarn => RopeScaling::Yarn(Yarn {
+                factor: self.factor,
                 original_max_position_embeddings: orig()?,
                 max_position_embeddings: max_pos().unwrap_or(0),
-                beta_fast: opt("beta_fast")?.unwrap_or(32.0),
-                beta_slow: opt("beta_slow")?.unwrap_or(1.0),
-                mscale: opt("mscale")?,
-                mscale_all_dim: opt("mscale_all_dim")?,
-                attention_factor: opt("attention_factor")?,
-                truncate: match get("truncate") {
-                    None => true,
-                    Some(Value::Bool(b)) => *b,
-                    Some(other) => {
-                        return Err(Error::invalid("truncate", "true or false", kind(other)));
-                    }
-                },
+                beta_fast: self.beta_fast.unwrap_or(32.0),
+                beta_slow: self.beta_slow.unwrap_or(1.0),
+                mscale: self.mscale,
+                mscale_all_dim: self.mscale_all_dim,
+                attention_factor: self.attention_factor,
+                truncate: self.truncate.unwrap_or(true),
             }),
-            // "su" is the name early Phi-3 configs used for LongRoPE.
-            "longrope" | "su" => RopeScaling::LongRope(LongRope {
-                short_factor: list("short_factor")?,
-                long_factor: list("long_factor")?,
-                factor: opt("factor")?,
+            RopeType::Longrope | RopeType::Su => RopeScaling::LongRope(LongRope {
+                short_factor: list(&self.short_factor, "short_factor")?,
+                long_factor: list(&self.long_factor, "long_factor")?,
+                factor: self.factor,
                 original_max_position_embeddings: orig()?,
                 max_position_embeddings: max_pos().unwrap_or(0),
-                attention_factor: opt("attention_factor")?,
+                attention_factor: self.attention_factor,
             }),
-            "llama3" => RopeScaling::Llama3 {
-                factor: factor("factor")?,
-                low_freq_factor: factor("low_freq_factor")?,
-                high_freq_factor: factor("high_freq_factor")?,
+            RopeType::Llama3 => RopeScaling::Llama3 {
+                factor: required(self.factor, "factor")?,
+                low_freq_factor: required(self.low_freq_factor, "low_freq_factor")?,
+                high_freq_factor: required(self.high_freq_factor, "high_freq_factor")?,
                 original_max_position_embeddings: orig()?,
             },
-            // Not a transformers rope_type: the fixed-alpha NTK-aware base change, for configs
-            // that spell it out this way.
-            "ntk" => RopeScaling::NtkAlpha {
-                alpha: factor("alpha")?,
+            RopeType::Ntk => RopeScaling::NtkAlpha {
+                alpha: required(self.alpha, "alpha")?,
             },
-            "proportional" => RopeScaling::Proportional {
-                factor: opt("factor")?.unwrap_or(1.0),
+            RopeType::Proportional => RopeScaling::Proportional {
+                factor: self.factor.unwrap_or(1.0),
             },
-            other => {
-                return Err(Error::invalid(
-                    "rope_type",
-                    "one of default, linear, dynamic, yarn, longrope (su), llama3, proportional, ntk",
-                    other,
-                ));
-            }
         };
         let cfg = RopeConfig {
-            theta,
+            theta: self.rope_theta.or(defaults.theta).unwrap_or(10000.0),
             head_dim,
-            partial_rotary_factor: prf,
+            partial_rotary_factor: self
+                .partial_rotary_factor
+                .or(defaults.partial_rotary_factor)
+                .unwrap_or(1.0),
             scaling,
             logn_train_len: None,
         };
@@ -279,43 +428,47 @@ pub struct HfDefaults {
     pub original_max_position_embeddings: Option<u64>,
 }
 
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
-    }
-}
-
-fn need<'a>(v: Option<&'a Value>, key: &'static str) -> Result<&'a Value> {
+fn need(v: Option<UInt>, key: &'static str) -> Result<UInt> {
     v.ok_or_else(|| Error::invalid(key, "present", "missing"))
 }
 
-fn num(v: &Value, key: &'static str) -> Result<f64> {
-    match v.as_f64() {
-        Some(x) if x.is_finite() => Ok(x),
-        _ => Err(Error::invalid(key, "a finite number", kind(v))),
+/// A non-negative integer as configs write it: `4096` or `4096.0` (some tools write floats).
+/// A negative, fractional or non-numeric value is an error at its path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UInt(pub u64);
+
+impl UInt {
+    fn u32(self, key: &'static str) -> Result<u32> {
+        u32::try_from(self.0).map_err(|_| Error::invalid(key, "an integer below 2^32", self.0))
     }
 }
 
-fn uint64(v: &Value, key: &'static str) -> Result<u64> {
-    // Accept 4096.0 as well as 4096.
-    match v.as_u64().or_else(|| {
-        v.as_f64()
-            .filter(|x| x.fract() == 0.0 && *x >= 0.0 && *x < 9.0e15)
-            .map(|x| x as u64)
-    }) {
-        Some(x) => Ok(x),
-        None => Err(Error::invalid(key, "a non-negative integer", v.to_string())),
+impl<'de> Deserialize<'de> for UInt {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = UInt;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a non-negative integer")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<UInt, E> {
+                Ok(UInt(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> std::result::Result<UInt, E> {
+                u64::try_from(v)
+                    .map(UInt)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> std::result::Result<UInt, E> {
+                if v.fract() == 0.0 && (0.0..9.0e15).contains(&v) {
+                    Ok(UInt(v as u64))
+                } else {
+                    Err(E::invalid_value(serde::de::Unexpected::Float(v), &self))
+                }
+            }
+        }
+        d.deserialize_any(V)
     }
-}
-
-fn uint(v: &Value, key: &'static str) -> Result<u32> {
-    let x = uint64(v, key)?;
-    u32::try_from(x).map_err(|_| Error::invalid(key, "an integer below 2^32", x))
 }
 
 /// llama.cpp's rope parameters (`ggml_rope_ext`), as a GGUF model and llama.cpp's context carry

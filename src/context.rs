@@ -35,6 +35,19 @@ impl Default for ContextOptions {
     }
 }
 
+impl ContextOptions {
+    /// The defaults, with `WGPU_BACKEND` and `WGPU_ADAPTER_NAME` read strictly: an unknown
+    /// backend name is an error naming the variable (`Default` cannot fail, and there an
+    /// unreadable variable leaves the setting at its default).
+    pub fn from_env() -> Result<Self> {
+        Ok(ContextOptions {
+            backends: crate::env::backends_from_env()?.unwrap_or(wgpu::Backends::all()),
+            adapter_name: crate::env::adapter_name_from_env()?,
+            timeout: DEFAULT_TIMEOUT,
+        })
+    }
+}
+
 /// A device and queue plus the compiled pipelines this crate made on them.
 pub struct Context {
     device: wgpu::Device,
@@ -99,18 +112,22 @@ pub fn describe_adapter(info: &wgpu::AdapterInfo) -> String {
 impl Context {
     /// Opens a device on the best adapter that `ContextOptions::default()` allows.
     pub fn new() -> Result<Self> {
-        Self::with_options(&ContextOptions::default())
+        Self::with_options(&ContextOptions::from_env()?)
     }
 
     /// Opens a device on the best adapter that `options` allows.
     pub fn with_options(options: &ContextOptions) -> Result<Self> {
-        let adapter = enumerate_adapters(options).into_iter().next().ok_or_else(|| {
-            Error::NoAdapter(format!(
-                "backends {:?}, name filter {:?}; on a machine without a GPU install a software \
-                 Vulkan driver (Debian/Ubuntu: mesa-vulkan-drivers)",
-                options.backends, options.adapter_name
-            ))
-        })?;
+        let adapter = enumerate_adapters(options)
+            .into_iter()
+            .next()
+            .ok_or_else(|| {
+                Error::NoAdapter(format!(
+                    "backends {:?}, name filter {:?}; {}",
+                    options.backends,
+                    options.adapter_name,
+                    crate::env::no_adapter_hint(options.backends)
+                ))
+            })?;
         let mut ctx = Self::from_adapter(&adapter)?;
         ctx.timeout = options.timeout;
         Ok(ctx)
@@ -269,6 +286,33 @@ impl Context {
                     message: other.to_string(),
                 },
             })
+    }
+
+    /// A buffer holding `contents`: created empty and filled by a queue write. (wgpu's
+    /// `create_buffer_init` maps at creation and panics when the device is lost; this way a
+    /// lost device is an error in the caller's error scope instead.)
+    pub(crate) fn buffer_init(
+        &self,
+        label: &str,
+        contents: &[u8],
+        usage: wgpu::BufferUsages,
+    ) -> wgpu::Buffer {
+        let align = wgpu::COPY_BUFFER_ALIGNMENT as usize;
+        let padded = contents.len().div_ceil(align).max(1) * align;
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: padded as u64,
+            usage: usage | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        if padded == contents.len() {
+            self.queue.write_buffer(&buffer, 0, contents);
+        } else {
+            let mut bytes = contents.to_vec();
+            bytes.resize(padded, 0);
+            self.queue.write_buffer(&buffer, 0, &bytes);
+        }
+        buffer
     }
 
     /// Copies `size` bytes of `src` back to the host.

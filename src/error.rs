@@ -13,6 +13,10 @@ pub enum Error {
         expected: String,
         got: String,
     },
+    /// A JSON document (run spec, model config) is invalid at `path`, a dotted path from its
+    /// root such as `position.theta`.
+    #[error("invalid `{path}`: {message}")]
+    InvalidAt { path: String, message: String },
     /// The request is valid but this device cannot run it (a limit or a missing feature).
     #[error("unavailable on this device: `{what}` needs {needed}, the device allows {allowed}")]
     Unavailable {
@@ -74,6 +78,19 @@ impl Error {
             needed: needed.to_string(),
             allowed: allowed.to_string(),
         }
+    }
+
+    /// The field or path an [`Error::Invalid`] or [`Error::InvalidAt`] names.
+    pub fn path(&self) -> Option<&str> {
+        match self {
+            Error::InvalidAt { path, .. } => Some(path),
+            other => other.field(),
+        }
+    }
+
+    /// Whether this error is about the caller's request (its values or files), not the device.
+    pub fn is_invalid(&self) -> bool {
+        matches!(self, Error::Invalid { .. } | Error::InvalidAt { .. })
     }
 
     /// The field an [`Error::Invalid`] names, for callers and tests that match on it.

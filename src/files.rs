@@ -5,11 +5,15 @@
 use std::io::Read;
 use std::path::Path;
 
+use serde::Deserialize;
+use serde::de::IgnoredAny;
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::bias::{Fire, Kerple, KerpleForm, Sandwich, T5Bias};
 use crate::config::RopeConfig;
 use crate::error::{Error, Result};
+use crate::json;
 use crate::mask::{Extrapolation, Window};
 use crate::position::{Alibi, AlibiForm, AlibiSlopes, PositionEncoding, Rope, RopeLayout, Xpos};
 use crate::spec::AttentionSpec;
@@ -148,6 +152,11 @@ pub fn parse_positions(
             ));
         }
     };
+    // A [batch, seq] array in Fortran order holds its elements column by column: refused like
+    // Fortran-ordered tensors rather than read in the wrong order.
+    if npy.order() != npyz::Order::C && shape.len() > 1 {
+        return Err(bad(field, "C (row-major) order", "Fortran order"));
+    }
     let ty = match npy.dtype() {
         npyz::DType::Plain(t) => t.to_string(),
         other => return Err(bad(field, "an integer dtype", other.descr())),
@@ -176,7 +185,8 @@ pub fn parse_positions(
         npy.into_vec::<i64>().map_err(io)?
     };
     let limit = crate::spec::MAX_ABS_POSITION as i64;
-    if let Some(p) = wide.iter().find(|p| p.abs() > limit) {
+    // unsigned_abs: −2^63 has no i64 absolute value.
+    if let Some(p) = wide.iter().find(|p| p.unsigned_abs() > limit as u64) {
         return Err(bad(field, format!("positions within ±{limit}"), p));
     }
     let one: Vec<i32> = wide.into_iter().map(|p| p as i32).collect();
@@ -187,22 +197,75 @@ pub fn parse_positions(
     })
 }
 
-/// Reads a file of at most `MAX_NPY_BYTES`.
+/// Largest config or spec file accepted (4 MiB): real ones are a few KiB.
+pub const MAX_CONFIG_BYTES: u64 = 4 << 20;
+
+/// Reads a regular file of at most `MAX_NPY_BYTES`.
 pub fn read_limited(field: &'static str, path: &Path) -> Result<Vec<u8>> {
+    read_capped(field, path, MAX_NPY_BYTES)
+}
+
+/// Reads a spec or config: a regular file of at most `MAX_CONFIG_BYTES`.
+pub fn read_config(field: &'static str, path: &Path) -> Result<Vec<u8>> {
+    read_capped(field, path, MAX_CONFIG_BYTES)
+}
+
+/// Reads `path` if it is a regular file of at most `cap` bytes. The kind and the size come from
+/// metadata before the file is opened, so a named pipe, a device or a directory is refused
+/// without blocking and nothing larger than the cap is read.
+pub fn read_capped(field: &'static str, path: &Path, cap: u64) -> Result<Vec<u8>> {
+    let shown = || path.display().to_string();
+    let meta = std::fs::metadata(path)
+        .map_err(|e| bad(field, "a readable file", format!("{}: {e}", shown())))?;
+    check_regular(field, path, &meta, cap)?;
     let f = std::fs::File::open(path)
-        .map_err(|e| bad(field, "a readable file", format!("{}: {e}", path.display())))?;
-    let mut bytes = Vec::new();
-    f.take(MAX_NPY_BYTES + 1)
+        .map_err(|e| bad(field, "a readable file", format!("{}: {e}", shown())))?;
+    // The file opened may not be the one inspected (a rename in between): look again.
+    let meta = f
+        .metadata()
+        .map_err(|e| bad(field, "a readable file", format!("{}: {e}", shown())))?;
+    check_regular(field, path, &meta, cap)?;
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    f.take(cap + 1)
         .read_to_end(&mut bytes)
-        .map_err(|e| bad(field, "a readable file", format!("{}: {e}", path.display())))?;
-    if bytes.len() as u64 > MAX_NPY_BYTES {
+        .map_err(|e| bad(field, "a readable file", format!("{}: {e}", shown())))?;
+    if bytes.len() as u64 > cap {
         return Err(bad(
             field,
-            format!("a file of at most {MAX_NPY_BYTES} bytes"),
-            "a larger file",
+            format!("a file of at most {cap} bytes"),
+            "a file that grew past it while read",
         ));
     }
     Ok(bytes)
+}
+
+fn check_regular(
+    field: &'static str,
+    path: &Path,
+    meta: &std::fs::Metadata,
+    cap: u64,
+) -> Result<()> {
+    let ft = meta.file_type();
+    if !ft.is_file() {
+        let what = if ft.is_dir() {
+            "a directory"
+        } else {
+            "not a regular file (a pipe, socket or device)"
+        };
+        return Err(bad(
+            field,
+            "a regular file",
+            format!("{}: {what}", path.display()),
+        ));
+    }
+    if meta.len() > cap {
+        return Err(bad(
+            field,
+            format!("a file of at most {cap} bytes"),
+            format!("{}: {} bytes", path.display(), meta.len()),
+        ));
+    }
+    Ok(())
 }
 
 /// Writes a [batch, seq, heads, head_dim] f32 tensor as .npy.
@@ -239,6 +302,9 @@ pub fn write_npy(path: &Path, shape: &[u64], data: &[f32]) -> Result<()> {
 /// `original_max_position_embeddings`, `layout`), or `hf_config` (`path` of a model's
 /// config.json, relative to the spec file, with optional `layout`). `seq_len` picks the table of
 /// length-dependent schemes (default: largest position + 1).
+///
+/// Every object rejects keys it does not have, values of the wrong type and keys given twice,
+/// with the path of the offending key in the error (`position.theta`).
 pub fn parse_spec(
     text: &str,
     shape: [u32; 6],
@@ -246,171 +312,135 @@ pub fn parse_spec(
     max_position: i64,
 ) -> Result<AttentionSpec> {
     let [batch, seq_q, seq_k, heads, kv_heads, head_dim] = shape;
-    let v: Value =
-        serde_json::from_str(text).map_err(|e| bad("spec", "valid JSON", e.to_string()))?;
-    let obj = v
-        .as_object()
-        .ok_or_else(|| bad("spec", "a JSON object", &v))?;
-    const KEYS: &[&str] = &[
-        "causal",
-        "scale",
-        "position",
-        "seq_len",
-        "logn_train_len",
-        "window",
-        "sink_tokens",
-        "softcap",
-        "sink_logits",
-        "extrapolation",
-    ];
-    for key in obj.keys() {
-        if !KEYS.contains(&key.as_str()) {
-            return Err(bad("spec", format!("keys {}", KEYS.join(", ")), key));
-        }
-    }
+    let file: SpecFile = json::from_str("spec", "", text)?;
     let mut spec = AttentionSpec::new(batch, seq_q, seq_k, heads, head_dim).with_kv_heads(kv_heads);
-    if let Some(c) = obj.get("causal") {
-        spec.causal = c
-            .as_bool()
-            .ok_or_else(|| bad("causal", "true or false", c))?;
+    if let Some(c) = file.causal {
+        spec.causal = c;
     }
-    if let Some(s) = obj.get("scale").filter(|s| !s.is_null()) {
-        let s = s.as_f64().ok_or_else(|| bad("scale", "a number", s))?;
+    if let Some(s) = file.scale {
         spec = spec.with_scale(s);
     }
-    if let Some(l) = obj.get("logn_train_len").filter(|s| !s.is_null()) {
-        let l = l
-            .as_u64()
-            .filter(|&l| l <= u32::MAX as u64)
-            .ok_or_else(|| bad("logn_train_len", "an integer", l))?;
-        spec = spec.with_logn(l as u32);
+    if let Some(l) = file.logn_train_len {
+        spec = spec.with_logn(l);
     }
-    parse_masks(obj, &mut spec)?;
-    let seq_len = match obj.get("seq_len").filter(|s| !s.is_null()) {
-        Some(s) => s
-            .as_u64()
-            .ok_or_else(|| bad("seq_len", "a non-negative integer", s))?,
+    if let Some(raw) = &file.window {
+        let w: WindowFile = json::from_str("spec", "window", raw.get())?;
+        spec.window = Window {
+            left: w.left,
+            right: w.right,
+        };
+    }
+    spec.sink_tokens = file.sink_tokens.unwrap_or(0);
+    spec.softcap = file.softcap;
+    if let Some(s) = file.sink_logits {
+        spec.sink_logits = Some(f32s("sink_logits", &s)?);
+    }
+    if let Some(raw) = &file.extrapolation {
+        spec.extrapolation = parse_extrapolation(raw)?;
+    }
+    let seq_len = match file.seq_len {
+        Some(s) => s,
         None => (max_position.max(0) + 1) as u64,
     };
-    let empty = serde_json::Map::new();
-    let pos = match obj.get("position") {
-        None => &empty,
-        Some(Value::Object(m)) => m,
-        Some(other) => return Err(bad("position", "an object", other)),
+    let Some(raw) = &file.position else {
+        spec.validate()?;
+        return Ok(spec);
     };
-    let num = |key: &'static str, default: f64| -> Result<f64> {
-        match pos.get(key).filter(|v| !v.is_null()) {
-            None => Ok(default),
-            Some(v) => v.as_f64().ok_or_else(|| bad(key, "a number", v)),
+    let kind: Tagged<PositionType> = json::from_str("spec", "position", raw.get())?;
+    let body = raw.get();
+    spec.position = match kind.kind {
+        PositionType::None => {
+            json::from_str::<NoneFile>("spec", "position", body)?;
+            PositionEncoding::None
         }
-    };
-    let layout = |default: RopeLayout| -> Result<RopeLayout> {
-        match pos.get("layout").and_then(Value::as_str) {
-            None => Ok(default),
-            Some("half") => Ok(RopeLayout::Half),
-            Some("interleaved") => Ok(RopeLayout::Interleaved),
-            Some(other) => Err(bad("layout", "half or interleaved", other)),
-        }
-    };
-    let kind = pos.get("type").and_then(Value::as_str).unwrap_or("none");
-    spec.position = match kind {
-        "none" => PositionEncoding::None,
-        "rope" => {
-            let mut r = Rope::new(num("theta", 10000.0)?)
-                .with_layout(layout(RopeLayout::Half)?)
-                .with_attention_factor(num("attention_factor", 1.0)?);
-            if let Some(rd) = pos.get("rotary_dim").filter(|v| !v.is_null()) {
-                let rd = rd
-                    .as_u64()
-                    .filter(|&x| x <= u32::MAX as u64)
-                    .ok_or_else(|| bad("rotary_dim", "an integer", rd))?;
-                r = r.with_rotary_dim(rd as u32);
+        PositionType::Rope => {
+            let r: RopeFile = json::from_str("spec", "position", body)?;
+            let mut rope = Rope::new(r.theta.unwrap_or(10000.0))
+                .with_layout(r.layout.map_or(RopeLayout::Half, Into::into))
+                .with_attention_factor(r.attention_factor.unwrap_or(1.0));
+            if let Some(rd) = r.rotary_dim {
+                rope = rope.with_rotary_dim(rd);
             }
-            PositionEncoding::Rope(r)
+            PositionEncoding::Rope(rope)
         }
-        "alibi" => {
-            let slopes = match pos.get("slopes") {
-                None => AlibiSlopes::Standard,
-                Some(Value::String(s)) if s == "standard" => AlibiSlopes::Standard,
-                Some(Value::Array(a)) => AlibiSlopes::Custom(
-                    a.iter()
-                        .map(|x| {
-                            x.as_f64()
-                                .map(|f| f as f32)
-                                .ok_or_else(|| bad("slopes", "numbers", x))
-                        })
-                        .collect::<Result<_>>()?,
-                ),
-                Some(other) => {
-                    return Err(bad("slopes", "\"standard\" or a list of numbers", other));
-                }
+        PositionType::Alibi => {
+            let a: AlibiFile = json::from_str("spec", "position", body)?;
+            let slopes = match a.slopes {
+                None | Some(SlopesFile::Named(NamedSlopes::Standard)) => AlibiSlopes::Standard,
+                Some(SlopesFile::List(l)) => AlibiSlopes::Custom(f32s("position.slopes", &l)?),
             };
-            let form = match pos.get("form").and_then(Value::as_str).unwrap_or("causal") {
-                "causal" => AlibiForm::Causal,
-                "symmetric" => AlibiForm::Symmetric,
-                other => return Err(bad("form", "causal or symmetric", other)),
+            let form = match a.form.unwrap_or(AlibiFormFile::Causal) {
+                AlibiFormFile::Causal => AlibiForm::Causal,
+                AlibiFormFile::Symmetric => AlibiForm::Symmetric,
             };
             PositionEncoding::Alibi(Alibi { slopes, form })
         }
-        "xpos" => PositionEncoding::Xpos(Xpos {
-            layout: layout(RopeLayout::Interleaved)?,
-            theta: num("theta", 10000.0)?,
-            scale_base: num("scale_base", 512.0)?,
-        }),
-        "t5" => PositionEncoding::T5(T5Bias {
-            num_buckets: uint(pos, "num_buckets")?.unwrap_or(32),
-            max_distance: uint(pos, "max_distance")?.unwrap_or(128),
-            bidirectional: match pos.get("bidirectional") {
-                None => true,
-                Some(b) => b
-                    .as_bool()
-                    .ok_or_else(|| bad("bidirectional", "true or false", b))?,
-            },
-            table: floats(pos, "table")?,
-        }),
-        "kerple" => PositionEncoding::Kerple(Kerple {
-            form: match pos.get("form").and_then(Value::as_str).unwrap_or("log") {
-                "log" => KerpleForm::Log,
-                "power" => KerpleForm::Power,
-                other => return Err(bad("form", "log or power", other)),
-            },
-            p: floats(pos, "p")?,
-            a: floats(pos, "a")?,
-        }),
-        "sandwich" => PositionEncoding::Sandwich(Sandwich {
-            dim: uint(pos, "dim")?,
-        }),
-        "fire" => PositionEncoding::Fire(Fire {
-            c: num("c", 0.1)? as f32,
-            l: num("l", 512.0)? as f32,
-            ..Fire::new(
-                floats(pos, "w1")?,
-                floats(pos, "b1")?,
-                floats(pos, "w2")?,
-                floats(pos, "b2")?,
-            )
-        }),
-        "hf" | "hf_config" => {
-            let cfg = if kind == "hf" {
+        PositionType::Xpos => {
+            let x: XposFile = json::from_str("spec", "position", body)?;
+            PositionEncoding::Xpos(Xpos {
+                layout: x.layout.map_or(RopeLayout::Interleaved, Into::into),
+                theta: x.theta.unwrap_or(10000.0),
+                scale_base: x.scale_base.unwrap_or(512.0),
+            })
+        }
+        PositionType::T5 => {
+            let t: T5File = json::from_str("spec", "position", body)?;
+            PositionEncoding::T5(T5Bias {
+                num_buckets: t.num_buckets.unwrap_or(32),
+                max_distance: t.max_distance.unwrap_or(128),
+                bidirectional: t.bidirectional.unwrap_or(true),
+                table: f32s("position.table", &t.table)?,
+            })
+        }
+        PositionType::Kerple => {
+            let k: KerpleFile = json::from_str("spec", "position", body)?;
+            PositionEncoding::Kerple(Kerple {
+                form: match k.form.unwrap_or(KerpleFormFile::Log) {
+                    KerpleFormFile::Log => KerpleForm::Log,
+                    KerpleFormFile::Power => KerpleForm::Power,
+                },
+                p: f32s("position.p", &k.p)?,
+                a: f32s("position.a", &k.a)?,
+            })
+        }
+        PositionType::Sandwich => {
+            let s: SandwichFile = json::from_str("spec", "position", body)?;
+            PositionEncoding::Sandwich(Sandwich { dim: s.dim })
+        }
+        PositionType::Fire => {
+            let f: FireFile = json::from_str("spec", "position", body)?;
+            PositionEncoding::Fire(Fire {
+                c: f32_of("position.c", f.c.unwrap_or(0.1))?,
+                l: f32_of("position.l", f.l.unwrap_or(512.0))?,
+                ..Fire::new(
+                    f32s("position.w1", &f.w1)?,
+                    f32s("position.b1", &f.b1)?,
+                    f32s("position.w2", &f.w2)?,
+                    f32s("position.b2", &f.b2)?,
+                )
+            })
+        }
+        PositionType::Hf | PositionType::HfConfig => {
+            let (cfg, layout) = if kind.kind == PositionType::Hf {
+                let h: HfFile = json::from_str("spec", "position", body)?;
                 let defaults = crate::config::HfDefaults {
-                    max_position_embeddings: pos
-                        .get("max_position_embeddings")
-                        .and_then(Value::as_u64),
-                    original_max_position_embeddings: pos
-                        .get("original_max_position_embeddings")
-                        .and_then(Value::as_u64),
+                    max_position_embeddings: h.max_position_embeddings,
+                    original_max_position_embeddings: h.original_max_position_embeddings,
                     ..Default::default()
                 };
-                RopeConfig::from_hf_rope_dict(pos.get("rope_parameters"), head_dim, &defaults)?
+                let cfg = RopeConfig::from_rope_dict_at(
+                    "position.rope_parameters",
+                    h.rope_parameters.as_ref(),
+                    head_dim,
+                    &defaults,
+                )?;
+                (cfg, h.layout)
             } else {
-                let rel = pos
-                    .get("path")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| bad("path", "the path of a config.json", "missing"))?;
-                let bytes = read_limited("path", &spec_dir.join(rel))?;
+                let h: HfConfigRef = json::from_str("spec", "position", body)?;
+                let bytes = read_config("position.path", &spec_dir.join(&h.path))?;
                 let text = String::from_utf8(bytes)
-                    .map_err(|_| bad("path", "a UTF-8 config.json", rel))?;
-                RopeConfig::from_hf_config_str(&text)?
+                    .map_err(|_| bad("position.path", "a UTF-8 config.json", &h.path))?;
+                (RopeConfig::from_hf_config_str(&text)?, h.layout)
             };
             if cfg.head_dim != head_dim {
                 return Err(bad(
@@ -419,98 +449,271 @@ pub fn parse_spec(
                     format!("{} in the config", cfg.head_dim),
                 ));
             }
-            return cfg
-                .apply(spec, layout(RopeLayout::Half)?, Some(seq_len))
-                .and_then(|s| {
-                    s.validate()?;
-                    Ok(s)
-                });
-        }
-        other => {
-            return Err(bad(
-                "position.type",
-                "none, rope, alibi, xpos, t5, kerple, sandwich, fire, hf or hf_config",
-                other,
-            ));
+            let spec = cfg.apply(
+                spec,
+                layout.map_or(RopeLayout::Half, Into::into),
+                Some(seq_len),
+            )?;
+            spec.validate()?;
+            return Ok(spec);
         }
     };
     spec.validate()?;
     Ok(spec)
 }
 
-/// An optional unsigned integer under `key`.
-fn uint(obj: &serde_json::Map<String, Value>, key: &'static str) -> Result<Option<u32>> {
-    match obj.get(key).filter(|v| !v.is_null()) {
-        None => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .filter(|&x| x <= u32::MAX as u64)
-            .map(|x| Some(x as u32))
-            .ok_or_else(|| bad(key, "a non-negative integer", v)),
+/// f64 values from JSON as the f32 the kernel reads: a value beyond f32's range is an error,
+/// never an infinity.
+fn f32s(field: &'static str, xs: &[f64]) -> Result<Vec<f32>> {
+    xs.iter().map(|&x| f32_of(field, x)).collect()
+}
+
+fn f32_of(field: &'static str, x: f64) -> Result<f32> {
+    if x.is_finite() && x.abs() <= f32::MAX as f64 {
+        Ok(x as f32)
+    } else {
+        Err(bad(
+            field,
+            format!(
+                "numbers within f32's range (±{:e}), as the kernel computes in f32",
+                f32::MAX
+            ),
+            x,
+        ))
     }
 }
 
-/// A required list of numbers under `key`.
-fn floats(obj: &serde_json::Map<String, Value>, key: &'static str) -> Result<Vec<f32>> {
-    match obj.get(key) {
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|x| {
-                x.as_f64()
-                    .map(|f| f as f32)
-                    .ok_or_else(|| bad(key, "a list of numbers", x))
-            })
-            .collect(),
-        Some(other) => Err(bad(key, "a list of numbers", other)),
-        None => Err(bad(key, "a list of numbers", "missing")),
+/// The top level of the run spec.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a JSON object")]
+struct SpecFile {
+    causal: Option<bool>,
+    scale: Option<f64>,
+    position: Option<Box<RawValue>>,
+    seq_len: Option<u64>,
+    logn_train_len: Option<u32>,
+    window: Option<Box<RawValue>>,
+    sink_tokens: Option<u32>,
+    softcap: Option<f64>,
+    sink_logits: Option<Vec<f64>>,
+    extrapolation: Option<Box<RawValue>>,
+}
+
+/// The `type` of a tagged object; read first, then the object again as that type's struct,
+/// so that paths in errors stay exact.
+#[derive(Deserialize)]
+struct Tagged<K> {
+    #[serde(rename = "type")]
+    kind: K,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum PositionType {
+    None,
+    Rope,
+    Alibi,
+    Xpos,
+    T5,
+    Kerple,
+    Sandwich,
+    Fire,
+    Hf,
+    HfConfig,
+}
+
+#[derive(Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum LayoutFile {
+    Half,
+    Interleaved,
+}
+
+impl From<LayoutFile> for RopeLayout {
+    fn from(l: LayoutFile) -> Self {
+        match l {
+            LayoutFile::Half => RopeLayout::Half,
+            LayoutFile::Interleaved => RopeLayout::Interleaved,
+        }
     }
 }
 
-/// `window`, `sink_tokens`, `softcap`, `sink_logits` and `extrapolation`.
-fn parse_masks(obj: &serde_json::Map<String, Value>, spec: &mut AttentionSpec) -> Result<()> {
-    if let Some(w) = obj.get("window").filter(|v| !v.is_null()) {
-        let w = w
-            .as_object()
-            .ok_or_else(|| bad("window", "an object with left and/or right", w))?;
-        spec.window = Window {
-            left: uint(w, "left")?,
-            right: uint(w, "right")?,
-        };
-    }
-    spec.sink_tokens = uint(obj, "sink_tokens")?.unwrap_or(0);
-    if let Some(c) = obj.get("softcap").filter(|v| !v.is_null()) {
-        spec.softcap = Some(c.as_f64().ok_or_else(|| bad("softcap", "a number", c))?);
-    }
-    if obj.get("sink_logits").is_some_and(|v| !v.is_null()) {
-        spec.sink_logits = Some(floats(obj, "sink_logits")?);
-    }
-    if let Some(e) = obj.get("extrapolation").filter(|v| !v.is_null()) {
-        let e = e
-            .as_object()
-            .ok_or_else(|| bad("extrapolation", "an object with a type", e))?;
-        let need = |key: &'static str| -> Result<u32> {
-            uint(e, key)?.ok_or_else(|| bad(key, "a non-negative integer", "missing"))
-        };
-        spec.extrapolation = match e.get("type").and_then(Value::as_str) {
-            Some("rerope") => Extrapolation::ReRope {
-                window: need("window")?,
-                leak: match e.get("leak").filter(|v| !v.is_null()) {
-                    None => None,
-                    Some(k) => Some(k.as_f64().ok_or_else(|| bad("leak", "a number", k))?),
-                },
-            },
-            Some("lm_infinite") => Extrapolation::LmInfinite {
-                limit: need("limit")?,
-            },
-            Some("streaming_cache_index") => Extrapolation::StreamingCacheIndex,
-            other => {
-                return Err(bad(
-                    "extrapolation.type",
-                    "rerope, lm_infinite or streaming_cache_index",
-                    format!("{other:?}"),
-                ));
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoneFile {
+    #[serde(rename = "type")]
+    _kind: IgnoredAny,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RopeFile {
+    #[serde(rename = "type")]
+    _kind: IgnoredAny,
+    theta: Option<f64>,
+    layout: Option<LayoutFile>,
+    rotary_dim: Option<u32>,
+    attention_factor: Option<f64>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum NamedSlopes {
+    Standard,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged, expecting = "\"standard\" or a list of numbers")]
+enum SlopesFile {
+    Named(NamedSlopes),
+    List(Vec<f64>),
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum AlibiFormFile {
+    Causal,
+    Symmetric,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AlibiFile {
+    #[serde(rename = "type")]
+    _kind: IgnoredAny,
+    slopes: Option<SlopesFile>,
+    form: Option<AlibiFormFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct XposFile {
+    #[serde(rename = "type")]
+    _kind: IgnoredAny,
+    theta: Option<f64>,
+    scale_base: Option<f64>,
+    layout: Option<LayoutFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct T5File {
+    #[serde(rename = "type")]
+    _kind: IgnoredAny,
+    num_buckets: Option<u32>,
+    max_distance: Option<u32>,
+    bidirectional: Option<bool>,
+    table: Vec<f64>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum KerpleFormFile {
+    Log,
+    Power,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KerpleFile {
+    #[serde(rename = "type")]
+    _kind: IgnoredAny,
+    form: Option<KerpleFormFile>,
+    p: Vec<f64>,
+    a: Vec<f64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SandwichFile {
+    #[serde(rename = "type")]
+    _kind: IgnoredAny,
+    dim: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FireFile {
+    #[serde(rename = "type")]
+    _kind: IgnoredAny,
+    c: Option<f64>,
+    l: Option<f64>,
+    w1: Vec<f64>,
+    b1: Vec<f64>,
+    w2: Vec<f64>,
+    b2: Vec<f64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HfFile {
+    #[serde(rename = "type")]
+    _kind: IgnoredAny,
+    rope_parameters: Option<Value>,
+    max_position_embeddings: Option<u64>,
+    original_max_position_embeddings: Option<u64>,
+    layout: Option<LayoutFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HfConfigRef {
+    #[serde(rename = "type")]
+    _kind: IgnoredAny,
+    path: String,
+    layout: Option<LayoutFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WindowFile {
+    left: Option<u32>,
+    right: Option<u32>,
+}
+
+#[derive(Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum ExtrapolationType {
+    Rerope,
+    LmInfinite,
+    StreamingCacheIndex,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReropeFile {
+    #[serde(rename = "type")]
+    _kind: IgnoredAny,
+    window: u32,
+    leak: Option<f64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LmInfiniteFile {
+    #[serde(rename = "type")]
+    _kind: IgnoredAny,
+    limit: u32,
+}
+
+fn parse_extrapolation(raw: &RawValue) -> Result<Extrapolation> {
+    let body = raw.get();
+    let kind: Tagged<ExtrapolationType> = json::from_str("spec", "extrapolation", body)?;
+    Ok(match kind.kind {
+        ExtrapolationType::Rerope => {
+            let r: ReropeFile = json::from_str("spec", "extrapolation", body)?;
+            Extrapolation::ReRope {
+                window: r.window,
+                leak: r.leak,
             }
-        };
-    }
-    Ok(())
+        }
+        ExtrapolationType::LmInfinite => {
+            let l: LmInfiniteFile = json::from_str("spec", "extrapolation", body)?;
+            Extrapolation::LmInfinite { limit: l.limit }
+        }
+        ExtrapolationType::StreamingCacheIndex => {
+            json::from_str::<NoneFile>("spec", "extrapolation", body)?;
+            Extrapolation::StreamingCacheIndex
+        }
+    })
 }

@@ -18,11 +18,13 @@ pub mod attention;
 pub mod bias;
 pub mod config;
 pub mod context;
+pub mod env;
 pub mod error;
 #[cfg(feature = "cli")]
 pub mod files;
 #[cfg(feature = "harness")]
 pub mod harness;
+mod json;
 /// Kernel variants, their composed WGSL and the host↔kernel contract; public for the harness
 /// and tools (feature `harness`), internal otherwise.
 #[cfg(feature = "harness")]
@@ -37,7 +39,7 @@ pub mod spec;
 
 pub use attention::{Attention, AttentionBuffers};
 pub use bias::{Fire, Kerple, KerpleForm, Sandwich, T5Bias};
-pub use config::{HfDefaults, LlamaCppRope, RopeConfig};
+pub use config::{HfConfigFile, HfDefaults, LlamaCppRope, RopeConfig};
 pub use context::{Context, ContextOptions, describe_adapter, enumerate_adapters};
 pub use error::{Error, Result};
 pub use mask::{BiasLayout, Extrapolation, Window};

@@ -40,6 +40,7 @@ pub(crate) fn lower(spec: &AttentionSpec) -> Result<Plan> {
         .position
         .resolve(spec.head_dim, spec.num_heads, seq_hint)?;
     spec.validate_extras()?;
+    spec.validate_f32(&pos)?;
     let mut params = params_for(spec, &pos);
     if let Some(s) = &spec.sink_logits {
         params.sink_logit_offset = pos.aux.push_floats(s) * 4;

@@ -120,6 +120,9 @@ pub fn yarn_get_mscale(scale: f64, mscale: f64) -> f64 {
     }
 }
 
+/// Largest head size a frequency table is computed for.
+pub const MAX_TABLE_HEAD_DIM: u32 = 1 << 16;
+
 /// The frequency table of `scaling` for a head of `head_dim` channels, `partial_rotary_factor`
 /// of which rotate (HF truncates `head_dim · prf` to an integer), at base `theta`. `seq_len` is the
 /// current length (largest position + 1) for the schemes that depend on it (dynamic NTK,
@@ -132,6 +135,14 @@ pub fn rope_frequencies(
     seq_len: Option<u64>,
 ) -> Result<RopeFrequencies> {
     let theta = positive("rope_theta", theta)?;
+    // Far above any model's head size; a table for a head of 2^31 channels would take 8 GiB.
+    if head_dim > MAX_TABLE_HEAD_DIM {
+        return Err(Error::invalid(
+            "head_dim",
+            format!("at most {MAX_TABLE_HEAD_DIM}"),
+            head_dim,
+        ));
+    }
     let prf = positive("partial_rotary_factor", partial_rotary_factor)?;
     if prf > 1.0 {
         return Err(Error::invalid(

@@ -309,6 +309,102 @@ impl AttentionSpec {
         Ok(())
     }
 
+    /// The kernel computes in f32: every parameter it reads must be representable there, and
+    /// the products it forms from them (the logit factor `scale · log2 e · attention_factor²`,
+    /// a RoPE angle at the largest position) must stay finite in f32. A value finite in f64
+    /// but not in f32 is refused here rather than turned into an output of NaN.
+    pub(crate) fn validate_f32(&self, resolved: &crate::position::ResolvedPosition) -> Result<()> {
+        let log2e = std::f64::consts::LOG2_E;
+        let fits = |x: f64| x.is_finite() && x.abs() <= f32::MAX as f64;
+        let scale = self.softmax_scale();
+        let af = resolved.attention_factor as f64;
+        if !fits(scale * log2e) || !fits(scale * log2e * af * af) {
+            let (field, got) = match (self.scale, &self.position) {
+                (_, PositionEncoding::Rope(r))
+                    if !fits(scale * log2e * af * af) && fits(scale * log2e) =>
+                {
+                    ("rope.attention_factor", r.attention_factor)
+                }
+                _ => ("scale", scale),
+            };
+            return Err(Error::invalid(
+                field,
+                "a value whose logit factor scale · log2(e) · attention_factor² fits f32 (the kernel's precision)",
+                got,
+            ));
+        }
+        if let Some(c) = self.softcap {
+            let c2 = c * log2e;
+            if !(fits(c2) && c2 >= f32::MIN_POSITIVE as f64) {
+                return Err(Error::invalid(
+                    "softcap",
+                    format!(
+                        "a cap with cap · log2(e) a normal f32 (the kernel's precision): {:e} to {:e}",
+                        f32::MIN_POSITIVE as f64 / log2e,
+                        f32::MAX as f64 / log2e
+                    ),
+                    c,
+                ));
+            }
+        }
+        if let Some(bad) = resolved
+            .aux
+            .entries()
+            .iter()
+            .flatten()
+            .find(|x| !x.is_finite())
+        {
+            return Err(Error::invalid(
+                self.position.name(),
+                "parameters whose tables fit f32 (the kernel's precision)",
+                format!("a table entry of {bad}"),
+            ));
+        }
+        if !resolved.xpos_inv_scale_base.is_finite() {
+            return Err(Error::invalid(
+                "xpos.scale_base",
+                "a value whose inverse fits f32 (the kernel's precision)",
+                format!("{:e}", 1.0 / resolved.xpos_inv_scale_base as f64),
+            ));
+        }
+        // A rotation angle is position × frequency in f32: finite for every allowed position.
+        let max_freq = match &self.position {
+            PositionEncoding::Rope(r) => r.inv_freq(self.head_dim).into_iter().fold(0.0, f64::max),
+            PositionEncoding::Xpos(x) => crate::position::rope_inv_freq(x.theta, self.head_dim)
+                .into_iter()
+                .fold(0.0, f64::max),
+            _ => 0.0,
+        };
+        if !fits(max_freq * MAX_ABS_POSITION as f64) {
+            let field = match &self.position {
+                PositionEncoding::Rope(r) if r.inv_freq.is_some() => "rope.inv_freq",
+                PositionEncoding::Rope(_) => "rope.theta",
+                _ => "xpos.theta",
+            };
+            return Err(Error::invalid(
+                field,
+                format!(
+                    "frequencies at most {:e}, so that angles up to position 2^30 fit f32 (the kernel's precision)",
+                    f32::MAX as f64 / MAX_ABS_POSITION as f64
+                ),
+                format!("a frequency of {max_freq:e}"),
+            ));
+        }
+        if let PositionEncoding::Alibi(a) = &self.position
+            && let crate::position::AlibiSlopes::Custom(s) = &a.slopes
+            && let Some(bad) = s
+                .iter()
+                .find(|x| !fits(**x as f64 * 2.0 * MAX_ABS_POSITION as f64))
+        {
+            return Err(Error::invalid(
+                "alibi.slopes",
+                "slopes whose bias at distance 2^31 fits f32 (the kernel's precision)",
+                bad,
+            ));
+        }
+        Ok(())
+    }
+
     /// Window, sinks, extrapolation, softcap, sink logits and bias (after the encoding).
     pub(crate) fn validate_extras(&self) -> Result<()> {
         let max = MAX_ABS_POSITION as u32;

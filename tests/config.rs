@@ -129,8 +129,8 @@ fn qwen_logn_attention_is_read() {
 #[test]
 fn malformed_configs_name_the_key() {
     let field = |v: Value| match RopeConfig::from_hf_config(&v) {
-        Err(Error::Invalid { field, .. }) => field,
-        other => panic!("expected Invalid for {v}, got {other:?}"),
+        Err(e) if e.is_invalid() => e.path().unwrap().to_string(),
+        other => panic!("expected an invalid-request error for {v}, got {other:?}"),
     };
     let base = |rope: Value| json!({"head_dim": 64, "max_position_embeddings": 4096, "rope_parameters": rope});
     assert_eq!(field(json!([1, 2])), "config");
@@ -138,30 +138,30 @@ fn malformed_configs_name_the_key() {
     assert_eq!(field(json!({"head_dim": "64"})), "head_dim");
     assert_eq!(
         field(base(json!({"rope_type": "warp", "rope_theta": 1e4}))),
-        "rope_type"
+        "rope_parameters.rope_type"
     );
     assert_eq!(
         field(base(json!({"rope_type": "linear", "rope_theta": 1e4}))),
-        "factor"
+        "rope_parameters.factor"
     );
     assert_eq!(
         field(base(
             json!({"rope_type": "linear", "rope_theta": "big", "factor": 2})
         )),
-        "rope_theta"
+        "rope_parameters.rope_theta"
     );
     assert_eq!(
         field(base(
             json!({"rope_type": "llama3", "rope_theta": 5e5, "factor": 8,
                           "high_freq_factor": 4, "original_max_position_embeddings": 8192})
         )),
-        "low_freq_factor"
+        "rope_parameters.low_freq_factor"
     );
     assert_eq!(
         field(base(
             json!({"rope_type": "yarn", "rope_theta": 1e4, "factor": 4})
         )),
-        "original_max_position_embeddings"
+        "rope_parameters.original_max_position_embeddings"
     );
     assert_eq!(
         field(base(
@@ -179,10 +179,41 @@ fn malformed_configs_name_the_key() {
             json!({"rope_type": "yarn", "rope_theta": 1e4, "factor": 4,
                                   "original_max_position_embeddings": 4096, "truncate": "no"})
         )),
-        "truncate"
+        "rope_parameters.truncate"
     );
+    // A misspelt key, a key the type does not use, a key given twice: errors, not dropped.
+    assert_eq!(
+        field(base(
+            json!({"rope_type": "linear", "factr": 2, "factor": 2})
+        )),
+        "rope_parameters.factr"
+    );
+    assert_eq!(
+        field(
+            json!({"head_dim": 64, "rope_scaling": {"type": "linear", "factor": 2, "beta_fast": 3}})
+        ),
+        "rope_scaling.beta_fast"
+    );
+    match RopeConfig::from_hf_config_str(
+        r#"{"head_dim": 64, "rope_parameters": {"rope_type": "linear", "factor": 2, "factor": 4}}"#,
+    ) {
+        Err(e) => assert_eq!(e.path(), Some("rope_parameters.factor"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    // max_position_embeddings that is negative, fractional or a string is named as such.
+    for bad in [json!(-1), json!(32.5), json!("16384")] {
+        let cfg = json!({"head_dim": 64, "max_position_embeddings": bad,
+                         "rope_parameters": {"rope_type": "dynamic", "factor": 2.0}});
+        let e = RopeConfig::from_hf_config(&cfg).unwrap_err();
+        assert_eq!(e.path(), Some("max_position_embeddings"), "{e}");
+        assert!(!e.to_string().contains("missing"), "{e}");
+    }
+    // An integral float is an integer (some tools write 4096.0).
+    RopeConfig::from_hf_config(&json!({"head_dim": 64, "max_position_embeddings": 4096.0,
+        "rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}))
+    .unwrap();
     match RopeConfig::from_hf_config_str("{ not json") {
-        Err(Error::Invalid { field, .. }) => assert_eq!(field, "config"),
+        Err(e) => assert_eq!(e.path(), Some("config"), "{e}"),
         other => panic!("{other:?}"),
     }
 }

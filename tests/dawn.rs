@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use posattn::harness::check::{self, Status};
 use posattn::harness::bundle;
+use posattn::harness::check::{self, Status};
 use posattn::kernel::export;
 
 const REQUIRE: &str = "POSATTN_REQUIRE_DAWN";

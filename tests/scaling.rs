@@ -3,7 +3,7 @@
 //! float32 and this crate in f64: inverse frequencies agree within 1e-6 relative, attention
 //! factors (python floats there) within 1e-12.
 
-use posattn::{LongRope, RopeScaling, Yarn, rope_frequencies};
+use posattn::{LongRope, RopeConfig, RopeScaling, rope_frequencies};
 use serde_json::Value;
 
 fn f(v: &Value, key: &str) -> Option<f64> {
@@ -19,57 +19,6 @@ fn list(v: &Value, key: &str) -> Vec<f64> {
         .collect()
 }
 
-/// The scheme a golden case's `rope_parameters` describe.
-fn scheme(case: &Value) -> RopeScaling {
-    let p = &case["rope_parameters"];
-    let max_pos = case["max_position_embeddings"]
-        .as_u64()
-        .expect("max_position_embeddings");
-    let orig = p
-        .get("original_max_position_embeddings")
-        .and_then(Value::as_u64)
-        .unwrap_or(max_pos);
-    match p["rope_type"].as_str().expect("rope_type") {
-        "default" => RopeScaling::Default,
-        "linear" => RopeScaling::Linear {
-            factor: f(p, "factor").unwrap(),
-        },
-        "dynamic" => RopeScaling::Dynamic {
-            factor: f(p, "factor").unwrap(),
-            max_position_embeddings: max_pos,
-        },
-        "yarn" => RopeScaling::Yarn(Yarn {
-            factor: f(p, "factor"),
-            original_max_position_embeddings: orig,
-            max_position_embeddings: max_pos,
-            beta_fast: f(p, "beta_fast").unwrap_or(32.0),
-            beta_slow: f(p, "beta_slow").unwrap_or(1.0),
-            mscale: f(p, "mscale"),
-            mscale_all_dim: f(p, "mscale_all_dim"),
-            attention_factor: f(p, "attention_factor"),
-            truncate: p.get("truncate").and_then(Value::as_bool).unwrap_or(true),
-        }),
-        "longrope" => RopeScaling::LongRope(LongRope {
-            short_factor: list(p, "short_factor"),
-            long_factor: list(p, "long_factor"),
-            factor: f(p, "factor"),
-            original_max_position_embeddings: orig,
-            max_position_embeddings: max_pos,
-            attention_factor: f(p, "attention_factor"),
-        }),
-        "llama3" => RopeScaling::Llama3 {
-            factor: f(p, "factor").unwrap(),
-            low_freq_factor: f(p, "low_freq_factor").unwrap(),
-            high_freq_factor: f(p, "high_freq_factor").unwrap(),
-            original_max_position_embeddings: orig,
-        },
-        "proportional" => RopeScaling::Proportional {
-            factor: f(p, "factor").unwrap_or(1.0),
-        },
-        other => panic!("unknown rope_type {other}"),
-    }
-}
-
 #[test]
 fn tables_match_transformers() {
     let doc: Value = serde_json::from_str(include_str!("golden/rope_scaling.json")).unwrap();
@@ -82,15 +31,11 @@ fn tables_match_transformers() {
             "{name}: the generator failed: {}",
             case["error"]
         );
-        let p = &case["rope_parameters"];
-        let got = rope_frequencies(
-            f(p, "rope_theta").unwrap(),
-            case["head_dim"].as_u64().unwrap() as u32,
-            f(p, "partial_rotary_factor").unwrap_or(1.0),
-            &scheme(case),
-            case["seq_len"].as_u64(),
-        )
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        // Each case is a config (head_dim, max_position_embeddings, rope_parameters) read by the
+        // crate's one mapping from Hugging Face settings, the one the command line uses.
+        let got = RopeConfig::from_hf_config(case)
+            .and_then(|cfg| cfg.frequencies(case["seq_len"].as_u64()))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
         let want = list(case, "inv_freq");
         assert_eq!(got.inv_freq.len(), want.len(), "{name}: table length");
         let worst = got

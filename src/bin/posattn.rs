@@ -140,15 +140,26 @@ fn shaders(out: &std::path::Path, lang: Lang) -> ExitCode {
     }
 }
 
-fn options(backend: Option<Backend>, adapter: Option<String>) -> ContextOptions {
-    let mut o = ContextOptions::default();
+/// The adapter choice: flags first, then `WGPU_BACKEND` / `WGPU_ADAPTER_NAME` (read strictly:
+/// an unknown backend name is an error naming the variable, even when a flag overrides it).
+fn options(backend: Option<Backend>, adapter: Option<String>) -> posattn::Result<ContextOptions> {
+    let mut o = ContextOptions::from_env()?;
     if let Some(b) = backend {
         o.backends = b.backends();
     }
     if adapter.is_some() {
         o.adapter_name = adapter;
     }
-    o
+    Ok(o)
+}
+
+fn no_adapter(o: &ContextOptions) -> String {
+    format!(
+        "no adapter found (backends {:?}, name filter {:?}): {}",
+        o.backends,
+        o.adapter_name,
+        posattn::env::no_adapter_hint(o.backends)
+    )
 }
 
 fn fmt_err(x: f64) -> String {
@@ -200,20 +211,13 @@ fn check(
     verbose: bool,
     json: Option<std::path::PathBuf>,
 ) -> ExitCode {
-    let opts = options(backend, adapter);
-    let adapters = enumerate_adapters(&opts);
-    if adapters.is_empty() {
-        eprintln!(
-            "no adapter found (backends {:?}, name filter {:?}). Without a GPU, install a software \
-             Vulkan driver: apt-get install mesa-vulkan-drivers",
-            opts.backends, opts.adapter_name
-        );
-        return ExitCode::from(2);
-    }
-    println!("adapters found:");
-    for a in &adapters {
-        println!("  {}", describe_adapter(&a.get_info()));
-    }
+    let opts = match options(backend, adapter) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let mut cases = if quick {
         check::quick_cases()
     } else {
@@ -235,6 +239,15 @@ fn check(
             if quick { " in the quick subset" } else { "" }
         );
         return ExitCode::from(2);
+    }
+    let adapters = enumerate_adapters(&opts);
+    if adapters.is_empty() {
+        eprintln!("{}", no_adapter(&opts));
+        return ExitCode::from(2);
+    }
+    println!("adapters found:");
+    for a in &adapters {
+        println!("  {}", describe_adapter(&a.get_info()));
     }
     let mut summary = Vec::new();
     let mut report = Vec::new();
@@ -362,27 +375,81 @@ struct RunArgs {
     /// Where to write the output .npy.
     #[arg(long)]
     out: std::path::PathBuf,
-    /// A reference output (e.g. from PyTorch) to compare against.
+    /// A reference output (e.g. from PyTorch) to compare against: exit 1, naming the element,
+    /// unless NaN sits in the same places and both posattn and the reference pass the tolerance
+    /// rule against the f64 CPU reference.
     #[arg(long)]
     compare: Option<std::path::PathBuf>,
 }
 
+/// Refuses an `--out` that names one of the inputs (it would be overwritten before, or while, it
+/// is read).
+fn check_out_alias(a: &RunArgs) -> posattn::Result<()> {
+    let inputs: [(&str, Option<&std::path::PathBuf>); 8] = [
+        ("--q", Some(&a.q)),
+        ("--k", Some(&a.k)),
+        ("--v", Some(&a.v)),
+        ("--positions-q", a.positions_q.as_ref()),
+        ("--positions-k", a.positions_k.as_ref()),
+        ("--bias", a.bias.as_ref()),
+        ("--spec", Some(&a.spec)),
+        ("--compare", a.compare.as_ref()),
+    ];
+    for (flag, path) in inputs {
+        if let Some(p) = path
+            && same_file(&a.out, p)
+        {
+            return Err(posattn::Error::invalid(
+                "out",
+                "a path that is none of the inputs",
+                format!("{}, the same file as {flag}", a.out.display()),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let (Ok(x), Ok(y)) = (std::fs::metadata(a), std::fs::metadata(b)) {
+            return x.dev() == y.dev() && x.ino() == y.ino();
+        }
+    }
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+/// A tensor's four dimensions, each at least 1 and below 2^32, named after its flag.
+fn dims4(field: &'static str, shape: &[u64]) -> posattn::Result<[u32; 4]> {
+    let mut out = [0u32; 4];
+    for (o, &x) in out.iter_mut().zip(shape) {
+        *o = u32::try_from(x).ok().filter(|&x| x > 0).ok_or_else(|| {
+            posattn::Error::invalid(
+                field,
+                "dimensions [batch, seq, heads, head_dim] each in 1..2^32",
+                format!("{shape:?}"),
+            )
+        })?;
+    }
+    Ok(out)
+}
+
 fn run(a: RunArgs, backend: Option<Backend>, adapter: Option<String>) -> posattn::Result<bool> {
-    use posattn::files::{parse_npy, parse_positions, parse_spec, read_limited, write_npy};
+    use posattn::files::{
+        parse_npy, parse_positions, parse_spec, read_config, read_limited, write_npy,
+    };
+    // Every input is read and checked before anything runs or is written.
+    check_out_alias(&a)?;
     let q = parse_npy("q", &read_limited("q", &a.q)?, Some(4))?;
     let k = parse_npy("k", &read_limited("k", &a.k)?, Some(4))?;
     let v = parse_npy("v", &read_limited("v", &a.v)?, Some(4))?;
-    let dim = |x: u64, field: &'static str| {
-        u32::try_from(x).map_err(|_| posattn::Error::invalid(field, "a dimension below 2^32", x))
-    };
-    let (b, sq, h, d) = (
-        dim(q.shape[0], "q")?,
-        dim(q.shape[1], "q")?,
-        dim(q.shape[2], "q")?,
-        dim(q.shape[3], "q")?,
-    );
-    let (sk, hkv) = (dim(k.shape[1], "k")?, dim(k.shape[2], "k")?);
-    if k.shape[0] != b as u64 || k.shape[3] != d as u64 {
+    let [b, sq, h, d] = dims4("q", &q.shape)?;
+    let [kb, sk, hkv, kd] = dims4("k", &k.shape)?;
+    if kb != b || kd != d {
         return Err(posattn::Error::invalid(
             "k",
             format!("shape [{b}, seq_k, kv_heads, {d}] to match q"),
@@ -406,7 +473,7 @@ fn run(a: RunArgs, backend: Option<Backend>, adapter: Option<String>) -> posattn
     let pq = positions("positions_q", &a.positions_q, sq, dq)?;
     let pk = positions("positions_k", &a.positions_k, sk, dk)?;
     let max_pos = pq.iter().chain(&pk).copied().max().unwrap_or(0) as i64;
-    let text = String::from_utf8(read_limited("spec", &a.spec)?)
+    let text = String::from_utf8(read_config("spec", &a.spec)?)
         .map_err(|_| posattn::Error::invalid("spec", "UTF-8 JSON", "bytes that are not UTF-8"))?;
     let dir = a.spec.parent().unwrap_or(std::path::Path::new("."));
     let mut spec = parse_spec(&text, [b, sq, sk, h, hkv, d], dir, max_pos)?;
@@ -430,7 +497,21 @@ fn run(a: RunArgs, backend: Option<Backend>, adapter: Option<String>) -> posattn
         }
         None => None,
     };
-    let ctx = Context::with_options(&options(backend, adapter))?;
+    let reference = match &a.compare {
+        Some(p) => {
+            let r = parse_npy("compare", &read_limited("compare", p)?, Some(4))?;
+            if r.shape != q.shape {
+                return Err(posattn::Error::invalid(
+                    "compare",
+                    format!("the output's shape {:?}", q.shape),
+                    format!("{:?}", r.shape),
+                ));
+            }
+            Some(r)
+        }
+        None => None,
+    };
+    let ctx = Context::with_options(&options(backend, adapter)?)?;
     eprintln!("running on {}", ctx.describe());
     let plan = posattn::Attention::new(&ctx, &spec)?;
     let out = plan.run_with_bias(
@@ -444,19 +525,9 @@ fn run(a: RunArgs, backend: Option<Backend>, adapter: Option<String>) -> posattn
     )?;
     write_npy(&a.out, &q.shape, &out)?;
     println!("wrote {} ({:?})", a.out.display(), q.shape);
-    let Some(cmp) = &a.compare else {
+    let Some(reference) = reference else {
         return Ok(true);
     };
-    let reference = parse_npy("compare", &read_limited("compare", cmp)?, Some(4))?;
-    if reference.shape != q.shape {
-        return Err(posattn::Error::invalid(
-            "compare",
-            format!("the output's shape {:?}", q.shape),
-            format!("{:?}", reference.shape),
-        ));
-    }
-    // The given reference plays the part of the plain implementation in the tolerance rule:
-    // |ours − f64| must be within a multiple of |theirs − f64|, plus the floor.
     let r64 = posattn::harness::reference::attention_with_bias::<f64>(
         &spec,
         &q.data,
@@ -466,26 +537,109 @@ fn run(a: RunArgs, backend: Option<Backend>, adapter: Option<String>) -> posattn
         &pk,
         bias.as_deref(),
     );
-    let (status, err_ours, err_theirs, bound) = check::compare(&out, &r64, &reference.data);
-    let direct = out
-        .iter()
-        .zip(&reference.data)
-        .map(|(a, b)| (a - b).abs() as f64)
-        .fold(0.0f64, f64::max);
-    println!("max |posattn − reference| = {direct:.3e}");
-    println!(
-        "against the f64 CPU reference: posattn {err_ours:.3e}, given reference {err_theirs:.3e}, allowed {bound:.3e}"
+    let r32 = posattn::harness::reference::attention_with_bias::<f32>(
+        &spec,
+        &q.data,
+        &k.data,
+        &v.data,
+        &pq,
+        &pk,
+        bias.as_deref(),
     );
-    match status {
-        Status::Pass => {
-            println!("within the tolerance rule");
-            Ok(true)
+    let failures = compare_with_reference(&q.shape, &out, &reference.data, &r64, &r32);
+    if failures.is_empty() {
+        println!("posattn and the given reference agree within the tolerance rule");
+        Ok(true)
+    } else {
+        for f in &failures {
+            println!("DISAGREE: {f}");
         }
-        other => {
-            println!("outside the tolerance rule: {other:?}");
-            Ok(false)
+        Ok(false)
+    }
+}
+
+/// `run --compare`: posattn's output against a given reference (from PyTorch, say). Three
+/// things must hold, and each failure names an element:
+/// - NaN in the same places in posattn's output, the given reference and the f64 reference;
+/// - posattn within the tolerance rule against the f64 reference (`check::compare`, with this
+///   crate's plain f32 CPU reference as the f32 implementation the rule is relative to);
+/// - the given reference within the same rule: it is an implementation in f32 (or better)
+///   too, and one that is further from the f64 truth does not agree with posattn whatever
+///   posattn's own error. Then `|posattn − reference|` is at most the sum of the two errors.
+fn compare_with_reference(
+    shape: &[u64],
+    ours: &[f32],
+    theirs: &[f32],
+    r64: &[f64],
+    r32: &[f32],
+) -> Vec<String> {
+    let at = |i: usize| {
+        let mut idx = vec![0u64; shape.len()];
+        let mut rest = i as u64;
+        for (slot, &dim) in idx.iter_mut().zip(shape).rev() {
+            *slot = rest % dim.max(1);
+            rest /= dim.max(1);
+        }
+        format!("element {idx:?}")
+    };
+    let mut failures = Vec::new();
+    for (who, xs) in [("posattn", ours), ("the given reference", theirs)] {
+        if let Some(i) = (0..r64.len()).find(|&i| xs[i].is_nan() != r64[i].is_nan()) {
+            failures.push(format!(
+                "{}: {who} {} where the f64 reference is {} (NaN placement must match exactly)",
+                at(i),
+                xs[i],
+                r64[i]
+            ));
         }
     }
+    let worst = |xs: &[f32]| -> (usize, f64) {
+        (0..r64.len())
+            .filter(|&i| !r64[i].is_nan() && !xs[i].is_nan())
+            .map(|i| (i, (xs[i] as f64 - r64[i]).abs()))
+            .fold((0, 0.0), |a, b| if b.1 > a.1 { b } else { a })
+    };
+    let (_, err_ours, err_f32, bound) = check::compare(ours, r64, r32);
+    let (_, err_theirs, _, _) = check::compare(theirs, r64, r32);
+    let (direct_at, direct) = (0..r64.len())
+        .filter(|&i| !ours[i].is_nan() && !theirs[i].is_nan())
+        .map(|i| (i, (ours[i] as f64 - theirs[i] as f64).abs()))
+        .fold((0, 0.0), |a, b| if b.1 > a.1 { b } else { a });
+    println!(
+        "max |posattn − reference| = {direct:.3e} at {}",
+        at(direct_at)
+    );
+    println!(
+        "against the f64 CPU reference: posattn {err_ours:.3e}, given reference {err_theirs:.3e}, \
+         each allowed {bound:.3e} ({}× the plain f32 CPU error {err_f32:.3e} + {:e} relative)",
+        check::ERR_MULTIPLE,
+        check::ERR_FLOOR
+    );
+    for (who, xs, err) in [
+        ("posattn", ours, err_ours),
+        ("the given reference", theirs, err_theirs),
+    ] {
+        if err > bound {
+            let (i, _) = worst(xs);
+            failures.push(format!(
+                "{who} differs from the f64 reference by {err:.3e} > {bound:.3e} at {} ({} vs {})",
+                at(i),
+                xs[i],
+                r64[i]
+            ));
+        }
+    }
+    if direct > 2.0 * bound {
+        failures.push(format!(
+            "posattn and the given reference differ by {direct:.3e} > {:.3e} (both errors \
+             allowed) at {}: {} vs {}",
+            2.0 * bound,
+            at(direct_at),
+            ours[direct_at],
+            theirs[direct_at]
+        ));
+    }
+    failures
 }
 
 fn bench(
@@ -496,9 +650,10 @@ fn bench(
 ) -> posattn::Result<()> {
     use posattn::harness::timing::{median, time_encoded};
     use wgpu::util::DeviceExt;
-    let adapters = enumerate_adapters(&options(backend, adapter));
+    let opts = options(backend, adapter)?;
+    let adapters = enumerate_adapters(&opts);
     if adapters.is_empty() {
-        return Err(posattn::Error::NoAdapter("nothing to benchmark".into()));
+        return Err(posattn::Error::NoAdapter(no_adapter(&opts)));
     }
     for a in adapters {
         let ctx = Context::from_adapter(&a)?;
@@ -573,9 +728,16 @@ fn bench(
 }
 
 fn info(backend: Option<Backend>) -> ExitCode {
-    let adapters = enumerate_adapters(&options(backend, None));
+    let opts = match options(backend, None) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let adapters = enumerate_adapters(&opts);
     if adapters.is_empty() {
-        eprintln!("no adapter found");
+        eprintln!("{}", no_adapter(&opts));
         return ExitCode::from(2);
     }
     for a in adapters {

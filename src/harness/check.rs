@@ -801,6 +801,24 @@ fn bias_and_mask_cases() -> Vec<Case> {
             "softcap50_rope_bidir_s70",
             rope_w(base(70, 70)).with_causal(false).with_softcap(50.0),
         ),
+        // Caps from far below the logits (saturated) to far above them (tanh of tiny
+        // arguments, where the cap must leave the logits as they are).
+        (
+            "softcap1e-2_rope_causal_s40",
+            rope_w(base(40, 40)).with_softcap(1e-2),
+        ),
+        (
+            "softcap3e2_rope_causal_s40",
+            rope_w(base(40, 40)).with_softcap(300.0),
+        ),
+        (
+            "softcap1e4_rope_causal_s40",
+            rope_w(base(40, 40)).with_softcap(1e4),
+        ),
+        (
+            "softcap1e8_rope_causal_s40",
+            rope_w(base(40, 40)).with_softcap(1e8),
+        ),
         // Learned sink logits, one of them dominant, and with rows that see no key.
         (
             "sink_logits_rope_causal_s70",

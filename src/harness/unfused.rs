@@ -3,8 +3,6 @@
 //! it in place, and a P·V pass writes the output: four dispatches and three intermediate tensors.
 //! It exists to be measured against (and is checked against the same CPU reference).
 
-use wgpu::util::DeviceExt;
-
 use crate::attention::{AttentionBuffers, check_call_buffers, check_limits};
 use crate::context::Context;
 use crate::error::{Error, Result};
@@ -105,14 +103,7 @@ impl Unfused {
         };
         let (pq, pk) = spec.default_positions();
         ctx.scoped("allocating the unfused pipeline", || {
-            let init = |label, contents: &[u8], usage| {
-                ctx.device()
-                    .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                        label: Some(label),
-                        contents,
-                        usage,
-                    })
-            };
+            let init = |label, contents: &[u8], usage| ctx.buffer_init(label, contents, usage);
             let scratch = |label, size: u64| {
                 ctx.device().create_buffer(&wgpu::BufferDescriptor {
                     label: Some(label),

@@ -363,6 +363,11 @@ impl AuxTable {
         self.push_entries(pack4(floats))
     }
 
+    /// The entries so far.
+    pub fn entries(&self) -> &[[f32; 4]] {
+        &self.entries
+    }
+
     /// The table; never empty (a binding cannot be), so an empty table is one zero entry.
     pub fn into_entries(mut self) -> Vec<[f32; 4]> {
         if self.entries.is_empty() {
