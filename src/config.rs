@@ -6,9 +6,9 @@
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::encoding::position::{Rope, RopeLayout, rope_inv_freq};
+use crate::encoding::scaling::{LongRope, RopeFrequencies, RopeScaling, Yarn, rope_frequencies};
 use crate::error::{Error, Result};
-use crate::position::{Rope, RopeLayout, rope_inv_freq};
-use crate::scaling::{LongRope, RopeFrequencies, RopeScaling, Yarn, rope_frequencies};
 
 /// A model's RoPE settings: everything needed to build its frequency table.
 #[derive(Clone, Debug, PartialEq)]
@@ -48,7 +48,7 @@ impl RopeConfig {
         layout: RopeLayout,
         seq_len: Option<u64>,
     ) -> Result<crate::spec::AttentionSpec> {
-        let mut spec = spec.with_position(crate::position::PositionEncoding::Rope(
+        let mut spec = spec.with_position(crate::encoding::position::PositionEncoding::Rope(
             self.to_rope(layout, seq_len)?,
         ));
         if self.logn_train_len.is_some() {

@@ -10,12 +10,14 @@ use serde::de::IgnoredAny;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use crate::bias::{Fire, Kerple, KerpleForm, Sandwich, T5Bias};
 use crate::config::RopeConfig;
+use crate::encoding::masks::{Extrapolation, Window};
+use crate::encoding::position::{
+    Alibi, AlibiForm, AlibiSlopes, PositionEncoding, Rope, RopeLayout, Xpos,
+};
+use crate::encoding::relative::{Fire, Kerple, KerpleForm, Sandwich, T5Bias};
 use crate::error::{Error, Result};
 use crate::json;
-use crate::mask::{Extrapolation, Window};
-use crate::position::{Alibi, AlibiForm, AlibiSlopes, PositionEncoding, Rope, RopeLayout, Xpos};
 use crate::spec::AttentionSpec;
 
 /// Largest .npy file accepted (1 GiB): bigger than any tensor a storage binding can hold.

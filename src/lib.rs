@@ -15,9 +15,9 @@
 //! ```
 
 pub mod attention;
-pub mod bias;
 pub mod config;
 pub mod context;
+pub mod encoding;
 pub mod env;
 pub mod error;
 #[cfg(feature = "cli")]
@@ -31,18 +31,17 @@ mod json;
 pub mod kernel;
 #[cfg(not(feature = "harness"))]
 mod kernel;
-pub mod mask;
 mod plan;
-pub mod position;
-pub mod scaling;
 pub mod spec;
 
 pub use attention::{Attention, AttentionBuffers};
-pub use bias::{Fire, Kerple, KerpleForm, Sandwich, T5Bias};
 pub use config::{HfConfigFile, HfDefaults, LlamaCppRope, RopeConfig};
 pub use context::{Context, ContextOptions, describe_adapter, enumerate_adapters};
+pub use encoding::masks::{BiasLayout, Extrapolation, Window};
+pub use encoding::position::{
+    Alibi, AlibiForm, AlibiSlopes, PositionEncoding, Rope, RopeLayout, Xpos,
+};
+pub use encoding::relative::{Fire, Kerple, KerpleForm, Sandwich, T5Bias};
+pub use encoding::scaling::{LongRope, RopeFrequencies, RopeScaling, Yarn, rope_frequencies};
 pub use error::{Error, Result};
-pub use mask::{BiasLayout, Extrapolation, Window};
-pub use position::{Alibi, AlibiForm, AlibiSlopes, PositionEncoding, Rope, RopeLayout, Xpos};
-pub use scaling::{LongRope, RopeFrequencies, RopeScaling, Yarn, rope_frequencies};
 pub use spec::{AttentionSpec, SUPPORTED_HEAD_DIMS};

@@ -1,11 +1,11 @@
 //! Lowering: a spec becomes a plan (the kernel variant's choices, the parameter block and the
 //! aux table) in one place, after validation and before anything touches a device.
 
+use crate::encoding::masks::Extrapolation;
+use crate::encoding::position::{PositionEncoding, ResolvedPosition};
 use crate::error::Result;
 use crate::kernel::abi::{BranchQMode, BranchRule, NO_SINK_LOGITS, Params, PosKind, freq_entry};
 use crate::kernel::{KernelKey, two_branch_rows};
-use crate::mask::Extrapolation;
-use crate::position::{PositionEncoding, ResolvedPosition};
 use crate::spec::AttentionSpec;
 use crate::spec::bias_dims;
 

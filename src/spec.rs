@@ -1,9 +1,9 @@
 //! What an attention call computes: shapes, scale, mask and position encoding, and the checks
 //! that turn a request into a valid one or a typed error naming the field.
 
+use crate::encoding::masks::{BiasLayout, Extrapolation, Window};
+use crate::encoding::position::PositionEncoding;
 use crate::error::{Error, Result};
-use crate::mask::{BiasLayout, Extrapolation, Window};
-use crate::position::PositionEncoding;
 
 /// Head sizes the kernels are built for. Each is one pipeline variant per position kind.
 pub const SUPPORTED_HEAD_DIMS: &[u32] = &[32, 64, 80, 96, 128, 160, 192, 256];
@@ -313,7 +313,10 @@ impl AttentionSpec {
     /// the products it forms from them (the logit factor `scale · log2 e · attention_factor²`,
     /// a RoPE angle at the largest position) must stay finite in f32. A value finite in f64
     /// but not in f32 is refused here rather than turned into an output of NaN.
-    pub(crate) fn validate_f32(&self, resolved: &crate::position::ResolvedPosition) -> Result<()> {
+    pub(crate) fn validate_f32(
+        &self,
+        resolved: &crate::encoding::position::ResolvedPosition,
+    ) -> Result<()> {
         let log2e = std::f64::consts::LOG2_E;
         let fits = |x: f64| x.is_finite() && x.abs() <= f32::MAX as f64;
         let scale = self.softmax_scale();
@@ -370,9 +373,11 @@ impl AttentionSpec {
         // A rotation angle is position × frequency in f32: finite for every allowed position.
         let max_freq = match &self.position {
             PositionEncoding::Rope(r) => r.inv_freq(self.head_dim).into_iter().fold(0.0, f64::max),
-            PositionEncoding::Xpos(x) => crate::position::rope_inv_freq(x.theta, self.head_dim)
-                .into_iter()
-                .fold(0.0, f64::max),
+            PositionEncoding::Xpos(x) => {
+                crate::encoding::position::rope_inv_freq(x.theta, self.head_dim)
+                    .into_iter()
+                    .fold(0.0, f64::max)
+            }
             _ => 0.0,
         };
         if !fits(max_freq * MAX_ABS_POSITION as f64) {
@@ -391,7 +396,7 @@ impl AttentionSpec {
             ));
         }
         if let PositionEncoding::Alibi(a) = &self.position
-            && let crate::position::AlibiSlopes::Custom(s) = &a.slopes
+            && let crate::encoding::position::AlibiSlopes::Custom(s) = &a.slopes
             && let Some(bad) = s
                 .iter()
                 .find(|x| !fits(**x as f64 * 2.0 * MAX_ABS_POSITION as f64))

@@ -265,7 +265,7 @@ fn llama_cpp_parameters_give_the_same_tables() {
     // Llama 3.1 arrives as freq_factors (rope_freqs.weight): default θ_i divided by ff_i.
     let l3 = golden_case("llama3_8b");
     let (inv, _) = want(&l3);
-    let plain = posattn::position::rope_inv_freq(500000.0, 128);
+    let plain = posattn::encoding::position::rope_inv_freq(500000.0, 128);
     let ff: Vec<f64> = plain.iter().zip(&inv).map(|(p, q)| p / q).collect();
     let cpp = LlamaCppRope {
         n_dims: 128,

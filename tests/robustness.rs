@@ -351,12 +351,18 @@ fn invalid_input_is_refused_with_exit_code_2() {
         "invalid `compare`",
     );
     // Flags and environment.
-    kinds.push(Kind {
-        what: "check --filter matching no case",
-        args: vec!["check".into(), "--filter".into(), "no-such-case".into()],
-        env: vec![],
-        names: "invalid `--filter`",
-    });
+    for (what, filter) in [
+        ("check --filter matching no case", "name=no-such-case"),
+        ("check --filter that is not KEY=VALUE", "no-such-case"),
+        ("check --filter with an unknown key", "colour=red"),
+    ] {
+        kinds.push(Kind {
+            what,
+            args: vec!["check".into(), "--filter".into(), filter.into()],
+            env: vec![],
+            names: "invalid `filter`",
+        });
+    }
     for (what, value) in [
         ("WGPU_BACKEND=bogus", "bogus"),
         ("WGPU_BACKEND=vulkan,bogus", "vulkan,bogus"),

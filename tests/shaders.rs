@@ -8,10 +8,18 @@ use posattn::kernel::abi::{Access, Params};
 use posattn::kernel::source::UNROLL_MARK;
 
 fn all_keys() -> Vec<KernelKey> {
-    KernelKey::all_fused()
-        .into_iter()
-        .chain(KernelKey::all_unfused())
-        .collect()
+    posattn::kernel::export::all_variants()
+}
+
+#[test]
+fn every_variant_is_listed_once_under_its_own_name() {
+    let keys = all_keys();
+    let names: std::collections::HashSet<String> = keys.iter().map(|k| k.name()).collect();
+    assert_eq!(
+        names.len(),
+        keys.len(),
+        "a variant is listed twice or two share a name"
+    );
 }
 
 fn validate(key: &KernelKey) -> naga::Module {

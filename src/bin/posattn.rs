@@ -227,16 +227,19 @@ fn check(
         let selection = match check::Selection::parse(f) {
             Ok(s) => s,
             Err(e) => {
-                eprintln!("{e}");
+                eprintln!("error: {e}");
                 return ExitCode::from(2);
             }
         };
         cases.retain(|c| selection.matches(c));
     }
+    // Zero cases would report every adapter as passing.
     if cases.is_empty() {
         eprintln!(
-            "no case matches the filter {filter:?}{}",
-            if quick { " in the quick subset" } else { "" }
+            "error: invalid `filter`: expected terms that match at least one case{}, got {:?}, \
+             which matches none",
+            if quick { " of the quick subset" } else { "" },
+            filter.unwrap_or_default()
         );
         return ExitCode::from(2);
     }

@@ -16,13 +16,15 @@
 use std::time::{Duration, Instant};
 
 use crate::attention::{Attention, bias_len};
-use crate::bias::{Fire, Kerple, KerpleForm, Sandwich, T5Bias};
 use crate::context::Context;
+use crate::encoding::masks::{BiasLayout, Extrapolation, Window};
+use crate::encoding::position::{
+    Alibi, AlibiForm, AlibiSlopes, PositionEncoding, Rope, RopeLayout, Xpos,
+};
+use crate::encoding::relative::{Fire, Kerple, KerpleForm, Sandwich, T5Bias};
+use crate::encoding::scaling::{RopeScaling, Yarn, rope_frequencies};
 use crate::error::{Error, Result};
 use crate::harness::reference;
-use crate::mask::{BiasLayout, Extrapolation, Window};
-use crate::position::{Alibi, AlibiForm, AlibiSlopes, PositionEncoding, Rope, RopeLayout, Xpos};
-use crate::scaling::{RopeScaling, Yarn, rope_frequencies};
 use crate::spec::{AttentionSpec, SUPPORTED_HEAD_DIMS};
 
 /// GPU error may be this many times the plain f32 implementation's error.
@@ -514,7 +516,7 @@ pub fn scaling_encodings() -> Vec<(&'static str, PositionEncoding)> {
         (
             "rope_longrope_long",
             scaled_at(
-                RopeScaling::LongRope(crate::scaling::LongRope {
+                RopeScaling::LongRope(crate::encoding::scaling::LongRope {
                     short_factor: long(32, 0.01),
                     long_factor: long(32, 0.5),
                     factor: None,

@@ -5,11 +5,11 @@
 //! (`rope_rotate`, `xpos_scale`, `alibi_bias`). Loops index like the formulas they transcribe.
 #![allow(clippy::needless_range_loop)]
 
-use crate::bias::{FIRE_EPS, KerpleForm, T5Bias};
-use crate::mask::Extrapolation;
-use crate::position::{
+use crate::encoding::masks::Extrapolation;
+use crate::encoding::position::{
     AlibiForm, AlibiSlopes, PositionEncoding, RopeLayout, alibi_slopes, rope_inv_freq, xpos_zeta,
 };
+use crate::encoding::relative::{FIRE_EPS, KerpleForm, T5Bias};
 use crate::spec::AttentionSpec;
 
 /// The float operations the reference needs.

@@ -59,15 +59,11 @@ impl fmt::Display for TranslateError {
 
 impl std::error::Error for TranslateError {}
 
-/// Every distinct variant: the fused kernels, then the unfused baseline's. (`all_fused` lists a
-/// two-branch key twice where the multi-row count halves to one row.)
+/// Every variant: the fused kernels, then the unfused baseline's.
 pub fn all_variants() -> Vec<KernelKey> {
-    let mut seen = std::collections::HashSet::new();
-    KernelKey::all_fused()
-        .into_iter()
-        .chain(KernelKey::all_unfused())
-        .filter(|k| seen.insert(*k))
-        .collect()
+    let mut keys = KernelKey::all_fused();
+    keys.extend(KernelKey::all_unfused());
+    keys
 }
 
 /// A variant parsed and validated by naga, ready to be written in any language.

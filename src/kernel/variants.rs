@@ -124,17 +124,23 @@ impl KernelKey {
     /// multi-row count for the head size).
     pub fn all_fused() -> Vec<KernelKey> {
         let mut keys = Vec::new();
+        // Listed once each: at the largest head sizes the two-branch row counts coincide.
+        let mut add = |k: KernelKey| {
+            if !keys.contains(&k) {
+                keys.push(k);
+            }
+        };
         for &d in crate::spec::SUPPORTED_HEAD_DIMS {
             for pos in PosKind::ALL {
                 for interleaved in [false, true] {
                     if interleaved && !pos.rotates() {
                         continue;
                     }
-                    keys.push(KernelKey::fused(d, 1, pos, interleaved));
-                    keys.push(KernelKey::fused(d, multi_rows_for(d), pos, interleaved));
+                    add(KernelKey::fused(d, 1, pos, interleaved));
+                    add(KernelKey::fused(d, multi_rows_for(d), pos, interleaved));
                     if pos == PosKind::Rope {
-                        keys.push(KernelKey::fused_two_branch(d, 1, interleaved));
-                        keys.push(KernelKey::fused_two_branch(
+                        add(KernelKey::fused_two_branch(d, 1, interleaved));
+                        add(KernelKey::fused_two_branch(
                             d,
                             two_branch_rows(multi_rows_for(d)),
                             interleaved,

@@ -2,7 +2,7 @@
 //! in f64) that the kernels read. The exact math follows `shared/reference/position-encodings.md`
 //! and the code that defines each scheme (Hugging Face transformers, torchscale, BLOOM).
 
-use crate::bias::{
+use crate::encoding::relative::{
     Fire, Kerple, KerpleForm, SANDWICH_TABLE_MAX, Sandwich, T5Bias, kerple_params, sandwich_freqs,
     sandwich_sum,
 };

@@ -7,8 +7,8 @@
 
 use std::f64::consts::PI;
 
+use crate::encoding::position::{Rope, RopeLayout, rope_inv_freq};
 use crate::error::{Error, Result};
-use crate::position::{Rope, RopeLayout, rope_inv_freq};
 
 /// YaRN (Peng et al. 2023) as transformers computes it.
 #[derive(Clone, Debug, PartialEq)]
