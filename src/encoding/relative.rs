@@ -56,10 +56,10 @@ pub struct Fire {
     pub c: f32,
     /// The threshold L (`|L_multiplier · init_L|`, initialised at 512).
     pub l: f32,
-    /// First layer weight [W, 1] and bias [W].
+    /// First layer weight `[W, 1]` and bias `[W]`.
     pub w1: Vec<f32>,
     pub b1: Vec<f32>,
-    /// Second layer weight [H, W] and bias [H].
+    /// Second layer weight `[H, W]` and bias `[H]`.
     pub w2: Vec<f32>,
     pub b2: Vec<f32>,
 }
