@@ -4,39 +4,20 @@
 //! error and exit code 2, never a panic. A property test drives the parsers with arbitrary bytes.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use posattn::files::{parse_npy, parse_positions, parse_spec};
 use proptest::prelude::*;
+
+mod common;
+use common::{have_adapter, posattn};
 
 fn golden() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/llama_attention")
 }
 
-fn posattn(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_posattn"))
-        .args(args)
-        .output()
-        .expect("run posattn");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
-}
-
-fn have_adapter() -> bool {
-    let found = !posattn::enumerate_adapters(&posattn::ContextOptions::default()).is_empty();
-    if !found {
-        println!("no adapter: the GPU half of the CLI test did not run");
-    }
-    found
-}
-
 #[test]
 fn run_reproduces_a_hugging_face_llama_attention() {
-    if !have_adapter() {
+    if !have_adapter("the GPU half of the CLI test") {
         return;
     }
     let g = golden();
@@ -77,7 +58,7 @@ fn run_reproduces_a_hugging_face_llama_attention() {
 /// window; the output matches the f64 reference with that bias.
 #[test]
 fn run_takes_a_bias_file() {
-    if !have_adapter() {
+    if !have_adapter("the GPU half of the CLI test") {
         return;
     }
     let g = golden();

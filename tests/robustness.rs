@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
 fn golden(f: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/golden/llama_attention")
@@ -403,19 +405,11 @@ fn invalid_input_is_refused_with_exit_code_2() {
     assert!(!Path::new(&sparse).exists() || std::fs::metadata(&sparse).unwrap().len() == 2 << 30);
 }
 
-fn have_adapter() -> bool {
-    let found = !posattn::enumerate_adapters(&posattn::ContextOptions::default()).is_empty();
-    if !found {
-        println!("no adapter: the --compare verdicts were not checked");
-    }
-    found
-}
-
 /// `run --compare` tells agreement from disagreement: the true reference agrees; an all-NaN
 /// reference, or one computed without RoPE, disagrees with exit code 1 and the element named.
 #[test]
 fn compare_is_honest() {
-    if !have_adapter() {
+    if !common::have_adapter("the --compare verdicts") {
         return;
     }
     let t = Tmp::new("compare");

@@ -2,22 +2,10 @@
 //! named by its key, the WGSL exactly what wgpu compiles, the SPIR-V a SPIR-V module; bad
 //! arguments are errors with exit code 2. Needs no adapter.
 
-use std::process::Command;
-
 use posattn::kernel::export::{self, Lang};
 
-fn posattn(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_posattn"))
-        .args(args)
-        .output()
-        .expect("run posattn");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
-}
+mod common;
+use common::posattn;
 
 fn files_in(dir: &std::path::Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
