@@ -45,7 +45,7 @@ var<workgroup> k_tile: array<vec4<f32>, K_TILES * BLOCK_K * HEAD_VEC>;
 var<workgroup> v_tile: array<vec4<f32>, BLOCK_K * HEAD_VEC>;
 
 const ROTATES: bool = POS_KIND == POS_ROPE || POS_KIND == POS_XPOS;
-const TABLE_BIAS: bool = POS_KIND >= POS_T5;
+const TABLE_BIAS: bool = POS_KIND == POS_TABLE;
 const KPOS: bool = POS_KIND == POS_ALIBI || TABLE_BIAS || TWO_BRANCH;
 const K2: u32 = BLOCK_K * HEAD_VEC;
 

@@ -119,18 +119,19 @@ fn rope_rotate_branch(x: vec2<f32>, i: u32, pos: i32, add_phase: bool) -> vec2<f
 //   FIRE: the MLP at ln(|cΔ| + 1) / (ln(|c·max(m, L)| + 1) + 1e-6).
 fn table_bias(h: u32, m: i32, n: i32) -> f32 {
     let base = params.bias_offset * 4u;
-    if (POS_KIND == POS_T5) {
+    let kind = params.pos_kind;
+    if (kind == POS_T5) {
         let dmax = i32(params.bias_len);
         let rel = clamp(n - m, -dmax, dmax);
         return aux_f(base + h * u32(2 * dmax + 1) + u32(rel + dmax));
     }
     let dist = abs(m - n);
-    if (POS_KIND == POS_KERPLE_LOG) {
+    if (kind == POS_KERPLE_LOG) {
         let p = aux_f(base + 2u * h);
         let a = aux_f(base + 2u * h + 1u);
         return -p * log(1.0 + a * f32(dist));
     }
-    if (POS_KIND == POS_KERPLE_POWER) {
+    if (kind == POS_KERPLE_POWER) {
         let p = aux_f(base + 2u * h);
         let a = aux_f(base + 2u * h + 1u);
         if (dist == 0) {
@@ -138,7 +139,7 @@ fn table_bias(h: u32, m: i32, n: i32) -> f32 {
         }
         return -a * exp2(p * log2(f32(dist)));
     }
-    if (POS_KIND == POS_SANDWICH) {
+    if (kind == POS_SANDWICH) {
         let len = params.bias_len;
         var s = 0.0;
         if (u32(dist) < len) {
@@ -152,7 +153,7 @@ fn table_bias(h: u32, m: i32, n: i32) -> f32 {
         }
         return s * aux_f(base + len + h);
     }
-    if (POS_KIND == POS_FIRE) {
+    if (kind == POS_FIRE) {
         let w = params.bias_len;
         let c = params.bias_p0;
         let x = log(abs(c * f32(m - n)) + 1.0)

@@ -26,7 +26,7 @@ impl Plan {
         if self.two_branch {
             KernelKey::fused_two_branch(head_dim, two_branch_rows(rows), self.interleaved)
         } else {
-            KernelKey::fused(head_dim, rows, self.kind, self.interleaved)
+            KernelKey::fused(head_dim, rows, self.kind.variant(), self.interleaved)
         }
     }
 }
@@ -151,7 +151,7 @@ fn params_for(spec: &AttentionSpec, pos: &ResolvedPosition) -> Params {
         branch_q_mode: BranchQMode::Own as u32,
         branch_w: 0,
         branch_offset: 0,
-        _pad0: 0,
+        pos_kind: pos.kind as u32,
         _pad1: 0,
     }
 }

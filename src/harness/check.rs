@@ -25,6 +25,7 @@ use crate::encoding::relative::{Fire, Kerple, KerpleForm, Sandwich, T5Bias};
 use crate::encoding::scaling::{RopeScaling, Yarn, rope_frequencies};
 use crate::error::{Error, Result};
 use crate::harness::reference;
+use crate::kernel::KernelKey;
 use crate::spec::{AttentionSpec, SUPPORTED_HEAD_DIMS};
 
 /// GPU error may be this many times the plain f32 implementation's error.
@@ -337,6 +338,15 @@ pub fn compare(gpu: &[f32], ref64: &[f64], ref32: &[f32]) -> (Status, f64, f64, 
         Status::Pass
     };
     (status, err_gpu, err_f32, bound)
+}
+
+/// The fused kernel variant `case` compiles when the adapter runs `rows_for(head_dim)` query rows
+/// per invocation (see `Context::rows_per_invocation`), found without a device; a case the
+/// planner rejects gives its error. Compiling variants is what the software adapters spend
+/// their time on, so a test run's cost is its number of distinct variants.
+pub fn case_kernel(case: &Case, rows_for: impl Fn(u32) -> u32) -> Result<KernelKey> {
+    let plan = crate::plan::lower(&case.spec)?;
+    Ok(plan.fused_key(case.spec.head_dim, rows_for(case.spec.head_dim)))
 }
 
 /// Runs one case on `ctx` and checks it against the CPU reference.

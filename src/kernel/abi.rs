@@ -102,7 +102,9 @@ uniform_block! {
         branch_w: i32,
         /// Aux entry of the second branch's frequency entries.
         branch_offset: u32,
-        _pad0: u32,
+        /// The encoding's code (`PosKind`); the table-driven encodings share one kernel variant
+        /// and branch on it.
+        pos_kind: u32,
         _pad1: u32,
     }
 }
@@ -110,7 +112,10 @@ uniform_block! {
 /// `Params::sink_logit_offset` when there are no sink logits.
 pub const NO_SINK_LOGITS: u32 = u32::MAX;
 
-/// Kernel-facing code of an encoding; each is a compile-time constant of a variant.
+/// Kernel-facing code of an encoding. None, RoPE, ALiBi and xPos are each a compile-time
+/// constant of their own variant; the table-driven biases (T5 to FIRE) share the `Table` variant,
+/// which branches on `Params::pos_kind` (a uniform branch per four scores, against one compile
+/// per encoding on the software drivers).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum PosKind {
     None = 0,
@@ -122,10 +127,12 @@ pub enum PosKind {
     KerplePower = 6,
     Sandwich = 7,
     Fire = 8,
+    /// The variant of every table-driven encoding.
+    Table = 9,
 }
 
 impl PosKind {
-    pub const ALL: [PosKind; 9] = [
+    pub const ALL: [PosKind; 10] = [
         PosKind::None,
         PosKind::Rope,
         PosKind::Alibi,
@@ -135,7 +142,29 @@ impl PosKind {
         PosKind::KerplePower,
         PosKind::Sandwich,
         PosKind::Fire,
+        PosKind::Table,
     ];
+
+    /// The kinds a fused variant is compiled for.
+    pub const VARIANTS: [PosKind; 5] = [
+        PosKind::None,
+        PosKind::Rope,
+        PosKind::Alibi,
+        PosKind::Xpos,
+        PosKind::Table,
+    ];
+
+    /// The kind of the variant that runs this encoding.
+    pub fn variant(self) -> PosKind {
+        match self {
+            PosKind::T5
+            | PosKind::KerpleLog
+            | PosKind::KerplePower
+            | PosKind::Sandwich
+            | PosKind::Fire => PosKind::Table,
+            k => k,
+        }
+    }
 
     pub fn name(&self) -> &'static str {
         match self {
@@ -148,6 +177,7 @@ impl PosKind {
             PosKind::KerplePower => "kerple_power",
             PosKind::Sandwich => "sandwich",
             PosKind::Fire => "fire",
+            PosKind::Table => "table",
         }
     }
 

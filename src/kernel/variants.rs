@@ -131,7 +131,7 @@ impl KernelKey {
             }
         };
         for &d in crate::spec::SUPPORTED_HEAD_DIMS {
-            for pos in PosKind::ALL {
+            for pos in PosKind::VARIANTS {
                 for interleaved in [false, true] {
                     if interleaved && !pos.rotates() {
                         continue;
