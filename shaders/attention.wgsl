@@ -23,7 +23,7 @@
 // StreamingLLM's cache-index positions.
 //
 // The host prepends the variant constants (see src/kernel/variants.rs, `KernelKey::wgsl_header`):
-//   HEAD_DIM, BLOCK_Q, BLOCK_K, ROWS, POS_KIND, ROPE_INTERLEAVED, TWO_BRANCH, K_TILES,
+//   HEAD_DIM, BLOCK_Q, BLOCK_K, ROWS, POS_KIND, TWO_BRANCH, K_TILES,
 // and expands every loop marked `@unroll` into straight-line copies with a constant index, so no
 // private array is ever indexed dynamically (Mesa's GL path turns such indexing into branch
 // ladders; every driver keeps constant-indexed arrays in registers).

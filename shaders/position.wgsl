@@ -73,7 +73,7 @@ fn alibi_bias(slope: f32, m: i32, n: i32, symmetric: bool) -> f32 {
 // The two channels of rotation pair i: (i, i + r/2) in the half layout, (2i, 2i + 1) in the
 // interleaved one.
 fn rope_pair_channels(i: u32, rotary_dim: u32) -> vec2<u32> {
-    if (ROPE_INTERLEAVED) {
+    if (params.rope_interleaved != 0u) {
         return vec2<u32>(2u * i, 2u * i + 1u);
     }
     return vec2<u32>(i, i + rotary_dim / 2u);

@@ -25,7 +25,7 @@ fn rope_apply(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
     let r = params.rotary_dim;
     if (POS_KIND == POS_ROPE && ch < r) {
         var pair = ch / 2u;
-        if (!ROPE_INTERLEAVED) {
+        if (params.rope_interleaved == 0u) {
             pair = select(ch - r / 2u, ch, ch < r / 2u);
         }
         let chs = rope_pair_channels(pair, r);

@@ -13,7 +13,6 @@ use crate::spec::bias_dims;
 #[derive(Clone, Debug)]
 pub(crate) struct Plan {
     pub kind: PosKind,
-    pub interleaved: bool,
     /// Two RoPE scores per key (an extrapolation rule is set).
     pub two_branch: bool,
     pub params: Params,
@@ -24,9 +23,9 @@ impl Plan {
     /// The fused variant for `rows` query rows per invocation (the adapter's choice).
     pub fn fused_key(&self, head_dim: u32, rows: u32) -> KernelKey {
         if self.two_branch {
-            KernelKey::fused_two_branch(head_dim, two_branch_rows(rows), self.interleaved)
+            KernelKey::fused_two_branch(head_dim, two_branch_rows(rows))
         } else {
-            KernelKey::fused(head_dim, rows, self.kind.variant(), self.interleaved)
+            KernelKey::fused(head_dim, rows, self.kind.variant())
         }
     }
 }
@@ -93,7 +92,6 @@ pub(crate) fn lower(spec: &AttentionSpec) -> Result<Plan> {
     }
     Ok(Plan {
         kind: pos.kind,
-        interleaved: pos.interleaved,
         two_branch: spec.extrapolation != Extrapolation::None,
         params,
         aux: pos.aux.into_entries(),
@@ -152,6 +150,6 @@ fn params_for(spec: &AttentionSpec, pos: &ResolvedPosition) -> Params {
         branch_w: 0,
         branch_offset: 0,
         pos_kind: pos.kind as u32,
-        _pad1: 0,
+        rope_interleaved: pos.interleaved as u32,
     }
 }

@@ -674,10 +674,10 @@ pub fn conformance_cases() -> Vec<Case> {
         }
     }
     // A non-default softmax scale (T5 style: unscaled logits).
-    let spec = AttentionSpec::new(1, 45, 45, 2, 32)
+    let spec = AttentionSpec::new(1, 45, 45, 2, 64)
         .with_scale(1.0)
         .with_causal(false);
-    cases.push(Case::new("none_bidir_s45_d32_scale1", spec).tagged(Group::Scale, "none"));
+    cases.push(Case::new("none_bidir_s45_d64_scale1", spec).tagged(Group::Scale, "none"));
     cases.extend(bias_and_mask_cases());
     cases
 }

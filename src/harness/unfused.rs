@@ -84,7 +84,7 @@ impl Unfused {
                 format!("{max_bind} (max storage binding)"),
             ));
         }
-        let key = |stage| KernelKey::unfused(stage, spec.head_dim, plan.kind, plan.interleaved);
+        let key = |stage| KernelKey::unfused(stage, spec.head_dim, plan.kind);
         let rope = match plan.kind {
             PosKind::Rope => Some(ctx.pipeline(key(Stage::RopeApply))?),
             _ => None,

@@ -105,7 +105,8 @@ uniform_block! {
         /// The encoding's code (`PosKind`); the table-driven encodings share one kernel variant
         /// and branch on it.
         pos_kind: u32,
-        _pad1: u32,
+        /// 1 when RoPE pairs channels (2i, 2i + 1), 0 for (i, i + r/2).
+        rope_interleaved: u32,
     }
 }
 

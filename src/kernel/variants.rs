@@ -79,13 +79,12 @@ pub struct KernelKey {
     /// Query rows per invocation of the fused kernel.
     pub rows: u32,
     pub pos: PosKind,
-    pub interleaved: bool,
     /// Two RoPE scores per key (ReRoPE, LM-Infinite, StreamingLLM cache-index positions).
     pub two_branch: bool,
 }
 
 impl KernelKey {
-    pub fn fused(head_dim: u32, rows: u32, pos: PosKind, interleaved: bool) -> Self {
+    pub fn fused(head_dim: u32, rows: u32, pos: PosKind) -> Self {
         KernelKey {
             stage: Stage::Fused,
             head_dim,
@@ -93,21 +92,20 @@ impl KernelKey {
             block_k: block_k_for(head_dim, false),
             rows,
             pos,
-            interleaved,
             two_branch: false,
         }
     }
 
     /// The two-branch RoPE variant.
-    pub fn fused_two_branch(head_dim: u32, rows: u32, interleaved: bool) -> Self {
+    pub fn fused_two_branch(head_dim: u32, rows: u32) -> Self {
         KernelKey {
             block_k: block_k_for(head_dim, true),
             two_branch: true,
-            ..KernelKey::fused(head_dim, rows, PosKind::Rope, interleaved)
+            ..KernelKey::fused(head_dim, rows, PosKind::Rope)
         }
     }
 
-    pub fn unfused(stage: Stage, head_dim: u32, pos: PosKind, interleaved: bool) -> Self {
+    pub fn unfused(stage: Stage, head_dim: u32, pos: PosKind) -> Self {
         KernelKey {
             stage,
             head_dim,
@@ -115,7 +113,6 @@ impl KernelKey {
             block_k: 0,
             rows: 1,
             pos,
-            interleaved,
             two_branch: false,
         }
     }
@@ -132,20 +129,14 @@ impl KernelKey {
         };
         for &d in crate::spec::SUPPORTED_HEAD_DIMS {
             for pos in PosKind::VARIANTS {
-                for interleaved in [false, true] {
-                    if interleaved && !pos.rotates() {
-                        continue;
-                    }
-                    add(KernelKey::fused(d, 1, pos, interleaved));
-                    add(KernelKey::fused(d, multi_rows_for(d), pos, interleaved));
-                    if pos == PosKind::Rope {
-                        add(KernelKey::fused_two_branch(d, 1, interleaved));
-                        add(KernelKey::fused_two_branch(
-                            d,
-                            two_branch_rows(multi_rows_for(d)),
-                            interleaved,
-                        ));
-                    }
+                add(KernelKey::fused(d, 1, pos));
+                add(KernelKey::fused(d, multi_rows_for(d), pos));
+                if pos == PosKind::Rope {
+                    add(KernelKey::fused_two_branch(d, 1));
+                    add(KernelKey::fused_two_branch(
+                        d,
+                        two_branch_rows(multi_rows_for(d)),
+                    ));
                 }
             }
         }
@@ -157,12 +148,8 @@ impl KernelKey {
         let mut keys = Vec::new();
         for &d in crate::spec::SUPPORTED_HEAD_DIMS {
             for stage in [Stage::RopeApply, Stage::Scores, Stage::Softmax, Stage::Pv] {
-                for (pos, il) in [
-                    (PosKind::None, false),
-                    (PosKind::Rope, false),
-                    (PosKind::Rope, true),
-                ] {
-                    keys.push(KernelKey::unfused(stage, d, pos, il));
+                for pos in [PosKind::None, PosKind::Rope] {
+                    keys.push(KernelKey::unfused(stage, d, pos));
                 }
             }
         }
@@ -172,18 +159,13 @@ impl KernelKey {
     /// A name that spells the configuration, e.g. `attention_fused_d64_bq64_bk32_rope_half`.
     pub fn name(&self) -> String {
         let pos = self.pos.name();
-        let layout = if self.interleaved { "_interleaved" } else { "" };
         let branch = if self.two_branch { "_2branch" } else { "" };
         match self.stage {
             Stage::Fused => format!(
-                "attention_fused_d{}_bq{}_bk{}_r{}_{pos}{layout}{branch}",
+                "attention_fused_d{}_bq{}_bk{}_r{}_{pos}{branch}",
                 self.head_dim, self.block_q, self.block_k, self.rows
             ),
-            _ => format!(
-                "unfused_{}_d{}_{pos}{layout}",
-                self.entry_point(),
-                self.head_dim
-            ),
+            _ => format!("unfused_{}_d{}_{pos}", self.entry_point(), self.head_dim),
         }
     }
 
@@ -210,14 +192,13 @@ impl KernelKey {
         format!(
             "// variant {}\nconst HEAD_DIM: u32 = {}u;\nconst BLOCK_Q: u32 = {}u;\n\
              const BLOCK_K: u32 = {}u;\nconst ROWS: u32 = {}u;\nconst POS_KIND: u32 = {}u;\n\
-             const ROPE_INTERLEAVED: bool = {};\nconst TWO_BRANCH: bool = {};\nconst K_TILES: u32 = {}u;\n",
+             const TWO_BRANCH: bool = {};\nconst K_TILES: u32 = {}u;\n",
             self.name(),
             self.head_dim,
             self.block_q.max(1),
             self.block_k.max(1),
             self.rows.max(1),
             self.pos as u32,
-            self.interleaved,
             self.two_branch,
             self.k_tiles()
         )
