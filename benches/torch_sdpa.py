@@ -5,6 +5,11 @@ theta 10000) applied the way Hugging Face does before SDPA.
 Usage: python3 benches/torch_sdpa.py 512 1024 2048 4096
 Prints one markdown row per (dtype, seq): SDPA alone and RoPE + SDPA, median of 50 CUDA-event
 timed runs after 10 warm-ups, GFLOP/s counted as 4·b·h·s²·d / 2 (causal).
+
+Decode (the shapes of `posattn bench --decode`): python3 benches/torch_sdpa.py --decode 512 8192
+One new query per sequence against a cache of the given lengths, Llama-3-8B heads (32 query, 8 KV,
+head_dim 128), batch 1 and 4, SDPA with GQA: µs per token and the K/V bytes read per second,
+with the cache stored rotated ("SDPA") and with every key rotated in the step ("RoPE + SDPA").
 """
 import sys
 
@@ -41,7 +46,36 @@ def timed(fn, iters=50, warmup=10):
     return times[len(times) // 2]
 
 
+def decode(caches):
+    dev = torch.device("cuda")
+    print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
+    print("| dtype | batch | cache | SDPA µs/token | SDPA GB/s | RoPE + SDPA µs/token | RoPE + SDPA GB/s |")
+    print("|---|---|---|---|---|---|---|")
+    hq, hkv, d = 32, 8, 128
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for b in (1, 4):
+            for n in caches:
+                g = torch.Generator(device=dev).manual_seed(n)
+                q = torch.randn(b, hq, 1, d, device=dev, dtype=dtype, generator=g)
+                k, v = (torch.randn(b, hkv, n, d, device=dev, dtype=dtype, generator=g) for _ in range(2))
+                pos = torch.arange(n, device=dev)
+                qpos = pos[-1:]
+                step = lambda kk: F.scaled_dot_product_attention(q, kk, v, enable_gqa=True)
+                t_sdpa = timed(lambda: step(k))
+                t_full = timed(lambda: F.scaled_dot_product_attention(
+                    rope(q, qpos), rope(k, pos), v, enable_gqa=True))
+                kv_bytes = 2 * b * hkv * n * d * k.element_size()
+                name = str(dtype).replace("torch.", "")
+                print(
+                    f"| {name} | {b} | {n} | {t_sdpa * 1e3 / b:.1f} | {kv_bytes / t_sdpa / 1e6:.0f} | "
+                    f"{t_full * 1e3 / b:.1f} | {kv_bytes / t_full / 1e6:.0f} |"
+                )
+
+
 def main():
+    if sys.argv[1:2] == ["--decode"]:
+        decode([int(s) for s in sys.argv[2:]] or [512, 1024, 2048, 4096, 8192, 16384, 32768])
+        return
     seqs = [int(s) for s in sys.argv[1:]] or [512, 1024, 2048, 4096]
     dev = torch.device("cuda")
     print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
