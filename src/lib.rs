@@ -17,6 +17,7 @@
 pub mod attention;
 pub mod config;
 pub mod context;
+pub mod decode;
 pub mod encoding;
 pub mod env;
 pub mod error;
@@ -36,6 +37,7 @@ pub mod spec;
 
 pub use attention::{Attention, AttentionBuffers};
 pub use config::{HfConfigFile, HfDefaults, LlamaCppRope, RopeConfig};
+pub use decode::{DecodeBuffers, DecodePlan, DecodeSpec, KvCache};
 pub use context::{Context, ContextOptions, describe_adapter, enumerate_adapters};
 pub use encoding::masks::{BiasLayout, Extrapolation, Window};
 pub use encoding::position::{
