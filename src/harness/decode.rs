@@ -341,3 +341,162 @@ pub fn decode_quick_cases() -> Vec<DecodeCase> {
         })
         .collect()
 }
+
+/// One decode benchmark shape: Llama-3-8B heads (32 query, 8 KV, head_dim 128, RoPE), one new
+/// query per sequence against `cache` keys, every sequence full.
+pub fn bench_spec(batch: u32, cache: u32) -> DecodeSpec {
+    DecodeSpec::new(
+        AttentionSpec::new(batch, 1, cache, 32, 128)
+            .with_kv_heads(8)
+            .with_position(crate::PositionEncoding::Rope(crate::Rope::new(500000.0))),
+    )
+}
+
+/// Seeded device buffers of a decode step (cache full, one new query per sequence).
+pub struct DecodeSetup {
+    pub q: wgpu::Buffer,
+    pub k: wgpu::Buffer,
+    pub v: wgpu::Buffer,
+    pub positions: wgpu::Buffer,
+    pub lengths: wgpu::Buffer,
+    pub out: wgpu::Buffer,
+}
+
+impl DecodeSetup {
+    pub fn new(ctx: &Context, spec: &DecodeSpec) -> crate::Result<Self> {
+        let a = &spec.attention;
+        let mut rng = SplitMix::new(a.seq_k as u64);
+        let st = wgpu::BufferUsages::STORAGE;
+        let mk = |bytes: &[u8]| {
+            let b = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size: bytes.len() as u64,
+                usage: st | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            ctx.queue().write_buffer(&b, 0, bytes);
+            b
+        };
+        let pos: Vec<i32> = (0..a.batch).flat_map(|_| 0..a.seq_k as i32).collect();
+        let lens: Vec<u32> = (0..a.batch).flat_map(|_| [1, a.seq_k]).collect();
+        Ok(DecodeSetup {
+            q: mk(bytemuck::cast_slice(&rng.vec(a.q_len(), 1.0))),
+            k: mk(bytemuck::cast_slice(&rng.vec(a.kv_len(), 1.0))),
+            v: mk(bytemuck::cast_slice(&rng.vec(a.kv_len(), 1.0))),
+            positions: mk(bytemuck::cast_slice(&pos)),
+            lengths: mk(bytemuck::cast_slice(&lens)),
+            out: mk(bytemuck::cast_slice(&vec![0.0f32; a.q_len()])),
+        })
+    }
+
+    pub fn buffers(&self) -> crate::decode::DecodeBuffers<'_> {
+        crate::decode::DecodeBuffers {
+            q: &self.q,
+            k_cache: &self.k,
+            v_cache: &self.v,
+            positions: Some(&self.positions),
+            lengths: &self.lengths,
+            out: &self.out,
+        }
+    }
+
+    /// The same tensors as a prefill call with seq_q = 1 (the cache is full, so it is
+    /// contiguous `[batch, cache, kv_heads, head_dim]`).
+    pub fn prefill_buffers(&self) -> crate::AttentionBuffers<'_> {
+        crate::AttentionBuffers {
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            out: &self.out,
+            positions_q: None,
+            positions_k: None,
+            bias: None,
+        }
+    }
+}
+
+/// A plain copy kernel (vec4 loads and stores, 256 per workgroup), the adapter's memory roof.
+pub struct CopyRoof {
+    pipeline: wgpu::ComputePipeline,
+    src: wgpu::Buffer,
+    dst: wgpu::Buffer,
+    bind_group: wgpu::BindGroup,
+    vec4s: u32,
+}
+
+const COPY_WGSL: &str = "
+@group(0) @binding(0) var<storage, read> src: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read_write> dst: array<vec4<f32>>;
+@compute @workgroup_size(256)
+fn copy(@builtin(global_invocation_id) id: vec3<u32>) {
+    let i = id.x + id.y * 65535u * 256u;
+    if (i < arrayLength(&src)) {
+        dst[i] = src[i];
+    }
+}
+";
+
+impl CopyRoof {
+    /// A copy of `bytes` (rounded down to whole vec4s).
+    pub fn new(ctx: &Context, bytes: u64) -> crate::Result<Self> {
+        let d = ctx.device();
+        ctx.scoped("building the copy kernel", || {
+            let module = d.create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some("posattn copy roof"),
+                source: wgpu::ShaderSource::Wgsl(COPY_WGSL.into()),
+            });
+            let pipeline = d.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some("posattn copy roof"),
+                layout: None,
+                module: &module,
+                entry_point: Some("copy"),
+                compilation_options: Default::default(),
+                cache: None,
+            });
+            let size = bytes / 16 * 16;
+            let mk = || {
+                d.create_buffer(&wgpu::BufferDescriptor {
+                    label: None,
+                    size,
+                    usage: wgpu::BufferUsages::STORAGE,
+                    mapped_at_creation: false,
+                })
+            };
+            let (src, dst) = (mk(), mk());
+            let bind_group = d.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: None,
+                layout: &pipeline.get_bind_group_layout(0),
+                entries: &[
+                    wgpu::BindGroupEntry {
+                        binding: 0,
+                        resource: src.as_entire_binding(),
+                    },
+                    wgpu::BindGroupEntry {
+                        binding: 1,
+                        resource: dst.as_entire_binding(),
+                    },
+                ],
+            });
+            CopyRoof {
+                pipeline,
+                src,
+                dst,
+                bind_group,
+                vec4s: (size / 16) as u32,
+            }
+        })
+    }
+
+    /// Bytes the copy moves: read plus written.
+    pub fn bytes_moved(&self) -> u64 {
+        self.src.size() + self.dst.size()
+    }
+
+    pub fn encode(&self, encoder: &mut wgpu::CommandEncoder) {
+        let mut pass = encoder.begin_compute_pass(&Default::default());
+        pass.set_pipeline(&self.pipeline);
+        pass.set_bind_group(0, &self.bind_group, &[]);
+        let groups = self.vec4s.div_ceil(256);
+        pass.dispatch_workgroups(groups.min(65535), groups.div_ceil(65535), 1);
+    }
+}
