@@ -8,16 +8,18 @@
 // the workgroup writes the output; otherwise it writes its unnormalised partial output, running
 // max and sum, and `decode_reduce` merges the chunks by their log-sum-exp.
 //
-// Per key tile, three phases separated by barriers:
+// Per key tile, four phases separated by barriers:
 //   1. stage BLOCK_K keys, rotated as they are loaded (keys are stored unrotated unless
-//      `keys_rotated`), with their cache slots and positions;
-//   2. one invocation per (row, key): the scaled dot product, the per-score modifications
-//      (softcap, ALiBi, table biases; the same position.wgsl functions as the prefill kernel)
-//      and the masks (bounds, bottom-right causal, window, sinks; common.wgsl);
-//   3. one invocation per (row, key): the tile's max of the row and the softmax weight;
-//   4. each invocation owns up to OWN (row, 4-channel) slices of the output and folds the tile's
-//      V rows into them, read straight from the cache (every row of the block reads the same
-//      rows, so they stay in cache).
+//      `keys_rotated`), with their cache slots and positions; each invocation loads whole vec4s
+//      (and, in the half layout, the vec4 of the partner channels), since every load costs
+//      about the same whatever its width on CPU adapters;
+//   2. one invocation per key: the scaled dot products with every row, the per-score
+//      modifications (softcap, ALiBi, table biases; the same position.wgsl functions as the
+//      prefill kernel) and the masks (bounds, bottom-right causal, window, sinks; common.wgsl);
+//   3. one invocation per row: the tile's max, the running max and sum, the softmax weights;
+//   4. each invocation owns one 4-channel slice of the output for every row of the block and a
+//      share of the tile's keys (KG key groups): each V vec4 is read from the cache once per
+//      workgroup and folded into all rows. The key groups' accumulators are summed at the end.
 //
 // Lengths come from the caller's `lengths` buffer, (new queries, keys) per sequence, and are
 // clamped: keys to the capacity (in a ring cache, key indices wrap onto slots instead), new
@@ -32,11 +34,11 @@
 const HEAD_VEC: u32 = HEAD_DIM / 4u;
 const HALF_D: u32 = HEAD_DIM / 2u;
 const WG: u32 = 64u;
-// Output vec4s per invocation: the variant's ROWS constant (the unroll bound of the loops
-// over them).
-const OWN: u32 = ROWS;
-// Query rows per workgroup: as many as the invocations hold output vec4s for.
-const R_MAX: u32 = WG * OWN / HEAD_VEC;
+// Query rows per workgroup: the variant's ROWS constant (the unroll bound of the loops over
+// them), 4 · WG / HEAD_VEC, so that the staged queries take 4 KiB.
+const R_MAX: u32 = ROWS;
+// Key groups of phase 4: invocations (g, c) with c < HEAD_VEC fold keys g, g + KG, ...
+const KG: u32 = WG / HEAD_VEC;
 const LOG2E: f32 = 1.4426950408889634;
 const ROTATES: bool = POS_KIND == POS_ROPE || POS_KIND == POS_XPOS;
 const TABLE_BIAS: bool = POS_KIND >= POS_T5;
@@ -47,6 +49,8 @@ var<workgroup> s_sh: array<f32, R_MAX * BLOCK_K>;
 var<workgroup> p_sh: array<f32, R_MAX * BLOCK_K>;
 // Running max of each row, double-buffered: [cur] before the tile, [1 − cur] after it.
 var<workgroup> m_sh: array<f32, 2u * R_MAX>;
+// Running sum of each row.
+var<workgroup> l_sh: array<f32, R_MAX>;
 var<workgroup> qpos_sh: array<i32, R_MAX>;
 var<workgroup> nan_sh: array<atomic<u32>, R_MAX>;
 var<workgroup> kslot_sh: array<u32, BLOCK_K>;
@@ -54,12 +58,12 @@ var<workgroup> kpos_sh: array<i32, BLOCK_K>;
 var<workgroup> lens_sh: vec2<u32>;
 
 // Tensor access, one function per tensor and direction.
-fn load_q(b: u32, qi: u32, head: u32, ch: u32) -> f32 {
-    return q_buf[((b * dparams.max_q + qi) * params.num_heads + head) * HEAD_DIM + ch];
+fn load_q4(b: u32, qi: u32, head: u32, c: u32) -> vec4<f32> {
+    return q_buf[((b * dparams.max_q + qi) * params.num_heads + head) * HEAD_VEC + c];
 }
 
-fn load_k(b: u32, slot: u32, kv: u32, ch: u32) -> f32 {
-    return k_cache[((b * dparams.capacity + slot) * params.num_kv_heads + kv) * HEAD_DIM + ch];
+fn load_k4(b: u32, slot: u32, kv: u32, c: u32) -> vec4<f32> {
+    return k_cache[((b * dparams.capacity + slot) * params.num_kv_heads + kv) * HEAD_VEC + c];
 }
 
 fn load_v4(b: u32, slot: u32, kv: u32, c: u32) -> vec4<f32> {
@@ -99,14 +103,67 @@ fn position_of(b: u32, i: u32) -> i32 {
     return pos_k[b * dparams.capacity + slot_of(i)];
 }
 
-// The channels of pair slot `pair`: a rotation pair below rotary_dim / 2, else two
-// pass-through channels.
-fn pair_channels(pair: u32, rot: u32) -> vec2<u32> {
-    if (pair < rot / 2u) {
-        return rope_pair_channels(pair, rot);
+// The position of new query qi of sequence b (that of its own key, at index qi + diag).
+fn query_position(b: u32, qi: u32, diag: i32) -> i32 {
+    return position_of(b, u32(i32(qi) + diag));
+}
+
+// Two vec4s of channels.
+struct Vec4Pair {
+    a: vec4<f32>,
+    b: vec4<f32>,
+}
+
+// Rotates the four pairs (a[e], b[e]) = pairs i0 + e (the half layout's vec4 u and its partner
+// vec4 u + rotary_dim / 8) with position.wgsl's rope_rotate.
+fn rotate_half4(x: Vec4Pair, i0: u32, pos: i32, rel: i32, sign: f32) -> Vec4Pair {
+    let p0 = rope_rotate(vec2<f32>(x.a.x, x.b.x), i0, pos, rel, sign);
+    let p1 = rope_rotate(vec2<f32>(x.a.y, x.b.y), i0 + 1u, pos, rel, sign);
+    let p2 = rope_rotate(vec2<f32>(x.a.z, x.b.z), i0 + 2u, pos, rel, sign);
+    let p3 = rope_rotate(vec2<f32>(x.a.w, x.b.w), i0 + 3u, pos, rel, sign);
+    return Vec4Pair(vec4<f32>(p0.x, p1.x, p2.x, p3.x), vec4<f32>(p0.y, p1.y, p2.y, p3.y));
+}
+
+// Rotates the two pairs of an interleaved-layout vec4 (pairs i0 and i0 + 1).
+fn rotate_interleaved4(x: vec4<f32>, i0: u32, pos: i32, rel: i32, sign: f32) -> vec4<f32> {
+    return vec4<f32>(rope_rotate(x.xy, i0, pos, rel, sign),
+                     rope_rotate(x.zw, i0 + 1u, pos, rel, sign));
+}
+
+// Stages vec4 slot u of one row (a query when `is_q`, else a key) into `dst` at `base`:
+// rotated unless `rotate` is false, times `mul`. In the half layout the slots below
+// rotary_dim / 8 carry their partner vec4 too and the slots up to rotary_dim / 4 have nothing
+// to do; the host checks that rotary_dim is a multiple of 8 (half) or 4 (interleaved).
+// Returns the two vec4s and whether the second one is written (at u + rotary_dim / 8).
+fn stage_vec4(is_q: bool, b: u32, row: u32, head: u32, u: u32, valid: bool, rotate: bool,
+              pos: i32, rel: i32, mul: f32) -> Vec4Pair {
+    let rot = select(0u, params.rotary_dim, ROTATES);
+    var x = Vec4Pair(vec4<f32>(0.0), vec4<f32>(0.0));
+    let half_v = select(rot / 8u, 0u, ROPE_INTERLEAVED);
+    if (!valid || (u >= half_v && u < 2u * half_v)) {
+        return x;
     }
-    let c = rot + 2u * (pair - rot / 2u);
-    return vec2<u32>(c, c + 1u);
+    let sign = select(-1.0, 1.0, is_q);
+    if (is_q) {
+        x.a = load_q4(b, row, head, u);
+    } else {
+        x.a = load_k4(b, row, head, u);
+    }
+    if (u < half_v) {
+        if (is_q) {
+            x.b = load_q4(b, row, head, u + half_v);
+        } else {
+            x.b = load_k4(b, row, head, u + half_v);
+        }
+        if (rotate) {
+            x = rotate_half4(x, 4u * u, pos, rel, sign);
+        }
+    } else if (ROPE_INTERLEAVED && rotate && u < rot / 4u) {
+        x.a = rotate_interleaved4(x.a, 2u * u, pos, rel, sign);
+    }
+    x.a *= mul;
+    x.b *= mul;
+    return x;
 }
 
 // Softcap, then the encoding's bias, on one scaled logit (base-2 units), in the prefill kernel's
@@ -173,30 +230,27 @@ fn decode_attention(
             m0 = aux_f(params.sink_logit_offset + head) * LOG2E;
         }
         m_sh[lr] = m0;
+        l_sh[lr] = select(0.0, 1.0, has_sink_logits);
         atomicStore(&nan_sh[lr], 0u);
-        qpos_sh[lr] = position_of(b, u32(i32(min(lr, n_rows - 1u) + row0) / i32(group) + diag));
+        qpos_sh[lr] = query_position(b, (row0 + min(lr, n_rows - 1u)) / group, diag);
     }
     // Queries, rotated and times scale · log2 e (and the log-n factor).
-    for (var idx = lid; idx < R_MAX * HALF_D; idx += WG) {
-        let lr = idx / HALF_D;
-        let pair = idx % HALF_D;
-        let ch = pair_channels(pair, rot);
-        var y = vec2<f32>(0.0);
-        if (lr < n_rows) {
-            let gr = row0 + lr;
-            let qi = gr / group;
-            let head = kv * group + gr % group;
-            let pos = position_of(b, u32(i32(qi) + diag));
-            y = vec2<f32>(load_q(b, qi, head, ch.x), load_q(b, qi, head, ch.y));
-            if (pair < rot / 2u) {
-                y = rope_rotate(y, pair, pos, pos - origin, 1.0);
-            }
-            y *= params.scale_log2 * logn_scale(pos);
+    let half_v = select(rot / 8u, 0u, ROPE_INTERLEAVED);
+    for (var idx = lid; idx < R_MAX * HEAD_VEC; idx += WG) {
+        let lr = idx / HEAD_VEC;
+        let u = idx % HEAD_VEC;
+        let gr = row0 + min(lr, n_rows - 1u);
+        let qi = gr / group;
+        let head = kv * group + gr % group;
+        let pos = query_position(b, qi, diag);
+        let x = stage_vec4(true, b, qi, head, u, lr < n_rows, true, pos, pos - origin,
+                           params.scale_log2 * logn_scale(pos));
+        if (u < half_v || u >= 2u * half_v) {
+            q_sh[lr * HEAD_VEC + u] = x.a;
         }
-        let e0 = lr * HEAD_DIM + ch.x;
-        let e1 = lr * HEAD_DIM + ch.y;
-        q_sh[e0 / 4u][e0 % 4u] = y.x;
-        q_sh[e1 / 4u][e1 % 4u] = y.y;
+        if (u < half_v) {
+            q_sh[lr * HEAD_VEC + u + half_v] = x.b;
+        }
     }
 
     // The key tiles any row of the block can see, as in the prefill kernel.
@@ -224,12 +278,13 @@ fn decode_attention(
     let t_begin = min(split * chunk, n_tiles);
     let t_end = min(t_begin + chunk, n_tiles);
 
-    var acc: array<vec4<f32>, OWN>;
-    var l_own: array<f32, OWN>;
+    // This invocation's slice c of every row's output, over key group g's keys.
+    var acc: array<vec4<f32>, R_MAX>;
+    let g = lid / HEAD_VEC;
+    let c = lid % HEAD_VEC;
     // @unroll
-    for (var o = 0u; o < ROWS; o++) {
-        acc[o] = vec4<f32>(0.0);
-        l_own[o] = select(0.0, 1.0, has_sink_logits);
+    for (var r = 0u; r < ROWS; r++) {
+        acc[r] = vec4<f32>(0.0);
     }
     var cur = 0u;
     workgroupBarrier();
@@ -238,123 +293,160 @@ fn decode_attention(
         let key0 = tile * BLOCK_K;
         workgroupBarrier();
         // Phase 1: stage the keys (rotated), their slots and positions.
-        for (var idx = lid; idx < BLOCK_K * HALF_D; idx += WG) {
-            let j = idx / HALF_D;
-            let pair = idx % HALF_D;
-            let ch = pair_channels(pair, rot);
+        for (var idx = lid; idx < BLOCK_K * HEAD_VEC; idx += WG) {
+            let j = idx / HEAD_VEC;
+            let u = idx % HEAD_VEC;
             let key = key0 + j;
-            var y = vec2<f32>(0.0);
+            let valid = key < k_len;
             var slot = 0u;
             var pos = 0;
-            if (key < k_len) {
+            if (valid) {
                 slot = slot_of(key);
                 pos = pos_k[b * cap + slot];
-                y = vec2<f32>(load_k(b, slot, kv, ch.x), load_k(b, slot, kv, ch.y));
-                if (pair < rot / 2u && dparams.keys_rotated == 0u) {
-                    y = rope_rotate(y, pair, pos, pos - origin, -1.0);
-                }
             }
-            if (pair == 0u) {
+            if (u == 0u) {
                 kslot_sh[j] = slot;
                 kpos_sh[j] = pos;
             }
-            let e0 = j * HEAD_DIM + ch.x;
-            let e1 = j * HEAD_DIM + ch.y;
-            k_tile[e0 / 4u][e0 % 4u] = y.x;
-            k_tile[e1 / 4u][e1 % 4u] = y.y;
+            let x = stage_vec4(false, b, slot, kv, u, valid, dparams.keys_rotated == 0u, pos,
+                               pos - origin, 1.0);
+            if (u < half_v || u >= 2u * half_v) {
+                k_tile[j * HEAD_VEC + u] = x.a;
+            }
+            if (u < half_v) {
+                k_tile[j * HEAD_VEC + u + half_v] = x.b;
+            }
         }
         workgroupBarrier();
-        // Phase 2: scores, modified and masked (MASKED marks a hidden key).
-        for (var idx = lid; idx < n_rows * BLOCK_K; idx += WG) {
-            let lr = idx / BLOCK_K;
-            let j = idx % BLOCK_K;
-            let gr = row0 + lr;
-            let head = kv * group + gr % group;
-            let ip = i32(gr / group) + diag;
-            let key = key0 + j;
-            let kk = i32(key);
-            var d4 = vec4<f32>(0.0);
+        // Phase 2: one invocation per key: its scores against every row (the staged queries'
+        // indices are constants after unrolling, so only the key's reads vary by invocation),
+        // modified and masked (MASKED marks a hidden key).
+        for (var j = lid; j < BLOCK_K; j += WG) {
+            var d: array<vec4<f32>, R_MAX>;
+            // @unroll
+            for (var r = 0u; r < ROWS; r++) {
+                d[r] = vec4<f32>(0.0);
+            }
             // @unroll
             for (var c = 0u; c < HEAD_VEC; c++) {
-                d4 = fma(q_sh[lr * HEAD_VEC + c], k_tile[j * HEAD_VEC + c], d4);
-            }
-            let vis = key < k_len && (params.causal == 0u || kk <= ip)
-                && (in_window(vec4<i32>(kk), ip).x || kk < sinks);
-            var s = MASKED;
-            if (vis) {
-                s = modify_score((d4.x + d4.y) + (d4.z + d4.w), head, qpos_sh[lr], kpos_sh[j]);
-                // A NaN at a visible key makes the row NaN, as in a plain softmax.
-                if (is_nan_bits(s)) {
-                    atomicOr(&nan_sh[lr], 1u);
-                    s = MASKED;
+                let k = k_tile[j * HEAD_VEC + c];
+                // @unroll
+                for (var r = 0u; r < ROWS; r++) {
+                    d[r] = fma(q_sh[r * HEAD_VEC + c], k, d[r]);
                 }
             }
-            s_sh[idx] = s;
+            let key = key0 + j;
+            let kk = i32(key);
+            // @unroll
+            for (var r = 0u; r < ROWS; r++) {
+                if (r < n_rows) {
+                    let gr = row0 + r;
+                    let head = kv * group + gr % group;
+                    let ip = i32(gr / group) + diag;
+                    let vis = key < k_len && (params.causal == 0u || kk <= ip)
+                        && (in_window(vec4<i32>(kk), ip).x || kk < sinks);
+                    var s = MASKED;
+                    if (vis) {
+                        let dr = d[r];
+                        s = modify_score((dr.x + dr.y) + (dr.z + dr.w), head, qpos_sh[r],
+                                         kpos_sh[j]);
+                        // A NaN at a visible key makes the row NaN, as in a plain softmax.
+                        if (is_nan_bits(s)) {
+                            atomicOr(&nan_sh[r], 1u);
+                            s = MASKED;
+                        }
+                    }
+                    s_sh[r * BLOCK_K + j] = s;
+                }
+            }
         }
         workgroupBarrier();
-        // Phase 3: the row's new running max and the keys' weights (−1: hidden).
-        for (var idx = lid; idx < n_rows * BLOCK_K; idx += WG) {
-            let lr = idx / BLOCK_K;
+        // Phase 3: one invocation per row: the new running max and sum, and the keys' weights
+        // (−1: hidden).
+        for (var r = lid; r < n_rows; r += WG) {
             var tmax = MASKED;
             for (var j = 0u; j < BLOCK_K; j++) {
-                tmax = max(tmax, s_sh[lr * BLOCK_K + j]);
+                tmax = max(tmax, s_sh[r * BLOCK_K + j]);
             }
-            let m_new = max(m_sh[cur * R_MAX + lr], tmax);
-            let s = s_sh[idx];
-            p_sh[idx] = select(-1.0, exp2(s - m_new), s > MASKED);
-            if (idx % BLOCK_K == 0u) {
-                m_sh[(1u - cur) * R_MAX + lr] = m_new;
+            let m_old = m_sh[cur * R_MAX + r];
+            let m_new = max(m_old, tmax);
+            m_sh[(1u - cur) * R_MAX + r] = m_new;
+            var l = l_sh[r] * exp2(m_old - m_new);
+            for (var j = 0u; j < BLOCK_K; j++) {
+                let s = s_sh[r * BLOCK_K + j];
+                let p = select(-1.0, exp2(s - m_new), s > MASKED);
+                p_sh[r * BLOCK_K + j] = p;
+                l += max(p, 0.0);
             }
+            l_sh[r] = l;
         }
         workgroupBarrier();
-        // Phase 4: rescale and fold the tile's V rows into the owned output slices. Hidden keys
+        // Phase 4: rescale and fold the tile's V rows into every row's slice c. Hidden keys
         // are never multiplied in, so whatever their slots hold cannot reach the output.
-        // @unroll
-        for (var o = 0u; o < ROWS; o++) {
-            let own = lid + o * WG;
-            let lr = own / HEAD_VEC;
-            let c = own % HEAD_VEC;
-            if (lr < n_rows) {
-                let alpha = exp2(m_sh[cur * R_MAX + lr] - m_sh[(1u - cur) * R_MAX + lr]);
-                var a = acc[o] * alpha;
-                var l = l_own[o] * alpha;
-                for (var j = 0u; j < BLOCK_K; j++) {
-                    let p = p_sh[lr * BLOCK_K + j];
-                    if (p >= 0.0) {
-                        a = fma(vec4<f32>(p), load_v4(b, kslot_sh[j], kv, c), a);
-                        l += p;
+        if (g < KG) {
+            // @unroll
+            for (var r = 0u; r < ROWS; r++) {
+                if (r < n_rows) {
+                    acc[r] *= exp2(m_sh[cur * R_MAX + r] - m_sh[(1u - cur) * R_MAX + r]);
+                }
+            }
+            for (var j = g; j < BLOCK_K; j += KG) {
+                let v = load_v4(b, kslot_sh[j], kv, c);
+                // @unroll
+                for (var r = 0u; r < ROWS; r++) {
+                    if (r < n_rows) {
+                        let p = p_sh[r * BLOCK_K + j];
+                        if (p >= 0.0) {
+                            acc[r] = fma(vec4<f32>(p), v, acc[r]);
+                        }
                     }
                 }
-                acc[o] = a;
-                l_own[o] = l;
             }
         }
         cur = 1u - cur;
     }
 
+    // Sum the key groups' accumulators into group 0's, through q_sh (no longer needed).
+    for (var g2 = 1u; g2 < KG; g2++) {
+        workgroupBarrier();
+        if (g == g2) {
+            // @unroll
+            for (var r = 0u; r < ROWS; r++) {
+                q_sh[r * HEAD_VEC + c] = acc[r];
+            }
+        }
+        workgroupBarrier();
+        if (g == 0u) {
+            // @unroll
+            for (var r = 0u; r < ROWS; r++) {
+                acc[r] += q_sh[r * HEAD_VEC + c];
+            }
+        }
+    }
+
     // A NaN built at run time (WGSL forbids a constant expression that evaluates to NaN).
     var nan_bits = 0x7fc00000u;
     let nan = bitcast<f32>(nan_bits);
-    // @unroll
-    for (var o = 0u; o < ROWS; o++) {
-        let own = lid + o * WG;
-        let lr = own / HEAD_VEC;
-        let c = own % HEAD_VEC;
-        if (lr < n_rows) {
-            let gr = row0 + lr;
-            let qi = gr / group;
-            let head = kv * group + gr % group;
-            let row_nan = atomicLoad(&nan_sh[lr]) != 0u;
-            let l = l_own[o];
-            if (splits == 1u) {
-                let out = select(vec4<f32>(0.0), acc[o] * (1.0 / l), l > 0.0);
-                store_o4(b, qi, head, c, select(out, vec4<f32>(nan), row_nan));
-            } else {
-                let base = partial_index(b, qi, head, split);
-                partials[base + c] = acc[o];
-                if (c == 0u) {
-                    let m = m_sh[cur * R_MAX + lr];
-                    partials[base + HEAD_VEC] = vec4<f32>(m, select(l, nan, row_nan), 0.0, 0.0);
+    if (g == 0u) {
+        // @unroll
+        for (var r = 0u; r < ROWS; r++) {
+            if (r < n_rows) {
+                let gr = row0 + r;
+                let qi = gr / group;
+                let head = kv * group + gr % group;
+                let row_nan = atomicLoad(&nan_sh[r]) != 0u;
+                let l = l_sh[r];
+                if (splits == 1u) {
+                    let out = select(vec4<f32>(0.0), acc[r] * (1.0 / l), l > 0.0);
+                    store_o4(b, qi, head, c, select(out, vec4<f32>(nan), row_nan));
+                } else {
+                    let base = partial_index(b, qi, head, split);
+                    partials[base + c] = acc[r];
+                    if (c == 0u) {
+                        let m = m_sh[cur * R_MAX + r];
+                        partials[base + HEAD_VEC] =
+                            vec4<f32>(m, select(l, nan, row_nan), 0.0, 0.0);
+                    }
                 }
             }
         }

@@ -280,6 +280,15 @@ impl DecodePlan {
                 ));
             }
         }
+        let r = plan.params.rotary_dim;
+        let step = if plan.interleaved { 4 } else { 8 };
+        if plan.kind.rotates() && !r.is_multiple_of(step) {
+            return Err(Error::invalid(
+                "position.rotary_dim",
+                format!("a multiple of {step} in decode plans (keys are staged a vec4 at a time)"),
+                r,
+            ));
+        }
         let kind = if spec.keys_rotated {
             PosKind::Rope
         } else {

@@ -102,6 +102,12 @@ enum Command {
         /// Decode: run the prefill kernel only up to this cache length (it is slow at seq_q = 1).
         #[arg(long, default_value_t = 8192)]
         prefill_max: u32,
+        /// Decode: keys stored rotated (only queries rotate).
+        #[arg(long)]
+        keys_rotated: bool,
+        /// Decode: split count instead of the split rule's.
+        #[arg(long)]
+        splits: Option<u32>,
         /// Decode: also write the rows as JSON to FILE.
         #[arg(long, value_name = "FILE")]
         json: Option<std::path::PathBuf>,
@@ -662,16 +668,24 @@ fn compare_with_reference(
     failures
 }
 
+struct DecodeBench {
+    caches: Vec<u32>,
+    batches: Vec<u32>,
+    runs: usize,
+    prefill_max: u32,
+    keys_rotated: bool,
+    splits: Option<u32>,
+}
+
 /// `posattn bench --decode`: a table per adapter, one row per batch and cache length.
 fn bench_decode(
     backend: Option<Backend>,
     adapter: Option<String>,
-    caches: &[u32],
-    batches: &[u32],
-    runs: usize,
-    prefill_max: u32,
+    cfg: &DecodeBench,
     json_path: Option<&std::path::Path>,
 ) -> posattn::Result<()> {
+    let (caches, batches, runs, prefill_max) =
+        (&cfg.caches, &cfg.batches, cfg.runs, cfg.prefill_max);
     use posattn::harness::decode::{CopyRoof, DecodeSetup, bench_spec};
     use posattn::harness::timing::{median, time_encoded};
     let opts = options(backend, adapter)?;
@@ -699,9 +713,11 @@ fn bench_decode(
             "  {:>5} {:>6} {:>6} {:>12} {:>8} {:>7} {:>14} {:>8}",
             "batch", "cache", "splits", "us/token", "GB/s", "% roof", "prefill us", "speedup"
         );
-        for &batch in batches {
-            for &cache in caches {
-                let spec = bench_spec(batch, cache);
+        for &batch in batches.iter() {
+            for &cache in caches.iter() {
+                let mut spec = bench_spec(batch, cache);
+                spec.keys_rotated = cfg.keys_rotated;
+                spec.splits = cfg.splits;
                 let plan = match posattn::DecodePlan::new(&ctx, &spec) {
                     Ok(p) => p,
                     Err(e @ posattn::Error::Unavailable { .. }) => {
@@ -741,6 +757,7 @@ fn bench_decode(
                     "batch": batch,
                     "cache": cache,
                     "dtype": "f32",
+                    "keys_rotated": cfg.keys_rotated,
                     "splits": plan.splits(),
                     "us_per_token": us,
                     "gbps": gbps,
@@ -912,16 +929,22 @@ fn main() -> ExitCode {
             cache,
             batch,
             prefill_max,
+            keys_rotated,
+            splits,
             json,
         } => {
             let _ = seq;
             match bench_decode(
                 backend,
                 adapter,
-                &cache,
-                &batch,
-                runs.max(1),
-                prefill_max,
+                &DecodeBench {
+                    caches: cache,
+                    batches: batch,
+                    runs: runs.max(1),
+                    prefill_max,
+                    keys_rotated,
+                    splits,
+                },
                 json.as_deref(),
             ) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -279,8 +279,8 @@ pub const FUSED_BINDINGS: [Binding; 9] = [
 /// The decode kernel's bindings; the index is the binding number. At most 8 storage buffers
 /// (WebGPU's default per-stage limit): the split-KV partials share one buffer.
 pub const DECODE_BINDINGS: [Binding; 10] = [
-    b("q_buf", Access::Read, "array<f32>"),
-    b("k_cache", Access::Read, "array<f32>"),
+    b("q_buf", Access::Read, "array<vec4<f32>>"),
+    b("k_cache", Access::Read, "array<vec4<f32>>"),
     b("v_cache", Access::Read, "array<vec4<f32>>"),
     b("o_buf", Access::ReadWrite, "array<vec4<f32>>"),
     b("pos_k", Access::Read, "array<i32>"),

@@ -75,7 +75,7 @@ pub enum Stage {
 
 /// Invocations per decode workgroup.
 pub const DECODE_WG: u32 = 64;
-/// Output vec4s each decode invocation accumulates (the decode key's `rows`).
+/// Query rows of a decode workgroup, in units of 64 / head_vec4s: the staged queries take 4 KiB.
 pub const DECODE_OWN: u32 = 4;
 
 /// Keys per decode tile: at most 16, and at most an 8 KiB tile of rotated keys (16 keys up to
@@ -89,11 +89,12 @@ pub fn decode_block_k(head_dim: u32) -> u32 {
 /// weights of each row, and the per-row and per-key words.
 pub fn decode_workgroup_bytes(head_dim: u32) -> u32 {
     let (bk, r) = (decode_block_k(head_dim), decode_rows(head_dim));
-    4 * (r * head_dim + bk * head_dim + 2 * r * bk + 3 * r + 2 * bk + 2)
+    4 * (r * head_dim + bk * head_dim + 2 * r * bk + 5 * r + 2 * bk + 2)
 }
 
-/// Query rows (query heads × new queries of one KV group) one decode workgroup serves: as many
-/// as its invocations hold output vec4s for (8 at head_dim 128, 16 at 64).
+/// Query rows (query heads × new queries of one KV group) one decode workgroup serves (the
+/// decode key's `rows`): 8 at head_dim 128, 16 at 64, 32 at 32; each invocation accumulates one
+/// output vec4 of every row.
 pub fn decode_rows(head_dim: u32) -> u32 {
     DECODE_WG * DECODE_OWN / (head_dim / 4)
 }
@@ -188,7 +189,7 @@ impl KernelKey {
             head_dim,
             block_q: 0,
             block_k: decode_block_k(head_dim),
-            rows: DECODE_OWN,
+            rows: decode_rows(head_dim),
             pos,
             interleaved,
             two_branch: false,
