@@ -31,9 +31,7 @@ use crate::context::Context;
 use crate::encoding::masks::Extrapolation;
 use crate::error::{Error, Result};
 use crate::kernel::abi::{DecodeParams, Family, PosKind};
-use crate::kernel::{
-    DECODE_WG, KernelKey, decode_rows, decode_workgroup_bytes,
-};
+use crate::kernel::{DECODE_WG, KernelKey, decode_rows, decode_workgroup_bytes};
 use crate::plan::lower;
 use crate::spec::AttentionSpec;
 
@@ -317,7 +315,11 @@ impl DecodePlan {
                 let st = wgpu::BufferUsages::STORAGE;
                 let un = wgpu::BufferUsages::UNIFORM;
                 (
-                    ctx.buffer_init("posattn decode params", bytemuck::bytes_of(&plan.params), un),
+                    ctx.buffer_init(
+                        "posattn decode params",
+                        bytemuck::bytes_of(&plan.params),
+                        un,
+                    ),
                     ctx.buffer_init("posattn decode dparams", bytemuck::bytes_of(&dp), un),
                     ctx.buffer_init("posattn decode aux", bytemuck::cast_slice(&plan.aux), st),
                     ctx.buffer_init(
@@ -642,7 +644,10 @@ impl KvCache {
             (
                 mk("posattn k cache", a.kv_len() as u64 * 4),
                 mk("posattn v cache", a.kv_len() as u64 * 4),
-                mk("posattn cache positions", a.batch as u64 * a.seq_k as u64 * 4),
+                mk(
+                    "posattn cache positions",
+                    a.batch as u64 * a.seq_k as u64 * 4,
+                ),
                 mk("posattn cache lengths", plan.lengths_bytes()),
             )
         })?;

@@ -37,8 +37,8 @@ pub mod spec;
 
 pub use attention::{Attention, AttentionBuffers};
 pub use config::{HfConfigFile, HfDefaults, LlamaCppRope, RopeConfig};
-pub use decode::{DecodeBuffers, DecodePlan, DecodeSpec, KvCache};
 pub use context::{Context, ContextOptions, describe_adapter, enumerate_adapters};
+pub use decode::{DecodeBuffers, DecodePlan, DecodeSpec, KvCache};
 pub use encoding::masks::{BiasLayout, Extrapolation, Window};
 pub use encoding::position::{
     Alibi, AlibiForm, AlibiSlopes, PositionEncoding, Rope, RopeLayout, Xpos,

@@ -18,7 +18,10 @@ fn contexts(backends: wgpu::Backends, name: &str) -> Vec<Context> {
         let required = std::env::var("POSATTN_REQUIRE_BACKENDS")
             .map(|v| v.split(',').any(|b| b.trim().eq_ignore_ascii_case(name)))
             .unwrap_or(false);
-        assert!(!required, "no {name} adapter, but POSATTN_REQUIRE_BACKENDS names it");
+        assert!(
+            !required,
+            "no {name} adapter, but POSATTN_REQUIRE_BACKENDS names it"
+        );
         println!("decode [{name}]: no adapter on this machine, nothing run");
     }
     adapters
@@ -45,10 +48,15 @@ fn run(backends: wgpu::Backends, name: &str, cases: Vec<DecodeCase>) {
             match r.status {
                 Status::Pass => pass += 1,
                 Status::Unsupported(_) => unsup += 1,
-                Status::Fail(why) => failures.push(format!("{} on {}: {why}", r.name, ctx.describe())),
+                Status::Fail(why) => {
+                    failures.push(format!("{} on {}: {why}", r.name, ctx.describe()))
+                }
             }
         }
-        println!("decode [{name}] {}: {pass} passed, {unsup} unsupported", ctx.describe());
+        println!(
+            "decode [{name}] {}: {pass} passed, {unsup} unsupported",
+            ctx.describe()
+        );
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

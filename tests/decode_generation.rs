@@ -23,7 +23,10 @@ fn vulkan() -> Option<Context> {
         let required = std::env::var("POSATTN_REQUIRE_BACKENDS")
             .map(|v| v.to_lowercase().contains("vulkan"))
             .unwrap_or(false);
-        assert!(!required, "no Vulkan adapter, but POSATTN_REQUIRE_BACKENDS names it");
+        assert!(
+            !required,
+            "no Vulkan adapter, but POSATTN_REQUIRE_BACKENDS names it"
+        );
         println!("no Vulkan adapter: decode generation did not run");
     }
     adapter.map(|a| Context::from_adapter(&a).expect("open device"))
@@ -108,10 +111,13 @@ fn generate(ctx: &Context, spec: DecodeSpec, steps: u32) -> u32 {
                     .copy_from_slice(&src[kvh * d..(kvh + 1) * d]);
             }
         }
-        ctx.queue().write_buffer(&new_k, 0, bytemuck::cast_slice(&kq));
-        ctx.queue().write_buffer(&new_v, 0, bytemuck::cast_slice(&vq));
+        ctx.queue()
+            .write_buffer(&new_k, 0, bytemuck::cast_slice(&kq));
+        ctx.queue()
+            .write_buffer(&new_v, 0, bytemuck::cast_slice(&vq));
         ctx.queue().write_buffer(&q, 0, bytemuck::cast_slice(&qs));
-        ctx.queue().write_buffer(&out, 0, bytemuck::cast_slice(&poison));
+        ctx.queue()
+            .write_buffer(&out, 0, bytemuck::cast_slice(&poison));
         let mut enc = ctx.device().create_command_encoder(&Default::default());
         cache
             .append(ctx, &mut enc, &new_k, &new_v, &counts, None)
@@ -218,13 +224,33 @@ fn bad_decode_input_is_a_typed_error_naming_the_field() {
     };
     let encode = |b: DecodeBuffers| {
         let mut enc = ctx.device().create_command_encoder(&Default::default());
-        plan.encode(&ctx, &mut enc, &b).err().and_then(|e| e.field())
+        plan.encode(&ctx, &mut enc, &b)
+            .err()
+            .and_then(|e| e.field())
     };
     assert_eq!(encode(bufs), None);
     // A lengths buffer too short; a cache too small for the plan.
-    assert_eq!(encode(DecodeBuffers { lengths: &short_lengths, ..bufs }), Some("lengths"));
-    assert_eq!(encode(DecodeBuffers { k_cache: &small_k, ..bufs }), Some("k_cache"));
-    assert_eq!(encode(DecodeBuffers { v_cache: &small_k, ..bufs }), Some("v_cache"));
+    assert_eq!(
+        encode(DecodeBuffers {
+            lengths: &short_lengths,
+            ..bufs
+        }),
+        Some("lengths")
+    );
+    assert_eq!(
+        encode(DecodeBuffers {
+            k_cache: &small_k,
+            ..bufs
+        }),
+        Some("k_cache")
+    );
+    assert_eq!(
+        encode(DecodeBuffers {
+            v_cache: &small_k,
+            ..bufs
+        }),
+        Some("v_cache")
+    );
 
     // A ring cache without positions.
     let ring = DecodeSpec::new(small(64).with_window(Window::recent(32))).with_ring();

@@ -768,11 +768,14 @@ fn bench_decode(
         }
     }
     if let Some(path) = json_path {
-        let text = serde_json::to_string_pretty(&rows).map_err(|e| {
-            posattn::Error::invalid("json", "serialisable rows", e)
-        })?;
+        let text = serde_json::to_string_pretty(&rows)
+            .map_err(|e| posattn::Error::invalid("json", "serialisable rows", e))?;
         std::fs::write(path, text).map_err(|e| {
-            posattn::Error::invalid("json", "a writable file", format!("{}: {e}", path.display()))
+            posattn::Error::invalid(
+                "json",
+                "a writable file",
+                format!("{}: {e}", path.display()),
+            )
         })?;
     }
     Ok(())

@@ -232,8 +232,12 @@ pub fn decode_cases() -> Vec<DecodeCase> {
     ));
     // GQA 8:1, positions offset (a continued sequence).
     cases.push(
-        DecodeCase::new("decode_gqa8_k777", spec(2, 2, 800, 8, 1), vec![(1, 777), (2, 64)])
-            .with_position_offset(5000),
+        DecodeCase::new(
+            "decode_gqa8_k777",
+            spec(2, 2, 800, 8, 1),
+            vec![(1, 777), (2, 64)],
+        )
+        .with_position_offset(5000),
     );
     // Every encoding, bidirectional as well as causal for one.
     for (name, enc) in encodings(4) {
@@ -250,8 +254,14 @@ pub fn decode_cases() -> Vec<DecodeCase> {
     }
     for (name, enc) in [
         ("t5", super::check::t5(32, 128, false, 4)),
-        ("kerple_log", super::check::kerple(crate::KerpleForm::Log, 4)),
-        ("kerple_power", super::check::kerple(crate::KerpleForm::Power, 4)),
+        (
+            "kerple_log",
+            super::check::kerple(crate::KerpleForm::Log, 4),
+        ),
+        (
+            "kerple_power",
+            super::check::kerple(crate::KerpleForm::Power, 4),
+        ),
         ("fire", super::check::fire(4)),
         (
             "sandwich",
@@ -278,12 +288,18 @@ pub fn decode_cases() -> Vec<DecodeCase> {
     let lens = vec![(2, 513), (1, 40)];
     for (name, a) in [
         ("softcap", base().with_softcap(5.0)),
-        ("sink_logits", base().with_sink_logits(vec![0.5, -1.0, 2.0, 0.0])),
+        (
+            "sink_logits",
+            base().with_sink_logits(vec![0.5, -1.0, 2.0, 0.0]),
+        ),
         ("logn", base().with_logn(64)),
         ("bidir", base().with_causal(false)),
         ("window", base().with_window(Window::recent(100))),
         // StreamingLLM: reads only the sink and window keys.
-        ("window_sinks", base().with_window(Window::recent(64)).with_sink_tokens(4)),
+        (
+            "window_sinks",
+            base().with_window(Window::recent(64)).with_sink_tokens(4),
+        ),
     ] {
         cases.push(DecodeCase::new(
             format!("decode_{name}"),
@@ -331,13 +347,7 @@ pub fn decode_cases() -> Vec<DecodeCase> {
 pub fn decode_quick_cases() -> Vec<DecodeCase> {
     decode_cases()
         .into_iter()
-        .filter(|c| {
-            [
-                "decode_rope_q4_k100",
-                "decode_ragged_b4",
-            ]
-            .contains(&c.name.as_str())
-        })
+        .filter(|c| ["decode_rope_q4_k100", "decode_ragged_b4"].contains(&c.name.as_str()))
         .collect()
 }
 

@@ -330,9 +330,7 @@ impl Family {
                     ty: match b.access {
                         Access::Read => wgpu::BufferBindingType::Storage { read_only: true },
                         Access::ReadWrite => wgpu::BufferBindingType::Storage { read_only: false },
-                        Access::Uniform | Access::DecodeUniform => {
-                            wgpu::BufferBindingType::Uniform
-                        }
+                        Access::Uniform | Access::DecodeUniform => wgpu::BufferBindingType::Uniform,
                     },
                     has_dynamic_offset: false,
                     min_binding_size: match b.access {

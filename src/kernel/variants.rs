@@ -247,10 +247,7 @@ impl KernelKey {
                 "attention_fused_d{}_bq{}_bk{}_r{}_{pos}{layout}{branch}",
                 self.head_dim, self.block_q, self.block_k, self.rows
             ),
-            Stage::Decode => format!(
-                "decode_d{}_bk{}_{pos}{layout}",
-                self.head_dim, self.block_k
-            ),
+            Stage::Decode => format!("decode_d{}_bk{}_{pos}{layout}", self.head_dim, self.block_k),
             Stage::DecodeReduce => format!("decode_reduce_d{}", self.head_dim),
             _ => format!(
                 "unfused_{}_d{}_{pos}{layout}",
