@@ -57,8 +57,7 @@ fn read(ctx: &Context, buf: &wgpu::Buffer) -> Vec<f32> {
     ctx.device()
         .poll(wgpu::PollType::wait_indefinitely())
         .expect("poll");
-    let v = bytemuck::cast_slice(&staging.get_mapped_range(..).unwrap()).to_vec();
-    v
+    bytemuck::cast_slice(&staging.get_mapped_range(..).unwrap()).to_vec()
 }
 
 /// (buffers, bind groups, compute pipelines, shader modules) alive now.
