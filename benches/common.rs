@@ -16,6 +16,8 @@ pub struct Setup {
     pub out: wgpu::Buffer,
 }
 
+// Not every benchmark uses every helper (each bench compiles this module on its own).
+#[allow(dead_code)]
 impl Setup {
     /// Seeded q, k, v (uniform in [-1, 1)) and an output buffer for `spec`.
     pub fn new(ctx: &Context, spec: AttentionSpec) -> Self {
@@ -66,6 +68,7 @@ pub fn short_name(ctx: &Context) -> String {
 }
 
 /// The causal RoPE problem both benchmarks measure: batch 1, 8 heads, head_dim 64.
+#[allow(dead_code)]
 pub fn rope_causal(seq: u32) -> AttentionSpec {
     AttentionSpec::new(1, seq, seq, 8, 64)
         .with_position(posattn::PositionEncoding::Rope(posattn::Rope::new(10000.0)))

@@ -34,11 +34,6 @@ const HEAD_VEC: u32 = HEAD_DIM / 4u;
 const WG_SIZE: u32 = BLOCK_Q / ROWS;
 const LOG2E: f32 = 1.4426950408889634;
 
-// NaN test on the bits: WGSL lets compilers assume floats are never NaN, so `x != x` and
-// max() cannot be trusted to see one.
-fn is_nan_bits(x: f32) -> bool {
-    return (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u;
-}
 
 // K_TILES tiles of keys (the second one rotated for the second branch), then one of values.
 var<workgroup> k_tile: array<vec4<f32>, K_TILES * BLOCK_K * HEAD_VEC>;
@@ -109,17 +104,6 @@ fn stage_rows(from_q: bool, branch_q: bool, lid: u32, batch: u32, head: u32, row
     }
 }
 
-// Which of four keys (indices kk) lie in the sliding window of a query at key index ip.
-fn in_window(kk: vec4<i32>, ip: i32) -> vec4<bool> {
-    var win = vec4<bool>(true);
-    if (params.window_left >= 0) {
-        win = win & (kk >= vec4<i32>(ip - params.window_left));
-    }
-    if (params.window_right >= 0) {
-        win = win & (kk <= vec4<i32>(ip + params.window_right));
-    }
-    return win;
-}
 
 // Whether the caller's bias value hides the key: −∞ or at most −1e30 (tested on the bits, since
 // WGSL lets compilers assume there are no infinities).

@@ -82,6 +82,9 @@ fn every_variant_validates_and_matches_the_contract() {
                 let b = g.binding.as_ref()?;
                 assert_eq!(b.group, 0, "{}: group", key.name());
                 let access = match g.space {
+                    naga::AddressSpace::Uniform if type_name(&module, g.ty) == "DecodeParams" => {
+                        Access::DecodeUniform
+                    }
                     naga::AddressSpace::Uniform => Access::Uniform,
                     naga::AddressSpace::Storage { access } => {
                         if access.contains(naga::StorageAccess::STORE) {

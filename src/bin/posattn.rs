@@ -88,6 +88,29 @@ enum Command {
         /// Timed runs per measurement (the median is reported).
         #[arg(long, default_value_t = 5)]
         runs: usize,
+        /// Decode instead: one new query against a KV cache, Llama-3-8B heads (32 query, 8 KV,
+        /// head_dim 128, RoPE), per cache length and batch, with the adapter's copy-kernel
+        /// bandwidth as the roof and today's prefill kernel at seq_q = 1 for comparison.
+        #[arg(long)]
+        decode: bool,
+        /// Decode: cache lengths.
+        #[arg(long, value_delimiter = ',', default_values_t = vec![512u32, 1024, 2048, 4096, 8192, 16384, 32768])]
+        cache: Vec<u32>,
+        /// Decode: batch sizes.
+        #[arg(long, value_delimiter = ',', default_values_t = vec![1u32, 4])]
+        batch: Vec<u32>,
+        /// Decode: run the prefill kernel only up to this cache length (it is slow at seq_q = 1).
+        #[arg(long, default_value_t = 8192)]
+        prefill_max: u32,
+        /// Decode: keys stored rotated (only queries rotate).
+        #[arg(long)]
+        keys_rotated: bool,
+        /// Decode: split count instead of the split rule's.
+        #[arg(long)]
+        splits: Option<u32>,
+        /// Decode: also write the rows as JSON to FILE.
+        #[arg(long, value_name = "FILE")]
+        json: Option<std::path::PathBuf>,
     },
     /// Write every kernel variant the crate builds into DIR, one file per variant named by its
     /// key (`<name>.<lang>`): the WGSL wgpu compiles, or naga's translation to SPIR-V, MSL,
@@ -645,6 +668,119 @@ fn compare_with_reference(
     failures
 }
 
+struct DecodeBench {
+    caches: Vec<u32>,
+    batches: Vec<u32>,
+    runs: usize,
+    prefill_max: u32,
+    keys_rotated: bool,
+    splits: Option<u32>,
+}
+
+/// `posattn bench --decode`: a table per adapter, one row per batch and cache length.
+fn bench_decode(
+    backend: Option<Backend>,
+    adapter: Option<String>,
+    cfg: &DecodeBench,
+    json_path: Option<&std::path::Path>,
+) -> posattn::Result<()> {
+    let (caches, batches, runs, prefill_max) =
+        (&cfg.caches, &cfg.batches, cfg.runs, cfg.prefill_max);
+    use posattn::harness::decode::{CopyRoof, DecodeSetup, bench_spec};
+    use posattn::harness::timing::{median, time_encoded};
+    let opts = options(backend, adapter)?;
+    let adapters = enumerate_adapters(&opts);
+    if adapters.is_empty() {
+        return Err(posattn::Error::NoAdapter(no_adapter(&opts)));
+    }
+    let mut rows = Vec::new();
+    for a in adapters {
+        let ctx = Context::from_adapter(&a)?;
+        println!("\n{}", ctx.describe());
+        // The roof: a plain copy of 64 MiB, timed like the kernels.
+        let roof = CopyRoof::new(&ctx, 64 << 20)?;
+        let _ = time_encoded(&ctx, 1, |e| {
+            roof.encode(e);
+            Ok(())
+        })?;
+        let (clock, t) = time_encoded(&ctx, runs, |e| {
+            roof.encode(e);
+            Ok(())
+        })?;
+        let roof_gbps = roof.bytes_moved() as f64 / median(&t).as_secs_f64() / 1e9;
+        println!("  copy roof {roof_gbps:.2} GB/s (read + write), {clock}");
+        println!(
+            "  {:>5} {:>6} {:>6} {:>12} {:>8} {:>7} {:>14} {:>8}",
+            "batch", "cache", "splits", "us/token", "GB/s", "% roof", "prefill us", "speedup"
+        );
+        for &batch in batches.iter() {
+            for &cache in caches.iter() {
+                let mut spec = bench_spec(batch, cache);
+                spec.keys_rotated = cfg.keys_rotated;
+                spec.splits = cfg.splits;
+                let plan = match posattn::DecodePlan::new(&ctx, &spec) {
+                    Ok(p) => p,
+                    Err(e @ posattn::Error::Unavailable { .. }) => {
+                        println!("  {batch:>5} {cache:>6} unavailable: {e}");
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                let setup = DecodeSetup::new(&ctx, &spec)?;
+                let bufs = setup.buffers();
+                let _ = time_encoded(&ctx, 1, |e| plan.encode(&ctx, e, &bufs))?;
+                let (_, t) = time_encoded(&ctx, runs, |e| plan.encode(&ctx, e, &bufs))?;
+                let s = median(&t).as_secs_f64();
+                // Per token per layer: the step serves `batch` tokens.
+                let us = s * 1e6 / batch as f64;
+                let kv_bytes = 2.0 * spec.cache_len() as f64 * 4.0;
+                let gbps = kv_bytes / s / 1e9;
+                let prefill_us = if cache <= prefill_max {
+                    let p = posattn::Attention::new(&ctx, &spec.attention)?;
+                    let pb = setup.prefill_buffers();
+                    let _ = time_encoded(&ctx, 1, |e| p.encode(&ctx, e, &pb))?;
+                    let (_, t) = time_encoded(&ctx, runs.min(2), |e| p.encode(&ctx, e, &pb))?;
+                    Some(median(&t).as_secs_f64() * 1e6 / batch as f64)
+                } else {
+                    None
+                };
+                println!(
+                    "  {batch:>5} {cache:>6} {:>6} {us:>12.1} {gbps:>8.2} {:>6.1}% {:>14} {:>8}",
+                    plan.splits(),
+                    100.0 * gbps / roof_gbps,
+                    prefill_us.map_or("-".into(), |p| format!("{p:.1}")),
+                    prefill_us.map_or("-".into(), |p| format!("{:.1}x", p / us)),
+                );
+                rows.push(serde_json::json!({
+                    "adapter": ctx.describe(),
+                    "clock": clock.to_string(),
+                    "batch": batch,
+                    "cache": cache,
+                    "dtype": "f32",
+                    "keys_rotated": cfg.keys_rotated,
+                    "splits": plan.splits(),
+                    "us_per_token": us,
+                    "gbps": gbps,
+                    "roof_gbps": roof_gbps,
+                    "prefill_kernel_us": prefill_us,
+                }));
+            }
+        }
+    }
+    if let Some(path) = json_path {
+        let text = serde_json::to_string_pretty(&rows)
+            .map_err(|e| posattn::Error::invalid("json", "serialisable rows", e))?;
+        std::fs::write(path, text).map_err(|e| {
+            posattn::Error::invalid(
+                "json",
+                "a writable file",
+                format!("{}: {e}", path.display()),
+            )
+        })?;
+    }
+    Ok(())
+}
+
 fn bench(
     backend: Option<Backend>,
     adapter: Option<String>,
@@ -792,6 +928,41 @@ fn main() -> ExitCode {
             adapter,
             seq,
             runs,
+            decode: true,
+            cache,
+            batch,
+            prefill_max,
+            keys_rotated,
+            splits,
+            json,
+        } => {
+            let _ = seq;
+            match bench_decode(
+                backend,
+                adapter,
+                &DecodeBench {
+                    caches: cache,
+                    batches: batch,
+                    runs: runs.max(1),
+                    prefill_max,
+                    keys_rotated,
+                    splits,
+                },
+                json.as_deref(),
+            ) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Bench {
+            backend,
+            adapter,
+            seq,
+            runs,
+            ..
         } => match bench(backend, adapter, &seq, runs.max(1)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

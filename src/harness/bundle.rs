@@ -119,7 +119,7 @@ fn write_case(dir: &Path, case: &Case, rows: u32) -> Result<WrittenCase, Failure
         let ty = match slot.access {
             Access::Read => "read-only-storage",
             Access::ReadWrite => "storage",
-            Access::Uniform => "uniform",
+            Access::Uniform | Access::DecodeUniform => "uniform",
         };
         let file = format!("b{binding}.bin");
         write(&case_dir.join(&file), bytes)?;

@@ -110,6 +110,28 @@ uniform_block! {
     }
 }
 
+uniform_block! {
+    /// The decode kernel's second uniform block: the plan's maxima and layout flags. Actual
+    /// lengths come from the caller's lengths buffer at run time.
+    pub struct DecodeParams {
+        /// Key slots per sequence in the cache.
+        capacity: u32,
+        /// Most new query rows per sequence (the query and output row stride).
+        max_q: u32,
+        /// Workgroups the key range of one row block is cut into (1: no reduce pass).
+        splits: u32,
+        /// Query heads per KV head.
+        group: u32,
+        /// 1: a ring cache (slot of key index i: i below the sinks, else
+        /// sinks + (i − sinks) mod (capacity − sinks)).
+        ring: u32,
+        /// 1: keys are stored rotated (RoPE only); only queries rotate.
+        keys_rotated: u32,
+        _pad0: u32,
+        _pad1: u32,
+    }
+}
+
 /// `Params::sink_logit_offset` when there are no sink logits.
 pub const NO_SINK_LOGITS: u32 = u32::MAX;
 
@@ -241,6 +263,8 @@ impl BiasArgs {
 pub enum Family {
     Fused,
     Unfused,
+    /// The decode kernel and its split-KV reduce.
+    Decode,
 }
 
 /// How a binding is bound.
@@ -252,6 +276,8 @@ pub enum Access {
     ReadWrite,
     /// `var<uniform>` of `Params`
     Uniform,
+    /// `var<uniform>` of `DecodeParams`
+    DecodeUniform,
 }
 
 /// One binding of group 0.
@@ -281,6 +307,21 @@ pub const FUSED_BINDINGS: [Binding; 9] = [
     b("user_bias", Access::Read, "array<f32>"),
 ];
 
+/// The decode kernel's bindings; the index is the binding number. At most 8 storage buffers
+/// (WebGPU's default per-stage limit): the split-KV partials share one buffer.
+pub const DECODE_BINDINGS: [Binding; 10] = [
+    b("q_buf", Access::Read, "array<vec4<f32>>"),
+    b("k_cache", Access::Read, "array<vec4<f32>>"),
+    b("v_cache", Access::Read, "array<vec4<f32>>"),
+    b("o_buf", Access::ReadWrite, "array<vec4<f32>>"),
+    b("pos_k", Access::Read, "array<i32>"),
+    b("lengths", Access::Read, "array<u32>"),
+    b("aux", Access::Read, "array<vec4<f32>>"),
+    b("params", Access::Uniform, "Params"),
+    b("dparams", Access::DecodeUniform, "DecodeParams"),
+    b("partials", Access::ReadWrite, "array<vec4<f32>>"),
+];
+
 /// The unfused baseline's bindings (every stage shares them); the index is the binding number.
 pub const UNFUSED_BINDINGS: [Binding; 6] = [
     b("src_a", Access::Read, "array<f32>"),
@@ -296,6 +337,7 @@ impl Family {
         match self {
             Family::Fused => &FUSED_BINDINGS,
             Family::Unfused => &UNFUSED_BINDINGS,
+            Family::Decode => &DECODE_BINDINGS,
         }
     }
 
@@ -319,12 +361,15 @@ impl Family {
                     ty: match b.access {
                         Access::Read => wgpu::BufferBindingType::Storage { read_only: true },
                         Access::ReadWrite => wgpu::BufferBindingType::Storage { read_only: false },
-                        Access::Uniform => wgpu::BufferBindingType::Uniform,
+                        Access::Uniform | Access::DecodeUniform => wgpu::BufferBindingType::Uniform,
                     },
                     has_dynamic_offset: false,
                     min_binding_size: match b.access {
                         Access::Uniform => {
                             wgpu::BufferSize::new(std::mem::size_of::<Params>() as u64)
+                        }
+                        Access::DecodeUniform => {
+                            wgpu::BufferSize::new(std::mem::size_of::<DecodeParams>() as u64)
                         }
                         _ => None,
                     },
@@ -361,11 +406,18 @@ pub fn wgsl_declarations(family: Family) -> String {
         s += &format!("    {name}: {ty},\n");
     }
     s += "}\n";
+    if family == Family::Decode {
+        s += "struct DecodeParams {\n";
+        for (name, ty, _) in DecodeParams::FIELDS {
+            s += &format!("    {name}: {ty},\n");
+        }
+        s += "}\n";
+    }
     for (i, b) in family.bindings().iter().enumerate() {
         let space = match b.access {
             Access::Read => "storage, read",
             Access::ReadWrite => "storage, read_write",
-            Access::Uniform => "uniform",
+            Access::Uniform | Access::DecodeUniform => "uniform",
         };
         s += &format!(
             "@group(0) @binding({i}) var<{space}> {}: {};\n",
@@ -453,11 +505,14 @@ mod tests {
         let last = Params::FIELDS.last().unwrap();
         assert_eq!(last.2 + 4, std::mem::size_of::<Params>());
         assert_eq!(std::mem::size_of::<Params>() % 16, 0, "uniform size");
+        let last = DecodeParams::FIELDS.last().unwrap();
+        assert_eq!(last.2 + 4, std::mem::size_of::<DecodeParams>());
+        assert_eq!(std::mem::size_of::<DecodeParams>() % 16, 0, "uniform size");
     }
 
     #[test]
     fn declarations_name_every_binding_once() {
-        for family in [Family::Fused, Family::Unfused] {
+        for family in [Family::Fused, Family::Unfused, Family::Decode] {
             let wgsl = wgsl_declarations(family);
             for (i, b) in family.bindings().iter().enumerate() {
                 assert_eq!(wgsl.matches(&format!("@binding({i})")).count(), 1);

@@ -59,10 +59,11 @@ impl fmt::Display for TranslateError {
 
 impl std::error::Error for TranslateError {}
 
-/// Every variant: the fused kernels, then the unfused baseline's.
+/// Every variant: the fused kernels, the unfused baseline's, then the decode kernels.
 pub fn all_variants() -> Vec<KernelKey> {
     let mut keys = KernelKey::all_fused();
     keys.extend(KernelKey::all_unfused());
+    keys.extend(KernelKey::all_decode());
     keys
 }
 

@@ -16,6 +16,7 @@ struct FamilyLayout {
 pub(crate) struct Pipelines {
     fused: FamilyLayout,
     unfused: FamilyLayout,
+    decode: FamilyLayout,
     cache: Mutex<HashMap<KernelKey, wgpu::ComputePipeline>>,
 }
 
@@ -39,6 +40,7 @@ impl Pipelines {
         Pipelines {
             fused: make(Family::Fused, "posattn fused"),
             unfused: make(Family::Unfused, "posattn unfused"),
+            decode: make(Family::Decode, "posattn decode"),
             cache: Mutex::new(HashMap::new()),
         }
     }
@@ -47,6 +49,7 @@ impl Pipelines {
         match family {
             Family::Fused => &self.fused,
             Family::Unfused => &self.unfused,
+            Family::Decode => &self.decode,
         }
     }
 

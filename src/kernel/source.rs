@@ -22,6 +22,7 @@ pub(crate) const COMMON_WGSL: &str = include_str!("../../shaders/common.wgsl");
 pub(crate) const POSITION_WGSL: &str = include_str!("../../shaders/position.wgsl");
 pub(crate) const ATTENTION_WGSL: &str = include_str!("../../shaders/attention.wgsl");
 pub(crate) const UNFUSED_WGSL: &str = include_str!("../../shaders/unfused.wgsl");
+pub(crate) const DECODE_WGSL: &str = include_str!("../../shaders/decode.wgsl");
 
 /// The line that marks a loop for unrolling.
 pub const UNROLL_MARK: &str = "// @unroll";
@@ -48,6 +49,7 @@ pub(crate) fn compose(key: &KernelKey) -> Result<String, ComposeError> {
     let family = match key.family() {
         Family::Fused => ATTENTION_WGSL,
         Family::Unfused => UNFUSED_WGSL,
+        Family::Decode => DECODE_WGSL,
     };
     let body = unroll(
         &format!("{COMMON_WGSL}\n{POSITION_WGSL}\n{family}"),

@@ -67,6 +67,36 @@ pub enum Stage {
     Softmax,
     /// Unfused baseline: P·V.
     Pv,
+    /// The decode kernel: few query rows per sequence against a KV cache.
+    Decode,
+    /// The decode kernel's split-KV reduce (merges partial outputs by their log-sum-exp).
+    DecodeReduce,
+}
+
+/// Invocations per decode workgroup.
+pub const DECODE_WG: u32 = 64;
+/// Query rows of a decode workgroup, in units of 64 / head_vec4s: the staged queries take 4 KiB.
+pub const DECODE_OWN: u32 = 4;
+
+/// Keys per decode tile: at most 16, and at most an 8 KiB tile of rotated keys (16 keys up to
+/// head_dim 128, 12 at 160, 8 at 192 and 256), so that the tile, the staged queries and the
+/// per-row scores fit WebGPU's default 16 KiB of workgroup memory.
+pub fn decode_block_k(head_dim: u32) -> u32 {
+    ((2048 / head_dim).min(16) / 4 * 4).max(4)
+}
+
+/// Workgroup bytes of the decode kernel: the staged queries, the key tile, the scores and
+/// weights of each row, and the per-row and per-key words.
+pub fn decode_workgroup_bytes(head_dim: u32) -> u32 {
+    let (bk, r) = (decode_block_k(head_dim), decode_rows(head_dim));
+    4 * (r * head_dim + bk * head_dim + 2 * r * bk + 5 * r + 2 * bk + 2)
+}
+
+/// Query rows (query heads × new queries of one KV group) one decode workgroup serves (the
+/// decode key's `rows`): 8 at head_dim 128, 16 at 64, 32 at 32; each invocation accumulates one
+/// output vec4 of every row.
+pub fn decode_rows(head_dim: u32) -> u32 {
+    DECODE_WG * DECODE_OWN / (head_dim / 4)
 }
 
 /// One compiled pipeline.
@@ -143,6 +173,39 @@ impl KernelKey {
         keys
     }
 
+    /// The decode kernel for a head size and encoding.
+    pub fn decode(head_dim: u32, pos: PosKind) -> Self {
+        KernelKey {
+            stage: Stage::Decode,
+            head_dim,
+            block_q: 0,
+            block_k: decode_block_k(head_dim),
+            rows: decode_rows(head_dim),
+            pos: pos.variant(),
+            two_branch: false,
+        }
+    }
+
+    /// The split-KV reduce for a head size (the same for every encoding).
+    pub fn decode_reduce(head_dim: u32) -> Self {
+        KernelKey {
+            stage: Stage::DecodeReduce,
+            ..KernelKey::decode(head_dim, PosKind::None)
+        }
+    }
+
+    /// Every decode variant the crate can build.
+    pub fn all_decode() -> Vec<KernelKey> {
+        let mut keys = Vec::new();
+        for &d in crate::spec::SUPPORTED_HEAD_DIMS {
+            keys.push(KernelKey::decode_reduce(d));
+            for pos in PosKind::VARIANTS {
+                keys.push(KernelKey::decode(d, pos));
+            }
+        }
+        keys
+    }
+
     /// Every unfused-baseline variant the crate can build.
     pub fn all_unfused() -> Vec<KernelKey> {
         let mut keys = Vec::new();
@@ -165,6 +228,8 @@ impl KernelKey {
                 "attention_fused_d{}_bq{}_bk{}_r{}_{pos}{branch}",
                 self.head_dim, self.block_q, self.block_k, self.rows
             ),
+            Stage::Decode => format!("decode_d{}_bk{}_{pos}", self.head_dim, self.block_k),
+            Stage::DecodeReduce => format!("decode_reduce_d{}", self.head_dim),
             _ => format!("unfused_{}_d{}_{pos}", self.entry_point(), self.head_dim),
         }
     }
@@ -173,6 +238,7 @@ impl KernelKey {
     pub fn family(&self) -> Family {
         match self.stage {
             Stage::Fused => Family::Fused,
+            Stage::Decode | Stage::DecodeReduce => Family::Decode,
             _ => Family::Unfused,
         }
     }
@@ -184,6 +250,8 @@ impl KernelKey {
             Stage::Scores => "scores",
             Stage::Softmax => "softmax_rows",
             Stage::Pv => "pv",
+            Stage::Decode => "decode_attention",
+            Stage::DecodeReduce => "decode_reduce",
         }
     }
 

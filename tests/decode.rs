@@ -1,0 +1,72 @@
+//! Decode against a KV cache, checked against the f64 reference on each sequence's whole prefix
+//! (`posattn::harness::decode`; tolerance rule of `posattn::harness::check`, outputs poisoned
+//! with NaN before each dispatch). The matrix runs on Vulkan; GL runs a two-case subset that
+//! compiles one decode variant (Mesa's GL driver takes minutes per decode variant).
+
+use posattn::harness::check::Status;
+use posattn::harness::decode::{self, DecodeCase};
+use posattn::{Context, ContextOptions, enumerate_adapters};
+
+fn contexts(backends: wgpu::Backends, name: &str) -> Vec<Context> {
+    let options = ContextOptions {
+        backends,
+        adapter_name: None,
+        ..ContextOptions::default()
+    };
+    let adapters = enumerate_adapters(&options);
+    if adapters.is_empty() {
+        let required = std::env::var("POSATTN_REQUIRE_BACKENDS")
+            .map(|v| v.split(',').any(|b| b.trim().eq_ignore_ascii_case(name)))
+            .unwrap_or(false);
+        assert!(
+            !required,
+            "no {name} adapter, but POSATTN_REQUIRE_BACKENDS names it"
+        );
+        println!("decode [{name}]: no adapter on this machine, nothing run");
+    }
+    adapters
+        .iter()
+        .map(|a| Context::from_adapter(a).expect("open device"))
+        .collect()
+}
+
+fn run(backends: wgpu::Backends, name: &str, cases: Vec<DecodeCase>) {
+    assert!(!cases.is_empty());
+    let filter = std::env::var("POSATTN_DECODE_FILTER").ok();
+    let mut failures = Vec::new();
+    for ctx in contexts(backends, name) {
+        let (mut pass, mut unsup) = (0, 0);
+        for case in &cases {
+            if filter.as_deref().is_some_and(|f| !case.name.contains(f)) {
+                continue;
+            }
+            let r = decode::run_decode_case(&ctx, case);
+            println!(
+                "  {:<32} {:?} err {:.2e} bound {:.2e} {:.2?}",
+                r.name, r.status, r.err_gpu, r.bound, r.time
+            );
+            match r.status {
+                Status::Pass => pass += 1,
+                Status::Unsupported(_) => unsup += 1,
+                Status::Fail(why) => {
+                    failures.push(format!("{} on {}: {why}", r.name, ctx.describe()))
+                }
+            }
+        }
+        println!(
+            "decode [{name}] {}: {pass} passed, {unsup} unsupported",
+            ctx.describe()
+        );
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn decode_matrix_vulkan() {
+    run(wgpu::Backends::VULKAN, "vulkan", decode::decode_cases());
+}
+
+#[test]
+fn decode_subset_gl() {
+    run(wgpu::Backends::GL, "gl", decode::decode_quick_cases());
+}

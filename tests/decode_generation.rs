@@ -1,0 +1,306 @@
+//! Generation through `KvCache`: tokens appended one at a time for a few hundred steps, every
+//! step's output compared with the f64 reference on the whole prefix (tolerance rule of
+//! `posattn::harness::check`, output poisoned with NaN before each step). The same loop proves
+//! the hot path: wgpu's internal resource counters (the `counters` feature, turned on for tests
+//! only through the dev-dependency) show that after the first step, encoding a step creates no
+//! buffer, bind group, pipeline or shader module. Counters hold live objects and are read
+//! while the step's encoder (which keeps everything a pass uses alive) is still open.
+//! Also: the typed errors of bad decode input. Vulkan only (lavapipe): one small variant.
+
+use posattn::decode::{DecodeBuffers, DecodePlan, DecodeSpec, KvCache};
+use posattn::harness::check::Status;
+use posattn::harness::decode::History;
+use posattn::{AttentionSpec, Context, ContextOptions, PositionEncoding, Rope, Window};
+
+fn vulkan() -> Option<Context> {
+    let options = ContextOptions {
+        backends: wgpu::Backends::VULKAN,
+        adapter_name: None,
+        ..ContextOptions::default()
+    };
+    let adapter = posattn::enumerate_adapters(&options).into_iter().next();
+    if adapter.is_none() {
+        let required = std::env::var("POSATTN_REQUIRE_BACKENDS")
+            .map(|v| v.to_lowercase().contains("vulkan"))
+            .unwrap_or(false);
+        assert!(
+            !required,
+            "no Vulkan adapter, but POSATTN_REQUIRE_BACKENDS names it"
+        );
+        println!("no Vulkan adapter: decode generation did not run");
+    }
+    adapter.map(|a| Context::from_adapter(&a).expect("open device"))
+}
+
+fn storage(ctx: &Context, bytes: u64) -> wgpu::Buffer {
+    ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: bytes,
+        usage: wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_DST
+            | wgpu::BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    })
+}
+
+fn read(ctx: &Context, buf: &wgpu::Buffer) -> Vec<f32> {
+    let staging = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: buf.size(),
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut enc = ctx.device().create_command_encoder(&Default::default());
+    enc.copy_buffer_to_buffer(buf, 0, &staging, 0, buf.size());
+    ctx.queue().submit([enc.finish()]);
+    staging.map_async(wgpu::MapMode::Read, .., |r| r.expect("map"));
+    ctx.device()
+        .poll(wgpu::PollType::wait_indefinitely())
+        .expect("poll");
+    bytemuck::cast_slice(&staging.get_mapped_range(..).unwrap()).to_vec()
+}
+
+/// (buffers, bind groups, compute pipelines, shader modules) alive now.
+fn live(ctx: &Context) -> [isize; 4] {
+    let h = ctx.device().get_internal_counters().hal;
+    [
+        h.buffers.read(),
+        h.bind_groups.read(),
+        h.compute_pipelines.read(),
+        h.shader_modules.read(),
+    ]
+}
+
+/// Appends `steps` tokens one at a time to two sequences (the second starting later), checks
+/// every step, and checks the hot path's counters; returns the number of compared steps.
+fn generate(ctx: &Context, spec: DecodeSpec, steps: u32) -> u32 {
+    let a = spec.attention.clone();
+    let plan = DecodePlan::new(ctx, &spec).expect("plan");
+    let mut cache = KvCache::new(ctx, &plan).expect("cache");
+    let row = (a.num_kv_heads * a.head_dim) as usize;
+    let qrow = (a.num_heads * a.head_dim) as usize;
+    // The whole history up front: sequence 1 starts at step 10.
+    let total = [steps, steps - 10];
+    let history = History::new(&spec, &total, 0, 99);
+    let q = storage(ctx, a.q_len() as u64 * 4);
+    let new_k = storage(ctx, (a.batch as usize * row * 4) as u64);
+    let new_v = storage(ctx, (a.batch as usize * row * 4) as u64);
+    let out = storage(ctx, a.q_len() as u64 * 4);
+    let poison = vec![f32::NAN; a.q_len()];
+    let mut first_encode = None;
+    let mut compared = 0;
+    for step in 0..steps {
+        let counts = [1, u32::from(step >= 10)];
+        let mut kq = vec![0.0f32; a.batch as usize * row];
+        let mut vq = vec![0.0f32; a.batch as usize * row];
+        let mut qs = vec![0.0f32; a.q_len()];
+        for b in 0..2 {
+            if counts[b] == 0 {
+                continue;
+            }
+            let t = cache.keys()[b] as usize;
+            kq[b * row..(b + 1) * row].copy_from_slice(&history.k[b][t * row..(t + 1) * row]);
+            vq[b * row..(b + 1) * row].copy_from_slice(&history.v[b][t * row..(t + 1) * row]);
+            // A fresh query per step, drawn from the history's K rows (any values do).
+            let src = &history.k[b][t * row..(t + 1) * row];
+            for h in 0..a.num_heads as usize {
+                let kvh = h / (a.num_heads / a.num_kv_heads) as usize;
+                let d = a.head_dim as usize;
+                qs[b * qrow + h * d..b * qrow + (h + 1) * d]
+                    .copy_from_slice(&src[kvh * d..(kvh + 1) * d]);
+            }
+        }
+        ctx.queue()
+            .write_buffer(&new_k, 0, bytemuck::cast_slice(&kq));
+        ctx.queue()
+            .write_buffer(&new_v, 0, bytemuck::cast_slice(&vq));
+        ctx.queue().write_buffer(&q, 0, bytemuck::cast_slice(&qs));
+        ctx.queue()
+            .write_buffer(&out, 0, bytemuck::cast_slice(&poison));
+        let mut enc = ctx.device().create_command_encoder(&Default::default());
+        cache
+            .append(ctx, &mut enc, &new_k, &new_v, &counts, None)
+            .expect("append");
+        let before = live(ctx);
+        plan.encode(ctx, &mut enc, &cache.buffers(&q, &out))
+            .expect("encode");
+        let after = live(ctx);
+        match first_encode {
+            None => {
+                // The first call makes the bind group: proof that the counters count.
+                assert_eq!(after[1], before[1] + 1, "first step: one bind group");
+                first_encode = Some(after);
+            }
+            Some(_) => assert_eq!(before, after, "step {step}: encode created objects"),
+        }
+        ctx.queue().submit([enc.finish()]);
+        let gpu = read(ctx, &out);
+        // Compare both sequences' rows with the reference on their whole prefix.
+        let mut hist = History {
+            k: history.k.clone(),
+            v: history.v.clone(),
+            pos: history.pos.clone(),
+            q: qs.clone(),
+        };
+        hist.q.resize(a.q_len(), 0.0);
+        let lengths: Vec<(u32, u32)> = (0..2).map(|b| (counts[b], cache.keys()[b])).collect();
+        let (status, err, _, bound) =
+            posattn::harness::decode::check_output(&spec, &hist, &lengths, &gpu);
+        assert_eq!(
+            status,
+            Status::Pass,
+            "step {step}: err {err:.3e} bound {bound:.3e}"
+        );
+        compared += 1;
+    }
+    compared
+}
+
+fn small(capacity: u32) -> AttentionSpec {
+    AttentionSpec::new(2, 1, capacity, 4, 64)
+        .with_kv_heads(2)
+        .with_position(PositionEncoding::Rope(Rope::new(10000.0)))
+}
+
+#[test]
+fn generation_step_by_step_matches_the_reference_and_allocates_nothing() {
+    let Some(ctx) = vulkan() else { return };
+    let n = generate(&ctx, DecodeSpec::new(small(320)), 300);
+    assert_eq!(n, 300);
+    // Forced split: the reduce pass joins the same loop.
+    let n = generate(&ctx, DecodeSpec::new(small(320)).with_splits(3), 120);
+    assert_eq!(n, 120);
+}
+
+#[test]
+fn ring_generation_with_sinks_matches_the_reference() {
+    let Some(ctx) = vulkan() else { return };
+    let a = small(4 + 48 + 1)
+        .with_window(Window::recent(48))
+        .with_sink_tokens(4);
+    let n = generate(&ctx, DecodeSpec::new(a).with_ring(), 250);
+    assert_eq!(n, 250);
+}
+
+#[test]
+fn bad_decode_input_is_a_typed_error_naming_the_field() {
+    let Some(ctx) = vulkan() else { return };
+    let field = |r: posattn::Result<DecodePlan>| r.err().and_then(|e| e.field());
+    // Split count 0.
+    let s = DecodeSpec::new(small(64)).with_splits(0);
+    assert_eq!(field(DecodePlan::new(&ctx, &s)), Some("splits"));
+    // A ring cache too small for its window.
+    let s = DecodeSpec::new(small(40).with_window(Window::recent(48))).with_ring();
+    assert_eq!(field(DecodePlan::new(&ctx, &s)), Some("capacity"));
+    // A ring cache needs a window.
+    let s = DecodeSpec::new(small(40)).with_ring();
+    assert_eq!(field(DecodePlan::new(&ctx, &s)), Some("window"));
+
+    let plan = DecodePlan::new(&ctx, &DecodeSpec::new(small(64))).unwrap();
+    // Host lengths beyond the capacity, queries beyond max_q or the keys, wrong count.
+    let f = |l: &[(u32, u32)]| plan.check_lengths(l).err().and_then(|e| e.field());
+    assert_eq!(f(&[(1, 65), (1, 1)]), Some("lengths.keys"));
+    assert_eq!(f(&[(2, 10), (1, 1)]), Some("lengths.queries"));
+    assert_eq!(f(&[(1, 0), (1, 1)]), Some("lengths.queries"));
+    assert_eq!(f(&[(1, 10)]), Some("lengths"));
+    assert!(plan.check_lengths(&[(1, 64), (0, 0)]).is_ok());
+
+    let a = &plan.spec().attention;
+    let q = storage(&ctx, a.q_len() as u64 * 4);
+    let out = storage(&ctx, a.q_len() as u64 * 4);
+    let k = storage(&ctx, a.kv_len() as u64 * 4);
+    let v = storage(&ctx, a.kv_len() as u64 * 4);
+    let small_k = storage(&ctx, a.kv_len() as u64 * 4 - 4);
+    let lengths = storage(&ctx, 16);
+    let short_lengths = storage(&ctx, 8);
+    let bufs = DecodeBuffers {
+        q: &q,
+        k_cache: &k,
+        v_cache: &v,
+        positions: None,
+        lengths: &lengths,
+        out: &out,
+    };
+    let encode = |b: DecodeBuffers| {
+        let mut enc = ctx.device().create_command_encoder(&Default::default());
+        plan.encode(&ctx, &mut enc, &b)
+            .err()
+            .and_then(|e| e.field())
+    };
+    assert_eq!(encode(bufs), None);
+    // A lengths buffer too short; a cache too small for the plan.
+    assert_eq!(
+        encode(DecodeBuffers {
+            lengths: &short_lengths,
+            ..bufs
+        }),
+        Some("lengths")
+    );
+    assert_eq!(
+        encode(DecodeBuffers {
+            k_cache: &small_k,
+            ..bufs
+        }),
+        Some("k_cache")
+    );
+    assert_eq!(
+        encode(DecodeBuffers {
+            v_cache: &small_k,
+            ..bufs
+        }),
+        Some("v_cache")
+    );
+
+    // A ring cache without positions.
+    let ring = DecodeSpec::new(small(64).with_window(Window::recent(32))).with_ring();
+    let ring_plan = DecodePlan::new(&ctx, &ring).unwrap();
+    let mut enc = ctx.device().create_command_encoder(&Default::default());
+    let e = ring_plan.encode(&ctx, &mut enc, &bufs).unwrap_err();
+    assert_eq!(e.field(), Some("positions"));
+}
+
+/// Lengths past the capacity written straight into the device buffer: the kernel clamps them
+/// and reads nothing out of bounds; the result is the clamped step's (capacity keys).
+#[test]
+fn device_lengths_past_the_capacity_are_clamped() {
+    let Some(ctx) = vulkan() else { return };
+    let spec = DecodeSpec::new(small(100));
+    let plan = DecodePlan::new(&ctx, &spec).unwrap();
+    let history = History::new(&spec, &[100, 100], 0, 5);
+    let (k, v, p) = history.cache(&spec);
+    let a = &spec.attention;
+    let mk = |data: &[u8]| {
+        let b = storage(&ctx, data.len() as u64);
+        ctx.queue().write_buffer(&b, 0, data);
+        b
+    };
+    let (qb, kb, vb, pb) = (
+        mk(bytemuck::cast_slice(&history.q)),
+        mk(bytemuck::cast_slice(&k)),
+        mk(bytemuck::cast_slice(&v)),
+        mk(bytemuck::cast_slice(&p)),
+    );
+    let lengths = mk(bytemuck::cast_slice(&[1u32, 1_000_000, 7, u32::MAX]));
+    let out = mk(bytemuck::cast_slice(&vec![f32::NAN; a.q_len()]));
+    let mut enc = ctx.device().create_command_encoder(&Default::default());
+    plan.encode(
+        &ctx,
+        &mut enc,
+        &DecodeBuffers {
+            q: &qb,
+            k_cache: &kb,
+            v_cache: &vb,
+            positions: Some(&pb),
+            lengths: &lengths,
+            out: &out,
+        },
+    )
+    .unwrap();
+    ctx.queue().submit([enc.finish()]);
+    let gpu = read(&ctx, &out);
+    // Sequence 0: 1 query over 100 keys; sequence 1: queries clamped to max_q = 1.
+    let (status, err, _, bound) =
+        posattn::harness::decode::check_output(&spec, &history, &[(1, 100), (1, 100)], &gpu);
+    assert_eq!(status, Status::Pass, "err {err:.3e} bound {bound:.3e}");
+    assert!(ctx.take_uncaptured_errors().is_empty());
+}
