@@ -2,6 +2,7 @@
 //! with the caller's buffers, and a convenience call on host slices.
 
 use crate::context::Context;
+use crate::dtype::{Dtype, HalfForm, check_bytes};
 use crate::error::{Error, Result};
 use crate::kernel::abi::Family;
 use crate::kernel::{BLOCK_Q, KernelKey, workgroup_bytes};
@@ -9,7 +10,8 @@ use crate::plan::lower;
 use crate::spec::AttentionSpec;
 pub use crate::spec::{bias_dims, bias_len};
 
-/// Device buffers of one call. Tensors are f32, contiguous [batch, seq, heads, head_dim];
+/// Device buffers of one call. Tensors are contiguous [batch, seq, heads, head_dim] in the spec's
+/// dtypes (f32 by default; f16 and bf16 as little-endian halves);
 /// positions are i32 [batch, seq]. Every buffer needs `BufferUsages::STORAGE`.
 pub struct AttentionBuffers<'a> {
     pub q: &'a wgpu::Buffer,
@@ -66,10 +68,11 @@ pub(crate) fn check_call_buffers<'a>(
     default_q: &'a wgpu::Buffer,
     default_k: &'a wgpu::Buffer,
 ) -> Result<(&'a wgpu::Buffer, &'a wgpu::Buffer)> {
-    check_buffer("q", bufs.q, s.q_len() as u64 * 4)?;
-    check_buffer("k", bufs.k, s.kv_len() as u64 * 4)?;
-    check_buffer("v", bufs.v, s.kv_len() as u64 * 4)?;
-    check_buffer("out", bufs.out, s.q_len() as u64 * 4)?;
+    let d = s.dtypes;
+    check_buffer("q", bufs.q, (s.q_len() * d.q.size()) as u64)?;
+    check_buffer("k", bufs.k, (s.kv_len() * d.k.size()) as u64)?;
+    check_buffer("v", bufs.v, (s.kv_len() * d.v.size()) as u64)?;
+    check_buffer("out", bufs.out, (s.q_len() * d.out.size()) as u64)?;
     let pos_q = bufs.positions_q.unwrap_or(default_q);
     let pos_k = bufs.positions_k.unwrap_or(default_k);
     check_buffer("positions_q", pos_q, s.batch as u64 * s.seq_q as u64 * 4)?;
@@ -104,6 +107,7 @@ pub(crate) fn check_limits(ctx: &Context, spec: &AttentionSpec, grid: [u32; 3]) 
     for (what, bytes) in [
         ("q / out bytes", spec.q_len() as u64 * 4),
         ("k / v bytes", spec.kv_len() as u64 * 4),
+        ("lse bytes", spec.lse_len() as u64 * 4),
         ("bias bytes", bias_len(spec) as u64 * 4),
     ] {
         if bytes > max_bind {
@@ -134,8 +138,24 @@ impl Attention {
     /// Validates `spec` against itself and the device, compiles (or reuses) the pipeline and
     /// uploads the tables.
     pub fn new(ctx: &Context, spec: &AttentionSpec) -> Result<Self> {
+        Self::with_half_form(ctx, spec, ctx.half_form())
+    }
+
+    /// `new` with f16 tensors stored in `half` form whatever the context's choice; native f16
+    /// on a device without `SHADER_F16` is an [`Error::Unavailable`] naming the first f16 tensor.
+    pub fn with_half_form(ctx: &Context, spec: &AttentionSpec, half: HalfForm) -> Result<Self> {
         let plan = lower(spec)?;
-        let key = plan.fused_key(spec.head_dim, ctx.rows_per_invocation(spec.head_dim));
+        if half == HalfForm::Native
+            && !ctx.has_native_f16()
+            && let Some((field, _)) = spec.dtypes.fields().into_iter().find(|f| f.1 == Dtype::F16)
+        {
+            return Err(Error::unavailable(
+                field,
+                "native f16 storage (the context's half form is Native)",
+                "packed f16 only (no SHADER_F16)",
+            ));
+        }
+        let key = plan.fused_key(spec.head_dim, ctx.rows_per_invocation(spec.head_dim), half);
         let limits = ctx.device().limits();
         let wg_bytes = workgroup_bytes(&key);
         if wg_bytes > limits.max_compute_workgroup_storage_size {
@@ -250,7 +270,10 @@ impl Attention {
 
     /// Runs on host slices: uploads, dispatches, waits (at most the context's timeout) and
     /// reads the output back. The output buffer is filled with NaN before the dispatch, so an
-    /// element the kernel failed to write can never pass for a plausible value.
+    /// element the kernel failed to write can never pass for a plausible value. With half
+    /// storage dtypes the inputs are rounded to them (nearest, ties to even) on the host and the
+    /// output is widened to f32 exactly; [`Attention::run_bytes`] takes and returns the stored
+    /// bytes themselves.
     pub fn run(
         &self,
         ctx: &Context,
@@ -276,12 +299,10 @@ impl Attention {
         bias: Option<&[f32]>,
     ) -> Result<Vec<f32>> {
         let s = &self.spec;
-        let empty = [0.0f32; 0];
         for (field, data, want) in [
             ("q", q, s.q_len()),
             ("k", k, s.kv_len()),
             ("v", v, s.kv_len()),
-            ("bias", bias.unwrap_or(&empty), bias_len(s)),
         ] {
             if data.len() != want {
                 return Err(Error::invalid(
@@ -291,29 +312,71 @@ impl Attention {
                 ));
             }
         }
+        let d = s.dtypes;
+        let out = self.run_bytes(
+            ctx,
+            &d.q.encode(q),
+            &d.k.encode(k),
+            &d.v.encode(v),
+            positions_q,
+            positions_k,
+            bias,
+        )?;
+        d.out.decode("out", &out)
+    }
+
+    /// Runs on the tensors' stored bytes: Q, K and V as little-endian elements of the spec's
+    /// dtypes (f16 or bf16 halves, f32), uploaded as they are; returns the output's bytes in its
+    /// dtype. A length that is not a whole number of elements, or not the tensor's element count,
+    /// is an error naming the tensor.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_bytes(
+        &self,
+        ctx: &Context,
+        q: &[u8],
+        k: &[u8],
+        v: &[u8],
+        positions_q: Option<&[i32]>,
+        positions_k: Option<&[i32]>,
+        bias: Option<&[f32]>,
+    ) -> Result<Vec<u8>> {
+        let s = &self.spec;
+        let d = s.dtypes;
+        for (field, data, dtype, want) in [
+            ("q", q, d.q, s.q_len()),
+            ("k", k, d.k, s.kv_len()),
+            ("v", v, d.v, s.kv_len()),
+        ] {
+            check_bytes(field, dtype, data.len(), Some(want))?;
+        }
+        let b = bias.unwrap_or(&[]);
+        if b.len() != bias_len(s) {
+            return Err(Error::invalid(
+                "bias",
+                format!("{} values (shape {:?})", bias_len(s), shape(s, "bias")),
+                format!("{} values", b.len()),
+            ));
+        }
         let (dq, dk) = s.default_positions();
         let pq = positions_q.unwrap_or(&dq);
         let pk = positions_k.unwrap_or(&dk);
         s.validate_positions(pq, pk)?;
+        let out_bytes = (s.q_len() * d.out.size()) as u64;
         let out = ctx.scoped("running attention", || -> Result<wgpu::Buffer> {
             let st = wgpu::BufferUsages::STORAGE;
             let init = |label, contents: &[u8]| ctx.buffer_init(label, contents, st);
             let (qb, kb, vb) = (
-                init("posattn q", bytemuck::cast_slice(q)),
-                init("posattn k", bytemuck::cast_slice(k)),
-                init("posattn v", bytemuck::cast_slice(v)),
+                init("posattn q", q),
+                init("posattn k", k),
+                init("posattn v", v),
             );
             let (pqb, pkb) = (
                 init("posattn pos_q", bytemuck::cast_slice(pq)),
                 init("posattn pos_k", bytemuck::cast_slice(pk)),
             );
             let bb = bias.map(|b| init("posattn bias", bytemuck::cast_slice(b)));
-            let poison = vec![f32::NAN; s.q_len()];
-            let out = ctx.buffer_init(
-                "posattn out",
-                bytemuck::cast_slice(&poison),
-                st | wgpu::BufferUsages::COPY_SRC,
-            );
+            let poison = d.out.encode(&vec![f32::NAN; s.q_len()]);
+            let out = ctx.buffer_init("posattn out", &poison, st | wgpu::BufferUsages::COPY_SRC);
             let mut enc = ctx
                 .device()
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -335,8 +398,7 @@ impl Attention {
             ctx.queue().submit([enc.finish()]);
             Ok(out)
         })??;
-        let bytes = ctx.read_buffer(&out, s.q_len() as u64 * 4)?;
-        Ok(bytemuck::cast_slice(&bytes).to_vec())
+        ctx.read_buffer(&out, out_bytes)
     }
 }
 

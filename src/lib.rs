@@ -17,6 +17,7 @@
 pub mod attention;
 pub mod config;
 pub mod context;
+pub mod dtype;
 pub mod encoding;
 pub mod env;
 pub mod error;
@@ -37,6 +38,7 @@ pub mod spec;
 pub use attention::{Attention, AttentionBuffers};
 pub use config::{HfConfigFile, HfDefaults, LlamaCppRope, RopeConfig};
 pub use context::{Context, ContextOptions, describe_adapter, enumerate_adapters};
+pub use dtype::{Dtype, Dtypes, HalfForm};
 pub use encoding::masks::{BiasLayout, Extrapolation, Window};
 pub use encoding::position::{
     Alibi, AlibiForm, AlibiSlopes, PositionEncoding, Rope, RopeLayout, Xpos,

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use posattn::harness::check::{self, CaseResult, Status};
-use posattn::{Context, ContextOptions, describe_adapter, enumerate_adapters};
+use posattn::{Context, ContextOptions, Dtype, describe_adapter, enumerate_adapters};
 
 #[derive(Parser)]
 #[command(
@@ -57,6 +57,10 @@ enum Command {
         /// encoding, mask, kv, head_dim, name (e.g. `group=relative_bias,mask=causal`).
         #[arg(long)]
         filter: Option<String>,
+        /// Storage dtypes to run every case in: f32, f16, bf16, comma-separated (default all
+        /// three; on adapters with native f16, f16 runs both natively and packed).
+        #[arg(long)]
+        dtype: Option<String>,
         /// Print every case, not only the failures and a summary.
         #[arg(long, short)]
         verbose: bool,
@@ -208,9 +212,25 @@ fn check(
     adapter: Option<String>,
     quick: bool,
     filter: Option<String>,
+    dtype: Option<String>,
     verbose: bool,
     json: Option<std::path::PathBuf>,
 ) -> ExitCode {
+    let dtypes: Vec<Dtype> = match dtype.as_deref() {
+        None => Dtype::ALL.to_vec(),
+        Some(text) => match text
+            .split(',')
+            .map(|t| Dtype::parse("dtype", t.trim()))
+            .collect::<posattn::Result<Vec<_>>>()
+        {
+            Ok(d) if !d.is_empty() => d,
+            Ok(_) => unreachable!("split yields at least one term"),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
     let opts = match options(backend, adapter) {
         Ok(o) => o,
         Err(e) => {
@@ -231,8 +251,22 @@ fn check(
                 return ExitCode::from(2);
             }
         };
-        cases.retain(|c| selection.matches(c));
+        // A dtype term selects among the dtypes below; the other terms select cases.
+        cases.retain(|c| {
+            Dtype::ALL
+                .iter()
+                .any(|&d| selection.matches(&c.clone().with_dtype(d)))
+        });
     }
+    let selection = filter
+        .as_deref()
+        .map(|f| check::Selection::parse(f).expect("parsed above"));
+    let base_cases = cases;
+    let cases = check::in_dtypes(&base_cases, &dtypes);
+    let cases: Vec<_> = cases
+        .into_iter()
+        .filter(|c| selection.as_ref().is_none_or(|s| s.matches(c)))
+        .collect();
     // Zero cases would report every adapter as passing.
     if cases.is_empty() {
         eprintln!(
@@ -281,6 +315,12 @@ fn check(
             indicatif::ProgressStyle::with_template("  {bar:30} {pos}/{len} {msg}")
                 .expect("progress template"),
         );
+        // Both f16 forms where the adapter has native f16.
+        let cases: Vec<_> = check::dtype_matrix(&base_cases, &dtypes, &ctx)
+            .into_iter()
+            .filter(|c| selection.as_ref().is_none_or(|s| s.matches(c)))
+            .collect();
+        bar.set_length(cases.len() as u64);
         let results = check::run_cases(&ctx, &cases, |r| {
             bar.inc(1);
             bar.set_message(r.name.clone());
@@ -782,9 +822,10 @@ fn main() -> ExitCode {
             adapter,
             quick,
             filter,
+            dtype,
             verbose,
             json,
-        } => check(backend, adapter, quick, filter, verbose, json),
+        } => check(backend, adapter, quick, filter, dtype, verbose, json),
         Command::Info { backend } => info(backend),
         Command::Shaders { out, lang } => shaders(&out, lang),
         Command::Bench {

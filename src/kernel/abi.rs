@@ -304,8 +304,15 @@ impl Family {
     }
 }
 
-/// The WGSL declarations of the contract for a family: codes, `struct Params` and the bindings.
+/// The WGSL declarations of the contract for a family: codes, `struct Params` and the bindings
+/// (with the family's default f32 tensor types; [`wgsl_declarations_with`] takes a variant's).
 pub fn wgsl_declarations(family: Family) -> String {
+    wgsl_declarations_with(family.bindings())
+}
+
+/// The WGSL declarations of the contract with the given bindings (a variant's, whose tensor
+/// types follow its storage forms).
+pub fn wgsl_declarations_with(bindings: &[Binding]) -> String {
     let mut s = String::from("// Generated from src/kernel/abi.rs.\n");
     for k in PosKind::ALL {
         s += &format!(
@@ -330,7 +337,7 @@ pub fn wgsl_declarations(family: Family) -> String {
         s += &format!("    {name}: {ty},\n");
     }
     s += "}\n";
-    for (i, b) in family.bindings().iter().enumerate() {
+    for (i, b) in bindings.iter().enumerate() {
         let space = match b.access {
             Access::Read => "storage, read",
             Access::ReadWrite => "storage, read_write",

@@ -1,8 +1,9 @@
 //! Kernel variants: an explicit, enumerable key per compiled pipeline, with the rules that pick
 //! the compile-time sizes (rows per invocation, keys per tile) for a head size and an adapter.
 
-use super::abi::{Family, PosKind};
+use super::abi::{Binding, Family, PosKind};
 use super::source::{self, ComposeError};
+use super::storage::{FUSED_TENSORS, StorageForm};
 
 /// Query rows per workgroup of the fused kernel (one per invocation).
 pub const BLOCK_Q: u32 = 64;
@@ -82,6 +83,8 @@ pub struct KernelKey {
     pub interleaved: bool,
     /// Two RoPE scores per key (ReRoPE, LM-Infinite, StreamingLLM cache-index positions).
     pub two_branch: bool,
+    /// How the fused kernel stores Q, K, V and O (f32 in the unfused baseline).
+    pub storage: [StorageForm; 4],
 }
 
 impl KernelKey {
@@ -95,7 +98,30 @@ impl KernelKey {
             pos,
             interleaved,
             two_branch: false,
+            storage: [StorageForm::F32; 4],
         }
+    }
+
+    /// This key with Q, K, V and O stored as `storage` says.
+    pub fn with_storage(self, storage: [StorageForm; 4]) -> Self {
+        KernelKey { storage, ..self }
+    }
+
+    /// Whether the module needs `enable f16;` (and the device `SHADER_F16`).
+    pub fn native_f16(&self) -> bool {
+        self.storage.iter().any(|s| s.native_f16())
+    }
+
+    /// The bindings of this variant: the family's table with the tensors' storage types.
+    pub fn bindings(&self) -> Vec<Binding> {
+        let mut b = self.family().bindings().to_vec();
+        if self.family() == Family::Fused {
+            for (form, (name, _, accessor)) in self.storage.iter().zip(FUSED_TENSORS) {
+                let slot = self.family().slot(name) as usize;
+                b[slot].ty = form.binding_type(accessor);
+            }
+        }
+        b
     }
 
     /// The two-branch RoPE variant.
@@ -117,6 +143,7 @@ impl KernelKey {
             pos,
             interleaved,
             two_branch: false,
+            storage: [StorageForm::F32; 4],
         }
     }
 
@@ -174,9 +201,18 @@ impl KernelKey {
         let pos = self.pos.name();
         let layout = if self.interleaved { "_interleaved" } else { "" };
         let branch = if self.two_branch { "_2branch" } else { "" };
+        // Storage letters (q, k, v, o) unless all four are f32: `_dthhhh` is native f16.
+        let dt = if self.storage == [StorageForm::F32; 4] {
+            String::new()
+        } else {
+            format!(
+                "_dt{}",
+                self.storage.iter().map(|s| s.letter()).collect::<String>()
+            )
+        };
         match self.stage {
             Stage::Fused => format!(
-                "attention_fused_d{}_bq{}_bk{}_r{}_{pos}{layout}{branch}",
+                "attention_fused_d{}_bq{}_bk{}_r{}_{pos}{layout}{branch}{dt}",
                 self.head_dim, self.block_q, self.block_k, self.rows
             ),
             _ => format!(
