@@ -766,6 +766,84 @@ fn bench(
                 gf(f_ms)
             );
         }
+        bench_dtypes(&ctx, seqs, runs)?;
+    }
+    Ok(())
+}
+
+/// The fused kernel with every tensor stored in each dtype (f16 in both forms where the adapter
+/// has native f16), at the same shapes, timed alternately in one run so that load from other
+/// processes affects the forms alike; speed is relative to f32.
+fn bench_dtypes(ctx: &Context, seqs: &[u32], runs: usize) -> posattn::Result<()> {
+    use posattn::harness::timing::{median, time_encoded};
+    use posattn::{Dtype, HalfForm};
+    use wgpu::util::DeviceExt;
+    let mut forms = vec![
+        ("f32", Dtype::F32, HalfForm::Packed),
+        ("f16 packed", Dtype::F16, HalfForm::Packed),
+        ("bf16", Dtype::Bf16, HalfForm::Packed),
+    ];
+    if ctx.has_native_f16() {
+        forms.insert(1, ("f16 native", Dtype::F16, HalfForm::Native));
+    }
+    println!(
+        "
+  fused kernel by storage dtype (median ms of {runs}, rounds interleaved; speed vs f32)"
+    );
+    print!("  {:>6}", "seq");
+    for (name, ..) in &forms {
+        print!(" {name:>18}");
+    }
+    println!();
+    for &seq in seqs {
+        let base = posattn::AttentionSpec::new(1, seq, seq, 8, 64)
+            .with_position(posattn::PositionEncoding::Rope(posattn::Rope::new(10000.0)));
+        let mut rng = check::SplitMix::new(seq as u64);
+        let (q, k, v) = (
+            rng.vec(base.q_len(), 1.0),
+            rng.vec(base.kv_len(), 1.0),
+            rng.vec(base.kv_len(), 1.0),
+        );
+        let mut setups = Vec::new();
+        for &(_, d, half) in &forms {
+            let spec = base.clone().with_dtype(d);
+            let mk = |x: &[f32]| {
+                ctx.device()
+                    .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                        label: None,
+                        contents: &d.encode(x),
+                        usage: wgpu::BufferUsages::STORAGE,
+                    })
+            };
+            let bufs = (mk(&q), mk(&k), mk(&v), mk(&q));
+            let plan = posattn::Attention::with_half_form(ctx, &spec, half)?;
+            setups.push((plan, bufs, Vec::new()));
+        }
+        // Warm-up, then rounds of one timed run per form.
+        for round in 0..=runs {
+            for (plan, (q, k, v, o), times) in setups.iter_mut() {
+                let bufs = posattn::AttentionBuffers {
+                    q,
+                    k,
+                    v,
+                    out: o,
+                    positions_q: None,
+                    positions_k: None,
+                    bias: None,
+                };
+                let (_, t) = time_encoded(ctx, 1, |e| plan.encode(ctx, e, &bufs))?;
+                if round > 0 {
+                    times.extend(t);
+                }
+            }
+        }
+        let f32_ms = median(&setups[0].2).as_secs_f64() * 1e3;
+        print!("  {seq:>6}");
+        for (_, _, t) in &setups {
+            let ms = median(t).as_secs_f64() * 1e3;
+            print!(" {:>18}", format!("{ms:.2} ({:.2}x)", f32_ms / ms));
+        }
+        println!();
     }
     Ok(())
 }

@@ -220,12 +220,31 @@ impl Case {
 
     /// This case with every tensor stored as `d` (same inputs before rounding: the seed stays),
     /// named with a `_f16` or `_bf16` suffix unless `d` is f32.
-    pub fn with_dtype(mut self, d: Dtype) -> Self {
-        self.spec.dtypes = Dtypes::all(d);
-        if d != Dtype::F32 {
-            self.name = format!("{}_{d}", self.name);
+    pub fn with_dtype(self, d: Dtype) -> Self {
+        self.with_dtypes(Dtypes::all(d))
+    }
+
+    /// This case with its tensors stored as `dtypes` (the seed stays), named with a suffix: the
+    /// dtype when all four agree (none for f32), else `_q<dtype>_k<dtype>_v<dtype>_o<dtype>`.
+    pub fn with_dtypes(mut self, dtypes: Dtypes) -> Self {
+        self.spec.dtypes = dtypes;
+        if dtypes == Dtypes::all(dtypes.q) {
+            if dtypes.q != Dtype::F32 {
+                self.name = format!("{}_{}", self.name, dtypes.q);
+            }
+        } else {
+            let d = dtypes;
+            self.name = format!("{}_q{}_k{}_v{}_o{}", self.name, d.q, d.k, d.v, d.out);
         }
         self
+    }
+
+    /// Whether the case runs the plain RoPE kernel (half layout, one branch) at head size 64,
+    /// which the dtype subsets of the tests reuse so as to compile few variants.
+    pub fn is_rope_d64(&self) -> bool {
+        matches!(&self.spec.position, PositionEncoding::Rope(r) if r.layout == RopeLayout::Half)
+            && self.spec.head_dim == 64
+            && self.spec.extrapolation == Extrapolation::None
     }
 
     /// This case with its f16 tensors forced into `form` (suffix `_native` or `_packed`).
