@@ -28,13 +28,14 @@
 // private array is ever indexed dynamically (Mesa's GL path turns such indexing into branch
 // ladders; every driver keeps constant-indexed arrays in registers).
 // The bindings, `Params` and the codes come from src/kernel/abi.rs (generated declarations).
-// Tensors are read and written only through load_q, load_k, load_v4 and store_o4, generated for
+// Tensors are read and written only through load_q, load_k, load_v4, store_o4 (and store_lse), generated for
 // the variant's storage forms (f32, f16, packed f16, bf16) by src/kernel/storage.rs.
 
 
 const HEAD_VEC: u32 = HEAD_DIM / 4u;
 const WG_SIZE: u32 = BLOCK_Q / ROWS;
 const LOG2E: f32 = 1.4426950408889634;
+const LN2: f32 = 0.6931471805599453;
 
 // NaN test on the bits: WGSL lets compilers assume floats are never NaN, so `x != x` and
 // max() cannot be trusted to see one.
@@ -468,6 +469,12 @@ fn attention_fused(
                 let o = select(vec4<f32>(0.0), acc[r * HEAD_VEC + c] * inv_l, l > 0.0);
                 store_o4(o_base + c, select(o, nan4, row_nan[r]));
             }
+            // Log-sum-exp in natural log ([batch, heads, seq_q]; −∞ when nothing is attended,
+            // NaN with the row); store_lse does nothing unless the variant writes it.
+            var ninf_bits = 0xff800000u;
+            let lse = select(bitcast<f32>(ninf_bits), (m_run[r] + log2(l)) * LN2, l > 0.0);
+            store_lse((batch * params.num_heads + head) * params.seq_q + rows[r],
+                      select(lse, nan4.x, row_nan[r]));
         }
     }
 }

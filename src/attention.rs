@@ -219,9 +219,21 @@ impl Attention {
         self.own_bytes
     }
 
-    fn bind_group(&self, ctx: &Context, bufs: &AttentionBuffers) -> Result<wgpu::BindGroup> {
+    fn bind_group(
+        &self,
+        ctx: &Context,
+        bufs: &AttentionBuffers,
+        lse: Option<&wgpu::Buffer>,
+    ) -> Result<wgpu::BindGroup> {
         let (pos_q, pos_k) =
             check_call_buffers(&self.spec, bufs, &self.default_pos_q, &self.default_pos_k)?;
+        if let Some(l) = lse {
+            check_buffer("lse", l, self.spec.lse_len() as u64 * 4)?;
+        }
+        let layout = match lse {
+            Some(_) => ctx.lse_bind_group_layout()?,
+            None => ctx.bind_group_layout(Family::Fused),
+        };
         ctx.scoped("creating the bind group", || {
             // Without a caller bias, `user_bias` gets the aux table (never read: user_bias = 0).
             let entries = [
@@ -240,10 +252,14 @@ impl Attention {
                 binding: Family::Fused.slot(name),
                 resource: b.as_entire_binding(),
             })
+            .chain(lse.map(|l| wgpu::BindGroupEntry {
+                binding: Family::Fused.bindings().len() as u32,
+                resource: l.as_entire_binding(),
+            }))
             .collect::<Vec<_>>();
             ctx.device().create_bind_group(&wgpu::BindGroupDescriptor {
                 label: Some("posattn fused"),
-                layout: ctx.bind_group_layout(Family::Fused),
+                layout,
                 entries: &entries,
             })
         })
@@ -256,12 +272,42 @@ impl Attention {
         encoder: &mut wgpu::CommandEncoder,
         bufs: &AttentionBuffers,
     ) -> Result<()> {
-        let bg = self.bind_group(ctx, bufs)?;
+        self.encode_inner(ctx, encoder, bufs, None)
+    }
+
+    /// `encode`, also writing each query row's log-sum-exp to `lse`: f32 [batch, num_heads,
+    /// seq_q], natural log, of the softmax denominator (the visible keys' scaled, biased logits
+    /// and the sink logit if any); −∞ for a row that attends to nothing, NaN where the output row
+    /// is NaN. With it, partial attentions over disjoint key sets merge exactly
+    /// ([`crate::lse::merge`]). Its variant binds a ninth storage buffer: a device allowing
+    /// fewer per stage gives [`Error::Unavailable`].
+    pub fn encode_with_lse(
+        &self,
+        ctx: &Context,
+        encoder: &mut wgpu::CommandEncoder,
+        bufs: &AttentionBuffers,
+        lse: &wgpu::Buffer,
+    ) -> Result<()> {
+        self.encode_inner(ctx, encoder, bufs, Some(lse))
+    }
+
+    fn encode_inner(
+        &self,
+        ctx: &Context,
+        encoder: &mut wgpu::CommandEncoder,
+        bufs: &AttentionBuffers,
+        lse: Option<&wgpu::Buffer>,
+    ) -> Result<()> {
+        let lse_pipeline = match lse {
+            Some(_) => Some(ctx.pipeline(self.key.with_lse())?),
+            None => None,
+        };
+        let bg = self.bind_group(ctx, bufs, lse)?;
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("posattn fused"),
             timestamp_writes: None,
         });
-        pass.set_pipeline(&self.pipeline);
+        pass.set_pipeline(lse_pipeline.as_ref().unwrap_or(&self.pipeline));
         pass.set_bind_group(0, &bg, &[]);
         let [x, y, z] = self.workgroups;
         pass.dispatch_workgroups(x, y, z);
@@ -299,19 +345,7 @@ impl Attention {
         bias: Option<&[f32]>,
     ) -> Result<Vec<f32>> {
         let s = &self.spec;
-        for (field, data, want) in [
-            ("q", q, s.q_len()),
-            ("k", k, s.kv_len()),
-            ("v", v, s.kv_len()),
-        ] {
-            if data.len() != want {
-                return Err(Error::invalid(
-                    field,
-                    format!("{want} values (shape {:?})", shape(s, field)),
-                    format!("{} values", data.len()),
-                ));
-            }
-        }
+        check_f32_lengths(s, q, k, v)?;
         let d = s.dtypes;
         let out = self.run_bytes(
             ctx,
@@ -340,6 +374,39 @@ impl Attention {
         positions_k: Option<&[i32]>,
         bias: Option<&[f32]>,
     ) -> Result<Vec<u8>> {
+        let io = (q, k, v, positions_q, positions_k, bias);
+        Ok(self.run_inner(ctx, io, false)?.0)
+    }
+
+    /// `run_with_bias` that also returns each row's log-sum-exp (see
+    /// [`Attention::encode_with_lse`]): (output, lse [batch, num_heads, seq_q]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_with_lse(
+        &self,
+        ctx: &Context,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        positions_q: Option<&[i32]>,
+        positions_k: Option<&[i32]>,
+        bias: Option<&[f32]>,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let s = &self.spec;
+        check_f32_lengths(s, q, k, v)?;
+        let d = s.dtypes;
+        let (q, k, v) = (d.q.encode(q), d.k.encode(k), d.v.encode(v));
+        let io = (&q[..], &k[..], &v[..], positions_q, positions_k, bias);
+        let (out, lse) = self.run_inner(ctx, io, true)?;
+        Ok((d.out.decode("out", &out)?, lse.unwrap_or_default()))
+    }
+
+    fn run_inner(
+        &self,
+        ctx: &Context,
+        io: HostIo,
+        want_lse: bool,
+    ) -> Result<(Vec<u8>, Option<Vec<f32>>)> {
+        let (q, k, v, positions_q, positions_k, bias) = io;
         let s = &self.spec;
         let d = s.dtypes;
         for (field, data, dtype, want) in [
@@ -362,7 +429,8 @@ impl Attention {
         let pk = positions_k.unwrap_or(&dk);
         s.validate_positions(pq, pk)?;
         let out_bytes = (s.q_len() * d.out.size()) as u64;
-        let out = ctx.scoped("running attention", || -> Result<wgpu::Buffer> {
+        type Out = (wgpu::Buffer, Option<wgpu::Buffer>);
+        let out = ctx.scoped("running attention", || -> Result<Out> {
             let st = wgpu::BufferUsages::STORAGE;
             let init = |label, contents: &[u8]| ctx.buffer_init(label, contents, st);
             let (qb, kb, vb) = (
@@ -377,12 +445,20 @@ impl Attention {
             let bb = bias.map(|b| init("posattn bias", bytemuck::cast_slice(b)));
             let poison = d.out.encode(&vec![f32::NAN; s.q_len()]);
             let out = ctx.buffer_init("posattn out", &poison, st | wgpu::BufferUsages::COPY_SRC);
+            let lse = want_lse.then(|| {
+                let poison = vec![f32::NAN; s.lse_len()];
+                ctx.buffer_init(
+                    "posattn lse",
+                    bytemuck::cast_slice(&poison),
+                    st | wgpu::BufferUsages::COPY_SRC,
+                )
+            });
             let mut enc = ctx
                 .device()
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                     label: Some("posattn run"),
                 });
-            self.encode(
+            self.encode_inner(
                 ctx,
                 &mut enc,
                 &AttentionBuffers {
@@ -394,12 +470,48 @@ impl Attention {
                     positions_k: Some(&pkb),
                     bias: bb.as_ref(),
                 },
+                lse.as_ref(),
             )?;
             ctx.queue().submit([enc.finish()]);
-            Ok(out)
+            Ok((out, lse))
         })??;
-        ctx.read_buffer(&out, out_bytes)
+        let (out, lse) = out;
+        let lse = match lse {
+            Some(l) => {
+                let bytes = ctx.read_buffer(&l, s.lse_len() as u64 * 4)?;
+                Some(bytemuck::pod_collect_to_vec(&bytes))
+            }
+            None => None,
+        };
+        Ok((ctx.read_buffer(&out, out_bytes)?, lse))
     }
+}
+
+/// Q, K, V bytes, positions and bias of one host call.
+type HostIo<'a> = (
+    &'a [u8],
+    &'a [u8],
+    &'a [u8],
+    Option<&'a [i32]>,
+    Option<&'a [i32]>,
+    Option<&'a [f32]>,
+);
+
+fn check_f32_lengths(s: &AttentionSpec, q: &[f32], k: &[f32], v: &[f32]) -> Result<()> {
+    for (field, data, want) in [
+        ("q", q, s.q_len()),
+        ("k", k, s.kv_len()),
+        ("v", v, s.kv_len()),
+    ] {
+        if data.len() != want {
+            return Err(Error::invalid(
+                field,
+                format!("{want} values (shape {:?})", shape(s, field)),
+                format!("{} values", data.len()),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn shape(s: &AttentionSpec, field: &str) -> [u32; 4] {

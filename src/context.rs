@@ -296,6 +296,12 @@ impl Context {
         self.pipelines.bind_group_layout(family)
     }
 
+    /// The bind-group layout of the fused kernels that write the log-sum-exp, or an
+    /// [`Error::Unavailable`] when the device binds too few storage buffers per stage.
+    pub(crate) fn lse_bind_group_layout(&self) -> Result<&wgpu::BindGroupLayout> {
+        self.pipelines.lse_bind_group_layout(&self.device)
+    }
+
     /// Waits for `submission`, at most `self.timeout`.
     pub(crate) fn wait(&self, submission: wgpu::SubmissionIndex) -> Result<()> {
         self.device

@@ -32,6 +32,7 @@ mod json;
 pub mod kernel;
 #[cfg(not(feature = "harness"))]
 mod kernel;
+pub mod lse;
 mod plan;
 pub mod spec;
 

@@ -250,6 +250,11 @@ pub const FUSED_BINDINGS: [Binding; 9] = [
     b("user_bias", Access::Read, "array<f32>"),
 ];
 
+/// The binding a fused variant that writes the log-sum-exp adds after [`FUSED_BINDINGS`]
+/// (a ninth storage buffer, past WebGPU's default of eight per stage, so only those variants
+/// declare it).
+pub const LSE_BINDING: Binding = b("lse_buf", Access::ReadWrite, "array<f32>");
+
 /// The unfused baseline's bindings (every stage shares them); the index is the binding number.
 pub const UNFUSED_BINDINGS: [Binding; 6] = [
     b("src_a", Access::Read, "array<f32>"),
@@ -278,7 +283,14 @@ impl Family {
 
     /// Bind-group layout entries, from the same table the WGSL is generated from.
     pub(crate) fn layout_entries(self) -> Vec<wgpu::BindGroupLayoutEntry> {
-        self.bindings()
+        layout_entries(self.bindings())
+    }
+}
+
+/// Bind-group layout entries of `bindings` (binding number = index).
+pub(crate) fn layout_entries(bindings: &[Binding]) -> Vec<wgpu::BindGroupLayoutEntry> {
+    {
+        bindings
             .iter()
             .enumerate()
             .map(|(i, b)| wgpu::BindGroupLayoutEntry {

@@ -1,7 +1,7 @@
 //! Kernel variants: an explicit, enumerable key per compiled pipeline, with the rules that pick
 //! the compile-time sizes (rows per invocation, keys per tile) for a head size and an adapter.
 
-use super::abi::{Binding, Family, PosKind};
+use super::abi::{Binding, Family, LSE_BINDING, PosKind};
 use super::source::{self, ComposeError};
 use super::storage::{FUSED_TENSORS, StorageForm};
 
@@ -55,6 +55,17 @@ pub fn workgroup_bytes(key: &KernelKey) -> u32 {
     tiles * key.block_k * key.head_dim * 4
 }
 
+/// Packed half storage listed among the default variants: all packed f16, all bf16, and a mix
+/// (bf16 Q and V, packed f16 K and O) that runs both unpackings and the f16 store in one kernel.
+pub const PORTABLE_STORAGE_EXAMPLES: [[StorageForm; 4]; 3] = {
+    use StorageForm::{Bf16, F16Packed};
+    [
+        [F16Packed; 4],
+        [Bf16; 4],
+        [Bf16, F16Packed, Bf16, F16Packed],
+    ]
+};
+
 /// Which kernel of which family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Stage {
@@ -85,6 +96,8 @@ pub struct KernelKey {
     pub two_branch: bool,
     /// How the fused kernel stores Q, K, V and O (f32 in the unfused baseline).
     pub storage: [StorageForm; 4],
+    /// The fused kernel also writes each row's log-sum-exp (binding `lse_buf`).
+    pub lse: bool,
 }
 
 impl KernelKey {
@@ -99,12 +112,18 @@ impl KernelKey {
             interleaved,
             two_branch: false,
             storage: [StorageForm::F32; 4],
+            lse: false,
         }
     }
 
     /// This key with Q, K, V and O stored as `storage` says.
     pub fn with_storage(self, storage: [StorageForm; 4]) -> Self {
         KernelKey { storage, ..self }
+    }
+
+    /// This key writing the log-sum-exp too.
+    pub fn with_lse(self) -> Self {
+        KernelKey { lse: true, ..self }
     }
 
     /// Whether the module needs `enable f16;` (and the device `SHADER_F16`).
@@ -119,6 +138,9 @@ impl KernelKey {
             for (form, (name, _, accessor)) in self.storage.iter().zip(FUSED_TENSORS) {
                 let slot = self.family().slot(name) as usize;
                 b[slot].ty = form.binding_type(accessor);
+            }
+            if self.lse {
+                b.push(LSE_BINDING);
             }
         }
         b
@@ -144,6 +166,7 @@ impl KernelKey {
             interleaved,
             two_branch: false,
             storage: [StorageForm::F32; 4],
+            lse: false,
         }
     }
 
@@ -165,6 +188,18 @@ impl KernelKey {
                     }
                     add(KernelKey::fused(d, 1, pos, interleaved));
                     add(KernelKey::fused(d, multi_rows_for(d), pos, interleaved));
+                    // Half storage in the packed forms every adapter runs (f16, bf16 and a
+                    // mix), on the RoPE kernel at head size 64; native f16 is listed by
+                    // `native_f16_examples` (it needs the SHADER_F16 capability).
+                    if pos == PosKind::Rope && d == 64 && !interleaved {
+                        add(KernelKey::fused(d, 1, pos, false).with_lse());
+                        add(KernelKey::fused(d, multi_rows_for(d), pos, false).with_lse());
+                        for storage in PORTABLE_STORAGE_EXAMPLES {
+                            add(KernelKey::fused(d, 1, pos, false).with_storage(storage));
+                            add(KernelKey::fused(d, multi_rows_for(d), pos, false)
+                                .with_storage(storage));
+                        }
+                    }
                     if pos == PosKind::Rope {
                         add(KernelKey::fused_two_branch(d, 1, interleaved));
                         add(KernelKey::fused_two_branch(
@@ -174,6 +209,19 @@ impl KernelKey {
                         ));
                     }
                 }
+            }
+        }
+        keys
+    }
+
+    /// Native-f16 storage variants of the RoPE kernel at head size 64 (all f16, and an f16 K/V
+    /// cache with f32 queries and output), one and several rows per invocation.
+    pub fn native_f16_examples() -> Vec<KernelKey> {
+        use StorageForm::{F16, F32};
+        let mut keys = Vec::new();
+        for storage in [[F16; 4], [F32, F16, F16, F32]] {
+            for rows in [1, multi_rows_for(64)] {
+                keys.push(KernelKey::fused(64, rows, PosKind::Rope, false).with_storage(storage));
             }
         }
         keys
