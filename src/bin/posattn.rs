@@ -418,6 +418,10 @@ struct RunArgs {
     /// Where to write the output .npy.
     #[arg(long)]
     out: std::path::PathBuf,
+    /// The output's dtype, f32 or f16 (default: q's when q is f32 or f16, else f32). f32 and f16
+    /// inputs are uploaded as stored (f64 and integer inputs as f32); compute is f32.
+    #[arg(long)]
+    out_dtype: Option<String>,
     /// A reference output (e.g. from PyTorch) to compare against: exit 1, naming the element,
     /// unless NaN sits in the same places and both posattn and the reference pass the tolerance
     /// rule against the f64 CPU reference.
@@ -483,7 +487,7 @@ fn dims4(field: &'static str, shape: &[u64]) -> posattn::Result<[u32; 4]> {
 
 fn run(a: RunArgs, backend: Option<Backend>, adapter: Option<String>) -> posattn::Result<bool> {
     use posattn::files::{
-        parse_npy, parse_positions, parse_spec, read_config, read_limited, write_npy,
+        parse_npy, parse_positions, parse_spec, read_config, read_limited, write_npy_bytes,
     };
     // Every input is read and checked before anything runs or is written.
     check_out_alias(&a)?;
@@ -554,19 +558,43 @@ fn run(a: RunArgs, backend: Option<Backend>, adapter: Option<String>) -> posattn
         }
         None => None,
     };
+    let ((q_dt, q_bytes), (k_dt, k_bytes), (v_dt, v_bytes)) =
+        (q.storage(), k.storage(), v.storage());
+    let out_dtype = match &a.out_dtype {
+        Some(t) => posattn::Dtype::parse("out_dtype", t)?,
+        None => q_dt,
+    };
+    if out_dtype == posattn::Dtype::Bf16 {
+        return Err(posattn::Error::invalid(
+            "out_dtype",
+            "f32 or f16 (numpy has no bf16 dtype)",
+            "bf16",
+        ));
+    }
+    spec.dtypes = posattn::Dtypes {
+        q: q_dt,
+        k: k_dt,
+        v: v_dt,
+        out: out_dtype,
+    };
     let ctx = Context::with_options(&options(backend, adapter)?)?;
-    eprintln!("running on {}", ctx.describe());
+    eprintln!(
+        "running on {} (storage {})",
+        ctx.describe(),
+        spec.dtypes.name()
+    );
     let plan = posattn::Attention::new(&ctx, &spec)?;
-    let out = plan.run_with_bias(
+    let out_bytes = plan.run_bytes(
         &ctx,
-        &q.data,
-        &k.data,
-        &v.data,
+        &q_bytes,
+        &k_bytes,
+        &v_bytes,
         Some(&pq),
         Some(&pk),
         bias.as_deref(),
     )?;
-    write_npy(&a.out, &q.shape, &out)?;
+    write_npy_bytes(&a.out, &q.shape, out_dtype, &out_bytes)?;
+    let out = out_dtype.decode("out", &out_bytes)?;
     println!("wrote {} ({:?})", a.out.display(), q.shape);
     let Some(reference) = reference else {
         return Ok(true);
@@ -580,7 +608,7 @@ fn run(a: RunArgs, backend: Option<Backend>, adapter: Option<String>) -> posattn
         &pk,
         bias.as_deref(),
     );
-    let r32 = posattn::harness::reference::attention_with_bias::<f32>(
+    let mut r32 = posattn::harness::reference::attention_with_bias::<f32>(
         &spec,
         &q.data,
         &k.data,
@@ -589,6 +617,8 @@ fn run(a: RunArgs, backend: Option<Backend>, adapter: Option<String>) -> posattn
         &pk,
         bias.as_deref(),
     );
+    // The plain implementation stores its output in the output's dtype too (check's rule).
+    r32.iter_mut().for_each(|x| *x = out_dtype.round(*x));
     let failures = compare_with_reference(&q.shape, &out, &reference.data, &r64, &r32);
     if failures.is_empty() {
         println!("posattn and the given reference agree within the tolerance rule");
