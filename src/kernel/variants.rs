@@ -250,7 +250,8 @@ impl KernelKey {
         let layout = if self.interleaved { "_interleaved" } else { "" };
         let branch = if self.two_branch { "_2branch" } else { "" };
         // Storage letters (q, k, v, o) unless all four are f32: `_dthhhh` is native f16.
-        let dt = if self.storage == [StorageForm::F32; 4] {
+        // Then `_lse` when the variant writes the log-sum-exp.
+        let mut dt = if self.storage == [StorageForm::F32; 4] {
             String::new()
         } else {
             format!(
@@ -258,6 +259,9 @@ impl KernelKey {
                 self.storage.iter().map(|s| s.letter()).collect::<String>()
             )
         };
+        if self.lse {
+            dt += "_lse";
+        }
         match self.stage {
             Stage::Fused => format!(
                 "attention_fused_d{}_bq{}_bk{}_r{}_{pos}{layout}{branch}{dt}",
