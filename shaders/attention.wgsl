@@ -28,11 +28,14 @@
 // private array is ever indexed dynamically (Mesa's GL path turns such indexing into branch
 // ladders; every driver keeps constant-indexed arrays in registers).
 // The bindings, `Params` and the codes come from src/kernel/abi.rs (generated declarations).
+// Tensors are read and written only through load_q, load_k, load_v4, store_o4 (and store_lse), generated for
+// the variant's storage forms (f32, f16, packed f16, bf16) by src/kernel/storage.rs.
 
 
 const HEAD_VEC: u32 = HEAD_DIM / 4u;
 const WG_SIZE: u32 = BLOCK_Q / ROWS;
 const LOG2E: f32 = 1.4426950408889634;
+const LN2: f32 = 0.6931471805599453;
 
 
 // K_TILES tiles of keys (the second one rotated for the second branch), then one of values.
@@ -74,9 +77,9 @@ fn stage_rows(from_q: bool, branch_q: bool, lid: u32, batch: u32, head: u32, row
             let pos = select(pos_k[batch * seq + src_row], pos_q[batch * seq + src_row], from_q);
             var x: vec2<f32>;
             if (from_q) {
-                x = vec2<f32>(q_buf[base + ch.x], q_buf[base + ch.y]);
+                x = vec2<f32>(load_q(base + ch.x), load_q(base + ch.y));
             } else {
-                x = vec2<f32>(k_buf[base + ch.x], k_buf[base + ch.y]);
+                x = vec2<f32>(load_k(base + ch.x), load_k(base + ch.y));
             }
             y = x;
             if (slot < r / 2u) {
@@ -233,7 +236,7 @@ fn attention_fused(
                 var vv = vec4<f32>(0.0);
                 if (key < params.seq_k) {
                     let v_base = ((batch * params.seq_k + key) * params.num_kv_heads + kv_head) * HEAD_VEC;
-                    vv = v_buf[v_base + idx % HEAD_VEC];
+                    vv = load_v4(v_base + idx % HEAD_VEC);
                 }
                 v_tile[idx] = vv;
             }
@@ -448,8 +451,14 @@ fn attention_fused(
             // @unroll
             for (var c = 0u; c < HEAD_VEC; c++) {
                 let o = select(vec4<f32>(0.0), acc[r * HEAD_VEC + c] * inv_l, l > 0.0);
-                o_buf[o_base + c] = select(o, nan4, row_nan[r]);
+                store_o4(o_base + c, select(o, nan4, row_nan[r]));
             }
+            // Log-sum-exp in natural log ([batch, heads, seq_q]; −∞ when nothing is attended,
+            // NaN with the row); store_lse does nothing unless the variant writes it.
+            var ninf_bits = 0xff800000u;
+            let lse = select(bitcast<f32>(ninf_bits), (m_run[r] + log2(l)) * LN2, l > 0.0);
+            store_lse((batch * params.num_heads + head) * params.seq_q + rows[r],
+                      select(lse, nan4.x, row_nan[r]));
         }
     }
 }

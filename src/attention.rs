@@ -2,6 +2,7 @@
 //! with the caller's buffers, and a convenience call on host slices.
 
 use crate::context::Context;
+use crate::dtype::{Dtype, HalfForm, check_bytes};
 use crate::error::{Error, Result};
 use crate::kernel::abi::Family;
 use crate::kernel::{BLOCK_Q, KernelKey, workgroup_bytes};
@@ -9,7 +10,8 @@ use crate::plan::lower;
 use crate::spec::AttentionSpec;
 pub use crate::spec::{bias_dims, bias_len};
 
-/// Device buffers of one call. Tensors are f32, contiguous [batch, seq, heads, head_dim];
+/// Device buffers of one call. Tensors are contiguous [batch, seq, heads, head_dim] in the spec's
+/// dtypes (f32 by default; f16 and bf16 as little-endian halves);
 /// positions are i32 [batch, seq]. Every buffer needs `BufferUsages::STORAGE`.
 pub struct AttentionBuffers<'a> {
     pub q: &'a wgpu::Buffer,
@@ -66,10 +68,11 @@ pub(crate) fn check_call_buffers<'a>(
     default_q: &'a wgpu::Buffer,
     default_k: &'a wgpu::Buffer,
 ) -> Result<(&'a wgpu::Buffer, &'a wgpu::Buffer)> {
-    check_buffer("q", bufs.q, s.q_len() as u64 * 4)?;
-    check_buffer("k", bufs.k, s.kv_len() as u64 * 4)?;
-    check_buffer("v", bufs.v, s.kv_len() as u64 * 4)?;
-    check_buffer("out", bufs.out, s.q_len() as u64 * 4)?;
+    let d = s.dtypes;
+    check_buffer("q", bufs.q, (s.q_len() * d.q.size()) as u64)?;
+    check_buffer("k", bufs.k, (s.kv_len() * d.k.size()) as u64)?;
+    check_buffer("v", bufs.v, (s.kv_len() * d.v.size()) as u64)?;
+    check_buffer("out", bufs.out, (s.q_len() * d.out.size()) as u64)?;
     let pos_q = bufs.positions_q.unwrap_or(default_q);
     let pos_k = bufs.positions_k.unwrap_or(default_k);
     check_buffer("positions_q", pos_q, s.batch as u64 * s.seq_q as u64 * 4)?;
@@ -104,6 +107,7 @@ pub(crate) fn check_limits(ctx: &Context, spec: &AttentionSpec, grid: [u32; 3]) 
     for (what, bytes) in [
         ("q / out bytes", spec.q_len() as u64 * 4),
         ("k / v bytes", spec.kv_len() as u64 * 4),
+        ("lse bytes", spec.lse_len() as u64 * 4),
         ("bias bytes", bias_len(spec) as u64 * 4),
     ] {
         if bytes > max_bind {
@@ -134,8 +138,24 @@ impl Attention {
     /// Validates `spec` against itself and the device, compiles (or reuses) the pipeline and
     /// uploads the tables.
     pub fn new(ctx: &Context, spec: &AttentionSpec) -> Result<Self> {
+        Self::with_half_form(ctx, spec, ctx.half_form())
+    }
+
+    /// `new` with f16 tensors stored in `half` form whatever the context's choice; native f16
+    /// on a device without `SHADER_F16` is an [`Error::Unavailable`] naming the first f16 tensor.
+    pub fn with_half_form(ctx: &Context, spec: &AttentionSpec, half: HalfForm) -> Result<Self> {
         let plan = lower(spec)?;
-        let key = plan.fused_key(spec.head_dim, ctx.rows_per_invocation(spec.head_dim));
+        if half == HalfForm::Native
+            && !ctx.has_native_f16()
+            && let Some((field, _)) = spec.dtypes.fields().into_iter().find(|f| f.1 == Dtype::F16)
+        {
+            return Err(Error::unavailable(
+                field,
+                "native f16 storage (the context's half form is Native)",
+                "packed f16 only (no SHADER_F16)",
+            ));
+        }
+        let key = plan.fused_key(spec.head_dim, ctx.rows_per_invocation(spec.head_dim), half);
         let limits = ctx.device().limits();
         let wg_bytes = workgroup_bytes(&key);
         if wg_bytes > limits.max_compute_workgroup_storage_size {
@@ -199,9 +219,21 @@ impl Attention {
         self.own_bytes
     }
 
-    fn bind_group(&self, ctx: &Context, bufs: &AttentionBuffers) -> Result<wgpu::BindGroup> {
+    fn bind_group(
+        &self,
+        ctx: &Context,
+        bufs: &AttentionBuffers,
+        lse: Option<&wgpu::Buffer>,
+    ) -> Result<wgpu::BindGroup> {
         let (pos_q, pos_k) =
             check_call_buffers(&self.spec, bufs, &self.default_pos_q, &self.default_pos_k)?;
+        if let Some(l) = lse {
+            check_buffer("lse", l, self.spec.lse_len() as u64 * 4)?;
+        }
+        let layout = match lse {
+            Some(_) => ctx.lse_bind_group_layout()?,
+            None => ctx.bind_group_layout(Family::Fused),
+        };
         ctx.scoped("creating the bind group", || {
             // Without a caller bias, `user_bias` gets the aux table (never read: user_bias = 0).
             let entries = [
@@ -220,10 +252,14 @@ impl Attention {
                 binding: Family::Fused.slot(name),
                 resource: b.as_entire_binding(),
             })
+            .chain(lse.map(|l| wgpu::BindGroupEntry {
+                binding: Family::Fused.bindings().len() as u32,
+                resource: l.as_entire_binding(),
+            }))
             .collect::<Vec<_>>();
             ctx.device().create_bind_group(&wgpu::BindGroupDescriptor {
                 label: Some("posattn fused"),
-                layout: ctx.bind_group_layout(Family::Fused),
+                layout,
                 entries: &entries,
             })
         })
@@ -236,12 +272,42 @@ impl Attention {
         encoder: &mut wgpu::CommandEncoder,
         bufs: &AttentionBuffers,
     ) -> Result<()> {
-        let bg = self.bind_group(ctx, bufs)?;
+        self.encode_inner(ctx, encoder, bufs, None)
+    }
+
+    /// `encode`, also writing each query row's log-sum-exp to `lse`: f32 [batch, num_heads,
+    /// seq_q], natural log, of the softmax denominator (the visible keys' scaled, biased logits
+    /// and the sink logit if any); −∞ for a row that attends to nothing, NaN where the output row
+    /// is NaN. With it, partial attentions over disjoint key sets merge exactly
+    /// ([`crate::lse::merge`]). Its variant binds a ninth storage buffer: a device allowing
+    /// fewer per stage gives [`Error::Unavailable`].
+    pub fn encode_with_lse(
+        &self,
+        ctx: &Context,
+        encoder: &mut wgpu::CommandEncoder,
+        bufs: &AttentionBuffers,
+        lse: &wgpu::Buffer,
+    ) -> Result<()> {
+        self.encode_inner(ctx, encoder, bufs, Some(lse))
+    }
+
+    fn encode_inner(
+        &self,
+        ctx: &Context,
+        encoder: &mut wgpu::CommandEncoder,
+        bufs: &AttentionBuffers,
+        lse: Option<&wgpu::Buffer>,
+    ) -> Result<()> {
+        let lse_pipeline = match lse {
+            Some(_) => Some(ctx.pipeline(self.key.with_lse())?),
+            None => None,
+        };
+        let bg = self.bind_group(ctx, bufs, lse)?;
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("posattn fused"),
             timestamp_writes: None,
         });
-        pass.set_pipeline(&self.pipeline);
+        pass.set_pipeline(lse_pipeline.as_ref().unwrap_or(&self.pipeline));
         pass.set_bind_group(0, &bg, &[]);
         let [x, y, z] = self.workgroups;
         pass.dispatch_workgroups(x, y, z);
@@ -250,7 +316,10 @@ impl Attention {
 
     /// Runs on host slices: uploads, dispatches, waits (at most the context's timeout) and
     /// reads the output back. The output buffer is filled with NaN before the dispatch, so an
-    /// element the kernel failed to write can never pass for a plausible value.
+    /// element the kernel failed to write can never pass for a plausible value. With half
+    /// storage dtypes the inputs are rounded to them (nearest, ties to even) on the host and the
+    /// output is widened to f32 exactly; [`Attention::run_bytes`] takes and returns the stored
+    /// bytes themselves.
     pub fn run(
         &self,
         ctx: &Context,
@@ -276,50 +345,120 @@ impl Attention {
         bias: Option<&[f32]>,
     ) -> Result<Vec<f32>> {
         let s = &self.spec;
-        let empty = [0.0f32; 0];
-        for (field, data, want) in [
-            ("q", q, s.q_len()),
-            ("k", k, s.kv_len()),
-            ("v", v, s.kv_len()),
-            ("bias", bias.unwrap_or(&empty), bias_len(s)),
+        check_f32_lengths(s, q, k, v)?;
+        let d = s.dtypes;
+        let out = self.run_bytes(
+            ctx,
+            &d.q.encode(q),
+            &d.k.encode(k),
+            &d.v.encode(v),
+            positions_q,
+            positions_k,
+            bias,
+        )?;
+        d.out.decode("out", &out)
+    }
+
+    /// Runs on the tensors' stored bytes: Q, K and V as little-endian elements of the spec's
+    /// dtypes (f16 or bf16 halves, f32), uploaded as they are; returns the output's bytes in its
+    /// dtype. A length that is not a whole number of elements, or not the tensor's element count,
+    /// is an error naming the tensor.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_bytes(
+        &self,
+        ctx: &Context,
+        q: &[u8],
+        k: &[u8],
+        v: &[u8],
+        positions_q: Option<&[i32]>,
+        positions_k: Option<&[i32]>,
+        bias: Option<&[f32]>,
+    ) -> Result<Vec<u8>> {
+        let io = (q, k, v, positions_q, positions_k, bias);
+        Ok(self.run_inner(ctx, io, false)?.0)
+    }
+
+    /// `run_with_bias` that also returns each row's log-sum-exp (see
+    /// [`Attention::encode_with_lse`]): (output, lse [batch, num_heads, seq_q]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_with_lse(
+        &self,
+        ctx: &Context,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        positions_q: Option<&[i32]>,
+        positions_k: Option<&[i32]>,
+        bias: Option<&[f32]>,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let s = &self.spec;
+        check_f32_lengths(s, q, k, v)?;
+        let d = s.dtypes;
+        let (q, k, v) = (d.q.encode(q), d.k.encode(k), d.v.encode(v));
+        let io = (&q[..], &k[..], &v[..], positions_q, positions_k, bias);
+        let (out, lse) = self.run_inner(ctx, io, true)?;
+        Ok((d.out.decode("out", &out)?, lse.unwrap_or_default()))
+    }
+
+    fn run_inner(
+        &self,
+        ctx: &Context,
+        io: HostIo,
+        want_lse: bool,
+    ) -> Result<(Vec<u8>, Option<Vec<f32>>)> {
+        let (q, k, v, positions_q, positions_k, bias) = io;
+        let s = &self.spec;
+        let d = s.dtypes;
+        for (field, data, dtype, want) in [
+            ("q", q, d.q, s.q_len()),
+            ("k", k, d.k, s.kv_len()),
+            ("v", v, d.v, s.kv_len()),
         ] {
-            if data.len() != want {
-                return Err(Error::invalid(
-                    field,
-                    format!("{want} values (shape {:?})", shape(s, field)),
-                    format!("{} values", data.len()),
-                ));
-            }
+            check_bytes(field, dtype, data.len(), Some(want))?;
+        }
+        let b = bias.unwrap_or(&[]);
+        if b.len() != bias_len(s) {
+            return Err(Error::invalid(
+                "bias",
+                format!("{} values (shape {:?})", bias_len(s), shape(s, "bias")),
+                format!("{} values", b.len()),
+            ));
         }
         let (dq, dk) = s.default_positions();
         let pq = positions_q.unwrap_or(&dq);
         let pk = positions_k.unwrap_or(&dk);
         s.validate_positions(pq, pk)?;
-        let out = ctx.scoped("running attention", || -> Result<wgpu::Buffer> {
+        let out_bytes = (s.q_len() * d.out.size()) as u64;
+        type Out = (wgpu::Buffer, Option<wgpu::Buffer>);
+        let out = ctx.scoped("running attention", || -> Result<Out> {
             let st = wgpu::BufferUsages::STORAGE;
             let init = |label, contents: &[u8]| ctx.buffer_init(label, contents, st);
             let (qb, kb, vb) = (
-                init("posattn q", bytemuck::cast_slice(q)),
-                init("posattn k", bytemuck::cast_slice(k)),
-                init("posattn v", bytemuck::cast_slice(v)),
+                init("posattn q", q),
+                init("posattn k", k),
+                init("posattn v", v),
             );
             let (pqb, pkb) = (
                 init("posattn pos_q", bytemuck::cast_slice(pq)),
                 init("posattn pos_k", bytemuck::cast_slice(pk)),
             );
             let bb = bias.map(|b| init("posattn bias", bytemuck::cast_slice(b)));
-            let poison = vec![f32::NAN; s.q_len()];
-            let out = ctx.buffer_init(
-                "posattn out",
-                bytemuck::cast_slice(&poison),
-                st | wgpu::BufferUsages::COPY_SRC,
-            );
+            let poison = d.out.encode(&vec![f32::NAN; s.q_len()]);
+            let out = ctx.buffer_init("posattn out", &poison, st | wgpu::BufferUsages::COPY_SRC);
+            let lse = want_lse.then(|| {
+                let poison = vec![f32::NAN; s.lse_len()];
+                ctx.buffer_init(
+                    "posattn lse",
+                    bytemuck::cast_slice(&poison),
+                    st | wgpu::BufferUsages::COPY_SRC,
+                )
+            });
             let mut enc = ctx
                 .device()
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                     label: Some("posattn run"),
                 });
-            self.encode(
+            self.encode_inner(
                 ctx,
                 &mut enc,
                 &AttentionBuffers {
@@ -331,13 +470,48 @@ impl Attention {
                     positions_k: Some(&pkb),
                     bias: bb.as_ref(),
                 },
+                lse.as_ref(),
             )?;
             ctx.queue().submit([enc.finish()]);
-            Ok(out)
+            Ok((out, lse))
         })??;
-        let bytes = ctx.read_buffer(&out, s.q_len() as u64 * 4)?;
-        Ok(bytemuck::cast_slice(&bytes).to_vec())
+        let (out, lse) = out;
+        let lse = match lse {
+            Some(l) => {
+                let bytes = ctx.read_buffer(&l, s.lse_len() as u64 * 4)?;
+                Some(bytemuck::pod_collect_to_vec(&bytes))
+            }
+            None => None,
+        };
+        Ok((ctx.read_buffer(&out, out_bytes)?, lse))
     }
+}
+
+/// Q, K, V bytes, positions and bias of one host call.
+type HostIo<'a> = (
+    &'a [u8],
+    &'a [u8],
+    &'a [u8],
+    Option<&'a [i32]>,
+    Option<&'a [i32]>,
+    Option<&'a [f32]>,
+);
+
+fn check_f32_lengths(s: &AttentionSpec, q: &[f32], k: &[f32], v: &[f32]) -> Result<()> {
+    for (field, data, want) in [
+        ("q", q, s.q_len()),
+        ("k", k, s.kv_len()),
+        ("v", v, s.kv_len()),
+    ] {
+        if data.len() != want {
+            return Err(Error::invalid(
+                field,
+                format!("{want} values (shape {:?})", shape(s, field)),
+                format!("{} values", data.len()),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn shape(s: &AttentionSpec, field: &str) -> [u32; 4] {

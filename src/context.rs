@@ -4,6 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::dtype::HalfForm;
 use crate::error::{Error, Result};
 use crate::kernel::KernelKey;
 use crate::kernel::abi::Family;
@@ -57,6 +58,7 @@ pub struct Context {
     pipelines: Pipelines,
     multi_row: bool,
     rows_override: Option<u32>,
+    half_override: Option<HalfForm>,
     uncaptured: Arc<Mutex<Vec<String>>>,
 }
 
@@ -183,6 +185,7 @@ impl Context {
         Context {
             multi_row: crate::kernel::multi_row_device(&info),
             rows_override: None,
+            half_override: None,
             device,
             queue,
             info,
@@ -235,6 +238,28 @@ impl Context {
         Ok(())
     }
 
+    /// Whether the device runs native `f16` in shaders (`SHADER_F16`).
+    pub fn has_native_f16(&self) -> bool {
+        self.device.features().contains(wgpu::Features::SHADER_F16)
+    }
+
+    /// How plans made from now on store f16 tensors: native where the device has `SHADER_F16`,
+    /// packed otherwise, unless set here.
+    pub fn half_form(&self) -> HalfForm {
+        match self.half_override {
+            Some(f) => f,
+            None if self.has_native_f16() => HalfForm::Native,
+            None => HalfForm::Packed,
+        }
+    }
+
+    /// Forces the f16 storage form of plans made from now on (`None`: the device's default).
+    /// Forcing [`HalfForm::Native`] on a device without `SHADER_F16` is accepted here and refused,
+    /// as unavailable, by a plan that stores an f16 tensor.
+    pub fn set_half_form(&mut self, form: Option<HalfForm>) {
+        self.half_override = form;
+    }
+
     /// Sets the longest wait for one submission.
     pub fn set_timeout(&mut self, timeout: Duration) {
         self.timeout = timeout;
@@ -269,6 +294,12 @@ impl Context {
     /// The bind-group layout every kernel of `family` uses.
     pub(crate) fn bind_group_layout(&self, family: Family) -> &wgpu::BindGroupLayout {
         self.pipelines.bind_group_layout(family)
+    }
+
+    /// The bind-group layout of the fused kernels that write the log-sum-exp, or an
+    /// [`Error::Unavailable`] when the device binds too few storage buffers per stage.
+    pub(crate) fn lse_bind_group_layout(&self) -> Result<&wgpu::BindGroupLayout> {
+        self.pipelines.lse_bind_group_layout(&self.device)
     }
 
     /// Waits for `submission`, at most `self.timeout`.

@@ -11,6 +11,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 
 use crate::config::RopeConfig;
+use crate::dtype::Dtype;
 use crate::encoding::masks::{Extrapolation, Window};
 use crate::encoding::position::{
     Alibi, AlibiForm, AlibiSlopes, PositionEncoding, Rope, RopeLayout, Xpos,
@@ -23,11 +24,29 @@ use crate::spec::AttentionSpec;
 /// Largest .npy file accepted (1 GiB): bigger than any tensor a storage binding can hold.
 pub const MAX_NPY_BYTES: u64 = 1 << 30;
 
-/// A tensor read from a .npy file, converted to f32.
+/// A tensor read from a .npy file: its values widened to f32 (exact for f32, f16 and integers
+/// up to 2^24), and for f32 and f16 files the stored bytes themselves, which `posattn run`
+/// uploads as they are (f16 stays f16 on the device).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Tensor {
     pub shape: Vec<u64>,
     pub data: Vec<f32>,
+    /// The file's dtype and little-endian element bytes, for `<f4` and `<f2` files.
+    pub stored: Option<(Dtype, Vec<u8>)>,
+}
+
+impl Tensor {
+    /// The dtype the tensor is stored in on the device (f32 for f64 and integer files, which
+    /// are converted) and its bytes in that dtype.
+    pub fn storage(&self) -> (Dtype, std::borrow::Cow<'_, [u8]>) {
+        match &self.stored {
+            Some((d, bytes)) => (*d, std::borrow::Cow::Borrowed(bytes)),
+            None => (
+                Dtype::F32,
+                std::borrow::Cow::Owned(Dtype::F32.encode(&self.data)),
+            ),
+        }
+    }
 }
 
 /// Bytes after the .npy header (format versions 1 to 3), for checking the header's claims.
@@ -103,6 +122,16 @@ pub fn parse_npy(field: &'static str, bytes: &[u8], rank: Option<usize>) -> Resu
             )
         })?;
     let io = |e: std::io::Error| bad(field, "readable data", e);
+    // f32 and f16 keep their bytes: the data follows the header, count · width of them.
+    let raw = |d: Dtype| {
+        let start = bytes.len() - data_len(bytes) as usize;
+        (d, bytes[start..start + (count * width) as usize].to_vec())
+    };
+    let stored = match ty.as_str() {
+        "<f4" => Some(raw(Dtype::F32)),
+        "<f2" => Some(raw(Dtype::F16)),
+        _ => None,
+    };
     let data: Vec<f32> = match ty.as_str() {
         "<f4" => npy.into_vec::<f32>().map_err(io)?,
         "<f2" => npy
@@ -130,7 +159,11 @@ pub fn parse_npy(field: &'static str, bytes: &[u8], rank: Option<usize>) -> Resu
             .map(|x| x as f32)
             .collect(),
     };
-    Ok(Tensor { shape, data })
+    Ok(Tensor {
+        shape,
+        data,
+        stored,
+    })
 }
 
 /// Integer positions from .npy bytes (`<i4` or `<i8`, each within ±2^30), shaped [batch, seq]
@@ -271,6 +304,42 @@ fn check_regular(
 }
 
 /// Writes a [batch, seq, heads, head_dim] f32 tensor as .npy.
+/// Writes little-endian element bytes of `dtype` (f32 or f16; numpy has no bf16) as .npy.
+pub fn write_npy_bytes(path: &Path, shape: &[u64], dtype: Dtype, bytes: &[u8]) -> Result<()> {
+    let descr = match dtype {
+        Dtype::F32 => "<f4",
+        Dtype::F16 => "<f2",
+        Dtype::Bf16 => {
+            return Err(bad(
+                "out_dtype",
+                "f32 or f16 (numpy has no bf16 dtype)",
+                "bf16",
+            ));
+        }
+    };
+    let count: u64 = shape.iter().product();
+    crate::dtype::check_bytes("out", dtype, bytes.len(), Some(count as usize))?;
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let dims = if dims.len() == 1 {
+        format!("{},", dims[0])
+    } else {
+        dims.join(", ")
+    };
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({dims}), }}");
+    // Version 1.0: magic (6) + version (2) + length (2) + header, padded to 64 with a newline.
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut file = Vec::with_capacity(10 + header.len() + bytes.len());
+    file.extend_from_slice(b"\x93NUMPY\x01\x00");
+    file.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    file.extend_from_slice(header.as_bytes());
+    file.extend_from_slice(bytes);
+    std::fs::write(path, file)
+        .map_err(|e| bad("out", "a writable file", format!("{}: {e}", path.display())))
+}
+
 pub fn write_npy(path: &Path, shape: &[u64], data: &[f32]) -> Result<()> {
     use npyz::WriterBuilder;
     let err = |e: std::io::Error| bad("out", "a writable file", format!("{}: {e}", path.display()));

@@ -18,6 +18,7 @@ pub mod attention;
 pub mod config;
 pub mod context;
 pub mod decode;
+pub mod dtype;
 pub mod encoding;
 pub mod env;
 pub mod error;
@@ -32,6 +33,7 @@ mod json;
 pub mod kernel;
 #[cfg(not(feature = "harness"))]
 mod kernel;
+pub mod lse;
 mod plan;
 pub mod spec;
 
@@ -39,6 +41,7 @@ pub use attention::{Attention, AttentionBuffers};
 pub use config::{HfConfigFile, HfDefaults, LlamaCppRope, RopeConfig};
 pub use context::{Context, ContextOptions, describe_adapter, enumerate_adapters};
 pub use decode::{DecodeBuffers, DecodePlan, DecodeSpec, KvCache};
+pub use dtype::{Dtype, Dtypes, HalfForm};
 pub use encoding::masks::{BiasLayout, Extrapolation, Window};
 pub use encoding::position::{
     Alibi, AlibiForm, AlibiSlopes, PositionEncoding, Rope, RopeLayout, Xpos,

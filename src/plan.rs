@@ -1,10 +1,12 @@
 //! Lowering: a spec becomes a plan (the kernel variant's choices, the parameter block and the
 //! aux table) in one place, after validation and before anything touches a device.
 
+use crate::dtype::{Dtypes, HalfForm};
 use crate::encoding::masks::Extrapolation;
 use crate::encoding::position::{PositionEncoding, ResolvedPosition};
 use crate::error::Result;
 use crate::kernel::abi::{BranchQMode, BranchRule, NO_SINK_LOGITS, Params, PosKind, freq_entry};
+use crate::kernel::storage::StorageForm;
 use crate::kernel::{KernelKey, two_branch_rows};
 use crate::spec::AttentionSpec;
 use crate::spec::bias_dims;
@@ -17,16 +19,20 @@ pub(crate) struct Plan {
     pub two_branch: bool,
     pub params: Params,
     pub aux: Vec<[f32; 4]>,
+    pub dtypes: Dtypes,
 }
 
 impl Plan {
-    /// The fused variant for `rows` query rows per invocation (the adapter's choice).
-    pub fn fused_key(&self, head_dim: u32, rows: u32) -> KernelKey {
-        if self.two_branch {
+    /// The fused variant for `rows` query rows per invocation (the adapter's choice) with the
+    /// spec's dtypes stored in f16 form `half` (the adapter's choice too).
+    pub fn fused_key(&self, head_dim: u32, rows: u32, half: HalfForm) -> KernelKey {
+        let key = if self.two_branch {
             KernelKey::fused_two_branch(head_dim, two_branch_rows(rows))
         } else {
             KernelKey::fused(head_dim, rows, self.kind.variant())
-        }
+        };
+        let d = self.dtypes;
+        key.with_storage([d.q, d.k, d.v, d.out].map(|t| StorageForm::of(t, half)))
     }
 }
 
@@ -95,6 +101,7 @@ pub(crate) fn lower(spec: &AttentionSpec) -> Result<Plan> {
         two_branch: spec.extrapolation != Extrapolation::None,
         params,
         aux: pos.aux.into_entries(),
+        dtypes: spec.dtypes,
     })
 }
 

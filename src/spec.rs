@@ -1,6 +1,7 @@
 //! What an attention call computes: shapes, scale, mask and position encoding, and the checks
 //! that turn a request into a valid one or a typed error naming the field.
 
+use crate::dtype::{Dtype, Dtypes};
 use crate::encoding::masks::{BiasLayout, Extrapolation, Window};
 use crate::encoding::position::PositionEncoding;
 use crate::error::{Error, Result};
@@ -51,6 +52,9 @@ pub struct AttentionSpec {
     pub sink_logits: Option<Vec<f32>>,
     /// A caller-provided additive bias (the escape hatch); the buffer comes with each call.
     pub bias: Option<BiasLayout>,
+    /// Storage dtypes of Q, K, V and the output (f32 by default); the kernel computes in f32
+    /// whatever they are (see [`crate::dtype`]).
+    pub dtypes: Dtypes,
 }
 
 impl AttentionSpec {
@@ -73,7 +77,20 @@ impl AttentionSpec {
             softcap: None,
             sink_logits: None,
             bias: None,
+            dtypes: Dtypes::F32,
         }
+    }
+
+    /// Stores Q, K, V and the output as `dtypes` says.
+    pub fn with_dtypes(mut self, dtypes: Dtypes) -> Self {
+        self.dtypes = dtypes;
+        self
+    }
+
+    /// Stores Q, K, V and the output all as `dtype`.
+    pub fn with_dtype(mut self, dtype: Dtype) -> Self {
+        self.dtypes = Dtypes::all(dtype);
+        self
     }
 
     pub fn with_kv_heads(mut self, num_kv_heads: u32) -> Self {
@@ -218,6 +235,11 @@ impl AttentionSpec {
     /// Elements of Q and O.
     pub fn q_len(&self) -> usize {
         self.batch as usize * self.seq_q as usize * self.num_heads as usize * self.head_dim as usize
+    }
+
+    /// Elements of the log-sum-exp output: one per (batch, head, query row).
+    pub fn lse_len(&self) -> usize {
+        self.batch as usize * self.num_heads as usize * self.seq_q as usize
     }
 
     /// Elements of K and of V.

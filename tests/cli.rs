@@ -435,3 +435,107 @@ proptest! {
         let _ = parse_spec(&text, [1, 4, 4, 2, 2, 64], Path::new("."), 3);
     }
 }
+
+/// `run` on f16 .npy files: the tensors are uploaded as f16 (no conversion to f32), the output
+/// keeps their dtype (an `<f2` file), and its values meet `check`'s rule for half storage: the
+/// references run on the f16 inputs, the plain f32 implementation's output rounded to f16.
+#[test]
+fn run_keeps_f16_files_in_f16() {
+    let g = golden();
+    let tmp = std::env::temp_dir();
+    let id = std::process::id();
+    let path = |name: &str| tmp.join(format!("posattn-f16-{name}-{id}.npy"));
+    let load = |f: &'static str| parse_npy(f, &std::fs::read(g.join(f)).unwrap(), Some(4)).unwrap();
+    let (q, k, v) = (load("q.npy"), load("k.npy"), load("v.npy"));
+    for (name, t) in [("q", &q), ("k", &k), ("v", &v)] {
+        let bytes = posattn::Dtype::F16.encode(&t.data);
+        posattn::files::write_npy_bytes(&path(name), &t.shape, posattn::Dtype::F16, &bytes)
+            .unwrap();
+    }
+    let arg = |p: PathBuf| p.to_string_lossy().into_owned();
+    let spec_path = arg(g.join("spec.json"));
+    let pos = arg(g.join("positions.npy"));
+    let base = |out: &str| {
+        vec![
+            "run".to_string(),
+            "--q".into(),
+            arg(path("q")),
+            "--k".into(),
+            arg(path("k")),
+            "--v".into(),
+            arg(path("v")),
+            "--positions-q".into(),
+            pos.clone(),
+            "--positions-k".into(),
+            pos.clone(),
+            "--spec".into(),
+            spec_path.clone(),
+            "--out".into(),
+            arg(path(out)),
+        ]
+    };
+    let run = |args: Vec<String>| posattn(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    // bf16 cannot be written as .npy: refused before any device work.
+    let mut bad = base("out");
+    bad.extend(["--out-dtype".to_string(), "bf16".to_string()]);
+    let (code, text) = run(bad);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("out_dtype"), "{text}");
+    if !have_adapter("the GPU half of the f16 CLI test") {
+        return;
+    }
+    let (code, text) = run(base("out"));
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("storage f16"), "{text}");
+    let bytes = std::fs::read(path("out")).unwrap();
+    let got = parse_npy("out", &bytes, Some(4)).unwrap();
+    assert_eq!(
+        got.stored.as_ref().map(|s| s.0),
+        Some(posattn::Dtype::F16),
+        "the output file is f16"
+    );
+    assert_eq!(got.shape, q.shape);
+    // The reference on the f16 inputs, as the device saw them.
+    let f16 = |t: &posattn::files::Tensor| {
+        t.data
+            .iter()
+            .map(|x| posattn::Dtype::F16.round(*x))
+            .collect::<Vec<_>>()
+    };
+    let (qh, kh, vh) = (f16(&q), f16(&k), f16(&v));
+    let dims = [
+        q.shape[0] as u32,
+        q.shape[1] as u32,
+        k.shape[1] as u32,
+        q.shape[2] as u32,
+        k.shape[2] as u32,
+        q.shape[3] as u32,
+    ];
+    let text = std::fs::read_to_string(g.join("spec.json")).unwrap();
+    let positions = parse_positions(
+        "p",
+        &std::fs::read(g.join("positions.npy")).unwrap(),
+        q.shape[0],
+        q.shape[1],
+    )
+    .unwrap();
+    let max_pos = *positions.iter().max().unwrap() as i64;
+    let spec = parse_spec(&text, dims, &g, max_pos).unwrap();
+    let r64 = posattn::harness::reference::attention_with_bias::<f64>(
+        &spec, &qh, &kh, &vh, &positions, &positions, None,
+    );
+    let mut r32 = posattn::harness::reference::attention_with_bias::<f32>(
+        &spec, &qh, &kh, &vh, &positions, &positions, None,
+    );
+    r32.iter_mut()
+        .for_each(|x| *x = posattn::Dtype::F16.round(*x));
+    let (status, err, _, bound) = posattn::harness::check::compare(&got.data, &r64, &r32);
+    assert_eq!(
+        status,
+        posattn::harness::check::Status::Pass,
+        "{err} > {bound}"
+    );
+    for name in ["q", "k", "v", "out"] {
+        let _ = std::fs::remove_file(path(name));
+    }
+}

@@ -5,7 +5,7 @@
 //! (e.g. `vulkan,gl`) to make a backend with no adapter a failure rather than a reported skip.
 
 use posattn::harness::check::{self, Group, Status};
-use posattn::{Context, ContextOptions, enumerate_adapters};
+use posattn::{Context, ContextOptions, Dtype, Dtypes, HalfForm, enumerate_adapters};
 
 fn required(name: &str) -> bool {
     std::env::var("POSATTN_REQUIRE_BACKENDS")
@@ -17,8 +17,19 @@ fn conformance(backends: wgpu::Backends, name: &str) {
     run_matrix(backends, name, None, check::conformance_cases());
 }
 
-/// Runs `cases` on every adapter of `backends`; `rows` overrides the rows per invocation.
 fn run_matrix(backends: wgpu::Backends, name: &str, rows: Option<u32>, cases: Vec<check::Case>) {
+    run_matrix_with(backends, name, rows, None, cases);
+}
+
+/// Runs `cases` on every adapter of `backends`; `rows` overrides the rows per invocation and
+/// `half` the f16 storage form (a case may force its own).
+fn run_matrix_with(
+    backends: wgpu::Backends,
+    name: &str,
+    rows: Option<u32>,
+    half: Option<HalfForm>,
+    cases: Vec<check::Case>,
+) {
     let options = ContextOptions {
         backends,
         adapter_name: None,
@@ -40,6 +51,7 @@ fn run_matrix(backends: wgpu::Backends, name: &str, rows: Option<u32>, cases: Ve
         if let Some(r) = rows {
             ctx.set_rows_per_invocation(Some(r)).unwrap();
         }
+        ctx.set_half_form(half);
         let verbose = std::env::var_os("POSATTN_VERBOSE").is_some();
         let results = check::run_cases(&ctx, &cases, |r| {
             if verbose {
@@ -126,8 +138,13 @@ fn gl_half(part: usize) -> Vec<check::Case> {
             left.join(", ")
         );
     }
-    // GL runs one query row per invocation (`Context::rows_per_invocation`).
-    let variant = |c: &check::Case| check::case_kernel(c, |_| 1).map(|k| k.name()).ok();
+    // GL runs one query row per invocation (`Context::rows_per_invocation`) and has no native
+    // f16.
+    let variant = |c: &check::Case| {
+        check::case_kernel(c, |_| 1, posattn::HalfForm::Packed)
+            .map(|k| k.name())
+            .ok()
+    };
     let mut names: Vec<_> = cases.iter().filter_map(variant).collect();
     names.sort();
     names.dedup();
@@ -149,6 +166,62 @@ fn conformance_gl_first_half_of_variants() {
 #[test]
 fn conformance_gl_second_half_of_variants() {
     run_matrix(wgpu::Backends::GL, "gl", None, gl_half(1));
+}
+
+/// Half storage (the full cross product is `posattn check`'s). The subset reuses one kernel per
+/// storage form: every case of the matrix that runs the plain RoPE kernel at head size 64 (the
+/// encodings with every mask and head grouping, tile edges, positions, NaN placement, scaling
+/// tables, log-n, windows, sinks, softcap, sink logits and the caller bias), each in f16 native,
+/// f16 packed, bf16, and an f16 K/V cache with f32 queries and output. Tolerance: `check`'s rule
+/// for half storage (references on the rounded inputs, the plain implementation's output rounded
+/// to the output dtype).
+fn half_cases() -> Vec<check::Case> {
+    let base: Vec<_> = check::conformance_cases()
+        .into_iter()
+        .filter(|c| c.is_rope_d64())
+        .collect();
+    let kv_cache = Dtypes {
+        k: Dtype::F16,
+        v: Dtype::F16,
+        ..Dtypes::F32
+    };
+    let mut cases = Vec::new();
+    for c in &base {
+        cases.push(c.clone().with_dtype(Dtype::F16));
+        cases.push(
+            c.clone()
+                .with_dtype(Dtype::F16)
+                .with_half_form(HalfForm::Packed),
+        );
+        cases.push(c.clone().with_dtype(Dtype::Bf16));
+        cases.push(c.clone().with_dtypes(kv_cache));
+    }
+    cases
+}
+
+#[test]
+fn conformance_vulkan_half_storage() {
+    run_matrix_with(wgpu::Backends::VULKAN, "vulkan", None, None, half_cases());
+}
+
+/// GL (llvmpipe) has no SHADER_F16: the packed forms only, in one kernel that mixes them (bf16 Q
+/// and V, packed f16 K and O: both unpackings and the f16 store), on the NaN placements and the
+/// encodings' masks and head groupings. Declared limitation: compile time allows one such
+/// variant on GL; the bf16 store runs on Vulkan.
+#[test]
+fn conformance_gl_half_storage() {
+    let mixed = Dtypes {
+        q: Dtype::Bf16,
+        k: Dtype::F16,
+        v: Dtype::Bf16,
+        out: Dtype::F16,
+    };
+    let cases = check::conformance_cases()
+        .into_iter()
+        .filter(|c| c.is_rope_d64() && matches!(c.group, Group::Encodings | Group::NanPlacement))
+        .map(|c| c.with_dtypes(mixed))
+        .collect();
+    run_matrix_with(wgpu::Backends::GL, "gl", None, None, cases);
 }
 
 #[test]

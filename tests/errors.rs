@@ -431,3 +431,114 @@ fn device_side_errors_are_typed() {
     );
     assert!(ctx.take_uncaptured_errors().is_empty());
 }
+
+/// Half storage: byte lengths that are not whole elements or not the tensor's count, device
+/// buffers sized for another dtype, and native f16 demanded where the adapter has no
+/// SHADER_F16 are typed errors naming the tensor.
+#[test]
+fn half_storage_errors_are_typed() {
+    use posattn::{Dtype, Dtypes, HalfForm};
+    assert_eq!(
+        Dtype::parse("dtype", "f8").unwrap_err().field(),
+        Some("dtype")
+    );
+    let kv_f16 = Dtypes {
+        k: Dtype::F16,
+        v: Dtype::F16,
+        ..Dtypes::F32
+    };
+    // Native f16 on every adapter without SHADER_F16 (llvmpipe's GL): refused as unavailable,
+    // naming the first f16 tensor, before anything is compiled.
+    let mut without = 0;
+    for a in enumerate_adapters(&ContextOptions::default()) {
+        let mut c = Context::from_adapter(&a).expect("open device");
+        if c.has_native_f16() {
+            continue;
+        }
+        without += 1;
+        assert_eq!(c.half_form(), HalfForm::Packed, "{}", c.describe());
+        c.set_half_form(Some(HalfForm::Native));
+        let spec = AttentionSpec::new(1, 8, 8, 2, 64).with_dtypes(kv_f16);
+        match Attention::new(&c, &spec) {
+            Err(Error::Unavailable { what, .. }) => assert_eq!(what, "k"),
+            other => panic!("expected Unavailable, got {:?}", other.err()),
+        }
+    }
+    println!("native f16 refused on {without} adapters without SHADER_F16");
+    let Some(ctx) = ctx() else { return };
+    let spec = AttentionSpec::new(1, 8, 8, 2, 64)
+        .with_position(rope())
+        .with_dtypes(kv_f16);
+    let plan = Attention::new(&ctx, &spec).unwrap();
+    let q = Dtype::F32.encode(&vec![0.5; spec.q_len()]);
+    let kv = Dtype::F16.encode(&vec![0.5; spec.kv_len()]);
+    for (field, r) in [
+        // Not a whole number of f16 elements.
+        (
+            "k",
+            plan.run_bytes(&ctx, &q, &kv[1..], &kv, None, None, None),
+        ),
+        // Whole elements, but f32-sized: the dtype's count does not match.
+        (
+            "v",
+            plan.run_bytes(
+                &ctx,
+                &q,
+                &kv,
+                &[kv.clone(), kv.clone()].concat(),
+                None,
+                None,
+                None,
+            ),
+        ),
+        // f32 bytes where f32 is stored, short by one element.
+        (
+            "q",
+            plan.run_bytes(&ctx, &q[4..], &kv, &kv, None, None, None),
+        ),
+    ] {
+        match r {
+            Err(Error::Invalid { field: f, .. }) => assert_eq!(f, field),
+            other => panic!(
+                "{field}: expected Invalid, got {:?}",
+                other.map(|o| o.len())
+            ),
+        }
+    }
+    assert_eq!(
+        plan.run_bytes(&ctx, &q, &kv, &kv, None, None, None)
+            .unwrap()
+            .len(),
+        spec.q_len() * 4
+    );
+    // Device buffers: K sized for f16 is enough; V one f16 element short is not.
+    let mk = |size: u64| {
+        ctx.device().create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        })
+    };
+    let (qb, kb, vb) = (
+        mk(spec.q_len() as u64 * 4),
+        mk(spec.kv_len() as u64 * 2),
+        mk(spec.kv_len() as u64 * 2 - 4),
+    );
+    let mut enc = ctx.device().create_command_encoder(&Default::default());
+    let r = plan.encode(
+        &ctx,
+        &mut enc,
+        &AttentionBuffers {
+            q: &qb,
+            k: &kb,
+            v: &vb,
+            out: &qb,
+            positions_q: None,
+            positions_k: None,
+            bias: None,
+        },
+    );
+    assert!(matches!(r, Err(Error::Invalid { field: "v", .. })), "{r:?}");
+    assert!(ctx.take_uncaptured_errors().is_empty());
+}

@@ -23,6 +23,7 @@ fn every_variant_is_listed_once_under_its_own_name() {
 }
 
 fn validate(key: &KernelKey) -> naga::Module {
+    let caps = posattn::kernel::export::capabilities(key);
     let src = key
         .try_wgsl()
         .unwrap_or_else(|e| panic!("{}: {e}", key.name()));
@@ -33,12 +34,9 @@ fn validate(key: &KernelKey) -> naga::Module {
     );
     let module = naga::front::wgsl::parse_str(&src)
         .unwrap_or_else(|e| panic!("{}: {}", key.name(), e.emit_to_string(&src)));
-    naga::valid::Validator::new(
-        naga::valid::ValidationFlags::all(),
-        naga::valid::Capabilities::empty(),
-    )
-    .validate(&module)
-    .unwrap_or_else(|e| panic!("{}: {}", key.name(), e.emit_to_string(&src)));
+    naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps)
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{}: {}", key.name(), e.emit_to_string(&src)));
     module
 }
 
@@ -50,6 +48,7 @@ fn type_name(module: &naga::Module, ty: naga::Handle<naga::Type>) -> String {
     }
     let scalar = |s: naga::Scalar| match (s.kind, s.width) {
         (naga::ScalarKind::Float, 4) => "f32".to_string(),
+        (naga::ScalarKind::Float, 2) => "f16".to_string(),
         (naga::ScalarKind::Sint, 4) => "i32".to_string(),
         (naga::ScalarKind::Uint, 4) => "u32".to_string(),
         other => format!("{other:?}"),
@@ -70,7 +69,8 @@ fn type_name(module: &naga::Module, ty: naga::Handle<naga::Type>) -> String {
 
 #[test]
 fn every_variant_validates_and_matches_the_contract() {
-    let keys = all_keys();
+    let mut keys = all_keys();
+    keys.extend(KernelKey::native_f16_examples());
     assert!(!keys.is_empty());
     for key in &keys {
         let module = validate(key);
@@ -105,7 +105,6 @@ fn every_variant_validates_and_matches_the_contract() {
             .collect();
         got.sort_by_key(|b| b.0);
         let want: Vec<(u32, String, Access, String)> = key
-            .family()
             .bindings()
             .iter()
             .enumerate()

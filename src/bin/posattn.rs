@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use posattn::harness::check::{self, CaseResult, Status};
-use posattn::{Context, ContextOptions, describe_adapter, enumerate_adapters};
+use posattn::{Context, ContextOptions, Dtype, describe_adapter, enumerate_adapters};
 
 #[derive(Parser)]
 #[command(
@@ -57,6 +57,10 @@ enum Command {
         /// encoding, mask, kv, head_dim, name (e.g. `group=relative_bias,mask=causal`).
         #[arg(long)]
         filter: Option<String>,
+        /// Storage dtypes to run every case in: f32, f16, bf16, comma-separated (default all
+        /// three; on adapters with native f16, f16 runs both natively and packed).
+        #[arg(long)]
+        dtype: Option<String>,
         /// Print every case, not only the failures and a summary.
         #[arg(long, short)]
         verbose: bool,
@@ -231,9 +235,25 @@ fn check(
     adapter: Option<String>,
     quick: bool,
     filter: Option<String>,
+    dtype: Option<String>,
     verbose: bool,
     json: Option<std::path::PathBuf>,
 ) -> ExitCode {
+    let dtypes: Vec<Dtype> = match dtype.as_deref() {
+        None => Dtype::ALL.to_vec(),
+        Some(text) => match text
+            .split(',')
+            .map(|t| Dtype::parse("dtype", t.trim()))
+            .collect::<posattn::Result<Vec<_>>>()
+        {
+            Ok(d) if !d.is_empty() => d,
+            Ok(_) => unreachable!("split yields at least one term"),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
     let opts = match options(backend, adapter) {
         Ok(o) => o,
         Err(e) => {
@@ -254,8 +274,22 @@ fn check(
                 return ExitCode::from(2);
             }
         };
-        cases.retain(|c| selection.matches(c));
+        // A dtype term selects among the dtypes below; the other terms select cases.
+        cases.retain(|c| {
+            Dtype::ALL
+                .iter()
+                .any(|&d| selection.matches(&c.clone().with_dtype(d)))
+        });
     }
+    let selection = filter
+        .as_deref()
+        .map(|f| check::Selection::parse(f).expect("parsed above"));
+    let base_cases = cases;
+    let cases = check::in_dtypes(&base_cases, &dtypes);
+    let cases: Vec<_> = cases
+        .into_iter()
+        .filter(|c| selection.as_ref().is_none_or(|s| s.matches(c)))
+        .collect();
     // Zero cases would report every adapter as passing.
     if cases.is_empty() {
         eprintln!(
@@ -304,6 +338,12 @@ fn check(
             indicatif::ProgressStyle::with_template("  {bar:30} {pos}/{len} {msg}")
                 .expect("progress template"),
         );
+        // Both f16 forms where the adapter has native f16.
+        let cases: Vec<_> = check::dtype_matrix(&base_cases, &dtypes, &ctx)
+            .into_iter()
+            .filter(|c| selection.as_ref().is_none_or(|s| s.matches(c)))
+            .collect();
+        bar.set_length(cases.len() as u64);
         let results = check::run_cases(&ctx, &cases, |r| {
             bar.inc(1);
             bar.set_message(r.name.clone());
@@ -401,6 +441,10 @@ struct RunArgs {
     /// Where to write the output .npy.
     #[arg(long)]
     out: std::path::PathBuf,
+    /// The output's dtype, f32 or f16 (default: q's when q is f32 or f16, else f32). f32 and f16
+    /// inputs are uploaded as stored (f64 and integer inputs as f32); compute is f32.
+    #[arg(long)]
+    out_dtype: Option<String>,
     /// A reference output (e.g. from PyTorch) to compare against: exit 1, naming the element,
     /// unless NaN sits in the same places and both posattn and the reference pass the tolerance
     /// rule against the f64 CPU reference.
@@ -466,7 +510,7 @@ fn dims4(field: &'static str, shape: &[u64]) -> posattn::Result<[u32; 4]> {
 
 fn run(a: RunArgs, backend: Option<Backend>, adapter: Option<String>) -> posattn::Result<bool> {
     use posattn::files::{
-        parse_npy, parse_positions, parse_spec, read_config, read_limited, write_npy,
+        parse_npy, parse_positions, parse_spec, read_config, read_limited, write_npy_bytes,
     };
     // Every input is read and checked before anything runs or is written.
     check_out_alias(&a)?;
@@ -537,19 +581,43 @@ fn run(a: RunArgs, backend: Option<Backend>, adapter: Option<String>) -> posattn
         }
         None => None,
     };
+    let ((q_dt, q_bytes), (k_dt, k_bytes), (v_dt, v_bytes)) =
+        (q.storage(), k.storage(), v.storage());
+    let out_dtype = match &a.out_dtype {
+        Some(t) => posattn::Dtype::parse("out_dtype", t)?,
+        None => q_dt,
+    };
+    if out_dtype == posattn::Dtype::Bf16 {
+        return Err(posattn::Error::invalid(
+            "out_dtype",
+            "f32 or f16 (numpy has no bf16 dtype)",
+            "bf16",
+        ));
+    }
+    spec.dtypes = posattn::Dtypes {
+        q: q_dt,
+        k: k_dt,
+        v: v_dt,
+        out: out_dtype,
+    };
     let ctx = Context::with_options(&options(backend, adapter)?)?;
-    eprintln!("running on {}", ctx.describe());
+    eprintln!(
+        "running on {} (storage {})",
+        ctx.describe(),
+        spec.dtypes.name()
+    );
     let plan = posattn::Attention::new(&ctx, &spec)?;
-    let out = plan.run_with_bias(
+    let out_bytes = plan.run_bytes(
         &ctx,
-        &q.data,
-        &k.data,
-        &v.data,
+        &q_bytes,
+        &k_bytes,
+        &v_bytes,
         Some(&pq),
         Some(&pk),
         bias.as_deref(),
     )?;
-    write_npy(&a.out, &q.shape, &out)?;
+    write_npy_bytes(&a.out, &q.shape, out_dtype, &out_bytes)?;
+    let out = out_dtype.decode("out", &out_bytes)?;
     println!("wrote {} ({:?})", a.out.display(), q.shape);
     let Some(reference) = reference else {
         return Ok(true);
@@ -563,7 +631,7 @@ fn run(a: RunArgs, backend: Option<Backend>, adapter: Option<String>) -> posattn
         &pk,
         bias.as_deref(),
     );
-    let r32 = posattn::harness::reference::attention_with_bias::<f32>(
+    let mut r32 = posattn::harness::reference::attention_with_bias::<f32>(
         &spec,
         &q.data,
         &k.data,
@@ -572,6 +640,8 @@ fn run(a: RunArgs, backend: Option<Backend>, adapter: Option<String>) -> posattn
         &pk,
         bias.as_deref(),
     );
+    // The plain implementation stores its output in the output's dtype too (check's rule).
+    r32.iter_mut().for_each(|x| *x = out_dtype.round(*x));
     let failures = compare_with_reference(&q.shape, &out, &reference.data, &r64, &r32);
     if failures.is_empty() {
         println!("posattn and the given reference agree within the tolerance rule");
@@ -862,6 +932,84 @@ fn bench(
                 gf(f_ms)
             );
         }
+        bench_dtypes(&ctx, seqs, runs)?;
+    }
+    Ok(())
+}
+
+/// The fused kernel with every tensor stored in each dtype (f16 in both forms where the adapter
+/// has native f16), at the same shapes, timed alternately in one run so that load from other
+/// processes affects the forms alike; speed is relative to f32.
+fn bench_dtypes(ctx: &Context, seqs: &[u32], runs: usize) -> posattn::Result<()> {
+    use posattn::harness::timing::{median, time_encoded};
+    use posattn::{Dtype, HalfForm};
+    use wgpu::util::DeviceExt;
+    let mut forms = vec![
+        ("f32", Dtype::F32, HalfForm::Packed),
+        ("f16 packed", Dtype::F16, HalfForm::Packed),
+        ("bf16", Dtype::Bf16, HalfForm::Packed),
+    ];
+    if ctx.has_native_f16() {
+        forms.insert(1, ("f16 native", Dtype::F16, HalfForm::Native));
+    }
+    println!(
+        "
+  fused kernel by storage dtype (median ms of {runs}, rounds interleaved; speed vs f32)"
+    );
+    print!("  {:>6}", "seq");
+    for (name, ..) in &forms {
+        print!(" {name:>18}");
+    }
+    println!();
+    for &seq in seqs {
+        let base = posattn::AttentionSpec::new(1, seq, seq, 8, 64)
+            .with_position(posattn::PositionEncoding::Rope(posattn::Rope::new(10000.0)));
+        let mut rng = check::SplitMix::new(seq as u64);
+        let (q, k, v) = (
+            rng.vec(base.q_len(), 1.0),
+            rng.vec(base.kv_len(), 1.0),
+            rng.vec(base.kv_len(), 1.0),
+        );
+        let mut setups = Vec::new();
+        for &(_, d, half) in &forms {
+            let spec = base.clone().with_dtype(d);
+            let mk = |x: &[f32]| {
+                ctx.device()
+                    .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                        label: None,
+                        contents: &d.encode(x),
+                        usage: wgpu::BufferUsages::STORAGE,
+                    })
+            };
+            let bufs = (mk(&q), mk(&k), mk(&v), mk(&q));
+            let plan = posattn::Attention::with_half_form(ctx, &spec, half)?;
+            setups.push((plan, bufs, Vec::new()));
+        }
+        // Warm-up, then rounds of one timed run per form.
+        for round in 0..=runs {
+            for (plan, (q, k, v, o), times) in setups.iter_mut() {
+                let bufs = posattn::AttentionBuffers {
+                    q,
+                    k,
+                    v,
+                    out: o,
+                    positions_q: None,
+                    positions_k: None,
+                    bias: None,
+                };
+                let (_, t) = time_encoded(ctx, 1, |e| plan.encode(ctx, e, &bufs))?;
+                if round > 0 {
+                    times.extend(t);
+                }
+            }
+        }
+        let f32_ms = median(&setups[0].2).as_secs_f64() * 1e3;
+        print!("  {seq:>6}");
+        for (_, _, t) in &setups {
+            let ms = median(t).as_secs_f64() * 1e3;
+            print!(" {:>18}", format!("{ms:.2} ({:.2}x)", f32_ms / ms));
+        }
+        println!();
     }
     Ok(())
 }
@@ -918,9 +1066,10 @@ fn main() -> ExitCode {
             adapter,
             quick,
             filter,
+            dtype,
             verbose,
             json,
-        } => check(backend, adapter, quick, filter, verbose, json),
+        } => check(backend, adapter, quick, filter, dtype, verbose, json),
         Command::Info { backend } => info(backend),
         Command::Shaders { out, lang } => shaders(&out, lang),
         Command::Bench {

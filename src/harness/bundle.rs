@@ -64,7 +64,10 @@ fn write_case(dir: &Path, case: &Case, rows: u32) -> Result<WrittenCase, Failure
     let s = &case.spec;
     // What `Attention::new` binds: the same lowering and the same variant choice.
     let plan = plan::lower(s)?;
-    let key = plan.fused_key(s.head_dim, rows);
+    if s.dtypes != crate::dtype::Dtypes::F32 {
+        return Err(format!("{}: bundles hold f32 tensors only", case.name).into());
+    }
+    let key = plan.fused_key(s.head_dim, rows, crate::dtype::HalfForm::Packed);
     let workgroups = [s.seq_q.div_ceil(key.block_q), s.num_heads, s.batch];
     let (params, aux) = (plan.params, plan.aux);
     let (q, k, v, pq, pk) = case.inputs();

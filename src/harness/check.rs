@@ -12,11 +12,19 @@
 //! and the GPU output is NaN exactly where the reference is NaN. The multiple allows for the
 //! kernel's different summation order and exp2-based softmax; the floor covers cases where the
 //! plain f32 implementation happens to be nearly exact (a single visible key, say).
+//!
+//! Half storage (f16, bf16) keeps the same rule with both references on the stored inputs: Q, K
+//! and V are rounded to their dtypes first and `ref64` runs on the rounded values (so input
+//! rounding is not counted as kernel error), and `ref32` (the plain f32 implementation on the
+//! same rounded inputs) has its output rounded to the output's dtype, as the kernel's is. The
+//! bound is then dominated by the output rounding that any implementation storing that dtype
+//! must make (half an ulp of the largest outputs), times the same multiple.
 
 use std::time::{Duration, Instant};
 
 use crate::attention::{Attention, bias_len};
 use crate::context::Context;
+use crate::dtype::{Dtype, Dtypes, HalfForm};
 use crate::encoding::masks::{BiasLayout, Extrapolation, Window};
 use crate::encoding::position::{
     Alibi, AlibiForm, AlibiSlopes, PositionEncoding, Rope, RopeLayout, Xpos,
@@ -140,6 +148,8 @@ pub struct Case {
     /// The matrix's name of the encoding (`rope_half`, `alibi_causal`, ...); by default the
     /// encoding's own name.
     pub encoding: String,
+    /// How the kernel stores f16 tensors; `None`: the context's choice.
+    pub half_form: Option<HalfForm>,
 }
 
 /// The outcome of one case.
@@ -205,7 +215,61 @@ impl Case {
             nan: NanPlant::None,
             seed,
             group: Group::Other,
+            half_form: None,
         }
+    }
+
+    /// This case with every tensor stored as `d` (same inputs before rounding: the seed stays),
+    /// named with a `_f16` or `_bf16` suffix unless `d` is f32.
+    pub fn with_dtype(self, d: Dtype) -> Self {
+        self.with_dtypes(Dtypes::all(d))
+    }
+
+    /// This case with its tensors stored as `dtypes` (the seed stays), named with a suffix: the
+    /// dtype when all four agree (none for f32), else `_q<dtype>_k<dtype>_v<dtype>_o<dtype>`.
+    pub fn with_dtypes(mut self, dtypes: Dtypes) -> Self {
+        self.spec.dtypes = dtypes;
+        if dtypes == Dtypes::all(dtypes.q) {
+            if dtypes.q != Dtype::F32 {
+                self.name = format!("{}_{}", self.name, dtypes.q);
+            }
+        } else {
+            let d = dtypes;
+            self.name = format!("{}_q{}_k{}_v{}_o{}", self.name, d.q, d.k, d.v, d.out);
+        }
+        self
+    }
+
+    /// Whether the case runs the plain RoPE kernel (half layout, one branch) at head size 64,
+    /// which the dtype subsets of the tests reuse so as to compile few variants.
+    pub fn is_rope_d64(&self) -> bool {
+        matches!(&self.spec.position, PositionEncoding::Rope(r) if r.layout == RopeLayout::Half)
+            && self.spec.head_dim == 64
+            && self.spec.extrapolation == Extrapolation::None
+    }
+
+    /// This case with its f16 tensors forced into `form` (suffix `_native` or `_packed`).
+    pub fn with_half_form(mut self, form: HalfForm) -> Self {
+        self.half_form = Some(form);
+        self.name = format!(
+            "{}_{}",
+            self.name,
+            match form {
+                HalfForm::Native => "native",
+                HalfForm::Packed => "packed",
+            }
+        );
+        self
+    }
+
+    /// The case's inputs as the kernel sees them: Q, K and V rounded to their storage dtypes.
+    pub fn stored_inputs(&self) -> Inputs {
+        let (mut q, mut k, mut v, pq, pk) = self.inputs();
+        let d = self.spec.dtypes;
+        for (x, t) in [(&mut q, d.q), (&mut k, d.k), (&mut v, d.v)] {
+            x.iter_mut().for_each(|e| *e = t.round(*e));
+        }
+        (q, k, v, pq, pk)
     }
 
     /// Places the case in `group`, its encoding named `encoding`.
@@ -341,20 +405,30 @@ pub fn compare(gpu: &[f32], ref64: &[f64], ref32: &[f32]) -> (Status, f64, f64, 
 }
 
 /// The fused kernel variant `case` compiles when the adapter runs `rows_for(head_dim)` query rows
-/// per invocation (see `Context::rows_per_invocation`), found without a device; a case the
-/// planner rejects gives its error. Compiling variants is what the software adapters spend
-/// their time on, so a test run's cost is its number of distinct variants.
-pub fn case_kernel(case: &Case, rows_for: impl Fn(u32) -> u32) -> Result<KernelKey> {
+/// per invocation (see `Context::rows_per_invocation`) and stores f16 in form `half`, found
+/// without a device; a case the planner rejects gives its error. Compiling variants is what the
+/// software adapters spend their time on, so a test run's cost is its number of distinct
+/// variants.
+pub fn case_kernel(
+    case: &Case,
+    rows_for: impl Fn(u32) -> u32,
+    half: crate::dtype::HalfForm,
+) -> Result<KernelKey> {
     let plan = crate::plan::lower(&case.spec)?;
-    Ok(plan.fused_key(case.spec.head_dim, rows_for(case.spec.head_dim)))
+    Ok(plan.fused_key(
+        case.spec.head_dim,
+        rows_for(case.spec.head_dim),
+        half,
+    ))
 }
 
 /// Runs one case on `ctx` and checks it against the CPU reference.
 pub fn run_case(ctx: &Context, case: &Case) -> CaseResult {
-    let (q, k, v, pq, pk) = case.inputs();
+    let (q, k, v, pq, pk) = case.stored_inputs();
     let bias = case.bias();
     let start = Instant::now();
-    let gpu = Attention::new(ctx, &case.spec).and_then(|plan| {
+    let half = case.half_form.unwrap_or(ctx.half_form());
+    let gpu = Attention::with_half_form(ctx, &case.spec, half).and_then(|plan| {
         plan.run_with_bias(ctx, &q, &k, &v, Some(&pq), Some(&pk), bias.as_deref())
     });
     let time = start.elapsed();
@@ -372,7 +446,11 @@ pub fn run_case(ctx: &Context, case: &Case) -> CaseResult {
         Ok(gpu) => {
             let b = bias.as_deref();
             let r64 = reference::attention_with_bias::<f64>(&case.spec, &q, &k, &v, &pq, &pk, b);
-            let r32 = reference::attention_with_bias::<f32>(&case.spec, &q, &k, &v, &pq, &pk, b);
+            let mut r32 =
+                reference::attention_with_bias::<f32>(&case.spec, &q, &k, &v, &pq, &pk, b);
+            // The plain implementation stores its output in the output's dtype too.
+            let out = case.spec.dtypes.out;
+            r32.iter_mut().for_each(|x| *x = out.round(*x));
             let (status, eg, ef, b) = compare(&gpu, &r64, &r32);
             result.status = status;
             result.err_gpu = eg;
@@ -978,6 +1056,29 @@ fn bias_and_mask_cases() -> Vec<Case> {
     cases
 }
 
+/// Every case in every dtype of `dtypes` (f32 names unchanged, others suffixed).
+pub fn in_dtypes(cases: &[Case], dtypes: &[Dtype]) -> Vec<Case> {
+    dtypes
+        .iter()
+        .flat_map(|&d| cases.iter().map(move |c| c.clone().with_dtype(d)))
+        .collect()
+}
+
+/// The dtype cross product `posattn check` runs on one adapter: every case in f32, f16 (the
+/// adapter's form) and bf16 as `dtypes` selects, plus f16 forced packed where the adapter's own
+/// form is native, so that both f16 forms are checked there.
+pub fn dtype_matrix(cases: &[Case], dtypes: &[Dtype], ctx: &Context) -> Vec<Case> {
+    let mut out = in_dtypes(cases, dtypes);
+    if dtypes.contains(&Dtype::F16) && ctx.half_form() == HalfForm::Native {
+        out.extend(
+            in_dtypes(cases, &[Dtype::F16])
+                .into_iter()
+                .map(|c| c.with_half_form(HalfForm::Packed)),
+        );
+    }
+    out
+}
+
 /// A short subset of the matrix for quick runs: one case per encoding and relative bias, the
 /// combinations of masks and extrapolation methods, and a few edges.
 pub fn quick_cases() -> Vec<Case> {
@@ -1000,14 +1101,16 @@ pub fn is_quick(c: &Case) -> bool {
 
 /// A selection of cases by their attributes: comma-separated `KEY=VALUE` terms that must all
 /// hold, with keys `group`, `encoding`, `mask` (causal, bidir), `kv` (mha, gqa, mqa),
-/// `head_dim` and `name` (the exact case name, to replay one case).
+/// `head_dim`, `dtype` (f32, f16, bf16) and `name` (the exact case name, to replay one case).
 #[derive(Clone, Debug, Default)]
 pub struct Selection {
     terms: Vec<(&'static str, String)>,
 }
 
 impl Selection {
-    pub const KEYS: [&'static str; 6] = ["group", "encoding", "mask", "kv", "head_dim", "name"];
+    pub const KEYS: [&'static str; 7] = [
+        "group", "encoding", "mask", "kv", "head_dim", "dtype", "name",
+    ];
 
     /// Parses a selection; an unknown key, a term without `=` or a value no case of the full
     /// matrix can have is an error naming `filter`.
@@ -1026,7 +1129,11 @@ impl Selection {
                 ));
             };
             let value = value.trim().to_string();
-            let mut known: Vec<String> = all.iter().map(|c| Self::attr(c, key)).collect();
+            let mut known: Vec<String> = if key == "dtype" {
+                Dtype::ALL.iter().map(|d| d.name().to_string()).collect()
+            } else {
+                all.iter().map(|c| Self::attr(c, key)).collect()
+            };
             known.sort_unstable();
             known.dedup();
             if !known.contains(&value) {
@@ -1056,6 +1163,7 @@ impl Selection {
             "mask" => c.mask().to_string(),
             "kv" => c.kv_sharing().to_string(),
             "head_dim" => c.spec.head_dim.to_string(),
+            "dtype" => c.spec.dtypes.name(),
             _ => c.name.clone(),
         }
     }

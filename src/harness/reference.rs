@@ -319,6 +319,21 @@ pub fn attention_with_bias<T: Real>(
     pos_k: &[i32],
     bias: Option<&[f32]>,
 ) -> Vec<T> {
+    attention_lse(spec, q, k, v, pos_q, pos_k, bias).0
+}
+
+/// `attention_with_bias` and each row's log-sum-exp ([batch, num_heads, seq_q], natural log,
+/// of the softmax denominator: visible keys and the sink logit; −∞ when that is empty).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_lse<T: Real>(
+    spec: &AttentionSpec,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    pos_q: &[i32],
+    pos_k: &[i32],
+    bias: Option<&[f32]>,
+) -> (Vec<T>, Vec<T>) {
     let (b_n, sq, sk) = (
         spec.batch as usize,
         spec.seq_q as usize,
@@ -371,6 +386,7 @@ pub fn attention_with_bias<T: Real>(
     let layout_b = spec.bias.unwrap_or_default();
 
     let mut out = vec![T::from_f64(0.0); b_n * sq * h_n * d];
+    let mut lse = vec![T::from_f64(f64::NEG_INFINITY); b_n * h_n * sq];
     let mut scores = vec![T::from_f64(0.0); sk];
     let mut vis = vec![false; sk];
     for b in 0..b_n {
@@ -474,7 +490,11 @@ pub fn attention_with_bias<T: Real>(
                 }
                 let o = &mut out[((b * sq + i) * h_n + h) * d..][..d];
                 let sink = spec.sink_logits.as_ref().map(|l| T::from_f64(l[h] as f64));
+                let li = (b * h_n + h) * sq + i;
                 if !any {
+                    if let Some(sl) = sink {
+                        lse[li] = sl;
+                    }
                     continue;
                 }
                 if let Some(sl) = sink
@@ -490,6 +510,7 @@ pub fn attention_with_bias<T: Real>(
                         sum = sum + scores[j];
                     }
                 }
+                lse[li] = max + sum.ln();
                 for j in 0..sk {
                     if !vis[j] {
                         continue;
@@ -503,5 +524,5 @@ pub fn attention_with_bias<T: Real>(
             }
         }
     }
-    out
+    (out, lse)
 }

@@ -42,6 +42,13 @@ impl Unfused {
     /// Plans the unfused pipeline. Supports no position encoding or RoPE.
     pub fn new(ctx: &Context, spec: &AttentionSpec) -> Result<Self> {
         let plan = lower(spec)?;
+        if spec.dtypes != crate::dtype::Dtypes::F32 {
+            return Err(Error::invalid(
+                "dtypes",
+                "f32 for every tensor in the unfused baseline",
+                spec.dtypes.name(),
+            ));
+        }
         if !matches!(plan.kind, PosKind::None | PosKind::Rope) {
             return Err(Error::invalid(
                 "position",

@@ -322,6 +322,11 @@ pub const DECODE_BINDINGS: [Binding; 10] = [
     b("partials", Access::ReadWrite, "array<vec4<f32>>"),
 ];
 
+/// The binding a fused variant that writes the log-sum-exp adds after [`FUSED_BINDINGS`]
+/// (a ninth storage buffer, past WebGPU's default of eight per stage, so only those variants
+/// declare it).
+pub const LSE_BINDING: Binding = b("lse_buf", Access::ReadWrite, "array<f32>");
+
 /// The unfused baseline's bindings (every stage shares them); the index is the binding number.
 pub const UNFUSED_BINDINGS: [Binding; 6] = [
     b("src_a", Access::Read, "array<f32>"),
@@ -351,7 +356,14 @@ impl Family {
 
     /// Bind-group layout entries, from the same table the WGSL is generated from.
     pub(crate) fn layout_entries(self) -> Vec<wgpu::BindGroupLayoutEntry> {
-        self.bindings()
+        layout_entries(self.bindings())
+    }
+}
+
+/// Bind-group layout entries of `bindings` (binding number = index).
+pub(crate) fn layout_entries(bindings: &[Binding]) -> Vec<wgpu::BindGroupLayoutEntry> {
+    {
+        bindings
             .iter()
             .enumerate()
             .map(|(i, b)| wgpu::BindGroupLayoutEntry {
@@ -380,8 +392,15 @@ impl Family {
     }
 }
 
-/// The WGSL declarations of the contract for a family: codes, `struct Params` and the bindings.
+/// The WGSL declarations of the contract for a family: codes, `struct Params` and the bindings
+/// (with the family's default f32 tensor types; [`wgsl_declarations_with`] takes a variant's).
 pub fn wgsl_declarations(family: Family) -> String {
+    wgsl_declarations_with(family.bindings())
+}
+
+/// The WGSL declarations of the contract with the given bindings (a variant's, whose tensor
+/// types follow its storage forms).
+pub fn wgsl_declarations_with(bindings: &[Binding]) -> String {
     let mut s = String::from("// Generated from src/kernel/abi.rs.\n");
     for k in PosKind::ALL {
         s += &format!(
@@ -406,14 +425,14 @@ pub fn wgsl_declarations(family: Family) -> String {
         s += &format!("    {name}: {ty},\n");
     }
     s += "}\n";
-    if family == Family::Decode {
+    if bindings.iter().any(|b| b.access == Access::DecodeUniform) {
         s += "struct DecodeParams {\n";
         for (name, ty, _) in DecodeParams::FIELDS {
             s += &format!("    {name}: {ty},\n");
         }
         s += "}\n";
     }
-    for (i, b) in family.bindings().iter().enumerate() {
+    for (i, b) in bindings.iter().enumerate() {
         let space = match b.access {
             Access::Read => "storage, read",
             Access::ReadWrite => "storage, read_write",

@@ -67,6 +67,23 @@ pub fn all_variants() -> Vec<KernelKey> {
     keys
 }
 
+/// The naga capabilities a variant needs: f16 conversions in f32 code for half storage
+/// (`pack2x16float` and friends; every WebGPU adapter has them) and f16 itself for native f16.
+pub fn capabilities(key: &KernelKey) -> Capabilities {
+    let mut caps = Capabilities::empty();
+    if key
+        .storage
+        .iter()
+        .any(|s| *s != crate::kernel::storage::StorageForm::F32)
+    {
+        caps |= Capabilities::SHADER_FLOAT16_IN_FLOAT32;
+    }
+    if key.native_f16() {
+        caps |= Capabilities::SHADER_FLOAT16;
+    }
+    caps
+}
+
 /// A variant parsed and validated by naga, ready to be written in any language.
 pub struct Module {
     key: KernelKey,
@@ -85,7 +102,7 @@ impl Module {
         };
         let module = naga::front::wgsl::parse_str(&source)
             .map_err(|e| err("parse", e.emit_to_string(&source)))?;
-        let info = Validator::new(ValidationFlags::all(), Capabilities::empty())
+        let info = Validator::new(ValidationFlags::all(), capabilities(&key))
             .validate(&module)
             .map_err(|e| err("validate", e.emit_to_string(&source)))?;
         Ok(Module {

@@ -12,6 +12,7 @@ pub mod abi;
 pub mod export;
 pub(crate) mod pipeline;
 pub mod source;
+pub mod storage;
 pub mod variants;
 
 pub use abi::{NO_SINK_LOGITS, Params, PosKind};

@@ -17,6 +17,9 @@ pub(crate) struct Pipelines {
     fused: FamilyLayout,
     unfused: FamilyLayout,
     decode: FamilyLayout,
+    /// The fused layout plus `lse_buf`, where the device allows that many storage buffers.
+    fused_lse: Option<FamilyLayout>,
+    lse_storage_buffers: u32,
     cache: Mutex<HashMap<KernelKey, wgpu::ComputePipeline>>,
 }
 
@@ -37,10 +40,37 @@ impl Pipelines {
                 pipeline,
             }
         };
+        // The log-sum-exp variants bind one storage buffer more than the others (nine).
+        let lse_bindings = KernelKey::fused(64, 1, super::abi::PosKind::None)
+            .with_lse()
+            .bindings();
+        let storage = lse_bindings
+            .iter()
+            .filter(|b| b.access != super::abi::Access::Uniform)
+            .count() as u32;
+        let fused_lse =
+            (device.limits().max_storage_buffers_per_shader_stage >= storage).then(|| {
+                let bind_group =
+                    device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                        label: Some("posattn fused lse"),
+                        entries: &super::abi::layout_entries(&lse_bindings),
+                    });
+                let pipeline = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                    label: Some("posattn fused lse"),
+                    bind_group_layouts: &[Some(&bind_group)],
+                    immediate_size: 0,
+                });
+                FamilyLayout {
+                    bind_group,
+                    pipeline,
+                }
+            });
         Pipelines {
             fused: make(Family::Fused, "posattn fused"),
             unfused: make(Family::Unfused, "posattn unfused"),
             decode: make(Family::Decode, "posattn decode"),
+            fused_lse,
+            lse_storage_buffers: storage,
             cache: Mutex::new(HashMap::new()),
         }
     }
@@ -51,6 +81,22 @@ impl Pipelines {
             Family::Unfused => &self.unfused,
             Family::Decode => &self.decode,
         }
+    }
+
+    /// The layout of the log-sum-exp variants, or why the device cannot bind them.
+    fn lse_layout(&self, device: &wgpu::Device) -> Result<&FamilyLayout> {
+        self.fused_lse.as_ref().ok_or_else(|| {
+            Error::unavailable(
+                "storage buffers per shader stage (lse output)",
+                self.lse_storage_buffers,
+                device.limits().max_storage_buffers_per_shader_stage,
+            )
+        })
+    }
+
+    /// The bind-group layout of the log-sum-exp variants.
+    pub fn lse_bind_group_layout(&self, device: &wgpu::Device) -> Result<&wgpu::BindGroupLayout> {
+        Ok(&self.lse_layout(device)?.bind_group)
     }
 
     pub fn bind_group_layout(&self, family: Family) -> &wgpu::BindGroupLayout {
@@ -67,7 +113,11 @@ impl Pipelines {
             during: "composing a kernel",
             message: format!("{name}: {e}"),
         })?;
-        let layout = &self.layout(key.family()).pipeline;
+        let layout = if key.lse {
+            &self.lse_layout(device)?.pipeline
+        } else {
+            &self.layout(key.family()).pipeline
+        };
         let pipeline = scoped(device, "compiling a kernel", || {
             let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
                 label: Some(&name),

@@ -16,9 +16,11 @@
 //! anything else is an error, never a loop left as written.
 
 use super::abi::{self, Family};
+use super::storage::{FUSED_TENSORS, StorageForm};
 use super::variants::KernelKey;
 
 pub(crate) const COMMON_WGSL: &str = include_str!("../../shaders/common.wgsl");
+pub(crate) const STORAGE_WGSL: &str = include_str!("../../shaders/storage.wgsl");
 pub(crate) const POSITION_WGSL: &str = include_str!("../../shaders/position.wgsl");
 pub(crate) const ATTENTION_WGSL: &str = include_str!("../../shaders/attention.wgsl");
 pub(crate) const UNFUSED_WGSL: &str = include_str!("../../shaders/unfused.wgsl");
@@ -51,14 +53,39 @@ pub(crate) fn compose(key: &KernelKey) -> Result<String, ComposeError> {
         Family::Unfused => UNFUSED_WGSL,
         Family::Decode => DECODE_WGSL,
     };
+    // The half-storage helpers only where a tensor is stored in half: pack2x16float needs a
+    // capability (f16 in f32) that a kernel with f32 storage should not ask for.
+    let storage = if key.storage.iter().any(|s| *s != StorageForm::F32) {
+        STORAGE_WGSL
+    } else {
+        ""
+    };
     let body = unroll(
-        &format!("{COMMON_WGSL}\n{POSITION_WGSL}\n{family}"),
+        &format!("{COMMON_WGSL}\n{storage}\n{POSITION_WGSL}\n{family}"),
         &key.unroll_bounds(),
     )?;
+    // The tensor accessors of the variant's storage forms (src/kernel/storage.rs).
+    let mut accessors = String::new();
+    if key.family() == Family::Fused {
+        for (form, (buffer, name, accessor)) in key.storage.iter().zip(FUSED_TENSORS) {
+            accessors += &form.accessor(accessor, name, buffer);
+        }
+        // The row's log-sum-exp: written only by the variants that bind `lse_buf`.
+        accessors += if key.lse {
+            "fn store_lse(i: u32, x: f32) {\n    lse_buf[i] = x;\n}\n"
+        } else {
+            "fn store_lse(i: u32, x: f32) {}\n"
+        };
+    }
+    let enable = if key.native_f16() {
+        "enable f16;\n"
+    } else {
+        ""
+    };
     Ok(format!(
-        "{}\n{}\n{}",
+        "{enable}{}\n{}\n{accessors}\n{}",
         key.wgsl_header(),
-        abi::wgsl_declarations(key.family()),
+        abi::wgsl_declarations_with(&key.bindings()),
         body
     ))
 }

@@ -1,8 +1,9 @@
 //! Kernel variants: an explicit, enumerable key per compiled pipeline, with the rules that pick
 //! the compile-time sizes (rows per invocation, keys per tile) for a head size and an adapter.
 
-use super::abi::{Family, PosKind};
+use super::abi::{Binding, Family, LSE_BINDING, PosKind};
 use super::source::{self, ComposeError};
+use super::storage::{FUSED_TENSORS, StorageForm};
 
 /// Query rows per workgroup of the fused kernel (one per invocation).
 pub const BLOCK_Q: u32 = 64;
@@ -53,6 +54,17 @@ pub fn workgroup_bytes(key: &KernelKey) -> u32 {
     let tiles = if key.two_branch { 3 } else { 2 };
     tiles * key.block_k * key.head_dim * 4
 }
+
+/// Packed half storage listed among the default variants: all packed f16, all bf16, and a mix
+/// (bf16 Q and V, packed f16 K and O) that runs both unpackings and the f16 store in one kernel.
+pub const PORTABLE_STORAGE_EXAMPLES: [[StorageForm; 4]; 3] = {
+    use StorageForm::{Bf16, F16Packed};
+    [
+        [F16Packed; 4],
+        [Bf16; 4],
+        [Bf16, F16Packed, Bf16, F16Packed],
+    ]
+};
 
 /// Which kernel of which family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -111,6 +123,10 @@ pub struct KernelKey {
     pub pos: PosKind,
     /// Two RoPE scores per key (ReRoPE, LM-Infinite, StreamingLLM cache-index positions).
     pub two_branch: bool,
+    /// How the fused kernel stores Q, K, V and O (f32 in the unfused baseline).
+    pub storage: [StorageForm; 4],
+    /// The fused kernel also writes each row's log-sum-exp (binding `lse_buf`).
+    pub lse: bool,
 }
 
 impl KernelKey {
@@ -123,7 +139,39 @@ impl KernelKey {
             rows,
             pos,
             two_branch: false,
+            storage: [StorageForm::F32; 4],
+            lse: false,
         }
+    }
+
+    /// This key with Q, K, V and O stored as `storage` says.
+    pub fn with_storage(self, storage: [StorageForm; 4]) -> Self {
+        KernelKey { storage, ..self }
+    }
+
+    /// This key writing the log-sum-exp too.
+    pub fn with_lse(self) -> Self {
+        KernelKey { lse: true, ..self }
+    }
+
+    /// Whether the module needs `enable f16;` (and the device `SHADER_F16`).
+    pub fn native_f16(&self) -> bool {
+        self.storage.iter().any(|s| s.native_f16())
+    }
+
+    /// The bindings of this variant: the family's table with the tensors' storage types.
+    pub fn bindings(&self) -> Vec<Binding> {
+        let mut b = self.family().bindings().to_vec();
+        if self.family() == Family::Fused {
+            for (form, (name, _, accessor)) in self.storage.iter().zip(FUSED_TENSORS) {
+                let slot = self.family().slot(name) as usize;
+                b[slot].ty = form.binding_type(accessor);
+            }
+            if self.lse {
+                b.push(LSE_BINDING);
+            }
+        }
+        b
     }
 
     /// The two-branch RoPE variant.
@@ -144,6 +192,8 @@ impl KernelKey {
             rows: 1,
             pos,
             two_branch: false,
+            storage: [StorageForm::F32; 4],
+            lse: false,
         }
     }
 
@@ -161,6 +211,17 @@ impl KernelKey {
             for pos in PosKind::VARIANTS {
                 add(KernelKey::fused(d, 1, pos));
                 add(KernelKey::fused(d, multi_rows_for(d), pos));
+                // Half storage in the packed forms every adapter runs (f16, bf16 and a mix),
+                // on the RoPE kernel at head size 64; native f16 is listed by
+                // `native_f16_examples` (it needs the SHADER_F16 capability).
+                if pos == PosKind::Rope && d == 64 {
+                    add(KernelKey::fused(d, 1, pos).with_lse());
+                    add(KernelKey::fused(d, multi_rows_for(d), pos).with_lse());
+                    for storage in PORTABLE_STORAGE_EXAMPLES {
+                        add(KernelKey::fused(d, 1, pos).with_storage(storage));
+                        add(KernelKey::fused(d, multi_rows_for(d), pos).with_storage(storage));
+                    }
+                }
                 if pos == PosKind::Rope {
                     add(KernelKey::fused_two_branch(d, 1));
                     add(KernelKey::fused_two_branch(
@@ -183,6 +244,8 @@ impl KernelKey {
             rows: decode_rows(head_dim),
             pos: pos.variant(),
             two_branch: false,
+            storage: [StorageForm::F32; 4],
+            lse: false,
         }
     }
 
@@ -206,6 +269,19 @@ impl KernelKey {
         keys
     }
 
+    /// Native-f16 storage variants of the RoPE kernel at head size 64 (all f16, and an f16 K/V
+    /// cache with f32 queries and output), one and several rows per invocation.
+    pub fn native_f16_examples() -> Vec<KernelKey> {
+        use StorageForm::{F16, F32};
+        let mut keys = Vec::new();
+        for storage in [[F16; 4], [F32, F16, F16, F32]] {
+            for rows in [1, multi_rows_for(64)] {
+                keys.push(KernelKey::fused(64, rows, PosKind::Rope).with_storage(storage));
+            }
+        }
+        keys
+    }
+
     /// Every unfused-baseline variant the crate can build.
     pub fn all_unfused() -> Vec<KernelKey> {
         let mut keys = Vec::new();
@@ -223,9 +299,22 @@ impl KernelKey {
     pub fn name(&self) -> String {
         let pos = self.pos.name();
         let branch = if self.two_branch { "_2branch" } else { "" };
+        // Storage letters (q, k, v, o) unless all four are f32: `_dthhhh` is native f16.
+        // Then `_lse` when the variant writes the log-sum-exp.
+        let mut dt = if self.storage == [StorageForm::F32; 4] {
+            String::new()
+        } else {
+            format!(
+                "_dt{}",
+                self.storage.iter().map(|s| s.letter()).collect::<String>()
+            )
+        };
+        if self.lse {
+            dt += "_lse";
+        }
         match self.stage {
             Stage::Fused => format!(
-                "attention_fused_d{}_bq{}_bk{}_r{}_{pos}{branch}",
+                "attention_fused_d{}_bq{}_bk{}_r{}_{pos}{branch}{dt}",
                 self.head_dim, self.block_q, self.block_k, self.rows
             ),
             Stage::Decode => format!("decode_d{}_bk{}_{pos}", self.head_dim, self.block_k),
