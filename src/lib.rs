@@ -37,6 +37,7 @@ pub mod spec;
 pub use attention::{Attention, AttentionBuffers};
 pub use config::{HfConfigFile, HfDefaults, LlamaCppRope, RopeConfig};
 pub use context::{Context, ContextOptions, describe_adapter, enumerate_adapters};
+pub use encoding::custom::CustomScheme;
 pub use encoding::masks::{BiasLayout, Extrapolation, Window};
 pub use encoding::position::{
     Alibi, AlibiForm, AlibiSlopes, PositionEncoding, Rope, RopeLayout, Xpos,

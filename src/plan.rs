@@ -1,6 +1,7 @@
 //! Lowering: a spec becomes a plan (the kernel variant's choices, the parameter block and the
 //! aux table) in one place, after validation and before anything touches a device.
 
+use crate::encoding::custom::CheckedScheme;
 use crate::encoding::masks::Extrapolation;
 use crate::encoding::position::{PositionEncoding, ResolvedPosition};
 use crate::error::Result;
@@ -18,12 +19,16 @@ pub(crate) struct Plan {
     pub two_branch: bool,
     pub params: Params,
     pub aux: Vec<[f32; 4]>,
+    /// A custom scheme's checked hooks.
+    pub custom: Option<CheckedScheme>,
 }
 
 impl Plan {
     /// The fused variant for `rows` query rows per invocation (the adapter's choice).
     pub fn fused_key(&self, head_dim: u32, rows: u32) -> KernelKey {
-        if self.two_branch {
+        if let Some(c) = &self.custom {
+            KernelKey::fused_custom(head_dim, rows, c.id, self.interleaved)
+        } else if self.two_branch {
             KernelKey::fused_two_branch(head_dim, two_branch_rows(rows), self.interleaved)
         } else {
             KernelKey::fused(head_dim, rows, self.kind, self.interleaved)
@@ -97,6 +102,7 @@ pub(crate) fn lower(spec: &AttentionSpec) -> Result<Plan> {
         two_branch: spec.extrapolation != Extrapolation::None,
         params,
         aux: pos.aux.into_entries(),
+        custom: pos.custom,
     })
 }
 

@@ -5,6 +5,7 @@
 
 pub mod bundle;
 pub mod check;
+pub mod custom;
 pub mod reference;
 pub mod timing;
 pub mod unfused;

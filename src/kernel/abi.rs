@@ -122,9 +122,12 @@ pub enum PosKind {
     KerplePower = 6,
     Sandwich = 7,
     Fire = 8,
+    /// A caller's scheme (`encoding::custom`): its hooks, composed into the variant.
+    Custom = 9,
 }
 
 impl PosKind {
+    /// Every built-in kind; `Custom` is not listed, since its variants exist per snippet.
     pub const ALL: [PosKind; 9] = [
         PosKind::None,
         PosKind::Rope,
@@ -148,6 +151,7 @@ impl PosKind {
             PosKind::KerplePower => "kerple_power",
             PosKind::Sandwich => "sandwich",
             PosKind::Fire => "fire",
+            PosKind::Custom => "custom",
         }
     }
 
@@ -307,7 +311,7 @@ impl Family {
 /// The WGSL declarations of the contract for a family: codes, `struct Params` and the bindings.
 pub fn wgsl_declarations(family: Family) -> String {
     let mut s = String::from("// Generated from src/kernel/abi.rs.\n");
-    for k in PosKind::ALL {
+    for k in PosKind::ALL.into_iter().chain([PosKind::Custom]) {
         s += &format!(
             "const POS_{}: u32 = {}u;\n",
             k.name().to_uppercase(),
@@ -361,6 +365,11 @@ impl AuxTable {
     /// Appends floats packed four to an entry; returns the entry offset of the first.
     pub fn push_floats(&mut self, floats: &[f32]) -> u32 {
         self.push_entries(pack4(floats))
+    }
+
+    /// Overwrites entries from `at` on (which must exist).
+    pub fn set_entries(&mut self, at: usize, entries: &[[f32; 4]]) {
+        self.entries[at..at + entries.len()].copy_from_slice(entries);
     }
 
     /// The entries so far.

@@ -82,6 +82,9 @@ pub struct KernelKey {
     pub interleaved: bool,
     /// Two RoPE scores per key (ReRoPE, LM-Infinite, StreamingLLM cache-index positions).
     pub two_branch: bool,
+    /// A custom scheme's id (`CheckedScheme::id`, a hash of its composed hooks), 0 for none.
+    /// Its WGSL comes with it: [`KernelKey::try_wgsl_with`].
+    pub custom: u64,
 }
 
 impl KernelKey {
@@ -95,6 +98,15 @@ impl KernelKey {
             pos,
             interleaved,
             two_branch: false,
+            custom: 0,
+        }
+    }
+
+    /// The variant of a custom scheme whose checked hooks have id `custom`.
+    pub fn fused_custom(head_dim: u32, rows: u32, custom: u64, interleaved: bool) -> Self {
+        KernelKey {
+            custom,
+            ..KernelKey::fused(head_dim, rows, PosKind::Custom, interleaved)
         }
     }
 
@@ -117,6 +129,7 @@ impl KernelKey {
             pos,
             interleaved,
             two_branch: false,
+            custom: 0,
         }
     }
 
@@ -174,6 +187,11 @@ impl KernelKey {
         let pos = self.pos.name();
         let layout = if self.interleaved { "_interleaved" } else { "" };
         let branch = if self.two_branch { "_2branch" } else { "" };
+        let pos = if self.custom != 0 {
+            format!("{pos}{:016x}", self.custom)
+        } else {
+            pos.to_string()
+        };
         match self.stage {
             Stage::Fused => format!(
                 "attention_fused_d{}_bq{}_bk{}_r{}_{pos}{layout}{branch}",
@@ -240,7 +258,13 @@ impl KernelKey {
 
     /// The whole WGSL module of this variant, or why it could not be composed.
     pub fn try_wgsl(&self) -> Result<String, ComposeError> {
-        source::compose(self)
+        source::compose(self, None)
+    }
+
+    /// The whole WGSL module of a custom scheme's variant, given its hooks
+    /// (`CheckedScheme::hooks_wgsl`); the same as [`KernelKey::try_wgsl`] for other variants.
+    pub fn try_wgsl_with(&self, hooks: Option<&str>) -> Result<String, ComposeError> {
+        source::compose(self, hooks)
     }
 
     /// The whole WGSL module of this variant: the generated contract, the variant constants and
