@@ -11,6 +11,7 @@
 //! Prints median GPU times and writes the summary to target/posattn-custom-bench.md.
 //! Run: `WGPU_BACKEND=vulkan cargo bench --bench custom`.
 
+#[allow(dead_code)]
 mod common;
 
 use std::fmt::Write as _;

@@ -28,6 +28,9 @@
 // private array is ever indexed dynamically (Mesa's GL path turns such indexing into branch
 // ladders; every driver keeps constant-indexed arrays in registers).
 // The bindings, `Params` and the codes come from src/kernel/abi.rs (generated declarations).
+// The hook glue comes last (src/encoding/custom.rs): CUSTOM_SCORE, CUSTOM_MASK, CUSTOM_TILES,
+// CUSTOM_ROTATE and the wrappers pa_score4, pa_mask4, pa_tile, pa_rotate, which a custom scheme's
+// variant routes to its snippet and every other variant makes identities (folded away).
 
 
 const HEAD_VEC: u32 = HEAD_DIM / 4u;

@@ -299,3 +299,59 @@ fn alibi_through_the_hook_on_gl() {
         );
     }
 }
+
+#[test]
+fn custom_spec_files_parse_strictly() {
+    use posattn::files::parse_spec;
+    let dir = std::env::temp_dir().join(format!("posattn-custom-spec-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("alibi.wgsl"), custom::ALIBI_WGSL).unwrap();
+    let shape = [1, 8, 8, 2, 2, 64];
+    let parse = |text: &str| parse_spec(text, shape, &dir, 7);
+    let spec = parse(r#"{"position": {"type": "custom", "wgsl": "alibi.wgsl", "tables": {"slopes": [0.5, 0.25]}}}"#)
+        .unwrap();
+    let c = scheme(&spec.position);
+    assert_eq!(c.tables["slopes"], [0.5, 0.25]);
+    assert!(c.wgsl.contains("fn score_mod"));
+    assert_eq!(c.missing_twins(), ["score_mod"]);
+    for (text, path) in [
+        (
+            r#"{"position": {"type": "custom", "wgsl": "alibi.wgsl", "tables": {"slopes": [0.5, 0.25]}, "extra": 1}}"#,
+            "position",
+        ),
+        (
+            r#"{"position": {"type": "custom", "wgsl": "alibi.wgsl", "tables": {"slopes": [0.5], "slopes": [0.5, 0.25]}}}"#,
+            "position.tables",
+        ),
+        (
+            r#"{"position": {"type": "custom", "wgsl": "alibi.wgsl", "tables": {"slopes": [0.5, 1e300]}}}"#,
+            "position.tables.slopes[1]",
+        ),
+        (
+            r#"{"position": {"type": "custom", "wgsl": "missing.wgsl"}}"#,
+            "position.wgsl",
+        ),
+        (
+            r#"{"position": {"type": "custom", "wgsl": "alibi.wgsl"}}"#,
+            "position.tables.slopes",
+        ),
+        (
+            r#"{"position": {"type": "custom", "wgsl": "alibi.wgsl", "tables": {"slopes": [0.5]}}}"#,
+            "position.tables.slopes",
+        ),
+        (
+            r#"{"position": {"type": "custom", "wgsl": "alibi.wgsl", "tables": {"slopes": [0.5, 0.25], "other": [1]}}}"#,
+            "position.tables.other",
+        ),
+    ] {
+        match parse(text) {
+            Ok(_) => panic!("accepted: {text}"),
+            Err(e) => assert!(
+                e.path().is_some_and(|p| p.starts_with(path)),
+                "{text}: {e} (path {:?})",
+                e.path()
+            ),
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

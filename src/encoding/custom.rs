@@ -783,6 +783,33 @@ fn kernel_names() -> &'static [String] {
             ),
         ] {
             let Ok(src) = key.try_wgsl() else { continue };
+            // Every name the kernel calls or instantiates, builtins included (`max`, `exp2`,
+            // `vec4`): a snippet's module-scope declaration would shadow it for the kernel too.
+            let code: String = src
+                .lines()
+                .map(|l| l.split("//").next().unwrap_or(""))
+                .collect::<Vec<_>>()
+                .join("\n");
+            let bytes = code.as_bytes();
+            let mut i = 0;
+            while i < bytes.len() {
+                if bytes[i].is_ascii_alphabetic() || bytes[i] == b'_' {
+                    let start = i;
+                    while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'_')
+                    {
+                        i += 1;
+                    }
+                    let mut j = i;
+                    while j < bytes.len() && bytes[j] == b' ' {
+                        j += 1;
+                    }
+                    if j < bytes.len() && (bytes[j] == b'(' || bytes[j] == b'<') {
+                        names.push(code[start..i].to_string());
+                    }
+                } else {
+                    i += 1;
+                }
+            }
             let Ok(m) = naga::front::wgsl::parse_str(&src) else {
                 continue;
             };
@@ -929,11 +956,26 @@ mod tests {
                 "fn rope_rotate(x: f32) -> f32 { return x; }\n",
                 "rope_rotate",
             ),
+            ("fn exp2(x: f32) -> f32 { return x; }\n", "exp2"),
         ] {
             let src = format!("{extra}{hook}");
             let (_, _, msg) = err_of(CustomScheme::new(src).check(2));
             assert!(msg.contains(needle), "{extra}: {msg}");
         }
+    }
+
+    #[test]
+    fn a_table_may_not_shadow_a_builtin_the_kernel_calls() {
+        let src = format!(
+            "// @table max: 2\n{}",
+            ALIBI.replace("slopes(head)", "max(head)")
+        );
+        let s = CustomScheme::new(src)
+            .with_table("max", vec![1.0; 2])
+            .with_table("slopes", vec![1.0; 2]);
+        let (_, line, msg) = err_of(s.check(2));
+        assert!(msg.contains("`max`"), "{msg}");
+        assert_eq!(line, Some(1));
     }
 
     #[test]
