@@ -52,7 +52,24 @@
 //! is validated with naga before any pipeline is made; an error inside the snippet is reported
 //! at the snippet's line. What naga cannot rule out: a snippet may loop for a long time (the
 //! context's timeout then ends the wait), and may produce NaN or infinities, which the kernel
-//! propagates like any score and `posattn check` reports.
+//! propagates like any score and the conformance check (`harness::check`) reports.
+//!
+//! # In a kernel
+//! The hooks are module-scope functions, not code of one kernel: the composer
+//! (`kernel::source::compose`) appends the glue to every family's module, so any kernel may
+//! call them. A custom scheme's variant gets `CUSTOM_SCORE`, `CUSTOM_MASK`, `CUSTOM_TILES` and
+//! `CUSTOM_ROTATE` set by the hooks it defines, its table accessors and wrappers that call the
+//! snippet; every other variant gets the constants `false` and identity wrappers, which the
+//! drivers fold away. A kernel uses them in its score step:
+//!
+//! ```text
+//! if (CUSTOM_SCORE) { s = pa_score4(s, q_pos, k_pos4, head, q_index, k_index4); } // s in base 2
+//! if (CUSTOM_MASK)  { visible = visible & pa_mask4(q_pos, k_pos4, head, q_index, k_index4); }
+//! let t = pa_tile(q_first, q_last, k_first, k_last, head); // TILE_HIDDEN: skip the tile
+//! ```
+//!
+//! and `rope_rotate` (shaders/position.wgsl) calls `pa_rotate` when `CUSTOM_ROTATE`.
+//! `pa_score4` takes and returns the kernel's base-2 logits and converts for the snippet.
 
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
@@ -535,7 +552,7 @@ fn table_decls(wgsl: &str) -> Result<Vec<TableDecl>> {
             return Err(bad("NAME must be an identifier"));
         }
         let words: Vec<&str> = len.split_whitespace().collect();
-        let num = |s: &str| s.parse::<u64>().ok().filter(|&n| n >= 1 && n <= TABLE_MAX);
+        let num = |s: &str| s.parse::<u64>().ok().filter(|n| (1..=TABLE_MAX).contains(n));
         let len = match words.as_slice() {
             ["heads"] => TableLen::PerHead(1),
             ["heads", "*", n] | [n, "*", "heads"] => {
