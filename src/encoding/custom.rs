@@ -552,7 +552,11 @@ fn table_decls(wgsl: &str) -> Result<Vec<TableDecl>> {
             return Err(bad("NAME must be an identifier"));
         }
         let words: Vec<&str> = len.split_whitespace().collect();
-        let num = |s: &str| s.parse::<u64>().ok().filter(|n| (1..=TABLE_MAX).contains(n));
+        let num = |s: &str| {
+            s.parse::<u64>()
+                .ok()
+                .filter(|n| (1..=TABLE_MAX).contains(n))
+        };
         let len = match words.as_slice() {
             ["heads"] => TableLen::PerHead(1),
             ["heads", "*", n] | [n, "*", "heads"] => {
