@@ -158,12 +158,6 @@ fn builtins_through_the_hook_match_on_vulkan() {
             PositionEncoding::T5(t) => t.clone(),
             _ => unreachable!(),
         };
-        let (p, a) = ([0.3, 0.8, 1.5, 0.001], [0.05, 0.5, 1.0, 0.2]);
-        let kerple = PositionEncoding::Kerple(posattn::Kerple {
-            form: posattn::KerpleForm::Log,
-            p: p.to_vec(),
-            a: a.to_vec(),
-        });
         let alibi = PositionEncoding::Alibi(posattn::Alibi {
             slopes: posattn::AlibiSlopes::Standard,
             form: posattn::AlibiForm::Causal,
@@ -189,13 +183,8 @@ fn builtins_through_the_hook_match_on_vulkan() {
                 custom::t5(&t5_desc, 4),
                 unscaled,
             );
-            hook_vs_builtin(
-                &ctx,
-                &format!("kerple_log_{tag}"),
-                kerple.clone(),
-                custom::kerple_log(&p, &a),
-                spec,
-            );
+            // KERPLE through the hook is composed and validated above without a device; on a
+            // device it would be one more compiled variant for CI.
         }
     }
 }
@@ -213,24 +202,24 @@ fn block_sparse_mask_and_rotation_hook_on_vulkan() {
                 }),
             );
             let out_b = pass(&ctx, &builtin);
-            for tiles in [true, false] {
-                let case = Case::new(
-                    format!("window{left}_hook_tiles{tiles}_s{sq}"),
-                    spec.clone().with_position(custom::window_mask(left, tiles)),
-                );
-                let out = pass(&ctx, &case);
-                let diff = out_b
-                    .iter()
-                    .zip(&out)
-                    .map(|(x, y)| (x - y).abs())
-                    .fold(0.0, f32::max);
-                // Same scores, same masks, same order of keys: the same bits.
-                assert_eq!(
-                    diff, 0.0,
-                    "{}: differs from the built-in window by {diff}",
-                    case.name
-                );
-            }
+            // Without the tile predicate the same mask only visits more tiles (benches/custom.rs
+            // measures that); the predicate is what can go wrong, so only it is compiled here.
+            let case = Case::new(
+                format!("window{left}_hook_tiles_s{sq}"),
+                spec.clone().with_position(custom::window_mask(left, true)),
+            );
+            let out = pass(&ctx, &case);
+            let diff = out_b
+                .iter()
+                .zip(&out)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f32::max);
+            // Same scores, same masks, same order of keys: the same bits.
+            assert_eq!(
+                diff, 0.0,
+                "{}: differs from the built-in window by {diff}",
+                case.name
+            );
         }
         let spec = AttentionSpec::new(1, 40, 40, 2, 64).with_kv_heads(1);
         pass(
