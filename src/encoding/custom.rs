@@ -14,7 +14,11 @@
 //!
 //! - `score_mod` gets the softmax-scaled logit in natural-log units (after the softcap) and
 //!   returns the new one, as FlexAttention's `score_mod`; positions are the token positions,
-//!   indices are row and key indices, `head` the query head.
+//!   `q_index` is the query's row in this call's queries and `k_index` the key's index (as
+//!   FlexAttention's `q_idx` and `kv_idx`), `head` the query head. The built-in masks align the
+//!   two bottom-right (row i sits at key index i + seq_k − seq_q); when seq_q ≠ seq_k, as in
+//!   decoding one query against a cache, the positions are the coordinates that mean the same
+//!   in every call.
 //! - `mask_mod` returns whether the key is visible; it narrows the built-in masks (causal,
 //!   window, sinks), never widens them.
 //! - `tile_mask` makes a mask block-sparse (FlexAttention's `BlockMask`): for the query rows
