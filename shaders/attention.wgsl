@@ -30,6 +30,9 @@
 // The bindings, `Params` and the codes come from src/kernel/abi.rs (generated declarations).
 // Tensors are read and written only through load_q, load_k, load_v4, store_o4 (and store_lse), generated for
 // the variant's storage forms (f32, f16, packed f16, bf16) by src/kernel/storage.rs.
+// The hook glue comes last (src/encoding/custom.rs): CUSTOM_SCORE, CUSTOM_MASK, CUSTOM_TILES,
+// CUSTOM_ROTATE and the wrappers pa_score4, pa_mask4, pa_tile, pa_rotate, which a custom scheme's
+// variant routes to its snippet and every other variant makes identities (folded away).
 
 
 const HEAD_VEC: u32 = HEAD_DIM / 4u;
@@ -42,9 +45,9 @@ const LN2: f32 = 0.6931471805599453;
 var<workgroup> k_tile: array<vec4<f32>, K_TILES * BLOCK_K * HEAD_VEC>;
 var<workgroup> v_tile: array<vec4<f32>, BLOCK_K * HEAD_VEC>;
 
-const ROTATES: bool = POS_KIND == POS_ROPE || POS_KIND == POS_XPOS;
+const ROTATES: bool = POS_KIND == POS_ROPE || POS_KIND == POS_XPOS || CUSTOM_ROTATE;
 const TABLE_BIAS: bool = POS_KIND == POS_TABLE;
-const KPOS: bool = POS_KIND == POS_ALIBI || TABLE_BIAS || TWO_BRANCH;
+const KPOS: bool = POS_KIND == POS_ALIBI || TABLE_BIAS || TWO_BRANCH || CUSTOM_SCORE || CUSTOM_MASK;
 const K2: u32 = BLOCK_K * HEAD_VEC;
 
 // Stages one tile into k_tile: BLOCK_K rows of Q (rotated, times `q_mul`) when `from_q`, else of
@@ -225,6 +228,16 @@ fn attention_fused(
         let key0 = tile * BLOCK_K;
         let q_branch = is_q && step >= q_steps;
         let q_step = step % q_steps;
+        // A custom scheme's tile predicate (the hook glue, src/encoding/custom.rs): a tile it
+        // hides from every row of the workgroup is never loaded; one it shows whole needs no
+        // per-key mask. The same for every invocation, so the barriers stay uniform.
+        var tile_state = TILE_PARTIAL;
+        if (CUSTOM_TILES && !is_q) {
+            tile_state = pa_tile(first_row, last_row, key0, min(key0 + BLOCK_K, params.seq_k) - 1u, head);
+            if (tile_state == TILE_HIDDEN) {
+                continue;
+            }
+        }
         workgroupBarrier();
         if (is_q) {
             stage_rows(true, q_branch, lid, batch, head, first_row + q_step * BLOCK_K, params.seq_q,
@@ -270,7 +283,8 @@ fn attention_fused(
         let full = key0 + BLOCK_K <= params.seq_k
             && (params.causal == 0u || k_last <= first_ip)
             && (tile_in_window || k_last < sinks)
-            && !has_bias;
+            && !has_bias
+            && (!CUSTOM_MASK || tile_state == TILE_FULL);
 
         for (var g = 0u; g < BLOCK_K; g += 4u) {
             let kb = g * HEAD_VEC;
@@ -366,6 +380,10 @@ fn attention_fused(
                 if (TABLE_BIAS) {
                     s += LOG2E * table_bias4(head, m, kpos);
                 }
+                // A custom scheme's score_mod (identity in every other variant).
+                if (CUSTOM_SCORE) {
+                    s = pa_score4(s, m, kpos, head, rows[r], key);
+                }
                 // Masked keys get p = 0 and their V is never multiplied in, so a NaN there
                 // cannot reach the output.
                 var v4 = vec4<bool>(true);
@@ -374,6 +392,10 @@ fn attention_fused(
                     v4 = (key < vec4<u32>(params.seq_k))
                         & (vec4<bool>(params.causal == 0u) | (kk <= vec4<i32>(ip)))
                         & (win | sink);
+                    // A custom scheme's mask_mod narrows the built-in masks.
+                    if (CUSTOM_MASK) {
+                        v4 = v4 & pa_mask4(m, kpos, head, rows[r], key);
+                    }
                     if (has_bias) {
                         let row_base = bias_base + min(rows[r], params.seq_q - 1u) * params.seq_k;
                         let last = params.seq_k - 1u;

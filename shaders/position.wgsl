@@ -83,6 +83,10 @@ fn rope_pair_channels(i: u32, rotary_dim: u32) -> vec2<u32> {
 // (x_a cos − x_b sin, x_b cos + x_a sin), with cos and sin scaled by the attention factor and,
 // for xPos, by ζ_i^(sign · rel / scale_base).
 fn rope_rotate(x: vec2<f32>, i: u32, pos: i32, rel: i32, sign: f32) -> vec2<f32> {
+    // A custom scheme's rotate_mod takes RoPE's place (the hook glue, src/encoding/custom.rs).
+    if (CUSTOM_ROTATE) {
+        return pa_rotate(x, i, pos, sign > 0.0);
+    }
     let f = aux[params.freq_offset + i];
     var cs = sincos_turns(rope_turns(pos, f)) * params.attn_factor;
     if (POS_KIND == POS_XPOS) {

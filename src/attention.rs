@@ -174,7 +174,7 @@ impl Attention {
         }
         let workgroups = [spec.seq_q.div_ceil(BLOCK_Q), spec.num_heads, spec.batch];
         check_limits(ctx, spec, workgroups)?;
-        let pipeline = ctx.pipeline(key)?;
+        let pipeline = ctx.pipeline_with(key, plan.custom.as_ref())?;
         let (pq, pk) = spec.default_positions();
         let (params, aux, default_pos_q, default_pos_k) = ctx.scoped("uploading tables", || {
             let init = |label, contents: &[u8], usage| ctx.buffer_init(label, contents, usage);

@@ -287,8 +287,18 @@ impl Context {
     }
 
     /// The pipeline for `key`, compiled on first use and cached for the context's lifetime.
+    #[cfg_attr(not(feature = "harness"), allow(dead_code))]
     pub(crate) fn pipeline(&self, key: KernelKey) -> Result<wgpu::ComputePipeline> {
-        self.pipelines.get(&self.device, key)
+        self.pipelines.get(&self.device, key, None)
+    }
+
+    /// [`Context::pipeline`] for a variant that may be a custom scheme's.
+    pub(crate) fn pipeline_with(
+        &self,
+        key: KernelKey,
+        custom: Option<&crate::encoding::custom::CheckedScheme>,
+    ) -> Result<wgpu::ComputePipeline> {
+        self.pipelines.get(&self.device, key, custom)
     }
 
     /// The bind-group layout every kernel of `family` uses.

@@ -118,6 +118,20 @@ impl DecodeSpec {
                 format!("{:?}", a.extrapolation),
             ));
         }
+        if a.dtypes != crate::Dtypes::F32 {
+            return Err(Error::invalid(
+                "dtypes",
+                "f32 storage for every tensor (half storage is not available in decode plans yet)",
+                format!("{:?}", a.dtypes),
+            ));
+        }
+        if matches!(a.position, crate::PositionEncoding::Custom(_)) {
+            return Err(Error::invalid(
+                "position",
+                "a built-in encoding (custom schemes are not available in decode plans yet)",
+                "a custom scheme",
+            ));
+        }
         if self.splits == Some(0) {
             return Err(Error::invalid("splits", "at least 1", 0));
         }
@@ -279,7 +293,11 @@ impl DecodePlan {
             }
         }
         let r = plan.params.rotary_dim;
-        let step = if plan.params.rope_interleaved != 0 { 4 } else { 8 };
+        let step = if plan.params.rope_interleaved != 0 {
+            4
+        } else {
+            8
+        };
         if plan.kind.rotates() && !r.is_multiple_of(step) {
             return Err(Error::invalid(
                 "position.rotary_dim",

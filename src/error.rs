@@ -17,6 +17,15 @@ pub enum Error {
     /// root such as `position.theta`.
     #[error("invalid `{path}`: {message}")]
     InvalidAt { path: String, message: String },
+    /// A custom scheme's snippet or tables are invalid: `field` is `position.wgsl` (the
+    /// snippet), a hook's name (its signature) or `position.tables.NAME`; `line` is the
+    /// snippet's line when the problem has one.
+    #[error("invalid `{field}`{}: expected {message}", line.map(|l| format!(" at line {l}")).unwrap_or_default())]
+    Scheme {
+        field: String,
+        line: Option<u32>,
+        message: String,
+    },
     /// The request is valid but this device cannot run it (a limit or a missing feature).
     #[error("unavailable on this device: `{what}` needs {needed}, the device allows {allowed}")]
     Unavailable {
@@ -83,14 +92,17 @@ impl Error {
     /// The field or path an [`Error::Invalid`] or [`Error::InvalidAt`] names.
     pub fn path(&self) -> Option<&str> {
         match self {
-            Error::InvalidAt { path, .. } => Some(path),
+            Error::InvalidAt { path, .. } | Error::Scheme { field: path, .. } => Some(path),
             other => other.field(),
         }
     }
 
     /// Whether this error is about the caller's request (its values or files), not the device.
     pub fn is_invalid(&self) -> bool {
-        matches!(self, Error::Invalid { .. } | Error::InvalidAt { .. })
+        matches!(
+            self,
+            Error::Invalid { .. } | Error::InvalidAt { .. } | Error::Scheme { .. }
+        )
     }
 
     /// The field an [`Error::Invalid`] names, for callers and tests that match on it.

@@ -12,6 +12,7 @@ use serde_json::value::RawValue;
 
 use crate::config::RopeConfig;
 use crate::dtype::Dtype;
+use crate::encoding::custom::CustomScheme;
 use crate::encoding::masks::{Extrapolation, Window};
 use crate::encoding::position::{
     Alibi, AlibiForm, AlibiSlopes, PositionEncoding, Rope, RopeLayout, Xpos,
@@ -371,7 +372,9 @@ pub fn write_npy(path: &Path, shape: &[u64], data: &[f32]) -> Result<()> {
 /// `causal` or `symmetric`), `xpos` (`theta`, `scale_base`, `layout`), `hf` (a Hugging Face
 /// rope dict under `rope_parameters`, with optional `max_position_embeddings`,
 /// `original_max_position_embeddings`, `layout`), or `hf_config` (`path` of a model's
-/// config.json, relative to the spec file, with optional `layout`). `seq_len` picks the table of
+/// config.json, relative to the spec file, with optional `layout`), or `custom` (`wgsl`: a WGSL
+/// snippet's path relative to the spec file, `tables`: the tables it declares by name,
+/// `layout`: the pairs its `rotate_mod` sees; see `encoding::custom`). `seq_len` picks the table of
 /// length-dependent schemes (default: largest position + 1).
 ///
 /// Every object rejects keys it does not have, values of the wrong type and keys given twice,
@@ -491,6 +494,30 @@ pub fn parse_spec(
                 )
             })
         }
+        PositionType::Custom => {
+            let c: CustomFile = json::from_str("spec", "position", body)?;
+            let bytes = read_config("position.wgsl", &spec_dir.join(&c.wgsl))?;
+            let wgsl = String::from_utf8(bytes)
+                .map_err(|_| bad("position.wgsl", "a UTF-8 WGSL file", &c.wgsl))?;
+            let mut scheme = CustomScheme::new(wgsl);
+            if let Some(layout) = c.layout {
+                scheme = scheme.with_layout(layout.into());
+            }
+            for (name, values) in c.tables.map(|t| t.0).unwrap_or_default() {
+                let mut data = Vec::with_capacity(values.len());
+                for (i, &x) in values.iter().enumerate() {
+                    if !x.is_finite() || x.abs() > f32::MAX as f64 {
+                        return Err(Error::InvalidAt {
+                            path: format!("position.tables.{name}[{i}]"),
+                            message: format!("expected a finite f32, got {x}"),
+                        });
+                    }
+                    data.push(x as f32);
+                }
+                scheme = scheme.with_table(name, data);
+            }
+            PositionEncoding::Custom(scheme)
+        }
         PositionType::Hf | PositionType::HfConfig => {
             let (cfg, layout) = if kind.kind == PositionType::Hf {
                 let h: HfFile = json::from_str("spec", "position", body)?;
@@ -591,6 +618,7 @@ enum PositionType {
     Fire,
     Hf,
     HfConfig,
+    Custom,
 }
 
 #[derive(Clone, Copy, Deserialize)]
@@ -713,6 +741,48 @@ struct FireFile {
     b1: Vec<f64>,
     w2: Vec<f64>,
     b2: Vec<f64>,
+}
+
+/// `{"type": "custom", "wgsl": "file.wgsl", "tables": {"NAME": [..]}, "layout": "half"}`; the
+/// WGSL path is relative to the spec file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CustomFile {
+    #[serde(rename = "type")]
+    _kind: IgnoredAny,
+    wgsl: String,
+    tables: Option<TablesFile>,
+    layout: Option<LayoutFile>,
+}
+
+/// Named tables; a name given twice is an error, as everywhere in a spec.
+struct TablesFile(std::collections::BTreeMap<String, Vec<f64>>);
+
+impl<'de> Deserialize<'de> for TablesFile {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = TablesFile;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object of named lists of numbers")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<TablesFile, A::Error> {
+                let mut out = std::collections::BTreeMap::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    if out.contains_key(&key) {
+                        return Err(serde::de::Error::custom(format!("duplicate table `{key}`")));
+                    }
+                    let v: Vec<f64> = map.next_value()?;
+                    out.insert(key, v);
+                }
+                Ok(TablesFile(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 #[derive(Deserialize)]

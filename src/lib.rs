@@ -42,6 +42,7 @@ pub use config::{HfConfigFile, HfDefaults, LlamaCppRope, RopeConfig};
 pub use context::{Context, ContextOptions, describe_adapter, enumerate_adapters};
 pub use decode::{DecodeBuffers, DecodePlan, DecodeSpec, KvCache};
 pub use dtype::{Dtype, Dtypes, HalfForm};
+pub use encoding::custom::CustomScheme;
 pub use encoding::masks::{BiasLayout, Extrapolation, Window};
 pub use encoding::position::{
     Alibi, AlibiForm, AlibiSlopes, PositionEncoding, Rope, RopeLayout, Xpos,

@@ -2,6 +2,7 @@
 //! aux table) in one place, after validation and before anything touches a device.
 
 use crate::dtype::{Dtypes, HalfForm};
+use crate::encoding::custom::CheckedScheme;
 use crate::encoding::masks::Extrapolation;
 use crate::encoding::position::{PositionEncoding, ResolvedPosition};
 use crate::error::Result;
@@ -20,13 +21,17 @@ pub(crate) struct Plan {
     pub params: Params,
     pub aux: Vec<[f32; 4]>,
     pub dtypes: Dtypes,
+    /// A custom scheme's checked hooks.
+    pub custom: Option<CheckedScheme>,
 }
 
 impl Plan {
     /// The fused variant for `rows` query rows per invocation (the adapter's choice) with the
     /// spec's dtypes stored in f16 form `half` (the adapter's choice too).
     pub fn fused_key(&self, head_dim: u32, rows: u32, half: HalfForm) -> KernelKey {
-        let key = if self.two_branch {
+        let key = if let Some(c) = &self.custom {
+            KernelKey::fused_custom(head_dim, rows, c.id)
+        } else if self.two_branch {
             KernelKey::fused_two_branch(head_dim, two_branch_rows(rows))
         } else {
             KernelKey::fused(head_dim, rows, self.kind.variant())
@@ -102,6 +107,7 @@ pub(crate) fn lower(spec: &AttentionSpec) -> Result<Plan> {
         params,
         aux: pos.aux.into_entries(),
         dtypes: spec.dtypes,
+        custom: pos.custom,
     })
 }
 

@@ -113,6 +113,55 @@ fn tint_accepts_every_variant() {
     );
 }
 
+/// Custom schemes' variants (every hook: score, mask with tile predicate, rotation), at one and
+/// at eight rows per invocation: Tint reads the generated glue and the snippets too.
+#[test]
+fn tint_accepts_custom_scheme_variants() {
+    if !have_node_and_package() {
+        return;
+    }
+    use posattn::PositionEncoding;
+    use posattn::harness::custom;
+    let dir = scratch("tint-custom");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut manifest = Vec::new();
+    for enc in [
+        custom::alibi(4),
+        custom::window_mask(40, true),
+        custom::rope(10000.0, 64),
+    ] {
+        let PositionEncoding::Custom(c) = enc else {
+            unreachable!()
+        };
+        let checked = c.check(4).expect("check");
+        for rows in [1, 8] {
+            let key = posattn::kernel::KernelKey::fused_custom(64, rows, checked.id);
+            let path = dir.join(format!("{}.wgsl", key.name()));
+            std::fs::write(
+                &path,
+                key.try_wgsl_with(Some(&checked.hooks_wgsl())).unwrap(),
+            )
+            .unwrap();
+            manifest.push(
+                serde_json::json!({"name": key.name(), "file": path, "entry": key.entry_point()}),
+            );
+        }
+    }
+    let list = dir.join("variants.json");
+    std::fs::write(&list, serde_json::to_string(&manifest).unwrap()).unwrap();
+    let Some((code, text)) = node("tint.mjs", &[&list]) else {
+        return;
+    };
+    assert_eq!(code, 0, "Tint rejected custom variants:\n{text}");
+    let summary = format!("tint: {} modules, 0 failed", manifest.len());
+    assert!(text.contains(&summary), "expected `{summary}` in:\n{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+    println!(
+        "{} custom-scheme variants accepted by Tint with no message",
+        manifest.len()
+    );
+}
+
 /// The quick conformance subset, one row per invocation (the variant GPUs run).
 fn dawn_cases() -> Vec<check::Case> {
     check::quick_cases()

@@ -568,6 +568,16 @@ fn run(a: RunArgs, backend: Option<Backend>, adapter: Option<String>) -> posattn
         None => None,
     };
     let reference = match &a.compare {
+        Some(_) if matches!(spec.position, posattn::PositionEncoding::Custom(_)) => {
+            // The CPU reference runs a custom scheme through its Rust twins, which a spec file
+            // cannot carry: say so rather than compare against a reference without the hooks.
+            return Err(posattn::Error::invalid(
+                "compare",
+                "a built-in position encoding (the CPU reference runs a custom scheme only \
+                 through Rust twins: see examples/custom_scheme.rs)",
+                "position.type custom",
+            ));
+        }
         Some(p) => {
             let r = parse_npy("compare", &read_limited("compare", p)?, Some(4))?;
             if r.shape != q.shape {

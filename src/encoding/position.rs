@@ -2,6 +2,7 @@
 //! in f64) that the kernels read. The exact math follows `shared/reference/position-encodings.md`
 //! and the code that defines each scheme (Hugging Face transformers, torchscale, BLOOM).
 
+use crate::encoding::custom::{CheckedScheme, CustomScheme, push_tables};
 use crate::encoding::relative::{
     Fire, Kerple, KerpleForm, SANDWICH_TABLE_MAX, Sandwich, T5Bias, kerple_params, sandwich_freqs,
     sandwich_sum,
@@ -138,6 +139,9 @@ pub enum PositionEncoding {
     Sandwich(Sandwich),
     /// FIRE, with the caller's MLP.
     Fire(Fire),
+    /// The caller's own scheme: WGSL hooks fused into the kernel, with Rust twins for the
+    /// reference (see [`crate::encoding::custom`]).
+    Custom(CustomScheme),
 }
 
 impl PositionEncoding {
@@ -155,6 +159,7 @@ impl PositionEncoding {
             },
             PositionEncoding::Sandwich(_) => "sandwich",
             PositionEncoding::Fire(_) => "fire",
+            PositionEncoding::Custom(_) => "custom",
         }
     }
 }
@@ -199,6 +204,8 @@ pub(crate) struct ResolvedPosition {
     pub freq_offset: u32,
     pub bias_offset: u32,
     pub bias: BiasArgs,
+    /// A custom scheme's checked hooks.
+    pub custom: Option<CheckedScheme>,
 }
 
 fn check_finite(field: &'static str, x: f64, positive: bool) -> Result<()> {
@@ -244,6 +251,7 @@ impl PositionEncoding {
             freq_offset: 0,
             bias_offset: 0,
             bias: BiasArgs::None,
+            custom: None,
         };
         match self {
             PositionEncoding::None => {}
@@ -361,6 +369,16 @@ impl PositionEncoding {
                     .collect();
                 table.extend((1..=num_heads).map(|h| (num_heads as f64 / (8.0 * h as f64)) as f32));
                 out.bias_offset = out.aux.push_floats(&table);
+            }
+            PositionEncoding::Custom(c) => {
+                let checked = c.check(num_heads)?;
+                out.kind = PosKind::Custom;
+                out.interleaved = c.layout == RopeLayout::Interleaved;
+                if checked.hooks.rotate {
+                    out.rotary_dim = head_dim;
+                }
+                out.bias_offset = push_tables(&checked, c, &mut out.aux);
+                out.custom = Some(checked);
             }
             PositionEncoding::Fire(f) => {
                 f.validate(num_heads)?;

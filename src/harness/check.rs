@@ -415,15 +415,28 @@ pub fn case_kernel(
     half: crate::dtype::HalfForm,
 ) -> Result<KernelKey> {
     let plan = crate::plan::lower(&case.spec)?;
-    Ok(plan.fused_key(
-        case.spec.head_dim,
-        rows_for(case.spec.head_dim),
-        half,
-    ))
+    Ok(plan.fused_key(case.spec.head_dim, rows_for(case.spec.head_dim), half))
 }
 
 /// Runs one case on `ctx` and checks it against the CPU reference.
 pub fn run_case(ctx: &Context, case: &Case) -> CaseResult {
+    // A custom scheme is checked against its Rust twins: a hook without one cannot be checked.
+    if let PositionEncoding::Custom(c) = &case.spec.position {
+        let missing = c.missing_twins();
+        if !missing.is_empty() {
+            return CaseResult {
+                name: case.name.clone(),
+                status: Status::Fail(format!(
+                    "the custom scheme has no Rust twin for {}: nothing to check it against",
+                    missing.join(", ")
+                )),
+                err_gpu: f64::NAN,
+                err_f32: f64::NAN,
+                bound: f64::NAN,
+                time: Duration::ZERO,
+            };
+        }
+    }
     let (q, k, v, pq, pk) = case.stored_inputs();
     let bias = case.bias();
     let start = Instant::now();
@@ -451,7 +464,18 @@ pub fn run_case(ctx: &Context, case: &Case) -> CaseResult {
             // The plain implementation stores its output in the output's dtype too.
             let out = case.spec.dtypes.out;
             r32.iter_mut().for_each(|x| *x = out.round(*x));
-            let (status, eg, ef, b) = compare(&gpu, &r64, &r32);
+            let (mut status, eg, ef, b) = compare(&gpu, &r64, &r32);
+            // NaN the case did not plant comes from the scheme itself: a custom scheme that
+            // produces NaN is reported, even where the kernel agrees with its twin.
+            if case.nan == NanPlant::None
+                && matches!(case.spec.position, PositionEncoding::Custom(_))
+                && let Some(i) = r64.iter().position(|x| x.is_nan())
+            {
+                status = Status::Fail(format!(
+                    "the custom scheme produces NaN (reference element {i}, gpu {})",
+                    gpu[i]
+                ));
+            }
             result.status = status;
             result.err_gpu = eg;
             result.err_f32 = ef;

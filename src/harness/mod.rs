@@ -5,6 +5,7 @@
 
 pub mod bundle;
 pub mod check;
+pub mod custom;
 pub mod decode;
 pub mod reference;
 pub mod timing;

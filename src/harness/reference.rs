@@ -5,6 +5,7 @@
 //! (`rope_rotate`, `xpos_scale`, `alibi_bias`). Loops index like the formulas they transcribe.
 #![allow(clippy::needless_range_loop)]
 
+use crate::encoding::custom::{CustomScheme, MaskArgs, RotateArgs, ScoreArgs};
 use crate::encoding::masks::Extrapolation;
 use crate::encoding::position::{
     AlibiForm, AlibiSlopes, PositionEncoding, RopeLayout, alibi_slopes, rope_inv_freq, xpos_zeta,
@@ -224,6 +225,30 @@ pub fn position_bias<T: Real>(spec: &AttentionSpec, h: usize, m: i64, n: i64) ->
     }
 }
 
+/// A custom scheme's rotation twin on every channel pair of `x` (its layout), in f64 and
+/// rounded back to `T`.
+fn rotate_twin<T: Real>(c: &CustomScheme, x: &[T], pos: i64, is_query: bool) -> Vec<T> {
+    let f = c.rotate_twin.as_ref().expect("a rotation twin");
+    let d = x.len();
+    let mut out = x.to_vec();
+    for p in 0..d / 2 {
+        let (a, b) = match c.layout {
+            RopeLayout::Half => (p, p + d / 2),
+            RopeLayout::Interleaved => (2 * p, 2 * p + 1),
+        };
+        let y = f(&RotateArgs {
+            x: [x[a].to_f64(), x[b].to_f64()],
+            pair: p as u32,
+            pos,
+            is_query,
+            tables: &c.tables,
+        });
+        out[a] = T::from_f64(y[0]);
+        out[b] = T::from_f64(y[1]);
+    }
+    out
+}
+
 trait Ln1p {
     fn ln_1p_t(self) -> Self;
 }
@@ -384,6 +409,10 @@ pub fn attention_lse<T: Real>(
         .collect();
     let cap = spec.softcap.map(T::from_f64);
     let layout_b = spec.bias.unwrap_or_default();
+    let custom = match &spec.position {
+        PositionEncoding::Custom(c) => Some(c),
+        _ => None,
+    };
 
     let mut out = vec![T::from_f64(0.0); b_n * sq * h_n * d];
     let mut lse = vec![T::from_f64(f64::NEG_INFINITY); b_n * h_n * sq];
@@ -397,7 +426,9 @@ pub fn attention_lse<T: Real>(
             let keys: Vec<Vec<T>> = (0..sk)
                 .map(|j| {
                     let n = pos_k[b * sk + j] as i64;
-                    if inv_freq.is_empty() {
+                    if let Some(c) = custom.filter(|c| c.rotate_twin.is_some()) {
+                        rotate_twin(c, &raw_keys[j], n, false)
+                    } else if inv_freq.is_empty() {
                         raw_keys[j].clone()
                     } else {
                         rope_rotate(&raw_keys[j], n, &inv_freq, layout, af)
@@ -421,7 +452,9 @@ pub fn attention_lse<T: Real>(
                     let f = T::from_f64(logn_scale(m, l));
                     q_raw.iter_mut().for_each(|x| *x = *x * f);
                 }
-                let qi = if inv_freq.is_empty() {
+                let qi = if let Some(c) = custom.filter(|c| c.rotate_twin.is_some()) {
+                    rotate_twin(c, &q_raw, m, true)
+                } else if inv_freq.is_empty() {
                     q_raw.clone()
                 } else {
                     rope_rotate(&q_raw, m, &inv_freq, layout, af)
@@ -439,11 +472,23 @@ pub fn attention_lse<T: Real>(
                 let mut max = T::from_f64(f64::NEG_INFINITY);
                 let mut any = false;
                 for j in 0..sk {
-                    vis[j] = visible(spec, i, j);
+                    let n = pos_k[b * sk + j] as i64;
+                    vis[j] = visible(spec, i, j)
+                        && custom.is_none_or(|c| {
+                            c.mask_twin.as_ref().is_none_or(|f| {
+                                f(&MaskArgs {
+                                    q_pos: m,
+                                    k_pos: n,
+                                    head: h as u32,
+                                    q_index: i as u32,
+                                    k_index: j as u32,
+                                    tables: &c.tables,
+                                })
+                            })
+                        });
                     if !vis[j] {
                         continue;
                     }
-                    let n = pos_k[b * sk + j] as i64;
                     let raw = match (&spec.position, &q2) {
                         (PositionEncoding::Xpos(x), _) => {
                             let gamma = T::from_f64(x.scale_base);
@@ -471,6 +516,19 @@ pub fn attention_lse<T: Real>(
                         s = s + alibi_bias(slopes[h], m, n, a.form);
                     }
                     s = s + position_bias::<T>(spec, h, m, n);
+                    // A custom score_mod's twin, in f64 (rounded back once for the f32
+                    // reference, as the kernel rounds its result once).
+                    if let Some(f) = custom.and_then(|c| c.score_twin.as_ref()) {
+                        s = T::from_f64(f(&ScoreArgs {
+                            score: s.to_f64(),
+                            q_pos: m,
+                            k_pos: n,
+                            head: h as u32,
+                            q_index: i as u32,
+                            k_index: j as u32,
+                            tables: &custom.expect("custom").tables,
+                        }));
+                    }
                     if let Some(bias) = bias {
                         let bb = if layout_b.broadcast_batch { 0 } else { b };
                         let hh = if layout_b.broadcast_heads { 0 } else { h };

@@ -152,9 +152,12 @@ pub enum PosKind {
     Fire = 8,
     /// The variant of every table-driven encoding.
     Table = 9,
+    /// A caller's scheme (`encoding::custom`): its hooks, composed into the variant.
+    Custom = 10,
 }
 
 impl PosKind {
+    /// Every built-in kind; `Custom` is not listed, since its variants exist per snippet.
     pub const ALL: [PosKind; 10] = [
         PosKind::None,
         PosKind::Rope,
@@ -201,6 +204,7 @@ impl PosKind {
             PosKind::Sandwich => "sandwich",
             PosKind::Fire => "fire",
             PosKind::Table => "table",
+            PosKind::Custom => "custom",
         }
     }
 
@@ -402,7 +406,7 @@ pub fn wgsl_declarations(family: Family) -> String {
 /// types follow its storage forms).
 pub fn wgsl_declarations_with(bindings: &[Binding]) -> String {
     let mut s = String::from("// Generated from src/kernel/abi.rs.\n");
-    for k in PosKind::ALL {
+    for k in PosKind::ALL.into_iter().chain([PosKind::Custom]) {
         s += &format!(
             "const POS_{}: u32 = {}u;\n",
             k.name().to_uppercase(),
@@ -463,6 +467,11 @@ impl AuxTable {
     /// Appends floats packed four to an entry; returns the entry offset of the first.
     pub fn push_floats(&mut self, floats: &[f32]) -> u32 {
         self.push_entries(pack4(floats))
+    }
+
+    /// Overwrites entries from `at` on (which must exist).
+    pub fn set_entries(&mut self, at: usize, entries: &[[f32; 4]]) {
+        self.entries[at..at + entries.len()].copy_from_slice(entries);
     }
 
     /// The entries so far.

@@ -5,7 +5,23 @@ use std::sync::Mutex;
 
 use super::abi::Family;
 use super::variants::KernelKey;
+use crate::encoding::custom::{CheckedScheme, parse_and_validate};
 use crate::error::{Error, Result, scoped};
+
+/// A custom scheme's variant composed and validated with naga (no device involved).
+pub(crate) fn compose_checked(key: &KernelKey, custom: &CheckedScheme) -> Result<String> {
+    let source = key
+        .try_wgsl_with(Some(&custom.hooks_wgsl()))
+        .map_err(|e| Error::Device {
+            during: "composing a kernel",
+            message: format!("{}: {e}", key.name()),
+        })?;
+    // The snippet is the module's tail.
+    let lines = custom.snippet.lines().count() as u32;
+    let total = source.lines().count() as u32;
+    parse_and_validate(&source, total - lines + 1, lines, "position.wgsl")?;
+    Ok(source)
+}
 
 struct FamilyLayout {
     bind_group: wgpu::BindGroupLayout,
@@ -103,16 +119,26 @@ impl Pipelines {
         &self.layout(family).bind_group
     }
 
-    /// The pipeline for `key`, compiled on first use.
-    pub fn get(&self, device: &wgpu::Device, key: KernelKey) -> Result<wgpu::ComputePipeline> {
+    /// The pipeline for `key`, compiled on first use. A custom scheme's variant comes with its
+    /// hooks (`CheckedScheme`); its composed module is validated with naga before any pipeline
+    /// is made, and an error inside the snippet names the snippet's line.
+    pub fn get(
+        &self,
+        device: &wgpu::Device,
+        key: KernelKey,
+        custom: Option<&CheckedScheme>,
+    ) -> Result<wgpu::ComputePipeline> {
         if let Some(p) = self.cache.lock().expect("pipeline cache").get(&key) {
             return Ok(p.clone());
         }
         let name = key.name();
-        let source = key.try_wgsl().map_err(|e| Error::Device {
-            during: "composing a kernel",
-            message: format!("{name}: {e}"),
-        })?;
+        let source = match custom {
+            Some(c) => compose_checked(&key, c)?,
+            None => key.try_wgsl().map_err(|e| Error::Device {
+                during: "composing a kernel",
+                message: format!("{name}: {e}"),
+            })?,
+        };
         let layout = if key.lse {
             &self.lse_layout(device)?.pipeline
         } else {

@@ -44,10 +44,17 @@ pub enum ComposeError {
     },
     #[error("the body of `{0}` has no closing brace")]
     Unclosed(String),
+    #[error("a custom scheme's variant needs its hooks, and only it takes them")]
+    Hooks,
 }
 
-/// The whole module of `key`.
-pub(crate) fn compose(key: &KernelKey) -> Result<String, ComposeError> {
+/// The whole module of `key`: the header, the contract, the family's source with its loops
+/// unrolled, then the hook glue: a custom scheme's (`hooks`, ending with its snippet, so that
+/// snippet lines map back by a fixed offset), or the identity hooks every other variant gets.
+pub(crate) fn compose(key: &KernelKey, hooks: Option<&str>) -> Result<String, ComposeError> {
+    if (key.custom != 0) != hooks.is_some() {
+        return Err(ComposeError::Hooks);
+    }
     let family = match key.family() {
         Family::Fused => ATTENTION_WGSL,
         Family::Unfused => UNFUSED_WGSL,
@@ -82,11 +89,17 @@ pub(crate) fn compose(key: &KernelKey) -> Result<String, ComposeError> {
     } else {
         ""
     };
+    let hooks = match hooks {
+        Some(h) => h.to_string(),
+        None => crate::encoding::custom::default_hooks_wgsl(),
+    };
+    // The hooks come last: a custom snippet's lines map back by their offset from the end.
     Ok(format!(
-        "{enable}{}\n{}\n{accessors}\n{}",
+        "{enable}{}\n{}\n{accessors}\n{}\n{}",
         key.wgsl_header(),
         abi::wgsl_declarations_with(&key.bindings()),
-        body
+        body,
+        hooks
     ))
 }
 

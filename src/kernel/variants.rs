@@ -127,6 +127,9 @@ pub struct KernelKey {
     pub storage: [StorageForm; 4],
     /// The fused kernel also writes each row's log-sum-exp (binding `lse_buf`).
     pub lse: bool,
+    /// A custom scheme's id (`CheckedScheme::id`, a hash of its composed hooks), 0 for none.
+    /// Its WGSL comes with it: [`KernelKey::try_wgsl_with`].
+    pub custom: u64,
 }
 
 impl KernelKey {
@@ -141,6 +144,15 @@ impl KernelKey {
             two_branch: false,
             storage: [StorageForm::F32; 4],
             lse: false,
+            custom: 0,
+        }
+    }
+
+    /// The variant of a custom scheme whose checked hooks have id `custom`.
+    pub fn fused_custom(head_dim: u32, rows: u32, custom: u64) -> Self {
+        KernelKey {
+            custom,
+            ..KernelKey::fused(head_dim, rows, PosKind::Custom)
         }
     }
 
@@ -194,6 +206,7 @@ impl KernelKey {
             two_branch: false,
             storage: [StorageForm::F32; 4],
             lse: false,
+            custom: 0,
         }
     }
 
@@ -246,6 +259,7 @@ impl KernelKey {
             two_branch: false,
             storage: [StorageForm::F32; 4],
             lse: false,
+            custom: 0,
         }
     }
 
@@ -312,6 +326,11 @@ impl KernelKey {
         if self.lse {
             dt += "_lse";
         }
+        let pos = if self.custom != 0 {
+            format!("{pos}{:016x}", self.custom)
+        } else {
+            pos.to_string()
+        };
         match self.stage {
             Stage::Fused => format!(
                 "attention_fused_d{}_bq{}_bk{}_r{}_{pos}{branch}{dt}",
@@ -378,7 +397,13 @@ impl KernelKey {
 
     /// The whole WGSL module of this variant, or why it could not be composed.
     pub fn try_wgsl(&self) -> Result<String, ComposeError> {
-        source::compose(self)
+        source::compose(self, None)
+    }
+
+    /// The whole WGSL module of a custom scheme's variant, given its hooks
+    /// (`CheckedScheme::hooks_wgsl`); the same as [`KernelKey::try_wgsl`] for other variants.
+    pub fn try_wgsl_with(&self, hooks: Option<&str>) -> Result<String, ComposeError> {
+        source::compose(self, hooks)
     }
 
     /// The whole WGSL module of this variant: the generated contract, the variant constants and
