@@ -40,7 +40,7 @@ const R_MAX: u32 = ROWS;
 // Key groups of phase 4: invocations (g, c) with c < HEAD_VEC fold keys g, g + KG, ...
 const KG: u32 = WG / HEAD_VEC;
 const LOG2E: f32 = 1.4426950408889634;
-const ROTATES: bool = POS_KIND == POS_ROPE || POS_KIND == POS_XPOS;
+const ROTATES: bool = POS_KIND == POS_ROPE || POS_KIND == POS_XPOS || CUSTOM_ROTATE;
 const TABLE_BIAS: bool = POS_KIND == POS_TABLE;
 
 var<workgroup> q_sh: array<vec4<f32>, R_MAX * HEAD_VEC>;
@@ -57,21 +57,22 @@ var<workgroup> kslot_sh: array<u32, BLOCK_K>;
 var<workgroup> kpos_sh: array<i32, BLOCK_K>;
 var<workgroup> lens_sh: vec2<u32>;
 
-// Tensor access, one function per tensor and direction.
+// Tensor access, one function per tensor and direction, through the variant's storage accessors
+// (q_at4, k_at4, v_at4, o_put4: f32, native or packed f16, or bf16; src/kernel/storage.rs).
 fn load_q4(b: u32, qi: u32, head: u32, c: u32) -> vec4<f32> {
-    return q_buf[((b * dparams.max_q + qi) * params.num_heads + head) * HEAD_VEC + c];
+    return q_at4(((b * dparams.max_q + qi) * params.num_heads + head) * HEAD_VEC + c);
 }
 
 fn load_k4(b: u32, slot: u32, kv: u32, c: u32) -> vec4<f32> {
-    return k_cache[((b * dparams.capacity + slot) * params.num_kv_heads + kv) * HEAD_VEC + c];
+    return k_at4(((b * dparams.capacity + slot) * params.num_kv_heads + kv) * HEAD_VEC + c);
 }
 
 fn load_v4(b: u32, slot: u32, kv: u32, c: u32) -> vec4<f32> {
-    return v_cache[((b * dparams.capacity + slot) * params.num_kv_heads + kv) * HEAD_VEC + c];
+    return v_at4(((b * dparams.capacity + slot) * params.num_kv_heads + kv) * HEAD_VEC + c);
 }
 
 fn store_o4(b: u32, qi: u32, head: u32, c: u32, o: vec4<f32>) {
-    o_buf[((b * dparams.max_q + qi) * params.num_heads + head) * HEAD_VEC + c] = o;
+    o_put4(((b * dparams.max_q + qi) * params.num_heads + head) * HEAD_VEC + c, o);
 }
 
 // (new queries, keys) of sequence b, clamped (see the top of this file).
@@ -343,13 +344,24 @@ fn decode_attention(
                     let gr = row0 + r;
                     let head = kv * group + gr % group;
                     let ip = i32(gr / group) + diag;
-                    let vis = key < k_len && (params.causal == 0u || kk <= ip)
+                    var vis = key < k_len && (params.causal == 0u || kk <= ip)
                         && (in_window(vec4<i32>(kk), ip).x || kk < sinks);
+                    // A custom scheme's hooks (identities in every other variant), with the
+                    // query's index among its sequence's new queries and the key's index.
+                    let qi = gr / group;
+                    if (CUSTOM_MASK && vis) {
+                        vis = pa_mask4(qpos_sh[r], vec4<i32>(kpos_sh[j]), head, qi,
+                                       vec4<u32>(key)).x;
+                    }
                     var s = MASKED;
                     if (vis) {
                         let dr = d[r];
                         s = modify_score((dr.x + dr.y) + (dr.z + dr.w), head, qpos_sh[r],
                                          kpos_sh[j]);
+                        if (CUSTOM_SCORE) {
+                            s = pa_score4(vec4<f32>(s), qpos_sh[r], vec4<i32>(kpos_sh[j]), head,
+                                          qi, vec4<u32>(key)).x;
+                        }
                         // A NaN at a visible key makes the row NaN, as in a plain softmax.
                         if (is_nan_bits(s)) {
                             atomicOr(&nan_sh[r], 1u);

@@ -3,7 +3,8 @@
 //! whose per-call lengths live in a device buffer.
 //!
 //! # The cache
-//! - `k_cache`, `v_cache`: f32 `[batch, capacity, kv_heads, head_dim]`, keys stored unrotated
+//! - `k_cache`, `v_cache`: `[batch, capacity, kv_heads, head_dim]` in the spec's dtypes (f32, f16
+//!   or bf16, `AttentionSpec::dtypes`; the kernel computes in f32), keys stored unrotated
 //!   (rotated as they are staged, so that scaled RoPE tables stay exact), or rotated with
 //!   [`DecodeSpec::with_keys_rotated`].
 //! - `positions`: i32 `[batch, capacity]`, the position of the token in each slot; `None` binds
@@ -12,7 +13,7 @@
 //!   tokens' own. The kernel clamps them: keys to the capacity (a ring cache wraps instead),
 //!   new queries to `max_q` and to the keys, so a bad value on the device never reads out of
 //!   bounds. Ragged batches are just different lengths per sequence.
-//! - `q`, `out`: f32 `[batch, max_q, heads, head_dim]`; row i of a sequence is its i-th new
+//! - `q`, `out`: `[batch, max_q, heads, head_dim]` in their dtypes; row i of a sequence is its i-th new
 //!   query, at key index keys − queries + i, whose position is that slot's. Rows at and past a
 //!   sequence's query count are not written.
 //!
@@ -28,9 +29,11 @@ use std::sync::Mutex;
 
 use crate::attention::check_buffer;
 use crate::context::Context;
+use crate::dtype::{Dtype, HalfForm};
 use crate::encoding::masks::Extrapolation;
 use crate::error::{Error, Result};
 use crate::kernel::abi::{DecodeParams, Family, PosKind};
+use crate::kernel::storage::StorageForm;
 use crate::kernel::{DECODE_WG, KernelKey, decode_rows, decode_workgroup_bytes};
 use crate::plan::lower;
 use crate::spec::AttentionSpec;
@@ -116,20 +119,6 @@ impl DecodeSpec {
                 "extrapolation",
                 "none (ReRoPE, LM-Infinite and cache-index positions are not available in decode plans)",
                 format!("{:?}", a.extrapolation),
-            ));
-        }
-        if a.dtypes != crate::Dtypes::F32 {
-            return Err(Error::invalid(
-                "dtypes",
-                "f32 storage for every tensor (half storage is not available in decode plans yet)",
-                format!("{:?}", a.dtypes),
-            ));
-        }
-        if matches!(a.position, crate::PositionEncoding::Custom(_)) {
-            return Err(Error::invalid(
-                "position",
-                "a built-in encoding (custom schemes are not available in decode plans yet)",
-                "a custom scheme",
             ));
         }
         if self.splits == Some(0) {
@@ -229,6 +218,20 @@ impl DecodePlan {
         spec.validate()?;
         let a = &spec.attention;
         let plan = lower(a)?;
+        let half = ctx.half_form();
+        if half == HalfForm::Native
+            && !ctx.has_native_f16()
+            && let Some((field, _)) = a.dtypes.fields().into_iter().find(|f| f.1 == Dtype::F16)
+        {
+            return Err(Error::unavailable(
+                field,
+                "native f16 storage (the context's half form is Native)",
+                "packed f16 only (no SHADER_F16)",
+            ));
+        }
+        // Q, K, V and O in the spec's dtypes, f16 in the context's form (the reduce writes O).
+        let d = a.dtypes;
+        let storage = [d.q, d.k, d.v, d.out].map(|t| StorageForm::of(t, half));
         let splits = spec
             .splits
             .unwrap_or_else(|| default_splits(ctx.adapter_info(), spec));
@@ -298,7 +301,8 @@ impl DecodePlan {
         } else {
             8
         };
-        if plan.kind.rotates() && !r.is_multiple_of(step) {
+        let custom_rotates = plan.custom.as_ref().is_some_and(|c| c.hooks.rotate);
+        if (plan.kind.rotates() || custom_rotates) && !r.is_multiple_of(step) {
             return Err(Error::invalid(
                 "position.rotary_dim",
                 format!("a multiple of {step} in decode plans (keys are staged a vec4 at a time)"),
@@ -310,10 +314,18 @@ impl DecodePlan {
         } else {
             plan.kind
         };
-        let key = KernelKey::decode(a.head_dim, kind);
-        let pipeline = ctx.pipeline(key)?;
+        // A custom scheme's hooks compose into the decode kernel as into the prefill kernel.
+        let key = match &plan.custom {
+            Some(c) => KernelKey {
+                custom: c.id,
+                ..KernelKey::decode(a.head_dim, kind)
+            },
+            None => KernelKey::decode(a.head_dim, kind),
+        }
+        .with_storage(storage);
+        let pipeline = ctx.pipeline_with(key, plan.custom.as_ref())?;
         let reduce = if splits > 1 {
-            Some(ctx.pipeline(KernelKey::decode_reduce(a.head_dim))?)
+            Some(ctx.pipeline(KernelKey::decode_reduce(a.head_dim).with_storage(storage))?)
         } else {
             None
         };
@@ -460,10 +472,12 @@ impl DecodePlan {
 
     fn check_buffers(&self, bufs: &DecodeBuffers) -> Result<()> {
         let a = &self.spec.attention;
-        check_buffer("q", bufs.q, a.q_len() as u64 * 4)?;
-        check_buffer("out", bufs.out, a.q_len() as u64 * 4)?;
-        check_buffer("k_cache", bufs.k_cache, a.kv_len() as u64 * 4)?;
-        check_buffer("v_cache", bufs.v_cache, a.kv_len() as u64 * 4)?;
+        let d = a.dtypes;
+        let bytes = |n: usize, t: Dtype| n as u64 * t.size() as u64;
+        check_buffer("q", bufs.q, bytes(a.q_len(), d.q))?;
+        check_buffer("out", bufs.out, bytes(a.q_len(), d.out))?;
+        check_buffer("k_cache", bufs.k_cache, bytes(a.kv_len(), d.k))?;
+        check_buffer("v_cache", bufs.v_cache, bytes(a.kv_len(), d.v))?;
         check_buffer("lengths", bufs.lengths, self.lengths_bytes())?;
         match bufs.positions {
             Some(p) => check_buffer("positions", p, a.batch as u64 * a.seq_k as u64 * 4),
@@ -583,18 +597,16 @@ impl DecodePlan {
         let out = ctx.scoped("running decode", || -> Result<wgpu::Buffer> {
             let st = wgpu::BufferUsages::STORAGE;
             let init = |label, bytes: &[u8]| ctx.buffer_init(label, bytes, st);
-            let qb = init("posattn q", bytemuck::cast_slice(q));
-            let kb = init("posattn k cache", bytemuck::cast_slice(k_cache));
-            let vb = init("posattn v cache", bytemuck::cast_slice(v_cache));
+            // Stored in the spec's dtypes (rounded to nearest even).
+            let d = a.dtypes;
+            let qb = init("posattn q", &d.q.encode(q));
+            let kb = init("posattn k cache", &d.k.encode(k_cache));
+            let vb = init("posattn v cache", &d.v.encode(v_cache));
             let pb = positions.map(|p| init("posattn positions", bytemuck::cast_slice(p)));
             let words: Vec<u32> = lengths.iter().flat_map(|&(q, k)| [q, k]).collect();
             let lb = init("posattn lengths", bytemuck::cast_slice(&words));
-            let poison = vec![f32::NAN; a.q_len()];
-            let out = ctx.buffer_init(
-                "posattn out",
-                bytemuck::cast_slice(&poison),
-                st | wgpu::BufferUsages::COPY_SRC,
-            );
+            let poison = a.dtypes.out.encode(&vec![f32::NAN; a.q_len()]);
+            let out = ctx.buffer_init("posattn out", &poison, st | wgpu::BufferUsages::COPY_SRC);
             let mut enc = ctx
                 .device()
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -615,8 +627,9 @@ impl DecodePlan {
             ctx.queue().submit([enc.finish()]);
             Ok(out)
         })??;
-        let bytes = ctx.read_buffer(&out, a.q_len() as u64 * 4)?;
-        Ok(bytemuck::cast_slice(&bytes).to_vec())
+        let out_dt = a.dtypes.out;
+        let bytes = ctx.read_buffer(&out, (a.q_len() * out_dt.size()) as u64)?;
+        out_dt.decode("out", &bytes)
     }
 }
 
@@ -660,8 +673,8 @@ impl KvCache {
                 })
             };
             (
-                mk("posattn k cache", a.kv_len() as u64 * 4),
-                mk("posattn v cache", a.kv_len() as u64 * 4),
+                mk("posattn k cache", (a.kv_len() * a.dtypes.k.size()) as u64),
+                mk("posattn v cache", (a.kv_len() * a.dtypes.v.size()) as u64),
                 mk(
                     "posattn cache positions",
                     a.batch as u64 * a.seq_k as u64 * 4,
@@ -718,9 +731,11 @@ impl KvCache {
                 counts.len(),
             ));
         }
-        let row = a.num_kv_heads as u64 * a.head_dim as u64 * 4;
-        let need = a.batch as u64 * a.seq_q as u64 * row;
-        for (field, b) in [("new_k", new_k), ("new_v", new_v)] {
+        // One token's K or V row in bytes, in the cache's dtype (the new rows are stored alike).
+        let row_of = |t: Dtype| a.num_kv_heads as u64 * a.head_dim as u64 * t.size() as u64;
+        let (row_k, row_v) = (row_of(a.dtypes.k), row_of(a.dtypes.v));
+        for (field, b, row) in [("new_k", new_k, row_k), ("new_v", new_v, row_v)] {
+            let need = a.batch as u64 * a.seq_q as u64 * row;
             if !b.usage().contains(wgpu::BufferUsages::COPY_SRC) || b.size() < need {
                 return Err(Error::invalid(
                     field,
@@ -765,10 +780,10 @@ impl KvCache {
             for i in 0..n {
                 let idx = self.keys[b] + i;
                 let slot = cache_slot(self.spec.ring, sinks, a.seq_k, idx) as u64;
-                let src = (b as u64 * a.seq_q as u64 + i as u64) * row;
-                let dst = (b as u64 * a.seq_k as u64 + slot) * row;
-                encoder.copy_buffer_to_buffer(new_k, src, &self.k, dst, row);
-                encoder.copy_buffer_to_buffer(new_v, src, &self.v, dst, row);
+                let src = b as u64 * a.seq_q as u64 + i as u64;
+                let dst = b as u64 * a.seq_k as u64 + slot;
+                encoder.copy_buffer_to_buffer(new_k, src * row_k, &self.k, dst * row_k, row_k);
+                encoder.copy_buffer_to_buffer(new_v, src * row_v, &self.v, dst * row_v, row_v);
                 let pos = positions.map_or(idx as i32, |p| p[b][i as usize]);
                 ctx.queue().write_buffer(
                     &self.positions,

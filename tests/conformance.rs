@@ -90,9 +90,92 @@ fn run_matrix_with(
     );
 }
 
+/// Declared limitation: the head-size sweep (every supported head size × RoPE and ALiBi) runs
+/// with RoPE only in the tests; ALiBi is checked at head_dim 64 in every other group, and
+/// `posattn check` runs the whole sweep. The multi-row kernels at head sizes 128 to 256 take
+/// lavapipe about a minute each to compile.
+const SWEEP_ENCODING: &str = "rope_half";
+
+/// Whether the Vulkan runs take a case (see `SWEEP_ENCODING`).
+fn runs_on_vulkan(c: &check::Case) -> bool {
+    c.group != Group::HeadDims || c.encoding == SWEEP_ENCODING
+}
+
+/// Declared limitation: llvmpipe's GL path compiles each fused variant slowly (LLVM coroutine
+/// splitting of the barrier code: about half a minute at head_dim 64, two at 128), so the GL
+/// run leaves out the head-size sweep (it runs every other case of the matrix: all encodings,
+/// masks and extrapolation methods at head_dim 64). Vulkan runs the RoPE sweep, and
+/// `posattn check --backend gl` the whole matrix on GL.
+fn runs_on_gl(c: &check::Case) -> bool {
+    c.group != Group::HeadDims || (c.encoding == SWEEP_ENCODING && c.spec.head_dim == 64)
+}
+
+/// The cases of `cases` whose kernel variant is in half `part` of their variants (sorted by name,
+/// alternating), given the adapter's rows per invocation and f16 form: the two halves compile
+/// side by side on two test threads. Cases the planner rejects (no compile) go to the first.
+fn variant_half(
+    cases: Vec<check::Case>,
+    part: usize,
+    rows_for: impl Fn(u32) -> u32 + Copy,
+    half: HalfForm,
+) -> Vec<check::Case> {
+    let variant = |c: &check::Case| check::case_kernel(c, rows_for, half).map(|k| k.name()).ok();
+    let mut names: Vec<_> = cases.iter().filter_map(variant).collect();
+    names.sort();
+    names.dedup();
+    cases
+        .into_iter()
+        .filter(|c| match variant(c) {
+            Some(v) => names.iter().position(|n| *n == v).unwrap() % 2 == part,
+            None => part == 0,
+        })
+        .collect()
+}
+
+/// One half of the full matrix on Vulkan, in the kernel software Vulkan runs by default (several
+/// rows per invocation; see `Context::rows_per_invocation`).
+fn vulkan_half(part: usize) -> Vec<check::Case> {
+    let (cases, left): (Vec<_>, Vec<_>) = check::conformance_cases()
+        .into_iter()
+        .partition(runs_on_vulkan);
+    if part == 0 {
+        let left: Vec<_> = left.iter().map(|c| c.name.as_str()).collect();
+        println!(
+            "conformance [vulkan]: declared as not run in the tests (compile time; `posattn check` runs them): {}",
+            left.join(", ")
+        );
+    }
+    variant_half(
+        cases,
+        part,
+        posattn::kernel::multi_rows_for,
+        HalfForm::Native,
+    )
+}
+
+/// One half of the GL run (see `runs_on_gl`); GL runs one query row per invocation and has no
+/// native f16.
+fn gl_half(part: usize) -> Vec<check::Case> {
+    let (cases, left): (Vec<_>, Vec<_>) =
+        check::conformance_cases().into_iter().partition(runs_on_gl);
+    if part == 0 {
+        let left: Vec<_> = left.iter().map(|c| c.name.as_str()).collect();
+        println!(
+            "conformance [gl]: declared as not run on GL (compile time): {}",
+            left.join(", ")
+        );
+    }
+    variant_half(cases, part, |_| 1, HalfForm::Packed)
+}
+
 #[test]
-fn conformance_vulkan() {
-    conformance(wgpu::Backends::VULKAN, "vulkan");
+fn conformance_vulkan_first_half_of_variants() {
+    run_matrix(wgpu::Backends::VULKAN, "vulkan", None, vulkan_half(0));
+}
+
+#[test]
+fn conformance_vulkan_second_half_of_variants() {
+    run_matrix(wgpu::Backends::VULKAN, "vulkan", None, vulkan_half(1));
 }
 
 /// Software Vulkan runs the CPU-shaped kernel (8 rows per invocation) in the full matrix; this
@@ -110,52 +193,6 @@ fn conformance_vulkan_one_row_per_invocation() {
         })
         .collect();
     run_matrix(wgpu::Backends::VULKAN, "vulkan", Some(1), cases);
-}
-
-/// Declared limitation: llvmpipe's GL path compiles each fused variant slowly (LLVM coroutine
-/// splitting of the barrier code: about half a minute at head_dim 64, two at 128), so the GL
-/// run leaves out the head-size sweep (it runs every other case of the matrix: all encodings,
-/// masks and extrapolation methods at head_dim 64). Vulkan runs the whole sweep, and
-/// `posattn check --backend gl` the whole matrix on GL.
-const GL_SWEEP_HEAD_DIMS: &[u32] = &[64];
-const SWEEP_ENCODING: &str = "rope_half";
-
-/// Whether the GL run takes a case (see `GL_SWEEP_HEAD_DIMS`).
-fn runs_on_gl(c: &check::Case) -> bool {
-    c.group != Group::HeadDims
-        || (c.encoding == SWEEP_ENCODING && GL_SWEEP_HEAD_DIMS.contains(&c.spec.head_dim))
-}
-
-/// The GL cases of one half of the kernel variants (sorted by name, alternating), so that the two
-/// halves compile side by side on two test threads.
-fn gl_half(part: usize) -> Vec<check::Case> {
-    let (cases, left): (Vec<_>, Vec<_>) =
-        check::conformance_cases().into_iter().partition(runs_on_gl);
-    if part == 0 {
-        let left: Vec<_> = left.iter().map(|c| c.name.as_str()).collect();
-        println!(
-            "conformance [gl]: declared as not run on GL (compile time): {}",
-            left.join(", ")
-        );
-    }
-    // GL runs one query row per invocation (`Context::rows_per_invocation`) and has no native
-    // f16.
-    let variant = |c: &check::Case| {
-        check::case_kernel(c, |_| 1, posattn::HalfForm::Packed)
-            .map(|k| k.name())
-            .ok()
-    };
-    let mut names: Vec<_> = cases.iter().filter_map(variant).collect();
-    names.sort();
-    names.dedup();
-    cases
-        .into_iter()
-        .filter(|c| match variant(c) {
-            Some(v) => names.iter().position(|n| *n == v).unwrap() % 2 == part,
-            // A case the planner rejects costs no compile; the first half reports it.
-            None => part == 0,
-        })
-        .collect()
 }
 
 #[test]

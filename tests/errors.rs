@@ -542,26 +542,3 @@ fn half_storage_errors_are_typed() {
     assert!(matches!(r, Err(Error::Invalid { field: "v", .. })), "{r:?}");
     assert!(ctx.take_uncaptured_errors().is_empty());
 }
-
-/// Decode plans run f32 storage and the built-in encodings; half storage and custom schemes are
-/// refused by name rather than run without their storage or hooks.
-#[test]
-fn decode_refuses_half_storage_and_custom_schemes() {
-    use posattn::{CustomScheme, DecodeSpec, Dtype};
-    let spec = |s: AttentionSpec| DecodeSpec::new(s.with_kv_heads(1)).validate();
-    assert_eq!(
-        invalid_field(spec(
-            AttentionSpec::new(1, 1, 64, 4, 64).with_dtype(Dtype::F16)
-        )),
-        "dtypes"
-    );
-    let scheme = CustomScheme::new(
-        "fn score_mod(score: f32, q_pos: i32, k_pos: i32, head: u32, q_index: u32, k_index: u32) -> f32 {\n    return score;\n}\n",
-    );
-    assert_eq!(
-        invalid_field(spec(
-            AttentionSpec::new(1, 1, 64, 4, 64).with_position(PositionEncoding::Custom(scheme))
-        )),
-        "position"
-    );
-}

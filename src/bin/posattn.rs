@@ -53,12 +53,18 @@ enum Command {
         /// A short subset of the matrix.
         #[arg(long)]
         quick: bool,
+        /// The whole cross product: every case in every dtype. Without it (and without
+        /// `--dtype`), every case runs in f32 and the half dtypes run on the RoPE head_dim-64
+        /// cases, which cover the storage paths without compiling every variant three times.
+        #[arg(long, conflicts_with = "quick")]
+        full: bool,
         /// Only the cases with these attributes: comma-separated KEY=VALUE terms, keys group,
         /// encoding, mask, kv, head_dim, name (e.g. `group=relative_bias,mask=causal`).
         #[arg(long)]
         filter: Option<String>,
-        /// Storage dtypes to run every case in: f32, f16, bf16, comma-separated (default all
-        /// three; on adapters with native f16, f16 runs both natively and packed).
+        /// Storage dtypes to run every case in: f32, f16, bf16, comma-separated (default: f32
+        /// for every case, the half dtypes on the covering subset; see `--full`). On adapters
+        /// with native f16, f16 runs both natively and packed.
         #[arg(long)]
         dtype: Option<String>,
         /// Print every case, not only the failures and a summary.
@@ -112,6 +118,10 @@ enum Command {
         /// Decode: split count instead of the split rule's.
         #[arg(long)]
         splits: Option<u32>,
+        /// Decode: storage dtypes, each run with every tensor (the cache too) in it; f16 in the
+        /// adapter's form (native where it has SHADER_F16, else packed).
+        #[arg(long, value_delimiter = ',', default_values_t = vec!["f32".to_string(), "f16".to_string(), "bf16".to_string()])]
+        dtype: Vec<String>,
         /// Decode: also write the rows as JSON to FILE.
         #[arg(long, value_name = "FILE")]
         json: Option<std::path::PathBuf>,
@@ -230,15 +240,22 @@ fn num_json(x: f64) -> serde_json::Value {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn check(
     backend: Option<Backend>,
     adapter: Option<String>,
     quick: bool,
+    full: bool,
     filter: Option<String>,
     dtype: Option<String>,
     verbose: bool,
     json: Option<std::path::PathBuf>,
 ) -> ExitCode {
+    // Without --full or --dtype, the half dtypes run on the covering subset only.
+    let every_dtype = full || dtype.is_some();
+    let covered = move |c: &check::Case| {
+        every_dtype || c.spec.dtypes == posattn::Dtypes::F32 || c.is_rope_d64()
+    };
     let dtypes: Vec<Dtype> = match dtype.as_deref() {
         None => Dtype::ALL.to_vec(),
         Some(text) => match text
@@ -288,7 +305,7 @@ fn check(
     let cases = check::in_dtypes(&base_cases, &dtypes);
     let cases: Vec<_> = cases
         .into_iter()
-        .filter(|c| selection.as_ref().is_none_or(|s| s.matches(c)))
+        .filter(|c| covered(c) && selection.as_ref().is_none_or(|s| s.matches(c)))
         .collect();
     // Zero cases would report every adapter as passing.
     if cases.is_empty() {
@@ -341,7 +358,7 @@ fn check(
         // Both f16 forms where the adapter has native f16.
         let cases: Vec<_> = check::dtype_matrix(&base_cases, &dtypes, &ctx)
             .into_iter()
-            .filter(|c| selection.as_ref().is_none_or(|s| s.matches(c)))
+            .filter(|c| covered(c) && selection.as_ref().is_none_or(|s| s.matches(c)))
             .collect();
         bar.set_length(cases.len() as u64);
         let results = check::run_cases(&ctx, &cases, |r| {
@@ -751,6 +768,7 @@ fn compare_with_reference(
 struct DecodeBench {
     caches: Vec<u32>,
     batches: Vec<u32>,
+    dtypes: Vec<Dtype>,
     runs: usize,
     prefill_max: u32,
     keys_rotated: bool,
@@ -790,60 +808,73 @@ fn bench_decode(
         let roof_gbps = roof.bytes_moved() as f64 / median(&t).as_secs_f64() / 1e9;
         println!("  copy roof {roof_gbps:.2} GB/s (read + write), {clock}");
         println!(
-            "  {:>5} {:>6} {:>6} {:>12} {:>8} {:>7} {:>14} {:>8}",
-            "batch", "cache", "splits", "us/token", "GB/s", "% roof", "prefill us", "speedup"
+            "  {:>5} {:>6} {:>5} {:>6} {:>12} {:>8} {:>7} {:>14} {:>8}",
+            "batch",
+            "cache",
+            "dtype",
+            "splits",
+            "us/token",
+            "GB/s",
+            "% roof",
+            "prefill us",
+            "speedup"
         );
         for &batch in batches.iter() {
             for &cache in caches.iter() {
-                let mut spec = bench_spec(batch, cache);
-                spec.keys_rotated = cfg.keys_rotated;
-                spec.splits = cfg.splits;
-                let plan = match posattn::DecodePlan::new(&ctx, &spec) {
-                    Ok(p) => p,
-                    Err(e @ posattn::Error::Unavailable { .. }) => {
-                        println!("  {batch:>5} {cache:>6} unavailable: {e}");
-                        continue;
-                    }
-                    Err(e) => return Err(e),
-                };
-                let setup = DecodeSetup::new(&ctx, &spec)?;
-                let bufs = setup.buffers();
-                let _ = time_encoded(&ctx, 1, |e| plan.encode(&ctx, e, &bufs))?;
-                let (_, t) = time_encoded(&ctx, runs, |e| plan.encode(&ctx, e, &bufs))?;
-                let s = median(&t).as_secs_f64();
-                // Per token per layer: the step serves `batch` tokens.
-                let us = s * 1e6 / batch as f64;
-                let kv_bytes = 2.0 * spec.cache_len() as f64 * 4.0;
-                let gbps = kv_bytes / s / 1e9;
-                let prefill_us = if cache <= prefill_max {
-                    let p = posattn::Attention::new(&ctx, &spec.attention)?;
-                    let pb = setup.prefill_buffers();
-                    let _ = time_encoded(&ctx, 1, |e| p.encode(&ctx, e, &pb))?;
-                    let (_, t) = time_encoded(&ctx, runs.min(2), |e| p.encode(&ctx, e, &pb))?;
-                    Some(median(&t).as_secs_f64() * 1e6 / batch as f64)
-                } else {
-                    None
-                };
-                println!(
-                    "  {batch:>5} {cache:>6} {:>6} {us:>12.1} {gbps:>8.2} {:>6.1}% {:>14} {:>8}",
-                    plan.splits(),
-                    100.0 * gbps / roof_gbps,
-                    prefill_us.map_or("-".into(), |p| format!("{p:.1}")),
-                    prefill_us.map_or("-".into(), |p| format!("{:.1}x", p / us)),
-                );
-                rows.push(serde_json::json!({
-                    "adapter": ctx.describe(),
-                    "clock": clock.to_string(),
-                    "batch": batch,
-                    "cache": cache,
-                    "dtype": "f32",
-                    "keys_rotated": cfg.keys_rotated,
-                    "splits": plan.splits(),
-                    "us_per_token": us,
-                    "gbps": gbps,
-                    "roof_gbps": roof_gbps,
-                    "prefill_kernel_us": prefill_us,
-                }));
+                for &dt in cfg.dtypes.iter() {
+                    let mut spec = bench_spec(batch, cache);
+                    spec.attention.dtypes = posattn::Dtypes::all(dt);
+                    spec.keys_rotated = cfg.keys_rotated;
+                    spec.splits = cfg.splits;
+                    let dname = dt.name();
+                    let plan = match posattn::DecodePlan::new(&ctx, &spec) {
+                        Ok(p) => p,
+                        Err(e @ posattn::Error::Unavailable { .. }) => {
+                            println!("  {batch:>5} {cache:>6} {dname:>5} unavailable: {e}");
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    let setup = DecodeSetup::new(&ctx, &spec)?;
+                    let bufs = setup.buffers();
+                    let _ = time_encoded(&ctx, 1, |e| plan.encode(&ctx, e, &bufs))?;
+                    let (_, t) = time_encoded(&ctx, runs, |e| plan.encode(&ctx, e, &bufs))?;
+                    let s = median(&t).as_secs_f64();
+                    // Per token per layer: the step serves `batch` tokens.
+                    let us = s * 1e6 / batch as f64;
+                    let kv_bytes = 2.0 * spec.cache_len() as f64 * dt.size() as f64;
+                    let gbps = kv_bytes / s / 1e9;
+                    // The prefill kernel at seq_q = 1 on the same buffers, in f32 (it is slow there).
+                    let prefill_us = if cache <= prefill_max && dt == Dtype::F32 {
+                        let p = posattn::Attention::new(&ctx, &spec.attention)?;
+                        let pb = setup.prefill_buffers();
+                        let _ = time_encoded(&ctx, 1, |e| p.encode(&ctx, e, &pb))?;
+                        let (_, t) = time_encoded(&ctx, runs.min(2), |e| p.encode(&ctx, e, &pb))?;
+                        Some(median(&t).as_secs_f64() * 1e6 / batch as f64)
+                    } else {
+                        None
+                    };
+                    println!(
+                        "  {batch:>5} {cache:>6} {dname:>5} {:>6} {us:>12.1} {gbps:>8.2} {:>6.1}% {:>14} {:>8}",
+                        plan.splits(),
+                        100.0 * gbps / roof_gbps,
+                        prefill_us.map_or("-".into(), |p| format!("{p:.1}")),
+                        prefill_us.map_or("-".into(), |p| format!("{:.1}x", p / us)),
+                    );
+                    rows.push(serde_json::json!({
+                        "adapter": ctx.describe(),
+                        "clock": clock.to_string(),
+                        "batch": batch,
+                        "cache": cache,
+                        "dtype": dname,
+                        "keys_rotated": cfg.keys_rotated,
+                        "splits": plan.splits(),
+                        "us_per_token": us,
+                        "gbps": gbps,
+                        "roof_gbps": roof_gbps,
+                        "prefill_kernel_us": prefill_us,
+                    }));
+                }
             }
         }
     }
@@ -1075,11 +1106,12 @@ fn main() -> ExitCode {
             backend,
             adapter,
             quick,
+            full,
             filter,
             dtype,
             verbose,
             json,
-        } => check(backend, adapter, quick, filter, dtype, verbose, json),
+        } => check(backend, adapter, quick, full, filter, dtype, verbose, json),
         Command::Info { backend } => info(backend),
         Command::Shaders { out, lang } => shaders(&out, lang),
         Command::Bench {
@@ -1093,15 +1125,28 @@ fn main() -> ExitCode {
             prefill_max,
             keys_rotated,
             splits,
+            dtype,
             json,
         } => {
             let _ = seq;
+            let dtypes = match dtype
+                .iter()
+                .map(|t| Dtype::parse("dtype", t.trim()))
+                .collect::<posattn::Result<Vec<_>>>()
+            {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             match bench_decode(
                 backend,
                 adapter,
                 &DecodeBench {
                     caches: cache,
                     batches: batch,
+                    dtypes,
                     runs: runs.max(1),
                     prefill_max,
                     keys_rotated,

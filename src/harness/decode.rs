@@ -62,11 +62,17 @@ impl History {
         let a = &spec.attention;
         let row = (a.num_kv_heads * a.head_dim) as usize;
         let mut rng = SplitMix::new(seed);
-        let q = rng.vec(a.q_len(), 1.0);
+        // Inputs rounded to their storage dtypes: the reference runs on what the kernel reads
+        // (check's rule for half storage).
+        let d = a.dtypes;
+        let mut draw = |n: usize, t: crate::Dtype| -> Vec<f32> {
+            rng.vec(n, 1.0).into_iter().map(|x| t.round(x)).collect()
+        };
+        let q = draw(a.q_len(), d.q);
         let (mut k, mut v, mut pos) = (Vec::new(), Vec::new(), Vec::new());
         for &n in tokens {
-            k.push(rng.vec(n as usize * row, 1.0));
-            v.push(rng.vec(n as usize * row, 1.0));
+            k.push(draw(n as usize * row, d.k));
+            v.push(draw(n as usize * row, d.v));
             pos.push((0..n as i32).map(|i| i + offset).collect());
         }
         History { k, v, pos, q }
@@ -153,7 +159,8 @@ pub fn check_output(
         let (r64, r32) = history.reference(spec, b, ql, kl);
         g_all.extend_from_slice(written);
         r64_all.extend(r64);
-        r32_all.extend(r32);
+        // The plain implementation stores its output in the output's dtype too.
+        r32_all.extend(r32.into_iter().map(|x| a.dtypes.out.round(x)));
     }
     if g_all.is_empty() {
         return (
@@ -338,6 +345,53 @@ pub fn decode_cases() -> Vec<DecodeCase> {
         ring(4, 64, 3).with_splits(2),
         vec![(3, 517), (2, 68)],
     ));
+    // Half storage: an f16 cache with f32 queries and output, all f16, all bf16 (the f16 form is
+    // the adapter's: native where it has SHADER_F16, else packed), on a split ragged batch.
+    for (name, dtypes) in [
+        (
+            "kv_f16",
+            crate::Dtypes {
+                k: crate::Dtype::F16,
+                v: crate::Dtype::F16,
+                ..crate::Dtypes::F32
+            },
+        ),
+        ("f16", crate::Dtypes::all(crate::Dtype::F16)),
+        ("bf16", crate::Dtypes::all(crate::Dtype::Bf16)),
+    ] {
+        cases.push(DecodeCase::new(
+            format!("decode_{name}_b2_split2"),
+            DecodeSpec::new(
+                AttentionSpec::new(2, 4, 600, 4, 64)
+                    .with_kv_heads(2)
+                    .with_position(rope())
+                    .with_dtypes(dtypes),
+            )
+            .with_splits(2),
+            vec![(4, 590), (1, 33)],
+        ));
+    }
+    // Custom schemes (src/harness/custom.rs): ALiBi through score_mod, a window through mask_mod
+    // and RoPE through the rotation hook, checked against their Rust twins; split in two.
+    for (name, enc) in [
+        ("custom_alibi", crate::harness::custom::alibi(4)),
+        (
+            "custom_window_mask",
+            crate::harness::custom::window_mask(40, false),
+        ),
+        ("custom_rope", crate::harness::custom::rope(10000.0, 64)),
+    ] {
+        cases.push(DecodeCase::new(
+            format!("decode_{name}"),
+            DecodeSpec::new(
+                AttentionSpec::new(2, 4, 400, 4, 64)
+                    .with_kv_heads(2)
+                    .with_position(enc),
+            )
+            .with_splits(2),
+            vec![(4, 390), (1, 77)],
+        ));
+    }
     cases
 }
 
@@ -388,13 +442,15 @@ impl DecodeSetup {
         };
         let pos: Vec<i32> = (0..a.batch).flat_map(|_| 0..a.seq_k as i32).collect();
         let lens: Vec<u32> = (0..a.batch).flat_map(|_| [1, a.seq_k]).collect();
+        // Every tensor stored in its dtype.
+        let d = a.dtypes;
         Ok(DecodeSetup {
-            q: mk(bytemuck::cast_slice(&rng.vec(a.q_len(), 1.0))),
-            k: mk(bytemuck::cast_slice(&rng.vec(a.kv_len(), 1.0))),
-            v: mk(bytemuck::cast_slice(&rng.vec(a.kv_len(), 1.0))),
+            q: mk(&d.q.encode(&rng.vec(a.q_len(), 1.0))),
+            k: mk(&d.k.encode(&rng.vec(a.kv_len(), 1.0))),
+            v: mk(&d.v.encode(&rng.vec(a.kv_len(), 1.0))),
             positions: mk(bytemuck::cast_slice(&pos)),
             lengths: mk(bytemuck::cast_slice(&lens)),
-            out: mk(bytemuck::cast_slice(&vec![0.0f32; a.q_len()])),
+            out: mk(&d.out.encode(&vec![0.0f32; a.q_len()])),
         })
     }
 

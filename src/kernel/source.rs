@@ -16,7 +16,7 @@
 //! anything else is an error, never a loop left as written.
 
 use super::abi::{self, Family};
-use super::storage::{FUSED_TENSORS, StorageForm};
+use super::storage::{StorageForm, family_tensors};
 use super::variants::KernelKey;
 
 pub(crate) const COMMON_WGSL: &str = include_str!("../../shaders/common.wgsl");
@@ -73,10 +73,12 @@ pub(crate) fn compose(key: &KernelKey, hooks: Option<&str>) -> Result<String, Co
     )?;
     // The tensor accessors of the variant's storage forms (src/kernel/storage.rs).
     let mut accessors = String::new();
-    if key.family() == Family::Fused {
-        for (form, (buffer, name, accessor)) in key.storage.iter().zip(FUSED_TENSORS) {
-            accessors += &form.accessor(accessor, name, buffer);
+    if let Some(tensors) = family_tensors(key.family()) {
+        for (form, (buffer, name, accessor)) in key.storage.iter().zip(tensors) {
+            accessors += &form.accessor(*accessor, name, buffer);
         }
+    }
+    if key.family() == Family::Fused {
         // The row's log-sum-exp: written only by the variants that bind `lse_buf`.
         accessors += if key.lse {
             "fn store_lse(i: u32, x: f32) {\n    lse_buf[i] = x;\n}\n"

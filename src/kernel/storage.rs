@@ -125,3 +125,23 @@ pub const FUSED_TENSORS: [(&str, &str, Accessor); 4] = [
     ("v_buf", "load_v4", Accessor::Load4),
     ("o_buf", "store_o4", Accessor::Store4),
 ];
+
+/// The decode kernel's tensors, as [`FUSED_TENSORS`]: whole vec4s at a time (the cache's keys
+/// and values, the queries, the output).
+pub const DECODE_TENSORS: [(&str, &str, Accessor); 4] = [
+    ("q_buf", "q_at4", Accessor::Load4),
+    ("k_cache", "k_at4", Accessor::Load4),
+    ("v_cache", "v_at4", Accessor::Load4),
+    ("o_buf", "o_put4", Accessor::Store4),
+];
+
+/// The tensor table of a kernel family, or none (the unfused baseline stores f32 only).
+pub fn family_tensors(
+    family: super::abi::Family,
+) -> Option<&'static [(&'static str, &'static str, Accessor); 4]> {
+    match family {
+        super::abi::Family::Fused => Some(&FUSED_TENSORS),
+        super::abi::Family::Decode => Some(&DECODE_TENSORS),
+        super::abi::Family::Unfused => None,
+    }
+}

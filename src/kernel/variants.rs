@@ -3,7 +3,7 @@
 
 use super::abi::{Binding, Family, LSE_BINDING, PosKind};
 use super::source::{self, ComposeError};
-use super::storage::{FUSED_TENSORS, StorageForm};
+use super::storage::{StorageForm, family_tensors};
 
 /// Query rows per workgroup of the fused kernel (one per invocation).
 pub const BLOCK_Q: u32 = 64;
@@ -174,14 +174,14 @@ impl KernelKey {
     /// The bindings of this variant: the family's table with the tensors' storage types.
     pub fn bindings(&self) -> Vec<Binding> {
         let mut b = self.family().bindings().to_vec();
-        if self.family() == Family::Fused {
-            for (form, (name, _, accessor)) in self.storage.iter().zip(FUSED_TENSORS) {
+        if let Some(tensors) = family_tensors(self.family()) {
+            for (form, (name, _, accessor)) in self.storage.iter().zip(tensors) {
                 let slot = self.family().slot(name) as usize;
-                b[slot].ty = form.binding_type(accessor);
+                b[slot].ty = form.binding_type(*accessor);
             }
-            if self.lse {
-                b.push(LSE_BINDING);
-            }
+        }
+        if self.family() == Family::Fused && self.lse {
+            b.push(LSE_BINDING);
         }
         b
     }
@@ -280,11 +280,18 @@ impl KernelKey {
                 keys.push(KernelKey::decode(d, pos));
             }
         }
+        // Half storage in the packed forms every adapter runs, on the RoPE kernel at head size
+        // 64 and its reduce (native f16 needs the SHADER_F16 capability).
+        for storage in PORTABLE_STORAGE_EXAMPLES {
+            keys.push(KernelKey::decode(64, PosKind::Rope).with_storage(storage));
+            keys.push(KernelKey::decode_reduce(64).with_storage(storage));
+        }
         keys
     }
 
-    /// Native-f16 storage variants of the RoPE kernel at head size 64 (all f16, and an f16 K/V
-    /// cache with f32 queries and output), one and several rows per invocation.
+    /// Native-f16 storage variants of the RoPE kernels at head size 64 (all f16, and an f16 K/V
+    /// cache with f32 queries and output): prefill at one and several rows per invocation, and
+    /// decode with its reduce.
     pub fn native_f16_examples() -> Vec<KernelKey> {
         use StorageForm::{F16, F32};
         let mut keys = Vec::new();
@@ -292,7 +299,9 @@ impl KernelKey {
             for rows in [1, multi_rows_for(64)] {
                 keys.push(KernelKey::fused(64, rows, PosKind::Rope).with_storage(storage));
             }
+            keys.push(KernelKey::decode(64, PosKind::Rope).with_storage(storage));
         }
+        keys.push(KernelKey::decode_reduce(64).with_storage([F16; 4]));
         keys
     }
 
