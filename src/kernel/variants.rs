@@ -345,8 +345,8 @@ impl KernelKey {
                 "attention_fused_d{}_bq{}_bk{}_r{}_{pos}{branch}{dt}",
                 self.head_dim, self.block_q, self.block_k, self.rows
             ),
-            Stage::Decode => format!("decode_d{}_bk{}_{pos}", self.head_dim, self.block_k),
-            Stage::DecodeReduce => format!("decode_reduce_d{}", self.head_dim),
+            Stage::Decode => format!("decode_d{}_bk{}_{pos}{dt}", self.head_dim, self.block_k),
+            Stage::DecodeReduce => format!("decode_reduce_d{}{dt}", self.head_dim),
             _ => format!("unfused_{}_d{}_{pos}", self.entry_point(), self.head_dim),
         }
     }
