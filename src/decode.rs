@@ -397,6 +397,65 @@ impl DecodePlan {
         self.key
     }
 
+    /// Replaces the plan's position encoding with another of the same kernel shape (the same
+    /// encoding kind and custom scheme, the same rotary_dim and layout, tables of the same
+    /// sizes), rewriting the plan's parameters and tables with queue writes: no pipeline, buffer
+    /// or bind group is made, and it takes effect from the next submission on (like any
+    /// `write_buffer`). This is how a decode loop follows a table that depends on the context
+    /// length, dynamic NTK or LongRoPE past its original length: keys are stored unrotated and
+    /// every step rotates them with the current table. Refused (field `position`) for a plan
+    /// whose keys are stored rotated, since their rotation is frozen into the cache.
+    pub fn set_position(
+        &mut self,
+        ctx: &Context,
+        position: crate::encoding::position::PositionEncoding,
+    ) -> Result<()> {
+        if self.spec.keys_rotated {
+            return Err(Error::invalid(
+                "position",
+                "a plan whose keys are stored unrotated (keys stored rotated carry their table)",
+                "keys stored rotated",
+            ));
+        }
+        let mut attention = self.spec.attention.clone();
+        attention.position = position;
+        let new = lower(&attention)?;
+        let old = lower(&self.spec.attention)?;
+        let shape = |p: &crate::plan::Plan| {
+            (
+                p.kind,
+                p.two_branch,
+                p.custom.as_ref().map(|c| c.id),
+                p.aux.len(),
+                p.params.rotary_dim,
+                p.params.rope_interleaved,
+            )
+        };
+        if shape(&new) != shape(&old) {
+            return Err(Error::invalid(
+                "position",
+                format!(
+                    "an encoding of the plan's shape: {} with rotary_dim {} and {} table entries",
+                    self.spec.attention.position.name(),
+                    old.params.rotary_dim,
+                    old.aux.len()
+                ),
+                format!(
+                    "{} with rotary_dim {} and {} table entries",
+                    attention.position.name(),
+                    new.params.rotary_dim,
+                    new.aux.len()
+                ),
+            ));
+        }
+        ctx.queue()
+            .write_buffer(&self.params, 0, bytemuck::bytes_of(&new.params));
+        ctx.queue()
+            .write_buffer(&self.aux, 0, bytemuck::cast_slice(&new.aux));
+        self.spec.attention = attention;
+        Ok(())
+    }
+
     /// Bytes the lengths buffer needs: two u32 per sequence.
     pub fn lengths_bytes(&self) -> u64 {
         self.spec.attention.batch as u64 * 8

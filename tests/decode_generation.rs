@@ -10,7 +10,10 @@
 use posattn::decode::{DecodeBuffers, DecodePlan, DecodeSpec, KvCache};
 use posattn::harness::check::Status;
 use posattn::harness::decode::History;
-use posattn::{AttentionSpec, Context, ContextOptions, PositionEncoding, Rope, Window};
+use posattn::{
+    AttentionSpec, Context, ContextOptions, PositionEncoding, Rope, RopeConfig, RopeLayout,
+    RopeScaling, Window,
+};
 
 fn vulkan() -> Option<Context> {
     let options = ContextOptions {
@@ -71,11 +74,24 @@ fn live(ctx: &Context) -> [isize; 4] {
     ]
 }
 
+/// A position encoding for the context length (largest position + 1) of the step about to run.
+type Retable<'a> = &'a dyn Fn(u32) -> PositionEncoding;
+
 /// Appends `steps` tokens one at a time to two sequences (the second starting later), checks
 /// every step, and checks the hot path's counters; returns the number of compared steps.
 fn generate(ctx: &Context, spec: DecodeSpec, steps: u32) -> u32 {
+    generate_with(ctx, spec, steps, None)
+}
+
+/// `generate`, with the plan's encoding replaced before each step by `retable` at the longer
+/// sequence's length (`DecodePlan::set_position`) and each step checked against the reference
+/// with that encoding. Where `retable` gives a table other than the first step's, the output is
+/// also checked to fail against the first step's table, which proves the new table is in use.
+fn generate_with(ctx: &Context, spec: DecodeSpec, steps: u32, retable: Option<Retable>) -> u32 {
+    let mut spec = spec;
     let a = spec.attention.clone();
-    let plan = DecodePlan::new(ctx, &spec).expect("plan");
+    let mut plan = DecodePlan::new(ctx, &spec).expect("plan");
+    let first_position = spec.attention.position.clone();
     let mut cache = KvCache::new(ctx, &plan).expect("cache");
     let row = (a.num_kv_heads * a.head_dim) as usize;
     let qrow = (a.num_heads * a.head_dim) as usize;
@@ -121,6 +137,13 @@ fn generate(ctx: &Context, spec: DecodeSpec, steps: u32) -> u32 {
         cache
             .append(ctx, &mut enc, &new_k, &new_v, &counts, None)
             .expect("append");
+        if let Some(retable) = retable {
+            let len = cache.keys().iter().copied().max().unwrap_or(0);
+            let position = retable(len);
+            plan.set_position(ctx, position.clone())
+                .expect("set_position");
+            spec.attention.position = position;
+        }
         let before = live(ctx);
         plan.encode(ctx, &mut enc, &cache.buffers(&q, &out))
             .expect("encode");
@@ -151,6 +174,16 @@ fn generate(ctx: &Context, spec: DecodeSpec, steps: u32) -> u32 {
             Status::Pass,
             "step {step}: err {err:.3e} bound {bound:.3e}"
         );
+        if retable.is_some() && spec.attention.position != first_position {
+            let mut stale = spec.clone();
+            stale.attention.position = first_position.clone();
+            let (status, err, _, bound) =
+                posattn::harness::decode::check_output(&stale, &hist, &lengths, &gpu);
+            assert!(
+                matches!(status, Status::Fail(_)),
+                "step {step}: the output also matches the first table (err {err:.3e} bound {bound:.3e})"
+            );
+        }
         compared += 1;
     }
     compared
@@ -170,6 +203,57 @@ fn generation_step_by_step_matches_the_reference_and_allocates_nothing() {
     // Forced split: the reduce pass joins the same loop.
     let n = generate(&ctx, DecodeSpec::new(small(320)).with_splits(3), 120);
     assert_eq!(n, 120);
+}
+
+/// Dynamic NTK crossing its threshold mid-generation: the table is rebuilt for the current
+/// length before every step (it is the initial one up to max_position_embeddings = 96, then grows
+/// its base), and the plan follows it without recompiling or allocating.
+#[test]
+fn dynamic_ntk_follows_the_context_length_through_its_threshold() {
+    let Some(ctx) = vulkan() else { return };
+    let config = RopeConfig {
+        theta: 10000.0,
+        head_dim: 64,
+        partial_rotary_factor: 1.0,
+        scaling: RopeScaling::Dynamic {
+            factor: 4.0,
+            max_position_embeddings: 96,
+        },
+        logn_train_len: None,
+    };
+    let table = |len: u32| {
+        PositionEncoding::Rope(
+            config
+                .to_rope(RopeLayout::Half, Some(len as u64))
+                .expect("dynamic table"),
+        )
+    };
+    let spec = DecodeSpec::new(small(200).with_position(table(1)));
+    let n = generate_with(&ctx, spec.clone(), 180, Some(&table));
+    assert_eq!(n, 180);
+    // A different kind of encoding, or a table of another size, is a typed error.
+    let mut plan = DecodePlan::new(&ctx, &spec).unwrap();
+    let alibi = PositionEncoding::Alibi(posattn::Alibi {
+        slopes: posattn::AlibiSlopes::Standard,
+        form: posattn::AlibiForm::Causal,
+    });
+    let e = plan.set_position(&ctx, alibi).unwrap_err();
+    assert_eq!(e.field(), Some("position"));
+    let half_rotary = RopeConfig {
+        partial_rotary_factor: 0.5,
+        ..config.clone()
+    };
+    let e = plan
+        .set_position(
+            &ctx,
+            PositionEncoding::Rope(half_rotary.to_rope(RopeLayout::Half, None).unwrap()),
+        )
+        .unwrap_err();
+    assert_eq!(e.field(), Some("position"));
+    // Keys stored rotated carry their table.
+    let mut rotated = DecodePlan::new(&ctx, &spec.clone().with_keys_rotated()).unwrap();
+    let e = rotated.set_position(&ctx, table(500)).unwrap_err();
+    assert_eq!(e.field(), Some("position"));
 }
 
 #[test]
