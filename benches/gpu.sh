@@ -12,7 +12,8 @@
 # minutes; PyTorch is skipped where it finds no CUDA device, and says so.
 #
 # OUT gets: info.txt (adapter, driver, commit), check.txt and check.json (`posattn check`),
-# prefill.txt (`posattn bench`), decode.txt and decode.json (`posattn bench --decode`),
+# prefill.txt and prefill.json (`posattn bench`, with the matmul roof), decode.txt and
+# decode.json (`posattn bench --decode`),
 # torch.txt (benches/torch_sdpa.py, prefill and decode), log.txt (every step's command, exit
 # status and time).
 set -uo pipefail
@@ -87,7 +88,8 @@ fi
 step info 60 "$out/info.txt" "$posattn" info
 step check 240 "$out/check.txt" "$posattn" check --backend "$WGPU_BACKEND" "${check_args[@]}" \
     --json "$out/check.json"
-step prefill 120 "$out/prefill.txt" "$posattn" bench --backend "$WGPU_BACKEND" --seq "$seqs"
+step prefill 120 "$out/prefill.txt" "$posattn" bench --backend "$WGPU_BACKEND" --seq "$seqs" \
+    --json "$out/prefill.json"
 step decode 150 "$out/decode.txt" "$posattn" bench --decode --backend "$WGPU_BACKEND" \
     --cache "$caches" --batch "$batches" --json "$out/decode.json"
 if python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then

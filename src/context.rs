@@ -301,6 +301,12 @@ impl Context {
         self.pipelines.get(&self.device, key, custom)
     }
 
+    /// Kernels this context has compiled so far, and the wall time their pipeline creation took
+    /// (where the driver compiles them): the compile share of a run's time.
+    pub fn compile_stats(&self) -> (usize, std::time::Duration) {
+        self.pipelines.compile_stats()
+    }
+
     /// The bind-group layout every kernel of `family` uses.
     pub(crate) fn bind_group_layout(&self, family: Family) -> &wgpu::BindGroupLayout {
         self.pipelines.bind_group_layout(family)

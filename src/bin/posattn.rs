@@ -122,7 +122,10 @@ enum Command {
         /// adapter's form (native where it has SHADER_F16, else packed).
         #[arg(long, value_delimiter = ',', default_values_t = vec!["f32".to_string(), "f16".to_string(), "bf16".to_string()])]
         dtype: Vec<String>,
-        /// Decode: also write the rows as JSON to FILE.
+        /// Also write the rows as JSON to FILE. Prefill rows: adapter, seq, dtype, fused_gflops,
+        /// unfused_gflops (f32 only, else null) and roof_gflops (the best plain WGSL matmul on the
+        /// adapter, measured in the same run). Decode rows: batch, cache, dtype, splits,
+        /// us_per_token, gbps, roof_gbps (a copy kernel's), prefill_kernel_us.
         #[arg(long, value_name = "FILE")]
         json: Option<std::path::PathBuf>,
     },
@@ -361,6 +364,7 @@ fn check(
             .filter(|c| covered(c) && selection.as_ref().is_none_or(|s| s.matches(c)))
             .collect();
         bar.set_length(cases.len() as u64);
+        let started = std::time::Instant::now();
         let results = check::run_cases(&ctx, &cases, |r| {
             bar.inc(1);
             bar.set_message(r.name.clone());
@@ -383,6 +387,16 @@ fn check(
         println!(
             "  {pass} passed, {fail} failed, {unsup} unsupported; worst error/bound {worst:.3}"
         );
+        // Where the time went: the driver compiling kernels, and the rest (inputs, the f64
+        // reference, dispatches and readback).
+        let total = started.elapsed().as_secs_f64();
+        let (kernels, compile) = ctx.compile_stats();
+        let compile = compile.as_secs_f64();
+        println!(
+            "  {total:.1} s: {compile:.1} s compiling {kernels} kernels, {:.1} s running the cases \
+             and their references",
+            total - compile
+        );
         let uncaptured = ctx.take_uncaptured_errors();
         for e in &uncaptured {
             println!("  uncaptured wgpu error: {e}");
@@ -392,6 +406,9 @@ fn check(
             "backend": format!("{:?}", ctx.adapter_info().backend),
             "device_type": format!("{:?}", ctx.adapter_info().device_type),
             "driver": ctx.adapter_info().driver,
+            "seconds": total,
+            "compile_seconds": compile,
+            "kernels_compiled": kernels,
             "uncaptured_errors": uncaptured,
             "cases": results.iter().map(|r| {
                 let (status, detail) = status_json(&r.status);
@@ -879,17 +896,22 @@ fn bench_decode(
         }
     }
     if let Some(path) = json_path {
-        let text = serde_json::to_string_pretty(&rows)
-            .map_err(|e| posattn::Error::invalid("json", "serialisable rows", e))?;
-        std::fs::write(path, text).map_err(|e| {
-            posattn::Error::invalid(
-                "json",
-                "a writable file",
-                format!("{}: {e}", path.display()),
-            )
-        })?;
+        write_json(path, &rows)?;
     }
     Ok(())
+}
+
+/// Writes benchmark rows as a JSON array.
+fn write_json(path: &std::path::Path, rows: &[serde_json::Value]) -> posattn::Result<()> {
+    let text = serde_json::to_string_pretty(rows)
+        .map_err(|e| posattn::Error::invalid("json", "serialisable rows", e))?;
+    std::fs::write(path, text).map_err(|e| {
+        posattn::Error::invalid(
+            "json",
+            "a writable file",
+            format!("{}: {e}", path.display()),
+        )
+    })
 }
 
 fn bench(
@@ -897,7 +919,9 @@ fn bench(
     adapter: Option<String>,
     seqs: &[u32],
     runs: usize,
+    json_path: Option<&std::path::Path>,
 ) -> posattn::Result<()> {
+    use posattn::harness::roof::MatmulRoof;
     use posattn::harness::timing::{median, time_encoded};
     use wgpu::util::DeviceExt;
     let opts = options(backend, adapter)?;
@@ -905,14 +929,27 @@ fn bench(
     if adapters.is_empty() {
         return Err(posattn::Error::NoAdapter(no_adapter(&opts)));
     }
+    let mut rows = Vec::new();
     for a in adapters {
         let ctx = Context::from_adapter(&a)?;
         println!("\n{}", ctx.describe());
+        // The roof: the best plain WGSL matmul on this adapter, checked, then timed.
+        let roof = posattn::harness::roof::MatmulRoof::new(&ctx, MatmulRoof::default_side(&ctx))?;
+        roof.verify(&ctx)?;
+        let tiles = roof.measure(&ctx, runs)?;
+        let roof_gflops = tiles.iter().map(|t| t.1).fold(0.0, f64::max);
+        let each: Vec<String> = tiles.iter().map(|(t, g)| format!("{t} {g:.1}")).collect();
         println!(
-            "  {:>6} {:>11} {:>9} {:>11} {:>9} {:>7} {:>10} {:>12}",
+            "  matmul roof {roof_gflops:.1} GFLOP/s (f32, n = {}: {})",
+            roof.n(),
+            each.join(", ")
+        );
+        println!(
+            "  {:>6} {:>11} {:>9} {:>6} {:>11} {:>9} {:>7} {:>10} {:>12}",
             "seq",
             "fused ms",
             "GFLOP/s",
+            "/roof",
             "unfused ms",
             "GFLOP/s",
             "speed",
@@ -953,11 +990,13 @@ fn bench(
             let (_, _) = time_encoded(&ctx, 1, |e| fused.encode(&ctx, e, &bufs))?; // warm-up
             let (clock, t) = time_encoded(&ctx, runs, |e| fused.encode(&ctx, e, &bufs))?;
             let f_ms = median(&t).as_secs_f64() * 1e3;
+            let mut unfused_gflops = None;
             let line = match posattn::harness::Unfused::new(&ctx, &spec) {
                 Ok(u) => {
                     let _ = time_encoded(&ctx, 1, |e| u.encode(&ctx, e, &bufs))?;
                     let (_, t) = time_encoded(&ctx, runs, |e| u.encode(&ctx, e, &bufs))?;
                     let u_ms = median(&t).as_secs_f64() * 1e3;
+                    unfused_gflops = Some(gf(u_ms));
                     format!(
                         "{u_ms:>11.3} {:>9.1} {:>6.2}x {:>10.1} {:>12.1}",
                         gf(u_ms),
@@ -969,11 +1008,33 @@ fn bench(
                 Err(e) => format!("  unfused unavailable: {e}"),
             };
             println!(
-                "  {seq:>6} {f_ms:>11.3} {:>9.1} {line}  ({clock})",
-                gf(f_ms)
+                "  {seq:>6} {f_ms:>11.3} {:>9.1} {:>5.2}x {line}  ({clock})",
+                gf(f_ms),
+                gf(f_ms) / roof_gflops
             );
+            rows.push(serde_json::json!({
+                "adapter": ctx.describe(),
+                "seq": seq,
+                "dtype": "f32",
+                "fused_gflops": gf(f_ms),
+                "unfused_gflops": unfused_gflops,
+                "roof_gflops": roof_gflops,
+            }));
         }
-        bench_dtypes(&ctx, seqs, runs)?;
+        for (seq, form, ms) in bench_dtypes(&ctx, seqs, runs)? {
+            let spec = posattn::AttentionSpec::new(1, seq, seq, 8, 64);
+            rows.push(serde_json::json!({
+                "adapter": ctx.describe(),
+                "seq": seq,
+                "dtype": form,
+                "fused_gflops": spec.flops() / (ms * 1e-3) / 1e9,
+                "unfused_gflops": null,
+                "roof_gflops": roof_gflops,
+            }));
+        }
+    }
+    if let Some(path) = json_path {
+        write_json(path, &rows)?;
     }
     Ok(())
 }
@@ -981,7 +1042,12 @@ fn bench(
 /// The fused kernel with every tensor stored in each dtype (f16 in both forms where the adapter
 /// has native f16), at the same shapes, timed alternately in one run so that load from other
 /// processes affects the forms alike; speed is relative to f32.
-fn bench_dtypes(ctx: &Context, seqs: &[u32], runs: usize) -> posattn::Result<()> {
+fn bench_dtypes(
+    ctx: &Context,
+    seqs: &[u32],
+    runs: usize,
+) -> posattn::Result<Vec<(u32, &'static str, f64)>> {
+    let mut out = Vec::new();
     use posattn::harness::timing::{median, time_encoded};
     use posattn::{Dtype, HalfForm};
     use wgpu::util::DeviceExt;
@@ -1046,13 +1112,16 @@ fn bench_dtypes(ctx: &Context, seqs: &[u32], runs: usize) -> posattn::Result<()>
         }
         let f32_ms = median(&setups[0].2).as_secs_f64() * 1e3;
         print!("  {seq:>6}");
-        for (_, _, t) in &setups {
+        for ((_, _, t), (name, ..)) in setups.iter().zip(&forms) {
             let ms = median(t).as_secs_f64() * 1e3;
             print!(" {:>18}", format!("{ms:.2} ({:.2}x)", f32_ms / ms));
+            if *name != "f32" {
+                out.push((seq, *name, ms));
+            }
         }
         println!();
     }
-    Ok(())
+    Ok(out)
 }
 
 fn info(backend: Option<Backend>) -> ExitCode {
@@ -1166,8 +1235,9 @@ fn main() -> ExitCode {
             adapter,
             seq,
             runs,
+            json,
             ..
-        } => match bench(backend, adapter, &seq, runs.max(1)) {
+        } => match bench(backend, adapter, &seq, runs.max(1), json.as_deref()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e}");

@@ -8,6 +8,7 @@ pub mod check;
 pub mod custom;
 pub mod decode;
 pub mod reference;
+pub mod roof;
 pub mod timing;
 pub mod unfused;
 

@@ -37,6 +37,8 @@ pub(crate) struct Pipelines {
     fused_lse: Option<FamilyLayout>,
     lse_storage_buffers: u32,
     cache: Mutex<HashMap<KernelKey, wgpu::ComputePipeline>>,
+    /// Kernels compiled so far and the time their compilation took.
+    compiled: Mutex<(usize, std::time::Duration)>,
 }
 
 impl Pipelines {
@@ -88,6 +90,7 @@ impl Pipelines {
             fused_lse,
             lse_storage_buffers: storage,
             cache: Mutex::new(HashMap::new()),
+            compiled: Mutex::new((0, std::time::Duration::ZERO)),
         }
     }
 
@@ -144,6 +147,7 @@ impl Pipelines {
         } else {
             &self.layout(key.family()).pipeline
         };
+        let start = std::time::Instant::now();
         let pipeline = scoped(device, "compiling a kernel", || {
             let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
                 label: Some(&name),
@@ -158,10 +162,21 @@ impl Pipelines {
                 cache: None,
             })
         })?;
+        {
+            let mut c = self.compiled.lock().expect("compile stats");
+            c.0 += 1;
+            c.1 += start.elapsed();
+        }
         self.cache
             .lock()
             .expect("pipeline cache")
             .insert(key, pipeline.clone());
         Ok(pipeline)
+    }
+
+    /// Kernels compiled so far and the wall time their creation took (shader module and
+    /// pipeline, where the driver compiles).
+    pub fn compile_stats(&self) -> (usize, std::time::Duration) {
+        *self.compiled.lock().expect("compile stats")
     }
 }
