@@ -13,7 +13,7 @@
 #
 # OUT gets: info.txt (adapter, driver, commit), check.txt and check.json (`posattn check`),
 # prefill.txt and prefill.json (`posattn bench`, with the matmul roof), decode.txt and
-# decode.json (`posattn bench --decode`),
+# decode.json (`posattn bench --decode`), tune.txt and tune.json (`posattn tune`),
 # torch.txt (benches/torch_sdpa.py, prefill and decode), log.txt (every step's command, exit
 # status and time).
 set -uo pipefail
@@ -64,6 +64,7 @@ step() {
 
 if ((reduced)); then
     check_args=(--quick)
+    tune_args=(--head-dim 64 --seq 256 --runs 3)
     seqs=256,512
     caches=512,1024
     batches=1
@@ -71,6 +72,7 @@ if ((reduced)); then
     torch_caches=(512 1024)
 else
     check_args=()
+    tune_args=()
     seqs=512,1024,2048,4096,8192
     caches=512,1024,2048,4096,8192,16384,32768
     batches=1,4
@@ -92,6 +94,9 @@ step prefill 120 "$out/prefill.txt" "$posattn" bench --backend "$WGPU_BACKEND" -
     --json "$out/prefill.json"
 step decode 150 "$out/decode.txt" "$posattn" bench --decode --backend "$WGPU_BACKEND" \
     --cache "$caches" --batch "$batches" --json "$out/decode.json"
+# The tuned choice goes to the results folder, not the machine's cache.
+step tune 180 "$out/tune.txt" env POSATTN_TUNE_FILE="$out/tune.json" "$posattn" tune \
+    --backend "$WGPU_BACKEND" "${tune_args[@]}"
 if python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
     step torch-prefill 90 "$out/torch.txt" python3 benches/torch_sdpa.py "${torch_seqs[@]}"
     step torch-decode 90 "$out/torch.txt" python3 benches/torch_sdpa.py --decode "${torch_caches[@]}"

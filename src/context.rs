@@ -57,6 +57,8 @@ pub struct Context {
     timeout: Duration,
     pipelines: Pipelines,
     multi_row: bool,
+    /// Rows per invocation by head size from `posattn tune` (crate::tune), if stored.
+    tuned_rows: std::collections::BTreeMap<u32, u32>,
     rows_override: Option<u32>,
     half_override: Option<HalfForm>,
     uncaptured: Arc<Mutex<Vec<String>>>,
@@ -182,8 +184,13 @@ impl Context {
         uncaptured: Arc<Mutex<Vec<String>>>,
     ) -> Self {
         let pipelines = Pipelines::new(&device);
+        #[cfg(not(target_arch = "wasm32"))]
+        let tuned_rows = crate::tune::stored_rows(&info);
+        #[cfg(target_arch = "wasm32")]
+        let tuned_rows = Default::default();
         Context {
             multi_row: crate::kernel::multi_row_device(&info),
+            tuned_rows,
             rows_override: None,
             half_override: None,
             device,
@@ -212,13 +219,28 @@ impl Context {
         describe_adapter(&self.info)
     }
 
-    /// Query rows each invocation of the fused kernel handles at `head_dim` (see
-    /// `kernel::multi_row_device` and `kernel::multi_rows_for`), unless overridden.
+    /// Query rows each invocation of the fused kernel handles at `head_dim`: the override if
+    /// set, else the adapter's tuned choice for that head size (`posattn tune`, see
+    /// [`crate::tune`]), else the heuristic (`kernel::multi_row_device` and
+    /// `kernel::multi_rows_for`).
     pub fn rows_per_invocation(&self, head_dim: u32) -> u32 {
-        match self.rows_override {
-            Some(r) => r,
-            None if self.multi_row => crate::kernel::multi_rows_for(head_dim),
-            None => 1,
+        match (self.rows_override, self.tuned_rows.get(&head_dim)) {
+            (Some(r), _) => r,
+            (None, Some(&r)) => r,
+            (None, None) if self.multi_row => crate::kernel::multi_rows_for(head_dim),
+            (None, None) => 1,
+        }
+    }
+
+    /// Where [`Context::rows_per_invocation`] comes from at `head_dim`: `"override"`,
+    /// `"tuned"` or `"heuristic"`.
+    pub fn rows_source(&self, head_dim: u32) -> &'static str {
+        if self.rows_override.is_some() {
+            "override"
+        } else if self.tuned_rows.contains_key(&head_dim) {
+            "tuned"
+        } else {
+            "heuristic"
         }
     }
 

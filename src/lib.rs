@@ -36,6 +36,7 @@ mod kernel;
 pub mod lse;
 mod plan;
 pub mod spec;
+pub mod tune;
 
 pub use attention::{Attention, AttentionBuffers};
 pub use config::{HfConfigFile, HfDefaults, LlamaCppRope, RopeConfig};

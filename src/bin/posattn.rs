@@ -138,6 +138,29 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Lang::Wgsl)]
         lang: Lang,
     },
+    /// Time the fused kernel's candidate variants (query rows per invocation) on each adapter at
+    /// a representative prefill shape (causal RoPE, 8 heads, batch 1) per head size, check each
+    /// candidate against the f64 reference first, and store the fastest in the tuning file
+    /// (POSATTN_TUNE_FILE, else the user's cache folder: see `posattn::tune`), which `Context`
+    /// reads when it is made.
+    Tune {
+        #[arg(long, value_enum)]
+        backend: Option<Backend>,
+        #[arg(long)]
+        adapter: Option<String>,
+        /// Head sizes to tune.
+        #[arg(long, value_delimiter = ',', default_values_t = vec![64u32, 128])]
+        head_dim: Vec<u32>,
+        /// Sequence length of the timed shape (default: 512 on CPU adapters, 2048 elsewhere).
+        #[arg(long)]
+        seq: Option<u32>,
+        /// Timed runs per candidate (the median decides).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// The tuning file (default: POSATTN_TUNE_FILE, else the user's cache folder).
+        #[arg(long, value_name = "FILE")]
+        file: Option<std::path::PathBuf>,
+    },
     /// List adapters with the limits and features that matter to this crate.
     Info {
         #[arg(long, value_enum)]
@@ -1124,6 +1147,140 @@ fn bench_dtypes(
     Ok(out)
 }
 
+/// Candidate rows per invocation at `head_dim`: every buildable count whose queries and
+/// accumulators stay within 2 × 1024 floats per invocation (past that, compile times on the
+/// software drivers and register spills on GPUs only grow).
+fn tune_candidates(head_dim: u32) -> Vec<u32> {
+    posattn::kernel::ROWS_CHOICES
+        .iter()
+        .copied()
+        .filter(|&r| r == 1 || r * head_dim <= 1024)
+        .collect()
+}
+
+fn tune(
+    backend: Option<Backend>,
+    adapter: Option<String>,
+    head_dims: &[u32],
+    seq: Option<u32>,
+    runs: usize,
+    file: Option<std::path::PathBuf>,
+) -> posattn::Result<()> {
+    use posattn::harness::timing::{median, time_encoded};
+    use posattn::tune::{TuneEntry, TuneFile, TuneKey};
+    use wgpu::util::DeviceExt;
+    let path = match file.or_else(posattn::tune::default_path) {
+        Some(p) => p,
+        None => {
+            return Err(posattn::Error::invalid(
+                "tune file",
+                "a path (--file, POSATTN_TUNE_FILE or a home folder)",
+                "none",
+            ));
+        }
+    };
+    for &d in head_dims {
+        if !posattn::SUPPORTED_HEAD_DIMS.contains(&d) {
+            return Err(posattn::Error::invalid(
+                "head_dim",
+                format!("one of {:?}", posattn::SUPPORTED_HEAD_DIMS),
+                d,
+            ));
+        }
+    }
+    let opts = options(backend, adapter)?;
+    let adapters = enumerate_adapters(&opts);
+    if adapters.is_empty() {
+        return Err(posattn::Error::NoAdapter(no_adapter(&opts)));
+    }
+    let mut stored = TuneFile::read(&path)?;
+    for a in adapters {
+        let mut ctx = Context::from_adapter(&a)?;
+        let cpu = ctx.adapter_info().device_type == wgpu::DeviceType::Cpu;
+        let n = seq.unwrap_or(if cpu { 512 } else { 2048 });
+        println!(
+            "\n{}\n  causal RoPE, batch 1, 8 heads, seq {n}",
+            ctx.describe()
+        );
+        let mut rows = std::collections::BTreeMap::new();
+        let mut measured = std::collections::BTreeMap::new();
+        for &d in head_dims {
+            let spec = posattn::AttentionSpec::new(1, n, n, 8, d)
+                .with_position(posattn::PositionEncoding::Rope(posattn::Rope::new(10000.0)));
+            let mut rng = check::SplitMix::new(d as u64);
+            let mk = |len: usize, rng: &mut check::SplitMix| {
+                ctx.device()
+                    .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                        label: None,
+                        contents: bytemuck::cast_slice(&rng.vec(len, 1.0)),
+                        usage: wgpu::BufferUsages::STORAGE,
+                    })
+            };
+            let (q, k, v, o) = (
+                mk(spec.q_len(), &mut rng),
+                mk(spec.kv_len(), &mut rng),
+                mk(spec.kv_len(), &mut rng),
+                mk(spec.q_len(), &mut rng),
+            );
+            let mut times = Vec::new();
+            for r in tune_candidates(d) {
+                ctx.set_rows_per_invocation(Some(r))?;
+                // A candidate must compute attention before its speed counts: a small causal
+                // RoPE case with a partial last tile, against the f64 reference.
+                let case = check::Case::new(
+                    format!("tune_d{d}_r{r}"),
+                    posattn::AttentionSpec::new(1, 77, 77, 2, d).with_position(
+                        posattn::PositionEncoding::Rope(posattn::Rope::new(10000.0)),
+                    ),
+                );
+                let result = check::run_case(&ctx, &case);
+                if result.status != Status::Pass {
+                    println!("  d{d} rows {r}: not used ({:?})", result.status);
+                    continue;
+                }
+                let plan = posattn::Attention::new(&ctx, &spec)?;
+                let bufs = posattn::AttentionBuffers {
+                    q: &q,
+                    k: &k,
+                    v: &v,
+                    out: &o,
+                    positions_q: None,
+                    positions_k: None,
+                    bias: None,
+                };
+                time_encoded(&ctx, 1, |e| plan.encode(&ctx, e, &bufs))?;
+                let (_, t) = time_encoded(&ctx, runs, |e| plan.encode(&ctx, e, &bufs))?;
+                let ms = median(&t).as_secs_f64() * 1e3;
+                println!(
+                    "  d{d} rows {r}: {ms:.3} ms ({:.1} GFLOP/s)",
+                    spec.flops() / (ms * 1e-3) / 1e9
+                );
+                times.push((r, ms));
+            }
+            let Some(&(best, best_ms)) = times.iter().min_by(|a, b| a.1.total_cmp(&b.1)) else {
+                return Err(posattn::Error::invalid(
+                    "tune candidates",
+                    format!("at least one rows count passing the reference at head_dim {d}"),
+                    "none",
+                ));
+            };
+            println!("  d{d}: rows {best} ({best_ms:.3} ms)");
+            rows.insert(d, best);
+            measured.insert(d, times);
+        }
+        stored.upsert(TuneEntry {
+            key: TuneKey::of(ctx.adapter_info()),
+            rows,
+            measured,
+            shape: (8, n),
+        });
+        ctx.set_rows_per_invocation(None)?;
+    }
+    stored.write(&path)?;
+    println!("\nstored in {}", path.display());
+    Ok(())
+}
+
 fn info(backend: Option<Backend>) -> ExitCode {
     let opts = match options(backend, None) {
         Ok(o) => o,
@@ -1164,6 +1321,32 @@ fn info(backend: Option<Backend>) -> ExitCode {
             has(wgpu::Features::TIMESTAMP_QUERY),
             has(wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS)
         );
+        // The fused variant each head size gets: the stored tuning, else the heuristic (what
+        // `Context::rows_per_invocation` returns when nothing overrides it).
+        let tuned = posattn::tune::stored_rows(&info);
+        let classes: Vec<String> = posattn::SUPPORTED_HEAD_DIMS
+            .iter()
+            .map(|&d| match tuned.get(&d) {
+                Some(r) => format!("d{d} {r} (tuned)"),
+                None if posattn::kernel::multi_row_device(&info) => {
+                    format!("d{d} {}", posattn::kernel::multi_rows_for(d))
+                }
+                None => format!("d{d} 1"),
+            })
+            .collect();
+        println!(
+            "  prefill rows per invocation ({}): {}",
+            if tuned.is_empty() {
+                "heuristic; `posattn tune` measures them"
+            } else {
+                "tuned where marked, else heuristic"
+            },
+            classes.join(", ")
+        );
+    }
+    match posattn::tune::default_path() {
+        Some(p) => println!("tuning file: {}", p.display()),
+        None => println!("tuning file: none (POSATTN_TUNE_FILE is empty or no home folder)"),
     }
     ExitCode::SUCCESS
 }
@@ -1182,6 +1365,20 @@ fn main() -> ExitCode {
             json,
         } => check(backend, adapter, quick, full, filter, dtype, verbose, json),
         Command::Info { backend } => info(backend),
+        Command::Tune {
+            backend,
+            adapter,
+            head_dim,
+            seq,
+            runs,
+            file,
+        } => match tune(backend, adapter, &head_dim, seq, runs.max(1), file) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Shaders { out, lang } => shaders(&out, lang),
         Command::Bench {
             backend,

@@ -148,11 +148,12 @@ pub struct MatmulRoof {
 }
 
 impl MatmulRoof {
-    /// The side `posattn bench` uses: 1024 on a CPU adapter, 4096 elsewhere (large enough that
-    /// a GPU's launch cost does not count).
+    /// The side `posattn bench` uses: 512 on a CPU adapter (128 workgroups or more of every
+    /// shape, enough for its threads), 4096 elsewhere (large enough that a GPU's launch cost
+    /// does not count).
     pub fn default_side(ctx: &Context) -> u32 {
         if ctx.adapter_info().device_type == wgpu::DeviceType::Cpu {
-            1024
+            512
         } else {
             4096
         }

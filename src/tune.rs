@@ -1,0 +1,242 @@
+//! Per-adapter tuning: the fused kernel's query rows per invocation, measured on the adapter by
+//! `posattn tune` and stored in a small JSON file, which [`crate::Context`] reads when it is made.
+//!
+//! **The file.** `POSATTN_TUNE_FILE` if set (an empty value turns tuning off), else
+//! `$XDG_CACHE_HOME/posattn/tune.json`, else the platform's cache folder: `~/.cache` on Linux,
+//! `~/Library/Caches` on macOS, `%LOCALAPPDATA%` on Windows ([`default_path`]). It holds one entry
+//! per adapter, keyed by the adapter's name, backend, vendor and device ids, driver and driver
+//! info, and this crate's version: a new driver or a new release of the crate needs a new
+//! `posattn tune`, and until then the built-in heuristic applies
+//! ([`crate::kernel::multi_row_device`]: several rows on CPU adapters, one on GPUs).
+//!
+//! **What is read.** Only rows a plan can be built with ([`crate::kernel::ROWS_CHOICES`]); a
+//! file that cannot be read or parsed, or an entry for another adapter, leaves the heuristic in
+//! place (the context reports which applies: [`crate::Context::rows_source`]).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The tuning file's format version.
+pub const TUNE_FORMAT: u32 = 1;
+
+/// Everything the stored choice depends on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TuneKey {
+    pub adapter: String,
+    pub backend: String,
+    pub vendor: u32,
+    pub device: u32,
+    pub driver: String,
+    pub driver_info: String,
+    /// This crate's version.
+    pub crate_version: String,
+}
+
+impl TuneKey {
+    /// The key of `info` with this crate's version.
+    pub fn of(info: &wgpu::AdapterInfo) -> Self {
+        TuneKey {
+            adapter: info.name.clone(),
+            backend: format!("{:?}", info.backend),
+            vendor: info.vendor,
+            device: info.device,
+            driver: info.driver.clone(),
+            driver_info: info.driver_info.clone(),
+            crate_version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+}
+
+/// One adapter's choices.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TuneEntry {
+    pub key: TuneKey,
+    /// Fused-kernel rows per invocation by head size.
+    pub rows: BTreeMap<u32, u32>,
+    /// The measurements behind the choice: per head size, (rows, median ms) of every candidate.
+    pub measured: BTreeMap<u32, Vec<(u32, f64)>>,
+    /// The shape measured: (heads, seq).
+    pub shape: (u32, u32),
+}
+
+/// The whole file.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TuneFile {
+    pub format: u32,
+    pub entries: Vec<TuneEntry>,
+}
+
+/// The platform's cache folder for this crate's tuning file (see the module docs), `None` when
+/// `POSATTN_TUNE_FILE` is set but empty or no home folder is known.
+pub fn default_path() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("POSATTN_TUNE_FILE") {
+        return (!p.is_empty()).then(|| PathBuf::from(p));
+    }
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    let base = if let Some(x) = var("XDG_CACHE_HOME") {
+        x
+    } else if cfg!(target_os = "windows") {
+        var("LOCALAPPDATA")?
+    } else if cfg!(target_os = "macos") {
+        var("HOME")?.join("Library").join("Caches")
+    } else {
+        var("HOME")?.join(".cache")
+    };
+    Some(base.join("posattn").join("tune.json"))
+}
+
+impl TuneFile {
+    /// Reads `path`; a missing file is an empty one.
+    pub fn read(path: &Path) -> crate::Result<Self> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(TuneFile {
+                    format: TUNE_FORMAT,
+                    entries: Vec::new(),
+                });
+            }
+            Err(e) => {
+                return Err(crate::Error::invalid(
+                    "tune file",
+                    "a readable file",
+                    format!("{}: {e}", path.display()),
+                ));
+            }
+        };
+        let file: TuneFile = serde_json::from_str(&text).map_err(|e| {
+            crate::Error::invalid(
+                "tune file",
+                "a posattn tuning file",
+                format!("{}: {e}", path.display()),
+            )
+        })?;
+        if file.format != TUNE_FORMAT {
+            return Err(crate::Error::invalid(
+                "tune file.format",
+                TUNE_FORMAT.to_string(),
+                file.format,
+            ));
+        }
+        for e in &file.entries {
+            for (&d, &r) in &e.rows {
+                if !crate::kernel::ROWS_CHOICES.contains(&r) {
+                    return Err(crate::Error::invalid(
+                        "tune file.rows",
+                        format!("one of {:?} (head_dim {d})", crate::kernel::ROWS_CHOICES),
+                        r,
+                    ));
+                }
+            }
+        }
+        Ok(file)
+    }
+
+    /// The entry for `key`.
+    pub fn find(&self, key: &TuneKey) -> Option<&TuneEntry> {
+        self.entries.iter().find(|e| &e.key == key)
+    }
+
+    /// Replaces the entry with the same key, or adds it.
+    pub fn upsert(&mut self, entry: TuneEntry) {
+        self.entries.retain(|e| e.key != entry.key);
+        self.entries.push(entry);
+    }
+
+    /// Writes the file, creating its folder.
+    pub fn write(&self, path: &Path) -> crate::Result<()> {
+        let fail = |e: std::io::Error| {
+            crate::Error::invalid(
+                "tune file",
+                "a writable file",
+                format!("{}: {e}", path.display()),
+            )
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(fail)?;
+        }
+        let text = serde_json::to_string_pretty(self)
+            .map_err(|e| crate::Error::invalid("tune file", "serialisable", e))?;
+        std::fs::write(path, text).map_err(fail)
+    }
+}
+
+/// The stored rows for `info`, by head size, from the default file (empty when there is none or
+/// it cannot be read: the heuristic applies).
+pub fn stored_rows(info: &wgpu::AdapterInfo) -> BTreeMap<u32, u32> {
+    default_path()
+        .and_then(|p| TuneFile::read(&p).ok())
+        .and_then(|f| f.find(&TuneKey::of(info)).map(|e| e.rows.clone()))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(adapter: &str, rows: u32) -> TuneEntry {
+        TuneEntry {
+            key: TuneKey {
+                adapter: adapter.into(),
+                backend: "Vulkan".into(),
+                vendor: 1,
+                device: 2,
+                driver: "d".into(),
+                driver_info: "i".into(),
+                crate_version: env!("CARGO_PKG_VERSION").into(),
+            },
+            rows: BTreeMap::from([(64, rows)]),
+            measured: BTreeMap::from([(64, vec![(1, 2.0), (rows, 1.0)])]),
+            shape: (8, 512),
+        }
+    }
+
+    #[test]
+    fn round_trip_upsert_and_bad_rows() {
+        let dir = std::env::temp_dir().join(format!("posattn-tune-{}", std::process::id()));
+        let path = dir.join("tune.json");
+        let mut f = TuneFile::read(&path).unwrap();
+        assert!(f.entries.is_empty());
+        f.upsert(entry("a", 8));
+        f.upsert(entry("b", 2));
+        f.upsert(entry("a", 4));
+        f.write(&path).unwrap();
+        let g = TuneFile::read(&path).unwrap();
+        assert_eq!(g.entries.len(), 2);
+        assert_eq!(g.find(&entry("a", 0).key).unwrap().rows[&64], 4);
+        // Rows no plan can be built with, an unknown key and another format are errors.
+        std::fs::write(
+            &path,
+            serde_json::to_string(&TuneFile {
+                format: TUNE_FORMAT,
+                entries: vec![entry("a", 3)],
+            })
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            TuneFile::read(&path).unwrap_err().field(),
+            Some("tune file.rows")
+        );
+        std::fs::write(&path, r#"{"format": 1, "entries": [], "extra": 0}"#).unwrap();
+        assert_eq!(
+            TuneFile::read(&path).unwrap_err().field(),
+            Some("tune file")
+        );
+        std::fs::write(&path, r#"{"format": 2, "entries": []}"#).unwrap();
+        assert_eq!(
+            TuneFile::read(&path).unwrap_err().field(),
+            Some("tune file.format")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,62 @@
+//! A stored tuning reaches the context: with POSATTN_TUNE_FILE naming a file that holds an entry
+//! for the adapter, `Context` takes its rows for that head size and the heuristic for the others;
+//! an entry for another crate version is ignored. No kernel is compiled. (One test in its own
+//! binary, since it sets an environment variable.)
+
+use std::collections::BTreeMap;
+
+use posattn::tune::{TuneEntry, TuneFile, TuneKey};
+use posattn::{Context, ContextOptions};
+
+#[test]
+fn stored_rows_reach_the_context_for_their_adapter_only() {
+    let dir = std::env::temp_dir().join(format!("posattn-tune-test-{}", std::process::id()));
+    let path = dir.join("tune.json");
+    // SAFETY: this binary's only test; nothing else reads the environment concurrently.
+    unsafe { std::env::set_var("POSATTN_TUNE_FILE", &path) };
+    let Some(adapter) = posattn::enumerate_adapters(&ContextOptions::default())
+        .into_iter()
+        .next()
+    else {
+        println!("no adapter: the tuning test did not run");
+        return;
+    };
+    let info = adapter.get_info();
+    let heuristic = Context::from_adapter(&adapter).unwrap();
+    assert_eq!(heuristic.rows_source(64), "heuristic");
+    // A rows count the heuristic does not pick at head_dim 64 on this adapter.
+    let pick = if heuristic.rows_per_invocation(64) == 2 {
+        4
+    } else {
+        2
+    };
+    let mut other_version = TuneKey::of(&info);
+    other_version.crate_version = "0.0.0-other".into();
+    let mut file = TuneFile {
+        format: posattn::tune::TUNE_FORMAT,
+        entries: Vec::new(),
+    };
+    for (key, rows) in [(TuneKey::of(&info), pick), (other_version.clone(), 1)] {
+        file.upsert(TuneEntry {
+            key,
+            rows: BTreeMap::from([(64, rows)]),
+            measured: BTreeMap::from([(64, vec![(rows, 1.0)])]),
+            shape: (8, 512),
+        });
+    }
+    file.write(&path).unwrap();
+    let tuned = Context::from_adapter(&adapter).unwrap();
+    assert_eq!(tuned.rows_per_invocation(64), pick);
+    assert_eq!(tuned.rows_source(64), "tuned");
+    assert_eq!(
+        tuned.rows_per_invocation(128),
+        heuristic.rows_per_invocation(128)
+    );
+    assert_eq!(tuned.rows_source(128), "heuristic");
+    // Only the other version's entry: the heuristic again.
+    file.entries.retain(|e| e.key == other_version);
+    file.write(&path).unwrap();
+    let other = Context::from_adapter(&adapter).unwrap();
+    assert_eq!(other.rows_source(64), "heuristic");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
