@@ -387,7 +387,13 @@ pub fn parse_spec(
 ) -> Result<AttentionSpec> {
     let [batch, seq_q, seq_k, heads, kv_heads, head_dim] = shape;
     let file: SpecFile = json::from_str("spec", "", text)?;
-    let mut spec = AttentionSpec::new(batch, seq_q, seq_k, heads, head_dim).with_kv_heads(kv_heads);
+    let mut spec = AttentionSpec::default()
+        .with_batch(batch)
+        .with_seq_q(seq_q)
+        .with_seq_k(seq_k)
+        .with_heads(heads)
+        .with_head_dim(head_dim)
+        .with_kv_heads(kv_heads);
     if let Some(c) = file.causal {
         spec.causal = c;
     }

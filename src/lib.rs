@@ -6,7 +6,7 @@
 //! ```no_run
 //! use posattn::{AttentionSpec, Context, PositionEncoding, Rope};
 //! let ctx = Context::new()?;
-//! let spec = AttentionSpec::new(1, 128, 128, 8, 64)
+//! let spec = AttentionSpec::default().with_seq_len(128).with_heads(8)
 //!     .with_kv_heads(2)
 //!     .with_position(PositionEncoding::Rope(Rope::new(10000.0)));
 //! let (q, k, v) = (vec![0.1; spec.q_len()], vec![0.2; spec.kv_len()], vec![0.3; spec.kv_len()]);
@@ -15,6 +15,7 @@
 //! ```
 
 pub mod attention;
+mod binding;
 pub mod config;
 pub mod context;
 pub mod decode;
@@ -38,6 +39,7 @@ mod plan;
 pub mod spec;
 
 pub use attention::{Attention, AttentionBuffers};
+pub use binding::IntoBinding;
 pub use config::{HfConfigFile, HfDefaults, LlamaCppRope, RopeConfig};
 pub use context::{Context, ContextOptions, describe_adapter, enumerate_adapters};
 pub use decode::{DecodeBuffers, DecodePlan, DecodeSpec, KvCache};
@@ -51,3 +53,5 @@ pub use encoding::relative::{Fire, Kerple, KerpleForm, Sandwich, T5Bias};
 pub use encoding::scaling::{LongRope, RopeFrequencies, RopeScaling, Yarn, rope_frequencies};
 pub use error::{Error, Result};
 pub use spec::{AttentionSpec, SUPPORTED_HEAD_DIMS};
+/// The wgpu this crate is built against: use it to match versions with an engine's own.
+pub use wgpu;

@@ -34,7 +34,10 @@ fn required(name: &str) -> bool {
 
 /// The one small case every invariant uses (one kernel to compile per adapter).
 fn spec() -> AttentionSpec {
-    AttentionSpec::new(1, 24, 24, 2, 64).with_position(PositionEncoding::Rope(Rope::new(10000.0)))
+    AttentionSpec::default()
+        .with_seq_len(24)
+        .with_heads(2)
+        .with_position(PositionEncoding::Rope(Rope::new(10000.0)))
 }
 
 fn inputs(seed: u64) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
@@ -67,11 +70,11 @@ fn within_time<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'st
 }
 
 fn contexts(backends: wgpu::Backends, name: &str) -> Vec<wgpu::Adapter> {
-    let adapters = enumerate_adapters(&ContextOptions {
-        backends,
-        adapter_name: None,
-        ..ContextOptions::default()
-    });
+    let adapters = enumerate_adapters(
+        &ContextOptions::default()
+            .with_backends(backends)
+            .with_adapter_name(None),
+    );
     if adapters.is_empty() {
         assert!(
             !required(name),
@@ -162,15 +165,7 @@ fn destroyed_buffers_are_a_typed_error(ctx: &Context) {
             })
     };
     let (qb, kb, vb, ob) = (mk(&q), mk(&k), mk(&v), mk(&q));
-    let bufs = AttentionBuffers {
-        q: &qb,
-        k: &kb,
-        v: &vb,
-        out: &ob,
-        positions_q: None,
-        positions_k: None,
-        bias: None,
-    };
+    let bufs = AttentionBuffers::new(&qb, &kb, &vb, &ob);
     let mut enc = ctx.device().create_command_encoder(&Default::default());
     plan.encode(ctx, &mut enc, &bufs)
         .expect("live buffers encode");

@@ -161,8 +161,10 @@ fn dynamic_ntk_uses_the_current_length_for_every_key() {
     let ctx = Context::from_adapter(&adapter).unwrap();
     // Keys 2000..2069: the sequence crosses 2048, so the table is the one at length 2070.
     let rope = after.to_rope(10000.0, RopeLayout::Half);
-    let spec =
-        AttentionSpec::new(1, 70, 70, 2, 64).with_position(posattn::PositionEncoding::Rope(rope));
+    let spec = AttentionSpec::default()
+        .with_seq_len(70)
+        .with_heads(2)
+        .with_position(posattn::PositionEncoding::Rope(rope));
     let case = Case::new("dynamic_ntk_crossing_2048", spec).with_positions(Positions::Offset(2000));
     let r = run_case(&ctx, &case);
     println!(

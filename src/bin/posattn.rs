@@ -550,7 +550,13 @@ fn run(a: RunArgs, backend: Option<Backend>, adapter: Option<String>) -> posattn
             format!("{:?}", v.shape),
         ));
     }
-    let probe = posattn::AttentionSpec::new(b, sq, sk, h, d).with_kv_heads(hkv);
+    let probe = posattn::AttentionSpec::default()
+        .with_batch(b)
+        .with_seq_q(sq)
+        .with_seq_k(sk)
+        .with_heads(h)
+        .with_head_dim(d)
+        .with_kv_heads(hkv);
     let (dq, dk) = probe.default_positions();
     let positions =
         |field, path: &Option<std::path::PathBuf>, seq: u32, default: Vec<i32>| match path {
@@ -920,7 +926,9 @@ fn bench(
             "unfused MiB"
         );
         for &seq in seqs {
-            let spec = posattn::AttentionSpec::new(1, seq, seq, 8, 64)
+            let spec = posattn::AttentionSpec::default()
+                .with_seq_len(seq)
+                .with_heads(8)
                 .with_position(posattn::PositionEncoding::Rope(posattn::Rope::new(10000.0)));
             let mut rng = check::SplitMix::new(seq as u64);
             let mk = |n: usize, rng: &mut check::SplitMix| {
@@ -937,15 +945,7 @@ fn bench(
                 mk(spec.kv_len(), &mut rng),
                 mk(spec.q_len(), &mut rng),
             );
-            let bufs = posattn::AttentionBuffers {
-                q: &q,
-                k: &k,
-                v: &v,
-                out: &o,
-                positions_q: None,
-                positions_k: None,
-                bias: None,
-            };
+            let bufs = posattn::AttentionBuffers::new(&q, &k, &v, &o);
             let io = (q.size() + k.size() + v.size() + o.size()) as f64;
             let mib = |b: f64| b / (1024.0 * 1024.0);
             let gf = |ms: f64| spec.flops() / (ms * 1e-3) / 1e9;
@@ -1003,7 +1003,9 @@ fn bench_dtypes(ctx: &Context, seqs: &[u32], runs: usize) -> posattn::Result<()>
     }
     println!();
     for &seq in seqs {
-        let base = posattn::AttentionSpec::new(1, seq, seq, 8, 64)
+        let base = posattn::AttentionSpec::default()
+            .with_seq_len(seq)
+            .with_heads(8)
             .with_position(posattn::PositionEncoding::Rope(posattn::Rope::new(10000.0)));
         let mut rng = check::SplitMix::new(seq as u64);
         let (q, k, v) = (
@@ -1029,15 +1031,7 @@ fn bench_dtypes(ctx: &Context, seqs: &[u32], runs: usize) -> posattn::Result<()>
         // Warm-up, then rounds of one timed run per form.
         for round in 0..=runs {
             for (plan, (q, k, v, o), times) in setups.iter_mut() {
-                let bufs = posattn::AttentionBuffers {
-                    q,
-                    k,
-                    v,
-                    out: o,
-                    positions_q: None,
-                    positions_k: None,
-                    bias: None,
-                };
+                let bufs = posattn::AttentionBuffers::new(&*q, &*k, &*v, &*o);
                 let (_, t) = time_encoded(ctx, 1, |e| plan.encode(ctx, e, &bufs))?;
                 if round > 0 {
                     times.extend(t);

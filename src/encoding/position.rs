@@ -35,6 +35,13 @@ pub struct Rope {
     pub inv_freq: Option<Vec<f64>>,
 }
 
+impl Default for Rope {
+    /// Plain RoPE with the usual base of 10000 (`Rope::new(10000.0)`).
+    fn default() -> Self {
+        Rope::new(10000.0)
+    }
+}
+
 impl Rope {
     /// Plain RoPE in the half layout over the whole head with the given base.
     pub fn new(theta: f64) -> Self {
@@ -94,7 +101,7 @@ pub enum AlibiForm {
     Symmetric,
 }
 
-/// Attention with linear biases (Press et al. 2022).
+/// Attention with linear biases (Press et al. 2022). `Default`: the standard slopes, causal form.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Alibi {
     pub slopes: AlibiSlopes,
@@ -111,6 +118,15 @@ pub struct Xpos {
     pub theta: f64,
     /// γ, 512 in torchscale.
     pub scale_base: f64,
+}
+
+impl Default for Alibi {
+    fn default() -> Self {
+        Alibi {
+            slopes: AlibiSlopes::Standard,
+            form: AlibiForm::Causal,
+        }
+    }
 }
 
 impl Default for Xpos {

@@ -663,7 +663,9 @@ pub fn conformance_cases() -> Vec<Case> {
         for causal in [true, false] {
             for (gname, kv) in [("mha", 4), ("gqa", 2), ("mqa", 1)] {
                 let mask = if causal { "causal" } else { "bidir" };
-                let spec = AttentionSpec::new(1, 37, 37, heads, 64)
+                let spec = AttentionSpec::default()
+                    .with_seq_len(37)
+                    .with_heads(heads)
                     .with_kv_heads(kv)
                     .with_causal(causal)
                     .with_position(enc.clone());
@@ -692,7 +694,10 @@ pub fn conformance_cases() -> Vec<Case> {
         ] {
             for causal in [true, false] {
                 let mask = if causal { "causal" } else { "bidir" };
-                let spec = AttentionSpec::new(1, sq, sk, 2, 64)
+                let spec = AttentionSpec::default()
+                    .with_seq_q(sq)
+                    .with_seq_k(sk)
+                    .with_heads(2)
                     .with_kv_heads(1)
                     .with_causal(causal)
                     .with_position(enc.clone());
@@ -712,7 +717,11 @@ pub fn conformance_cases() -> Vec<Case> {
     ] {
         for enc_name in ["rope_half", "alibi_symmetric", "xpos"] {
             let enc = encoding(enc_name, 4);
-            let spec = AttentionSpec::new(3, 40, 70, 4, 64)
+            let spec = AttentionSpec::default()
+                .with_batch(3)
+                .with_seq_q(40)
+                .with_seq_k(70)
+                .with_heads(4)
                 .with_kv_heads(2)
                 .with_position(enc);
             cases.push(
@@ -728,7 +737,11 @@ pub fn conformance_cases() -> Vec<Case> {
             ("rope_half", rope()),
             ("alibi_causal", encoding("alibi_causal", 2)),
         ] {
-            let spec = AttentionSpec::new(1, 50, 50, 2, d).with_position(enc);
+            let spec = AttentionSpec::default()
+                .with_seq_len(50)
+                .with_heads(2)
+                .with_head_dim(d)
+                .with_position(enc);
             cases.push(
                 Case::new(format!("{ename}_causal_s50_d{d}"), spec).tagged(Group::HeadDims, ename),
             );
@@ -739,7 +752,10 @@ pub fn conformance_cases() -> Vec<Case> {
         ("nan_masked_v", NanPlant::MaskedValue),
         ("nan_masked_k", NanPlant::MaskedKey),
     ] {
-        let spec = AttentionSpec::new(1, 70, 70, 2, 64).with_position(rope());
+        let spec = AttentionSpec::default()
+            .with_seq_len(70)
+            .with_heads(2)
+            .with_position(rope());
         cases.push(
             Case::new(format!("rope_causal_s70_{nname}"), spec)
                 .with_nan(nan)
@@ -750,7 +766,9 @@ pub fn conformance_cases() -> Vec<Case> {
     for (ename, enc) in scaling_encodings() {
         for causal in [true, false] {
             let mask = if causal { "causal" } else { "bidir" };
-            let spec = AttentionSpec::new(1, 70, 70, 4, 64)
+            let spec = AttentionSpec::default()
+                .with_seq_len(70)
+                .with_heads(4)
                 .with_kv_heads(2)
                 .with_causal(causal)
                 .with_position(enc.clone());
@@ -764,7 +782,11 @@ pub fn conformance_cases() -> Vec<Case> {
     for (ename, enc) in [("none", PositionEncoding::None), ("rope_half", rope())] {
         for causal in [true, false] {
             let mask = if causal { "causal" } else { "bidir" };
-            let spec = AttentionSpec::new(2, 40, 70, 4, 64)
+            let spec = AttentionSpec::default()
+                .with_batch(2)
+                .with_seq_q(40)
+                .with_seq_k(70)
+                .with_heads(4)
                 .with_kv_heads(2)
                 .with_causal(causal)
                 .with_logn(32)
@@ -776,7 +798,9 @@ pub fn conformance_cases() -> Vec<Case> {
         }
     }
     // A non-default softmax scale (T5 style: unscaled logits).
-    let spec = AttentionSpec::new(1, 45, 45, 2, 64)
+    let spec = AttentionSpec::default()
+        .with_seq_len(45)
+        .with_heads(2)
         .with_scale(1.0)
         .with_causal(false);
     cases.push(Case::new("none_bidir_s45_d64_scale1", spec).tagged(Group::Scale, "none"));
@@ -839,7 +863,13 @@ pub fn fire(heads: u32) -> PositionEncoding {
 fn bias_and_mask_cases() -> Vec<Case> {
     let mut cases = Vec::new();
     let heads = 4;
-    let base = |sq, sk| AttentionSpec::new(1, sq, sk, heads, 64).with_kv_heads(2);
+    let base = |sq, sk| {
+        AttentionSpec::default()
+            .with_seq_q(sq)
+            .with_seq_k(sk)
+            .with_heads(heads)
+            .with_kv_heads(2)
+    };
     // Relative biases, each causal and bidirectional.
     for (name, enc) in [
         ("t5_bidirectional", t5(32, 128, true, heads)),

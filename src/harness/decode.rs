@@ -213,7 +213,11 @@ pub fn decode_cases() -> Vec<DecodeCase> {
     let mut cases = Vec::new();
     let spec = |batch, max_q, cap, heads, kv| {
         DecodeSpec::new(
-            AttentionSpec::new(batch, max_q, cap, heads, 64)
+            AttentionSpec::default()
+                .with_batch(batch)
+                .with_seq_q(max_q)
+                .with_seq_k(cap)
+                .with_heads(heads)
                 .with_kv_heads(kv)
                 .with_position(rope()),
         )
@@ -249,7 +253,11 @@ pub fn decode_cases() -> Vec<DecodeCase> {
     // Every encoding, bidirectional as well as causal for one.
     for (name, enc) in encodings(4) {
         let s = DecodeSpec::new(
-            AttentionSpec::new(2, 3, 200, 4, 64)
+            AttentionSpec::default()
+                .with_batch(2)
+                .with_seq_q(3)
+                .with_seq_k(200)
+                .with_heads(4)
                 .with_kv_heads(2)
                 .with_position(enc),
         );
@@ -276,7 +284,11 @@ pub fn decode_cases() -> Vec<DecodeCase> {
         ),
     ] {
         let s = DecodeSpec::new(
-            AttentionSpec::new(2, 3, 200, 4, 64)
+            AttentionSpec::default()
+                .with_batch(2)
+                .with_seq_q(3)
+                .with_seq_k(200)
+                .with_heads(4)
                 .with_kv_heads(2)
                 .with_position(enc),
         );
@@ -288,7 +300,11 @@ pub fn decode_cases() -> Vec<DecodeCase> {
     }
     // Features: softcap, sink logits, log-n scaling, bidirectional.
     let base = || {
-        AttentionSpec::new(2, 2, 600, 4, 64)
+        AttentionSpec::default()
+            .with_batch(2)
+            .with_seq_q(2)
+            .with_seq_k(600)
+            .with_heads(4)
             .with_kv_heads(2)
             .with_position(rope())
     };
@@ -327,7 +343,11 @@ pub fn decode_cases() -> Vec<DecodeCase> {
     // Ring caches: window + max_q slots (+ sinks), far more tokens than slots.
     let ring = |sinks: u32, window: u32, max_q: u32| {
         DecodeSpec::new(
-            AttentionSpec::new(2, max_q, sinks + window + max_q, 4, 64)
+            AttentionSpec::default()
+                .with_batch(2)
+                .with_seq_q(max_q)
+                .with_seq_k(sinks + window + max_q)
+                .with_heads(4)
                 .with_kv_heads(2)
                 .with_position(rope())
                 .with_window(Window::recent(window))
@@ -362,7 +382,11 @@ pub fn decode_cases() -> Vec<DecodeCase> {
         cases.push(DecodeCase::new(
             format!("decode_{name}_b2_split2"),
             DecodeSpec::new(
-                AttentionSpec::new(2, 4, 600, 4, 64)
+                AttentionSpec::default()
+                    .with_batch(2)
+                    .with_seq_q(4)
+                    .with_seq_k(600)
+                    .with_heads(4)
                     .with_kv_heads(2)
                     .with_position(rope())
                     .with_dtypes(dtypes),
@@ -384,7 +408,11 @@ pub fn decode_cases() -> Vec<DecodeCase> {
         cases.push(DecodeCase::new(
             format!("decode_{name}"),
             DecodeSpec::new(
-                AttentionSpec::new(2, 4, 400, 4, 64)
+                AttentionSpec::default()
+                    .with_batch(2)
+                    .with_seq_q(4)
+                    .with_seq_k(400)
+                    .with_heads(4)
                     .with_kv_heads(2)
                     .with_position(enc),
             )
@@ -409,7 +437,12 @@ pub fn decode_quick_cases() -> Vec<DecodeCase> {
 /// query per sequence against `cache` keys, every sequence full.
 pub fn bench_spec(batch: u32, cache: u32) -> DecodeSpec {
     DecodeSpec::new(
-        AttentionSpec::new(batch, 1, cache, 32, 128)
+        AttentionSpec::default()
+            .with_batch(batch)
+            .with_seq_q(1)
+            .with_seq_k(cache)
+            .with_heads(32)
+            .with_head_dim(128)
             .with_kv_heads(8)
             .with_position(crate::PositionEncoding::Rope(crate::Rope::new(500000.0))),
     )
@@ -455,28 +488,14 @@ impl DecodeSetup {
     }
 
     pub fn buffers(&self) -> crate::decode::DecodeBuffers<'_> {
-        crate::decode::DecodeBuffers {
-            q: &self.q,
-            k_cache: &self.k,
-            v_cache: &self.v,
-            positions: Some(&self.positions),
-            lengths: &self.lengths,
-            out: &self.out,
-        }
+        crate::decode::DecodeBuffers::new(&self.q, &self.k, &self.v, &self.lengths, &self.out)
+            .with_positions(&self.positions)
     }
 
     /// The same tensors as a prefill call with seq_q = 1 (the cache is full, so it is
     /// contiguous `[batch, cache, kv_heads, head_dim]`).
     pub fn prefill_buffers(&self) -> crate::AttentionBuffers<'_> {
-        crate::AttentionBuffers {
-            q: &self.q,
-            k: &self.k,
-            v: &self.v,
-            out: &self.out,
-            positions_q: None,
-            positions_k: None,
-            bias: None,
-        }
+        crate::AttentionBuffers::new(&self.q, &self.k, &self.v, &self.out)
     }
 }
 
