@@ -151,7 +151,8 @@ fn two_threads_share_a_context(ctx: &std::sync::Arc<Context>) {
     );
 }
 
-/// A plan given buffers that were destroyed: a typed error from `encode`, no panic.
+/// A plan given buffers that were destroyed: a validation error at submission for a set whose
+/// bind group the plan keeps, a typed error from `encode` for a new set; never a panic.
 fn destroyed_buffers_are_a_typed_error(ctx: &Context) {
     let s = spec();
     let plan = Attention::new(ctx, &s).unwrap();
@@ -171,6 +172,20 @@ fn destroyed_buffers_are_a_typed_error(ctx: &Context) {
         .expect("live buffers encode");
     drop(enc);
     kb.destroy();
+    // The set's bind group is kept by the plan, so recording it again checks nothing on the
+    // host (the hot path); the destroyed buffer surfaces when the commands are finished or
+    // submitted, as a wgpu validation error in the caller's scope.
+    let mut enc = ctx.device().create_command_encoder(&Default::default());
+    plan.encode(ctx, &mut enc, &bufs)
+        .expect("a kept set records without checks");
+    let scope = ctx.device().push_error_scope(wgpu::ErrorFilter::Validation);
+    ctx.queue().submit([enc.finish()]);
+    match pollster::block_on(scope.pop()) {
+        Some(e) => println!("  destroyed input buffer in a kept set: at submission: {e}"),
+        None => panic!("a destroyed input buffer was submitted without a validation error"),
+    }
+    // A set not seen before gets its bind group made in an error scope: a typed error.
+    plan.clear_bind_groups();
     let mut enc = ctx.device().create_command_encoder(&Default::default());
     match plan.encode(ctx, &mut enc, &bufs) {
         Err(Error::Wgpu { during, message }) => {
