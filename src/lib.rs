@@ -36,6 +36,8 @@ pub mod kernel;
 mod kernel;
 pub mod lse;
 mod plan;
+#[cfg(feature = "cli")]
+pub mod plot;
 pub mod spec;
 
 pub use attention::{Attention, AttentionBuffers};

@@ -135,6 +135,17 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Lang::Wgsl)]
         lang: Lang,
     },
+    /// Draw what a position scheme does into a PNG: its logit against relative distance and
+    /// one head's attention weights over a long sequence with and without each extrapolation
+    /// method, computed by the f64 reference. Needs no adapter.
+    Plot {
+        /// One of rope, linear, ntk, dynamic, yarn, longrope, llama3, alibi, xpos, t5, kerple,
+        /// sandwich, fire, all.
+        #[arg(long)]
+        scheme: String,
+        #[arg(long, value_name = "FILE")]
+        out: std::path::PathBuf,
+    },
     /// List adapters with the limits and features that matter to this crate.
     Info {
         #[arg(long, value_enum)]
@@ -1107,6 +1118,16 @@ fn main() -> ExitCode {
             json,
         } => check(backend, adapter, quick, full, filter, dtype, verbose, json),
         Command::Info { backend } => info(backend),
+        Command::Plot { scheme, out } => match posattn::plot::draw(&scheme, &out) {
+            Ok(()) => {
+                println!("wrote {}", out.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Shaders { out, lang } => shaders(&out, lang),
         Command::Bench {
             backend,
