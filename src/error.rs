@@ -5,6 +5,7 @@ use std::time::Duration;
 
 /// Everything that can go wrong in this crate.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The request is invalid: `field` does not hold what was expected.
     #[error("invalid `{field}`: expected {expected}, got {got}")]

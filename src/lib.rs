@@ -14,6 +14,8 @@
 //! # Ok::<(), posattn::Error>(())
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod attention;
 mod binding;
 pub mod config;

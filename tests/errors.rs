@@ -63,17 +63,15 @@ fn shape_errors_name_their_field() {
             "rope.attention_factor",
         ),
         (
-            base().with_position(PositionEncoding::Rope(Rope {
-                inv_freq: Some(vec![1.0; 3]),
-                ..Rope::new(1e4)
-            })),
+            base().with_position(PositionEncoding::Rope(
+                Rope::new(1e4).with_inv_freq(vec![1.0; 3]),
+            )),
             "rope.inv_freq",
         ),
         (
-            base().with_position(PositionEncoding::Rope(Rope {
-                inv_freq: Some(vec![f64::NAN; 32]),
-                ..Rope::new(1e4)
-            })),
+            base().with_position(PositionEncoding::Rope(
+                Rope::new(1e4).with_inv_freq(vec![f64::NAN; 32]),
+            )),
             "rope.inv_freq",
         ),
         (
@@ -91,10 +89,7 @@ fn shape_errors_name_their_field() {
             "alibi.slopes",
         ),
         (
-            base().with_position(PositionEncoding::Xpos(Xpos {
-                scale_base: 0.0,
-                ..Xpos::default()
-            })),
+            base().with_position(PositionEncoding::Xpos(Xpos::default().with_scale_base(0.0))),
             "xpos.scale_base",
         ),
     ];
@@ -161,23 +156,26 @@ fn bias_mask_and_extrapolation_errors_name_their_field() {
             "fire.w1",
         ),
         (
-            base().with_position(PositionEncoding::Fire(Fire {
-                b2: vec![0.0; 3],
-                ..fire(32, 4)
+            base().with_position(PositionEncoding::Fire({
+                let mut f = fire(32, 4);
+                f.b2 = vec![0.0; 3];
+                f
             })),
             "fire.b2",
         ),
         (
-            base().with_position(PositionEncoding::Fire(Fire {
-                w2: vec![0.0; 32],
-                ..fire(32, 4)
+            base().with_position(PositionEncoding::Fire({
+                let mut f = fire(32, 4);
+                f.w2 = vec![0.0; 32];
+                f
             })),
             "fire.w2",
         ),
         (
-            base().with_position(PositionEncoding::Fire(Fire {
-                c: f32::INFINITY,
-                ..fire(32, 4)
+            base().with_position(PositionEncoding::Fire({
+                let mut f = fire(32, 4);
+                f.c = f32::INFINITY;
+                f
             })),
             "fire.c",
         ),

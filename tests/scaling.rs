@@ -97,14 +97,7 @@ fn invalid_scaling_parameters_name_their_field() {
         )),
         "factor"
     );
-    let long = LongRope {
-        short_factor: vec![1.0; 3],
-        long_factor: vec![1.0; 32],
-        factor: None,
-        original_max_position_embeddings: 4096,
-        max_position_embeddings: 131072,
-        attention_factor: None,
-    };
+    let long = LongRope::new(vec![1.0; 3], vec![1.0; 32], 4096, 131072);
     assert_eq!(
         field(rope_frequencies(
             1e4,

@@ -36,6 +36,7 @@ impl Window {
 /// How keys seen only through the sink rule (index below `sink_tokens`, outside the window) are
 /// positioned, and which RoPE scores are rectified. Each needs RoPE.
 #[derive(Clone, Debug, PartialEq, Default)]
+#[non_exhaustive]
 pub enum Extrapolation {
     #[default]
     None,

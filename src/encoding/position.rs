@@ -21,6 +21,7 @@ pub enum RopeLayout {
 
 /// Rotary position embedding (Su et al.), applied to queries and keys inside the kernel.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct Rope {
     pub layout: RopeLayout,
     /// Channels that rotate (even, at most head_dim); the rest pass through. `None` = head_dim.
@@ -69,6 +70,12 @@ impl Rope {
         self
     }
 
+    /// Uses explicit inverse frequencies (`rotary_dim / 2` of them) instead of `theta`'s.
+    pub fn with_inv_freq(mut self, inv_freq: Vec<f64>) -> Self {
+        self.inv_freq = Some(inv_freq);
+        self
+    }
+
     /// The rotary dimension for a head of `head_dim` channels.
     pub fn rotary_dim(&self, head_dim: u32) -> u32 {
         self.rotary_dim.unwrap_or(head_dim)
@@ -111,6 +118,7 @@ pub struct Alibi {
 /// xPos (Sun et al. 2022) as torchscale defines it: RoPE whose pair i is scaled by
 /// `ζ_i^(m/γ)` for queries and `ζ_i^(−n/γ)` for keys, `ζ_i = (2i + 0.4d) / (1.4d)`.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct Xpos {
     /// torchscale rotates every two channels (interleaved); lucidrains' rotary-embedding-torch
     /// uses the half layout.
@@ -129,6 +137,26 @@ impl Default for Alibi {
     }
 }
 
+impl Xpos {
+    /// Sets γ (`scale_base`).
+    pub fn with_scale_base(mut self, scale_base: f64) -> Self {
+        self.scale_base = scale_base;
+        self
+    }
+
+    /// Sets the channel layout.
+    pub fn with_layout(mut self, layout: RopeLayout) -> Self {
+        self.layout = layout;
+        self
+    }
+
+    /// Sets the frequency base.
+    pub fn with_theta(mut self, theta: f64) -> Self {
+        self.theta = theta;
+        self
+    }
+}
+
 impl Default for Xpos {
     fn default() -> Self {
         Xpos {
@@ -141,6 +169,7 @@ impl Default for Xpos {
 
 /// The position encoding fused into the attention kernel.
 #[derive(Clone, Debug, PartialEq, Default)]
+#[non_exhaustive]
 pub enum PositionEncoding {
     #[default]
     None,

@@ -51,6 +51,7 @@ pub struct Sandwich {
 /// FIRE (Li et al. 2024): `b(m, n) = MLP(ln(|c·Δ| + 1) / (ln(|c·max(m, L)| + 1) + 1e-6))` with
 /// MLP = Linear(1, W) → ReLU → Linear(W, H) (W = 32 in the paper). Weights in PyTorch's layout.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct Fire {
     /// The learned `c` (initialised at 0.1).
     pub c: f32,

@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 
 /// YaRN (Peng et al. 2023) as transformers computes it.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct Yarn {
     /// Context extension factor; `None` means max_position_embeddings / original (DeepSeek-V3).
     pub factor: Option<f64>,
@@ -28,8 +29,29 @@ pub struct Yarn {
     pub truncate: bool,
 }
 
+impl Yarn {
+    /// YaRN extending `original_max_position_embeddings` by `factor`, with transformers'
+    /// defaults for the rest (beta_fast 32, beta_slow 1, no mscale, derived attention factor,
+    /// truncated correction range, max_position_embeddings = factor × original); set the public
+    /// fields to change them.
+    pub fn new(factor: f64, original_max_position_embeddings: u64) -> Self {
+        Yarn {
+            factor: Some(factor),
+            original_max_position_embeddings,
+            max_position_embeddings: (factor * original_max_position_embeddings as f64) as u64,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            mscale: None,
+            mscale_all_dim: None,
+            attention_factor: None,
+            truncate: true,
+        }
+    }
+}
+
 /// LongRoPE (Ding et al. 2024; Phi-3) as transformers computes it.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct LongRope {
     /// Per-pair rescale factors used up to the original context (rotary_dim / 2 of them).
     pub short_factor: Vec<f64>,
@@ -42,8 +64,30 @@ pub struct LongRope {
     pub attention_factor: Option<f64>,
 }
 
+impl LongRope {
+    /// LongRoPE with its two factor tables, the original context and the extended one; the
+    /// factor follows from them and the attention factor from the factor (set the public fields
+    /// to give either).
+    pub fn new(
+        short_factor: Vec<f64>,
+        long_factor: Vec<f64>,
+        original_max_position_embeddings: u64,
+        max_position_embeddings: u64,
+    ) -> Self {
+        LongRope {
+            short_factor,
+            long_factor,
+            factor: None,
+            original_max_position_embeddings,
+            max_position_embeddings,
+            attention_factor: None,
+        }
+    }
+}
+
 /// A RoPE scaling scheme.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub enum RopeScaling {
     /// `1 / theta^(2i / r)`.
     Default,
