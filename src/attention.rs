@@ -319,6 +319,7 @@ impl Attention {
         })
     }
 
+    /// The spec this plan was made for.
     pub fn spec(&self) -> &AttentionSpec {
         &self.spec
     }

@@ -225,14 +225,17 @@ impl Context {
         }
     }
 
+    /// The device (the caller's, or the one this context opened).
     pub fn device(&self) -> &wgpu::Device {
         &self.device
     }
 
+    /// The queue commands are submitted on.
     pub fn queue(&self) -> &wgpu::Queue {
         &self.queue
     }
 
+    /// The adapter the device was opened on, as the device reports it.
     pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
         &self.info
     }

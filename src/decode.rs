@@ -53,6 +53,7 @@ pub struct DecodeSpec {
 }
 
 impl DecodeSpec {
+    /// A decode plan for `attention` (`seq_q` = most new queries per sequence, `seq_k` = cache capacity), not a ring, keys stored unrotated, the default split rule.
     pub fn new(attention: AttentionSpec) -> Self {
         DecodeSpec {
             attention,
@@ -62,16 +63,19 @@ impl DecodeSpec {
         }
     }
 
+    /// Reuses slots: a ring cache keeping the sinks and the window (see the module docs).
     pub fn with_ring(mut self) -> Self {
         self.ring = true;
         self
     }
 
+    /// Keys are stored already rotated (RoPE only): the kernel does not rotate them.
     pub fn with_keys_rotated(mut self) -> Self {
         self.keys_rotated = true;
         self
     }
 
+    /// Splits each row block's keys into `splits` chunks, merged by a second dispatch (overrides [`default_splits`]).
     pub fn with_splits(mut self, splits: u32) -> Self {
         self.splits = Some(splits);
         self
@@ -413,6 +417,7 @@ impl DecodePlan {
         })
     }
 
+    /// The spec this plan was made for.
     pub fn spec(&self) -> &DecodeSpec {
         &self.spec
     }
@@ -727,9 +732,13 @@ pub fn cache_slot(ring: bool, sinks: u32, capacity: u32, i: u32) -> u32 {
 /// append that records copies into the caller's encoder.
 pub struct KvCache {
     spec: DecodeSpec,
+    /// Keys, `[batch, capacity, kv_heads, head_dim]` in the spec's K dtype.
     pub k: wgpu::Buffer,
+    /// Values, laid out like `k`.
     pub v: wgpu::Buffer,
+    /// Position of the token in each slot, i32 `[batch, capacity]`.
     pub positions: wgpu::Buffer,
+    /// (new queries, keys) per sequence, u32 `[batch, 2]`.
     pub lengths: wgpu::Buffer,
     keys: Vec<u32>,
 }

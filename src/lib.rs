@@ -3,16 +3,42 @@
 //! Transformer attention with the position handling fused into the kernel, as WGSL compute
 //! shaders run through wgpu, with an f64 CPU reference that checks every result.
 //!
+//! ## From a device to an attention output
+//!
 //! ```no_run
-//! use posattn::{AttentionSpec, Context, PositionEncoding, Rope};
-//! let ctx = Context::new()?;
-//! let spec = AttentionSpec::default().with_seq_len(128).with_heads(8)
-//!     .with_kv_heads(2)
-//!     .with_position(PositionEncoding::Rope(Rope::new(10000.0)));
-//! let (q, k, v) = (vec![0.1; spec.q_len()], vec![0.2; spec.kv_len()], vec![0.3; spec.kv_len()]);
-//! let out = ctx.attention(&spec, &q, &k, &v, None)?;
-//! # Ok::<(), posattn::Error>(())
+//! use posattn::{Attention, AttentionBuffers, AttentionSpec, Context, PositionEncoding, Rope, wgpu};
+//! # fn guide(device: wgpu::Device, queue: wgpu::Queue,
+//! #          q: &wgpu::Buffer, k: &wgpu::Buffer, v: &wgpu::Buffer, out: &wgpu::Buffer)
+//! #          -> posattn::Result<()> {
+//! let ctx = Context::from_device(device, queue); // your device; the kernel shape is read from it
+//! let spec = AttentionSpec::default() // 128 tokens, 8 query heads over 2 KV heads of 64, RoPE
+//!     .with_seq_len(128).with_heads(8).with_kv_heads(2).with_head_dim(64)
+//!     .with_position(PositionEncoding::Rope(Rope::default()));
+//! let attention = Attention::new(&ctx, &spec)?; // validate, compile (cached), upload the tables
+//! let mut encoder = ctx.device().create_command_encoder(&Default::default());
+//! attention.encode(&ctx, &mut encoder, &AttentionBuffers::new(q, k, v, out))?; // one pass
+//! ctx.queue().submit([encoder.finish()]); // `out` holds softmax(q·kᵀ·scale + positions)·v
+//! # Ok(()) }
 //! ```
+//!
+//! Tensors are contiguous `[batch, seq, heads, head_dim]` storage buffers (f32 unless
+//! [`AttentionSpec::dtypes`] says f16 or bf16). Any of them can be a range of a larger buffer
+//! ([`IntoBinding`]: a `wgpu::BufferBinding` or `wgpu::BufferSlice`);
+//! [`Attention::encode_in_pass`] records into a compute pass of yours instead of opening one.
+//! After the first call with a set of buffers, recording creates nothing and never waits.
+//! Every invalid request is an [`Error`] naming the field.
+//!
+//! - Without a device of your own: [`Context::new`] opens the best adapter, and
+//!   [`Context::attention`] runs on host slices and reads the output back.
+//! - Generation against a KV cache: [`DecodePlan`], [`KvCache`].
+//! - Position schemes: [`PositionEncoding`] (RoPE and its scalings, ALiBi, xPos, T5, KERPLE,
+//!   Sandwich, FIRE, your own WGSL as [`CustomScheme`]), windows, sinks and extrapolation
+//!   methods on [`AttentionSpec`].
+//! - [`wgpu`] is re-exported: `posattn::wgpu` is the version this crate is built against.
+//!
+//! Features: `harness` (the conformance harness, the CPU reference and the kernel
+//! introspection), `cli` (default; the `posattn` command and its plotting, on top of
+//! `harness`). Embedders depend with `default-features = false`.
 
 #![warn(missing_docs)]
 

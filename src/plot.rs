@@ -248,11 +248,14 @@ pub fn distance_curves(name: &str) -> Result<Vec<Curve>> {
         .collect()
 }
 
+/// Turns a spec into one setup of the long-sequence figure.
+pub type Setup = fn(AttentionSpec) -> AttentionSpec;
+
 /// The extrapolation setups of the long-sequence figure for a scheme: none, then (RoPE
 /// family) ReRoPE, LM-Infinite and StreamingLLM with cache-index positions, or (other
 /// schemes) StreamingLLM's sinks and window alone.
-pub fn extrapolations(name: &str) -> Vec<(&'static str, fn(AttentionSpec) -> AttentionSpec)> {
-    let mut v: Vec<(&'static str, fn(AttentionSpec) -> AttentionSpec)> = vec![("none", |s| s)];
+pub fn extrapolations(name: &str) -> Vec<(&'static str, Setup)> {
+    let mut v: Vec<(&'static str, Setup)> = vec![("none", |s| s)];
     if is_rope(name) {
         v.push(("ReRoPE (window 256)", |s| {
             s.with_extrapolation(Extrapolation::ReRope {

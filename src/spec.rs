@@ -156,16 +156,19 @@ impl AttentionSpec {
         self
     }
 
+    /// Key/value heads (a divisor of `num_heads`): GQA, or 1 for MQA.
     pub fn with_kv_heads(mut self, num_kv_heads: u32) -> Self {
         self.num_kv_heads = num_kv_heads;
         self
     }
 
+    /// Turns the causal mask on or off.
     pub fn with_causal(mut self, causal: bool) -> Self {
         self.causal = causal;
         self
     }
 
+    /// Sets the softmax scale (default `1/√head_dim`, 1 for T5).
     pub fn with_scale(mut self, scale: f64) -> Self {
         self.scale = Some(scale);
         self
@@ -177,11 +180,13 @@ impl AttentionSpec {
         self
     }
 
+    /// Sets the position encoding.
     pub fn with_position(mut self, position: PositionEncoding) -> Self {
         self.position = position;
         self
     }
 
+    /// Sets the sliding window.
     pub fn with_window(mut self, window: Window) -> Self {
         self.window = window;
         self
@@ -193,21 +198,25 @@ impl AttentionSpec {
         self
     }
 
+    /// Sets the extrapolation method (RoPE only).
     pub fn with_extrapolation(mut self, extrapolation: Extrapolation) -> Self {
         self.extrapolation = extrapolation;
         self
     }
 
+    /// Caps the logits: `cap · tanh(s / cap)`.
     pub fn with_softcap(mut self, cap: f64) -> Self {
         self.softcap = Some(cap);
         self
     }
 
+    /// Per-head sink logits (one per query head).
     pub fn with_sink_logits(mut self, logits: Vec<f32>) -> Self {
         self.sink_logits = Some(logits);
         self
     }
 
+    /// Expects a caller bias laid out as `layout` with every call.
     pub fn with_bias(mut self, layout: BiasLayout) -> Self {
         self.bias = Some(layout);
         self

@@ -23,6 +23,7 @@ pub enum RopeLayout {
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub struct Rope {
+    /// Which channels form the rotation pairs.
     pub layout: RopeLayout,
     /// Channels that rotate (even, at most head_dim); the rest pass through. `None` = head_dim.
     pub rotary_dim: Option<u32>,
@@ -55,16 +56,19 @@ impl Rope {
         }
     }
 
+    /// Sets the channel layout.
     pub fn with_layout(mut self, layout: RopeLayout) -> Self {
         self.layout = layout;
         self
     }
 
+    /// Rotates only the first `rotary_dim` channels (even, at most head_dim).
     pub fn with_rotary_dim(mut self, rotary_dim: u32) -> Self {
         self.rotary_dim = Some(rotary_dim);
         self
     }
 
+    /// Scales cos and sin by `attention_factor` (the logits by its square).
     pub fn with_attention_factor(mut self, attention_factor: f64) -> Self {
         self.attention_factor = attention_factor;
         self
@@ -111,7 +115,9 @@ pub enum AlibiForm {
 /// Attention with linear biases (Press et al. 2022). `Default`: the standard slopes, causal form.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Alibi {
+    /// The slope of each head.
     pub slopes: AlibiSlopes,
+    /// How a distance becomes a bias.
     pub form: AlibiForm,
 }
 
@@ -123,6 +129,7 @@ pub struct Xpos {
     /// torchscale rotates every two channels (interleaved); lucidrains' rotary-embedding-torch
     /// uses the half layout.
     pub layout: RopeLayout,
+    /// Base of the frequencies.
     pub theta: f64,
     /// γ, 512 in torchscale.
     pub scale_base: f64,
@@ -172,9 +179,13 @@ impl Default for Xpos {
 #[non_exhaustive]
 pub enum PositionEncoding {
     #[default]
+    /// No position encoding.
     None,
+    /// Rotary embedding.
     Rope(Rope),
+    /// Linear biases.
     Alibi(Alibi),
+    /// xPos.
     Xpos(Xpos),
     /// T5's learned relative buckets.
     T5(T5Bias),

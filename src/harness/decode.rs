@@ -18,16 +18,20 @@ use crate::spec::AttentionSpec;
 /// One decode step to check.
 #[derive(Clone, Debug)]
 pub struct DecodeCase {
+    /// The case's name.
     pub name: String,
+    /// The plan's spec.
     pub spec: DecodeSpec,
     /// (new queries, keys) per sequence.
     pub lengths: Vec<(u32, u32)>,
     /// Added to every token's index to give its position.
     pub position_offset: i32,
+    /// Seed of the inputs.
     pub seed: u64,
 }
 
 impl DecodeCase {
+    /// A case of `spec` with these (new queries, keys) per sequence.
     pub fn new(name: impl Into<String>, spec: DecodeSpec, lengths: Vec<(u32, u32)>) -> Self {
         let name = name.into();
         let seed = name.bytes().fold(0xcbf29ce484222325u64, |h, b| {
@@ -42,6 +46,7 @@ impl DecodeCase {
         }
     }
 
+    /// Adds `offset` to every token's position.
     pub fn with_position_offset(mut self, offset: i32) -> Self {
         self.position_offset = offset;
         self
@@ -51,13 +56,18 @@ impl DecodeCase {
 /// A seeded token history: per sequence, K and V rows `[tokens, kv_heads, head_dim]` and
 /// positions, plus Q rows for the new queries `[max_q, heads, head_dim]`.
 pub struct History {
+    /// Per sequence, K rows `[tokens, kv_heads, head_dim]`.
     pub k: Vec<Vec<f32>>,
+    /// Per sequence, V rows, like `k`.
     pub v: Vec<Vec<f32>>,
+    /// Per sequence, each token's position.
     pub pos: Vec<Vec<i32>>,
+    /// Q rows of the new queries, `[batch, max_q, heads, head_dim]`.
     pub q: Vec<f32>,
 }
 
 impl History {
+    /// A history of `tokens[b]` tokens per sequence, positions from `offset`, seeded.
     pub fn new(spec: &DecodeSpec, tokens: &[u32], offset: i32, seed: u64) -> Self {
         let a = &spec.attention;
         let row = (a.num_kv_heads * a.head_dim) as usize;
@@ -450,15 +460,22 @@ pub fn bench_spec(batch: u32, cache: u32) -> DecodeSpec {
 
 /// Seeded device buffers of a decode step (cache full, one new query per sequence).
 pub struct DecodeSetup {
+    /// New queries.
     pub q: wgpu::Buffer,
+    /// Key cache.
     pub k: wgpu::Buffer,
+    /// Value cache.
     pub v: wgpu::Buffer,
+    /// Positions per slot.
     pub positions: wgpu::Buffer,
+    /// (new queries, keys) per sequence.
     pub lengths: wgpu::Buffer,
+    /// Output.
     pub out: wgpu::Buffer,
 }
 
 impl DecodeSetup {
+    /// Seeded buffers for `spec`, every sequence's cache full.
     pub fn new(ctx: &Context, spec: &DecodeSpec) -> crate::Result<Self> {
         let a = &spec.attention;
         let mut rng = SplitMix::new(a.seq_k as u64);
@@ -487,6 +504,7 @@ impl DecodeSetup {
         })
     }
 
+    /// The step's buffers as a decode call takes them.
     pub fn buffers(&self) -> crate::decode::DecodeBuffers<'_> {
         crate::decode::DecodeBuffers::new(&self.q, &self.k, &self.v, &self.lengths, &self.out)
             .with_positions(&self.positions)
@@ -576,6 +594,7 @@ impl CopyRoof {
         self.src.size() + self.dst.size()
     }
 
+    /// Records the copy into `encoder`.
     pub fn encode(&self, encoder: &mut wgpu::CommandEncoder) {
         let mut pass = encoder.begin_compute_pass(&Default::default());
         pass.set_pipeline(&self.pipeline);
