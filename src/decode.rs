@@ -101,7 +101,8 @@ impl DecodeSpec {
         self.attention.kv_len()
     }
 
-    /// Query rows per KV group, cut into blocks of [`decode_rows`].
+    /// Query rows per KV group, cut into blocks of the decode kernel's rows per workgroup
+    /// (`kernel::decode_rows`).
     pub fn row_blocks(&self) -> u32 {
         let a = &self.attention;
         (a.num_heads / a.num_kv_heads * a.seq_q).div_ceil(decode_rows(a.head_dim))
@@ -230,6 +231,7 @@ impl<'a> DecodeBuffers<'a> {
 /// A decode plan on one context: pipelines, tables and split-KV scratch made once.
 pub struct DecodePlan {
     spec: DecodeSpec,
+    #[cfg_attr(not(feature = "harness"), allow(dead_code))]
     key: KernelKey,
     pipeline: wgpu::ComputePipeline,
     reduce: Option<wgpu::ComputePipeline>,

@@ -6,8 +6,8 @@
 //! sits at an offset of its own buffer, NaN-poisoned; the result is compared with the f64
 //! reference under `posattn::harness::check::compare`'s rule (the f32 reference's own error
 //! times a margin, so a kernel reading the wrong range cannot pass). Bad bindings are typed
-//! errors naming the field. Counters hold live objects and are read while the encoder (which
-//! keeps everything a pass uses alive) is still open. Vulkan only (lavapipe), and only the
+//! errors naming the field, for prefill and decode plans alike. Counters hold live objects and
+//! are read while the encoder (which keeps everything a pass uses alive) is still open. Vulkan only (lavapipe), and only the
 //! RoPE head_dim-64 variant the conformance run compiles anyway.
 
 use posattn::harness::check::{Case, Status, compare};
@@ -222,5 +222,58 @@ fn bad_bindings_are_typed_errors_naming_the_field() {
     let b = good().with_bias(whole(&out));
     assert_eq!(field(b), Some("bias"), "a bias the spec does not ask for");
     assert_eq!(field(good()), None, "the good set encodes");
+    assert!(ctx.take_uncaptured_errors().is_empty());
+}
+
+/// The decode plan checks its bindings the same way (the cache at an offset of an arena).
+#[test]
+fn decode_bindings_at_offsets_are_checked() {
+    use posattn::{DecodeBuffers, DecodePlan, DecodeSpec};
+    let Some(ctx) = vulkan() else { return };
+    let a = AttentionSpec::default()
+        .with_batch(2)
+        .with_seq_q(1)
+        .with_seq_k(64)
+        .with_heads(4)
+        .with_kv_heads(2)
+        .with_position(PositionEncoding::Rope(Rope::new(10000.0)));
+    let plan = DecodePlan::new(&ctx, &DecodeSpec::new(a.clone())).expect("plan");
+    let align = ctx.device().limits().min_storage_buffer_offset_alignment as u64;
+    let kv = a.kv_len() as u64 * 4;
+    let q_bytes = a.q_len() as u64 * 4;
+    // K and V caches side by side in one arena, past an aligned gap.
+    let arena = buffer(&ctx, align + 2 * kv.div_ceil(align) * align);
+    let q = buffer(&ctx, q_bytes);
+    let out = buffer(&ctx, q_bytes);
+    let lengths = buffer(&ctx, 16);
+    let k_at = align;
+    let v_at = align + kv.div_ceil(align) * align;
+    let good = || {
+        DecodeBuffers::new(
+            &q,
+            binding(&arena, k_at, kv),
+            binding(&arena, v_at, kv),
+            &lengths,
+            &out,
+        )
+    };
+    let field = |b: DecodeBuffers| {
+        let mut enc = ctx.device().create_command_encoder(&Default::default());
+        plan.encode(&ctx, &mut enc, &b)
+            .err()
+            .and_then(|e| e.field())
+    };
+    assert_eq!(field(good()), None, "caches at offsets of one arena encode");
+    if align > 4 {
+        let mut b = good();
+        b.k_cache.offset += 4;
+        assert_eq!(field(b), Some("k_cache"), "an offset off the alignment");
+    }
+    let mut b = good();
+    b.v_cache.size = wgpu::BufferSize::new(kv - 4);
+    assert_eq!(field(b), Some("v_cache"), "a cache range too small");
+    let mut b = good();
+    b.out = binding(&arena, 0, q_bytes);
+    assert_eq!(field(b), Some("out"), "out in the caches' buffer");
     assert!(ctx.take_uncaptured_errors().is_empty());
 }
