@@ -38,15 +38,7 @@ impl Setup {
     }
 
     pub fn bufs(&self) -> AttentionBuffers<'_> {
-        AttentionBuffers {
-            q: &self.q,
-            k: &self.k,
-            v: &self.v,
-            out: &self.out,
-            positions_q: None,
-            positions_k: None,
-            bias: None,
-        }
+        AttentionBuffers::new(&self.q, &self.k, &self.v, &self.out)
     }
 
     #[allow(dead_code)]
@@ -70,7 +62,9 @@ pub fn short_name(ctx: &Context) -> String {
 /// The causal RoPE problem both benchmarks measure: batch 1, 8 heads, head_dim 64.
 #[allow(dead_code)]
 pub fn rope_causal(seq: u32) -> AttentionSpec {
-    AttentionSpec::new(1, seq, seq, 8, 64)
+    AttentionSpec::default()
+        .with_seq_len(seq)
+        .with_heads(8)
         .with_position(posattn::PositionEncoding::Rope(posattn::Rope::new(10000.0)))
 }
 

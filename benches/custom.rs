@@ -66,7 +66,7 @@ fn main() {
     let mut report = String::new();
     for ctx in contexts() {
         let _ = writeln!(report, "\n{}\n", ctx.describe());
-        let base = AttentionSpec::new(1, n, n, 8, 64);
+        let base = AttentionSpec::default().with_seq_len(n).with_heads(8);
         let alibi = PositionEncoding::Alibi(Alibi {
             slopes: AlibiSlopes::Standard,
             form: AlibiForm::Causal,
@@ -98,7 +98,7 @@ fn main() {
             ms[3],
             ms[3] / ms[2]
         );
-        let base = AttentionSpec::new(1, n_win, n_win, 8, 64);
+        let base = AttentionSpec::default().with_seq_len(n_win).with_heads(8);
         let rows = [
             ("full causal", base.clone()),
             (

@@ -26,19 +26,25 @@ fn main() -> posattn::Result<()> {
         vec![(
             "d64 rows1 rope",
             1,
-            AttentionSpec::new(1, 4, 4, 1, 64).with_position(rope()),
+            AttentionSpec::default()
+                .with_seq_len(4)
+                .with_position(rope()),
         )]
     } else {
         vec![
             (
                 "d64 rows8 rope",
                 8,
-                AttentionSpec::new(1, 4, 4, 1, 64).with_position(rope()),
+                AttentionSpec::default()
+                    .with_seq_len(4)
+                    .with_position(rope()),
             ),
             (
                 "d128 rows4 rope two-branch",
                 4,
-                AttentionSpec::new(1, 4, 4, 1, 128)
+                AttentionSpec::default()
+                    .with_seq_len(4)
+                    .with_head_dim(128)
                     .with_position(rope())
                     .with_extrapolation(Extrapolation::ReRope {
                         window: 2,
@@ -48,12 +54,18 @@ fn main() -> posattn::Result<()> {
             (
                 "d128 rows4 rope",
                 4,
-                AttentionSpec::new(1, 4, 4, 1, 128).with_position(rope()),
+                AttentionSpec::default()
+                    .with_seq_len(4)
+                    .with_head_dim(128)
+                    .with_position(rope()),
             ),
             (
                 "d256 rows2 t5",
                 2,
-                AttentionSpec::new(1, 4, 4, 1, 256).with_position(t5),
+                AttentionSpec::default()
+                    .with_seq_len(4)
+                    .with_head_dim(256)
+                    .with_position(t5),
             ),
         ]
     };

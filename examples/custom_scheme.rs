@@ -67,7 +67,9 @@ fn cases() -> Vec<Case> {
     for causal in [true, false] {
         let mask = if causal { "causal" } else { "bidir" };
         for (g, kv) in [("mha", 4), ("gqa", 2), ("mqa", 1)] {
-            let spec = AttentionSpec::new(1, 37, 37, 4, 64)
+            let spec = AttentionSpec::default()
+                .with_seq_len(37)
+                .with_heads(4)
                 .with_kv_heads(kv)
                 .with_causal(causal)
                 .with_position(power_decay(4));
@@ -83,7 +85,10 @@ fn cases() -> Vec<Case> {
             (100, 17),
             (129, 129),
         ] {
-            let spec = AttentionSpec::new(1, sq, sk, 2, 64)
+            let spec = AttentionSpec::default()
+                .with_seq_q(sq)
+                .with_seq_k(sk)
+                .with_heads(2)
                 .with_kv_heads(1)
                 .with_causal(causal)
                 .with_position(power_decay(2));
@@ -95,7 +100,11 @@ fn cases() -> Vec<Case> {
         ("stride3", Positions::Stride(3)),
         ("random4096", Positions::RandomSubset(4096)),
     ] {
-        let spec = AttentionSpec::new(3, 40, 70, 4, 64)
+        let spec = AttentionSpec::default()
+            .with_batch(3)
+            .with_seq_q(40)
+            .with_seq_k(70)
+            .with_heads(4)
             .with_kv_heads(2)
             .with_position(power_decay(4));
         cases.push(Case::new(format!("power_decay_b3_q40_k70_{name}"), spec).with_positions(pos));

@@ -1,6 +1,11 @@
 //! The fused attention call: a validated plan that records into the caller's command encoder
 //! with the caller's buffers, and a convenience call on host slices.
 
+use std::sync::OnceLock;
+
+use crate::binding::{
+    BindGroupCache, BindingLimits, IntoBinding, check_disjoint, check_written_alone, entry,
+};
 use crate::context::Context;
 use crate::dtype::{Dtype, HalfForm, check_bytes};
 use crate::error::{Error, Result};
@@ -10,20 +15,93 @@ use crate::plan::lower;
 use crate::spec::AttentionSpec;
 pub use crate::spec::{bias_dims, bias_len};
 
-/// Device buffers of one call. Tensors are contiguous [batch, seq, heads, head_dim] in the spec's
-/// dtypes (f32 by default; f16 and bf16 as little-endian halves);
-/// positions are i32 [batch, seq]. Every buffer needs `BufferUsages::STORAGE`.
+/// Device buffers of one call, each a whole buffer or a range of one (see [`IntoBinding`]).
+/// Tensors are contiguous [batch, seq, heads, head_dim] in the spec's dtypes (f32 by default; f16
+/// and bf16 as little-endian halves); positions are i32 [batch, seq]. Every buffer needs
+/// `BufferUsages::STORAGE`; an offset must be a multiple of the device's
+/// `min_storage_buffer_offset_alignment`. The kernel writes `out` (and `lse`): their buffers
+/// cannot hold any range the call reads.
+///
+/// ```no_run
+/// # fn f(q: &wgpu::Buffer, k: &wgpu::Buffer, v: &wgpu::Buffer, arena: &wgpu::Buffer) {
+/// use posattn::AttentionBuffers;
+/// // The output at offset 4096 of an arena, 65536 bytes long.
+/// let out = wgpu::BufferBinding { buffer: arena, offset: 4096, size: wgpu::BufferSize::new(65536) };
+/// let bufs = AttentionBuffers::new(q, k, v, out);
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct AttentionBuffers<'a> {
-    pub q: &'a wgpu::Buffer,
-    pub k: &'a wgpu::Buffer,
-    pub v: &'a wgpu::Buffer,
-    pub out: &'a wgpu::Buffer,
+    /// Queries.
+    pub q: wgpu::BufferBinding<'a>,
+    /// Keys.
+    pub k: wgpu::BufferBinding<'a>,
+    /// Values.
+    pub v: wgpu::BufferBinding<'a>,
+    /// The output, written by the kernel.
+    pub out: wgpu::BufferBinding<'a>,
     /// Query positions; `None` uses the plan's defaults (the last seq_q of 0..seq_k).
-    pub positions_q: Option<&'a wgpu::Buffer>,
+    pub positions_q: Option<wgpu::BufferBinding<'a>>,
     /// Key positions; `None` uses 0..seq_k.
-    pub positions_k: Option<&'a wgpu::Buffer>,
+    pub positions_k: Option<wgpu::BufferBinding<'a>>,
     /// The additive bias the spec's `bias` layout describes; required when it is set.
-    pub bias: Option<&'a wgpu::Buffer>,
+    pub bias: Option<wgpu::BufferBinding<'a>>,
+    /// Where to write each query row's log-sum-exp (see [`Attention::encode_with_lse`]);
+    /// `None` runs the plain kernel.
+    pub lse: Option<wgpu::BufferBinding<'a>>,
+}
+
+impl<'a> AttentionBuffers<'a> {
+    /// Q, K, V and the output, with default positions, no bias and no log-sum-exp.
+    pub fn new(
+        q: impl IntoBinding<'a>,
+        k: impl IntoBinding<'a>,
+        v: impl IntoBinding<'a>,
+        out: impl IntoBinding<'a>,
+    ) -> Self {
+        AttentionBuffers {
+            q: q.into_binding(),
+            k: k.into_binding(),
+            v: v.into_binding(),
+            out: out.into_binding(),
+            positions_q: None,
+            positions_k: None,
+            bias: None,
+            lse: None,
+        }
+    }
+
+    /// Query and key positions from the caller's buffers.
+    pub fn with_positions(mut self, q: impl IntoBinding<'a>, k: impl IntoBinding<'a>) -> Self {
+        self.positions_q = Some(q.into_binding());
+        self.positions_k = Some(k.into_binding());
+        self
+    }
+
+    /// Query positions from the caller's buffer (keys keep theirs).
+    pub fn with_positions_q(mut self, q: impl IntoBinding<'a>) -> Self {
+        self.positions_q = Some(q.into_binding());
+        self
+    }
+
+    /// Key positions from the caller's buffer (queries keep theirs).
+    pub fn with_positions_k(mut self, k: impl IntoBinding<'a>) -> Self {
+        self.positions_k = Some(k.into_binding());
+        self
+    }
+
+    /// The additive bias (the spec must set a bias layout).
+    pub fn with_bias(mut self, bias: impl IntoBinding<'a>) -> Self {
+        self.bias = Some(bias.into_binding());
+        self
+    }
+
+    /// Also writes each row's log-sum-exp, f32 [batch, num_heads, seq_q].
+    pub fn with_lse(mut self, lse: impl IntoBinding<'a>) -> Self {
+        self.lse = Some(lse.into_binding());
+        self
+    }
 }
 
 /// A validated attention call on one context: pipeline, parameters and tables uploaded once,
@@ -39,46 +117,53 @@ pub struct Attention {
     default_pos_k: wgpu::Buffer,
     workgroups: [u32; 3],
     own_bytes: u64,
+    limits: BindingLimits,
+    /// The log-sum-exp variant's pipeline, compiled on the first call that asks for it.
+    lse_pipeline: OnceLock<wgpu::ComputePipeline>,
+    bind_groups: BindGroupCache,
 }
 
-/// Checks that a buffer the caller passes can be bound as storage and holds `need` bytes.
-pub(crate) fn check_buffer(field: &'static str, buf: &wgpu::Buffer, need: u64) -> Result<()> {
-    if !buf.usage().contains(wgpu::BufferUsages::STORAGE) {
-        return Err(Error::invalid(
-            field,
-            "a buffer with BufferUsages::STORAGE",
-            format!("usage {:?}", buf.usage()),
-        ));
-    }
-    if buf.size() < need {
-        return Err(Error::invalid(
-            field,
-            format!("at least {need} bytes"),
-            format!("{} bytes", buf.size()),
-        ));
-    }
-    Ok(())
+/// The checked bindings of one call: the caller's, or the plan's own default positions, the
+/// aux table in place of an absent bias, and each one's bound size.
+pub(crate) struct CheckedBuffers<'a> {
+    pub q: wgpu::BufferBinding<'a>,
+    pub k: wgpu::BufferBinding<'a>,
+    pub v: wgpu::BufferBinding<'a>,
+    pub out: wgpu::BufferBinding<'a>,
+    pub pos_q: wgpu::BufferBinding<'a>,
+    pub pos_k: wgpu::BufferBinding<'a>,
+    pub bias: Option<wgpu::BufferBinding<'a>>,
+    pub lse: Option<wgpu::BufferBinding<'a>>,
+    /// Bound sizes in the order q, k, v, out, pos_q, pos_k, bias, lse (0 where absent).
+    pub sizes: [u64; 8],
 }
 
-/// Checks every buffer of a call and returns the position buffers to bind (the caller's, or the
-/// plan's defaults).
+/// Checks every binding of a call against the spec and the device (usage, alignment, range,
+/// size) and that the written ones (`out`, `lse`) share no buffer with a read one.
 pub(crate) fn check_call_buffers<'a>(
     s: &AttentionSpec,
+    limits: &BindingLimits,
     bufs: &AttentionBuffers<'a>,
     default_q: &'a wgpu::Buffer,
     default_k: &'a wgpu::Buffer,
-) -> Result<(&'a wgpu::Buffer, &'a wgpu::Buffer)> {
+) -> Result<CheckedBuffers<'a>> {
     let d = s.dtypes;
-    check_buffer("q", bufs.q, (s.q_len() * d.q.size()) as u64)?;
-    check_buffer("k", bufs.k, (s.kv_len() * d.k.size()) as u64)?;
-    check_buffer("v", bufs.v, (s.kv_len() * d.v.size()) as u64)?;
-    check_buffer("out", bufs.out, (s.q_len() * d.out.size()) as u64)?;
-    let pos_q = bufs.positions_q.unwrap_or(default_q);
-    let pos_k = bufs.positions_k.unwrap_or(default_k);
-    check_buffer("positions_q", pos_q, s.batch as u64 * s.seq_q as u64 * 4)?;
-    check_buffer("positions_k", pos_k, s.batch as u64 * s.seq_k as u64 * 4)?;
-    match (s.bias.is_some(), bufs.bias) {
-        (true, Some(b)) => check_buffer("bias", b, bias_len(s) as u64 * 4)?,
+    let q = limits.check("q", &bufs.q, (s.q_len() * d.q.size()) as u64)?;
+    let k = limits.check("k", &bufs.k, (s.kv_len() * d.k.size()) as u64)?;
+    let v = limits.check("v", &bufs.v, (s.kv_len() * d.v.size()) as u64)?;
+    let out = limits.check("out", &bufs.out, (s.q_len() * d.out.size()) as u64)?;
+    let pos_q = bufs
+        .positions_q
+        .clone()
+        .unwrap_or_else(|| default_q.as_entire_buffer_binding());
+    let pos_k = bufs
+        .positions_k
+        .clone()
+        .unwrap_or_else(|| default_k.as_entire_buffer_binding());
+    let pq = limits.check("positions_q", &pos_q, s.batch as u64 * s.seq_q as u64 * 4)?;
+    let pk = limits.check("positions_k", &pos_k, s.batch as u64 * s.seq_k as u64 * 4)?;
+    let bias = match (s.bias.is_some(), &bufs.bias) {
+        (true, Some(b)) => limits.check("bias", b, bias_len(s) as u64 * 4)?,
         (true, None) => {
             return Err(Error::invalid(
                 "bias",
@@ -93,9 +178,36 @@ pub(crate) fn check_call_buffers<'a>(
                 "a buffer",
             ));
         }
-        (false, None) => {}
+        (false, None) => 0,
+    };
+    let lse = match &bufs.lse {
+        Some(l) => limits.check("lse", l, s.lse_len() as u64 * 4)?,
+        None => 0,
+    };
+    let read = [
+        ("q", Some(&bufs.q)),
+        ("k", Some(&bufs.k)),
+        ("v", Some(&bufs.v)),
+        ("positions_q", Some(&pos_q)),
+        ("positions_k", Some(&pos_k)),
+        ("bias", bufs.bias.as_ref()),
+    ];
+    check_written_alone(("out", &bufs.out), &read)?;
+    if let Some(l) = &bufs.lse {
+        check_written_alone(("lse", l), &read)?;
+        check_disjoint(("out", &bufs.out, out), ("lse", l, lse))?;
     }
-    Ok((pos_q, pos_k))
+    Ok(CheckedBuffers {
+        q: bufs.q.clone(),
+        k: bufs.k.clone(),
+        v: bufs.v.clone(),
+        out: bufs.out.clone(),
+        pos_q,
+        pos_k,
+        bias: bufs.bias.clone(),
+        lse: bufs.lse.clone(),
+        sizes: [q, k, v, out, pq, pk, bias, lse],
+    })
 }
 
 /// Checks sizes against the device's binding and dispatch limits.
@@ -201,9 +313,13 @@ impl Attention {
             default_pos_k,
             workgroups,
             own_bytes,
+            limits: BindingLimits::of(ctx.device()),
+            lse_pipeline: OnceLock::new(),
+            bind_groups: BindGroupCache::default(),
         })
     }
 
+    /// The spec this plan was made for.
     pub fn spec(&self) -> &AttentionSpec {
         &self.spec
     }
@@ -219,99 +335,161 @@ impl Attention {
         self.own_bytes
     }
 
-    fn bind_group(
+    /// Forgets the bind groups kept for the buffer sets seen so far (they hold the caller's
+    /// buffers alive; at most eight sets are kept, the oldest dropped first).
+    pub fn clear_bind_groups(&self) {
+        self.bind_groups.clear();
+    }
+
+    /// Checks the buffers and returns the pipeline and bind group to record: the bind group of
+    /// a buffer set seen before comes from the plan's cache (no allocation, no error scope, no
+    /// wait); a new set's is made once, inside an error scope.
+    fn prepare(
         &self,
         ctx: &Context,
         bufs: &AttentionBuffers,
-        lse: Option<&wgpu::Buffer>,
-    ) -> Result<wgpu::BindGroup> {
-        let (pos_q, pos_k) =
-            check_call_buffers(&self.spec, bufs, &self.default_pos_q, &self.default_pos_k)?;
-        if let Some(l) = lse {
-            check_buffer("lse", l, self.spec.lse_len() as u64 * 4)?;
-        }
-        let layout = match lse {
-            Some(_) => ctx.lse_bind_group_layout()?,
-            None => ctx.bind_group_layout(Family::Fused),
+        cache: bool,
+    ) -> Result<(wgpu::ComputePipeline, wgpu::BindGroup)> {
+        let c = check_call_buffers(
+            &self.spec,
+            &self.limits,
+            bufs,
+            &self.default_pos_q,
+            &self.default_pos_k,
+        )?;
+        let pipeline = match c.lse {
+            None => self.pipeline.clone(),
+            Some(_) => match self.lse_pipeline.get() {
+                Some(p) => p.clone(),
+                None => {
+                    let p = ctx.pipeline(self.key.with_lse())?;
+                    self.lse_pipeline.get_or_init(|| p).clone()
+                }
+            },
         };
-        ctx.scoped("creating the bind group", || {
-            // Without a caller bias, `user_bias` gets the aux table (never read: user_bias = 0).
-            let entries = [
-                ("q_buf", bufs.q),
-                ("k_buf", bufs.k),
-                ("v_buf", bufs.v),
-                ("o_buf", bufs.out),
-                ("pos_q", pos_q),
-                ("pos_k", pos_k),
-                ("aux", &self.aux),
-                ("params", &self.params),
-                ("user_bias", bufs.bias.unwrap_or(&self.aux)),
-            ]
-            .iter()
-            .map(|(name, b)| wgpu::BindGroupEntry {
-                binding: Family::Fused.slot(name),
-                resource: b.as_entire_binding(),
+        let [sq, sk, sv, so, spq, spk, sb, sl] = c.sizes;
+        let aux = self.aux.as_entire_buffer_binding();
+        // Without a caller bias, `user_bias` gets the aux table (never read: user_bias = 0).
+        let (bias, sb) = match &c.bias {
+            Some(b) => (b.clone(), sb),
+            None => (aux.clone(), self.aux.size()),
+        };
+        let lse = c.lse.as_ref().map(|l| (l.buffer, l.offset, sl));
+        let none = (c.q.buffer, u64::MAX, u64::MAX);
+        let probe = [
+            (c.q.buffer, c.q.offset, sq),
+            (c.k.buffer, c.k.offset, sk),
+            (c.v.buffer, c.v.offset, sv),
+            (c.out.buffer, c.out.offset, so),
+            (c.pos_q.buffer, c.pos_q.offset, spq),
+            (c.pos_k.buffer, c.pos_k.offset, spk),
+            (bias.buffer, bias.offset, sb),
+            lse.unwrap_or(none),
+        ];
+        let make = || {
+            let layout = match c.lse {
+                Some(_) => ctx.lse_bind_group_layout()?,
+                None => ctx.bind_group_layout(Family::Fused),
+            };
+            ctx.scoped("creating the bind group", || {
+                let f = Family::Fused;
+                let params = self.params.as_entire_buffer_binding();
+                let entries = [
+                    entry(f.slot("q_buf"), &c.q),
+                    entry(f.slot("k_buf"), &c.k),
+                    entry(f.slot("v_buf"), &c.v),
+                    entry(f.slot("o_buf"), &c.out),
+                    entry(f.slot("pos_q"), &c.pos_q),
+                    entry(f.slot("pos_k"), &c.pos_k),
+                    entry(f.slot("aux"), &aux),
+                    entry(f.slot("params"), &params),
+                    entry(f.slot("user_bias"), &bias),
+                ];
+                let lse_entry = c.lse.as_ref().map(|l| entry(f.bindings().len() as u32, l));
+                let all: Vec<_> = entries.into_iter().chain(lse_entry).collect();
+                ctx.device().create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some("posattn fused"),
+                    layout,
+                    entries: &all,
+                })
             })
-            .chain(lse.map(|l| wgpu::BindGroupEntry {
-                binding: Family::Fused.bindings().len() as u32,
-                resource: l.as_entire_binding(),
-            }))
-            .collect::<Vec<_>>();
-            ctx.device().create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some("posattn fused"),
-                layout,
-                entries: &entries,
-            })
-        })
+        };
+        let bg = if cache {
+            self.bind_groups.get_or_make(&probe, make)?
+        } else {
+            make()?
+        };
+        Ok((pipeline, bg))
     }
 
-    /// Records the attention into `encoder`: one compute pass, one dispatch, no submit.
+    /// Records the attention into `encoder`: one compute pass, one dispatch, no submit. After
+    /// the first call with a buffer set this creates nothing and never waits on the host.
     pub fn encode(
         &self,
         ctx: &Context,
         encoder: &mut wgpu::CommandEncoder,
         bufs: &AttentionBuffers,
     ) -> Result<()> {
-        self.encode_inner(ctx, encoder, bufs, None)
+        self.encode_cached(ctx, encoder, bufs, true)
     }
 
-    /// `encode`, also writing each query row's log-sum-exp to `lse`: f32 [batch, num_heads,
-    /// seq_q], natural log, of the softmax denominator (the visible keys' scaled, biased logits
-    /// and the sink logit if any); −∞ for a row that attends to nothing, NaN where the output row
-    /// is NaN. With it, partial attentions over disjoint key sets merge exactly
-    /// ([`crate::lse::merge`]). Its variant binds a ninth storage buffer: a device allowing
-    /// fewer per stage gives [`Error::Unavailable`].
-    pub fn encode_with_lse(
+    fn encode_cached(
         &self,
         ctx: &Context,
         encoder: &mut wgpu::CommandEncoder,
         bufs: &AttentionBuffers,
-        lse: &wgpu::Buffer,
+        cache: bool,
     ) -> Result<()> {
-        self.encode_inner(ctx, encoder, bufs, Some(lse))
-    }
-
-    fn encode_inner(
-        &self,
-        ctx: &Context,
-        encoder: &mut wgpu::CommandEncoder,
-        bufs: &AttentionBuffers,
-        lse: Option<&wgpu::Buffer>,
-    ) -> Result<()> {
-        let lse_pipeline = match lse {
-            Some(_) => Some(ctx.pipeline(self.key.with_lse())?),
-            None => None,
-        };
-        let bg = self.bind_group(ctx, bufs, lse)?;
+        let (pipeline, bg) = self.prepare(ctx, bufs, cache)?;
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("posattn fused"),
             timestamp_writes: None,
         });
-        pass.set_pipeline(lse_pipeline.as_ref().unwrap_or(&self.pipeline));
-        pass.set_bind_group(0, &bg, &[]);
+        self.record(&mut pass, &pipeline, &bg);
+        Ok(())
+    }
+
+    /// Records the attention into the caller's compute pass (one dispatch, the pass's timestamp
+    /// writes and neighbours are the caller's). The pass's pipeline and bind group 0 are left
+    /// set to this call's. Like [`Attention::encode`], nothing is created after the first call
+    /// with a buffer set.
+    pub fn encode_in_pass(
+        &self,
+        ctx: &Context,
+        pass: &mut wgpu::ComputePass<'_>,
+        bufs: &AttentionBuffers,
+    ) -> Result<()> {
+        let (pipeline, bg) = self.prepare(ctx, bufs, true)?;
+        self.record(pass, &pipeline, &bg);
+        Ok(())
+    }
+
+    fn record(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        pipeline: &wgpu::ComputePipeline,
+        bg: &wgpu::BindGroup,
+    ) {
+        pass.set_pipeline(pipeline);
+        pass.set_bind_group(0, bg, &[]);
         let [x, y, z] = self.workgroups;
         pass.dispatch_workgroups(x, y, z);
-        Ok(())
+    }
+
+    /// `encode`, also writing each query row's log-sum-exp to `lse` (the same as
+    /// [`AttentionBuffers::with_lse`]): f32 [batch, num_heads, seq_q], natural log, of the
+    /// softmax denominator (the visible keys' scaled, biased logits and the sink logit if any);
+    /// −∞ for a row that attends to nothing, NaN where the output row is NaN. With it, partial
+    /// attentions over disjoint key sets merge exactly ([`crate::lse::merge`]). Its variant binds
+    /// a ninth storage buffer: a device allowing fewer per stage gives [`Error::Unavailable`].
+    pub fn encode_with_lse<'a>(
+        &self,
+        ctx: &Context,
+        encoder: &mut wgpu::CommandEncoder,
+        bufs: &AttentionBuffers<'a>,
+        lse: impl IntoBinding<'a>,
+    ) -> Result<()> {
+        self.encode(ctx, encoder, &bufs.clone().with_lse(lse))
     }
 
     /// Runs on host slices: uploads, dispatches, waits (at most the context's timeout) and
@@ -458,20 +636,11 @@ impl Attention {
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                     label: Some("posattn run"),
                 });
-            self.encode_inner(
-                ctx,
-                &mut enc,
-                &AttentionBuffers {
-                    q: &qb,
-                    k: &kb,
-                    v: &vb,
-                    out: &out,
-                    positions_q: Some(&pqb),
-                    positions_k: Some(&pkb),
-                    bias: bb.as_ref(),
-                },
-                lse.as_ref(),
-            )?;
+            let mut bufs = AttentionBuffers::new(&qb, &kb, &vb, &out).with_positions(&pqb, &pkb);
+            bufs.bias = bb.as_ref().map(|b| b.as_entire_buffer_binding());
+            bufs.lse = lse.as_ref().map(|l| l.as_entire_buffer_binding());
+            // One-off buffers: their bind group is not kept.
+            self.encode_cached(ctx, &mut enc, &bufs, false)?;
             ctx.queue().submit([enc.finish()]);
             Ok((out, lse))
         })??;

@@ -13,9 +13,13 @@ use crate::error::{Error, Result};
 /// A model's RoPE settings: everything needed to build its frequency table.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RopeConfig {
+    /// Base of the frequencies (`rope_theta`).
     pub theta: f64,
+    /// Head size the table is built for.
     pub head_dim: u32,
+    /// Fraction of each head that rotates (`partial_rotary_factor`, 1 = all).
     pub partial_rotary_factor: f64,
+    /// The scaling scheme (`rope_type` and its parameters).
     pub scaling: RopeScaling,
     /// Log-n query scaling's training length (Qwen-1's `use_logn_attn` with `seq_length`).
     pub logn_train_len: Option<u32>,
@@ -422,9 +426,13 @@ impl RopeDict {
 /// Top-level config values a rope dict may rely on.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct HfDefaults {
+    /// `rope_theta` when the config has one.
     pub theta: Option<f64>,
+    /// `partial_rotary_factor` when the config has one.
     pub partial_rotary_factor: Option<f64>,
+    /// `max_position_embeddings` when the config has one.
     pub max_position_embeddings: Option<u64>,
+    /// `original_max_position_embeddings` when the config has one.
     pub original_max_position_embeddings: Option<u64>,
 }
 
@@ -477,13 +485,17 @@ impl<'de> Deserialize<'de> for UInt {
 pub struct LlamaCppRope {
     /// Rotating channels (`n_dims`).
     pub n_dims: u32,
+    /// Base of the frequencies (`freq_base`).
     pub freq_base: f64,
     /// `1 / factor` for linear and YaRN scaling.
     pub freq_scale: f64,
     /// YaRN mix weight (0 disables YaRN; 1 is full YaRN).
     pub ext_factor: f64,
+    /// Magnitude factor on cos and sin (`attn_factor`).
     pub attn_factor: f64,
+    /// YaRN's fast boundary, in rotations (`beta_fast`).
     pub beta_fast: f64,
+    /// YaRN's slow boundary, in rotations (`beta_slow`).
     pub beta_slow: f64,
     /// Original training context.
     pub n_ctx_orig: u64,

@@ -15,6 +15,7 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// How to pick an adapter when the crate opens its own device.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct ContextOptions {
     /// Backends to look at. Default: `WGPU_BACKEND` if set (e.g. `vulkan`, `gl`), else all.
     pub backends: wgpu::Backends,
@@ -37,6 +38,24 @@ impl Default for ContextOptions {
 }
 
 impl ContextOptions {
+    /// Looks only at `backends`.
+    pub fn with_backends(mut self, backends: wgpu::Backends) -> Self {
+        self.backends = backends;
+        self
+    }
+
+    /// Picks the first adapter whose name contains `name` (case-insensitive); `None` takes any.
+    pub fn with_adapter_name(mut self, name: Option<String>) -> Self {
+        self.adapter_name = name;
+        self
+    }
+
+    /// Sets the longest wait for one submission.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
     /// The defaults, with `WGPU_BACKEND` and `WGPU_ADAPTER_NAME` read strictly: an unknown
     /// backend name is an error naming the variable (`Default` cannot fail, and there an
     /// unreadable variable leaves the setting at its default).
@@ -173,7 +192,18 @@ impl Context {
     /// Wraps a caller's device and queue (a game engine's, an application's). The crate does not
     /// touch the device's uncaptured-error handler: every error from this crate's own operations
     /// is caught in error scopes and returned.
-    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue, info: wgpu::AdapterInfo) -> Self {
+    ///
+    /// What shapes the kernels is read from the device itself, never from a value the caller
+    /// passes: its features (`SHADER_F16` picks native or packed f16 storage, timestamp
+    /// queries), its limits (workgroup storage, storage buffers per stage, binding sizes,
+    /// offset alignment) and the adapter it was opened on (`Device::adapter_info`: the device
+    /// type and backend choose the rows per invocation, see
+    /// [`Context::rows_per_invocation`], and the decode split rule). Where that report is not
+    /// to be trusted (a browser may hide the adapter), choose explicitly with
+    /// [`Context::set_rows_per_invocation`], [`Context::set_half_form`] and
+    /// [`crate::DecodeSpec::with_splits`].
+    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Self {
+        let info = device.adapter_info();
         Self::build(device, queue, info, Arc::new(Mutex::new(Vec::new())))
     }
 
@@ -202,14 +232,17 @@ impl Context {
         }
     }
 
+    /// The device (the caller's, or the one this context opened).
     pub fn device(&self) -> &wgpu::Device {
         &self.device
     }
 
+    /// The queue commands are submitted on.
     pub fn queue(&self) -> &wgpu::Queue {
         &self.queue
     }
 
+    /// The adapter the device was opened on, as the device reports it.
     pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
         &self.info
     }

@@ -25,9 +25,7 @@
 //! # Split rule
 //! See [`default_splits`]; [`DecodeSpec::with_splits`] overrides it.
 
-use std::sync::Mutex;
-
-use crate::attention::check_buffer;
+use crate::binding::{BindGroupCache, BindingLimits, IntoBinding, check_written_alone, entry};
 use crate::context::Context;
 use crate::dtype::{Dtype, HalfForm};
 use crate::encoding::masks::Extrapolation;
@@ -40,6 +38,7 @@ use crate::spec::AttentionSpec;
 
 /// What a decode plan is built for.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct DecodeSpec {
     /// Heads, head size, encoding, masks and the rest, with `seq_q` the most new queries per
     /// sequence and `seq_k` the cache capacity. `bias` and `extrapolation` are not available in
@@ -54,6 +53,7 @@ pub struct DecodeSpec {
 }
 
 impl DecodeSpec {
+    /// A decode plan for `attention` (`seq_q` = most new queries per sequence, `seq_k` = cache capacity), not a ring, keys stored unrotated, the default split rule.
     pub fn new(attention: AttentionSpec) -> Self {
         DecodeSpec {
             attention,
@@ -63,16 +63,19 @@ impl DecodeSpec {
         }
     }
 
+    /// Reuses slots: a ring cache keeping the sinks and the window (see the module docs).
     pub fn with_ring(mut self) -> Self {
         self.ring = true;
         self
     }
 
+    /// Keys are stored already rotated (RoPE only): the kernel does not rotate them.
     pub fn with_keys_rotated(mut self) -> Self {
         self.keys_rotated = true;
         self
     }
 
+    /// Splits each row block's keys into `splits` chunks, merged by a second dispatch (overrides [`default_splits`]).
     pub fn with_splits(mut self, splits: u32) -> Self {
         self.splits = Some(splits);
         self
@@ -98,7 +101,8 @@ impl DecodeSpec {
         self.attention.kv_len()
     }
 
-    /// Query rows per KV group, cut into blocks of [`decode_rows`].
+    /// Query rows per KV group, cut into blocks of the decode kernel's rows per workgroup
+    /// (`kernel::decode_rows`).
     pub fn row_blocks(&self) -> u32 {
         let a = &self.attention;
         (a.num_heads / a.num_kv_heads * a.seq_q).div_ceil(decode_rows(a.head_dim))
@@ -175,28 +179,59 @@ pub fn default_splits(info: &wgpu::AdapterInfo, spec: &DecodeSpec) -> u32 {
     want.clamp(1, (a.seq_k / MIN_KEYS_PER_SPLIT).max(1))
 }
 
-/// Device buffers of one decode step (layouts in the module docs). Every buffer needs
-/// `BufferUsages::STORAGE`.
-#[derive(Clone, Copy)]
+/// Device buffers of one decode step (layouts in the module docs), each a whole buffer or a
+/// range of one (see [`IntoBinding`]: a cache can sit at an offset of an arena). Every buffer
+/// needs `BufferUsages::STORAGE`; an offset must be a multiple of the device's
+/// `min_storage_buffer_offset_alignment`; `out` cannot share a buffer with the others (the
+/// kernel writes it). [`KvCache::buffers`] fills in a cache's own.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct DecodeBuffers<'a> {
-    pub q: &'a wgpu::Buffer,
-    pub k_cache: &'a wgpu::Buffer,
-    pub v_cache: &'a wgpu::Buffer,
+    /// New queries.
+    pub q: wgpu::BufferBinding<'a>,
+    /// Keys, per slot.
+    pub k_cache: wgpu::BufferBinding<'a>,
+    /// Values, per slot.
+    pub v_cache: wgpu::BufferBinding<'a>,
     /// Positions per slot; `None`: slot index (not for a ring cache).
-    pub positions: Option<&'a wgpu::Buffer>,
+    pub positions: Option<wgpu::BufferBinding<'a>>,
     /// (new queries, keys) per sequence, u32.
-    pub lengths: &'a wgpu::Buffer,
-    pub out: &'a wgpu::Buffer,
+    pub lengths: wgpu::BufferBinding<'a>,
+    /// The output, written by the kernel.
+    pub out: wgpu::BufferBinding<'a>,
 }
 
-/// Bind groups kept per buffer set.
-const BIND_GROUP_CACHE: usize = 8;
+impl<'a> DecodeBuffers<'a> {
+    /// The step's buffers with slot-index positions (set [`DecodeBuffers::with_positions`] for a
+    /// ring cache or any other positions).
+    pub fn new(
+        q: impl IntoBinding<'a>,
+        k_cache: impl IntoBinding<'a>,
+        v_cache: impl IntoBinding<'a>,
+        lengths: impl IntoBinding<'a>,
+        out: impl IntoBinding<'a>,
+    ) -> Self {
+        DecodeBuffers {
+            q: q.into_binding(),
+            k_cache: k_cache.into_binding(),
+            v_cache: v_cache.into_binding(),
+            positions: None,
+            lengths: lengths.into_binding(),
+            out: out.into_binding(),
+        }
+    }
 
-type BufferSet = [wgpu::Buffer; 6];
+    /// Positions per slot from the caller's buffer.
+    pub fn with_positions(mut self, positions: impl IntoBinding<'a>) -> Self {
+        self.positions = Some(positions.into_binding());
+        self
+    }
+}
 
 /// A decode plan on one context: pipelines, tables and split-KV scratch made once.
 pub struct DecodePlan {
     spec: DecodeSpec,
+    #[cfg_attr(not(feature = "harness"), allow(dead_code))]
     key: KernelKey,
     pipeline: wgpu::ComputePipeline,
     reduce: Option<wgpu::ComputePipeline>,
@@ -208,7 +243,8 @@ pub struct DecodePlan {
     splits: u32,
     grid: [u32; 3],
     reduce_grid: [u32; 3],
-    bind_groups: Mutex<Vec<(BufferSet, wgpu::BindGroup)>>,
+    limits: BindingLimits,
+    bind_groups: BindGroupCache,
 }
 
 impl DecodePlan {
@@ -378,10 +414,12 @@ impl DecodePlan {
             splits,
             grid,
             reduce_grid,
-            bind_groups: Mutex::new(Vec::new()),
+            limits: BindingLimits::of(ctx.device()),
+            bind_groups: BindGroupCache::default(),
         })
     }
 
+    /// The spec this plan was made for.
     pub fn spec(&self) -> &DecodeSpec {
         &self.spec
     }
@@ -529,72 +567,103 @@ impl DecodePlan {
         Ok(())
     }
 
-    fn check_buffers(&self, bufs: &DecodeBuffers) -> Result<()> {
+    /// Checks the bindings; returns their bound sizes (q, k_cache, v_cache, positions,
+    /// lengths, out; positions 0 when the plan's own are used).
+    fn check_buffers(&self, bufs: &DecodeBuffers) -> Result<[u64; 6]> {
         let a = &self.spec.attention;
         let d = a.dtypes;
+        let l = &self.limits;
         let bytes = |n: usize, t: Dtype| n as u64 * t.size() as u64;
-        check_buffer("q", bufs.q, bytes(a.q_len(), d.q))?;
-        check_buffer("out", bufs.out, bytes(a.q_len(), d.out))?;
-        check_buffer("k_cache", bufs.k_cache, bytes(a.kv_len(), d.k))?;
-        check_buffer("v_cache", bufs.v_cache, bytes(a.kv_len(), d.v))?;
-        check_buffer("lengths", bufs.lengths, self.lengths_bytes())?;
-        match bufs.positions {
-            Some(p) => check_buffer("positions", p, a.batch as u64 * a.seq_k as u64 * 4),
-            None if self.spec.ring => Err(Error::invalid(
-                "positions",
-                "a positions buffer (a ring cache reuses slots, so slot index is no position)",
-                "none",
-            )),
-            None => Ok(()),
-        }
+        let q = l.check("q", &bufs.q, bytes(a.q_len(), d.q))?;
+        let out = l.check("out", &bufs.out, bytes(a.q_len(), d.out))?;
+        let k = l.check("k_cache", &bufs.k_cache, bytes(a.kv_len(), d.k))?;
+        let v = l.check("v_cache", &bufs.v_cache, bytes(a.kv_len(), d.v))?;
+        let len = l.check("lengths", &bufs.lengths, self.lengths_bytes())?;
+        let pos = match &bufs.positions {
+            Some(p) => l.check("positions", p, a.batch as u64 * a.seq_k as u64 * 4)?,
+            None if self.spec.ring => {
+                return Err(Error::invalid(
+                    "positions",
+                    "a positions buffer (a ring cache reuses slots, so slot index is no position)",
+                    "none",
+                ));
+            }
+            None => 0,
+        };
+        check_written_alone(
+            ("out", &bufs.out),
+            &[
+                ("q", Some(&bufs.q)),
+                ("k_cache", Some(&bufs.k_cache)),
+                ("v_cache", Some(&bufs.v_cache)),
+                ("positions", bufs.positions.as_ref()),
+                ("lengths", Some(&bufs.lengths)),
+            ],
+        )?;
+        Ok([q, k, v, pos, len, out])
+    }
+
+    /// Forgets the bind groups kept for the buffer sets seen so far (they hold the caller's
+    /// buffers alive; at most eight sets are kept, the oldest dropped first).
+    pub fn clear_bind_groups(&self) {
+        self.bind_groups.clear();
     }
 
     /// The bind group of a buffer set: made (inside an error scope) on its first use, then
-    /// reused.
-    fn bind_group(&self, ctx: &Context, bufs: &DecodeBuffers) -> Result<wgpu::BindGroup> {
-        let positions = bufs.positions.unwrap_or(&self.default_positions);
-        let set: BufferSet = [
-            bufs.q.clone(),
-            bufs.k_cache.clone(),
-            bufs.v_cache.clone(),
-            positions.clone(),
-            bufs.lengths.clone(),
-            bufs.out.clone(),
+    /// reused from the plan's cache.
+    fn bind_group(
+        &self,
+        ctx: &Context,
+        bufs: &DecodeBuffers,
+        cache: bool,
+    ) -> Result<wgpu::BindGroup> {
+        let [sq, sk, sv, sp, sl, so] = self.check_buffers(bufs)?;
+        let own = self.default_positions.as_entire_buffer_binding();
+        let (positions, sp) = match &bufs.positions {
+            Some(p) => (p.clone(), sp),
+            None => (own, self.default_positions.size()),
+        };
+        let probe = [
+            (bufs.q.buffer, bufs.q.offset, sq),
+            (bufs.k_cache.buffer, bufs.k_cache.offset, sk),
+            (bufs.v_cache.buffer, bufs.v_cache.offset, sv),
+            (positions.buffer, positions.offset, sp),
+            (bufs.lengths.buffer, bufs.lengths.offset, sl),
+            (bufs.out.buffer, bufs.out.offset, so),
         ];
-        let mut cache = self.bind_groups.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, bg)) = cache.iter().find(|(s, _)| *s == set) {
-            return Ok(bg.clone());
-        }
-        let bg = ctx.scoped("creating the decode bind group", || {
-            let entries = [
-                ("q_buf", bufs.q),
-                ("k_cache", bufs.k_cache),
-                ("v_cache", bufs.v_cache),
-                ("o_buf", bufs.out),
-                ("pos_k", positions),
-                ("lengths", bufs.lengths),
-                ("aux", &self.aux),
-                ("params", &self.params),
-                ("dparams", &self.dparams),
-                ("partials", &self.partials),
-            ]
-            .iter()
-            .map(|(name, b)| wgpu::BindGroupEntry {
-                binding: Family::Decode.slot(name),
-                resource: b.as_entire_binding(),
+        let make = || {
+            ctx.scoped("creating the decode bind group", || {
+                let f = Family::Decode;
+                let (aux, params, dparams, partials) = (
+                    self.aux.as_entire_buffer_binding(),
+                    self.params.as_entire_buffer_binding(),
+                    self.dparams.as_entire_buffer_binding(),
+                    self.partials.as_entire_buffer_binding(),
+                );
+                let entries = [
+                    entry(f.slot("q_buf"), &bufs.q),
+                    entry(f.slot("k_cache"), &bufs.k_cache),
+                    entry(f.slot("v_cache"), &bufs.v_cache),
+                    entry(f.slot("o_buf"), &bufs.out),
+                    entry(f.slot("pos_k"), &positions),
+                    entry(f.slot("lengths"), &bufs.lengths),
+                    entry(f.slot("aux"), &aux),
+                    entry(f.slot("params"), &params),
+                    entry(f.slot("dparams"), &dparams),
+                    entry(f.slot("partials"), &partials),
+                ];
+                ctx.device().create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some("posattn decode"),
+                    layout: ctx.bind_group_layout(Family::Decode),
+                    entries: &entries,
+                })
             })
-            .collect::<Vec<_>>();
-            ctx.device().create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some("posattn decode"),
-                layout: ctx.bind_group_layout(Family::Decode),
-                entries: &entries,
-            })
-        })?;
-        if cache.len() == BIND_GROUP_CACHE {
-            cache.remove(0);
+        };
+        if cache {
+            self.bind_groups.get_or_make(&probe, make)
+        } else {
+            make()
         }
-        cache.push((set, bg.clone()));
-        Ok(bg)
     }
 
     /// Records one decode step into `encoder`: one compute pass with the decode dispatch and,
@@ -606,13 +675,32 @@ impl DecodePlan {
         encoder: &mut wgpu::CommandEncoder,
         bufs: &DecodeBuffers,
     ) -> Result<()> {
-        self.check_buffers(bufs)?;
-        let bg = self.bind_group(ctx, bufs)?;
+        let bg = self.bind_group(ctx, bufs, true)?;
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("posattn decode"),
             timestamp_writes: None,
         });
-        pass.set_bind_group(0, &bg, &[]);
+        self.record(&mut pass, &bg);
+        Ok(())
+    }
+
+    /// Records one decode step into the caller's compute pass: the decode dispatch and, when
+    /// the keys are split, the reduce as a second dispatch in the same pass. The pass's pipeline
+    /// and bind group 0 are left set to this call's. Creates nothing after the first call with a
+    /// buffer set.
+    pub fn encode_in_pass(
+        &self,
+        ctx: &Context,
+        pass: &mut wgpu::ComputePass<'_>,
+        bufs: &DecodeBuffers,
+    ) -> Result<()> {
+        let bg = self.bind_group(ctx, bufs, true)?;
+        self.record(pass, &bg);
+        Ok(())
+    }
+
+    fn record(&self, pass: &mut wgpu::ComputePass<'_>, bg: &wgpu::BindGroup) {
+        pass.set_bind_group(0, bg, &[]);
         pass.set_pipeline(&self.pipeline);
         let [x, y, z] = self.grid;
         pass.dispatch_workgroups(x, y, z);
@@ -621,7 +709,6 @@ impl DecodePlan {
             let [x, y, z] = self.reduce_grid;
             pass.dispatch_workgroups(x, y, z);
         }
-        Ok(())
     }
 
     /// Runs one step on host data: uploads the cache, positions and lengths, dispatches, waits
@@ -671,18 +758,17 @@ impl DecodePlan {
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                     label: Some("posattn decode run"),
                 });
-            self.encode(
-                ctx,
-                &mut enc,
-                &DecodeBuffers {
-                    q: &qb,
-                    k_cache: &kb,
-                    v_cache: &vb,
-                    positions: pb.as_ref(),
-                    lengths: &lb,
-                    out: &out,
-                },
-            )?;
+            let mut bufs = DecodeBuffers::new(&qb, &kb, &vb, &lb, &out);
+            bufs.positions = pb.as_ref().map(|p| p.as_entire_buffer_binding());
+            // One-off buffers: their bind group is made here and not kept.
+            let bg = self.bind_group(ctx, &bufs, false)?;
+            {
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("posattn decode"),
+                    timestamp_writes: None,
+                });
+                self.record(&mut pass, &bg);
+            }
             ctx.queue().submit([enc.finish()]);
             Ok(out)
         })??;
@@ -707,9 +793,13 @@ pub fn cache_slot(ring: bool, sinks: u32, capacity: u32, i: u32) -> u32 {
 /// append that records copies into the caller's encoder.
 pub struct KvCache {
     spec: DecodeSpec,
+    /// Keys, `[batch, capacity, kv_heads, head_dim]` in the spec's K dtype.
     pub k: wgpu::Buffer,
+    /// Values, laid out like `k`.
     pub v: wgpu::Buffer,
+    /// Position of the token in each slot, i32 `[batch, capacity]`.
     pub positions: wgpu::Buffer,
+    /// (new queries, keys) per sequence, u32 `[batch, 2]`.
     pub lengths: wgpu::Buffer,
     keys: Vec<u32>,
 }
@@ -757,15 +847,12 @@ impl KvCache {
     }
 
     /// The buffers of a decode step on this cache.
-    pub fn buffers<'a>(&'a self, q: &'a wgpu::Buffer, out: &'a wgpu::Buffer) -> DecodeBuffers<'a> {
-        DecodeBuffers {
-            q,
-            k_cache: &self.k,
-            v_cache: &self.v,
-            positions: Some(&self.positions),
-            lengths: &self.lengths,
-            out,
-        }
+    pub fn buffers<'a>(
+        &'a self,
+        q: impl IntoBinding<'a>,
+        out: impl IntoBinding<'a>,
+    ) -> DecodeBuffers<'a> {
+        DecodeBuffers::new(q, &self.k, &self.v, &self.lengths, out).with_positions(&self.positions)
     }
 
     /// Appends `counts[b]` new tokens to sequence b: their K and V rows, read from `new_k` and

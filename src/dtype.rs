@@ -26,6 +26,7 @@ pub enum Dtype {
 }
 
 impl Dtype {
+    /// Every dtype, f32 first.
     pub const ALL: [Dtype; 3] = [Dtype::F32, Dtype::F16, Dtype::Bf16];
 
     /// Bytes per element.
@@ -108,9 +109,13 @@ impl std::fmt::Display for Dtype {
 /// queries and output, say).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Dtypes {
+    /// Storage of the queries.
     pub q: Dtype,
+    /// Storage of the keys.
     pub k: Dtype,
+    /// Storage of the values.
     pub v: Dtype,
+    /// Storage of the output.
     pub out: Dtype,
 }
 
@@ -161,7 +166,9 @@ impl Dtypes {
 /// unless the context is told otherwise (`Context::set_half_form`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum HalfForm {
+    /// WGSL's `f16` (needs `SHADER_F16`).
     Native,
+    /// Two halves per `u32` word, unpacked in the kernel (every adapter).
     Packed,
 }
 

@@ -5,32 +5,47 @@ use std::time::Duration;
 
 /// Everything that can go wrong in this crate.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The request is invalid: `field` does not hold what was expected.
     #[error("invalid `{field}`: expected {expected}, got {got}")]
     Invalid {
+        /// The field, or its dotted path.
         field: &'static str,
+        /// What it should hold.
         expected: String,
+        /// What it held.
         got: String,
     },
     /// A JSON document (run spec, model config) is invalid at `path`, a dotted path from its
     /// root such as `position.theta`.
     #[error("invalid `{path}`: {message}")]
-    InvalidAt { path: String, message: String },
+    InvalidAt {
+        /// Dotted path from the document's root.
+        path: String,
+        /// What is wrong there.
+        message: String,
+    },
     /// A custom scheme's snippet or tables are invalid: `field` is `position.wgsl` (the
     /// snippet), a hook's name (its signature) or `position.tables.NAME`; `line` is the
     /// snippet's line when the problem has one.
     #[error("invalid `{field}`{}: expected {message}", line.map(|l| format!(" at line {l}")).unwrap_or_default())]
     Scheme {
+        /// The snippet (`position.wgsl`), a hook or a table.
         field: String,
+        /// The snippet's line, when the problem has one.
         line: Option<u32>,
+        /// What was expected.
         message: String,
     },
     /// The request is valid but this device cannot run it (a limit or a missing feature).
     #[error("unavailable on this device: `{what}` needs {needed}, the device allows {allowed}")]
     Unavailable {
+        /// The limit or feature.
         what: &'static str,
+        /// What the request needs.
         needed: String,
+        /// What the device allows.
         allowed: String,
     },
     /// No adapter matched the request.
@@ -39,14 +54,18 @@ pub enum Error {
     /// The adapter refused to open a device.
     #[error("could not open a device on {adapter}: {source}")]
     RequestDevice {
+        /// The adapter, described.
         adapter: String,
         #[source]
+        /// wgpu's reason.
         source: wgpu::RequestDeviceError,
     },
     /// wgpu reported a validation, out-of-memory or internal error while this crate worked.
     #[error("wgpu reported an error during {during}: {message}")]
     Wgpu {
+        /// What the crate was doing.
         during: &'static str,
+        /// wgpu's message.
         message: String,
     },
     /// The device did not finish within the allowed time.
@@ -55,7 +74,9 @@ pub enum Error {
     /// The device was lost, or polling or mapping failed.
     #[error("device failure during {during}: {message}")]
     Device {
+        /// What the crate was doing.
         during: &'static str,
+        /// The failure.
         message: String,
     },
 }

@@ -30,7 +30,9 @@ pub const MAX_NPY_BYTES: u64 = 1 << 30;
 /// uploads as they are (f16 stays f16 on the device).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Tensor {
+    /// Dimensions, outermost first.
     pub shape: Vec<u64>,
+    /// Elements widened to f32, row-major.
     pub data: Vec<f32>,
     /// The file's dtype and little-endian element bytes, for `<f4` and `<f2` files.
     pub stored: Option<(Dtype, Vec<u8>)>,
@@ -341,6 +343,7 @@ pub fn write_npy_bytes(path: &Path, shape: &[u64], dtype: Dtype, bytes: &[u8]) -
         .map_err(|e| bad("out", "a writable file", format!("{}: {e}", path.display())))
 }
 
+/// Writes `data` of `shape` as a little-endian f32 `.npy` file.
 pub fn write_npy(path: &Path, shape: &[u64], data: &[f32]) -> Result<()> {
     use npyz::WriterBuilder;
     let err = |e: std::io::Error| bad("out", "a writable file", format!("{}: {e}", path.display()));
@@ -387,7 +390,13 @@ pub fn parse_spec(
 ) -> Result<AttentionSpec> {
     let [batch, seq_q, seq_k, heads, kv_heads, head_dim] = shape;
     let file: SpecFile = json::from_str("spec", "", text)?;
-    let mut spec = AttentionSpec::new(batch, seq_q, seq_k, heads, head_dim).with_kv_heads(kv_heads);
+    let mut spec = AttentionSpec::default()
+        .with_batch(batch)
+        .with_seq_q(seq_q)
+        .with_seq_k(seq_k)
+        .with_heads(heads)
+        .with_head_dim(head_dim)
+        .with_kv_heads(kv_heads);
     if let Some(c) = file.causal {
         spec.causal = c;
     }

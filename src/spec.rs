@@ -19,18 +19,41 @@ pub const MAX_ABS_POSITION: i32 = 1 << 30;
 /// position encoding, so they may take any values (offsets, gaps, random subsets). PyTorch's
 /// `is_causal` is top-left aligned: for `seq_q < seq_k` it equals this mask on the last `seq_q`
 /// rows of a square problem. Rows that see no key give 0.
+///
+/// Built from [`Default`] (one sequence of one token, one head of 64, causal, no position
+/// encoding, f32) with the `with_*` setters; every field is public to read and to set.
+///
+/// ```
+/// use posattn::{AttentionSpec, PositionEncoding, Rope};
+/// let spec = AttentionSpec::default()
+///     .with_batch(2)
+///     .with_seq_len(1024)
+///     .with_heads(32)
+///     .with_kv_heads(8)
+///     .with_head_dim(128)
+///     .with_position(PositionEncoding::Rope(Rope::default()));
+/// assert!(spec.validate().is_ok());
+/// ```
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct AttentionSpec {
+    /// Sequences per call.
     pub batch: u32,
+    /// Query rows per sequence.
     pub seq_q: u32,
+    /// Keys per sequence.
     pub seq_k: u32,
+    /// Query heads.
     pub num_heads: u32,
     /// Heads of K and V: `num_heads` for MHA, a divisor for GQA, 1 for MQA.
     pub num_kv_heads: u32,
+    /// Head size, one of [`SUPPORTED_HEAD_DIMS`].
     pub head_dim: u32,
     /// Softmax scale; `None` means `1/√head_dim`.
     pub scale: Option<f64>,
+    /// Causal mask (bottom-right aligned).
     pub causal: bool,
+    /// The position encoding.
     pub position: PositionEncoding,
     /// Log-n attention scaling (Qwen's `use_logn_attn`, ReRoPE): queries at position m are
     /// multiplied by `max(1, ln(m + 1) / ln(train_len))`. `None` turns it off.
@@ -57,16 +80,15 @@ pub struct AttentionSpec {
     pub dtypes: Dtypes,
 }
 
-impl AttentionSpec {
-    /// Multi-head attention with `heads` query and key/value heads, causal, no position encoding.
-    pub fn new(batch: u32, seq_q: u32, seq_k: u32, heads: u32, head_dim: u32) -> Self {
+impl Default for AttentionSpec {
+    fn default() -> Self {
         AttentionSpec {
-            batch,
-            seq_q,
-            seq_k,
-            num_heads: heads,
-            num_kv_heads: heads,
-            head_dim,
+            batch: 1,
+            seq_q: 1,
+            seq_k: 1,
+            num_heads: 1,
+            num_kv_heads: 1,
+            head_dim: 64,
             scale: None,
             causal: true,
             position: PositionEncoding::None,
@@ -79,6 +101,47 @@ impl AttentionSpec {
             bias: None,
             dtypes: Dtypes::F32,
         }
+    }
+}
+
+impl AttentionSpec {
+    /// Sets the batch size (sequences per call).
+    pub fn with_batch(mut self, batch: u32) -> Self {
+        self.batch = batch;
+        self
+    }
+
+    /// Self-attention over `len` tokens: `seq_q = seq_k = len`.
+    pub fn with_seq_len(mut self, len: u32) -> Self {
+        self.seq_q = len;
+        self.seq_k = len;
+        self
+    }
+
+    /// Sets the query rows per sequence (fewer than the keys: the last rows, bottom-right).
+    pub fn with_seq_q(mut self, seq_q: u32) -> Self {
+        self.seq_q = seq_q;
+        self
+    }
+
+    /// Sets the keys per sequence.
+    pub fn with_seq_k(mut self, seq_k: u32) -> Self {
+        self.seq_k = seq_k;
+        self
+    }
+
+    /// Multi-head attention with `heads` query heads and as many key/value heads; follow with
+    /// [`AttentionSpec::with_kv_heads`] for GQA or MQA.
+    pub fn with_heads(mut self, heads: u32) -> Self {
+        self.num_heads = heads;
+        self.num_kv_heads = heads;
+        self
+    }
+
+    /// Sets the head size (one of [`SUPPORTED_HEAD_DIMS`]).
+    pub fn with_head_dim(mut self, head_dim: u32) -> Self {
+        self.head_dim = head_dim;
+        self
     }
 
     /// Stores Q, K, V and the output as `dtypes` says.
@@ -93,16 +156,19 @@ impl AttentionSpec {
         self
     }
 
+    /// Key/value heads (a divisor of `num_heads`): GQA, or 1 for MQA.
     pub fn with_kv_heads(mut self, num_kv_heads: u32) -> Self {
         self.num_kv_heads = num_kv_heads;
         self
     }
 
+    /// Turns the causal mask on or off.
     pub fn with_causal(mut self, causal: bool) -> Self {
         self.causal = causal;
         self
     }
 
+    /// Sets the softmax scale (default `1/√head_dim`, 1 for T5).
     pub fn with_scale(mut self, scale: f64) -> Self {
         self.scale = Some(scale);
         self
@@ -114,11 +180,13 @@ impl AttentionSpec {
         self
     }
 
+    /// Sets the position encoding.
     pub fn with_position(mut self, position: PositionEncoding) -> Self {
         self.position = position;
         self
     }
 
+    /// Sets the sliding window.
     pub fn with_window(mut self, window: Window) -> Self {
         self.window = window;
         self
@@ -130,21 +198,25 @@ impl AttentionSpec {
         self
     }
 
+    /// Sets the extrapolation method (RoPE only).
     pub fn with_extrapolation(mut self, extrapolation: Extrapolation) -> Self {
         self.extrapolation = extrapolation;
         self
     }
 
+    /// Caps the logits: `cap · tanh(s / cap)`.
     pub fn with_softcap(mut self, cap: f64) -> Self {
         self.softcap = Some(cap);
         self
     }
 
+    /// Per-head sink logits (one per query head).
     pub fn with_sink_logits(mut self, logits: Vec<f32>) -> Self {
         self.sink_logits = Some(logits);
         self
     }
 
+    /// Expects a caller bias laid out as `layout` with every call.
     pub fn with_bias(mut self, layout: BiasLayout) -> Self {
         self.bias = Some(layout);
         self

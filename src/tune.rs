@@ -7,9 +7,9 @@
 //! per adapter, keyed by the adapter's name, backend, vendor and device ids, driver and driver
 //! info, and this crate's version: a new driver or a new release of the crate needs a new
 //! `posattn tune`, and until then the built-in heuristic applies
-//! ([`crate::kernel::multi_row_device`]: several rows on CPU adapters, one on GPUs).
+//! (`kernel::multi_row_device`: several rows on CPU adapters, one on GPUs).
 //!
-//! **What is read.** Only rows a plan can be built with ([`crate::kernel::ROWS_CHOICES`]); a
+//! **What is read.** Only rows a plan can be built with (`kernel::ROWS_CHOICES`: 1, 2, 4, 8); a
 //! file that cannot be read or parsed, or an entry for another adapter, leaves the heuristic in
 //! place (the context reports which applies: [`crate::Context::rows_source`]).
 
@@ -25,11 +25,17 @@ pub const TUNE_FORMAT: u32 = 1;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TuneKey {
+    /// `AdapterInfo::name`.
     pub adapter: String,
+    /// `AdapterInfo::backend`, as its debug name.
     pub backend: String,
+    /// `AdapterInfo::vendor`.
     pub vendor: u32,
+    /// `AdapterInfo::device`.
     pub device: u32,
+    /// `AdapterInfo::driver`.
     pub driver: String,
+    /// `AdapterInfo::driver_info` (the driver's version).
     pub driver_info: String,
     /// This crate's version.
     pub crate_version: String,
@@ -54,6 +60,7 @@ impl TuneKey {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TuneEntry {
+    /// The adapter, driver and crate version measured.
     pub key: TuneKey,
     /// Fused-kernel rows per invocation by head size.
     pub rows: BTreeMap<u32, u32>,
@@ -67,7 +74,9 @@ pub struct TuneEntry {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TuneFile {
+    /// [`TUNE_FORMAT`].
     pub format: u32,
+    /// One entry per adapter key.
     pub entries: Vec<TuneEntry>,
 }
 

@@ -110,7 +110,10 @@ fn qwen_logn_attention_is_read() {
     );
     let spec = rc
         .apply(
-            posattn::AttentionSpec::new(1, 4, 4, 32, 128),
+            posattn::AttentionSpec::default()
+                .with_seq_len(4)
+                .with_heads(32)
+                .with_head_dim(128),
             posattn::RopeLayout::Half,
             None,
         )

@@ -30,11 +30,9 @@ fn run_matrix_with(
     half: Option<HalfForm>,
     cases: Vec<check::Case>,
 ) {
-    let options = ContextOptions {
-        backends,
-        adapter_name: None,
-        ..ContextOptions::default()
-    };
+    let options = ContextOptions::default()
+        .with_backends(backends)
+        .with_adapter_name(None);
     let adapters = enumerate_adapters(&options);
     if adapters.is_empty() {
         assert!(

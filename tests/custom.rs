@@ -24,11 +24,11 @@ fn required(name: &str) -> bool {
 }
 
 fn contexts(backends: wgpu::Backends, name: &str) -> Vec<Context> {
-    let adapters = enumerate_adapters(&ContextOptions {
-        backends,
-        adapter_name: None,
-        ..ContextOptions::default()
-    });
+    let adapters = enumerate_adapters(
+        &ContextOptions::default()
+            .with_backends(backends)
+            .with_adapter_name(None),
+    );
     if adapters.is_empty() {
         assert!(
             !required(name),
@@ -163,7 +163,10 @@ fn builtins_through_the_hook_match_on_vulkan() {
             form: posattn::AlibiForm::Causal,
         });
         for (sq, sk, causal, kv) in [(37, 37, true, 2), (100, 100, false, 4), (30, 90, true, 1)] {
-            let spec = AttentionSpec::new(1, sq, sk, 4, 64)
+            let spec = AttentionSpec::default()
+                .with_seq_q(sq)
+                .with_seq_k(sk)
+                .with_heads(4)
                 .with_kv_heads(kv)
                 .with_causal(causal);
             let tag = format!("q{sq}_k{sk}_{}", if causal { "causal" } else { "bidir" });
@@ -193,7 +196,10 @@ fn builtins_through_the_hook_match_on_vulkan() {
 fn block_sparse_mask_and_rotation_hook_on_vulkan() {
     for ctx in contexts(wgpu::Backends::VULKAN, "vulkan") {
         for (sq, left) in [(200, 40), (130, 7)] {
-            let spec = AttentionSpec::new(1, sq, sq, 2, 64).with_causal(true);
+            let spec = AttentionSpec::default()
+                .with_seq_len(sq)
+                .with_heads(2)
+                .with_causal(true);
             let builtin = Case::new(
                 format!("window{left}_builtin_s{sq}"),
                 spec.clone().with_window(Window {
@@ -221,7 +227,10 @@ fn block_sparse_mask_and_rotation_hook_on_vulkan() {
                 case.name
             );
         }
-        let spec = AttentionSpec::new(1, 40, 40, 2, 64).with_kv_heads(1);
+        let spec = AttentionSpec::default()
+            .with_seq_len(40)
+            .with_heads(2)
+            .with_kv_heads(1);
         pass(
             &ctx,
             &Case::new(
@@ -235,7 +244,7 @@ fn block_sparse_mask_and_rotation_hook_on_vulkan() {
 #[test]
 fn a_nan_scheme_and_a_missing_twin_fail_the_check_on_vulkan() {
     let nan = "fn score_mod(score: f32, q_pos: i32, k_pos: i32, head: u32, q_index: u32, k_index: u32) -> f32 {\n    return score + log(f32(k_pos - q_pos) - 0.5);\n}\n";
-    let spec = AttentionSpec::new(1, 20, 20, 2, 64);
+    let spec = AttentionSpec::default().with_seq_len(20).with_heads(2);
     // The twin has no GPU to wait for: this failure needs no adapter.
     let no_twin = Case::new(
         "no_twin",
@@ -281,7 +290,10 @@ fn a_nan_scheme_and_a_missing_twin_fail_the_check_on_vulkan() {
 fn alibi_through_the_hook_on_gl() {
     // One case on GL: one more compiled variant on llvmpipe.
     for ctx in contexts(wgpu::Backends::GL, "gl") {
-        let spec = AttentionSpec::new(1, 70, 70, 4, 64).with_kv_heads(2);
+        let spec = AttentionSpec::default()
+            .with_seq_len(70)
+            .with_heads(4)
+            .with_kv_heads(2);
         pass(
             &ctx,
             &Case::new("alibi_hook_gl_s70", spec.with_position(custom::alibi(4))),

@@ -8,11 +8,9 @@ use posattn::harness::decode::{self, DecodeCase};
 use posattn::{Context, ContextOptions, enumerate_adapters};
 
 fn contexts(backends: wgpu::Backends, name: &str) -> Vec<Context> {
-    let options = ContextOptions {
-        backends,
-        adapter_name: None,
-        ..ContextOptions::default()
-    };
+    let options = ContextOptions::default()
+        .with_backends(backends)
+        .with_adapter_name(None);
     let adapters = enumerate_adapters(&options);
     if adapters.is_empty() {
         let required = std::env::var("POSATTN_REQUIRE_BACKENDS")

@@ -16,11 +16,9 @@ use posattn::{
 };
 
 fn vulkan() -> Option<Context> {
-    let options = ContextOptions {
-        backends: wgpu::Backends::VULKAN,
-        adapter_name: None,
-        ..ContextOptions::default()
-    };
+    let options = ContextOptions::default()
+        .with_backends(wgpu::Backends::VULKAN)
+        .with_adapter_name(None);
     let adapter = posattn::enumerate_adapters(&options).into_iter().next();
     if adapter.is_none() {
         let required = std::env::var("POSATTN_REQUIRE_BACKENDS")
@@ -190,7 +188,11 @@ fn generate_with(ctx: &Context, spec: DecodeSpec, steps: u32, retable: Option<Re
 }
 
 fn small(capacity: u32) -> AttentionSpec {
-    AttentionSpec::new(2, 1, capacity, 4, 64)
+    AttentionSpec::default()
+        .with_batch(2)
+        .with_seq_q(1)
+        .with_seq_k(capacity)
+        .with_heads(4)
         .with_kv_heads(2)
         .with_position(PositionEncoding::Rope(Rope::new(10000.0)))
 }
@@ -297,40 +299,36 @@ fn bad_decode_input_is_a_typed_error_naming_the_field() {
     let small_k = storage(&ctx, a.kv_len() as u64 * 4 - 4);
     let lengths = storage(&ctx, 16);
     let short_lengths = storage(&ctx, 8);
-    let bufs = DecodeBuffers {
-        q: &q,
-        k_cache: &k,
-        v_cache: &v,
-        positions: None,
-        lengths: &lengths,
-        out: &out,
-    };
+    let bufs = DecodeBuffers::new(&q, &k, &v, &lengths, &out);
     let encode = |b: DecodeBuffers| {
         let mut enc = ctx.device().create_command_encoder(&Default::default());
         plan.encode(&ctx, &mut enc, &b)
             .err()
             .and_then(|e| e.field())
     };
-    assert_eq!(encode(bufs), None);
+    assert_eq!(encode(bufs.clone()), None);
     // A lengths buffer too short; a cache too small for the plan.
     assert_eq!(
-        encode(DecodeBuffers {
-            lengths: &short_lengths,
-            ..bufs
+        encode({
+            let mut b = bufs.clone();
+            b.lengths = short_lengths.as_entire_buffer_binding();
+            b
         }),
         Some("lengths")
     );
     assert_eq!(
-        encode(DecodeBuffers {
-            k_cache: &small_k,
-            ..bufs
+        encode({
+            let mut b = bufs.clone();
+            b.k_cache = small_k.as_entire_buffer_binding();
+            b
         }),
         Some("k_cache")
     );
     assert_eq!(
-        encode(DecodeBuffers {
-            v_cache: &small_k,
-            ..bufs
+        encode({
+            let mut b = bufs.clone();
+            b.v_cache = small_k.as_entire_buffer_binding();
+            b
         }),
         Some("v_cache")
     );
@@ -370,14 +368,7 @@ fn device_lengths_past_the_capacity_are_clamped() {
     plan.encode(
         &ctx,
         &mut enc,
-        &DecodeBuffers {
-            q: &qb,
-            k_cache: &kb,
-            v_cache: &vb,
-            positions: Some(&pb),
-            lengths: &lengths,
-            out: &out,
-        },
+        &DecodeBuffers::new(&qb, &kb, &vb, &lengths, &out).with_positions(&pb),
     )
     .unwrap();
     ctx.queue().submit([enc.finish()]);

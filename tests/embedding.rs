@@ -22,7 +22,7 @@ fn caller_context() -> Option<Context> {
         ..Default::default()
     }))
     .expect("device");
-    Some(Context::from_device(device, queue, adapter.get_info()))
+    Some(Context::from_device(device, queue))
 }
 
 fn run_encoded(ctx: &Context, case: &Case, unfused: bool) -> Vec<f32> {
@@ -58,15 +58,9 @@ fn run_encoded(ctx: &Context, case: &Case, unfused: bool) -> Vec<f32> {
         usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
         mapped_at_creation: false,
     });
-    let bufs = AttentionBuffers {
-        q: &qb,
-        k: &kb,
-        v: &vb,
-        out: &out,
-        positions_q: Some(&pqb),
-        positions_k: Some(&pkb),
-        bias: None,
-    };
+    let bufs = AttentionBuffers::new(&qb, &kb, &vb, &out)
+        .with_positions_q(&pqb)
+        .with_positions_k(&pkb);
     let mut enc = dev.create_command_encoder(&Default::default());
     if unfused {
         Unfused::new(ctx, &case.spec)
@@ -111,13 +105,20 @@ fn cases() -> Vec<Case> {
     vec![
         Case::new(
             "embed_rope_gqa_causal",
-            AttentionSpec::new(2, 70, 70, 4, 64)
+            AttentionSpec::default()
+                .with_batch(2)
+                .with_seq_len(70)
+                .with_heads(4)
                 .with_kv_heads(2)
                 .with_position(rope.clone()),
         ),
         Case::new(
             "embed_rope_interleaved_bidir_q20_k90",
-            AttentionSpec::new(1, 20, 90, 2, 32)
+            AttentionSpec::default()
+                .with_seq_q(20)
+                .with_seq_k(90)
+                .with_heads(2)
+                .with_head_dim(32)
                 .with_causal(false)
                 .with_position(PositionEncoding::Rope(
                     Rope::new(10000.0).with_layout(RopeLayout::Interleaved),
@@ -125,7 +126,11 @@ fn cases() -> Vec<Case> {
         ),
         Case::new(
             "embed_none_causal_q90_k20_d128",
-            AttentionSpec::new(1, 90, 20, 2, 128),
+            AttentionSpec::default()
+                .with_seq_q(90)
+                .with_seq_k(20)
+                .with_heads(2)
+                .with_head_dim(128),
         ),
     ]
 }

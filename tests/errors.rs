@@ -8,7 +8,7 @@ use posattn::{
 };
 
 fn base() -> AttentionSpec {
-    AttentionSpec::new(1, 8, 8, 4, 64)
+    AttentionSpec::default().with_seq_len(8).with_heads(4)
 }
 
 fn invalid_field(r: Result<(), Error>) -> &'static str {
@@ -21,39 +21,22 @@ fn invalid_field(r: Result<(), Error>) -> &'static str {
 #[test]
 fn shape_errors_name_their_field() {
     let cases: Vec<(AttentionSpec, &str)> = vec![
-        (AttentionSpec { batch: 0, ..base() }, "batch"),
-        (AttentionSpec { seq_q: 0, ..base() }, "seq_q"),
-        (AttentionSpec { seq_k: 0, ..base() }, "seq_k"),
+        (base().with_batch(0), "batch"),
+        (base().with_seq_q(0), "seq_q"),
+        (base().with_seq_k(0), "seq_k"),
         (
-            AttentionSpec {
-                num_heads: 0,
-                ..base()
+            {
+                let mut s = base();
+                s.num_heads = 0;
+                s
             },
             "num_heads",
         ),
         (base().with_kv_heads(0), "num_kv_heads"),
         (base().with_kv_heads(3), "num_kv_heads"),
-        (
-            AttentionSpec {
-                head_dim: 0,
-                ..base()
-            },
-            "head_dim",
-        ),
-        (
-            AttentionSpec {
-                head_dim: 72,
-                ..base()
-            },
-            "head_dim",
-        ),
-        (
-            AttentionSpec {
-                head_dim: 512,
-                ..base()
-            },
-            "head_dim",
-        ),
+        (base().with_head_dim(0), "head_dim"),
+        (base().with_head_dim(72), "head_dim"),
+        (base().with_head_dim(512), "head_dim"),
         (base().with_scale(f64::NAN), "scale"),
         (base().with_logn(1), "logn_train_len"),
         (base().with_scale(f64::INFINITY), "scale"),
@@ -80,17 +63,15 @@ fn shape_errors_name_their_field() {
             "rope.attention_factor",
         ),
         (
-            base().with_position(PositionEncoding::Rope(Rope {
-                inv_freq: Some(vec![1.0; 3]),
-                ..Rope::new(1e4)
-            })),
+            base().with_position(PositionEncoding::Rope(
+                Rope::new(1e4).with_inv_freq(vec![1.0; 3]),
+            )),
             "rope.inv_freq",
         ),
         (
-            base().with_position(PositionEncoding::Rope(Rope {
-                inv_freq: Some(vec![f64::NAN; 32]),
-                ..Rope::new(1e4)
-            })),
+            base().with_position(PositionEncoding::Rope(
+                Rope::new(1e4).with_inv_freq(vec![f64::NAN; 32]),
+            )),
             "rope.inv_freq",
         ),
         (
@@ -108,10 +89,7 @@ fn shape_errors_name_their_field() {
             "alibi.slopes",
         ),
         (
-            base().with_position(PositionEncoding::Xpos(Xpos {
-                scale_base: 0.0,
-                ..Xpos::default()
-            })),
+            base().with_position(PositionEncoding::Xpos(Xpos::default().with_scale_base(0.0))),
             "xpos.scale_base",
         ),
     ];
@@ -178,23 +156,26 @@ fn bias_mask_and_extrapolation_errors_name_their_field() {
             "fire.w1",
         ),
         (
-            base().with_position(PositionEncoding::Fire(Fire {
-                b2: vec![0.0; 3],
-                ..fire(32, 4)
+            base().with_position(PositionEncoding::Fire({
+                let mut f = fire(32, 4);
+                f.b2 = vec![0.0; 3];
+                f
             })),
             "fire.b2",
         ),
         (
-            base().with_position(PositionEncoding::Fire(Fire {
-                w2: vec![0.0; 32],
-                ..fire(32, 4)
+            base().with_position(PositionEncoding::Fire({
+                let mut f = fire(32, 4);
+                f.w2 = vec![0.0; 32];
+                f
             })),
             "fire.w2",
         ),
         (
-            base().with_position(PositionEncoding::Fire(Fire {
-                c: f32::INFINITY,
-                ..fire(32, 4)
+            base().with_position(PositionEncoding::Fire({
+                let mut f = fire(32, 4);
+                f.c = f32::INFINITY;
+                f
             })),
             "fire.c",
         ),
@@ -279,7 +260,11 @@ fn bias_mask_and_extrapolation_errors_name_their_field() {
 
 #[test]
 fn position_errors_name_their_field() {
-    let s = AttentionSpec::new(2, 3, 5, 1, 32);
+    let s = AttentionSpec::default()
+        .with_batch(2)
+        .with_seq_q(3)
+        .with_seq_k(5)
+        .with_head_dim(32);
     let (q, k) = s.default_positions();
     assert!(s.validate_positions(&q, &k).is_ok());
     assert_eq!(
@@ -310,12 +295,18 @@ fn device_side_errors_are_typed() {
     let Some(ctx) = ctx() else { return };
     println!("device-side error checks on {}", ctx.describe());
     // Sizes beyond the device's binding limit are Unavailable, not a wgpu panic.
-    let huge = AttentionSpec::new(1, 1 << 20, 16, 64, 64);
+    let huge = AttentionSpec::default()
+        .with_seq_q(1 << 20)
+        .with_seq_k(16)
+        .with_heads(64);
     match Attention::new(&ctx, &huge) {
         Err(Error::Unavailable { what, .. }) => assert_eq!(what, "q / out bytes"),
         other => panic!("expected Unavailable, got {:?}", other.err()),
     }
-    let spec = AttentionSpec::new(1, 8, 8, 2, 32);
+    let spec = AttentionSpec::default()
+        .with_seq_len(8)
+        .with_heads(2)
+        .with_head_dim(32);
     let plan = Attention::new(&ctx, &spec).unwrap();
     // Host slices of the wrong length.
     let q = vec![0.5f32; spec.q_len()];
@@ -354,19 +345,11 @@ fn device_side_errors_are_typed() {
     let no_storage = mk(spec.q_len() as u64 * 4, wgpu::BufferUsages::COPY_DST);
     let mut enc = ctx.device().create_command_encoder(&Default::default());
     let mut try_bufs = |q, k, v, out, pq: Option<&wgpu::Buffer>| {
-        plan.encode(
-            &ctx,
-            &mut enc,
-            &AttentionBuffers {
-                q,
-                k,
-                v,
-                out,
-                positions_q: pq,
-                positions_k: None,
-                bias: None,
-            },
-        )
+        plan.encode(&ctx, &mut enc, &{
+            let mut b = AttentionBuffers::new(q, k, v, out);
+            b.positions_q = pq.map(|x| x.as_entire_buffer_binding());
+            b
+        })
     };
     for (field, r) in [
         ("q", try_bufs(&small, &good_kv, &good_kv, &good_q, None)),
@@ -387,7 +370,11 @@ fn device_side_errors_are_typed() {
         }
     }
     // A caller bias: the spec's layout and the buffer must agree.
-    let biased = AttentionSpec::new(1, 8, 8, 2, 32).with_bias(BiasLayout::default());
+    let biased = AttentionSpec::default()
+        .with_seq_len(8)
+        .with_heads(2)
+        .with_head_dim(32)
+        .with_bias(BiasLayout::default());
     let bplan = Attention::new(&ctx, &biased).unwrap();
     let bias = vec![0.0f32; 2 * 8 * 8];
     for (want, r) in [
@@ -415,15 +402,7 @@ fn device_side_errors_are_typed() {
     let r = bplan.encode(
         &ctx,
         &mut enc,
-        &AttentionBuffers {
-            q: &good_q,
-            k: &good_kv,
-            v: &good_kv,
-            out: &good_q,
-            positions_q: None,
-            positions_k: None,
-            bias: Some(&small),
-        },
+        &AttentionBuffers::new(&good_q, &good_kv, &good_kv, &good_q).with_bias(&small),
     );
     assert!(
         matches!(r, Err(Error::Invalid { field: "bias", .. })),
@@ -458,7 +437,10 @@ fn half_storage_errors_are_typed() {
         without += 1;
         assert_eq!(c.half_form(), HalfForm::Packed, "{}", c.describe());
         c.set_half_form(Some(HalfForm::Native));
-        let spec = AttentionSpec::new(1, 8, 8, 2, 64).with_dtypes(kv_f16);
+        let spec = AttentionSpec::default()
+            .with_seq_len(8)
+            .with_heads(2)
+            .with_dtypes(kv_f16);
         match Attention::new(&c, &spec) {
             Err(Error::Unavailable { what, .. }) => assert_eq!(what, "k"),
             other => panic!("expected Unavailable, got {:?}", other.err()),
@@ -466,7 +448,9 @@ fn half_storage_errors_are_typed() {
     }
     println!("native f16 refused on {without} adapters without SHADER_F16");
     let Some(ctx) = ctx() else { return };
-    let spec = AttentionSpec::new(1, 8, 8, 2, 64)
+    let spec = AttentionSpec::default()
+        .with_seq_len(8)
+        .with_heads(2)
         .with_position(rope())
         .with_dtypes(kv_f16);
     let plan = Attention::new(&ctx, &spec).unwrap();
@@ -526,19 +510,7 @@ fn half_storage_errors_are_typed() {
         mk(spec.kv_len() as u64 * 2 - 4),
     );
     let mut enc = ctx.device().create_command_encoder(&Default::default());
-    let r = plan.encode(
-        &ctx,
-        &mut enc,
-        &AttentionBuffers {
-            q: &qb,
-            k: &kb,
-            v: &vb,
-            out: &qb,
-            positions_q: None,
-            positions_k: None,
-            bias: None,
-        },
-    );
+    let r = plan.encode(&ctx, &mut enc, &AttentionBuffers::new(&qb, &kb, &vb, &qb));
     assert!(matches!(r, Err(Error::Invalid { field: "v", .. })), "{r:?}");
     assert!(ctx.take_uncaptured_errors().is_empty());
 }

@@ -16,11 +16,9 @@ use posattn::harness::reference;
 use posattn::{AttentionSpec, Context, ContextOptions, PositionEncoding, Rope, enumerate_adapters};
 
 fn vulkan() -> Option<Context> {
-    let options = ContextOptions {
-        backends: wgpu::Backends::VULKAN,
-        adapter_name: None,
-        ..ContextOptions::default()
-    };
+    let options = ContextOptions::default()
+        .with_backends(wgpu::Backends::VULKAN)
+        .with_adapter_name(None);
     match enumerate_adapters(&options).into_iter().next() {
         Some(a) => Some(Context::from_adapter(&a).expect("open device")),
         None => {
@@ -112,7 +110,11 @@ fn partial_attentions_merge_into_the_whole() {
     let (b, sq, sk, split) = (2u32, 40u32, 100u32, 61u32);
     let rope = PositionEncoding::Rope(Rope::new(10000.0));
     let sinks = vec![0.5f32, -1.0, 2.0, 0.0];
-    let whole = AttentionSpec::new(b, sq, sk, 4, 64)
+    let whole = AttentionSpec::default()
+        .with_batch(b)
+        .with_seq_q(sq)
+        .with_seq_k(sk)
+        .with_heads(4)
         .with_kv_heads(2)
         .with_causal(false)
         .with_position(rope)
@@ -156,7 +158,7 @@ fn partial_attentions_merge_into_the_whole() {
 /// The merge on host values: empty parts, NaN, and lengths named in errors.
 #[test]
 fn merge_handles_empty_and_nan_rows_and_names_bad_lengths() {
-    let spec = AttentionSpec::new(1, 3, 3, 1, 32);
+    let spec = AttentionSpec::default().with_seq_len(3).with_head_dim(32);
     let d = 32;
     let oa: Vec<f32> = (0..3 * d).map(|i| (i % 7) as f32).collect();
     let ob: Vec<f32> = (0..3 * d).map(|i| (i % 5) as f32 - 2.0).collect();

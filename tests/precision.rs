@@ -26,9 +26,13 @@ fn rope_phase_stays_exact_at_long_positions() {
             (RopeLayout::Interleaved, "interleaved"),
         ] {
             for offset in [65_536 - 40, 1_000_000, (1 << 24) - 1 - 80] {
-                let spec = AttentionSpec::new(1, 40, 80, 2, 64).with_position(
-                    PositionEncoding::Rope(Rope::new(10000.0).with_layout(layout)),
-                );
+                let spec = AttentionSpec::default()
+                    .with_seq_q(40)
+                    .with_seq_k(80)
+                    .with_heads(2)
+                    .with_position(PositionEncoding::Rope(
+                        Rope::new(10000.0).with_layout(layout),
+                    ));
                 let case = Case::new(format!("rope_{lname}_offset{offset}"), spec.clone())
                     .with_positions(Positions::Offset(offset));
                 let (q, k, v, pq, pk) = case.inputs();

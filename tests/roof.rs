@@ -6,11 +6,9 @@ use posattn::harness::roof::MatmulRoof;
 use posattn::{Context, ContextOptions};
 
 fn vulkan() -> Option<Context> {
-    let options = ContextOptions {
-        backends: wgpu::Backends::VULKAN,
-        adapter_name: None,
-        ..ContextOptions::default()
-    };
+    let options = ContextOptions::default()
+        .with_backends(wgpu::Backends::VULKAN)
+        .with_adapter_name(None);
     let adapter = posattn::enumerate_adapters(&options).into_iter().next();
     if adapter.is_none() {
         let required = std::env::var("POSATTN_REQUIRE_BACKENDS")

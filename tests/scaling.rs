@@ -97,14 +97,7 @@ fn invalid_scaling_parameters_name_their_field() {
         )),
         "factor"
     );
-    let long = LongRope {
-        short_factor: vec![1.0; 3],
-        long_factor: vec![1.0; 32],
-        factor: None,
-        original_max_position_embeddings: 4096,
-        max_position_embeddings: 131072,
-        attention_factor: None,
-    };
+    let long = LongRope::new(vec![1.0; 3], vec![1.0; 32], 4096, 131072);
     assert_eq!(
         field(rope_frequencies(
             1e4,
@@ -161,8 +154,10 @@ fn dynamic_ntk_uses_the_current_length_for_every_key() {
     let ctx = Context::from_adapter(&adapter).unwrap();
     // Keys 2000..2069: the sequence crosses 2048, so the table is the one at length 2070.
     let rope = after.to_rope(10000.0, RopeLayout::Half);
-    let spec =
-        AttentionSpec::new(1, 70, 70, 2, 64).with_position(posattn::PositionEncoding::Rope(rope));
+    let spec = AttentionSpec::default()
+        .with_seq_len(70)
+        .with_heads(2)
+        .with_position(posattn::PositionEncoding::Rope(rope));
     let case = Case::new("dynamic_ntk_crossing_2048", spec).with_positions(Positions::Offset(2000));
     let r = run_case(&ctx, &case);
     println!(

@@ -161,6 +161,17 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         file: Option<std::path::PathBuf>,
     },
+    /// Draw what a position scheme does into a PNG: its logit against relative distance and
+    /// one head's attention weights over a long sequence with and without each extrapolation
+    /// method, computed by the f64 reference. Needs no adapter.
+    Plot {
+        /// One of rope, linear, ntk, dynamic, yarn, longrope, llama3, alibi, xpos, t5, kerple,
+        /// sandwich, fire, all.
+        #[arg(long)]
+        scheme: String,
+        #[arg(long, value_name = "FILE")]
+        out: std::path::PathBuf,
+    },
     /// List adapters with the limits and features that matter to this crate.
     Info {
         #[arg(long, value_enum)]
@@ -590,7 +601,13 @@ fn run(a: RunArgs, backend: Option<Backend>, adapter: Option<String>) -> posattn
             format!("{:?}", v.shape),
         ));
     }
-    let probe = posattn::AttentionSpec::new(b, sq, sk, h, d).with_kv_heads(hkv);
+    let probe = posattn::AttentionSpec::default()
+        .with_batch(b)
+        .with_seq_q(sq)
+        .with_seq_k(sk)
+        .with_heads(h)
+        .with_head_dim(d)
+        .with_kv_heads(hkv);
     let (dq, dk) = probe.default_positions();
     let positions =
         |field, path: &Option<std::path::PathBuf>, seq: u32, default: Vec<i32>| match path {
@@ -980,7 +997,9 @@ fn bench(
             "unfused MiB"
         );
         for &seq in seqs {
-            let spec = posattn::AttentionSpec::new(1, seq, seq, 8, 64)
+            let spec = posattn::AttentionSpec::default()
+                .with_seq_len(seq)
+                .with_heads(8)
                 .with_position(posattn::PositionEncoding::Rope(posattn::Rope::new(10000.0)));
             let mut rng = check::SplitMix::new(seq as u64);
             let mk = |n: usize, rng: &mut check::SplitMix| {
@@ -997,15 +1016,7 @@ fn bench(
                 mk(spec.kv_len(), &mut rng),
                 mk(spec.q_len(), &mut rng),
             );
-            let bufs = posattn::AttentionBuffers {
-                q: &q,
-                k: &k,
-                v: &v,
-                out: &o,
-                positions_q: None,
-                positions_k: None,
-                bias: None,
-            };
+            let bufs = posattn::AttentionBuffers::new(&q, &k, &v, &o);
             let io = (q.size() + k.size() + v.size() + o.size()) as f64;
             let mib = |b: f64| b / (1024.0 * 1024.0);
             let gf = |ms: f64| spec.flops() / (ms * 1e-3) / 1e9;
@@ -1045,7 +1056,9 @@ fn bench(
             }));
         }
         for (seq, form, ms) in bench_dtypes(&ctx, seqs, runs)? {
-            let spec = posattn::AttentionSpec::new(1, seq, seq, 8, 64);
+            let spec = posattn::AttentionSpec::default()
+                .with_seq_len(seq)
+                .with_heads(8);
             rows.push(serde_json::json!({
                 "adapter": ctx.describe(),
                 "seq": seq,
@@ -1092,7 +1105,9 @@ fn bench_dtypes(
     }
     println!();
     for &seq in seqs {
-        let base = posattn::AttentionSpec::new(1, seq, seq, 8, 64)
+        let base = posattn::AttentionSpec::default()
+            .with_seq_len(seq)
+            .with_heads(8)
             .with_position(posattn::PositionEncoding::Rope(posattn::Rope::new(10000.0)));
         let mut rng = check::SplitMix::new(seq as u64);
         let (q, k, v) = (
@@ -1118,15 +1133,7 @@ fn bench_dtypes(
         // Warm-up, then rounds of one timed run per form.
         for round in 0..=runs {
             for (plan, (q, k, v, o), times) in setups.iter_mut() {
-                let bufs = posattn::AttentionBuffers {
-                    q,
-                    k,
-                    v,
-                    out: o,
-                    positions_q: None,
-                    positions_k: None,
-                    bias: None,
-                };
+                let bufs = posattn::AttentionBuffers::new(&*q, &*k, &*v, &*o);
                 let (_, t) = time_encoded(ctx, 1, |e| plan.encode(ctx, e, &bufs))?;
                 if round > 0 {
                     times.extend(t);
@@ -1205,7 +1212,10 @@ fn tune(
         let mut rows = std::collections::BTreeMap::new();
         let mut measured = std::collections::BTreeMap::new();
         for &d in head_dims {
-            let spec = posattn::AttentionSpec::new(1, n, n, 8, d)
+            let spec = posattn::AttentionSpec::default()
+                .with_seq_len(n)
+                .with_heads(8)
+                .with_head_dim(d)
                 .with_position(posattn::PositionEncoding::Rope(posattn::Rope::new(10000.0)));
             let mut rng = check::SplitMix::new(d as u64);
             let mk = |len: usize, rng: &mut check::SplitMix| {
@@ -1229,9 +1239,13 @@ fn tune(
                 // RoPE case with a partial last tile, against the f64 reference.
                 let case = check::Case::new(
                     format!("tune_d{d}_r{r}"),
-                    posattn::AttentionSpec::new(1, 77, 77, 2, d).with_position(
-                        posattn::PositionEncoding::Rope(posattn::Rope::new(10000.0)),
-                    ),
+                    posattn::AttentionSpec::default()
+                        .with_seq_len(77)
+                        .with_heads(2)
+                        .with_head_dim(d)
+                        .with_position(posattn::PositionEncoding::Rope(posattn::Rope::new(
+                            10000.0,
+                        ))),
                 );
                 let result = check::run_case(&ctx, &case);
                 if result.status != Status::Pass {
@@ -1239,15 +1253,7 @@ fn tune(
                     continue;
                 }
                 let plan = posattn::Attention::new(&ctx, &spec)?;
-                let bufs = posattn::AttentionBuffers {
-                    q: &q,
-                    k: &k,
-                    v: &v,
-                    out: &o,
-                    positions_q: None,
-                    positions_k: None,
-                    bias: None,
-                };
+                let bufs = posattn::AttentionBuffers::new(&q, &k, &v, &o);
                 time_encoded(&ctx, 1, |e| plan.encode(&ctx, e, &bufs))?;
                 let (_, t) = time_encoded(&ctx, runs, |e| plan.encode(&ctx, e, &bufs))?;
                 let ms = median(&t).as_secs_f64() * 1e3;
@@ -1374,6 +1380,16 @@ fn main() -> ExitCode {
             file,
         } => match tune(backend, adapter, &head_dim, seq, runs.max(1), file) {
             Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Plot { scheme, out } => match posattn::plot::draw(&scheme, &out) {
+            Ok(()) => {
+                println!("wrote {}", out.display());
+                ExitCode::SUCCESS
+            }
             Err(e) => {
                 eprintln!("error: {e}");
                 ExitCode::from(2)

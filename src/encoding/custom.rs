@@ -90,32 +90,49 @@ pub type Tables = BTreeMap<String, Vec<f32>>;
 pub struct ScoreArgs<'a> {
     /// Scaled logit in natural-log units.
     pub score: f64,
+    /// Query position.
     pub q_pos: i64,
+    /// Key position.
     pub k_pos: i64,
+    /// Query head.
     pub head: u32,
+    /// Row among this call's queries.
     pub q_index: u32,
+    /// Index of the key.
     pub k_index: u32,
+    /// The scheme's tables.
     pub tables: &'a Tables,
 }
 
 /// What the mask twin gets.
 #[derive(Clone, Copy, Debug)]
 pub struct MaskArgs<'a> {
+    /// Query position.
     pub q_pos: i64,
+    /// Key position.
     pub k_pos: i64,
+    /// Query head.
     pub head: u32,
+    /// Row among this call's queries.
     pub q_index: u32,
+    /// Index of the key.
     pub k_index: u32,
+    /// The scheme's tables.
     pub tables: &'a Tables,
 }
 
 /// What the rotation twin gets.
 #[derive(Clone, Copy, Debug)]
 pub struct RotateArgs<'a> {
+    /// The pair's two channels before rotation.
     pub x: [f64; 2],
+    /// Index of the rotation pair.
     pub pair: u32,
+    /// Position of the token.
     pub pos: i64,
+    /// Whether the row is a query (else a key).
     pub is_query: bool,
+    /// The scheme's tables.
     pub tables: &'a Tables,
 }
 
@@ -126,11 +143,13 @@ impl<'a> ScoreArgs<'a> {
     }
 }
 impl<'a> MaskArgs<'a> {
+    /// Table `name` (empty if there is none).
     pub fn table(&self, name: &str) -> &'a [f32] {
         table(self.tables, name)
     }
 }
 impl<'a> RotateArgs<'a> {
+    /// Table `name` (empty if there is none).
     pub fn table(&self, name: &str) -> &'a [f32] {
         table(self.tables, name)
     }
@@ -140,8 +159,11 @@ fn table<'a>(tables: &'a Tables, name: &str) -> &'a [f32] {
     tables.get(name).map_or(&[], |t| t.as_slice())
 }
 
+/// The Rust twin of `score_mod`: the new logit.
 pub type ScoreTwin = Arc<dyn Fn(&ScoreArgs) -> f64 + Send + Sync>;
+/// The Rust twin of `mask_mod`: whether the key is visible.
 pub type MaskTwin = Arc<dyn Fn(&MaskArgs) -> bool + Send + Sync>;
+/// The Rust twin of `rotate_mod`: the pair after rotation.
 pub type RotateTwin = Arc<dyn Fn(&RotateArgs) -> [f64; 2] + Send + Sync>;
 
 /// A caller's position scheme: the WGSL snippet, its tables and the Rust twins the CPU
@@ -154,8 +176,11 @@ pub struct CustomScheme {
     pub tables: Tables,
     /// Channel pairs `rotate_mod` sees.
     pub layout: RopeLayout,
+    /// The twin of `score_mod`, run by the reference.
     pub score_twin: Option<ScoreTwin>,
+    /// The twin of `mask_mod`, run by the reference.
     pub mask_twin: Option<MaskTwin>,
+    /// The twin of `rotate_mod`, run by the reference.
     pub rotate_twin: Option<RotateTwin>,
 }
 
@@ -204,11 +229,13 @@ impl CustomScheme {
         }
     }
 
+    /// Adds the table `name` (declared in the snippet with `// @table name: size`).
     pub fn with_table(mut self, name: impl Into<String>, data: Vec<f32>) -> Self {
         self.tables.insert(name.into(), data);
         self
     }
 
+    /// The channel layout rotation pairs follow (for `rotate_mod`).
     pub fn with_layout(mut self, layout: RopeLayout) -> Self {
         self.layout = layout;
         self
@@ -458,20 +485,26 @@ impl CustomScheme {
 /// Which hooks a snippet defines.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Hooks {
+    /// Defines `score_mod`.
     pub score: bool,
+    /// Defines `mask_mod`.
     pub mask: bool,
+    /// Defines `tile_mask`.
     pub tiles: bool,
+    /// Defines `rotate_mod`.
     pub rotate: bool,
 }
 
 /// A snippet that passed [`CustomScheme::check`]: what the kernel composer needs.
 #[derive(Clone, Debug)]
 pub struct CheckedScheme {
+    /// The hooks the snippet defines.
     pub hooks: Hooks,
     /// Identifies the variant (hash of the glue and the snippet; never 0).
     pub id: u64,
     /// The generated glue: hook flags, `TILE_*` codes, table accessors and the `pa_*` wrappers.
     pub glue: Arc<str>,
+    /// The caller's snippet, as checked.
     pub snippet: Arc<str>,
     /// Declared tables in declaration order (their header entries' order in aux).
     pub table_order: Vec<String>,

@@ -8,7 +8,9 @@
 /// `None` on a side means unbounded. Combined with `causal`, right is irrelevant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Window {
+    /// Keys at most this far before the query's key index stay visible (`None`: unbounded).
     pub left: Option<u32>,
+    /// Keys at most this far after it stay visible (`None`: unbounded).
     pub right: Option<u32>,
 }
 
@@ -28,6 +30,7 @@ impl Window {
         }
     }
 
+    /// Whether neither side is bounded.
     pub fn is_none(&self) -> bool {
         self.left.is_none() && self.right.is_none()
     }
@@ -36,18 +39,28 @@ impl Window {
 /// How keys seen only through the sink rule (index below `sink_tokens`, outside the window) are
 /// positioned, and which RoPE scores are rectified. Each needs RoPE.
 #[derive(Clone, Debug, PartialEq, Default)]
+#[non_exhaustive]
 pub enum Extrapolation {
     #[default]
+    /// Positions as given, one RoPE score per key.
     None,
     /// ReRoPE (bojone/rerope): keys at `|Δ| < window` get the ordinary RoPE score; farther keys
     /// see the query rotated at distance `window` (distance clamped). With `leak = Some(k)`,
     /// Leaky ReRoPE: beyond the window the distance grows as `window + (Δ − window)/k`.
     /// Both scores come from one pass over the keys.
-    ReRope { window: u32, leak: Option<f64> },
+    ReRope {
+        /// Distance from which the clamped score is used.
+        window: u32,
+        /// `Some(k)`: Leaky ReRoPE's slope divisor (≥ 1); `None`: plain ReRoPE.
+        leak: Option<f64>,
+    },
     /// LM-Infinite's distance limit: a key reached only through the sink rule (its global branch)
     /// is scored with the query rotated at `limit` and the key unrotated, whatever the real
     /// distance. Use with `sink_tokens` = n_global and `Window::recent(local_branch)`.
-    LmInfinite { limit: u32 },
+    LmInfinite {
+        /// The distance every sink-only key is scored at.
+        limit: u32,
+    },
     /// StreamingLLM's pos-shift convention: each query sees the sink keys at the distance they
     /// have in the rolling cache (sinks, then the `left + 1` most recent keys), i.e. as if the
     /// query sat at cache index `min(i', sink_tokens + left)`. Without it (the default) keys keep
@@ -56,6 +69,7 @@ pub enum Extrapolation {
 }
 
 impl Extrapolation {
+    /// The method's name, as error messages and case names spell it.
     pub fn name(&self) -> &'static str {
         match self {
             Extrapolation::None => "none",

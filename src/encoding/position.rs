@@ -21,7 +21,9 @@ pub enum RopeLayout {
 
 /// Rotary position embedding (Su et al.), applied to queries and keys inside the kernel.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct Rope {
+    /// Which channels form the rotation pairs.
     pub layout: RopeLayout,
     /// Channels that rotate (even, at most head_dim); the rest pass through. `None` = head_dim.
     pub rotary_dim: Option<u32>,
@@ -33,6 +35,13 @@ pub struct Rope {
     /// Explicit inverse frequencies, `rotary_dim / 2` of them, replacing the ones derived from
     /// `theta`. This is where a scaling scheme plugs in: it is just another table.
     pub inv_freq: Option<Vec<f64>>,
+}
+
+impl Default for Rope {
+    /// Plain RoPE with the usual base of 10000 (`Rope::new(10000.0)`).
+    fn default() -> Self {
+        Rope::new(10000.0)
+    }
 }
 
 impl Rope {
@@ -47,18 +56,27 @@ impl Rope {
         }
     }
 
+    /// Sets the channel layout.
     pub fn with_layout(mut self, layout: RopeLayout) -> Self {
         self.layout = layout;
         self
     }
 
+    /// Rotates only the first `rotary_dim` channels (even, at most head_dim).
     pub fn with_rotary_dim(mut self, rotary_dim: u32) -> Self {
         self.rotary_dim = Some(rotary_dim);
         self
     }
 
+    /// Scales cos and sin by `attention_factor` (the logits by its square).
     pub fn with_attention_factor(mut self, attention_factor: f64) -> Self {
         self.attention_factor = attention_factor;
+        self
+    }
+
+    /// Uses explicit inverse frequencies (`rotary_dim / 2` of them) instead of `theta`'s.
+    pub fn with_inv_freq(mut self, inv_freq: Vec<f64>) -> Self {
+        self.inv_freq = Some(inv_freq);
         self
     }
 
@@ -94,23 +112,56 @@ pub enum AlibiForm {
     Symmetric,
 }
 
-/// Attention with linear biases (Press et al. 2022).
+/// Attention with linear biases (Press et al. 2022). `Default`: the standard slopes, causal form.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Alibi {
+    /// The slope of each head.
     pub slopes: AlibiSlopes,
+    /// How a distance becomes a bias.
     pub form: AlibiForm,
 }
 
 /// xPos (Sun et al. 2022) as torchscale defines it: RoPE whose pair i is scaled by
 /// `ζ_i^(m/γ)` for queries and `ζ_i^(−n/γ)` for keys, `ζ_i = (2i + 0.4d) / (1.4d)`.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct Xpos {
     /// torchscale rotates every two channels (interleaved); lucidrains' rotary-embedding-torch
     /// uses the half layout.
     pub layout: RopeLayout,
+    /// Base of the frequencies.
     pub theta: f64,
     /// γ, 512 in torchscale.
     pub scale_base: f64,
+}
+
+impl Default for Alibi {
+    fn default() -> Self {
+        Alibi {
+            slopes: AlibiSlopes::Standard,
+            form: AlibiForm::Causal,
+        }
+    }
+}
+
+impl Xpos {
+    /// Sets γ (`scale_base`).
+    pub fn with_scale_base(mut self, scale_base: f64) -> Self {
+        self.scale_base = scale_base;
+        self
+    }
+
+    /// Sets the channel layout.
+    pub fn with_layout(mut self, layout: RopeLayout) -> Self {
+        self.layout = layout;
+        self
+    }
+
+    /// Sets the frequency base.
+    pub fn with_theta(mut self, theta: f64) -> Self {
+        self.theta = theta;
+        self
+    }
 }
 
 impl Default for Xpos {
@@ -125,11 +176,16 @@ impl Default for Xpos {
 
 /// The position encoding fused into the attention kernel.
 #[derive(Clone, Debug, PartialEq, Default)]
+#[non_exhaustive]
 pub enum PositionEncoding {
     #[default]
+    /// No position encoding.
     None,
+    /// Rotary embedding.
     Rope(Rope),
+    /// Linear biases.
     Alibi(Alibi),
+    /// xPos.
     Xpos(Xpos),
     /// T5's learned relative buckets.
     T5(T5Bias),

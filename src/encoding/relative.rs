@@ -12,7 +12,9 @@ use crate::error::{Error, Result};
 /// explicit scale uses 1.
 #[derive(Clone, Debug, PartialEq)]
 pub struct T5Bias {
+    /// Buckets of the table (HF `relative_attention_num_buckets`).
     pub num_buckets: u32,
+    /// Distance at which the logarithmic buckets end (HF `relative_attention_max_distance`).
     pub max_distance: u32,
     /// Encoder self-attention uses both directions; decoders use `false`.
     pub bidirectional: bool,
@@ -33,6 +35,7 @@ pub enum KerpleForm {
 /// least 1e-2 before use (and the power form's p to at most 2).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Kerple {
+    /// Which kernel.
     pub form: KerpleForm,
     /// One per query head.
     pub p: Vec<f32>,
@@ -51,6 +54,7 @@ pub struct Sandwich {
 /// FIRE (Li et al. 2024): `b(m, n) = MLP(ln(|c·Δ| + 1) / (ln(|c·max(m, L)| + 1) + 1e-6))` with
 /// MLP = Linear(1, W) → ReLU → Linear(W, H) (W = 32 in the paper). Weights in PyTorch's layout.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct Fire {
     /// The learned `c` (initialised at 0.1).
     pub c: f32,
@@ -58,9 +62,11 @@ pub struct Fire {
     pub l: f32,
     /// First layer weight `[W, 1]` and bias `[W]`.
     pub w1: Vec<f32>,
+    /// First layer bias `[W]`.
     pub b1: Vec<f32>,
     /// Second layer weight `[H, W]` and bias `[H]`.
     pub w2: Vec<f32>,
+    /// Second layer bias `[H]`.
     pub b2: Vec<f32>,
 }
 
@@ -211,6 +217,7 @@ impl Kerple {
 }
 
 impl Sandwich {
+    /// d' for a head of `head_dim` channels.
     pub fn dim(&self, head_dim: u32) -> u32 {
         self.dim.unwrap_or(head_dim)
     }
@@ -241,6 +248,7 @@ impl Fire {
         }
     }
 
+    /// The MLP's hidden width W.
     pub fn width(&self) -> usize {
         self.w1.len()
     }

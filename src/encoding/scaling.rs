@@ -12,15 +12,21 @@ use crate::error::{Error, Result};
 
 /// YaRN (Peng et al. 2023) as transformers computes it.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct Yarn {
     /// Context extension factor; `None` means max_position_embeddings / original (DeepSeek-V3).
     pub factor: Option<f64>,
+    /// The context the model was trained on.
     pub original_max_position_embeddings: u64,
+    /// The context it is extended to.
     pub max_position_embeddings: u64,
     /// Rotations at which the ramp starts extrapolating (32) and stops interpolating (1).
     pub beta_fast: f64,
+    /// See `beta_fast`.
     pub beta_slow: f64,
+    /// DeepSeek's `mscale` (`None`: 1).
     pub mscale: Option<f64>,
+    /// DeepSeek's `mscale_all_dim` (`None`: 0).
     pub mscale_all_dim: Option<f64>,
     /// Explicit attention factor; `None` derives it from factor, mscale and mscale_all_dim.
     pub attention_factor: Option<f64>,
@@ -28,8 +34,29 @@ pub struct Yarn {
     pub truncate: bool,
 }
 
+impl Yarn {
+    /// YaRN extending `original_max_position_embeddings` by `factor`, with transformers'
+    /// defaults for the rest (beta_fast 32, beta_slow 1, no mscale, derived attention factor,
+    /// truncated correction range, max_position_embeddings = factor × original); set the public
+    /// fields to change them.
+    pub fn new(factor: f64, original_max_position_embeddings: u64) -> Self {
+        Yarn {
+            factor: Some(factor),
+            original_max_position_embeddings,
+            max_position_embeddings: (factor * original_max_position_embeddings as f64) as u64,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            mscale: None,
+            mscale_all_dim: None,
+            attention_factor: None,
+            truncate: true,
+        }
+    }
+}
+
 /// LongRoPE (Ding et al. 2024; Phi-3) as transformers computes it.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct LongRope {
     /// Per-pair rescale factors used up to the original context (rotary_dim / 2 of them).
     pub short_factor: Vec<f64>,
@@ -37,22 +64,49 @@ pub struct LongRope {
     pub long_factor: Vec<f64>,
     /// `None` means max_position_embeddings / original.
     pub factor: Option<f64>,
+    /// The context the model was trained on.
     pub original_max_position_embeddings: u64,
+    /// The context it is extended to.
     pub max_position_embeddings: u64,
+    /// Explicit attention factor; `None` derives it from the factor.
     pub attention_factor: Option<f64>,
+}
+
+impl LongRope {
+    /// LongRoPE with its two factor tables, the original context and the extended one; the
+    /// factor follows from them and the attention factor from the factor (set the public fields
+    /// to give either).
+    pub fn new(
+        short_factor: Vec<f64>,
+        long_factor: Vec<f64>,
+        original_max_position_embeddings: u64,
+        max_position_embeddings: u64,
+    ) -> Self {
+        LongRope {
+            short_factor,
+            long_factor,
+            factor: None,
+            original_max_position_embeddings,
+            max_position_embeddings,
+            attention_factor: None,
+        }
+    }
 }
 
 /// A RoPE scaling scheme.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub enum RopeScaling {
     /// `1 / theta^(2i / r)`.
     Default,
     /// Position interpolation (kaiokendev, Chen et al. 2023): every frequency divided by `factor`.
     Linear {
+        /// Positions divided by `factor`.
         factor: f64,
     },
     /// NTK-aware scaling with a fixed alpha (bloc97): `theta · alpha^(r / (r − 2))`.
     NtkAlpha {
+        /// The NTK-aware base change `theta · alpha^(d / (d − 2))`.
         alpha: f64,
     },
     /// Dynamic NTK (emozilla): the NTK base grows with the current length past
@@ -60,21 +114,30 @@ pub enum RopeScaling {
     /// [`rope_frequencies`]; keys and queries are rotated with the same table inside the kernel,
     /// so there is no stale pre-rotated cache (transformers issue 25104).
     Dynamic {
+        /// The extension factor.
         factor: f64,
+        /// The trained context; past it the base grows with the sequence.
         max_position_embeddings: u64,
     },
+    /// YaRN.
     Yarn(Yarn),
+    /// LongRoPE.
     LongRope(LongRope),
     /// Llama 3.1: low frequencies divided by `factor`, high ones kept, a smooth ramp between.
     Llama3 {
+        /// The extension factor.
         factor: f64,
+        /// Wavelengths above `original / low_freq_factor` are scaled by the factor.
         low_freq_factor: f64,
+        /// Wavelengths below `original / high_freq_factor` are kept.
         high_freq_factor: f64,
+        /// The trained context.
         original_max_position_embeddings: u64,
     },
     /// HF "proportional" (p-RoPE): `int(prf · d // 2)` rotated pairs with exponent denominator d,
     /// zero frequencies for the rest, everything divided by `factor`.
     Proportional {
+        /// The extension factor.
         factor: f64,
     },
 }

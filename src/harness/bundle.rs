@@ -27,11 +27,15 @@ use crate::plan;
 /// A case as written, with its references for a second check of the output on the host.
 #[derive(Clone, Debug)]
 pub struct WrittenCase {
+    /// The case's name.
     pub name: String,
     /// The kernel variant's name.
     pub kernel: String,
+    /// The directory the case was written to.
     pub dir: PathBuf,
+    /// The f64 reference output.
     pub ref64: Vec<f64>,
+    /// The f32 reference output (its error sets the tolerance).
     pub ref32: Vec<f32>,
     /// The allowed largest error (`check::compare`'s rule).
     pub bound: f64,

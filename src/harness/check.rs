@@ -57,6 +57,7 @@ pub enum Positions {
 /// Which input gets a NaN planted, to check masking and propagation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NanPlant {
+    /// No NaN planted.
     None,
     /// A NaN in V at a key the causal mask hides from some rows: must reach only rows that see it.
     MaskedValue,
@@ -99,6 +100,7 @@ pub enum Group {
 }
 
 impl Group {
+    /// Every group, in report order.
     pub const ALL: [Group; 13] = [
         Group::Encodings,
         Group::TileEdges,
@@ -115,6 +117,7 @@ impl Group {
         Group::Other,
     ];
 
+    /// The group's name, as `--filter group=` spells it.
     pub fn name(self) -> &'static str {
         match self {
             Group::Encodings => "encodings",
@@ -139,11 +142,17 @@ impl Group {
 /// the spec.
 #[derive(Clone, Debug)]
 pub struct Case {
+    /// The case's name (unique in the matrix).
     pub name: String,
+    /// What is computed.
     pub spec: AttentionSpec,
+    /// How positions are drawn.
     pub positions: Positions,
+    /// Which input gets a NaN.
     pub nan: NanPlant,
+    /// Seed of the inputs.
     pub seed: u64,
+    /// The report group.
     pub group: Group,
     /// The matrix's name of the encoding (`rope_half`, `alibi_causal`, ...); by default the
     /// encoding's own name.
@@ -155,7 +164,9 @@ pub struct Case {
 /// The outcome of one case.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Status {
+    /// Within the tolerance rule.
     Pass,
+    /// Beyond it, with the reason.
     Fail(String),
     /// The adapter cannot run this case (a limit or a missing feature), with the reason.
     Unsupported(String),
@@ -164,7 +175,9 @@ pub enum Status {
 /// A case's result with its errors against the f64 reference.
 #[derive(Clone, Debug)]
 pub struct CaseResult {
+    /// The case's name.
     pub name: String,
+    /// Pass, fail or unsupported.
     pub status: Status,
     /// max |gpu − ref64|
     pub err_gpu: f64,
@@ -181,9 +194,11 @@ pub struct CaseResult {
 pub struct SplitMix(u64);
 
 impl SplitMix {
+    /// A generator from `seed`.
     pub fn new(seed: u64) -> Self {
         SplitMix(seed)
     }
+    /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
@@ -195,12 +210,14 @@ impl SplitMix {
     pub fn uniform(&mut self) -> f32 {
         ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
+    /// `n` values uniform in ±`amplitude`.
     pub fn vec(&mut self, n: usize, amplitude: f32) -> Vec<f32> {
         (0..n).map(|_| self.uniform() * amplitude).collect()
     }
 }
 
 impl Case {
+    /// A case of `spec` with default positions, no NaN and a seed from its name.
     pub fn new(name: impl Into<String>, spec: AttentionSpec) -> Self {
         let name = name.into();
         // Seed from the name so that each case has its own inputs and replays identically.
@@ -293,11 +310,13 @@ impl Case {
         }
     }
 
+    /// Draws positions as `p` says.
     pub fn with_positions(mut self, p: Positions) -> Self {
         self.positions = p;
         self
     }
 
+    /// Plants a NaN as `nan` says.
     pub fn with_nan(mut self, nan: NanPlant) -> Self {
         self.nan = nan;
         self
@@ -663,7 +682,9 @@ pub fn conformance_cases() -> Vec<Case> {
         for causal in [true, false] {
             for (gname, kv) in [("mha", 4), ("gqa", 2), ("mqa", 1)] {
                 let mask = if causal { "causal" } else { "bidir" };
-                let spec = AttentionSpec::new(1, 37, 37, heads, 64)
+                let spec = AttentionSpec::default()
+                    .with_seq_len(37)
+                    .with_heads(heads)
                     .with_kv_heads(kv)
                     .with_causal(causal)
                     .with_position(enc.clone());
@@ -692,7 +713,10 @@ pub fn conformance_cases() -> Vec<Case> {
         ] {
             for causal in [true, false] {
                 let mask = if causal { "causal" } else { "bidir" };
-                let spec = AttentionSpec::new(1, sq, sk, 2, 64)
+                let spec = AttentionSpec::default()
+                    .with_seq_q(sq)
+                    .with_seq_k(sk)
+                    .with_heads(2)
                     .with_kv_heads(1)
                     .with_causal(causal)
                     .with_position(enc.clone());
@@ -712,7 +736,11 @@ pub fn conformance_cases() -> Vec<Case> {
     ] {
         for enc_name in ["rope_half", "alibi_symmetric", "xpos"] {
             let enc = encoding(enc_name, 4);
-            let spec = AttentionSpec::new(3, 40, 70, 4, 64)
+            let spec = AttentionSpec::default()
+                .with_batch(3)
+                .with_seq_q(40)
+                .with_seq_k(70)
+                .with_heads(4)
                 .with_kv_heads(2)
                 .with_position(enc);
             cases.push(
@@ -728,7 +756,11 @@ pub fn conformance_cases() -> Vec<Case> {
             ("rope_half", rope()),
             ("alibi_causal", encoding("alibi_causal", 2)),
         ] {
-            let spec = AttentionSpec::new(1, 50, 50, 2, d).with_position(enc);
+            let spec = AttentionSpec::default()
+                .with_seq_len(50)
+                .with_heads(2)
+                .with_head_dim(d)
+                .with_position(enc);
             cases.push(
                 Case::new(format!("{ename}_causal_s50_d{d}"), spec).tagged(Group::HeadDims, ename),
             );
@@ -739,7 +771,10 @@ pub fn conformance_cases() -> Vec<Case> {
         ("nan_masked_v", NanPlant::MaskedValue),
         ("nan_masked_k", NanPlant::MaskedKey),
     ] {
-        let spec = AttentionSpec::new(1, 70, 70, 2, 64).with_position(rope());
+        let spec = AttentionSpec::default()
+            .with_seq_len(70)
+            .with_heads(2)
+            .with_position(rope());
         cases.push(
             Case::new(format!("rope_causal_s70_{nname}"), spec)
                 .with_nan(nan)
@@ -750,7 +785,9 @@ pub fn conformance_cases() -> Vec<Case> {
     for (ename, enc) in scaling_encodings() {
         for causal in [true, false] {
             let mask = if causal { "causal" } else { "bidir" };
-            let spec = AttentionSpec::new(1, 70, 70, 4, 64)
+            let spec = AttentionSpec::default()
+                .with_seq_len(70)
+                .with_heads(4)
                 .with_kv_heads(2)
                 .with_causal(causal)
                 .with_position(enc.clone());
@@ -764,7 +801,11 @@ pub fn conformance_cases() -> Vec<Case> {
     for (ename, enc) in [("none", PositionEncoding::None), ("rope_half", rope())] {
         for causal in [true, false] {
             let mask = if causal { "causal" } else { "bidir" };
-            let spec = AttentionSpec::new(2, 40, 70, 4, 64)
+            let spec = AttentionSpec::default()
+                .with_batch(2)
+                .with_seq_q(40)
+                .with_seq_k(70)
+                .with_heads(4)
                 .with_kv_heads(2)
                 .with_causal(causal)
                 .with_logn(32)
@@ -776,7 +817,9 @@ pub fn conformance_cases() -> Vec<Case> {
         }
     }
     // A non-default softmax scale (T5 style: unscaled logits).
-    let spec = AttentionSpec::new(1, 45, 45, 2, 64)
+    let spec = AttentionSpec::default()
+        .with_seq_len(45)
+        .with_heads(2)
         .with_scale(1.0)
         .with_causal(false);
     cases.push(Case::new("none_bidir_s45_d64_scale1", spec).tagged(Group::Scale, "none"));
@@ -839,7 +882,13 @@ pub fn fire(heads: u32) -> PositionEncoding {
 fn bias_and_mask_cases() -> Vec<Case> {
     let mut cases = Vec::new();
     let heads = 4;
-    let base = |sq, sk| AttentionSpec::new(1, sq, sk, heads, 64).with_kv_heads(2);
+    let base = |sq, sk| {
+        AttentionSpec::default()
+            .with_seq_q(sq)
+            .with_seq_k(sk)
+            .with_heads(heads)
+            .with_kv_heads(2)
+    };
     // Relative biases, each causal and bidirectional.
     for (name, enc) in [
         ("t5_bidirectional", t5(32, 128, true, heads)),
@@ -1132,6 +1181,7 @@ pub struct Selection {
 }
 
 impl Selection {
+    /// The keys `--filter` accepts.
     pub const KEYS: [&'static str; 7] = [
         "group", "encoding", "mask", "kv", "head_dim", "dtype", "name",
     ];
@@ -1192,6 +1242,7 @@ impl Selection {
         }
     }
 
+    /// Whether case `c` has every selected attribute.
     pub fn matches(&self, c: &Case) -> bool {
         self.terms.iter().all(|(k, v)| Self::attr(c, k) == *v)
     }

@@ -18,16 +18,20 @@ use crate::spec::AttentionSpec;
 /// One decode step to check.
 #[derive(Clone, Debug)]
 pub struct DecodeCase {
+    /// The case's name.
     pub name: String,
+    /// The plan's spec.
     pub spec: DecodeSpec,
     /// (new queries, keys) per sequence.
     pub lengths: Vec<(u32, u32)>,
     /// Added to every token's index to give its position.
     pub position_offset: i32,
+    /// Seed of the inputs.
     pub seed: u64,
 }
 
 impl DecodeCase {
+    /// A case of `spec` with these (new queries, keys) per sequence.
     pub fn new(name: impl Into<String>, spec: DecodeSpec, lengths: Vec<(u32, u32)>) -> Self {
         let name = name.into();
         let seed = name.bytes().fold(0xcbf29ce484222325u64, |h, b| {
@@ -42,6 +46,7 @@ impl DecodeCase {
         }
     }
 
+    /// Adds `offset` to every token's position.
     pub fn with_position_offset(mut self, offset: i32) -> Self {
         self.position_offset = offset;
         self
@@ -51,13 +56,18 @@ impl DecodeCase {
 /// A seeded token history: per sequence, K and V rows `[tokens, kv_heads, head_dim]` and
 /// positions, plus Q rows for the new queries `[max_q, heads, head_dim]`.
 pub struct History {
+    /// Per sequence, K rows `[tokens, kv_heads, head_dim]`.
     pub k: Vec<Vec<f32>>,
+    /// Per sequence, V rows, like `k`.
     pub v: Vec<Vec<f32>>,
+    /// Per sequence, each token's position.
     pub pos: Vec<Vec<i32>>,
+    /// Q rows of the new queries, `[batch, max_q, heads, head_dim]`.
     pub q: Vec<f32>,
 }
 
 impl History {
+    /// A history of `tokens[b]` tokens per sequence, positions from `offset`, seeded.
     pub fn new(spec: &DecodeSpec, tokens: &[u32], offset: i32, seed: u64) -> Self {
         let a = &spec.attention;
         let row = (a.num_kv_heads * a.head_dim) as usize;
@@ -213,7 +223,11 @@ pub fn decode_cases() -> Vec<DecodeCase> {
     let mut cases = Vec::new();
     let spec = |batch, max_q, cap, heads, kv| {
         DecodeSpec::new(
-            AttentionSpec::new(batch, max_q, cap, heads, 64)
+            AttentionSpec::default()
+                .with_batch(batch)
+                .with_seq_q(max_q)
+                .with_seq_k(cap)
+                .with_heads(heads)
                 .with_kv_heads(kv)
                 .with_position(rope()),
         )
@@ -249,7 +263,11 @@ pub fn decode_cases() -> Vec<DecodeCase> {
     // Every encoding, bidirectional as well as causal for one.
     for (name, enc) in encodings(4) {
         let s = DecodeSpec::new(
-            AttentionSpec::new(2, 3, 200, 4, 64)
+            AttentionSpec::default()
+                .with_batch(2)
+                .with_seq_q(3)
+                .with_seq_k(200)
+                .with_heads(4)
                 .with_kv_heads(2)
                 .with_position(enc),
         );
@@ -276,7 +294,11 @@ pub fn decode_cases() -> Vec<DecodeCase> {
         ),
     ] {
         let s = DecodeSpec::new(
-            AttentionSpec::new(2, 3, 200, 4, 64)
+            AttentionSpec::default()
+                .with_batch(2)
+                .with_seq_q(3)
+                .with_seq_k(200)
+                .with_heads(4)
                 .with_kv_heads(2)
                 .with_position(enc),
         );
@@ -288,7 +310,11 @@ pub fn decode_cases() -> Vec<DecodeCase> {
     }
     // Features: softcap, sink logits, log-n scaling, bidirectional.
     let base = || {
-        AttentionSpec::new(2, 2, 600, 4, 64)
+        AttentionSpec::default()
+            .with_batch(2)
+            .with_seq_q(2)
+            .with_seq_k(600)
+            .with_heads(4)
             .with_kv_heads(2)
             .with_position(rope())
     };
@@ -327,7 +353,11 @@ pub fn decode_cases() -> Vec<DecodeCase> {
     // Ring caches: window + max_q slots (+ sinks), far more tokens than slots.
     let ring = |sinks: u32, window: u32, max_q: u32| {
         DecodeSpec::new(
-            AttentionSpec::new(2, max_q, sinks + window + max_q, 4, 64)
+            AttentionSpec::default()
+                .with_batch(2)
+                .with_seq_q(max_q)
+                .with_seq_k(sinks + window + max_q)
+                .with_heads(4)
                 .with_kv_heads(2)
                 .with_position(rope())
                 .with_window(Window::recent(window))
@@ -362,7 +392,11 @@ pub fn decode_cases() -> Vec<DecodeCase> {
         cases.push(DecodeCase::new(
             format!("decode_{name}_b2_split2"),
             DecodeSpec::new(
-                AttentionSpec::new(2, 4, 600, 4, 64)
+                AttentionSpec::default()
+                    .with_batch(2)
+                    .with_seq_q(4)
+                    .with_seq_k(600)
+                    .with_heads(4)
                     .with_kv_heads(2)
                     .with_position(rope())
                     .with_dtypes(dtypes),
@@ -384,7 +418,11 @@ pub fn decode_cases() -> Vec<DecodeCase> {
         cases.push(DecodeCase::new(
             format!("decode_{name}"),
             DecodeSpec::new(
-                AttentionSpec::new(2, 4, 400, 4, 64)
+                AttentionSpec::default()
+                    .with_batch(2)
+                    .with_seq_q(4)
+                    .with_seq_k(400)
+                    .with_heads(4)
                     .with_kv_heads(2)
                     .with_position(enc),
             )
@@ -409,7 +447,12 @@ pub fn decode_quick_cases() -> Vec<DecodeCase> {
 /// query per sequence against `cache` keys, every sequence full.
 pub fn bench_spec(batch: u32, cache: u32) -> DecodeSpec {
     DecodeSpec::new(
-        AttentionSpec::new(batch, 1, cache, 32, 128)
+        AttentionSpec::default()
+            .with_batch(batch)
+            .with_seq_q(1)
+            .with_seq_k(cache)
+            .with_heads(32)
+            .with_head_dim(128)
             .with_kv_heads(8)
             .with_position(crate::PositionEncoding::Rope(crate::Rope::new(500000.0))),
     )
@@ -417,15 +460,22 @@ pub fn bench_spec(batch: u32, cache: u32) -> DecodeSpec {
 
 /// Seeded device buffers of a decode step (cache full, one new query per sequence).
 pub struct DecodeSetup {
+    /// New queries.
     pub q: wgpu::Buffer,
+    /// Key cache.
     pub k: wgpu::Buffer,
+    /// Value cache.
     pub v: wgpu::Buffer,
+    /// Positions per slot.
     pub positions: wgpu::Buffer,
+    /// (new queries, keys) per sequence.
     pub lengths: wgpu::Buffer,
+    /// Output.
     pub out: wgpu::Buffer,
 }
 
 impl DecodeSetup {
+    /// Seeded buffers for `spec`, every sequence's cache full.
     pub fn new(ctx: &Context, spec: &DecodeSpec) -> crate::Result<Self> {
         let a = &spec.attention;
         let mut rng = SplitMix::new(a.seq_k as u64);
@@ -454,29 +504,16 @@ impl DecodeSetup {
         })
     }
 
+    /// The step's buffers as a decode call takes them.
     pub fn buffers(&self) -> crate::decode::DecodeBuffers<'_> {
-        crate::decode::DecodeBuffers {
-            q: &self.q,
-            k_cache: &self.k,
-            v_cache: &self.v,
-            positions: Some(&self.positions),
-            lengths: &self.lengths,
-            out: &self.out,
-        }
+        crate::decode::DecodeBuffers::new(&self.q, &self.k, &self.v, &self.lengths, &self.out)
+            .with_positions(&self.positions)
     }
 
     /// The same tensors as a prefill call with seq_q = 1 (the cache is full, so it is
     /// contiguous `[batch, cache, kv_heads, head_dim]`).
     pub fn prefill_buffers(&self) -> crate::AttentionBuffers<'_> {
-        crate::AttentionBuffers {
-            q: &self.q,
-            k: &self.k,
-            v: &self.v,
-            out: &self.out,
-            positions_q: None,
-            positions_k: None,
-            bias: None,
-        }
+        crate::AttentionBuffers::new(&self.q, &self.k, &self.v, &self.out)
     }
 }
 
@@ -557,6 +594,7 @@ impl CopyRoof {
         self.src.size() + self.dst.size()
     }
 
+    /// Records the copy into `encoder`.
     pub fn encode(&self, encoder: &mut wgpu::CommandEncoder) {
         let mut pass = encoder.begin_compute_pass(&Default::default());
         pass.set_pipeline(&self.pipeline);

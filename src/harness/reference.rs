@@ -24,15 +24,25 @@ pub trait Real:
     + std::ops::Div<Output = Self>
     + std::ops::Neg<Output = Self>
 {
+    /// `x` in this precision.
     fn from_f64(x: f64) -> Self;
+    /// The value in f64.
     fn to_f64(self) -> f64;
+    /// e^x.
     fn exp(self) -> Self;
+    /// Cosine.
     fn cos(self) -> Self;
+    /// Sine.
     fn sin(self) -> Self;
+    /// x^e.
     fn powf(self, e: Self) -> Self;
+    /// |x|.
     fn abs(self) -> Self;
+    /// Whether x is NaN.
     fn is_nan(self) -> bool;
+    /// Natural log.
     fn ln(self) -> Self;
+    /// Hyperbolic tangent.
     fn tanh(self) -> Self;
 }
 

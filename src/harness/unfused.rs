@@ -4,6 +4,7 @@
 //! It exists to be measured against (and is checked against the same CPU reference).
 
 use crate::attention::{AttentionBuffers, check_call_buffers, check_limits};
+use crate::binding::{BindingLimits, entry};
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::kernel::abi::{Family, Params, PosKind};
@@ -56,7 +57,9 @@ impl Unfused {
                 spec.position.name(),
             ));
         }
-        let plain = AttentionSpec::new(1, 1, 1, 1, spec.head_dim);
+        let plain = AttentionSpec::default()
+            .with_seq_len(1)
+            .with_head_dim(spec.head_dim);
         if spec.window != plain.window
             || spec.sink_tokens != 0
             || spec.extrapolation != plain.extrapolation
@@ -167,32 +170,38 @@ impl Unfused {
         bufs: &AttentionBuffers,
     ) -> Result<()> {
         let s = &self.spec;
-        let (pos_q, pos_k) = check_call_buffers(s, bufs, &self.default_pos_q, &self.default_pos_k)?;
+        let limits = BindingLimits::of(ctx.device());
+        let c = check_call_buffers(s, &limits, bufs, &self.default_pos_q, &self.default_pos_k)?;
+        let (pos_q, pos_k) = (&c.pos_q, &c.pos_k);
         let roped = self.kind == PosKind::Rope;
+        let (q_rot, k_rot) = (
+            self.q_rot.as_entire_buffer_binding(),
+            self.k_rot.as_entire_buffer_binding(),
+        );
         let (qr, kr) = if roped {
-            (&self.q_rot, &self.k_rot)
+            (&q_rot, &k_rot)
         } else {
-            (bufs.q, bufs.k)
+            (&c.q, &c.k)
         };
+        let score = self.score_buf.as_entire_buffer_binding();
         let groups = ctx.scoped("creating unfused bind groups", || {
-            let bg = |a: &wgpu::Buffer,
-                      b: &wgpu::Buffer,
-                      dst: &wgpu::Buffer,
-                      pos: &wgpu::Buffer,
+            let aux = self.aux.as_entire_buffer_binding();
+            let bg = |a: &wgpu::BufferBinding,
+                      b: &wgpu::BufferBinding,
+                      dst: &wgpu::BufferBinding,
+                      pos: &wgpu::BufferBinding,
                       params: &wgpu::Buffer| {
+                let params = params.as_entire_buffer_binding();
                 let entries: Vec<_> = [
                     ("src_a", a),
                     ("src_b", b),
                     ("dst", dst),
                     ("positions", pos),
-                    ("aux", &self.aux),
-                    ("params", params),
+                    ("aux", &aux),
+                    ("params", &params),
                 ]
                 .iter()
-                .map(|(name, buf)| wgpu::BindGroupEntry {
-                    binding: Family::Unfused.slot(name),
-                    resource: buf.as_entire_binding(),
-                })
+                .map(|(name, buf)| entry(Family::Unfused.slot(name), buf))
                 .collect();
                 ctx.device().create_bind_group(&wgpu::BindGroupDescriptor {
                     label: Some("posattn unfused"),
@@ -201,11 +210,11 @@ impl Unfused {
                 })
             };
             [
-                bg(bufs.q, bufs.q, &self.q_rot, pos_q, &self.params_q),
-                bg(bufs.k, bufs.k, &self.k_rot, pos_k, &self.params_k),
-                bg(qr, kr, &self.score_buf, pos_q, &self.params),
-                bg(qr, kr, &self.score_buf, pos_q, &self.params),
-                bg(&self.score_buf, bufs.v, bufs.out, pos_q, &self.params),
+                bg(&c.q, &c.q, &q_rot, pos_q, &self.params_q),
+                bg(&c.k, &c.k, &k_rot, pos_k, &self.params_k),
+                bg(qr, kr, &score, pos_q, &self.params),
+                bg(qr, kr, &score, pos_q, &self.params),
+                bg(&score, &c.v, &c.out, pos_q, &self.params),
             ]
         })?;
         let mut pass =

@@ -55,18 +55,29 @@ macro_rules! uniform_block {
 uniform_block! {
     /// The uniform block every kernel reads.
     pub struct Params {
+        /// Sequences per call.
         batch: u32,
+        /// Query rows per sequence.
         seq_q: u32,
+        /// Keys per sequence.
         seq_k: u32,
+        /// Query heads.
         num_heads: u32,
+        /// Key/value heads.
         num_kv_heads: u32,
         /// 1: key index ≤ query index + seq_k − seq_q.
         causal: u32,
+        /// Channels that rotate.
         rotary_dim: u32,
+        /// 1: ALiBi's symmetric form.
         alibi_symmetric: u32,
+        /// Softmax scale times log2(e).
         scale_log2: f32,
+        /// RoPE's factor on cos and sin.
         attn_factor: f32,
+        /// 1 / xPos' γ.
         xpos_inv_scale_base: f32,
+        /// Softmax scale.
         scale: f32,
         /// Aux entry of the first frequency entry.
         freq_offset: u32,
@@ -76,8 +87,9 @@ uniform_block! {
         logn_inv_ln_len: f32,
         /// Keys below this index ignore the window (attention sinks).
         sink_tokens: u32,
-        /// Sliding window on key indices; negative: unbounded.
+        /// Sliding window on key indices, before the query's; negative: unbounded.
         window_left: i32,
+        /// The window after the query's key index; negative: unbounded.
         window_right: i32,
         /// cap · log2(e); 0 turns the softcap off.
         softcap_log2: f32,
@@ -91,8 +103,9 @@ uniform_block! {
         bias_p1: f32,
         /// 1 when a caller bias is bound.
         user_bias: u32,
-        /// Caller bias strides in elements (0: broadcast).
+        /// Caller bias stride per batch in elements (0: broadcast).
         user_bias_stride_b: u32,
+        /// Caller bias stride per head in elements (0: broadcast).
         user_bias_stride_h: u32,
         /// A [`BranchRule`] code.
         branch_rule: u32,
@@ -127,7 +140,9 @@ uniform_block! {
         ring: u32,
         /// 1: keys are stored rotated (RoPE only); only queries rotate.
         keys_rotated: u32,
+        /// Padding.
         _pad0: u32,
+        /// Padding.
         _pad1: u32,
     }
 }
@@ -141,14 +156,23 @@ pub const NO_SINK_LOGITS: u32 = u32::MAX;
 /// per encoding on the software drivers).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum PosKind {
+    /// No encoding.
     None = 0,
+    /// RoPE.
     Rope = 1,
+    /// ALiBi.
     Alibi = 2,
+    /// xPos.
     Xpos = 3,
+    /// T5 buckets.
     T5 = 4,
+    /// KERPLE, log kernel.
     KerpleLog = 5,
+    /// KERPLE, power kernel.
     KerplePower = 6,
+    /// Sandwich.
     Sandwich = 7,
+    /// FIRE.
     Fire = 8,
     /// The variant of every table-driven encoding.
     Table = 9,
@@ -192,6 +216,7 @@ impl PosKind {
         }
     }
 
+    /// The kind's name in variant names.
     pub fn name(&self) -> &'static str {
         match self {
             PosKind::None => "none",
@@ -243,11 +268,24 @@ pub enum BiasArgs {
     #[default]
     None,
     /// T5: `bias_len` = max_distance.
-    T5 { max_distance: u32 },
+    T5 {
+        /// Largest distance with its own bucket table entry.
+        max_distance: u32,
+    },
     /// Sandwich: `bias_len` = distances tabulated; longer ones are summed in the kernel.
-    Sandwich { table_len: u32 },
+    Sandwich {
+        /// Distances tabulated on the host.
+        table_len: u32,
+    },
     /// FIRE: `bias_len` = MLP width, `bias_p0` = c, `bias_p1` = L (threshold, ≥ 0).
-    Fire { width: u32, c: f32, l: f32 },
+    Fire {
+        /// The MLP's width.
+        width: u32,
+        /// The learned c.
+        c: f32,
+        /// The threshold L.
+        l: f32,
+    },
 }
 
 impl BiasArgs {
@@ -265,7 +303,9 @@ impl BiasArgs {
 /// Kernel family: each has its own bind-group layout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Family {
+    /// The fused attention kernel.
     Fused,
+    /// The unfused baseline's stages.
     Unfused,
     /// The decode kernel and its split-KV reduce.
     Decode,
@@ -289,6 +329,7 @@ pub enum Access {
 pub struct Binding {
     /// The WGSL variable's name.
     pub name: &'static str,
+    /// How the kernel accesses it.
     pub access: Access,
     /// The WGSL type of the variable.
     pub ty: &'static str,
@@ -342,6 +383,7 @@ pub const UNFUSED_BINDINGS: [Binding; 6] = [
 ];
 
 impl Family {
+    /// The family's bindings; the index is the binding number.
     pub fn bindings(self) -> &'static [Binding] {
         match self {
             Family::Fused => &FUSED_BINDINGS,

@@ -27,6 +27,7 @@ pub enum Lang {
 }
 
 impl Lang {
+    /// Every language, WGSL first.
     pub const ALL: [Lang; 5] = [Lang::Wgsl, Lang::Spv, Lang::Msl, Lang::Hlsl, Lang::Glsl];
 
     /// The file extension (also the name `posattn shaders --lang` takes).
@@ -48,6 +49,7 @@ pub struct TranslateError {
     pub variant: String,
     /// What failed: "parse", "validate", or the output language.
     pub stage: &'static str,
+    /// The translator's message.
     pub message: String,
 }
 
@@ -93,6 +95,7 @@ pub struct Module {
 }
 
 impl Module {
+    /// Parses and validates `key`'s WGSL with naga.
     pub fn new(key: KernelKey) -> Result<Self, TranslateError> {
         let source = key.wgsl();
         let err = |stage, message: String| TranslateError {
@@ -113,6 +116,7 @@ impl Module {
         })
     }
 
+    /// The variant.
     pub fn key(&self) -> KernelKey {
         self.key
     }

@@ -35,16 +35,23 @@ pub enum ComposeError {
     #[error(
         "a `// @unroll` loop must read `for (var NAME = 0u; NAME < BOUND; NAME++) {{`; found `{0}`"
     )]
+    /// A marked loop that is not `for (var i = 0u; i < BOUND; i++) {`.
     LoopShape(String),
     #[error("unroll bound `{bound}` in `{header}` is none of {known:?}")]
+    /// A marked loop whose bound is not a known constant.
     UnknownBound {
+        /// The loop header.
         header: String,
+        /// The bound it names.
         bound: String,
+        /// The bounds that are known.
         known: Vec<&'static str>,
     },
     #[error("the body of `{0}` has no closing brace")]
+    /// A marked loop without its closing brace.
     Unclosed(String),
     #[error("a custom scheme's variant needs its hooks, and only it takes them")]
+    /// Hooks given to a variant that takes none, or none to one that needs them.
     Hooks,
 }
 

@@ -114,12 +114,17 @@ pub fn decode_rows(head_dim: u32) -> u32 {
 /// One compiled pipeline.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct KernelKey {
+    /// Which kernel.
     pub stage: Stage,
+    /// Head size.
     pub head_dim: u32,
+    /// Query rows per workgroup.
     pub block_q: u32,
+    /// Keys per tile.
     pub block_k: u32,
     /// Query rows per invocation of the fused kernel.
     pub rows: u32,
+    /// The encoding's kernel kind.
     pub pos: PosKind,
     /// Two RoPE scores per key (ReRoPE, LM-Infinite, StreamingLLM cache-index positions).
     pub two_branch: bool,
@@ -133,6 +138,7 @@ pub struct KernelKey {
 }
 
 impl KernelKey {
+    /// The fused kernel at `head_dim`, `rows` query rows per invocation, for encoding kind `pos`.
     pub fn fused(head_dim: u32, rows: u32, pos: PosKind) -> Self {
         KernelKey {
             stage: Stage::Fused,
@@ -195,6 +201,7 @@ impl KernelKey {
         }
     }
 
+    /// A stage of the unfused baseline.
     pub fn unfused(stage: Stage, head_dim: u32, pos: PosKind) -> Self {
         KernelKey {
             stage,
@@ -360,6 +367,7 @@ impl KernelKey {
         }
     }
 
+    /// The WGSL entry point.
     pub fn entry_point(&self) -> &'static str {
         match self.stage {
             Stage::Fused => "attention_fused",
