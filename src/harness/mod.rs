@@ -8,6 +8,8 @@ pub mod check;
 pub mod custom;
 pub mod decode;
 pub mod reference;
+/// GPU timing waits on the host: native only.
+#[cfg(not(target_arch = "wasm32"))]
 pub mod timing;
 pub mod unfused;
 
