@@ -7,13 +7,14 @@
 //! Run with wasm-bindgen-test-runner as the cargo runner and chromedriver (README, Browser):
 //!
 //! ```text
-//! CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner CHROMEDRIVER=chromedriver \
+//! WASM_BINDGEN_TEST_WEBDRIVER_JSON=tests/web/webdriver.json CHROMEDRIVER=chromedriver \
+//! CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
 //!   cargo test --release --target wasm32-unknown-unknown --no-default-features \
 //!   --features harness --test browser
 //! ```
 //!
-//! The browser's flags are in `webdriver.json`. No adapter is a failure, not a skip: this test
-//! exists to run on one.
+//! The browser's flags are in `tests/web/webdriver.json`. No adapter is a failure, not a skip:
+//! this test exists to run on one.
 #![cfg(target_arch = "wasm32")]
 
 use posattn::Context;

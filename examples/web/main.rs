@@ -4,7 +4,8 @@
 //! tolerance rule, shown as a pass/fail table with errors and timings. Built for wasm32 with
 //! wasm-bindgen (`--target web`, no bundler) and loaded by `index.html` beside it; see the
 //! README's Browser section for the commands. `?filter=KEY=VALUE,...` (the keys of
-//! `posattn check --filter`) runs a selection.
+//! `posattn check --filter`) runs a selection; `?rows=N` forces the query rows per invocation
+//! (one of 1, 2, 4, 8; by default the adapter's choice).
 //!
 //! The page never passes silently: no WebGPU adapter, a filter matching no case, and a case
 //! with no result are errors shown on the page (`data-state="error"` on `<body>`), and a NaN
@@ -100,9 +101,9 @@ fn add_row(doc: &Document, body: &Element, r: &CaseResult) -> Result<(), JsValue
 /// Runs the matrix (or the selection `filter`, empty for all) and renders it. Errors that stop
 /// the run are shown on the page and returned.
 #[wasm_bindgen]
-pub async fn run(filter: String) -> Result<(), JsValue> {
+pub async fn run(filter: String, rows: String) -> Result<(), JsValue> {
     let doc = document()?;
-    let result = run_inner(&doc, filter.trim()).await;
+    let result = run_inner(&doc, filter.trim(), rows.trim()).await;
     if let Err(e) = &result {
         let msg = e.as_string().unwrap_or_else(|| format!("{e:?}"));
         verdict(&doc, "error", &format!("error: {msg}"), &[])?;
@@ -110,18 +111,35 @@ pub async fn run(filter: String) -> Result<(), JsValue> {
     result
 }
 
-async fn run_inner(doc: &Document, filter: &str) -> Result<(), JsValue> {
+async fn run_inner(doc: &Document, filter: &str, rows: &str) -> Result<(), JsValue> {
     let err = |e: posattn::Error| JsValue::from_str(&e.to_string());
     verdict(doc, "running", "opening the WebGPU device…", &[])?;
-    let ctx = Context::new_async().await.map_err(err)?;
+    let mut ctx = Context::new_async().await.map_err(err)?;
+    if !rows.is_empty() {
+        let n = rows.parse::<u32>().map_err(|_| {
+            JsValue::from_str(&format!(
+                "invalid `rows`: expected 1, 2, 4 or 8, got {rows:?}"
+            ))
+        })?;
+        ctx.set_rows_per_invocation(Some(n)).map_err(err)?;
+    }
     let info = ctx.adapter_info();
+    let name = if info.name.is_empty() {
+        "unnamed WebGPU adapter"
+    } else {
+        info.name.as_str()
+    };
     by_id(doc, "adapter")?.set_text_content(Some(&format!(
-        "{} — backend {:?}, {:?}; f16 storage {:?} (shader-f16 {}); {} query row(s) per invocation at head_dim 64",
-        ctx.describe(),
+        "{name} ({:?}, {:?}); f16 storage {:?} (shader-f16 {}); \
+         {} query row(s) per invocation at head_dim 64",
         info.backend,
         info.device_type,
         ctx.half_form(),
-        if ctx.has_native_f16() { "present" } else { "absent" },
+        if ctx.has_native_f16() {
+            "present"
+        } else {
+            "absent"
+        },
         ctx.rows_per_invocation(64),
     )));
     let mut cases = check::quick_check_cases(&ctx);
