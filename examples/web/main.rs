@@ -89,7 +89,7 @@ fn add_row(doc: &Document, body: &Element, r: &CaseResult) -> Result<(), JsValue
     for (i, text) in cells.iter().enumerate() {
         let td = doc.create_element("td")?;
         td.set_text_content(Some(text));
-        if i >= 2 && i <= 5 {
+        if (2..=5).contains(&i) {
             td.set_class_name("num");
         }
         tr.append_child(&td)?;
