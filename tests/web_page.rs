@@ -7,9 +7,10 @@
 //! The page must be built first (README, Browser: `cargo build --example web` for wasm32, then
 //! `wasm-bindgen --target web`). A missing page, Node or chromedriver is reported as not run;
 //! with `POSATTN_REQUIRE_BROWSER` set (CI) it is a failure. `POSATTN_PAGE_FILTER` (default
-//! `encoding=rope_half`) selects the cases the page runs here: the browser test
-//! (tests/browser.rs) runs the whole quick matrix, and each kernel variant costs SwiftShader
-//! tens of seconds to compile; an empty value runs the whole matrix on the page too.
+//! `encoding=rope_half,dtype=f32`: 7 cases, one kernel variant, at the context's own choice of
+//! rows per invocation) selects the cases the page runs here: the browser test (tests/browser.rs)
+//! runs the whole quick matrix, and each kernel variant costs SwiftShader tens of seconds to
+//! compile. An empty value runs the whole matrix on the page too.
 
 use std::path::Path;
 use std::process::Command;
@@ -37,8 +38,8 @@ fn page_renders_a_passing_table() {
         return;
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let filter =
-        std::env::var("POSATTN_PAGE_FILTER").unwrap_or_else(|_| "encoding=rope_half".into());
+    let filter = std::env::var("POSATTN_PAGE_FILTER")
+        .unwrap_or_else(|_| "encoding=rope_half,dtype=f32".into());
     let out = Command::new("node")
         .arg(root.join("tests/web/page.mjs"))
         .args(["--filter", &filter])
