@@ -249,13 +249,30 @@ pub(crate) fn check_limits(ctx: &Context, spec: &AttentionSpec, grid: [u32; 3]) 
 impl Attention {
     /// Validates `spec` against itself and the device, compiles (or reuses) the pipeline and
     /// uploads the tables.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn new(ctx: &Context, spec: &AttentionSpec) -> Result<Self> {
-        Self::with_half_form(ctx, spec, ctx.half_form())
+        pollster::block_on(Self::new_async(ctx, spec))
+    }
+
+    /// [`Attention::new`] as a future: the compile's and the uploads' error scopes are awaited,
+    /// not waited for (the only form on the web).
+    pub async fn new_async(ctx: &Context, spec: &AttentionSpec) -> Result<Self> {
+        Self::with_half_form_async(ctx, spec, ctx.half_form()).await
     }
 
     /// `new` with f16 tensors stored in `half` form whatever the context's choice; native f16
     /// on a device without `SHADER_F16` is an [`Error::Unavailable`] naming the first f16 tensor.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn with_half_form(ctx: &Context, spec: &AttentionSpec, half: HalfForm) -> Result<Self> {
+        pollster::block_on(Self::with_half_form_async(ctx, spec, half))
+    }
+
+    /// [`Attention::with_half_form`] as a future.
+    pub async fn with_half_form_async(
+        ctx: &Context,
+        spec: &AttentionSpec,
+        half: HalfForm,
+    ) -> Result<Self> {
         let plan = lower(spec)?;
         if half == HalfForm::Native
             && !ctx.has_native_f16()
@@ -286,9 +303,9 @@ impl Attention {
         }
         let workgroups = [spec.seq_q.div_ceil(BLOCK_Q), spec.num_heads, spec.batch];
         check_limits(ctx, spec, workgroups)?;
-        let pipeline = ctx.pipeline_with(key, plan.custom.as_ref())?;
+        let pipeline = ctx.pipeline_with_async(key, plan.custom.as_ref()).await?;
         let (pq, pk) = spec.default_positions();
-        let (params, aux, default_pos_q, default_pos_k) = ctx.scoped("uploading tables", || {
+        let tables = ctx.scoped_async("uploading tables", || {
             let init = |label, contents: &[u8], usage| ctx.buffer_init(label, contents, usage);
             let st = wgpu::BufferUsages::STORAGE;
             (
@@ -301,7 +318,8 @@ impl Attention {
                 init("posattn default pos_q", bytemuck::cast_slice(&pq), st),
                 init("posattn default pos_k", bytemuck::cast_slice(&pk), st),
             )
-        })?;
+        });
+        let (params, aux, default_pos_q, default_pos_k) = tables.await?;
         let own_bytes = params.size() + aux.size() + default_pos_q.size() + default_pos_k.size();
         Ok(Attention {
             spec: spec.clone(),
@@ -498,6 +516,7 @@ impl Attention {
     /// storage dtypes the inputs are rounded to them (nearest, ties to even) on the host and the
     /// output is widened to f32 exactly; [`Attention::run_bytes`] takes and returns the stored
     /// bytes themselves.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn run(
         &self,
         ctx: &Context,
@@ -507,12 +526,42 @@ impl Attention {
         positions_q: Option<&[i32]>,
         positions_k: Option<&[i32]>,
     ) -> Result<Vec<f32>> {
-        self.run_with_bias(ctx, q, k, v, positions_q, positions_k, None)
+        pollster::block_on(self.run_async(ctx, q, k, v, positions_q, positions_k))
+    }
+
+    /// [`Attention::run`] as a future: the readback is a `map_async` awaited, not waited for.
+    pub async fn run_async(
+        &self,
+        ctx: &Context,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        positions_q: Option<&[i32]>,
+        positions_k: Option<&[i32]>,
+    ) -> Result<Vec<f32>> {
+        self.run_with_bias_async(ctx, q, k, v, positions_q, positions_k, None)
+            .await
     }
 
     /// `run` with the caller's additive bias (laid out as the spec's `bias` says).
+    #[cfg(not(target_arch = "wasm32"))]
     #[allow(clippy::too_many_arguments)]
     pub fn run_with_bias(
+        &self,
+        ctx: &Context,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        positions_q: Option<&[i32]>,
+        positions_k: Option<&[i32]>,
+        bias: Option<&[f32]>,
+    ) -> Result<Vec<f32>> {
+        pollster::block_on(self.run_with_bias_async(ctx, q, k, v, positions_q, positions_k, bias))
+    }
+
+    /// [`Attention::run_with_bias`] as a future.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn run_with_bias_async(
         &self,
         ctx: &Context,
         q: &[f32],
@@ -525,15 +574,9 @@ impl Attention {
         let s = &self.spec;
         check_f32_lengths(s, q, k, v)?;
         let d = s.dtypes;
-        let out = self.run_bytes(
-            ctx,
-            &d.q.encode(q),
-            &d.k.encode(k),
-            &d.v.encode(v),
-            positions_q,
-            positions_k,
-            bias,
-        )?;
+        let (q, k, v) = (d.q.encode(q), d.k.encode(k), d.v.encode(v));
+        let io = (&q[..], &k[..], &v[..], positions_q, positions_k, bias);
+        let out = self.run_inner(ctx, io, false).await?.0;
         d.out.decode("out", &out)
     }
 
@@ -541,6 +584,7 @@ impl Attention {
     /// dtypes (f16 or bf16 halves, f32), uploaded as they are; returns the output's bytes in its
     /// dtype. A length that is not a whole number of elements, or not the tensor's element count,
     /// is an error naming the tensor.
+    #[cfg(not(target_arch = "wasm32"))]
     #[allow(clippy::too_many_arguments)]
     pub fn run_bytes(
         &self,
@@ -552,14 +596,45 @@ impl Attention {
         positions_k: Option<&[i32]>,
         bias: Option<&[f32]>,
     ) -> Result<Vec<u8>> {
+        pollster::block_on(self.run_bytes_async(ctx, q, k, v, positions_q, positions_k, bias))
+    }
+
+    /// [`Attention::run_bytes`] as a future.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn run_bytes_async(
+        &self,
+        ctx: &Context,
+        q: &[u8],
+        k: &[u8],
+        v: &[u8],
+        positions_q: Option<&[i32]>,
+        positions_k: Option<&[i32]>,
+        bias: Option<&[f32]>,
+    ) -> Result<Vec<u8>> {
         let io = (q, k, v, positions_q, positions_k, bias);
-        Ok(self.run_inner(ctx, io, false)?.0)
+        Ok(self.run_inner(ctx, io, false).await?.0)
     }
 
     /// `run_with_bias` that also returns each row's log-sum-exp (see
     /// [`Attention::encode_with_lse`]): (output, lse [batch, num_heads, seq_q]).
+    #[cfg(not(target_arch = "wasm32"))]
     #[allow(clippy::too_many_arguments)]
     pub fn run_with_lse(
+        &self,
+        ctx: &Context,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        positions_q: Option<&[i32]>,
+        positions_k: Option<&[i32]>,
+        bias: Option<&[f32]>,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        pollster::block_on(self.run_with_lse_async(ctx, q, k, v, positions_q, positions_k, bias))
+    }
+
+    /// [`Attention::run_with_lse`] as a future.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn run_with_lse_async(
         &self,
         ctx: &Context,
         q: &[f32],
@@ -574,14 +649,14 @@ impl Attention {
         let d = s.dtypes;
         let (q, k, v) = (d.q.encode(q), d.k.encode(k), d.v.encode(v));
         let io = (&q[..], &k[..], &v[..], positions_q, positions_k, bias);
-        let (out, lse) = self.run_inner(ctx, io, true)?;
+        let (out, lse) = self.run_inner(ctx, io, true).await?;
         Ok((d.out.decode("out", &out)?, lse.unwrap_or_default()))
     }
 
-    fn run_inner(
+    async fn run_inner(
         &self,
         ctx: &Context,
-        io: HostIo,
+        io: HostIo<'_>,
         want_lse: bool,
     ) -> Result<(Vec<u8>, Option<Vec<f32>>)> {
         let (q, k, v, positions_q, positions_k, bias) = io;
@@ -607,8 +682,12 @@ impl Attention {
         let pk = positions_k.unwrap_or(&dk);
         s.validate_positions(pq, pk)?;
         let out_bytes = (s.q_len() * d.out.size()) as u64;
+        if want_lse {
+            // Compiled here with its errors awaited; `encode_inner` then finds it cached.
+            ctx.pipeline_async(self.key.with_lse()).await?;
+        }
         type Out = (wgpu::Buffer, Option<wgpu::Buffer>);
-        let out = ctx.scoped("running attention", || -> Result<Out> {
+        let out = ctx.scoped_async("running attention", || -> Result<Out> {
             let st = wgpu::BufferUsages::STORAGE;
             let init = |label, contents: &[u8]| ctx.buffer_init(label, contents, st);
             let (qb, kb, vb) = (
@@ -643,16 +722,17 @@ impl Attention {
             self.encode_cached(ctx, &mut enc, &bufs, false)?;
             ctx.queue().submit([enc.finish()]);
             Ok((out, lse))
-        })??;
+        });
+        let out = out.await??;
         let (out, lse) = out;
         let lse = match lse {
             Some(l) => {
-                let bytes = ctx.read_buffer(&l, s.lse_len() as u64 * 4)?;
+                let bytes = ctx.read_buffer_async(&l, s.lse_len() as u64 * 4).await?;
                 Some(bytemuck::pod_collect_to_vec(&bytes))
             }
             None => None,
         };
-        Ok((ctx.read_buffer(&out, out_bytes)?, lse))
+        Ok((ctx.read_buffer_async(&out, out_bytes).await?, lse))
     }
 }
 
@@ -693,6 +773,7 @@ fn shape(s: &AttentionSpec, field: &str) -> [u32; 4] {
 
 impl Context {
     /// One-shot attention on host slices with default or given positions.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn attention(
         &self,
         spec: &AttentionSpec,
@@ -701,8 +782,20 @@ impl Context {
         v: &[f32],
         positions: Option<(&[i32], &[i32])>,
     ) -> Result<Vec<f32>> {
-        let plan = Attention::new(self, spec)?;
-        plan.run(
+        pollster::block_on(self.attention_async(spec, q, k, v, positions))
+    }
+
+    /// [`Context::attention`] as a future.
+    pub async fn attention_async(
+        &self,
+        spec: &AttentionSpec,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        positions: Option<(&[i32], &[i32])>,
+    ) -> Result<Vec<f32>> {
+        let plan = Attention::new_async(self, spec).await?;
+        plan.run_async(
             self,
             q,
             k,
@@ -710,5 +803,6 @@ impl Context {
             positions.map(|p| p.0),
             positions.map(|p| p.1),
         )
+        .await
     }
 }

@@ -95,23 +95,31 @@ fn device_rank(t: wgpu::DeviceType) -> u8 {
 }
 
 /// Every adapter on the chosen backends that matches the name filter, best first.
+#[cfg(not(target_arch = "wasm32"))]
 pub fn enumerate_adapters(options: &ContextOptions) -> Vec<wgpu::Adapter> {
+    pollster::block_on(enumerate_adapters_async(options))
+}
+
+/// [`enumerate_adapters`] as a future (the only form on the web, where the browser offers at
+/// most one WebGPU adapter).
+pub async fn enumerate_adapters_async(options: &ContextOptions) -> Vec<wgpu::Adapter> {
     let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
     desc.backends = options.backends;
     let instance = wgpu::Instance::new(desc);
-    let mut adapters: Vec<wgpu::Adapter> =
-        pollster::block_on(instance.enumerate_adapters(options.backends))
-            .into_iter()
-            .filter(|a| {
-                let info = a.get_info();
-                // wgpu's GL backend can list the same GPU twice through different EGL platforms.
-                info.backend != wgpu::Backend::Noop
-                    && match &options.adapter_name {
-                        Some(f) => info.name.to_lowercase().contains(&f.to_lowercase()),
-                        None => true,
-                    }
-            })
-            .collect();
+    let mut adapters: Vec<wgpu::Adapter> = instance
+        .enumerate_adapters(options.backends)
+        .await
+        .into_iter()
+        .filter(|a| {
+            let info = a.get_info();
+            // wgpu's GL backend can list the same GPU twice through different EGL platforms.
+            info.backend != wgpu::Backend::Noop
+                && match &options.adapter_name {
+                    Some(f) => info.name.to_lowercase().contains(&f.to_lowercase()),
+                    None => true,
+                }
+        })
+        .collect();
     adapters.sort_by_key(|a| {
         let i = a.get_info();
         (device_rank(i.device_type), i.backend as u8)
@@ -134,13 +142,26 @@ pub fn describe_adapter(info: &wgpu::AdapterInfo) -> String {
 
 impl Context {
     /// Opens a device on the best adapter that `ContextOptions::default()` allows.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn new() -> Result<Self> {
-        Self::with_options(&ContextOptions::from_env()?)
+        pollster::block_on(Self::new_async())
+    }
+
+    /// [`Context::new`] as a future; on the web (wgpu's WebGPU backend), the browser's adapter.
+    pub async fn new_async() -> Result<Self> {
+        Self::with_options_async(&ContextOptions::from_env()?).await
     }
 
     /// Opens a device on the best adapter that `options` allows.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn with_options(options: &ContextOptions) -> Result<Self> {
-        let adapter = enumerate_adapters(options)
+        pollster::block_on(Self::with_options_async(options))
+    }
+
+    /// [`Context::with_options`] as a future.
+    pub async fn with_options_async(options: &ContextOptions) -> Result<Self> {
+        let adapter = enumerate_adapters_async(options)
+            .await
             .into_iter()
             .next()
             .ok_or_else(|| {
@@ -151,14 +172,20 @@ impl Context {
                     crate::env::no_adapter_hint(options.backends)
                 ))
             })?;
-        let mut ctx = Self::from_adapter(&adapter)?;
+        let mut ctx = Self::from_adapter_async(&adapter).await?;
         ctx.timeout = options.timeout;
         Ok(ctx)
     }
 
     /// Opens a device on `adapter` with the features this crate can use (timestamp queries when
     /// present) and the adapter's own limits.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn from_adapter(adapter: &wgpu::Adapter) -> Result<Self> {
+        pollster::block_on(Self::from_adapter_async(adapter))
+    }
+
+    /// [`Context::from_adapter`] as a future.
+    pub async fn from_adapter_async(adapter: &wgpu::Adapter) -> Result<Self> {
         let info = adapter.get_info();
         let wanted = wgpu::Features::TIMESTAMP_QUERY
             | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS
@@ -172,12 +199,13 @@ impl Context {
             ..Default::default()
         };
         let (device, queue) =
-            pollster::block_on(adapter.request_device(&desc)).map_err(|source| {
-                Error::RequestDevice {
+            adapter
+                .request_device(&desc)
+                .await
+                .map_err(|source| Error::RequestDevice {
                     adapter: describe_adapter(&info),
                     source,
-                }
-            })?;
+                })?;
         // Our own device: errors outside our scopes are recorded, never panicked on.
         let uncaptured = Arc::new(Mutex::new(Vec::new()));
         let sink = uncaptured.clone();
@@ -341,19 +369,34 @@ impl Context {
         crate::error::scoped(&self.device, during, f)
     }
 
+    /// [`Context::scoped`] with the scopes popped asynchronously.
+    pub(crate) async fn scoped_async<R>(
+        &self,
+        during: &'static str,
+        f: impl FnOnce() -> R,
+    ) -> Result<R> {
+        crate::error::scoped_async(&self.device, during, f).await
+    }
+
     /// The pipeline for `key`, compiled on first use and cached for the context's lifetime.
     #[cfg_attr(not(feature = "harness"), allow(dead_code))]
     pub(crate) fn pipeline(&self, key: KernelKey) -> Result<wgpu::ComputePipeline> {
         self.pipelines.get(&self.device, key, None)
     }
 
-    /// [`Context::pipeline`] for a variant that may be a custom scheme's.
-    pub(crate) fn pipeline_with(
+    /// [`Context::pipeline`] with the compile's error scopes popped asynchronously.
+    pub(crate) async fn pipeline_async(&self, key: KernelKey) -> Result<wgpu::ComputePipeline> {
+        self.pipelines.get_async(&self.device, key, None).await
+    }
+
+    /// The pipeline for `key`, which may be a custom scheme's variant, with the compile's error
+    /// scopes popped asynchronously.
+    pub(crate) async fn pipeline_with_async(
         &self,
         key: KernelKey,
         custom: Option<&crate::encoding::custom::CheckedScheme>,
     ) -> Result<wgpu::ComputePipeline> {
-        self.pipelines.get(&self.device, key, custom)
+        self.pipelines.get_async(&self.device, key, custom).await
     }
 
     /// Kernels this context has compiled so far, and the wall time their pipeline creation took
@@ -374,6 +417,7 @@ impl Context {
     }
 
     /// Waits for `submission`, at most `self.timeout`.
+    #[cfg(not(target_arch = "wasm32"))]
     pub(crate) fn wait(&self, submission: wgpu::SubmissionIndex) -> Result<()> {
         self.device
             .poll(wgpu::PollType::Wait {
@@ -417,11 +461,30 @@ impl Context {
         buffer
     }
 
-    /// Copies `size` bytes of `src` back to the host.
-    pub(crate) fn read_buffer(&self, src: &wgpu::Buffer, size: u64) -> Result<Vec<u8>> {
+    /// Copies the first `size` bytes of `src` (which needs `BufferUsages::COPY_SRC`) back to the
+    /// host: a copy into a staging buffer, submitted, then mapped. Waits at most the context's
+    /// timeout.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn read_buffer(&self, src: &wgpu::Buffer, size: u64) -> Result<Vec<u8>> {
+        pollster::block_on(self.read_buffer_async(src, size))
+    }
+
+    /// [`Context::read_buffer`] as a future. The map callback resolves it: on the web the browser
+    /// runs the callback when the copy is done; on native wgpu runs it from `Device::poll`, which
+    /// this future calls itself (waiting at most the context's timeout), so it needs no executor
+    /// of its own.
+    pub async fn read_buffer_async(&self, src: &wgpu::Buffer, size: u64) -> Result<Vec<u8>> {
+        let need = size.div_ceil(wgpu::COPY_BUFFER_ALIGNMENT) * wgpu::COPY_BUFFER_ALIGNMENT;
+        if !src.usage().contains(wgpu::BufferUsages::COPY_SRC) || src.size() < need {
+            return Err(Error::invalid(
+                "src",
+                format!("a COPY_SRC buffer of at least {need} bytes"),
+                format!("{} bytes, usage {:?}", src.size(), src.usage()),
+            ));
+        }
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("posattn readback"),
-            size,
+            size: need,
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
@@ -430,24 +493,35 @@ impl Context {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("posattn readback"),
             });
-        enc.copy_buffer_to_buffer(src, 0, &staging, 0, size);
+        enc.copy_buffer_to_buffer(src, 0, &staging, 0, need);
+        #[cfg_attr(target_arch = "wasm32", allow(unused_variables))]
         let sub = self.queue.submit([enc.finish()]);
-        let (tx, rx) = std::sync::mpsc::channel();
-        staging.map_async(wgpu::MapMode::Read, .., move |r| {
-            let _ = tx.send(r);
-        });
-        self.wait(sub)?;
-        match rx.recv_timeout(self.timeout) {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
+        let (tx, rx) = oneshot::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| tx.send(r));
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            self.wait(sub)?;
+            // After the wait the callback has run; if not, the future below would never resolve.
+            if !rx.is_ready() {
+                return Err(Error::Timeout(self.timeout));
+            }
+        }
+        match rx.await {
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
                 return Err(Error::Device {
                     during: "mapping a readback buffer",
                     message: e.to_string(),
                 });
             }
-            Err(_) => return Err(Error::Timeout(self.timeout)),
+            None => {
+                return Err(Error::Device {
+                    during: "mapping a readback buffer",
+                    message: "the map callback was dropped without being called".into(),
+                });
+            }
         }
-        let bytes = staging
+        let mut bytes = staging
             .get_mapped_range(..)
             .map_err(|e| Error::Device {
                 during: "reading a mapped buffer",
@@ -455,6 +529,85 @@ impl Context {
             })?
             .to_vec();
         staging.unmap();
+        bytes.truncate(size as usize);
         Ok(bytes)
+    }
+}
+
+/// A one-value channel whose receiver is a future: what a wgpu callback (buffer mapping) sends is
+/// awaited without an executor-specific channel.
+mod oneshot {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::sync::{Arc, Mutex};
+    use std::task::{Context, Poll, Waker};
+
+    struct Slot<T> {
+        value: Option<T>,
+        waker: Option<Waker>,
+        /// The sender is gone (sent or dropped).
+        closed: bool,
+    }
+
+    pub struct Sender<T>(Arc<Mutex<Slot<T>>>);
+    pub struct Receiver<T>(Arc<Mutex<Slot<T>>>);
+
+    pub fn channel<T>() -> (Sender<T>, Receiver<T>) {
+        let slot = Arc::new(Mutex::new(Slot {
+            value: None,
+            waker: None,
+            closed: false,
+        }));
+        (Sender(slot.clone()), Receiver(slot))
+    }
+
+    impl<T> Sender<T> {
+        pub fn send(self, value: T) {
+            if let Ok(mut s) = self.0.lock() {
+                s.value = Some(value);
+            }
+            // Drop wakes the receiver.
+        }
+    }
+
+    impl<T> Drop for Sender<T> {
+        fn drop(&mut self) {
+            let waker = match self.0.lock() {
+                Ok(mut s) => {
+                    s.closed = true;
+                    s.waker.take()
+                }
+                Err(_) => None,
+            };
+            if let Some(w) = waker {
+                w.wake();
+            }
+        }
+    }
+
+    impl<T> Receiver<T> {
+        /// Whether awaiting now resolves at once (a value was sent or the sender is gone).
+        #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
+        pub fn is_ready(&self) -> bool {
+            self.0.lock().map(|s| s.closed).unwrap_or(true)
+        }
+    }
+
+    /// Resolves to the value sent, or `None` when the sender was dropped without sending.
+    impl<T> Future for Receiver<T> {
+        type Output = Option<T>;
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
+            let Ok(mut s) = self.0.lock() else {
+                return Poll::Ready(None);
+            };
+            if let Some(v) = s.value.take() {
+                return Poll::Ready(Some(v));
+            }
+            if s.closed {
+                return Poll::Ready(None);
+            }
+            s.waker = Some(cx.waker().clone());
+            Poll::Pending
+        }
     }
 }

@@ -250,7 +250,13 @@ pub struct DecodePlan {
 impl DecodePlan {
     /// Validates `spec` against itself and the device, compiles (or reuses) the pipelines and
     /// makes the tables and the split-KV scratch.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn new(ctx: &Context, spec: &DecodeSpec) -> Result<Self> {
+        pollster::block_on(Self::new_async(ctx, spec))
+    }
+
+    /// [`DecodePlan::new`] as a future: the compiles' and the uploads' error scopes are awaited.
+    pub async fn new_async(ctx: &Context, spec: &DecodeSpec) -> Result<Self> {
         spec.validate()?;
         let a = &spec.attention;
         let plan = lower(a)?;
@@ -359,9 +365,10 @@ impl DecodePlan {
             None => KernelKey::decode(a.head_dim, kind),
         }
         .with_storage(storage);
-        let pipeline = ctx.pipeline_with(key, plan.custom.as_ref())?;
+        let pipeline = ctx.pipeline_with_async(key, plan.custom.as_ref()).await?;
         let reduce = if splits > 1 {
-            Some(ctx.pipeline(KernelKey::decode_reduce(a.head_dim).with_storage(storage))?)
+            let reduce_key = KernelKey::decode_reduce(a.head_dim).with_storage(storage);
+            Some(ctx.pipeline_async(reduce_key).await?)
         } else {
             None
         };
@@ -376,8 +383,8 @@ impl DecodePlan {
             _pad1: 0,
         };
         let positions: Vec<i32> = (0..a.batch).flat_map(|_| 0..a.seq_k as i32).collect();
-        let (params, dparams, aux, default_positions, partials) =
-            ctx.scoped("making the decode plan's buffers", || {
+        let (params, dparams, aux, default_positions, partials) = ctx
+            .scoped_async("making the decode plan's buffers", || {
                 let st = wgpu::BufferUsages::STORAGE;
                 let un = wgpu::BufferUsages::UNIFORM;
                 (
@@ -400,7 +407,8 @@ impl DecodePlan {
                         mapped_at_creation: false,
                     }),
                 )
-            })?;
+            })
+            .await?;
         Ok(DecodePlan {
             spec: spec.clone(),
             key,
@@ -714,7 +722,21 @@ impl DecodePlan {
     /// Runs one step on host data: uploads the cache, positions and lengths, dispatches, waits
     /// and reads the output back. The output starts as NaN, so rows the kernel does not write
     /// (past a sequence's query count) come back NaN.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn run(
+        &self,
+        ctx: &Context,
+        q: &[f32],
+        k_cache: &[f32],
+        v_cache: &[f32],
+        positions: Option<&[i32]>,
+        lengths: &[(u32, u32)],
+    ) -> Result<Vec<f32>> {
+        pollster::block_on(self.run_async(ctx, q, k_cache, v_cache, positions, lengths))
+    }
+
+    /// [`DecodePlan::run`] as a future: the readback is a `map_async` awaited.
+    pub async fn run_async(
         &self,
         ctx: &Context,
         q: &[f32],
@@ -740,7 +762,7 @@ impl DecodePlan {
             }
         }
         self.check_lengths(lengths)?;
-        let out = ctx.scoped("running decode", || -> Result<wgpu::Buffer> {
+        let out = ctx.scoped_async("running decode", || -> Result<wgpu::Buffer> {
             let st = wgpu::BufferUsages::STORAGE;
             let init = |label, bytes: &[u8]| ctx.buffer_init(label, bytes, st);
             // Stored in the spec's dtypes (rounded to nearest even).
@@ -771,9 +793,12 @@ impl DecodePlan {
             }
             ctx.queue().submit([enc.finish()]);
             Ok(out)
-        })??;
+        });
+        let out = out.await??;
         let out_dt = a.dtypes.out;
-        let bytes = ctx.read_buffer(&out, (a.q_len() * out_dt.size()) as u64)?;
+        let bytes = ctx
+            .read_buffer_async(&out, (a.q_len() * out_dt.size()) as u64)
+            .await?;
         out_dt.decode("out", &bytes)
     }
 }
@@ -806,13 +831,19 @@ pub struct KvCache {
 
 impl KvCache {
     /// Zeroed K/V caches, positions and lengths for `plan`'s maxima, every sequence empty.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn new(ctx: &Context, plan: &DecodePlan) -> Result<Self> {
+        pollster::block_on(Self::new_async(ctx, plan))
+    }
+
+    /// [`KvCache::new`] as a future: the allocations' error scopes are awaited.
+    pub async fn new_async(ctx: &Context, plan: &DecodePlan) -> Result<Self> {
         let spec = plan.spec().clone();
         let a = &spec.attention;
         let usage = wgpu::BufferUsages::STORAGE
             | wgpu::BufferUsages::COPY_DST
             | wgpu::BufferUsages::COPY_SRC;
-        let (k, v, positions, lengths) = ctx.scoped("allocating a KV cache", || {
+        let buffers = ctx.scoped_async("allocating a KV cache", || {
             let mk = |label, size: u64| {
                 ctx.device().create_buffer(&wgpu::BufferDescriptor {
                     label: Some(label),
@@ -830,7 +861,8 @@ impl KvCache {
                 ),
                 mk("posattn cache lengths", plan.lengths_bytes()),
             )
-        })?;
+        });
+        let (k, v, positions, lengths) = buffers.await?;
         Ok(KvCache {
             keys: vec![0; a.batch as usize],
             spec,

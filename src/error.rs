@@ -137,8 +137,9 @@ impl Error {
 }
 
 /// Runs `f` inside validation, out-of-memory and internal error scopes of `device` and returns
-/// the first error wgpu reported, tagged with `during`.
-pub(crate) fn scoped<R>(
+/// the first error wgpu reported, tagged with `during`. The scopes are popped asynchronously:
+/// on the web the browser answers them later, on native wgpu the futures are ready at once.
+pub(crate) async fn scoped_async<R>(
     device: &wgpu::Device,
     during: &'static str,
     f: impl FnOnce() -> R,
@@ -147,13 +148,39 @@ pub(crate) fn scoped<R>(
     let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
     let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
     let r = f();
-    let errors = [validation.pop(), oom.pop(), internal.pop()]
-        .into_iter()
-        .filter_map(pollster::block_on)
-        .map(|e| e.to_string())
-        .collect::<Vec<_>>();
-    match errors.into_iter().next() {
+    // Popped innermost first, then awaited.
+    let pops = [validation.pop(), oom.pop(), internal.pop()];
+    let mut first = None;
+    for pop in pops {
+        if let Some(e) = pop.await {
+            first.get_or_insert(e.to_string());
+        }
+    }
+    match first {
         Some(message) => Err(Error::Wgpu { during, message }),
         None => Ok(r),
     }
+}
+
+/// [`scoped_async`], waited for on this thread.
+#[cfg(not(target_arch = "wasm32"))]
+pub(crate) fn scoped<R>(
+    device: &wgpu::Device,
+    during: &'static str,
+    f: impl FnOnce() -> R,
+) -> Result<R> {
+    pollster::block_on(scoped_async(device, during, f))
+}
+
+/// On the web an error scope can only be read asynchronously, and a synchronous call cannot wait
+/// for it: `f` runs without scopes, and an error it causes reaches the device's uncaptured-error
+/// handler (recorded by [`crate::Context::take_uncaptured_errors`] on a device this crate opened,
+/// the application's own handler on a device it passed in). The `_async` forms return it.
+#[cfg(target_arch = "wasm32")]
+pub(crate) fn scoped<R>(
+    _device: &wgpu::Device,
+    _during: &'static str,
+    f: impl FnOnce() -> R,
+) -> Result<R> {
+    Ok(f())
 }

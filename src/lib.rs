@@ -72,7 +72,9 @@ pub mod tune;
 pub use attention::{Attention, AttentionBuffers};
 pub use binding::IntoBinding;
 pub use config::{HfConfigFile, HfDefaults, LlamaCppRope, RopeConfig};
-pub use context::{Context, ContextOptions, describe_adapter, enumerate_adapters};
+#[cfg(not(target_arch = "wasm32"))]
+pub use context::enumerate_adapters;
+pub use context::{Context, ContextOptions, describe_adapter, enumerate_adapters_async};
 pub use decode::{DecodeBuffers, DecodePlan, DecodeSpec, KvCache};
 pub use dtype::{Dtype, Dtypes, HalfForm};
 pub use encoding::custom::CustomScheme;

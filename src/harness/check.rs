@@ -20,7 +20,9 @@
 //! bound is then dominated by the output rounding that any implementation storing that dtype
 //! must make (half an ulp of the largest outputs), times the same multiple.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use web_time::Instant;
 
 use crate::attention::{Attention, bias_len};
 use crate::context::Context;
@@ -438,7 +440,13 @@ pub fn case_kernel(
 }
 
 /// Runs one case on `ctx` and checks it against the CPU reference.
+#[cfg(not(target_arch = "wasm32"))]
 pub fn run_case(ctx: &Context, case: &Case) -> CaseResult {
+    pollster::block_on(run_case_async(ctx, case))
+}
+
+/// [`run_case`] as a future (the form the browser runs: plan creation and readback awaited).
+pub async fn run_case_async(ctx: &Context, case: &Case) -> CaseResult {
     // A custom scheme is checked against its Rust twins: a hook without one cannot be checked.
     if let PositionEncoding::Custom(c) = &case.spec.position {
         let missing = c.missing_twins();
@@ -460,9 +468,13 @@ pub fn run_case(ctx: &Context, case: &Case) -> CaseResult {
     let bias = case.bias();
     let start = Instant::now();
     let half = case.half_form.unwrap_or(ctx.half_form());
-    let gpu = Attention::with_half_form(ctx, &case.spec, half).and_then(|plan| {
-        plan.run_with_bias(ctx, &q, &k, &v, Some(&pq), Some(&pk), bias.as_deref())
-    });
+    let gpu = match Attention::with_half_form_async(ctx, &case.spec, half).await {
+        Ok(plan) => {
+            plan.run_with_bias_async(ctx, &q, &k, &v, Some(&pq), Some(&pk), bias.as_deref())
+                .await
+        }
+        Err(e) => Err(e),
+    };
     let time = start.elapsed();
     let mut result = CaseResult {
         name: case.name.clone(),
@@ -484,14 +496,18 @@ pub fn run_case(ctx: &Context, case: &Case) -> CaseResult {
             let out = case.spec.dtypes.out;
             r32.iter_mut().for_each(|x| *x = out.round(*x));
             let (mut status, eg, ef, b) = compare(&gpu, &r64, &r32);
-            // NaN the case did not plant comes from the scheme itself: a custom scheme that
-            // produces NaN is reported, even where the kernel agrees with its twin.
+            // NaN the case did not plant comes from the scheme itself (a custom scheme) or the
+            // reference: reported, even where the kernel agrees with it, since a NaN reference
+            // checks nothing.
             if case.nan == NanPlant::None
-                && matches!(case.spec.position, PositionEncoding::Custom(_))
                 && let Some(i) = r64.iter().position(|x| x.is_nan())
             {
+                let what = match case.spec.position {
+                    PositionEncoding::Custom(_) => "the custom scheme produces",
+                    _ => "the reference is",
+                };
                 status = Status::Fail(format!(
-                    "the custom scheme produces NaN (reference element {i}, gpu {})",
+                    "{what} NaN where no NaN was planted (reference element {i}, gpu {})",
                     gpu[i]
                 ));
             }
@@ -505,6 +521,7 @@ pub fn run_case(ctx: &Context, case: &Case) -> CaseResult {
 }
 
 /// Runs every case; `progress` is called after each one.
+#[cfg(not(target_arch = "wasm32"))]
 pub fn run_cases(
     ctx: &Context,
     cases: &[Case],
@@ -1158,6 +1175,16 @@ pub fn quick_cases() -> Vec<Case> {
     conformance_cases().into_iter().filter(is_quick).collect()
 }
 
+/// What `posattn check --quick` runs on `ctx`: the quick subset in f32, and its RoPE head_dim 64
+/// cases (the covering subset of the half dtypes) in f16 (the adapter's form, plus packed where
+/// that is native) and bf16. The browser tests and the conformance page run these.
+pub fn quick_check_cases(ctx: &Context) -> Vec<Case> {
+    dtype_matrix(&quick_cases(), &Dtype::ALL, ctx)
+        .into_iter()
+        .filter(|c| c.spec.dtypes == Dtypes::F32 || c.is_rope_d64())
+        .collect()
+}
+
 /// Whether a case is in the quick subset: the encodings with MHA, the tile edge at 65 × 65,
 /// every NaN placement, each relative bias causal, and the combinations.
 pub fn is_quick(c: &Case) -> bool {
@@ -1263,6 +1290,21 @@ pub fn assert_unique_names(cases: &[Case]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A NaN in the reference where the case plants none fails the case (a NaN reference checks
+    /// nothing); no case of the matrix may have one, or it could never pass.
+    #[test]
+    fn references_are_nan_free_unless_planted() {
+        let cases = conformance_cases();
+        assert!(!cases.is_empty());
+        for c in cases.iter().filter(|c| c.nan == NanPlant::None) {
+            let (q, k, v, pq, pk) = c.stored_inputs();
+            let b = c.bias();
+            let r =
+                reference::attention_with_bias::<f64>(&c.spec, &q, &k, &v, &pq, &pk, b.as_deref());
+            assert!(!r.iter().any(|x| x.is_nan()), "{}", c.name);
+        }
+    }
 
     #[test]
     fn every_matrix_case_is_tagged() {

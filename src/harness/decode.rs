@@ -5,7 +5,7 @@
 //! [`check::compare`](super::check::compare)'s; rows past a sequence's query count must still
 //! hold the poison.
 
-use std::time::Instant;
+use web_time::Instant;
 
 use super::check::{CaseResult, SplitMix, Status, compare, encodings};
 use super::reference;
@@ -184,13 +184,24 @@ pub fn check_output(
 }
 
 /// Runs one decode case on `ctx` against the reference.
+#[cfg(not(target_arch = "wasm32"))]
 pub fn run_decode_case(ctx: &Context, case: &DecodeCase) -> CaseResult {
+    pollster::block_on(run_decode_case_async(ctx, case))
+}
+
+/// [`run_decode_case`] as a future.
+pub async fn run_decode_case_async(ctx: &Context, case: &DecodeCase) -> CaseResult {
     let tokens: Vec<u32> = case.lengths.iter().map(|l| l.1).collect();
     let history = History::new(&case.spec, &tokens, case.position_offset, case.seed);
     let (k, v, p) = history.cache(&case.spec);
     let start = Instant::now();
-    let gpu = DecodePlan::new(ctx, &case.spec)
-        .and_then(|plan| plan.run(ctx, &history.q, &k, &v, Some(&p), &case.lengths));
+    let gpu = match DecodePlan::new_async(ctx, &case.spec).await {
+        Ok(plan) => {
+            plan.run_async(ctx, &history.q, &k, &v, Some(&p), &case.lengths)
+                .await
+        }
+        Err(e) => Err(e),
+    };
     let mut result = CaseResult {
         name: case.name.clone(),
         status: Status::Pass,

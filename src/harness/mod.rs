@@ -8,7 +8,11 @@ pub mod check;
 pub mod custom;
 pub mod decode;
 pub mod reference;
+/// The matmul roof is timed: native only.
+#[cfg(not(target_arch = "wasm32"))]
 pub mod roof;
+/// GPU timing waits on the host: native only.
+#[cfg(not(target_arch = "wasm32"))]
 pub mod timing;
 pub mod unfused;
 

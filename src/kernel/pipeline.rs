@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use super::abi::Family;
 use super::variants::KernelKey;
 use crate::encoding::custom::{CheckedScheme, parse_and_validate};
-use crate::error::{Error, Result, scoped};
+use crate::error::{Error, Result, scoped, scoped_async};
 
 /// A custom scheme's variant composed and validated with naga (no device involved).
 pub(crate) fn compose_checked(key: &KernelKey, custom: &CheckedScheme) -> Result<String> {
@@ -37,7 +37,7 @@ pub(crate) struct Pipelines {
     fused_lse: Option<FamilyLayout>,
     lse_storage_buffers: u32,
     cache: Mutex<HashMap<KernelKey, wgpu::ComputePipeline>>,
-    /// Kernels compiled so far and the time their compilation took.
+    /// Kernels compiled so far and the time their compilation took (native only).
     compiled: Mutex<(usize, std::time::Duration)>,
 }
 
@@ -124,19 +124,81 @@ impl Pipelines {
 
     /// The pipeline for `key`, compiled on first use. A custom scheme's variant comes with its
     /// hooks (`CheckedScheme`); its composed module is validated with naga before any pipeline
-    /// is made, and an error inside the snippet names the snippet's line.
+    /// is made, and an error inside the snippet names the snippet's line. (On the web this
+    /// synchronous form cannot read the compile's error scopes; see `error::scoped`.)
     pub fn get(
         &self,
         device: &wgpu::Device,
         key: KernelKey,
         custom: Option<&CheckedScheme>,
     ) -> Result<wgpu::ComputePipeline> {
-        if let Some(p) = self.cache.lock().expect("pipeline cache").get(&key) {
-            return Ok(p.clone());
+        if let Some(p) = self.cached(&key) {
+            return Ok(p);
         }
+        let (name, source, layout) = self.prepare(device, &key, custom)?;
+        let start = clock();
+        let pipeline = scoped(device, "compiling a kernel", || {
+            create(device, &key, &name, source, layout)
+        })?;
+        self.record(start);
+        Ok(self.insert(key, pipeline))
+    }
+
+    /// [`Pipelines::get`] with the compile's error scopes popped asynchronously.
+    pub async fn get_async(
+        &self,
+        device: &wgpu::Device,
+        key: KernelKey,
+        custom: Option<&CheckedScheme>,
+    ) -> Result<wgpu::ComputePipeline> {
+        if let Some(p) = self.cached(&key) {
+            return Ok(p);
+        }
+        let (name, source, layout) = self.prepare(device, &key, custom)?;
+        let start = clock();
+        let pipeline = scoped_async(device, "compiling a kernel", || {
+            create(device, &key, &name, source, layout)
+        })
+        .await?;
+        self.record(start);
+        Ok(self.insert(key, pipeline))
+    }
+
+    /// Counts one compiled kernel and, natively, the time since `start`.
+    fn record(&self, start: Option<Clock>) {
+        let mut c = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
+        c.0 += 1;
+        if let Some(s) = start {
+            c.1 += s.elapsed();
+        }
+    }
+
+    /// Kernels compiled so far and the wall time their creation took (shader module and
+    /// pipeline, where the driver compiles; zero on wasm32, which has no clock here).
+    pub fn compile_stats(&self) -> (usize, std::time::Duration) {
+        *self.compiled.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn cached(&self, key: &KernelKey) -> Option<wgpu::ComputePipeline> {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.get(key).cloned()
+    }
+
+    fn insert(&self, key: KernelKey, pipeline: wgpu::ComputePipeline) -> wgpu::ComputePipeline {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.entry(key).or_insert(pipeline).clone()
+    }
+
+    /// The variant's name, composed source and pipeline layout.
+    fn prepare(
+        &self,
+        device: &wgpu::Device,
+        key: &KernelKey,
+        custom: Option<&CheckedScheme>,
+    ) -> Result<(String, String, &wgpu::PipelineLayout)> {
         let name = key.name();
         let source = match custom {
-            Some(c) => compose_checked(&key, c)?,
+            Some(c) => compose_checked(key, c)?,
             None => key.try_wgsl().map_err(|e| Error::Device {
                 during: "composing a kernel",
                 message: format!("{name}: {e}"),
@@ -147,36 +209,41 @@ impl Pipelines {
         } else {
             &self.layout(key.family()).pipeline
         };
-        let start = std::time::Instant::now();
-        let pipeline = scoped(device, "compiling a kernel", || {
-            let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(&name),
-                source: wgpu::ShaderSource::Wgsl(source.into()),
-            });
-            device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some(&name),
-                layout: Some(layout),
-                module: &module,
-                entry_point: Some(key.entry_point()),
-                compilation_options: Default::default(),
-                cache: None,
-            })
-        })?;
-        {
-            let mut c = self.compiled.lock().expect("compile stats");
-            c.0 += 1;
-            c.1 += start.elapsed();
-        }
-        self.cache
-            .lock()
-            .expect("pipeline cache")
-            .insert(key, pipeline.clone());
-        Ok(pipeline)
+        Ok((name, source, layout))
     }
+}
 
-    /// Kernels compiled so far and the wall time their creation took (shader module and
-    /// pipeline, where the driver compiles).
-    pub fn compile_stats(&self) -> (usize, std::time::Duration) {
-        *self.compiled.lock().expect("compile stats")
+type Clock = std::time::Instant;
+
+/// The start of a compile, natively; none on wasm32, where std's clock panics.
+fn clock() -> Option<Clock> {
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        Some(std::time::Instant::now())
     }
+    #[cfg(target_arch = "wasm32")]
+    {
+        None
+    }
+}
+
+fn create(
+    device: &wgpu::Device,
+    key: &KernelKey,
+    name: &str,
+    source: String,
+    layout: &wgpu::PipelineLayout,
+) -> wgpu::ComputePipeline {
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some(name),
+        source: wgpu::ShaderSource::Wgsl(source.into()),
+    });
+    device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some(name),
+        layout: Some(layout),
+        module: &module,
+        entry_point: Some(key.entry_point()),
+        compilation_options: Default::default(),
+        cache: None,
+    })
 }
