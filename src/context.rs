@@ -127,6 +127,20 @@ pub async fn enumerate_adapters_async(options: &ContextOptions) -> Vec<wgpu::Ada
     adapters
 }
 
+/// Why no adapter was found, and what to install or set.
+#[cfg(not(target_arch = "wasm32"))]
+fn no_adapter_hint(backends: wgpu::Backends) -> String {
+    crate::env::no_adapter_hint(backends)
+}
+
+/// In a browser the only adapter is the browser's own WebGPU one.
+#[cfg(target_arch = "wasm32")]
+fn no_adapter_hint(_backends: wgpu::Backends) -> String {
+    "this browser offers no WebGPU adapter (`navigator.gpu` is missing or `requestAdapter()` \
+     found none; Chromium-based browsers may need WebGPU enabled in chrome://flags)"
+        .into()
+}
+
 /// One line naming an adapter: name, backend, type and driver.
 pub fn describe_adapter(info: &wgpu::AdapterInfo) -> String {
     let driver = if info.driver.is_empty() {
@@ -169,7 +183,7 @@ impl Context {
                     "backends {:?}, name filter {:?}; {}",
                     options.backends,
                     options.adapter_name,
-                    crate::env::no_adapter_hint(options.backends)
+                    no_adapter_hint(options.backends)
                 ))
             })?;
         let mut ctx = Self::from_adapter_async(&adapter).await?;

@@ -27,22 +27,20 @@ fn not_run(why: &str) {
     println!("conformance page NOT RUN: {why}");
 }
 
-#[test]
-fn page_renders_a_passing_table() {
+/// Runs page.mjs with `args`; its exit status and output, or None when it could not run.
+fn page(args: &[&str]) -> Option<(i32, String)> {
     let node = Command::new("node")
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
     if !node {
         not_run("node not found (Debian: apt-get install nodejs)");
-        return;
+        return None;
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let filter = std::env::var("POSATTN_PAGE_FILTER")
-        .unwrap_or_else(|_| "encoding=rope_half,dtype=f32".into());
     let out = Command::new("node")
         .arg(root.join("tests/web/page.mjs"))
-        .args(["--filter", &filter])
+        .args(args)
         .output()
         .expect("run node");
     let text = format!(
@@ -53,8 +51,49 @@ fn page_renders_a_passing_table() {
     let code = out.status.code().unwrap_or(-1);
     if code == MISSING {
         not_run(text.trim());
-        return;
+        return None;
     }
+    Some((code, text))
+}
+
+/// The page never passes silently: no WebGPU adapter, a filter the parser rejects and a filter
+/// that matches no case end in the error state with the reason shown, and the driver fails them.
+/// (No kernel compiles here: each is a browser start and a second of page.)
+#[test]
+fn page_shows_its_errors() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let no_webgpu = root.join("tests/web/no-webgpu.json");
+    let no_webgpu = no_webgpu.to_str().expect("a UTF-8 path");
+    for (args, shown) in [
+        (vec!["--webdriver", no_webgpu], "error: no adapter found"),
+        (
+            vec!["--filter", "name=no_such_case"],
+            "error: invalid `filter`",
+        ),
+        (
+            vec!["--filter", "encoding=rope_half,head_dim=128"],
+            "matches none of the quick matrix's cases",
+        ),
+    ] {
+        let Some((code, text)) = page(&args) else {
+            return;
+        };
+        assert_eq!(code, 1, "{args:?} should fail:\n{text}");
+        assert!(
+            text.contains("page: FAILED: state error") && text.contains(shown),
+            "{args:?}: expected the error state showing {shown:?}:\n{text}"
+        );
+        assert!(text.contains("page: 0 cases"), "{text}");
+    }
+}
+
+#[test]
+fn page_renders_a_passing_table() {
+    let filter = std::env::var("POSATTN_PAGE_FILTER")
+        .unwrap_or_else(|_| "encoding=rope_half,dtype=f32".into());
+    let Some((code, text)) = page(&["--filter", &filter]) else {
+        return;
+    };
     println!("{text}");
     assert_eq!(code, 0, "the page failed:\n{text}");
     // The driver's summary line: N cases, all passed.

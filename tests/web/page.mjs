@@ -2,10 +2,11 @@
 // headless Chromium through chromedriver and checks the rendered table:
 //
 //   node tests/web/page.mjs [--filter KEY=VALUE,...] [--rows N] [--screenshot FILE.png]
-//                           [--timeout SECONDS]
+//                           [--timeout SECONDS] [--webdriver CAPABILITIES.json]
 //
 // The page is served from a static server on 127.0.0.1 (Node's http, .wasm as application/wasm);
-// Chromium gets the flags of tests/web/webdriver.json (SwiftShader's WebGPU adapter). Passes
+// Chromium gets the flags of tests/web/webdriver.json (SwiftShader's WebGPU adapter) unless
+// --webdriver names other capabilities. Passes
 // when the page reaches data-state="done" and its table has one row per case, every row "pass",
 // with at least one case; prints the table and `page: N cases, P passed, F failed, U
 // unsupported` last. Exits 1 on any failure, 2 when chromedriver, Chromium or the built page is
@@ -28,6 +29,7 @@ const opt = (name, def) => {
 };
 const filter = opt('--filter', '');
 const rows = opt('--rows', '');
+const capsFile = opt('--webdriver', join(here, 'webdriver.json'));
 const screenshot = opt('--screenshot', '');
 const timeoutS = Number(opt('--timeout', '1200'));
 const chromedriver = process.env.CHROMEDRIVER || 'chromedriver';
@@ -95,7 +97,7 @@ try {
     if (i > 100) die(2, 'chromedriver did not start');
     await new Promise((ok) => setTimeout(ok, 100));
   }
-  const caps = JSON.parse(readFileSync(join(here, 'webdriver.json'), 'utf8'));
+  const caps = JSON.parse(readFileSync(capsFile, 'utf8'));
   try {
     session = (await wd('POST', '/session', { capabilities: { alwaysMatch: caps } })).sessionId;
   } catch (e) {
