@@ -12,7 +12,7 @@
 //
 // The head dimension is split across invocations: LANES consecutive invocations (a key group)
 // share one key, each holding UNITS units of 8 channels (unit lane + LANES · i), and the
-// KPW = 64 / LANES key groups take keys v, v + KPW, ... of the chunk. Per key, each lane
+// KPW = 64 / LANES key groups take contiguous runs of the chunk's keys. Per key, each lane
 //   1. reads its channels of the key (one 16-byte read per unit in half storage), rotated
 //      unless the keys are stored rotated: with full-width RoPE in the half layout a lane holds
 //      both channels of each pair it rotates (LANES divides half the units; the frequencies
