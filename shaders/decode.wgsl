@@ -1,25 +1,36 @@
 // Decode attention: a few new query rows per sequence against a KV cache of many keys.
 //
-// One workgroup serves one row block of one KV group: up to R_MAX query rows, which are the
+// One workgroup serves one row block of one KV group: up to ROWS query rows, which are the
 // query heads of the group times the sequence's new queries (row = query · group + head in
-// group), so every staged key tile, and its rotation, is shared by all of them. The keys that
-// any row of the block can see (the sink tiles, then the window's, or every tile up to the causal
-// bound) are cut into `dparams.splits` chunks, one workgroup each (flash-decoding). With one split
-// the workgroup writes the output; otherwise it writes its unnormalised partial output, running
-// max and sum, and `decode_reduce` merges the chunks by their log-sum-exp.
+// group), so every key and value read from the cache, and every key's rotation, is shared by
+// all of them. ROWS is chosen at plan time from group × max_q (1, 2, 4 or 8), so Llama-3's GQA
+// (4 heads per KV head, one new query) computes 4 rows, not more. The keys that any row of the
+// block can see (the sinks, then the window's, or every key up to the causal bound) are cut
+// into `dparams.splits` chunks, one workgroup each (flash-decoding). With one split the
+// workgroup writes the output; otherwise it writes its unnormalised partial output, running max
+// and sum, and `decode_reduce` merges the chunks by their log-sum-exp.
 //
-// Per key tile, four phases separated by barriers:
-//   1. stage BLOCK_K keys, rotated as they are loaded (keys are stored unrotated unless
-//      `keys_rotated`), with their cache slots and positions; each invocation loads whole vec4s
-//      (and, in the half layout, the vec4 of the partner channels), since every load costs
-//      about the same whatever its width on CPU adapters;
-//   2. one invocation per key: the scaled dot products with every row, the per-score
-//      modifications (softcap, ALiBi, table biases; the same position.wgsl functions as the
-//      prefill kernel) and the masks (bounds, bottom-right causal, window, sinks; common.wgsl);
-//   3. one invocation per row: the tile's max, the running max and sum, the softmax weights;
-//   4. each invocation owns one 4-channel slice of the output for every row of the block and a
-//      share of the tile's keys (KG key groups): each V vec4 is read from the cache once per
-//      workgroup and folded into all rows. The key groups' accumulators are summed at the end.
+// The head dimension is split across invocations: LANES consecutive invocations (a key group)
+// share one key, each holding UNITS units of 8 channels (unit lane + LANES · i), and the
+// KPW = 64 / LANES key groups take contiguous runs of the chunk's keys. Per key, each lane
+//   1. reads its channels of the key (one 16-byte read per unit in half storage), rotated
+//      unless the keys are stored rotated: with full-width RoPE in the half layout a lane holds
+//      both channels of each pair it rotates (LANES divides half the units; the frequencies
+//      are read once), otherwise the partner vec4 is read as well;
+//   2. forms its share of the dot product with every row's query (held in registers, rotated
+//      and scaled once) and the key's lanes sum them: `subgroupAdd` or `subgroupShuffleXor`
+//      butterflies where the device has subgroups (the variant's LANE_REDUCE; the lanes per key
+//      never exceed the adapter's smallest subgroup), else through workgroup memory with two
+//      barriers per step. Every lane then holds the same scores;
+//   3. applies the per-score modifications (softcap, ALiBi, table biases; the same
+//      position.wgsl functions as the prefill kernel) and the masks (bounds, bottom-right
+//      causal, window, sinks; common.wgsl), and updates its own running max and sum (no
+//      workgroup memory, no barrier);
+//   4. reads its channels of the value, if any row sees the key, and folds them into every
+//      row's accumulator. A hidden key is never multiplied in, so whatever its slot holds
+//      cannot reach the output.
+// At the end the key groups' (max, sum, accumulator) are merged through workgroup memory with
+// the same log-sum-exp rule as the split-KV reduce.
 //
 // Lengths come from the caller's `lengths` buffer, (new queries, keys) per sequence, and are
 // clamped: keys to the capacity (in a ring cache, key indices wrap onto slots instead), new
@@ -28,47 +39,58 @@
 // position of that slot (its own key was appended with it), and the masks are bottom-right
 // aligned as in the prefill kernel.
 //
-// Every Q, K, V and O element is read or written through load_q, load_k, load_v4 and store_o4.
-// The bindings, `Params` and `DecodeParams` come from src/kernel/abi.rs (generated).
+// Every Q, K, V and O element is read or written through the storage accessors q_at4, k_at8,
+// k_at4, v_at8 and o_put4 (src/kernel/storage.rs). The bindings, `Params` and `DecodeParams`
+// come from src/kernel/abi.rs (generated).
 
 const HEAD_VEC: u32 = HEAD_DIM / 4u;
-const HALF_D: u32 = HEAD_DIM / 2u;
+const HEAD_UNITS: u32 = HEAD_DIM / 8u;
 const WG: u32 = 64u;
-// Query rows per workgroup: the variant's ROWS constant (the unroll bound of the loops over
-// them), 4 · WG / HEAD_VEC, so that the staged queries take 4 KiB.
 const R_MAX: u32 = ROWS;
-// Key groups of phase 4: invocations (g, c) with c < HEAD_VEC fold keys g, g + KG, ...
-const KG: u32 = WG / HEAD_VEC;
+// Key groups per workgroup.
+const KPW: u32 = WG / LANES;
+// Vec4s of one key a lane holds: two per unit, slot 2i + h is vec4 2 (lane + LANES · i) + h.
+const SLOTS: u32 = 2u * UNITS;
 const LOG2E: f32 = 1.4426950408889634;
 const ROTATES: bool = POS_KIND == POS_ROPE || POS_KIND == POS_XPOS || CUSTOM_ROTATE;
 const TABLE_BIAS: bool = POS_KIND == POS_TABLE;
+// Key rotation forms (KEY_ROT): none (no rotation, or keys stored rotated), pairs held by one
+// lane, or any layout with partners read from the cache.
+const KEY_ROT_NONE: u32 = 0u;
+const KEY_ROT_PAIRS: u32 = 1u;
+const KEY_ROT_GENERAL: u32 = 2u;
 
-var<workgroup> q_sh: array<vec4<f32>, R_MAX * HEAD_VEC>;
-var<workgroup> k_tile: array<vec4<f32>, BLOCK_K * HEAD_VEC>;
-var<workgroup> s_sh: array<f32, R_MAX * BLOCK_K>;
-var<workgroup> p_sh: array<f32, R_MAX * BLOCK_K>;
-// Running max of each row, double-buffered: [cur] before the tile, [1 − cur] after it.
-var<workgroup> m_sh: array<f32, 2u * R_MAX>;
-// Running sum of each row.
-var<workgroup> l_sh: array<f32, R_MAX>;
-var<workgroup> qpos_sh: array<i32, R_MAX>;
-var<workgroup> nan_sh: array<atomic<u32>, R_MAX>;
-var<workgroup> kslot_sh: array<u32, BLOCK_K>;
-var<workgroup> kpos_sh: array<i32, BLOCK_K>;
+// Each lane's partial dot product of each row (the workgroup-memory lane sum), [row][lane].
+var<workgroup> red_sh: array<f32, R_MAX * WG>;
+// The merge of the key groups: one group's accumulators, max, sum and NaN flag per row.
+var<workgroup> mrg_acc: array<vec4<f32>, R_MAX * HEAD_VEC>;
+var<workgroup> mrg_m: array<f32, R_MAX>;
+var<workgroup> mrg_l: array<f32, R_MAX>;
+var<workgroup> mrg_nan: array<u32, R_MAX>;
 var<workgroup> lens_sh: vec2<u32>;
 
+// Two vec4s of channels.
+struct Vec4Pair {
+    a: vec4<f32>,
+    b: vec4<f32>,
+}
+
+// The frequency entries of four rotation pairs.
+struct Freq4 {
+    x: vec4<f32>,
+    y: vec4<f32>,
+    z: vec4<f32>,
+    w: vec4<f32>,
+}
+
 // Tensor access, one function per tensor and direction, through the variant's storage accessors
-// (q_at4, k_at4, v_at4, o_put4: f32, native or packed f16, or bf16; src/kernel/storage.rs).
+// (f32, native or packed f16, or bf16; src/kernel/storage.rs).
 fn load_q4(b: u32, qi: u32, head: u32, c: u32) -> vec4<f32> {
     return q_at4(((b * dparams.max_q + qi) * params.num_heads + head) * HEAD_VEC + c);
 }
 
-fn load_k4(b: u32, slot: u32, kv: u32, c: u32) -> vec4<f32> {
-    return k_at4(((b * dparams.capacity + slot) * params.num_kv_heads + kv) * HEAD_VEC + c);
-}
-
-fn load_v4(b: u32, slot: u32, kv: u32, c: u32) -> vec4<f32> {
-    return v_at4(((b * dparams.capacity + slot) * params.num_kv_heads + kv) * HEAD_VEC + c);
+fn kv_row(b: u32, slot: u32, kv: u32) -> u32 {
+    return (b * dparams.capacity + slot) * params.num_kv_heads + kv;
 }
 
 fn store_o4(b: u32, qi: u32, head: u32, c: u32, o: vec4<f32>) {
@@ -109,12 +131,6 @@ fn query_position(b: u32, qi: u32, diag: i32) -> i32 {
     return position_of(b, u32(i32(qi) + diag));
 }
 
-// Two vec4s of channels.
-struct Vec4Pair {
-    a: vec4<f32>,
-    b: vec4<f32>,
-}
-
 // Rotates the four pairs (a[e], b[e]) = pairs i0 + e (the half layout's vec4 u and its partner
 // vec4 u + rotary_dim / 8) with position.wgsl's rope_rotate.
 fn rotate_half4(x: Vec4Pair, i0: u32, pos: i32, rel: i32, sign: f32) -> Vec4Pair {
@@ -125,46 +141,50 @@ fn rotate_half4(x: Vec4Pair, i0: u32, pos: i32, rel: i32, sign: f32) -> Vec4Pair
     return Vec4Pair(vec4<f32>(p0.x, p1.x, p2.x, p3.x), vec4<f32>(p0.y, p1.y, p2.y, p3.y));
 }
 
+// rotate_half4 with the four pairs' frequency entries read already.
+fn rotate_half4_freq(x: Vec4Pair, f: Freq4, pos: i32, rel: i32, sign: f32) -> Vec4Pair {
+    let p0 = rope_rotate_freq(vec2<f32>(x.a.x, x.b.x), f.x, pos, rel, sign);
+    let p1 = rope_rotate_freq(vec2<f32>(x.a.y, x.b.y), f.y, pos, rel, sign);
+    let p2 = rope_rotate_freq(vec2<f32>(x.a.z, x.b.z), f.z, pos, rel, sign);
+    let p3 = rope_rotate_freq(vec2<f32>(x.a.w, x.b.w), f.w, pos, rel, sign);
+    return Vec4Pair(vec4<f32>(p0.x, p1.x, p2.x, p3.x), vec4<f32>(p0.y, p1.y, p2.y, p3.y));
+}
+
 // Rotates the two pairs of an interleaved-layout vec4 (pairs i0 and i0 + 1).
 fn rotate_interleaved4(x: vec4<f32>, i0: u32, pos: i32, rel: i32, sign: f32) -> vec4<f32> {
     return vec4<f32>(rope_rotate(x.xy, i0, pos, rel, sign),
                      rope_rotate(x.zw, i0 + 1u, pos, rel, sign));
 }
 
-// Stages vec4 slot u of one row (a query when `is_q`, else a key) into `dst` at `base`:
-// rotated unless `rotate` is false, times `mul`. In the half layout the slots below
-// rotary_dim / 8 carry their partner vec4 too and the slots up to rotary_dim / 4 have nothing
-// to do; the host checks that rotary_dim is a multiple of 8 (half) or 4 (interleaved).
-// Returns the two vec4s and whether the second one is written (at u + rotary_dim / 8).
-fn stage_vec4(is_q: bool, b: u32, row: u32, head: u32, u: u32, valid: bool, rotate: bool,
-              pos: i32, rel: i32, mul: f32) -> Vec4Pair {
-    let rot = select(0u, params.rotary_dim, ROTATES);
-    var x = Vec4Pair(vec4<f32>(0.0), vec4<f32>(0.0));
-    let half_v = select(rot / 8u, 0u, params.rope_interleaved != 0u);
-    if (!valid || (u >= half_v && u < 2u * half_v)) {
+// The vec4 holding the RoPE partners of vec4 c in the half layout (c ± rotary_dim / 8), or c
+// itself where c has none (interleaved layout, or past the rotary channels).
+fn partner_vec4(c: u32) -> u32 {
+    let half_v = params.rotary_dim / 8u;
+    if (params.rope_interleaved != 0u || c >= 2u * half_v) {
+        return c;
+    }
+    return select(c - half_v, c + half_v, c < half_v);
+}
+
+// Vec4 c of a query or key (`sign` 1 or −1) rotated, given its partner vec4 p (partner_vec4).
+// The host checks that rotary_dim is a multiple of 8 (half) or 4 (interleaved).
+fn rotate_vec4(x: vec4<f32>, p: vec4<f32>, c: u32, pos: i32, rel: i32, sign: f32) -> vec4<f32> {
+    let rot = params.rotary_dim;
+    if (params.rope_interleaved != 0u) {
+        if (c < rot / 4u) {
+            return rotate_interleaved4(x, 2u * c, pos, rel, sign);
+        }
         return x;
     }
-    let sign = select(-1.0, 1.0, is_q);
-    if (is_q) {
-        x.a = load_q4(b, row, head, u);
-    } else {
-        x.a = load_k4(b, row, head, u);
+    let half_v = rot / 8u;
+    if (c >= 2u * half_v) {
+        return x;
     }
-    if (u < half_v) {
-        if (is_q) {
-            x.b = load_q4(b, row, head, u + half_v);
-        } else {
-            x.b = load_k4(b, row, head, u + half_v);
-        }
-        if (rotate) {
-            x = rotate_half4(x, 4u * u, pos, rel, sign);
-        }
-    } else if (params.rope_interleaved != 0u && rotate && u < rot / 4u) {
-        x.a = rotate_interleaved4(x.a, 2u * u, pos, rel, sign);
-    }
-    x.a *= mul;
-    x.b *= mul;
-    return x;
+    let first = c < half_v;
+    let u = select(c - half_v, c, first);
+    let r = rotate_half4(Vec4Pair(select(p, x, first), select(x, p, first)), 4u * u, pos, rel,
+                         sign);
+    return select(r.b, r.a, first);
 }
 
 // Softcap, then the encoding's bias, on one scaled logit (base-2 units), in the prefill kernel's
@@ -219,42 +239,84 @@ fn decode_attention(
     let last_ip = i32((row0 + n_rows - 1u) / group) + diag;
     // xPos origin: the block's first query, so that per-token scales stay near 1.
     let origin = position_of(b, u32(first_ip));
-    let rot = select(0u, params.rotary_dim, ROTATES);
     let sinks = i32(params.sink_tokens);
-    let has_sink_logits = params.sink_logit_offset != NO_SINK_LOGITS && split == 0u;
+    let lane = lid % LANES;
+    let kg = lid / LANES;
+    let has_sink_logits = params.sink_logit_offset != NO_SINK_LOGITS && split == 0u
+        && kg == 0u;
 
-    // Rows: running max (a sink logit starts it, in the first chunk only), NaN flag, position.
-    for (var lr = lid; lr < R_MAX; lr += WG) {
-        let head = kv * group + (row0 + lr) % group;
-        var m0 = MASKED;
-        if (has_sink_logits) {
-            m0 = aux_f(params.sink_logit_offset + head) * LOG2E;
-        }
-        m_sh[lr] = m0;
-        l_sh[lr] = select(0.0, 1.0, has_sink_logits);
-        atomicStore(&nan_sh[lr], 0u);
-        qpos_sh[lr] = query_position(b, (row0 + min(lr, n_rows - 1u)) / group, diag);
-    }
-    // Queries, rotated and times scale · log2 e (and the log-n factor).
-    let half_v = select(rot / 8u, 0u, params.rope_interleaved != 0u);
-    for (var idx = lid; idx < R_MAX * HEAD_VEC; idx += WG) {
-        let lr = idx / HEAD_VEC;
-        let u = idx % HEAD_VEC;
-        let gr = row0 + min(lr, n_rows - 1u);
+    // Per row: running max (a sink logit starts it, in the first chunk's first key group
+    // only), running sum, NaN flag, query position; the lane's channels of the query, rotated
+    // and times scale · log2 e (and the log-n factor); its accumulators.
+    var m: array<f32, R_MAX>;
+    var l: array<f32, R_MAX>;
+    var nanf: array<bool, R_MAX>;
+    var qpos: array<i32, R_MAX>;
+    var q: array<vec4<f32>, R_MAX * SLOTS>;
+    var acc: array<vec4<f32>, R_MAX * SLOTS>;
+    // @unroll
+    for (var r = 0u; r < ROWS; r++) {
+        let gr = row0 + min(r, n_rows - 1u);
         let qi = gr / group;
         let head = kv * group + gr % group;
         let pos = query_position(b, qi, diag);
-        let x = stage_vec4(true, b, qi, head, u, lr < n_rows, true, pos, pos - origin,
-                           params.scale_log2 * logn_scale(pos));
-        if (u < half_v || u >= 2u * half_v) {
-            q_sh[lr * HEAD_VEC + u] = x.a;
+        qpos[r] = pos;
+        m[r] = MASKED;
+        l[r] = 0.0;
+        if (has_sink_logits) {
+            m[r] = aux_f(params.sink_logit_offset + head) * LOG2E;
+            l[r] = 1.0;
         }
-        if (u < half_v) {
-            q_sh[lr * HEAD_VEC + u + half_v] = x.b;
+        let mul = params.scale_log2 * logn_scale(pos);
+        // @unroll
+        for (var i = 0u; i < UNITS; i++) {
+            // @unroll
+            for (var h = 0u; h < HALVES; h++) {
+                let c = 2u * (lane + LANES * i) + h;
+                if (r < n_rows && c < HEAD_VEC) {
+                    var x = load_q4(b, qi, head, c);
+                    if (ROTATES) {
+                        x = rotate_vec4(x, load_q4(b, qi, head, partner_vec4(c)), c, pos,
+                                        pos - origin, 1.0);
+                    }
+                    q[r * SLOTS + 2u * i + h] = x * mul;
+                }
+            }
         }
     }
 
-    // The key tiles any row of the block can see, as in the prefill kernel.
+    // Keys are rotated as they are read unless stored rotated, in the form the plan chose
+    // (KEY_ROT, a variant constant: a software driver runs both sides of every branch, so the
+    // form not taken must not be in the loop). The pair form (full-width RoPE in the half
+    // layout): unit lane + LANES · i (i < UNITS / 2) pairs with unit lane + LANES · (i +
+    // UNITS / 2) of the same lane, and its frequencies are read here once.
+    var freq: array<Freq4, SLOTS>;
+    if (KEY_ROT == KEY_ROT_PAIRS) {
+        // @unroll
+        for (var i = 0u; i < UNITS; i++) {
+            if (i < UNITS / 2u) {
+                // @unroll
+                for (var h = 0u; h < HALVES; h++) {
+                    let i0 = params.freq_offset + 4u * (2u * (lane + LANES * i) + h);
+                    freq[2u * i + h] = Freq4(aux[i0], aux[i0 + 1u], aux[i0 + 2u], aux[i0 + 3u]);
+                }
+            }
+        }
+    }
+    // Per row: the query's index among its sequence's new queries, its head and key index.
+    var row_qi: array<u32, R_MAX>;
+    var row_head: array<u32, R_MAX>;
+    var row_ip: array<i32, R_MAX>;
+    // @unroll
+    for (var r = 0u; r < ROWS; r++) {
+        let gr = row0 + r;
+        row_qi[r] = gr / group;
+        row_head[r] = kv * group + gr % group;
+        row_ip[r] = i32(row_qi[r]) + diag;
+    }
+
+    // The keys any row of the block can see, as in the prefill kernel: the sinks [0, n_sink)
+    // and the window [win_lo, win_hi), numbered v = 0 .. n_keys.
     let left = params.window_left;
     let right = params.window_right;
     var hi = i32(k_len);
@@ -270,168 +332,238 @@ fn decode_attention(
     if (left >= 0) {
         lo = clamp(first_ip - left, 0, hi);
     }
-    let n_sink_tiles = (u32(sink_hi) + BLOCK_K - 1u) / BLOCK_K;
-    let win_t0 = max(u32(lo) / BLOCK_K, n_sink_tiles);
-    let win_t1 = max((u32(hi) + BLOCK_K - 1u) / BLOCK_K, win_t0);
-    let n_tiles = n_sink_tiles + win_t1 - win_t0;
-    // This workgroup's chunk of them.
-    let chunk = (n_tiles + splits - 1u) / splits;
-    let t_begin = min(split * chunk, n_tiles);
-    let t_end = min(t_begin + chunk, n_tiles);
-
-    // This invocation's slice c of every row's output, over key group g's keys.
-    var acc: array<vec4<f32>, R_MAX>;
-    let g = lid / HEAD_VEC;
-    let c = lid % HEAD_VEC;
-    // @unroll
-    for (var r = 0u; r < ROWS; r++) {
-        acc[r] = vec4<f32>(0.0);
-    }
-    var cur = 0u;
-    workgroupBarrier();
-    for (var t = t_begin; t < t_end; t++) {
-        let tile = select(win_t0 + t - n_sink_tiles, t, t < n_sink_tiles);
-        let key0 = tile * BLOCK_K;
-        workgroupBarrier();
-        // Phase 1: stage the keys (rotated), their slots and positions.
-        for (var idx = lid; idx < BLOCK_K * HEAD_VEC; idx += WG) {
-            let j = idx / HEAD_VEC;
-            let u = idx % HEAD_VEC;
-            let key = key0 + j;
-            let valid = key < k_len;
-            var slot = 0u;
-            var pos = 0;
-            if (valid) {
-                slot = slot_of(key);
-                pos = pos_k[b * cap + slot];
-            }
-            if (u == 0u) {
-                kslot_sh[j] = slot;
-                kpos_sh[j] = pos;
-            }
-            let x = stage_vec4(false, b, slot, kv, u, valid, dparams.keys_rotated == 0u, pos,
-                               pos - origin, 1.0);
-            if (u < half_v || u >= 2u * half_v) {
-                k_tile[j * HEAD_VEC + u] = x.a;
-            }
-            if (u < half_v) {
-                k_tile[j * HEAD_VEC + u + half_v] = x.b;
-            }
-        }
-        workgroupBarrier();
-        // Phase 2: one invocation per key: its scores against every row (the staged queries'
-        // indices are constants after unrolling, so only the key's reads vary by invocation),
-        // modified and masked (MASKED marks a hidden key).
-        for (var j = lid; j < BLOCK_K; j += WG) {
-            var d: array<vec4<f32>, R_MAX>;
-            // @unroll
-            for (var r = 0u; r < ROWS; r++) {
-                d[r] = vec4<f32>(0.0);
-            }
-            // @unroll
-            for (var c = 0u; c < HEAD_VEC; c++) {
-                let k = k_tile[j * HEAD_VEC + c];
-                // @unroll
-                for (var r = 0u; r < ROWS; r++) {
-                    d[r] = fma(q_sh[r * HEAD_VEC + c], k, d[r]);
-                }
-            }
-            let key = key0 + j;
-            let kk = i32(key);
-            // @unroll
-            for (var r = 0u; r < ROWS; r++) {
-                if (r < n_rows) {
-                    let gr = row0 + r;
-                    let head = kv * group + gr % group;
-                    let ip = i32(gr / group) + diag;
-                    var vis = key < k_len && (params.causal == 0u || kk <= ip)
-                        && (in_window(vec4<i32>(kk), ip).x || kk < sinks);
-                    // A custom scheme's hooks (identities in every other variant), with the
-                    // query's index among its sequence's new queries and the key's index.
-                    let qi = gr / group;
-                    if (CUSTOM_MASK && vis) {
-                        vis = pa_mask4(qpos_sh[r], vec4<i32>(kpos_sh[j]), head, qi,
-                                       vec4<u32>(key)).x;
-                    }
-                    var s = MASKED;
-                    if (vis) {
-                        let dr = d[r];
-                        s = modify_score((dr.x + dr.y) + (dr.z + dr.w), head, qpos_sh[r],
-                                         kpos_sh[j]);
-                        if (CUSTOM_SCORE) {
-                            s = pa_score4(vec4<f32>(s), qpos_sh[r], vec4<i32>(kpos_sh[j]), head,
-                                          qi, vec4<u32>(key)).x;
-                        }
-                        // A NaN at a visible key makes the row NaN, as in a plain softmax.
-                        if (is_nan_bits(s)) {
-                            atomicOr(&nan_sh[r], 1u);
-                            s = MASKED;
-                        }
-                    }
-                    s_sh[r * BLOCK_K + j] = s;
-                }
-            }
-        }
-        workgroupBarrier();
-        // Phase 3: one invocation per row: the new running max and sum, and the keys' weights
-        // (−1: hidden).
-        for (var r = lid; r < n_rows; r += WG) {
-            var tmax = MASKED;
-            for (var j = 0u; j < BLOCK_K; j++) {
-                tmax = max(tmax, s_sh[r * BLOCK_K + j]);
-            }
-            let m_old = m_sh[cur * R_MAX + r];
-            let m_new = max(m_old, tmax);
-            m_sh[(1u - cur) * R_MAX + r] = m_new;
-            var l = l_sh[r] * exp2(m_old - m_new);
-            for (var j = 0u; j < BLOCK_K; j++) {
-                let s = s_sh[r * BLOCK_K + j];
-                let p = select(-1.0, exp2(s - m_new), s > MASKED);
-                p_sh[r * BLOCK_K + j] = p;
-                l += max(p, 0.0);
-            }
-            l_sh[r] = l;
-        }
-        workgroupBarrier();
-        // Phase 4: rescale and fold the tile's V rows into every row's slice c. Hidden keys
-        // are never multiplied in, so whatever their slots hold cannot reach the output.
-        if (g < KG) {
-            // @unroll
-            for (var r = 0u; r < ROWS; r++) {
-                if (r < n_rows) {
-                    acc[r] *= exp2(m_sh[cur * R_MAX + r] - m_sh[(1u - cur) * R_MAX + r]);
-                }
-            }
-            for (var j = g; j < BLOCK_K; j += KG) {
-                let v = load_v4(b, kslot_sh[j], kv, c);
-                // @unroll
-                for (var r = 0u; r < ROWS; r++) {
-                    if (r < n_rows) {
-                        let p = p_sh[r * BLOCK_K + j];
-                        if (p >= 0.0) {
-                            acc[r] = fma(vec4<f32>(p), v, acc[r]);
-                        }
-                    }
-                }
-            }
-        }
-        cur = 1u - cur;
+    let n_sink = u32(sink_hi);
+    let win_lo = max(u32(lo), n_sink);
+    let win_hi = max(u32(hi), win_lo);
+    let n_keys = n_sink + win_hi - win_lo;
+    // This workgroup's chunk of them, KPW keys a step.
+    let chunk = (n_keys + splits - 1u) / splits;
+    let v_begin = min(split * chunk, n_keys);
+    let v_end = min(v_begin + chunk, n_keys);
+    // Each key group takes a contiguous run of them (consecutive keys are consecutive rows of
+    // the cache, which CPU prefetchers follow), one key a step.
+    let steps = (v_end - v_begin + KPW - 1u) / KPW;
+    let g_begin = v_begin + kg * steps;
+    let g_end = min(g_begin + steps, v_end);
+    // Cache slots without a division per key: the sinks' keys are their slots; a ring cache's
+    // window key k (≥ sinks) lives in slot sinks + (k − sinks) mod L, L = capacity − sinks, and
+    // the window spans at most L keys (capacity ≥ sinks + window + max_q), so the offset from
+    // its first key's slot wraps at most once.
+    let ring = dparams.ring != 0u;
+    let ring_len = max(cap - min(params.sink_tokens, cap - 1u), 1u);
+    let ring_s = cap - ring_len;
+    var ring_base = 0u;
+    if (ring && win_lo >= ring_s) {
+        ring_base = (win_lo - ring_s) % ring_len;
     }
 
-    // Sum the key groups' accumulators into group 0's, through q_sh (no longer needed).
-    for (var g2 = 1u; g2 < KG; g2++) {
-        workgroupBarrier();
-        if (g == g2) {
+    for (var step = 0u; step < steps; step++) {
+        let v = g_begin + step;
+        let valid = v < g_end;
+        let key = select(v - n_sink + win_lo, v, v < n_sink);
+        var slot = 0u;
+        var kpos = 0;
+        var kx: array<vec4<f32>, SLOTS>;
+        // 1. The lane's channels of the key, rotated.
+        if (valid) {
+            let o = v - n_sink;
+            var t = ring_base + o;
+            t = select(t, t - ring_len, t >= ring_len);
+            let win_slot = select(min(key, cap - 1u), min(ring_s + t, cap - 1u),
+                                  ring && key >= ring_s);
+            slot = select(win_slot, key, v < n_sink);
+            kpos = pos_k[b * cap + slot];
+            let row = kv_row(b, slot, kv);
+            // @unroll
+            for (var i = 0u; i < UNITS; i++) {
+                let j = lane + LANES * i;
+                if (j < HEAD_UNITS) {
+                    let x = k_at8(row * HEAD_UNITS + j);
+                    kx[2u * i] = x.a;
+                    kx[2u * i + 1u] = x.b;
+                }
+            }
+            if (KEY_ROT == KEY_ROT_PAIRS) {
+                // @unroll
+                for (var i = 0u; i < UNITS; i++) {
+                    if (i < UNITS / 2u) {
+                        // @unroll
+                        for (var h = 0u; h < HALVES; h++) {
+                            let s0 = 2u * i + h;
+                            // (Modulo SLOTS keeps the index in bounds where i is not.)
+                            let s1 = (2u * (i + UNITS / 2u) + h) % SLOTS;
+                            let y = rotate_half4_freq(Vec4Pair(kx[s0], kx[s1]), freq[s0], kpos,
+                                                      kpos - origin, -1.0);
+                            kx[s0] = y.a;
+                            kx[s1] = y.b;
+                        }
+                    }
+                }
+            } else if (KEY_ROT == KEY_ROT_GENERAL) {
+                // @unroll
+                for (var i = 0u; i < UNITS; i++) {
+                    // @unroll
+                    for (var h = 0u; h < HALVES; h++) {
+                        let c = 2u * (lane + LANES * i) + h;
+                        if (c < HEAD_VEC) {
+                            let p = k_at4(row * HEAD_VEC + partner_vec4(c));
+                            kx[2u * i + h] = rotate_vec4(kx[2u * i + h], p, c, kpos,
+                                                         kpos - origin, -1.0);
+                        }
+                    }
+                }
+            }
+        }
+        // 2. The lane's share of each row's dot product, summed over the key's lanes.
+        var dot: array<f32, R_MAX>;
+        // @unroll
+        for (var r = 0u; r < ROWS; r++) {
+            var d = vec4<f32>(0.0);
+            // @unroll
+            for (var i = 0u; i < UNITS; i++) {
+                // @unroll
+                for (var h = 0u; h < HALVES; h++) {
+                    d = fma(q[r * SLOTS + 2u * i + h], kx[2u * i + h], d);
+                }
+            }
+            dot[r] = (d.x + d.y) + (d.z + d.w);
+        }
+        if (LANE_REDUCE == 0u && LANES > 1u) {
             // @unroll
             for (var r = 0u; r < ROWS; r++) {
-                q_sh[r * HEAD_VEC + c] = acc[r];
+                red_sh[r * WG + lid] = dot[r];
+            }
+            workgroupBarrier();
+            // Every lane of the key adds the same values in the same order.
+            // @unroll
+            for (var r = 0u; r < ROWS; r++) {
+                var sum = 0.0;
+                // @unroll
+                for (var k = 0u; k < LANES; k++) {
+                    sum += red_sh[r * WG + kg * LANES + k];
+                }
+                dot[r] = sum;
+            }
+            workgroupBarrier();
+        } else {
+            // @unroll
+            for (var r = 0u; r < ROWS; r++) {
+                dot[r] = lane_sum(dot[r]);
+            }
+        }
+        // 3. Modifications, masks and the online softmax, per row.
+        let kk = i32(key);
+        var p: array<f32, R_MAX>;
+        var seen: array<bool, R_MAX>;
+        var alpha: array<f32, R_MAX>;
+        var any_seen = false;
+        // @unroll
+        for (var r = 0u; r < ROWS; r++) {
+            let qi = row_qi[r];
+            let head = row_head[r];
+            let ip = row_ip[r];
+            var vis = valid && r < n_rows && (params.causal == 0u || kk <= ip)
+                && (in_window(vec4<i32>(kk), ip).x || kk < sinks);
+            // A custom scheme's hooks (identities in every other variant), with the query's
+            // index among its sequence's new queries and the key's index.
+            if (CUSTOM_MASK && vis) {
+                vis = pa_mask4(qpos[r], vec4<i32>(kpos), head, qi, vec4<u32>(key)).x;
+            }
+            var s = MASKED;
+            if (vis) {
+                s = modify_score(dot[r], head, qpos[r], kpos);
+                if (CUSTOM_SCORE) {
+                    s = pa_score4(vec4<f32>(s), qpos[r], vec4<i32>(kpos), head, qi,
+                                  vec4<u32>(key)).x;
+                }
+                // A NaN at a visible key makes the row NaN, as in a plain softmax.
+                if (is_nan_bits(s)) {
+                    nanf[r] = true;
+                    s = MASKED;
+                    vis = false;
+                }
+            }
+            let m_new = max(m[r], s);
+            alpha[r] = exp2(m[r] - m_new);
+            p[r] = select(0.0, exp2(s - m_new), vis);
+            l[r] = l[r] * alpha[r] + p[r];
+            m[r] = m_new;
+            seen[r] = vis;
+            any_seen = any_seen || vis;
+        }
+        // 4. The lane's channels of the value, folded into the rows that see the key.
+        var vx: array<vec4<f32>, SLOTS>;
+        if (any_seen) {
+            let row = kv_row(b, slot, kv);
+            // @unroll
+            for (var i = 0u; i < UNITS; i++) {
+                let j = lane + LANES * i;
+                if (j < HEAD_UNITS) {
+                    let x = v_at8(row * HEAD_UNITS + j);
+                    vx[2u * i] = x.a;
+                    vx[2u * i + 1u] = x.b;
+                }
+            }
+        }
+        // @unroll
+        for (var r = 0u; r < ROWS; r++) {
+            // @unroll
+            for (var i = 0u; i < UNITS; i++) {
+                // @unroll
+                for (var h = 0u; h < HALVES; h++) {
+                    let a = acc[r * SLOTS + 2u * i + h] * alpha[r];
+                    acc[r * SLOTS + 2u * i + h] = select(a, fma(vec4<f32>(p[r]), vx[2u * i + h], a),
+                                                         seen[r]);
+                }
+            }
+        }
+    }
+
+    // Merge the key groups into group 0, one group at a time.
+    for (var g2 = 1u; g2 < KPW; g2++) {
+        workgroupBarrier();
+        if (kg == g2) {
+            // @unroll
+            for (var r = 0u; r < ROWS; r++) {
+                // @unroll
+                for (var i = 0u; i < UNITS; i++) {
+                    // @unroll
+                    for (var h = 0u; h < HALVES; h++) {
+                        let c = 2u * (lane + LANES * i) + h;
+                        if (c < HEAD_VEC) {
+                            mrg_acc[r * HEAD_VEC + c] = acc[r * SLOTS + 2u * i + h];
+                        }
+                    }
+                }
+                if (lane == 0u) {
+                    mrg_m[r] = m[r];
+                    mrg_l[r] = l[r];
+                    mrg_nan[r] = select(0u, 1u, nanf[r]);
+                }
             }
         }
         workgroupBarrier();
-        if (g == 0u) {
+        if (kg == 0u) {
             // @unroll
             for (var r = 0u; r < ROWS; r++) {
-                acc[r] += q_sh[r * HEAD_VEC + c];
+                let mo = mrg_m[r];
+                let m_new = max(m[r], mo);
+                let a0 = exp2(m[r] - m_new);
+                let a1 = exp2(mo - m_new);
+                l[r] = l[r] * a0 + mrg_l[r] * a1;
+                m[r] = m_new;
+                nanf[r] = nanf[r] || mrg_nan[r] != 0u;
+                // @unroll
+                for (var i = 0u; i < UNITS; i++) {
+                    // @unroll
+                    for (var h = 0u; h < HALVES; h++) {
+                        let c = 2u * (lane + LANES * i) + h;
+                        if (c < HEAD_VEC) {
+                            let s = r * SLOTS + 2u * i + h;
+                            acc[s] = acc[s] * a0 + mrg_acc[r * HEAD_VEC + c] * a1;
+                        }
+                    }
+                }
             }
         }
     }
@@ -439,26 +571,33 @@ fn decode_attention(
     // A NaN built at run time (WGSL forbids a constant expression that evaluates to NaN).
     var nan_bits = 0x7fc00000u;
     let nan = bitcast<f32>(nan_bits);
-    if (g == 0u) {
+    if (kg == 0u) {
         // @unroll
         for (var r = 0u; r < ROWS; r++) {
             if (r < n_rows) {
                 let gr = row0 + r;
                 let qi = gr / group;
                 let head = kv * group + gr % group;
-                let row_nan = atomicLoad(&nan_sh[r]) != 0u;
-                let l = l_sh[r];
-                if (splits == 1u) {
-                    let out = select(vec4<f32>(0.0), acc[r] * (1.0 / l), l > 0.0);
-                    store_o4(b, qi, head, c, select(out, vec4<f32>(nan), row_nan));
-                } else {
-                    let base = partial_index(b, qi, head, split);
-                    partials[base + c] = acc[r];
-                    if (c == 0u) {
-                        let m = m_sh[cur * R_MAX + r];
-                        partials[base + HEAD_VEC] =
-                            vec4<f32>(m, select(l, nan, row_nan), 0.0, 0.0);
+                let base = partial_index(b, qi, head, split);
+                // @unroll
+                for (var i = 0u; i < UNITS; i++) {
+                    // @unroll
+                    for (var h = 0u; h < HALVES; h++) {
+                        let c = 2u * (lane + LANES * i) + h;
+                        let a = acc[r * SLOTS + 2u * i + h];
+                        if (c < HEAD_VEC) {
+                            if (splits == 1u) {
+                                let out = select(vec4<f32>(0.0), a * (1.0 / l[r]), l[r] > 0.0);
+                                store_o4(b, qi, head, c, select(out, vec4<f32>(nan), nanf[r]));
+                            } else {
+                                partials[base + c] = a;
+                            }
+                        }
                     }
+                }
+                if (splits > 1u && lane == 0u) {
+                    partials[base + HEAD_VEC] =
+                        vec4<f32>(m[r], select(l[r], nan, nanf[r]), 0.0, 0.0);
                 }
             }
         }

@@ -87,7 +87,12 @@ fn rope_rotate(x: vec2<f32>, i: u32, pos: i32, rel: i32, sign: f32) -> vec2<f32>
     if (CUSTOM_ROTATE) {
         return pa_rotate(x, i, pos, sign > 0.0);
     }
-    let f = aux[params.freq_offset + i];
+    return rope_rotate_freq(x, aux[params.freq_offset + i], pos, rel, sign);
+}
+
+// rope_rotate for a pair whose frequency entry f = aux[freq_offset + i] was read already (a
+// kernel that rotates the same pairs for many positions reads them once).
+fn rope_rotate_freq(x: vec2<f32>, f: vec4<f32>, pos: i32, rel: i32, sign: f32) -> vec2<f32> {
     var cs = sincos_turns(rope_turns(pos, f)) * params.attn_factor;
     if (POS_KIND == POS_XPOS) {
         cs *= xpos_scale(f.w, rel, params.xpos_inv_scale_base, sign);

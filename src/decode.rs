@@ -32,7 +32,9 @@ use crate::encoding::masks::Extrapolation;
 use crate::error::{Error, Result};
 use crate::kernel::abi::{DecodeParams, Family, PosKind};
 use crate::kernel::storage::StorageForm;
-use crate::kernel::{DECODE_WG, KernelKey, decode_rows, decode_workgroup_bytes};
+use crate::kernel::{
+    DECODE_WG, KernelKey, KeyRotation, decode_lane_plan, decode_rows, decode_workgroup_bytes,
+};
 use crate::plan::lower;
 use crate::spec::AttentionSpec;
 
@@ -50,6 +52,9 @@ pub struct DecodeSpec {
     pub keys_rotated: bool,
     /// Chunks of the key range per row block; `None` applies [`default_splits`].
     pub splits: Option<u32>,
+    /// Sum the lanes of a key with subgroup operations where the device has them (the
+    /// default); `false` keeps the workgroup-memory form every adapter runs.
+    pub subgroups: bool,
 }
 
 impl DecodeSpec {
@@ -60,6 +65,7 @@ impl DecodeSpec {
             ring: false,
             keys_rotated: false,
             splits: None,
+            subgroups: true,
         }
     }
 
@@ -78,6 +84,12 @@ impl DecodeSpec {
     /// Splits each row block's keys into `splits` chunks, merged by a second dispatch (overrides [`default_splits`]).
     pub fn with_splits(mut self, splits: u32) -> Self {
         self.splits = Some(splits);
+        self
+    }
+
+    /// Whether subgroup operations may be used (see [`DecodeSpec::subgroups`]).
+    pub fn with_subgroups(mut self, subgroups: bool) -> Self {
+        self.subgroups = subgroups;
         self
     }
 
@@ -101,11 +113,21 @@ impl DecodeSpec {
         self.attention.kv_len()
     }
 
-    /// Query rows per KV group, cut into blocks of the decode kernel's rows per workgroup
-    /// (`kernel::decode_rows`).
-    pub fn row_blocks(&self) -> u32 {
+    /// Query rows of one KV group: query heads per KV head × most new queries.
+    pub fn group_rows(&self) -> u32 {
         let a = &self.attention;
-        (a.num_heads / a.num_kv_heads * a.seq_q).div_ceil(decode_rows(a.head_dim))
+        a.num_heads / a.num_kv_heads * a.seq_q
+    }
+
+    /// Query rows per workgroup (the decode kernel's `decode_rows` of
+    /// [`DecodeSpec::group_rows`]).
+    pub fn rows(&self) -> u32 {
+        decode_rows(self.group_rows())
+    }
+
+    /// Query rows per KV group, cut into blocks of [`DecodeSpec::rows`].
+    pub fn row_blocks(&self) -> u32 {
+        self.group_rows().div_ceil(self.rows())
     }
 
     /// The checks of the decode-only fields.
@@ -278,14 +300,6 @@ impl DecodePlan {
             .splits
             .unwrap_or_else(|| default_splits(ctx.adapter_info(), spec));
         let limits = ctx.device().limits();
-        let wg_bytes = decode_workgroup_bytes(a.head_dim);
-        if wg_bytes > limits.max_compute_workgroup_storage_size {
-            return Err(Error::unavailable(
-                "workgroup storage bytes",
-                wg_bytes,
-                limits.max_compute_workgroup_storage_size,
-            ));
-        }
         if DECODE_WG > limits.max_compute_invocations_per_workgroup {
             return Err(Error::unavailable(
                 "invocations per workgroup",
@@ -356,15 +370,39 @@ impl DecodePlan {
         } else {
             plan.kind
         };
+        // Lanes per key and their sum: from the adapter's subgroup sizes where the device has
+        // subgroups (and the spec allows them).
+        let subgroups =
+            spec.subgroups && ctx.device().features().contains(wgpu::Features::SUBGROUP);
+        let (lanes, lane_reduce) = decode_lane_plan(a.head_dim, subgroups, ctx.adapter_info());
         // A custom scheme's hooks compose into the decode kernel as into the prefill kernel.
+        let base = KernelKey::decode(a.head_dim, spec.rows(), kind);
         let key = match &plan.custom {
             Some(c) => KernelKey {
                 custom: c.id,
-                ..KernelKey::decode(a.head_dim, kind)
+                ..base
             },
-            None => KernelKey::decode(a.head_dim, kind),
+            None => base,
         }
+        .with_lanes(lanes, lane_reduce)
+        .with_key_rotation(KeyRotation::choose(
+            plan.kind.rotates() || custom_rotates,
+            custom_rotates,
+            spec.keys_rotated,
+            plan.params.rope_interleaved != 0,
+            plan.params.rotary_dim,
+            a.head_dim,
+            lanes,
+        ))
         .with_storage(storage);
+        let wg_bytes = decode_workgroup_bytes(&key);
+        if wg_bytes > limits.max_compute_workgroup_storage_size {
+            return Err(Error::unavailable(
+                "workgroup storage bytes",
+                wg_bytes,
+                limits.max_compute_workgroup_storage_size,
+            ));
+        }
         let pipeline = ctx.pipeline_with_async(key, plan.custom.as_ref()).await?;
         let reduce = if splits > 1 {
             let reduce_key = KernelKey::decode_reduce(a.head_dim).with_storage(storage);

@@ -113,6 +113,42 @@ fn tint_accepts_every_variant() {
     );
 }
 
+/// The decode kernel's subgroup forms (`enable subgroups;`, subgroupAdd and shuffle
+/// butterflies): Tint checks them, uniformity analysis included, where Dawn's device has the
+/// `subgroups` feature; without it they are reported as not run.
+#[test]
+fn tint_accepts_subgroup_variants() {
+    if !have_node_and_package() {
+        return;
+    }
+    let dir = scratch("tint-subgroups");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut manifest = Vec::new();
+    for key in posattn::kernel::KernelKey::subgroup_examples() {
+        let module = export::Module::new(key).expect("naga reads the variant");
+        let path = dir.join(export::file_name(&key, export::Lang::Wgsl));
+        std::fs::write(&path, module.emit(export::Lang::Wgsl).unwrap()).unwrap();
+        manifest.push(serde_json::json!({
+            "name": key.name(), "file": path, "entry": key.entry_point(),
+            "features": ["subgroups"],
+        }));
+    }
+    assert!(!manifest.is_empty());
+    let list = dir.join("variants.json");
+    std::fs::write(&list, serde_json::to_string(&manifest).unwrap()).unwrap();
+    let Some((code, text)) = node("tint.mjs", &[&list]) else {
+        return;
+    };
+    assert_eq!(code, 0, "Tint rejected subgroup variants:\n{text}");
+    let summary = format!("tint: {} modules, 0 failed", manifest.len());
+    assert!(text.contains(&summary), "expected `{summary}` in:\n{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+    println!(
+        "{} subgroup variants accepted by Tint with no message",
+        manifest.len()
+    );
+}
+
 /// Custom schemes' variants (every hook: score, mask with tile predicate, rotation), at one and
 /// at eight rows per invocation: Tint reads the generated glue and the snippets too.
 #[test]

@@ -13,7 +13,8 @@ fn all_keys() -> Vec<KernelKey> {
 
 #[test]
 fn every_variant_is_listed_once_under_its_own_name() {
-    let keys = all_keys();
+    let mut keys = all_keys();
+    keys.extend(KernelKey::subgroup_examples());
     let names: std::collections::HashSet<String> = keys.iter().map(|k| k.name()).collect();
     assert_eq!(
         names.len(),
@@ -71,6 +72,7 @@ fn type_name(module: &naga::Module, ty: naga::Handle<naga::Type>) -> String {
 fn every_variant_validates_and_matches_the_contract() {
     let mut keys = all_keys();
     keys.extend(KernelKey::native_f16_examples());
+    keys.extend(KernelKey::subgroup_examples());
     assert!(!keys.is_empty());
     for key in &keys {
         let module = validate(key);

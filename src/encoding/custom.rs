@@ -308,7 +308,13 @@ impl CustomScheme {
         check_directives(&self.wgsl)?;
         let sandbox = format!("{}\n{}", self.wgsl, prelude(&decls, None));
         let lines = self.wgsl.lines().count() as u32;
-        let module = parse_and_validate(&sandbox, 1, lines, "position.wgsl")?;
+        let module = parse_and_validate(
+            &sandbox,
+            1,
+            lines,
+            "position.wgsl",
+            naga::valid::Capabilities::empty(),
+        )?;
         if let Some(g) = module.global_variables.iter().next() {
             return Err(scheme_err(
                 "position.wgsl",
@@ -779,6 +785,7 @@ pub(crate) fn parse_and_validate(
     first_line: u32,
     line_count: u32,
     field: &str,
+    capabilities: naga::valid::Capabilities,
 ) -> Result<naga::Module> {
     let map = |line: Option<u32>| -> (Option<u32>, &'static str) {
         match line {
@@ -802,27 +809,25 @@ pub(crate) fn parse_and_validate(
         }
         scheme_err(field, line, msg)
     })?;
-    naga::valid::Validator::new(
-        naga::valid::ValidationFlags::all(),
-        naga::valid::Capabilities::empty(),
-    )
-    .validate(&module)
-    .map_err(|e| {
-        // The innermost span (an expression rather than its function) is the last one.
-        let at = e
-            .spans()
-            .filter(|(sp, _)| sp.is_defined())
-            .last()
-            .map(|(sp, _)| sp.location(src).line_number);
-        let (line, where_) = map(at);
-        let mut msg = format!("WGSL that validates{where_}: {}", e.as_inner());
-        let mut src_err: Option<&dyn std::error::Error> = std::error::Error::source(e.as_inner());
-        while let Some(s) = src_err {
-            msg += &format!(": {s}");
-            src_err = s.source();
-        }
-        scheme_err(field, line, msg)
-    })?;
+    naga::valid::Validator::new(naga::valid::ValidationFlags::all(), capabilities)
+        .validate(&module)
+        .map_err(|e| {
+            // The innermost span (an expression rather than its function) is the last one.
+            let at = e
+                .spans()
+                .filter(|(sp, _)| sp.is_defined())
+                .last()
+                .map(|(sp, _)| sp.location(src).line_number);
+            let (line, where_) = map(at);
+            let mut msg = format!("WGSL that validates{where_}: {}", e.as_inner());
+            let mut src_err: Option<&dyn std::error::Error> =
+                std::error::Error::source(e.as_inner());
+            while let Some(s) = src_err {
+                msg += &format!(": {s}");
+                src_err = s.source();
+            }
+            scheme_err(field, line, msg)
+        })?;
     Ok(module)
 }
 
@@ -843,7 +848,10 @@ fn kernel_names() -> &'static [String] {
                 StorageForm::Bf16,
             ]),
             KernelKey::unfused(Stage::Scores, 64, PosKind::None),
-            KernelKey::decode(64, PosKind::Rope),
+            KernelKey::decode(64, 4, PosKind::Rope),
+            KernelKey::decode(64, 4, PosKind::Rope)
+                .with_lanes(4, crate::kernel::LaneReduce::Shuffle),
+            KernelKey::decode(64, 4, PosKind::Rope).with_lanes(4, crate::kernel::LaneReduce::Add),
             KernelKey::decode_reduce(64),
         ] {
             let Ok(src) = key.try_wgsl() else { continue };

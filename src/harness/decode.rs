@@ -361,6 +361,33 @@ pub fn decode_cases() -> Vec<DecodeCase> {
         c.seed = 7;
         cases.push(c);
     }
+    // Llama-3's shape at head size 128 (4 query heads per KV head, one new query: a 4-row
+    // block, 8 lanes a key, which is `subgroupAdd` over lavapipe's 8-lane subgroups), and the
+    // workgroup-memory lane sum (the form of adapters without subgroups) forced on the same
+    // inputs with a ragged batch split in 3.
+    for (name, subgroups) in [
+        ("decode_d128_gqa4", true),
+        ("decode_d128_gqa4_lanes_wg", false),
+    ] {
+        let mut c = DecodeCase::new(
+            name,
+            DecodeSpec::new(
+                AttentionSpec::default()
+                    .with_batch(2)
+                    .with_seq_q(1)
+                    .with_seq_k(1500)
+                    .with_heads(8)
+                    .with_head_dim(128)
+                    .with_kv_heads(2)
+                    .with_position(crate::PositionEncoding::Rope(crate::Rope::new(500000.0))),
+            )
+            .with_splits(3)
+            .with_subgroups(subgroups),
+            vec![(1, 1500), (1, 421)],
+        );
+        c.seed = 11;
+        cases.push(c);
+    }
     // Ring caches: window + max_q slots (+ sinks), far more tokens than slots.
     let ring = |sinks: u32, window: u32, max_q: u32| {
         DecodeSpec::new(

@@ -70,20 +70,10 @@ pub fn all_variants() -> Vec<KernelKey> {
 }
 
 /// The naga capabilities a variant needs: f16 conversions in f32 code for half storage
-/// (`pack2x16float` and friends; every WebGPU adapter has them) and f16 itself for native f16.
+/// (`pack2x16float` and friends; every WebGPU adapter has them), f16 itself for native f16, and
+/// subgroup operations for the decode kernel's subgroup forms.
 pub fn capabilities(key: &KernelKey) -> Capabilities {
-    let mut caps = Capabilities::empty();
-    if key
-        .storage
-        .iter()
-        .any(|s| *s != crate::kernel::storage::StorageForm::F32)
-    {
-        caps |= Capabilities::SHADER_FLOAT16_IN_FLOAT32;
-    }
-    if key.native_f16() {
-        caps |= Capabilities::SHADER_FLOAT16;
-    }
-    caps
+    crate::kernel::pipeline::naga_capabilities(key)
 }
 
 /// A variant parsed and validated by naga, ready to be written in any language.
@@ -130,7 +120,13 @@ impl Module {
         };
         let (m, info) = (&self.module, &self.info);
         Ok(match lang {
-            Lang::Wgsl => self.source.clone().into_bytes(),
+            // With the `enable` directives naga does without (Tint requires them).
+            Lang::Wgsl => format!(
+                "{}{}",
+                crate::kernel::source::enable_directives(&self.key),
+                self.source
+            )
+            .into_bytes(),
             Lang::Spv => spv::write_vec(m, info, &spv::Options::default(), None)
                 .map_err(|e| err(e.to_string()))?
                 .iter()

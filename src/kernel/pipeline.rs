@@ -19,8 +19,36 @@ pub(crate) fn compose_checked(key: &KernelKey, custom: &CheckedScheme) -> Result
     // The snippet is the module's tail.
     let lines = custom.snippet.lines().count() as u32;
     let total = source.lines().count() as u32;
-    parse_and_validate(&source, total - lines + 1, lines, "position.wgsl")?;
+    parse_and_validate(
+        &source,
+        total - lines + 1,
+        lines,
+        "position.wgsl",
+        naga_capabilities(key),
+    )?;
     Ok(source)
+}
+
+/// The naga capabilities a variant's module needs: f16 conversions in f32 code for half
+/// storage, f16 itself for native f16, subgroup operations for the decode kernel's subgroup
+/// forms.
+pub fn naga_capabilities(key: &KernelKey) -> naga::valid::Capabilities {
+    use naga::valid::Capabilities;
+    let mut caps = Capabilities::empty();
+    if key
+        .storage
+        .iter()
+        .any(|s| *s != super::storage::StorageForm::F32)
+    {
+        caps |= Capabilities::SHADER_FLOAT16_IN_FLOAT32;
+    }
+    if key.native_f16() {
+        caps |= Capabilities::SHADER_FLOAT16;
+    }
+    if key.lane_reduce.subgroups() {
+        caps |= Capabilities::SUBGROUP;
+    }
+    caps
 }
 
 struct FamilyLayout {

@@ -17,7 +17,7 @@
 
 use super::abi::{self, Family};
 use super::storage::{StorageForm, family_tensors};
-use super::variants::KernelKey;
+use super::variants::{KernelKey, LaneReduce};
 
 pub(crate) const COMMON_WGSL: &str = include_str!("../../shaders/common.wgsl");
 pub(crate) const STORAGE_WGSL: &str = include_str!("../../shaders/storage.wgsl");
@@ -85,6 +85,9 @@ pub(crate) fn compose(key: &KernelKey, hooks: Option<&str>) -> Result<String, Co
             accessors += &form.accessor(*accessor, name, buffer);
         }
     }
+    if key.family() == Family::Decode {
+        accessors += lane_sum_wgsl(key.lane_reduce);
+    }
     if key.family() == Family::Fused {
         // The row's log-sum-exp: written only by the variants that bind `lse_buf`.
         accessors += if key.lse {
@@ -110,6 +113,33 @@ pub(crate) fn compose(key: &KernelKey, hooks: Option<&str>) -> Result<String, Co
         body,
         hooks
     ))
+}
+
+/// The decode kernel's sum over the lanes of one key, `lane_sum(x)`: subgroup operations only
+/// in the variants that use them (a module that names one needs the device's subgroup
+/// feature); the workgroup-memory form sums in the kernel and never calls it. naga reads
+/// subgroup operations without an `enable` directive (it rejects `enable subgroups;`), Tint
+/// needs one: [`enable_directives`] adds it where a module is written for other compilers.
+fn lane_sum_wgsl(reduce: LaneReduce) -> &'static str {
+    match reduce {
+        LaneReduce::Workgroup => "fn lane_sum(x: f32) -> f32 {\n    return x;\n}\n",
+        LaneReduce::Add => "fn lane_sum(x: f32) -> f32 {\n    return subgroupAdd(x);\n}\n",
+        LaneReduce::Shuffle => {
+            "fn lane_sum(x: f32) -> f32 {\n    var y = x;\n    \
+             for (var o = LANES / 2u; o > 0u; o = o / 2u) {\n        \
+             y += subgroupShuffleXor(y, o);\n    }\n    return y;\n}\n"
+        }
+    }
+}
+
+/// The `enable` directives a module of `key` needs beyond what naga reads: `subgroups` for the
+/// subgroup forms of the decode kernel (Tint and the WebGPU specification require it).
+pub fn enable_directives(key: &KernelKey) -> &'static str {
+    if key.lane_reduce.subgroups() {
+        "enable subgroups;\n"
+    } else {
+        ""
+    }
 }
 
 /// Parses `for (var c = 0u; c < BOUND; c++)` into (c, BOUND).

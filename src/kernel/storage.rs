@@ -35,6 +35,10 @@ pub enum Accessor {
     Load4,
     /// `fn NAME(i: u32, x: vec4<f32>)`: writes elements 4i..4i+3.
     Store4,
+    /// `fn NAME(j: u32) -> Vec4Pair`: elements 8j..8j+7 in one 16-byte load per lane where the
+    /// storage is half (two in f32), and beside it `NAME4(i) -> vec4<f32>` (NAME with its
+    /// last character `8` made `4`) on the same binding. The decode kernel's cache reads.
+    Load8,
 }
 
 impl StorageForm {
@@ -65,6 +69,13 @@ impl StorageForm {
 
     /// The binding's WGSL type for an accessor kind.
     pub fn binding_type(self, accessor: Accessor) -> &'static str {
+        if accessor == Accessor::Load8 {
+            // Half forms read 8 elements as one vec4<u32> (native f16 too).
+            return match self {
+                StorageForm::F32 => "array<vec4<f32>>",
+                _ => "array<vec4<u32>>",
+            };
+        }
         let vector = accessor != Accessor::Load1;
         match (self, vector) {
             (StorageForm::F32, false) => "array<f32>",
@@ -80,6 +91,9 @@ impl StorageForm {
     pub fn accessor(self, accessor: Accessor, name: &str, buffer: &str) -> String {
         use Accessor::*;
         use StorageForm::*;
+        if accessor == Load8 {
+            return self.accessor8(name, buffer);
+        }
         let body = match (accessor, self) {
             (Load1, F32) => format!("return {buffer}[i];"),
             (Load1, F16) => format!("return f32({buffer}[i]);"),
@@ -108,13 +122,53 @@ impl StorageForm {
             (Store4, Bf16) => {
                 format!("{buffer}[i] = vec2<u32>(pack_bf16x2(x.xy), pack_bf16x2(x.zw));")
             }
+            (Load8, _) => unreachable!("accessor8"),
         };
         let sig = match accessor {
             Load1 => format!("fn {name}(i: u32) -> f32"),
             Load4 => format!("fn {name}(i: u32) -> vec4<f32>"),
             Store4 => format!("fn {name}(i: u32, x: vec4<f32>)"),
+            Load8 => unreachable!("accessor8"),
         };
         format!("{sig} {{\n    {body}\n}}\n")
+    }
+
+    /// The `Load8` pair of accessors: `NAME(j)`, elements 8j..8j+7, and `NAME4(i)`, elements
+    /// 4i..4i+3, over a binding of [`StorageForm::binding_type`]`(Load8)`.
+    fn accessor8(self, name: &str, buffer: &str) -> String {
+        use StorageForm::*;
+        let name4 = format!("{}4", name.strip_suffix('8').unwrap_or(name));
+        let (body8, body4) = match self {
+            F32 => (
+                format!("return Vec4Pair({buffer}[2u * j], {buffer}[2u * j + 1u]);"),
+                format!("return {buffer}[i];"),
+            ),
+            // Native f16 is read as words too: one 16-byte read per 8 halves, where a vec4<f16>
+            // read moves 8 bytes (a CPU adapter pays per read, whatever its width); the halves
+            // are widened in integer operations (storage.wgsl).
+            F16 | F16Packed => (
+                format!("let x = f16x8_to_f32({buffer}[j]);\n    return Vec4Pair(x[0], x[1]);"),
+                format!(
+                    "let w = {buffer}[i >> 1u];\n    let h = select(w.xy, w.zw, (i & 1u) == 1u);\n    \
+                     return f16_bits_to_f32x4(vec4<u32>(h.x, h.x >> 16u, h.y, h.y >> 16u) & \
+                     vec4<u32>(0xffffu));"
+                ),
+            ),
+            Bf16 => (
+                format!(
+                    "let w = {buffer}[j];\n    return Vec4Pair(vec4<f32>(unpack_bf16x2(w.x), \
+                     unpack_bf16x2(w.y)), vec4<f32>(unpack_bf16x2(w.z), unpack_bf16x2(w.w)));"
+                ),
+                format!(
+                    "let w = {buffer}[i >> 1u];\n    let h = select(w.xy, w.zw, (i & 1u) == 1u);\n    \
+                     return vec4<f32>(unpack_bf16x2(h.x), unpack_bf16x2(h.y));"
+                ),
+            ),
+        };
+        format!(
+            "fn {name}(j: u32) -> Vec4Pair {{\n    {body8}\n}}\n\
+             fn {name4}(i: u32) -> vec4<f32> {{\n    {body4}\n}}\n"
+        )
     }
 }
 
@@ -126,12 +180,13 @@ pub const FUSED_TENSORS: [(&str, &str, Accessor); 4] = [
     ("o_buf", "store_o4", Accessor::Store4),
 ];
 
-/// The decode kernel's tensors, as [`FUSED_TENSORS`]: whole vec4s at a time (the cache's keys
-/// and values, the queries, the output).
+/// The decode kernel's tensors, as [`FUSED_TENSORS`]: the queries and the output a vec4 at a
+/// time, the cache's keys and values 8 channels (a lane's unit) at a time, the keys also a
+/// vec4 at a time (RoPE partners held by another lane).
 pub const DECODE_TENSORS: [(&str, &str, Accessor); 4] = [
     ("q_buf", "q_at4", Accessor::Load4),
-    ("k_cache", "k_at4", Accessor::Load4),
-    ("v_cache", "v_at4", Accessor::Load4),
+    ("k_cache", "k_at8", Accessor::Load8),
+    ("v_cache", "v_at8", Accessor::Load8),
     ("o_buf", "o_put4", Accessor::Store4),
 ];
 

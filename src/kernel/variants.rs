@@ -87,28 +87,153 @@ pub enum Stage {
 
 /// Invocations per decode workgroup.
 pub const DECODE_WG: u32 = 64;
-/// Query rows of a decode workgroup, in units of 64 / head_vec4s: the staged queries take 4 KiB.
-pub const DECODE_OWN: u32 = 4;
+/// The most query rows (query heads × new queries of one KV group) a decode workgroup serves.
+pub const DECODE_MAX_ROWS: u32 = 8;
+/// Lanes per key of the decode kernel where the adapter's subgroups do not decide it.
+pub const DECODE_MAX_LANES: u32 = 8;
 
-/// Keys per decode tile: at most 16, and at most an 8 KiB tile of rotated keys (16 keys up to
-/// head_dim 128, 12 at 160, 8 at 192 and 256), so that the tile, the staged queries and the
-/// per-row scores fit WebGPU's default 16 KiB of workgroup memory.
-pub fn decode_block_k(head_dim: u32) -> u32 {
-    ((2048 / head_dim).min(16) / 4 * 4).max(4)
+/// How the lanes that share a key sum their partial dot products.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum LaneReduce {
+    /// Through workgroup memory, two barriers per key step (every adapter: GL, browsers
+    /// without the `subgroups` feature).
+    #[default]
+    Workgroup,
+    /// `subgroupShuffleXor` butterflies over the key's lanes: right for any power-of-two
+    /// subgroup size at least the lanes per key.
+    Shuffle,
+    /// `subgroupAdd`: the subgroup is exactly the key's lanes (the adapter's subgroup size is
+    /// fixed and equal to them).
+    Add,
 }
 
-/// Workgroup bytes of the decode kernel: the staged queries, the key tile, the scores and
-/// weights of each row, and the per-row and per-key words.
-pub fn decode_workgroup_bytes(head_dim: u32) -> u32 {
-    let (bk, r) = (decode_block_k(head_dim), decode_rows(head_dim));
-    4 * (r * head_dim + bk * head_dim + 2 * r * bk + 5 * r + 2 * bk + 2)
+impl LaneReduce {
+    /// Whether the module uses subgroup operations (the device needs `Features::SUBGROUP`).
+    pub fn subgroups(self) -> bool {
+        self != LaneReduce::Workgroup
+    }
+
+    fn suffix(self) -> &'static str {
+        match self {
+            LaneReduce::Workgroup => "wg",
+            LaneReduce::Shuffle => "sx",
+            LaneReduce::Add => "sa",
+        }
+    }
 }
 
-/// Query rows (query heads × new queries of one KV group) one decode workgroup serves (the
-/// decode key's `rows`): 8 at head_dim 128, 16 at 64, 32 at 32; each invocation accumulates one
-/// output vec4 of every row.
-pub fn decode_rows(head_dim: u32) -> u32 {
-    DECODE_WG * DECODE_OWN / (head_dim / 4)
+/// How the decode kernel rotates keys as it reads them: a variant constant, since a software
+/// driver runs both sides of a branch and the general form is several times the pair form's
+/// work.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum KeyRotation {
+    /// No rotation: the encoding does not rotate, or the keys are stored rotated.
+    #[default]
+    None,
+    /// Full-width RoPE (or xPos) in the half layout with the lanes per key dividing half the
+    /// units: each lane holds both channels of the pairs it rotates, frequencies read once.
+    Pairs,
+    /// Any layout (interleaved, partial rotary width, a custom rotation): each vec4's partner
+    /// is read from the cache as well.
+    General,
+}
+
+impl KeyRotation {
+    /// The form for an encoding that rotates (`rotates`), with its layout.
+    pub fn choose(
+        rotates: bool,
+        custom: bool,
+        keys_rotated: bool,
+        interleaved: bool,
+        rotary_dim: u32,
+        head_dim: u32,
+        lanes: u32,
+    ) -> Self {
+        if !rotates || keys_rotated {
+            KeyRotation::None
+        } else if !custom
+            && !interleaved
+            && rotary_dim == head_dim
+            && (head_dim / 16).is_multiple_of(lanes.max(1))
+        {
+            KeyRotation::Pairs
+        } else {
+            KeyRotation::General
+        }
+    }
+
+    fn suffix(self) -> &'static str {
+        match self {
+            KeyRotation::None => "_kn",
+            KeyRotation::Pairs => "",
+            KeyRotation::General => "_kg",
+        }
+    }
+}
+
+/// Query rows a decode workgroup is built for, given the rows of one KV group (query heads per
+/// KV head × most new queries): the smallest power of two that holds them, at most
+/// [`DECODE_MAX_ROWS`] (more rows are cut into row blocks). Llama-3's GQA (4 heads per KV
+/// head, one new query) gets 4, so no FMA is spent on rows that do not exist.
+pub fn decode_rows(group_rows: u32) -> u32 {
+    group_rows.clamp(1, DECODE_MAX_ROWS).next_power_of_two()
+}
+
+/// Lanes that share one key (each holds a slice of its channels, 8 channels a unit): the
+/// largest power of two at most `max_lanes` that divides half the units, so that a lane holds
+/// both halves of each RoPE pair it rotates (at least 1).
+pub fn decode_lanes(head_dim: u32, max_lanes: u32) -> u32 {
+    let half_units = head_dim / 16;
+    let mut lanes = max_lanes.clamp(1, DECODE_MAX_LANES).next_power_of_two();
+    if lanes > max_lanes.max(1) {
+        lanes /= 2;
+    }
+    while lanes > 1 && !half_units.is_multiple_of(lanes) {
+        lanes /= 2;
+    }
+    lanes
+}
+
+/// The lanes per key and lane reduction for an adapter: subgroup lanes where the device has
+/// `Features::SUBGROUP`, no more than its smallest subgroup (read from the adapter, never
+/// assumed), with `subgroupAdd` when its subgroup size is fixed and equal to them; otherwise
+/// [`DECODE_MAX_LANES`] lanes reduced through workgroup memory.
+pub fn decode_lane_plan(
+    head_dim: u32,
+    subgroups: bool,
+    info: &wgpu::AdapterInfo,
+) -> (u32, LaneReduce) {
+    if !subgroups || info.subgroup_min_size == 0 {
+        return (
+            decode_lanes(head_dim, DECODE_MAX_LANES),
+            LaneReduce::Workgroup,
+        );
+    }
+    let lanes = decode_lanes(head_dim, info.subgroup_min_size.min(DECODE_MAX_LANES));
+    // One lane per key sums nothing.
+    if lanes == 1 {
+        return (1, LaneReduce::Workgroup);
+    }
+    let reduce =
+        if info.subgroup_min_size == info.subgroup_max_size && info.subgroup_min_size == lanes {
+            LaneReduce::Add
+        } else {
+            LaneReduce::Shuffle
+        };
+    (lanes, reduce)
+}
+
+/// Units of 8 channels each lane of a key holds.
+pub fn decode_units(head_dim: u32, lanes: u32) -> u32 {
+    (head_dim / 8).div_ceil(lanes.max(1))
+}
+
+/// Workgroup bytes of a decode variant: the merge of the key groups' accumulators (one row
+/// block's output), their maxima, sums and NaN flags, the lengths, and every lane's partial dot
+/// product of every row (the workgroup-memory reduction; declared in every form).
+pub fn decode_workgroup_bytes(key: &KernelKey) -> u32 {
+    let r = key.rows.max(1);
+    4 * (r * key.head_dim + 3 * r + 2 + DECODE_WG * r)
 }
 
 /// One compiled pipeline.
@@ -135,6 +260,12 @@ pub struct KernelKey {
     /// A custom scheme's id (`CheckedScheme::id`, a hash of its composed hooks), 0 for none.
     /// Its WGSL comes with it: [`KernelKey::try_wgsl_with`].
     pub custom: u64,
+    /// Decode: lanes that share one key (0 in other families).
+    pub lanes: u32,
+    /// Decode: how those lanes sum their partial dot products.
+    pub lane_reduce: LaneReduce,
+    /// Decode: how keys are rotated as they are read (0 in other families).
+    pub key_rot: KeyRotation,
 }
 
 impl KernelKey {
@@ -151,6 +282,9 @@ impl KernelKey {
             storage: [StorageForm::F32; 4],
             lse: false,
             custom: 0,
+            lanes: 0,
+            lane_reduce: LaneReduce::Workgroup,
+            key_rot: KeyRotation::None,
         }
     }
 
@@ -214,6 +348,9 @@ impl KernelKey {
             storage: [StorageForm::F32; 4],
             lse: false,
             custom: 0,
+            lanes: 0,
+            lane_reduce: LaneReduce::Workgroup,
+            key_rot: KeyRotation::None,
         }
     }
 
@@ -254,44 +391,102 @@ impl KernelKey {
         keys
     }
 
-    /// The decode kernel for a head size and encoding.
-    pub fn decode(head_dim: u32, pos: PosKind) -> Self {
+    /// The decode kernel for a head size and encoding, in its portable form (lanes reduced
+    /// through workgroup memory) for `rows` query rows per workgroup (a [`decode_rows`] bucket).
+    pub fn decode(head_dim: u32, rows: u32, pos: PosKind) -> Self {
         KernelKey {
             stage: Stage::Decode,
             head_dim,
             block_q: 0,
-            block_k: decode_block_k(head_dim),
-            rows: decode_rows(head_dim),
+            block_k: 0,
+            rows,
             pos: pos.variant(),
             two_branch: false,
             storage: [StorageForm::F32; 4],
             lse: false,
             custom: 0,
+            lanes: decode_lanes(head_dim, DECODE_MAX_LANES),
+            lane_reduce: LaneReduce::Workgroup,
+            key_rot: if pos.variant().rotates() {
+                KeyRotation::Pairs
+            } else {
+                KeyRotation::None
+            },
         }
     }
 
-    /// The split-KV reduce for a head size (the same for every encoding).
+    /// This decode key rotating keys as `key_rot` says.
+    pub fn with_key_rotation(self, key_rot: KeyRotation) -> Self {
+        KernelKey { key_rot, ..self }
+    }
+
+    /// This decode key with `lanes` per key reduced as `reduce` says.
+    pub fn with_lanes(self, lanes: u32, reduce: LaneReduce) -> Self {
+        KernelKey {
+            lanes,
+            lane_reduce: reduce,
+            ..self
+        }
+    }
+
+    /// The split-KV reduce for a head size (the same for every encoding and shape).
     pub fn decode_reduce(head_dim: u32) -> Self {
         KernelKey {
             stage: Stage::DecodeReduce,
-            ..KernelKey::decode(head_dim, PosKind::None)
+            rows: 1,
+            ..KernelKey::decode(head_dim, 1, PosKind::None)
         }
     }
 
-    /// Every decode variant the crate can build.
+    /// Every decode variant listed by default: the portable form (workgroup-memory
+    /// reduction) of every head size and encoding at 4 rows (Llama-3's GQA), the other row
+    /// buckets on the RoPE kernel, and half storage in the packed forms every adapter runs on
+    /// the RoPE kernel at head size 64 (native f16 needs the SHADER_F16 capability, subgroup
+    /// forms the `subgroups` feature: [`KernelKey::native_f16_examples`],
+    /// [`KernelKey::subgroup_examples`]).
     pub fn all_decode() -> Vec<KernelKey> {
         let mut keys = Vec::new();
         for &d in crate::spec::SUPPORTED_HEAD_DIMS {
             keys.push(KernelKey::decode_reduce(d));
             for pos in PosKind::VARIANTS {
-                keys.push(KernelKey::decode(d, pos));
+                keys.push(KernelKey::decode(d, 4, pos));
+            }
+            for rows in [1, 2, 8] {
+                keys.push(KernelKey::decode(d, rows, PosKind::Rope));
             }
         }
-        // Half storage in the packed forms every adapter runs, on the RoPE kernel at head size
-        // 64 and its reduce (native f16 needs the SHADER_F16 capability).
         for storage in PORTABLE_STORAGE_EXAMPLES {
-            keys.push(KernelKey::decode(64, PosKind::Rope).with_storage(storage));
+            keys.push(KernelKey::decode(64, 8, PosKind::Rope).with_storage(storage));
             keys.push(KernelKey::decode_reduce(64).with_storage(storage));
+        }
+        keys
+    }
+
+    /// Decode variants with subgroup reductions (the device needs `Features::SUBGROUP`): the
+    /// RoPE kernel at every head size with `subgroupAdd` over 8 lanes (lavapipe's fixed
+    /// subgroup) or as few as the head size allows, butterflies over 4 lanes (any subgroup of
+    /// 4 or more), and the half storage forms at head size 128.
+    pub fn subgroup_examples() -> Vec<KernelKey> {
+        let mut keys = Vec::new();
+        for &d in crate::spec::SUPPORTED_HEAD_DIMS {
+            // Head sizes whose keys take one lane have nothing to sum.
+            let lanes = decode_lanes(d, DECODE_MAX_LANES);
+            if lanes > 1 {
+                keys.push(
+                    KernelKey::decode(d, 4, PosKind::Rope).with_lanes(lanes, LaneReduce::Add),
+                );
+                keys.push(
+                    KernelKey::decode(d, 8, PosKind::Rope)
+                        .with_lanes(decode_lanes(d, 4), LaneReduce::Shuffle),
+                );
+            }
+        }
+        for storage in PORTABLE_STORAGE_EXAMPLES {
+            keys.push(
+                KernelKey::decode(128, 4, PosKind::Rope)
+                    .with_lanes(8, LaneReduce::Add)
+                    .with_storage(storage),
+            );
         }
         keys
     }
@@ -306,7 +501,7 @@ impl KernelKey {
             for rows in [1, multi_rows_for(64)] {
                 keys.push(KernelKey::fused(64, rows, PosKind::Rope).with_storage(storage));
             }
-            keys.push(KernelKey::decode(64, PosKind::Rope).with_storage(storage));
+            keys.push(KernelKey::decode(64, 8, PosKind::Rope).with_storage(storage));
         }
         keys.push(KernelKey::decode_reduce(64).with_storage([F16; 4]));
         keys
@@ -352,7 +547,14 @@ impl KernelKey {
                 "attention_fused_d{}_bq{}_bk{}_r{}_{pos}{branch}{dt}",
                 self.head_dim, self.block_q, self.block_k, self.rows
             ),
-            Stage::Decode => format!("decode_d{}_bk{}_{pos}{dt}", self.head_dim, self.block_k),
+            Stage::Decode => format!(
+                "decode_d{}_r{}_l{}{}_{pos}{}{dt}",
+                self.head_dim,
+                self.rows,
+                self.lanes,
+                self.lane_reduce.suffix(),
+                self.key_rot.suffix()
+            ),
             Stage::DecodeReduce => format!("decode_reduce_d{}{dt}", self.head_dim),
             _ => format!("unfused_{}_d{}_{pos}", self.entry_point(), self.head_dim),
         }
@@ -385,7 +587,8 @@ impl KernelKey {
         format!(
             "// variant {}\nconst HEAD_DIM: u32 = {}u;\nconst BLOCK_Q: u32 = {}u;\n\
              const BLOCK_K: u32 = {}u;\nconst ROWS: u32 = {}u;\nconst POS_KIND: u32 = {}u;\n\
-             const TWO_BRANCH: bool = {};\nconst K_TILES: u32 = {}u;\n",
+             const TWO_BRANCH: bool = {};\nconst K_TILES: u32 = {}u;\nconst LANES: u32 = {}u;\n\
+             const UNITS: u32 = {}u;\nconst LANE_REDUCE: u32 = {}u;\nconst KEY_ROT: u32 = {}u;\n",
             self.name(),
             self.head_dim,
             self.block_q.max(1),
@@ -393,18 +596,34 @@ impl KernelKey {
             self.rows.max(1),
             self.pos as u32,
             self.two_branch,
-            self.k_tiles()
+            self.k_tiles(),
+            self.lanes.max(1),
+            self.units(),
+            self.lane_reduce as u32,
+            self.key_rot as u32
         )
     }
 
     /// Bounds the composer may unroll loops over.
-    pub(crate) fn unroll_bounds(&self) -> [(&'static str, u32); 4] {
+    pub(crate) fn unroll_bounds(&self) -> [(&'static str, u32); 7] {
         [
             ("HEAD_VEC", self.head_dim / 4),
             ("BLOCK_K", self.block_k.max(1)),
             ("ROWS", self.rows.max(1)),
             ("K_TILES", self.k_tiles()),
+            ("LANES", self.lanes.max(1)),
+            ("UNITS", self.units()),
+            ("HALVES", 2),
         ]
+    }
+
+    /// Decode: units of 8 channels each lane holds (1 in other families).
+    pub fn units(&self) -> u32 {
+        if self.lanes == 0 {
+            1
+        } else {
+            decode_units(self.head_dim, self.lanes)
+        }
     }
 
     /// RoPE branches, each with its own K tile: 2 for the two-branch variant, else 1.

@@ -42,8 +42,10 @@ export async function openDevice() {
   const name = [info.vendor, info.architecture, info.device, info.description]
     .filter((s) => s)
     .join(' ');
-  // WebGPU's default limits, as a web page gets them: the kernels are built to fit those.
-  const device = await adapter.requestDevice();
+  // WebGPU's default limits, as a web page gets them: the kernels are built to fit those. The
+  // `subgroups` feature where the adapter has it (the decode kernel's subgroup forms need it).
+  const requiredFeatures = ['subgroups'].filter((f) => adapter.features.has(f));
+  const device = await adapter.requestDevice({ requiredFeatures });
   device.addEventListener('uncapturederror', (ev) => {
     console.error(`uncaptured Dawn error: ${ev.error.message}`);
     process.exitCode = 1;

@@ -1,5 +1,5 @@
 // Tint's verdict on every variant: node tint.mjs MANIFEST, where MANIFEST is a JSON list of
-// {name, file, entry}. Each WGSL module is created on Dawn; any message Tint gives (error,
+// {name, file, entry, features?}. Each WGSL module is created on Dawn; any message Tint gives (error,
 // warning or info, uniformity analysis included) fails the variant, printed with its name.
 // With --pipelines each compute pipeline is also created (Tint's SPIR-V backend and the driver).
 // Prints `tint: N modules, F failed, T s` last; exits 1 on any failure and 3 when Dawn has no
@@ -20,6 +20,14 @@ try {
 }
 const { device, label } = dev;
 console.log(`tint: ${label}`);
+// Modules that need a device feature (manifest entries' `features`) cannot be checked without it.
+const missing = [...new Set(manifest.flatMap((v) => v.features || []))].filter(
+  (f) => !device.features.has(f),
+);
+if (missing.length) {
+  console.log(`tint: unavailable: the device lacks ${missing.join(', ')}`);
+  process.exit(3);
+}
 if (!manifest.length) {
   console.log('tint: no modules given');
   process.exit(1);
