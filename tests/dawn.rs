@@ -4,7 +4,7 @@
 //! tests catch what only naga's reading of the kernels happens to accept.
 //!
 //! - Every kernel variant is compiled by Tint: any error, warning or note fails it.
-//! - The quick conformance subset runs its math on Dawn: the cases are written out as bundles
+//! - The quick subset's RoPE cases (one kernel) run their math on Dawn: written out as bundles
 //!   (posattn::harness::bundle), tests/dawn/cases.mjs runs them with a NaN-poisoned output and checks them
 //!   with the conformance tolerance rule, and the outputs are checked here again with
 //!   `check::compare`.
@@ -198,9 +198,20 @@ fn tint_accepts_custom_scheme_variants() {
     );
 }
 
-/// The quick conformance subset, one row per invocation (the variant GPUs run).
+/// The quick conformance subset's cases that share its RoPE kernel (f32, head_dim 64, one row
+/// per invocation): the case bundles' path through Dawn, one kernel to compile. The whole quick
+/// matrix, half dtypes included, runs on Dawn through the crate's own WebGPU path in headless
+/// Chromium (tests/browser.rs), where each kernel costs the same SwiftShader compile again.
 fn dawn_cases() -> Vec<check::Case> {
-    check::quick_cases()
+    let cases: Vec<check::Case> = check::quick_cases()
+        .into_iter()
+        .filter(|c| c.encoding.starts_with("rope"))
+        .collect();
+    let kernel = |c: &check::Case| {
+        check::case_kernel(c, |_| 1, posattn::HalfForm::Packed).expect("a case's kernel")
+    };
+    let first = kernel(&cases[0]);
+    cases.into_iter().filter(|c| kernel(c) == first).collect()
 }
 
 /// Splits the cases into `n` lists with whole kernels in each (compiling a kernel on SwiftShader
