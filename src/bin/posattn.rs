@@ -954,6 +954,30 @@ fn write_json(path: &std::path::Path, rows: &[serde_json::Value]) -> posattn::Re
     })
 }
 
+/// Seeded random f32 Q, K, V and O buffers for `spec` (storage only: for timing).
+fn random_qkvo(
+    ctx: &Context,
+    spec: &posattn::AttentionSpec,
+    seed: u64,
+) -> (wgpu::Buffer, wgpu::Buffer, wgpu::Buffer, wgpu::Buffer) {
+    use wgpu::util::DeviceExt;
+    let mut rng = check::SplitMix::new(seed);
+    let mut mk = |len: usize| {
+        ctx.device()
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: None,
+                contents: bytemuck::cast_slice(&rng.vec(len, 1.0)),
+                usage: wgpu::BufferUsages::STORAGE,
+            })
+    };
+    (
+        mk(spec.q_len()),
+        mk(spec.kv_len()),
+        mk(spec.kv_len()),
+        mk(spec.q_len()),
+    )
+}
+
 fn bench(
     backend: Option<Backend>,
     adapter: Option<String>,
@@ -963,7 +987,6 @@ fn bench(
 ) -> posattn::Result<()> {
     use posattn::harness::roof::MatmulRoof;
     use posattn::harness::timing::{median, time_encoded};
-    use wgpu::util::DeviceExt;
     let opts = options(backend, adapter)?;
     let adapters = enumerate_adapters(&opts);
     if adapters.is_empty() {
@@ -1001,21 +1024,7 @@ fn bench(
                 .with_seq_len(seq)
                 .with_heads(8)
                 .with_position(posattn::PositionEncoding::Rope(posattn::Rope::new(10000.0)));
-            let mut rng = check::SplitMix::new(seq as u64);
-            let mk = |n: usize, rng: &mut check::SplitMix| {
-                ctx.device()
-                    .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                        label: None,
-                        contents: bytemuck::cast_slice(&rng.vec(n, 1.0)),
-                        usage: wgpu::BufferUsages::STORAGE,
-                    })
-            };
-            let (q, k, v, o) = (
-                mk(spec.q_len(), &mut rng),
-                mk(spec.kv_len(), &mut rng),
-                mk(spec.kv_len(), &mut rng),
-                mk(spec.q_len(), &mut rng),
-            );
+            let (q, k, v, o) = random_qkvo(&ctx, &spec, seq as u64);
             let bufs = posattn::AttentionBuffers::new(&q, &k, &v, &o);
             let io = (q.size() + k.size() + v.size() + o.size()) as f64;
             let mib = |b: f64| b / (1024.0 * 1024.0);
@@ -1175,7 +1184,6 @@ fn tune(
 ) -> posattn::Result<()> {
     use posattn::harness::timing::{median, time_encoded};
     use posattn::tune::{TuneEntry, TuneFile, TuneKey};
-    use wgpu::util::DeviceExt;
     let path = match file.or_else(posattn::tune::default_path) {
         Some(p) => p,
         None => {
@@ -1217,21 +1225,7 @@ fn tune(
                 .with_heads(8)
                 .with_head_dim(d)
                 .with_position(posattn::PositionEncoding::Rope(posattn::Rope::new(10000.0)));
-            let mut rng = check::SplitMix::new(d as u64);
-            let mk = |len: usize, rng: &mut check::SplitMix| {
-                ctx.device()
-                    .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                        label: None,
-                        contents: bytemuck::cast_slice(&rng.vec(len, 1.0)),
-                        usage: wgpu::BufferUsages::STORAGE,
-                    })
-            };
-            let (q, k, v, o) = (
-                mk(spec.q_len(), &mut rng),
-                mk(spec.kv_len(), &mut rng),
-                mk(spec.kv_len(), &mut rng),
-                mk(spec.q_len(), &mut rng),
-            );
+            let (q, k, v, o) = random_qkvo(&ctx, &spec, d as u64);
             let mut times = Vec::new();
             for r in tune_candidates(d) {
                 ctx.set_rows_per_invocation(Some(r))?;
