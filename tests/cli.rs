@@ -8,8 +8,7 @@ use std::path::{Path, PathBuf};
 use posattn::files::{parse_npy, parse_positions, parse_spec};
 use proptest::prelude::*;
 
-mod common;
-use common::{have_adapter, posattn};
+use crate::common::{have_adapter, posattn};
 
 fn golden() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/llama_attention")

@@ -8,8 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-mod common;
-use common::posattn;
+use crate::common::posattn;
 
 /// The built example `name` (target/<profile>/examples/<name>, beside this test's deps dir).
 fn example(name: &str) -> PathBuf {

@@ -8,7 +8,7 @@
 //! the size its header claims and no more data than the file, and a key that was inserted where
 //! none belongs is always an error naming that key's path.
 //!
-//! `cargo test --release --test fuzz` runs `POSATTN_FUZZ_INPUTS` inputs per parser (default
+//! `cargo test --release --test suite fuzz::` runs `POSATTN_FUZZ_INPUTS` inputs per parser (default
 //! 20 000, a few seconds, as CI runs it); `POSATTN_FUZZ_SEED` changes the seed. The count is
 //! printed per parser with its time.
 

@@ -8,8 +8,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-mod common;
-
 fn golden(f: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/golden/llama_attention")
@@ -409,7 +407,7 @@ fn invalid_input_is_refused_with_exit_code_2() {
 /// reference, or one computed without RoPE, disagrees with exit code 1 and the element named.
 #[test]
 fn compare_is_honest() {
-    if !common::have_adapter("the --compare verdicts") {
+    if !crate::common::have_adapter("the --compare verdicts") {
         return;
     }
     let t = Tmp::new("compare");

@@ -4,8 +4,7 @@
 
 use posattn::kernel::export::{self, Lang};
 
-mod common;
-use common::posattn;
+use crate::common::posattn;
 
 fn files_in(dir: &std::path::Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
