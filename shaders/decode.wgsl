@@ -26,9 +26,9 @@
 //      position.wgsl functions as the prefill kernel) and the masks (bounds, bottom-right
 //      causal, window, sinks; common.wgsl), and updates its own running max and sum (no
 //      workgroup memory, no barrier);
-//   4. reads its channels of the value, if any row sees the key, and folds them into every
-//      row's accumulator. A hidden key is never multiplied in, so whatever its slot holds
-//      cannot reach the output.
+//   4. folds its channels of the value (read with the key, so that both rows' cache misses
+//      overlap) into the accumulator of every row that sees the key. A hidden key is never
+//      multiplied in, so whatever its slot holds cannot reach the output.
 // At the end the key groups' (max, sum, accumulator) are merged through workgroup memory with
 // the same log-sum-exp rule as the split-KV reduce.
 //
@@ -52,6 +52,11 @@ const KPW: u32 = WG / LANES;
 // Vec4s of one key a lane holds: two per unit, slot 2i + h is vec4 2 (lane + LANES · i) + h.
 const SLOTS: u32 = 2u * UNITS;
 const LOG2E: f32 = 1.4426950408889634;
+// Read ahead the next key's rows (a variant constant; see the key loop).
+const PREFETCH: bool = true;
+// Units of 8 elements per 64-byte cache line.
+// Keys read ahead at a time.
+const AHEAD: u32 = 8u;
 const ROTATES: bool = POS_KIND == POS_ROPE || POS_KIND == POS_XPOS || CUSTOM_ROTATE;
 const TABLE_BIAS: bool = POS_KIND == POS_TABLE;
 // Key rotation forms (KEY_ROT): none (no rotation, or keys stored rotated), pairs held by one
@@ -202,6 +207,16 @@ fn modify_score(dot: f32, head: u32, m: i32, n: i32) -> f32 {
         s += LOG2E * table_bias(head, m, n);
     }
     return s;
+}
+
+// The cache slot of the chunk's key v (the sinks' keys first, then the window's; see the loop).
+fn step_slot(v: u32, n_sink: u32, win_lo: u32, ring: bool, ring_base: u32, ring_len: u32,
+             ring_s: u32, cap: u32) -> u32 {
+    let key = select(v - n_sink + win_lo, v, v < n_sink);
+    var t = ring_base + (v - n_sink);
+    t = select(t, t - ring_len, t >= ring_len);
+    let win_slot = select(min(key, cap - 1u), min(ring_s + t, cap - 1u), ring && key >= ring_s);
+    return select(win_slot, key, v < n_sink);
 }
 
 // Where the partial result of (b, qi, head) from chunk `split` starts: HEAD_VEC vec4s of
@@ -357,163 +372,177 @@ fn decode_attention(
         ring_base = (win_lo - ring_s) % ring_len;
     }
 
-    for (var step = 0u; step < steps; step++) {
-        let v = g_begin + step;
-        let valid = v < g_end;
-        let key = select(v - n_sink + win_lo, v, v < n_sink);
-        var slot = 0u;
-        var kpos = 0;
-        var kx: array<vec4<f32>, SLOTS>;
-        // 1. The lane's channels of the key, rotated.
-        if (valid) {
-            let o = v - n_sink;
-            var t = ring_base + o;
-            t = select(t, t - ring_len, t >= ring_len);
-            let win_slot = select(min(key, cap - 1u), min(ring_s + t, cap - 1u),
-                                  ring && key >= ring_s);
-            slot = select(win_slot, key, v < n_sink);
-            kpos = pos_k[b * cap + slot];
-            let row = kv_row(b, slot, kv);
-            // @unroll
-            for (var i = 0u; i < UNITS; i++) {
-                let j = lane + LANES * i;
-                if (j < HEAD_UNITS) {
-                    let x = k_at8(row * HEAD_UNITS + j);
-                    kx[2u * i] = x.a;
-                    kx[2u * i + 1u] = x.b;
-                }
-            }
-            if (KEY_ROT == KEY_ROT_PAIRS) {
+    // Read-ahead words (see below); never nonzero in effect, folded into the output through a
+    // factor the compiler cannot know to be 0.
+    var touched = 0u;
+    for (var s0 = 0u; s0 < steps; s0 += AHEAD) {
+        // Read ahead: one word of each cache line of the K and V rows of the next AHEAD keys,
+        // all at once, so that their cache misses overlap each other and these keys' work
+        // instead of stalling each key in turn (a CPU adapter reads a row lane by lane, and the
+        // rows of one KV head are a whole cache row apart, a stride that hardware prefetchers
+        // do not follow).
+        if (READ_AHEAD) {
+            for (var d = 0u; d < AHEAD; d++) {
+                let nv = min(g_begin + s0 + AHEAD + d, max(g_end, 1u) - 1u);
+                let nslot = step_slot(nv, n_sink, win_lo, ring, ring_base, ring_len, ring_s, cap);
+                let nrow = kv_row(b, nslot, kv);
                 // @unroll
                 for (var i = 0u; i < UNITS; i++) {
-                    if (i < UNITS / 2u) {
+                    let j = lane + LANES * i;
+                    if (j < HEAD_UNITS && j % K_UNITS_PER_LINE == 0u) {
+                        touched |= k_touch(nrow * HEAD_UNITS + j);
+                    }
+                    if (j < HEAD_UNITS && j % V_UNITS_PER_LINE == 0u) {
+                        touched |= v_touch(nrow * HEAD_UNITS + j);
+                    }
+                }
+            }
+        }
+        for (var step = s0; step < min(s0 + AHEAD, steps); step++) {
+            let v = g_begin + step;
+            let valid = v < g_end;
+            let key = select(v - n_sink + win_lo, v, v < n_sink);
+            var slot = 0u;
+            var kpos = 0;
+            var kx: array<vec4<f32>, SLOTS>;
+            var vx: array<vec4<f32>, SLOTS>;
+            // 1. The lane's channels of the key, rotated.
+            if (valid) {
+                slot = step_slot(v, n_sink, win_lo, ring, ring_base, ring_len, ring_s, cap);
+                kpos = pos_k[b * cap + slot];
+                let row = kv_row(b, slot, kv);
+                // @unroll
+                for (var i = 0u; i < UNITS; i++) {
+                    let j = lane + LANES * i;
+                    if (j < HEAD_UNITS) {
+                        let x = k_at8(row * HEAD_UNITS + j);
+                        kx[2u * i] = x.a;
+                        kx[2u * i + 1u] = x.b;
+                        let y = v_at8(row * HEAD_UNITS + j);
+                        vx[2u * i] = y.a;
+                        vx[2u * i + 1u] = y.b;
+                    }
+                }
+                if (KEY_ROT == KEY_ROT_PAIRS) {
+                    // @unroll
+                    for (var i = 0u; i < UNITS; i++) {
+                        if (i < UNITS / 2u) {
+                            // @unroll
+                            for (var h = 0u; h < HALVES; h++) {
+                                let s0 = 2u * i + h;
+                                // (Modulo SLOTS keeps the index in bounds where i is not.)
+                                let s1 = (2u * (i + UNITS / 2u) + h) % SLOTS;
+                                let y = rotate_half4_freq(Vec4Pair(kx[s0], kx[s1]), freq[s0], kpos,
+                                                          kpos - origin, -1.0);
+                                kx[s0] = y.a;
+                                kx[s1] = y.b;
+                            }
+                        }
+                    }
+                } else if (KEY_ROT == KEY_ROT_GENERAL) {
+                    // @unroll
+                    for (var i = 0u; i < UNITS; i++) {
                         // @unroll
                         for (var h = 0u; h < HALVES; h++) {
-                            let s0 = 2u * i + h;
-                            // (Modulo SLOTS keeps the index in bounds where i is not.)
-                            let s1 = (2u * (i + UNITS / 2u) + h) % SLOTS;
-                            let y = rotate_half4_freq(Vec4Pair(kx[s0], kx[s1]), freq[s0], kpos,
-                                                      kpos - origin, -1.0);
-                            kx[s0] = y.a;
-                            kx[s1] = y.b;
+                            let c = 2u * (lane + LANES * i) + h;
+                            if (c < HEAD_VEC) {
+                                let p = k_at4(row * HEAD_VEC + partner_vec4(c));
+                                kx[2u * i + h] = rotate_vec4(kx[2u * i + h], p, c, kpos,
+                                                             kpos - origin, -1.0);
+                            }
                         }
                     }
                 }
-            } else if (KEY_ROT == KEY_ROT_GENERAL) {
+            }
+            // 2. The lane's share of each row's dot product, summed over the key's lanes.
+            var dot: array<f32, R_MAX>;
+            // @unroll
+            for (var r = 0u; r < ROWS; r++) {
+                var d = vec4<f32>(0.0);
                 // @unroll
                 for (var i = 0u; i < UNITS; i++) {
                     // @unroll
                     for (var h = 0u; h < HALVES; h++) {
-                        let c = 2u * (lane + LANES * i) + h;
-                        if (c < HEAD_VEC) {
-                            let p = k_at4(row * HEAD_VEC + partner_vec4(c));
-                            kx[2u * i + h] = rotate_vec4(kx[2u * i + h], p, c, kpos,
-                                                         kpos - origin, -1.0);
-                        }
+                        d = fma(q[r * SLOTS + 2u * i + h], kx[2u * i + h], d);
                     }
                 }
+                dot[r] = (d.x + d.y) + (d.z + d.w);
             }
-        }
-        // 2. The lane's share of each row's dot product, summed over the key's lanes.
-        var dot: array<f32, R_MAX>;
-        // @unroll
-        for (var r = 0u; r < ROWS; r++) {
-            var d = vec4<f32>(0.0);
-            // @unroll
-            for (var i = 0u; i < UNITS; i++) {
+            if (LANE_REDUCE == 0u && LANES > 1u) {
                 // @unroll
-                for (var h = 0u; h < HALVES; h++) {
-                    d = fma(q[r * SLOTS + 2u * i + h], kx[2u * i + h], d);
+                for (var r = 0u; r < ROWS; r++) {
+                    red_sh[r * WG + lid] = dot[r];
+                }
+                workgroupBarrier();
+                // Every lane of the key adds the same values in the same order.
+                // @unroll
+                for (var r = 0u; r < ROWS; r++) {
+                    var sum = 0.0;
+                    // @unroll
+                    for (var k = 0u; k < LANES; k++) {
+                        sum += red_sh[r * WG + kg * LANES + k];
+                    }
+                    dot[r] = sum;
+                }
+                workgroupBarrier();
+            } else {
+                // @unroll
+                for (var r = 0u; r < ROWS; r++) {
+                    dot[r] = lane_sum(dot[r]);
                 }
             }
-            dot[r] = (d.x + d.y) + (d.z + d.w);
-        }
-        if (LANE_REDUCE == 0u && LANES > 1u) {
+            // 3. Modifications, masks and the online softmax, per row.
+            let kk = i32(key);
+            var p: array<f32, R_MAX>;
+            var seen: array<bool, R_MAX>;
+            var alpha: array<f32, R_MAX>;
+            var any_seen = false;
             // @unroll
             for (var r = 0u; r < ROWS; r++) {
-                red_sh[r * WG + lid] = dot[r];
+                let qi = row_qi[r];
+                let head = row_head[r];
+                let ip = row_ip[r];
+                var vis = valid && r < n_rows && (params.causal == 0u || kk <= ip)
+                    && (in_window(vec4<i32>(kk), ip).x || kk < sinks);
+                // A custom scheme's hooks (identities in every other variant), with the query's
+                // index among its sequence's new queries and the key's index.
+                if (CUSTOM_MASK && vis) {
+                    vis = pa_mask4(qpos[r], vec4<i32>(kpos), head, qi, vec4<u32>(key)).x;
+                }
+                var s = MASKED;
+                if (vis) {
+                    s = modify_score(dot[r], head, qpos[r], kpos);
+                    if (CUSTOM_SCORE) {
+                        s = pa_score4(vec4<f32>(s), qpos[r], vec4<i32>(kpos), head, qi,
+                                      vec4<u32>(key)).x;
+                    }
+                    // A NaN at a visible key makes the row NaN, as in a plain softmax.
+                    if (is_nan_bits(s)) {
+                        nanf[r] = true;
+                        s = MASKED;
+                        vis = false;
+                    }
+                }
+                let m_new = max(m[r], s);
+                alpha[r] = exp2(m[r] - m_new);
+                p[r] = select(0.0, exp2(s - m_new), vis);
+                l[r] = l[r] * alpha[r] + p[r];
+                m[r] = m_new;
+                seen[r] = vis;
+                any_seen = any_seen || vis;
             }
-            workgroupBarrier();
-            // Every lane of the key adds the same values in the same order.
+            // 4. The lane's channels of the value (read with the key), folded into the rows that
+            // see the key.
             // @unroll
             for (var r = 0u; r < ROWS; r++) {
-                var sum = 0.0;
                 // @unroll
-                for (var k = 0u; k < LANES; k++) {
-                    sum += red_sh[r * WG + kg * LANES + k];
-                }
-                dot[r] = sum;
-            }
-            workgroupBarrier();
-        } else {
-            // @unroll
-            for (var r = 0u; r < ROWS; r++) {
-                dot[r] = lane_sum(dot[r]);
-            }
-        }
-        // 3. Modifications, masks and the online softmax, per row.
-        let kk = i32(key);
-        var p: array<f32, R_MAX>;
-        var seen: array<bool, R_MAX>;
-        var alpha: array<f32, R_MAX>;
-        var any_seen = false;
-        // @unroll
-        for (var r = 0u; r < ROWS; r++) {
-            let qi = row_qi[r];
-            let head = row_head[r];
-            let ip = row_ip[r];
-            var vis = valid && r < n_rows && (params.causal == 0u || kk <= ip)
-                && (in_window(vec4<i32>(kk), ip).x || kk < sinks);
-            // A custom scheme's hooks (identities in every other variant), with the query's
-            // index among its sequence's new queries and the key's index.
-            if (CUSTOM_MASK && vis) {
-                vis = pa_mask4(qpos[r], vec4<i32>(kpos), head, qi, vec4<u32>(key)).x;
-            }
-            var s = MASKED;
-            if (vis) {
-                s = modify_score(dot[r], head, qpos[r], kpos);
-                if (CUSTOM_SCORE) {
-                    s = pa_score4(vec4<f32>(s), qpos[r], vec4<i32>(kpos), head, qi,
-                                  vec4<u32>(key)).x;
-                }
-                // A NaN at a visible key makes the row NaN, as in a plain softmax.
-                if (is_nan_bits(s)) {
-                    nanf[r] = true;
-                    s = MASKED;
-                    vis = false;
-                }
-            }
-            let m_new = max(m[r], s);
-            alpha[r] = exp2(m[r] - m_new);
-            p[r] = select(0.0, exp2(s - m_new), vis);
-            l[r] = l[r] * alpha[r] + p[r];
-            m[r] = m_new;
-            seen[r] = vis;
-            any_seen = any_seen || vis;
-        }
-        // 4. The lane's channels of the value, folded into the rows that see the key.
-        var vx: array<vec4<f32>, SLOTS>;
-        if (any_seen) {
-            let row = kv_row(b, slot, kv);
-            // @unroll
-            for (var i = 0u; i < UNITS; i++) {
-                let j = lane + LANES * i;
-                if (j < HEAD_UNITS) {
-                    let x = v_at8(row * HEAD_UNITS + j);
-                    vx[2u * i] = x.a;
-                    vx[2u * i + 1u] = x.b;
-                }
-            }
-        }
-        // @unroll
-        for (var r = 0u; r < ROWS; r++) {
-            // @unroll
-            for (var i = 0u; i < UNITS; i++) {
-                // @unroll
-                for (var h = 0u; h < HALVES; h++) {
-                    let a = acc[r * SLOTS + 2u * i + h] * alpha[r];
-                    acc[r * SLOTS + 2u * i + h] = select(a, fma(vec4<f32>(p[r]), vx[2u * i + h], a),
-                                                         seen[r]);
+                for (var i = 0u; i < UNITS; i++) {
+                    // @unroll
+                    for (var h = 0u; h < HALVES; h++) {
+                        let s = r * SLOTS + 2u * i + h;
+                        let a = acc[s] * alpha[r];
+                        acc[s] = select(a, fma(vec4<f32>(p[r]), vx[2u * i + h], a), seen[r]);
+                    }
                 }
             }
         }
@@ -567,6 +596,9 @@ fn decode_attention(
             }
         }
     }
+
+    // The read-ahead words, kept alive: capacity < 2^31, so this adds +0.0.
+    l[0] += f32(touched & (cap >> 31u));
 
     // A NaN built at run time (WGSL forbids a constant expression that evaluates to NaN).
     var nan_bits = 0x7fc00000u;

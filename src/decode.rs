@@ -55,6 +55,12 @@ pub struct DecodeSpec {
     /// Sum the lanes of a key with subgroup operations where the device has them (the
     /// default); `false` keeps the workgroup-memory form every adapter runs.
     pub subgroups: bool,
+    /// Read one word of each 64-byte line of the next keys' K and V rows before their turn, so
+    /// that their cache misses overlap instead of stalling each key. `None` (the default)
+    /// applies the rule: on for CPU adapters (lavapipe, llvmpipe, SwiftShader: they read a row
+    /// lane by lane and wait on each miss, and a KV head's rows are a whole cache row apart),
+    /// off for GPUs, which keep many loads in flight on their own.
+    pub read_ahead: Option<bool>,
 }
 
 impl DecodeSpec {
@@ -66,6 +72,7 @@ impl DecodeSpec {
             keys_rotated: false,
             splits: None,
             subgroups: true,
+            read_ahead: None,
         }
     }
 
@@ -91,6 +98,19 @@ impl DecodeSpec {
     pub fn with_subgroups(mut self, subgroups: bool) -> Self {
         self.subgroups = subgroups;
         self
+    }
+
+    /// Reads the next keys' rows ahead or not, whatever the adapter (see
+    /// [`DecodeSpec::read_ahead`]).
+    pub fn with_read_ahead(mut self, read_ahead: bool) -> Self {
+        self.read_ahead = Some(read_ahead);
+        self
+    }
+
+    /// Whether a plan for this spec on an adapter of `device_type` reads ahead.
+    pub fn reads_ahead(&self, device_type: wgpu::DeviceType) -> bool {
+        self.read_ahead
+            .unwrap_or(device_type == wgpu::DeviceType::Cpu)
     }
 
     /// Key slots per sequence.
@@ -394,7 +414,8 @@ impl DecodePlan {
             a.head_dim,
             lanes,
         ))
-        .with_storage(storage);
+        .with_storage(storage)
+        .with_read_ahead(spec.reads_ahead(ctx.adapter_info().device_type));
         let wg_bytes = decode_workgroup_bytes(&key);
         if wg_bytes > limits.max_compute_workgroup_storage_size {
             return Err(Error::unavailable(

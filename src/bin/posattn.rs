@@ -118,6 +118,10 @@ enum Command {
         /// Decode: split count instead of the split rule's.
         #[arg(long)]
         splits: Option<u32>,
+        /// Decode: read the next keys' rows ahead (`true`) or not (`false`) instead of the
+        /// adapter rule's choice (on for CPU adapters).
+        #[arg(long)]
+        read_ahead: Option<bool>,
         /// Decode: storage dtypes, each run with every tensor (the cache too) in it; f16 in the
         /// adapter's form (native where it has SHADER_F16, else packed).
         #[arg(long, value_delimiter = ',', default_values_t = vec!["f32".to_string(), "f16".to_string(), "bf16".to_string()])]
@@ -830,6 +834,7 @@ struct DecodeBench {
     prefill_max: u32,
     keys_rotated: bool,
     splits: Option<u32>,
+    read_ahead: Option<bool>,
 }
 
 /// `posattn bench --decode`: a table per adapter, one row per batch and cache length.
@@ -883,6 +888,7 @@ fn bench_decode(
                     spec.attention.dtypes = posattn::Dtypes::all(dt);
                     spec.keys_rotated = cfg.keys_rotated;
                     spec.splits = cfg.splits;
+                    spec.read_ahead = cfg.read_ahead;
                     let dname = dt.name();
                     let plan = match posattn::DecodePlan::new(&ctx, &spec) {
                         Ok(p) => p,
@@ -926,6 +932,7 @@ fn bench_decode(
                         "dtype": dname,
                         "keys_rotated": cfg.keys_rotated,
                         "splits": plan.splits(),
+                        "read_ahead": plan.kernel().read_ahead,
                         "us_per_token": us,
                         "gbps": gbps,
                         "roof_gbps": roof_gbps,
@@ -1401,6 +1408,7 @@ fn main() -> ExitCode {
             prefill_max,
             keys_rotated,
             splits,
+            read_ahead,
             dtype,
             json,
         } => {
@@ -1427,6 +1435,7 @@ fn main() -> ExitCode {
                     prefill_max,
                     keys_rotated,
                     splits,
+                    read_ahead,
                 },
                 json.as_deref(),
             ) {

@@ -363,8 +363,8 @@ pub fn decode_cases() -> Vec<DecodeCase> {
     }
     // Llama-3's shape at head size 128 (4 query heads per KV head, one new query: a 4-row
     // block, 8 lanes a key, which is `subgroupAdd` over lavapipe's 8-lane subgroups), and the
-    // workgroup-memory lane sum (the form of adapters without subgroups) forced on the same
-    // inputs with a ragged batch split in 3.
+    // form of a GPU without subgroups (the workgroup-memory lane sum, no read-ahead) forced on
+    // the same inputs with a ragged batch split in 3.
     for (name, subgroups) in [
         ("decode_d128_gqa4", true),
         ("decode_d128_gqa4_lanes_wg", false),
@@ -382,7 +382,8 @@ pub fn decode_cases() -> Vec<DecodeCase> {
                     .with_position(crate::PositionEncoding::Rope(crate::Rope::new(500000.0))),
             )
             .with_splits(3)
-            .with_subgroups(subgroups),
+            .with_subgroups(subgroups)
+            .with_read_ahead(subgroups),
             vec![(1, 1500), (1, 421)],
         );
         c.seed = 11;

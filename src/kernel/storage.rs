@@ -165,9 +165,21 @@ impl StorageForm {
                 ),
             ),
         };
+        // The first word of unit j, for a read ahead that brings its cache line in early.
+        let touch = match self {
+            F32 => format!("return bitcast<u32>({buffer}[2u * j].x);"),
+            _ => format!("return {buffer}[j].x;"),
+        };
+        let base = name.strip_suffix("_at8").unwrap_or(name);
+        let name_touch = format!("{base}_touch");
+        // Units of 8 elements in a 64-byte cache line.
+        let per_line = if self == F32 { 2 } else { 4 };
+        let per_line_name = format!("{}_UNITS_PER_LINE", base.to_uppercase());
         format!(
             "fn {name}(j: u32) -> Vec4Pair {{\n    {body8}\n}}\n\
-             fn {name4}(i: u32) -> vec4<f32> {{\n    {body4}\n}}\n"
+             fn {name4}(i: u32) -> vec4<f32> {{\n    {body4}\n}}\n\
+             fn {name_touch}(j: u32) -> u32 {{\n    {touch}\n}}\n\
+             const {per_line_name}: u32 = {per_line}u;\n"
         )
     }
 }

@@ -266,6 +266,9 @@ pub struct KernelKey {
     pub lane_reduce: LaneReduce,
     /// Decode: how keys are rotated as they are read (0 in other families).
     pub key_rot: KeyRotation,
+    /// Decode: read one word of each cache line of the next keys' K and V rows ahead of their
+    /// use, so that a CPU adapter's cache misses overlap (see [`crate::DecodeSpec::read_ahead`]).
+    pub read_ahead: bool,
 }
 
 impl KernelKey {
@@ -285,6 +288,7 @@ impl KernelKey {
             lanes: 0,
             lane_reduce: LaneReduce::Workgroup,
             key_rot: KeyRotation::None,
+            read_ahead: false,
         }
     }
 
@@ -351,6 +355,7 @@ impl KernelKey {
             lanes: 0,
             lane_reduce: LaneReduce::Workgroup,
             key_rot: KeyRotation::None,
+            read_ahead: false,
         }
     }
 
@@ -412,7 +417,13 @@ impl KernelKey {
             } else {
                 KeyRotation::None
             },
+            read_ahead: false,
         }
+    }
+
+    /// This decode key reading the next keys' cache lines ahead, or not.
+    pub fn with_read_ahead(self, read_ahead: bool) -> Self {
+        KernelKey { read_ahead, ..self }
     }
 
     /// This decode key rotating keys as `key_rot` says.
@@ -440,8 +451,9 @@ impl KernelKey {
 
     /// Every decode variant listed by default: the portable form (workgroup-memory
     /// reduction) of every head size and encoding at 4 rows (Llama-3's GQA), the other row
-    /// buckets on the RoPE kernel, and half storage in the packed forms every adapter runs on
-    /// the RoPE kernel at head size 64 (native f16 needs the SHADER_F16 capability, subgroup
+    /// buckets on the RoPE kernel, the read-ahead form (CPU adapters) of the 4-row RoPE kernel,
+    /// and half storage in the packed forms every adapter runs on the RoPE kernel at head size
+    /// 64, with and without read-ahead (native f16 needs the SHADER_F16 capability, subgroup
     /// forms the `subgroups` feature: [`KernelKey::native_f16_examples`],
     /// [`KernelKey::subgroup_examples`]).
     pub fn all_decode() -> Vec<KernelKey> {
@@ -454,9 +466,16 @@ impl KernelKey {
             for rows in [1, 2, 8] {
                 keys.push(KernelKey::decode(d, rows, PosKind::Rope));
             }
+            // The read-ahead form CPU adapters run.
+            keys.push(KernelKey::decode(d, 4, PosKind::Rope).with_read_ahead(true));
         }
         for storage in PORTABLE_STORAGE_EXAMPLES {
             keys.push(KernelKey::decode(64, 8, PosKind::Rope).with_storage(storage));
+            keys.push(
+                KernelKey::decode(64, 8, PosKind::Rope)
+                    .with_storage(storage)
+                    .with_read_ahead(true),
+            );
             keys.push(KernelKey::decode_reduce(64).with_storage(storage));
         }
         keys
@@ -465,7 +484,7 @@ impl KernelKey {
     /// Decode variants with subgroup reductions (the device needs `Features::SUBGROUP`): the
     /// RoPE kernel at every head size with `subgroupAdd` over 8 lanes (lavapipe's fixed
     /// subgroup) or as few as the head size allows, butterflies over 4 lanes (any subgroup of
-    /// 4 or more), and the half storage forms at head size 128.
+    /// 4 or more), and the half storage forms at head size 128, with and without read-ahead.
     pub fn subgroup_examples() -> Vec<KernelKey> {
         let mut keys = Vec::new();
         for &d in crate::spec::SUPPORTED_HEAD_DIMS {
@@ -482,11 +501,14 @@ impl KernelKey {
             }
         }
         for storage in PORTABLE_STORAGE_EXAMPLES {
-            keys.push(
-                KernelKey::decode(128, 4, PosKind::Rope)
-                    .with_lanes(8, LaneReduce::Add)
-                    .with_storage(storage),
-            );
+            for read_ahead in [false, true] {
+                keys.push(
+                    KernelKey::decode(128, 4, PosKind::Rope)
+                        .with_lanes(8, LaneReduce::Add)
+                        .with_storage(storage)
+                        .with_read_ahead(read_ahead),
+                );
+            }
         }
         keys
     }
@@ -548,12 +570,13 @@ impl KernelKey {
                 self.head_dim, self.block_q, self.block_k, self.rows
             ),
             Stage::Decode => format!(
-                "decode_d{}_r{}_l{}{}_{pos}{}{dt}",
+                "decode_d{}_r{}_l{}{}_{pos}{}{}{dt}",
                 self.head_dim,
                 self.rows,
                 self.lanes,
                 self.lane_reduce.suffix(),
-                self.key_rot.suffix()
+                self.key_rot.suffix(),
+                if self.read_ahead { "_ra" } else { "" }
             ),
             Stage::DecodeReduce => format!("decode_reduce_d{}{dt}", self.head_dim),
             _ => format!("unfused_{}_d{}_{pos}", self.entry_point(), self.head_dim),
@@ -588,7 +611,8 @@ impl KernelKey {
             "// variant {}\nconst HEAD_DIM: u32 = {}u;\nconst BLOCK_Q: u32 = {}u;\n\
              const BLOCK_K: u32 = {}u;\nconst ROWS: u32 = {}u;\nconst POS_KIND: u32 = {}u;\n\
              const TWO_BRANCH: bool = {};\nconst K_TILES: u32 = {}u;\nconst LANES: u32 = {}u;\n\
-             const UNITS: u32 = {}u;\nconst LANE_REDUCE: u32 = {}u;\nconst KEY_ROT: u32 = {}u;\n",
+             const UNITS: u32 = {}u;\nconst LANE_REDUCE: u32 = {}u;\nconst KEY_ROT: u32 = {}u;\n\
+             const READ_AHEAD: bool = {};\n",
             self.name(),
             self.head_dim,
             self.block_q.max(1),
@@ -600,7 +624,8 @@ impl KernelKey {
             self.lanes.max(1),
             self.units(),
             self.lane_reduce as u32,
-            self.key_rot as u32
+            self.key_rot as u32,
+            self.read_ahead
         )
     }
 
