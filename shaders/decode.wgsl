@@ -192,6 +192,74 @@ fn rotate_vec4(x: vec4<f32>, p: vec4<f32>, c: u32, pos: i32, rel: i32, sign: f32
     return select(r.b, r.a, first);
 }
 
+// Entry j of the second branch's table without the phase (the key side's rotation).
+fn branch_entry(j: u32) -> vec4<f32> {
+    let f = aux[j];
+    return vec4<f32>(f.xyz, 0.0);
+}
+
+// The second RoPE branch (ReRoPE, LM-Infinite, StreamingLLM's cache index; position.wgsl
+// rope_rotate_branch) of the four pairs i0 + e of a half-layout vec4 pair; queries add the
+// branch's constant phase, keys do not.
+fn rotate_half4_branch(x: Vec4Pair, i0: u32, pos: i32, add_phase: bool) -> Vec4Pair {
+    let p0 = rope_rotate_branch(vec2<f32>(x.a.x, x.b.x), i0, pos, add_phase);
+    let p1 = rope_rotate_branch(vec2<f32>(x.a.y, x.b.y), i0 + 1u, pos, add_phase);
+    let p2 = rope_rotate_branch(vec2<f32>(x.a.z, x.b.z), i0 + 2u, pos, add_phase);
+    let p3 = rope_rotate_branch(vec2<f32>(x.a.w, x.b.w), i0 + 3u, pos, add_phase);
+    return Vec4Pair(vec4<f32>(p0.x, p1.x, p2.x, p3.x), vec4<f32>(p0.y, p1.y, p2.y, p3.y));
+}
+
+// rotate_vec4 in the second branch.
+fn rotate_vec4_branch(x: vec4<f32>, p: vec4<f32>, c: u32, pos: i32, add_phase: bool) -> vec4<f32> {
+    let rot = params.rotary_dim;
+    if (params.rope_interleaved != 0u) {
+        if (c < rot / 4u) {
+            return vec4<f32>(rope_rotate_branch(x.xy, 2u * c, pos, add_phase),
+                             rope_rotate_branch(x.zw, 2u * c + 1u, pos, add_phase));
+        }
+        return x;
+    }
+    let half_v = rot / 8u;
+    if (c >= 2u * half_v) {
+        return x;
+    }
+    let first = c < half_v;
+    let u = select(c - half_v, c, first);
+    let r = rotate_half4_branch(Vec4Pair(select(p, x, first), select(x, p, first)), 4u * u, pos,
+                                add_phase);
+    return select(r.b, r.a, first);
+}
+
+// The lanes of a key sum each row's partial dot product: subgroup operations (the variant's
+// LANE_REDUCE) or workgroup memory with two barriers. Every lane then holds the same sums.
+fn sum_key_lanes(dot: array<f32, R_MAX>, lid: u32, kg: u32) -> array<f32, R_MAX> {
+    var out = dot;
+    if (LANE_REDUCE == 0u && LANES > 1u) {
+        // @unroll
+        for (var r = 0u; r < ROWS; r++) {
+            red_sh[r * WG + lid] = dot[r];
+        }
+        workgroupBarrier();
+        // Every lane of the key adds the same values in the same order.
+        // @unroll
+        for (var r = 0u; r < ROWS; r++) {
+            var sum = 0.0;
+            // @unroll
+            for (var k = 0u; k < LANES; k++) {
+                sum += red_sh[r * WG + kg * LANES + k];
+            }
+            out[r] = sum;
+        }
+        workgroupBarrier();
+    } else {
+        // @unroll
+        for (var r = 0u; r < ROWS; r++) {
+            out[r] = lane_sum(dot[r]);
+        }
+    }
+    return out;
+}
+
 // Softcap, then the encoding's bias, on one scaled logit (base-2 units), in the prefill kernel's
 // order and with its functions.
 fn modify_score(dot: f32, head: u32, m: i32, n: i32) -> f32 {
@@ -268,6 +336,8 @@ fn decode_attention(
     var nanf: array<bool, R_MAX>;
     var qpos: array<i32, R_MAX>;
     var q: array<vec4<f32>, R_MAX * SLOTS>;
+    // The second branch's rotation of the same channels (TWO_BRANCH).
+    var q2: array<vec4<f32>, R_MAX * SLOTS>;
     var acc: array<vec4<f32>, R_MAX * SLOTS>;
     // @unroll
     for (var r = 0u; r < ROWS; r++) {
@@ -283,16 +353,30 @@ fn decode_attention(
             l[r] = 1.0;
         }
         let mul = params.scale_log2 * logn_scale(pos);
+        // The query's position in the second branch: its own, 0 (LM-Infinite), or StreamingLLM's
+        // index in the rolling cache of sinks and window, min(i', sinks + left).
+        var bpos = pos;
+        if (params.branch_q_mode == BRANCH_Q_ZERO) {
+            bpos = 0;
+        } else if (params.branch_q_mode == BRANCH_Q_CACHE_INDEX) {
+            let ip = i32(qi) + diag;
+            bpos = pos - max(0, ip - sinks - params.window_left);
+        }
         // @unroll
         for (var i = 0u; i < UNITS; i++) {
             // @unroll
             for (var h = 0u; h < HALVES; h++) {
                 let c = 2u * (lane + LANES * i) + h;
                 if (r < n_rows && c < HEAD_VEC) {
-                    var x = load_q4(b, qi, head, c);
+                    let raw = load_q4(b, qi, head, c);
+                    var x = raw;
                     if (ROTATES) {
-                        x = rotate_vec4(x, load_q4(b, qi, head, partner_vec4(c)), c, pos,
-                                        pos - origin, 1.0);
+                        let partner = load_q4(b, qi, head, partner_vec4(c));
+                        x = rotate_vec4(raw, partner, c, pos, pos - origin, 1.0);
+                        if (TWO_BRANCH) {
+                            q2[r * SLOTS + 2u * i + h] =
+                                rotate_vec4_branch(raw, partner, c, bpos, true) * mul;
+                        }
                     }
                     q[r * SLOTS + 2u * i + h] = x * mul;
                 }
@@ -306,14 +390,22 @@ fn decode_attention(
     // layout): unit lane + LANES · i (i < UNITS / 2) pairs with unit lane + LANES · (i +
     // UNITS / 2) of the same lane, and its frequencies are read here once.
     var freq: array<Freq4, SLOTS>;
+    // The second branch's entries (TWO_BRANCH), whose phase keys do not add.
+    var bfreq: array<Freq4, SLOTS>;
     if (KEY_ROT == KEY_ROT_PAIRS) {
         // @unroll
         for (var i = 0u; i < UNITS; i++) {
             if (i < UNITS / 2u) {
                 // @unroll
                 for (var h = 0u; h < HALVES; h++) {
-                    let i0 = params.freq_offset + 4u * (2u * (lane + LANES * i) + h);
+                    let pair = 4u * (2u * (lane + LANES * i) + h);
+                    let i0 = params.freq_offset + pair;
                     freq[2u * i + h] = Freq4(aux[i0], aux[i0 + 1u], aux[i0 + 2u], aux[i0 + 3u]);
+                    if (TWO_BRANCH) {
+                        let j0 = params.branch_offset + pair;
+                        bfreq[2u * i + h] = Freq4(branch_entry(j0), branch_entry(j0 + 1u),
+                                                  branch_entry(j0 + 2u), branch_entry(j0 + 3u));
+                    }
                 }
             }
         }
@@ -406,6 +498,8 @@ fn decode_attention(
             var kpos = 0;
             var kx: array<vec4<f32>, SLOTS>;
             var vx: array<vec4<f32>, SLOTS>;
+            // The key in the second branch's rotation (TWO_BRANCH).
+            var kx2: array<vec4<f32>, SLOTS>;
             // 1. The lane's channels of the key, rotated.
             if (valid) {
                 slot = step_slot(v, n_sink, win_lo, ring, ring_base, ring_len, ring_s, cap);
@@ -423,6 +517,7 @@ fn decode_attention(
                         vx[2u * i + 1u] = y.b;
                     }
                 }
+                let kraw = kx;
                 if (KEY_ROT == KEY_ROT_PAIRS) {
                     // @unroll
                     for (var i = 0u; i < UNITS; i++) {
@@ -453,43 +548,62 @@ fn decode_attention(
                         }
                     }
                 }
+                if (TWO_BRANCH) {
+                    if (KEY_ROT == KEY_ROT_PAIRS) {
+                        // @unroll
+                        for (var i = 0u; i < UNITS; i++) {
+                            if (i < UNITS / 2u) {
+                                // @unroll
+                                for (var h = 0u; h < HALVES; h++) {
+                                    let s0 = 2u * i + h;
+                                    let s1 = (2u * (i + UNITS / 2u) + h) % SLOTS;
+                                    let y = rotate_half4_freq(Vec4Pair(kraw[s0], kraw[s1]),
+                                                              bfreq[s0], kpos, 0, -1.0);
+                                    kx2[s0] = y.a;
+                                    kx2[s1] = y.b;
+                                }
+                            }
+                        }
+                    } else {
+                        // @unroll
+                        for (var i = 0u; i < UNITS; i++) {
+                            // @unroll
+                            for (var h = 0u; h < HALVES; h++) {
+                                let c = 2u * (lane + LANES * i) + h;
+                                if (c < HEAD_VEC) {
+                                    let p = k_at4(row * HEAD_VEC + partner_vec4(c));
+                                    kx2[2u * i + h] = rotate_vec4_branch(kraw[2u * i + h], p, c,
+                                                                         kpos, false);
+                                }
+                            }
+                        }
+                    }
+                }
             }
-            // 2. The lane's share of each row's dot product, summed over the key's lanes.
+            // 2. The lane's share of each row's dot product, summed over the key's lanes (in
+            // both branches with TWO_BRANCH).
             var dot: array<f32, R_MAX>;
+            var dot2: array<f32, R_MAX>;
             // @unroll
             for (var r = 0u; r < ROWS; r++) {
                 var d = vec4<f32>(0.0);
+                var d2 = vec4<f32>(0.0);
                 // @unroll
                 for (var i = 0u; i < UNITS; i++) {
                     // @unroll
                     for (var h = 0u; h < HALVES; h++) {
                         d = fma(q[r * SLOTS + 2u * i + h], kx[2u * i + h], d);
+                        if (TWO_BRANCH) {
+                            d2 = fma(q2[r * SLOTS + 2u * i + h], kx2[2u * i + h], d2);
+                        }
                     }
                 }
                 dot[r] = (d.x + d.y) + (d.z + d.w);
+                dot2[r] = (d2.x + d2.y) + (d2.z + d2.w);
             }
-            if (LANE_REDUCE == 0u && LANES > 1u) {
-                // @unroll
-                for (var r = 0u; r < ROWS; r++) {
-                    red_sh[r * WG + lid] = dot[r];
-                }
-                workgroupBarrier();
-                // Every lane of the key adds the same values in the same order.
-                // @unroll
-                for (var r = 0u; r < ROWS; r++) {
-                    var sum = 0.0;
-                    // @unroll
-                    for (var k = 0u; k < LANES; k++) {
-                        sum += red_sh[r * WG + kg * LANES + k];
-                    }
-                    dot[r] = sum;
-                }
-                workgroupBarrier();
-            } else {
-                // @unroll
-                for (var r = 0u; r < ROWS; r++) {
-                    dot[r] = lane_sum(dot[r]);
-                }
+            dot = sum_key_lanes(dot, lid, kg);
+            if (TWO_BRANCH) {
+                dot2 = sum_key_lanes(dot2, lid, kg);
             }
             // 3. Modifications, masks and the online softmax, per row.
             let kk = i32(key);
@@ -509,9 +623,20 @@ fn decode_attention(
                 if (CUSTOM_MASK && vis) {
                     vis = pa_mask4(qpos[r], vec4<i32>(kpos), head, qi, vec4<u32>(key)).x;
                 }
+                // The second branch's score where its rule picks it (as in the prefill kernel):
+                // keys at distance ≥ w (ReRoPE), or keys seen only as sinks (LM-Infinite,
+                // StreamingLLM's cache index).
+                var dk = dot[r];
+                if (TWO_BRANCH) {
+                    var use2 = kk < sinks && !in_window(vec4<i32>(kk), ip).x;
+                    if (params.branch_rule == BRANCH_RULE_DISTANCE) {
+                        use2 = abs(qpos[r] - kpos) >= params.branch_w;
+                    }
+                    dk = select(dk, dot2[r], use2);
+                }
                 var s = MASKED;
                 if (vis) {
-                    s = modify_score(dot[r], head, qpos[r], kpos);
+                    s = modify_score(dk, head, qpos[r], kpos);
                     if (CUSTOM_SCORE) {
                         s = pa_score4(vec4<f32>(s), qpos[r], vec4<i32>(kpos), head, qi,
                                       vec4<u32>(key)).x;

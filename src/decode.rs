@@ -43,8 +43,8 @@ use crate::spec::AttentionSpec;
 #[non_exhaustive]
 pub struct DecodeSpec {
     /// Heads, head size, encoding, masks and the rest, with `seq_q` the most new queries per
-    /// sequence and `seq_k` the cache capacity. `bias` and `extrapolation` are not available in
-    /// decode plans.
+    /// sequence and `seq_k` the cache capacity. `bias` is not available in decode plans, and an
+    /// `extrapolation` method needs keys stored unrotated.
     pub attention: AttentionSpec,
     /// Slots are reused (see the module docs).
     pub ring: bool,
@@ -160,11 +160,12 @@ impl DecodeSpec {
                 "a bias layout",
             ));
         }
-        if a.extrapolation != Extrapolation::None {
+        if a.extrapolation != Extrapolation::None && self.keys_rotated {
             return Err(Error::invalid(
                 "extrapolation",
-                "none (ReRoPE, LM-Infinite and cache-index positions are not available in decode plans)",
-                format!("{:?}", a.extrapolation),
+                "none with keys stored rotated (the second branch rotates the stored keys \
+                 itself)",
+                a.extrapolation.name(),
             ));
         }
         if self.splits == Some(0) {
@@ -415,6 +416,7 @@ impl DecodePlan {
             lanes,
         ))
         .with_storage(storage)
+        .with_two_branch(plan.two_branch)
         .with_read_ahead(spec.reads_ahead(ctx.adapter_info().device_type));
         let wg_bytes = decode_workgroup_bytes(&key);
         if wg_bytes > limits.max_compute_workgroup_storage_size {

@@ -281,6 +281,15 @@ fn bad_decode_input_is_a_typed_error_naming_the_field() {
     // A ring cache needs a window.
     let s = DecodeSpec::new(small(40)).with_ring();
     assert_eq!(field(DecodePlan::new(&ctx, &s)), Some("window"));
+    // An extrapolation method rotates the stored keys itself: not with keys stored rotated.
+    let s = DecodeSpec::new(
+        small(64).with_extrapolation(posattn::Extrapolation::ReRope {
+            window: 8,
+            leak: None,
+        }),
+    )
+    .with_keys_rotated();
+    assert_eq!(field(DecodePlan::new(&ctx, &s)), Some("extrapolation"));
 
     let plan = DecodePlan::new(&ctx, &DecodeSpec::new(small(64))).unwrap();
     // Host lengths beyond the capacity, queries beyond max_q or the keys, wrong count.

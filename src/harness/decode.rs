@@ -11,7 +11,7 @@ use super::check::{CaseResult, SplitMix, Status, compare, encodings};
 use super::reference;
 use crate::context::Context;
 use crate::decode::{DecodePlan, DecodeSpec, cache_slot};
-use crate::encoding::masks::Window;
+use crate::encoding::masks::{Extrapolation, Window};
 use crate::error::Error;
 use crate::spec::AttentionSpec;
 
@@ -351,6 +351,55 @@ pub fn decode_cases() -> Vec<DecodeCase> {
             lens.clone(),
         ));
     }
+    // Extrapolation methods: two RoPE scores per key, one picked by the method's rule (ReRoPE's
+    // distance, LM-Infinite's and StreamingLLM's sink-only keys), all in one kernel variant;
+    // split in 2 and with several new queries so that rows of one block take both branches.
+    for (name, a) in [
+        (
+            "rerope_w16",
+            base().with_extrapolation(Extrapolation::ReRope {
+                window: 16,
+                leak: None,
+            }),
+        ),
+        (
+            "leaky_rerope_w16_k4",
+            base().with_extrapolation(Extrapolation::ReRope {
+                window: 16,
+                leak: Some(4.0),
+            }),
+        ),
+        (
+            "lm_infinite_g4_l32_limit40",
+            base().with_lm_infinite(4, 32, 40),
+        ),
+        (
+            "streaming_cache_index_s4_r32",
+            base().with_streaming(4, 32, true),
+        ),
+    ] {
+        cases.push(DecodeCase::new(
+            format!("decode_{name}"),
+            DecodeSpec::new(a).with_splits(2),
+            lens.clone(),
+        ));
+    }
+    // StreamingLLM's cache-index positions in a ring cache of sinks and window.
+    cases.push(DecodeCase::new(
+        "decode_ring_streaming_cache_index_s4_r32",
+        DecodeSpec::new(
+            AttentionSpec::default()
+                .with_batch(2)
+                .with_seq_q(2)
+                .with_seq_k(4 + 32 + 2)
+                .with_heads(4)
+                .with_kv_heads(2)
+                .with_position(rope())
+                .with_streaming(4, 32, true),
+        )
+        .with_ring(),
+        vec![(2, 700), (1, 90)],
+    ));
     // Split KV, forced: 1 (unsplit), 3 and 7 chunks on the same inputs.
     for splits in [1u32, 3, 7] {
         let mut c = DecodeCase::new(

@@ -421,6 +421,11 @@ impl KernelKey {
         }
     }
 
+    /// This decode key with a second RoPE branch per key (an extrapolation method), or not.
+    pub fn with_two_branch(self, two_branch: bool) -> Self {
+        KernelKey { two_branch, ..self }
+    }
+
     /// This decode key reading the next keys' cache lines ahead, or not.
     pub fn with_read_ahead(self, read_ahead: bool) -> Self {
         KernelKey { read_ahead, ..self }
@@ -451,7 +456,8 @@ impl KernelKey {
 
     /// Every decode variant listed by default: the portable form (workgroup-memory
     /// reduction) of every head size and encoding at 4 rows (Llama-3's GQA), the other row
-    /// buckets on the RoPE kernel, the read-ahead form (CPU adapters) of the 4-row RoPE kernel,
+    /// buckets on the RoPE kernel, the read-ahead form (CPU adapters) and the two-branch form
+    /// (extrapolation methods) of the 4-row RoPE kernel,
     /// and half storage in the packed forms every adapter runs on the RoPE kernel at head size
     /// 64, with and without read-ahead (native f16 needs the SHADER_F16 capability, subgroup
     /// forms the `subgroups` feature: [`KernelKey::native_f16_examples`],
@@ -468,6 +474,8 @@ impl KernelKey {
             }
             // The read-ahead form CPU adapters run.
             keys.push(KernelKey::decode(d, 4, PosKind::Rope).with_read_ahead(true));
+            // Two RoPE scores per key (ReRoPE, LM-Infinite, StreamingLLM's cache index).
+            keys.push(KernelKey::decode(d, 4, PosKind::Rope).with_two_branch(true));
         }
         for storage in PORTABLE_STORAGE_EXAMPLES {
             keys.push(KernelKey::decode(64, 8, PosKind::Rope).with_storage(storage));
@@ -570,7 +578,7 @@ impl KernelKey {
                 self.head_dim, self.block_q, self.block_k, self.rows
             ),
             Stage::Decode => format!(
-                "decode_d{}_r{}_l{}{}_{pos}{}{}{dt}",
+                "decode_d{}_r{}_l{}{}_{pos}{branch}{}{}{dt}",
                 self.head_dim,
                 self.rows,
                 self.lanes,
