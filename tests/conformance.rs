@@ -7,12 +7,6 @@
 use posattn::harness::check::{self, Group, Status};
 use posattn::{Context, ContextOptions, Dtype, Dtypes, HalfForm, enumerate_adapters};
 
-fn required(name: &str) -> bool {
-    std::env::var("POSATTN_REQUIRE_BACKENDS")
-        .map(|v| v.split(',').any(|b| b.trim().eq_ignore_ascii_case(name)))
-        .unwrap_or(false)
-}
-
 fn conformance(backends: wgpu::Backends, name: &str) {
     run_matrix(backends, name, None, check::conformance_cases());
 }
@@ -36,7 +30,7 @@ fn run_matrix_with(
     let adapters = enumerate_adapters(&options);
     if adapters.is_empty() {
         assert!(
-            !required(name),
+            !crate::common::required(name),
             "no {name} adapter, but POSATTN_REQUIRE_BACKENDS names it"
         );
         println!("conformance [{name}]: no adapter on this machine, nothing run");

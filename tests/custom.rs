@@ -17,12 +17,6 @@ use posattn::{
     enumerate_adapters,
 };
 
-fn required(name: &str) -> bool {
-    std::env::var("POSATTN_REQUIRE_BACKENDS")
-        .map(|v| v.split(',').any(|b| b.trim().eq_ignore_ascii_case(name)))
-        .unwrap_or(false)
-}
-
 fn contexts(backends: wgpu::Backends, name: &str) -> Vec<Context> {
     let adapters = enumerate_adapters(
         &ContextOptions::default()
@@ -31,7 +25,7 @@ fn contexts(backends: wgpu::Backends, name: &str) -> Vec<Context> {
     );
     if adapters.is_empty() {
         assert!(
-            !required(name),
+            !crate::common::required(name),
             "no {name} adapter, but POSATTN_REQUIRE_BACKENDS names it"
         );
         println!("custom schemes [{name}]: no adapter on this machine, nothing run");

@@ -11,27 +11,8 @@ use posattn::decode::{DecodeBuffers, DecodePlan, DecodeSpec, KvCache};
 use posattn::harness::check::Status;
 use posattn::harness::decode::History;
 use posattn::{
-    AttentionSpec, Context, ContextOptions, PositionEncoding, Rope, RopeConfig, RopeLayout,
-    RopeScaling, Window,
+    AttentionSpec, Context, PositionEncoding, Rope, RopeConfig, RopeLayout, RopeScaling, Window,
 };
-
-fn vulkan() -> Option<Context> {
-    let options = ContextOptions::default()
-        .with_backends(wgpu::Backends::VULKAN)
-        .with_adapter_name(None);
-    let adapter = posattn::enumerate_adapters(&options).into_iter().next();
-    if adapter.is_none() {
-        let required = std::env::var("POSATTN_REQUIRE_BACKENDS")
-            .map(|v| v.to_lowercase().contains("vulkan"))
-            .unwrap_or(false);
-        assert!(
-            !required,
-            "no Vulkan adapter, but POSATTN_REQUIRE_BACKENDS names it"
-        );
-        println!("no Vulkan adapter: decode generation did not run");
-    }
-    adapter.map(|a| Context::from_adapter(&a).expect("open device"))
-}
 
 fn storage(ctx: &Context, bytes: u64) -> wgpu::Buffer {
     ctx.device().create_buffer(&wgpu::BufferDescriptor {
@@ -199,7 +180,9 @@ fn small(capacity: u32) -> AttentionSpec {
 
 #[test]
 fn generation_step_by_step_matches_the_reference_and_allocates_nothing() {
-    let Some(ctx) = vulkan() else { return };
+    let Some(ctx) = crate::common::vulkan("decode generation") else {
+        return;
+    };
     let n = generate(&ctx, DecodeSpec::new(small(320)), 300);
     assert_eq!(n, 300);
     // Forced split: the reduce pass joins the same loop.
@@ -212,7 +195,9 @@ fn generation_step_by_step_matches_the_reference_and_allocates_nothing() {
 /// its base), and the plan follows it without recompiling or allocating.
 #[test]
 fn dynamic_ntk_follows_the_context_length_through_its_threshold() {
-    let Some(ctx) = vulkan() else { return };
+    let Some(ctx) = crate::common::vulkan("decode generation") else {
+        return;
+    };
     let config = RopeConfig {
         theta: 10000.0,
         head_dim: 64,
@@ -260,7 +245,9 @@ fn dynamic_ntk_follows_the_context_length_through_its_threshold() {
 
 #[test]
 fn ring_generation_with_sinks_matches_the_reference() {
-    let Some(ctx) = vulkan() else { return };
+    let Some(ctx) = crate::common::vulkan("decode generation") else {
+        return;
+    };
     let a = small(4 + 48 + 1)
         .with_window(Window::recent(48))
         .with_sink_tokens(4);
@@ -270,7 +257,9 @@ fn ring_generation_with_sinks_matches_the_reference() {
 
 #[test]
 fn bad_decode_input_is_a_typed_error_naming_the_field() {
-    let Some(ctx) = vulkan() else { return };
+    let Some(ctx) = crate::common::vulkan("decode generation") else {
+        return;
+    };
     let field = |r: posattn::Result<DecodePlan>| r.err().and_then(|e| e.field());
     // Split count 0.
     let s = DecodeSpec::new(small(64)).with_splits(0);
@@ -354,7 +343,9 @@ fn bad_decode_input_is_a_typed_error_naming_the_field() {
 /// and reads nothing out of bounds; the result is the clamped step's (capacity keys).
 #[test]
 fn device_lengths_past_the_capacity_are_clamped() {
-    let Some(ctx) = vulkan() else { return };
+    let Some(ctx) = crate::common::vulkan("decode generation") else {
+        return;
+    };
     let spec = DecodeSpec::new(small(100));
     let plan = DecodePlan::new(&ctx, &spec).unwrap();
     let history = History::new(&spec, &[100, 100], 0, 5);

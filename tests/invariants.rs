@@ -26,12 +26,6 @@ const _: () = {
 /// Longest any step here may take before it counts as a hang.
 const HANG: Duration = Duration::from_secs(120);
 
-fn required(name: &str) -> bool {
-    std::env::var("POSATTN_REQUIRE_BACKENDS")
-        .map(|v| v.split(',').any(|b| b.trim().eq_ignore_ascii_case(name)))
-        .unwrap_or(false)
-}
-
 /// The one small case every invariant uses (one kernel to compile per adapter).
 fn spec() -> AttentionSpec {
     AttentionSpec::default()
@@ -77,7 +71,7 @@ fn contexts(backends: wgpu::Backends, name: &str) -> Vec<wgpu::Adapter> {
     );
     if adapters.is_empty() {
         assert!(
-            !required(name),
+            !crate::common::required(name),
             "no {name} adapter, but POSATTN_REQUIRE_BACKENDS names it"
         );
         println!("invariants [{name}]: no adapter on this machine, nothing run");

@@ -13,28 +13,7 @@
 
 use posattn::harness::check::{self, ERR_FLOOR, ERR_MULTIPLE, Status};
 use posattn::harness::reference;
-use posattn::{AttentionSpec, Context, ContextOptions, PositionEncoding, Rope, enumerate_adapters};
-
-fn vulkan() -> Option<Context> {
-    let options = ContextOptions::default()
-        .with_backends(wgpu::Backends::VULKAN)
-        .with_adapter_name(None);
-    match enumerate_adapters(&options).into_iter().next() {
-        Some(a) => Some(Context::from_adapter(&a).expect("open device")),
-        None => {
-            let required = std::env::var("POSATTN_REQUIRE_BACKENDS").is_ok_and(|v| {
-                v.split(',')
-                    .any(|b| b.trim().eq_ignore_ascii_case("vulkan"))
-            });
-            assert!(
-                !required,
-                "no vulkan adapter, but POSATTN_REQUIRE_BACKENDS names it"
-            );
-            println!("lse [vulkan]: no adapter on this machine, nothing run");
-            None
-        }
-    }
-}
+use posattn::{AttentionSpec, PositionEncoding, Rope};
 
 /// The rule on LSE values, with −∞ and NaN matched exactly.
 fn compare_lse(gpu: &[f32], r64: &[f64], r32: &[f32]) -> Result<(f64, f64), String> {
@@ -66,7 +45,9 @@ fn compare_lse(gpu: &[f32], r64: &[f64], r32: &[f32]) -> Result<(f64, f64), Stri
 /// sink logits, the caller bias with fully masked rows, NaN placement): output and LSE.
 #[test]
 fn lse_matches_the_reference() {
-    let Some(ctx) = vulkan() else { return };
+    let Some(ctx) = crate::common::vulkan("the LSE tests") else {
+        return;
+    };
     let cases: Vec<_> = check::conformance_cases()
         .into_iter()
         .filter(|c| c.is_rope_d64())
@@ -106,7 +87,9 @@ fn lse_matches_the_reference() {
 /// GQA case with RoPE and sink logits given to one part only.
 #[test]
 fn partial_attentions_merge_into_the_whole() {
-    let Some(ctx) = vulkan() else { return };
+    let Some(ctx) = crate::common::vulkan("the LSE tests") else {
+        return;
+    };
     let (b, sq, sk, split) = (2u32, 40u32, 100u32, 61u32);
     let rope = PositionEncoding::Rope(Rope::new(10000.0));
     let sinks = vec![0.5f32, -1.0, 2.0, 0.0];

@@ -12,27 +12,7 @@
 
 use posattn::harness::check::{Case, Status, compare};
 use posattn::harness::reference;
-use posattn::{
-    Attention, AttentionBuffers, AttentionSpec, Context, ContextOptions, PositionEncoding, Rope,
-};
-
-fn vulkan() -> Option<Context> {
-    let options = ContextOptions::default()
-        .with_backends(wgpu::Backends::VULKAN)
-        .with_adapter_name(None);
-    let adapter = posattn::enumerate_adapters(&options).into_iter().next();
-    if adapter.is_none() {
-        let required = std::env::var("POSATTN_REQUIRE_BACKENDS")
-            .map(|v| v.to_lowercase().contains("vulkan"))
-            .unwrap_or(false);
-        assert!(
-            !required,
-            "no Vulkan adapter, but POSATTN_REQUIRE_BACKENDS names it"
-        );
-        println!("no Vulkan adapter: the prefill hot-path test did not run");
-    }
-    adapter.map(|a| Context::from_adapter(&a).expect("open device"))
-}
+use posattn::{Attention, AttentionBuffers, AttentionSpec, Context, PositionEncoding, Rope};
 
 /// (buffers, bind groups, compute pipelines, shader modules) alive now.
 fn live(ctx: &Context) -> [isize; 4] {
@@ -91,7 +71,9 @@ fn binding(buffer: &wgpu::Buffer, offset: u64, size: u64) -> wgpu::BufferBinding
 
 #[test]
 fn hundred_encodes_of_one_plan_from_an_arena_create_nothing() {
-    let Some(ctx) = vulkan() else { return };
+    let Some(ctx) = crate::common::vulkan("the prefill hot-path test") else {
+        return;
+    };
     let case = Case::new("hot_path_rope_gqa", spec());
     let s = &case.spec;
     let (q, k, v, pq, pk) = case.inputs();
@@ -171,7 +153,9 @@ fn hundred_encodes_of_one_plan_from_an_arena_create_nothing() {
 
 #[test]
 fn bad_bindings_are_typed_errors_naming_the_field() {
-    let Some(ctx) = vulkan() else { return };
+    let Some(ctx) = crate::common::vulkan("the prefill hot-path test") else {
+        return;
+    };
     let s = spec();
     let plan = Attention::new(&ctx, &s).expect("plan");
     let align = ctx.device().limits().min_storage_buffer_offset_alignment as u64;
@@ -229,7 +213,9 @@ fn bad_bindings_are_typed_errors_naming_the_field() {
 #[test]
 fn decode_bindings_at_offsets_are_checked() {
     use posattn::{DecodeBuffers, DecodePlan, DecodeSpec};
-    let Some(ctx) = vulkan() else { return };
+    let Some(ctx) = crate::common::vulkan("the prefill hot-path test") else {
+        return;
+    };
     let a = AttentionSpec::default()
         .with_batch(2)
         .with_seq_q(1)

@@ -3,29 +3,12 @@
 //! and time to a finite rate. Vulkan only (lavapipe): three small kernels.
 
 use posattn::harness::roof::MatmulRoof;
-use posattn::{Context, ContextOptions};
-
-fn vulkan() -> Option<Context> {
-    let options = ContextOptions::default()
-        .with_backends(wgpu::Backends::VULKAN)
-        .with_adapter_name(None);
-    let adapter = posattn::enumerate_adapters(&options).into_iter().next();
-    if adapter.is_none() {
-        let required = std::env::var("POSATTN_REQUIRE_BACKENDS")
-            .map(|v| v.to_lowercase().contains("vulkan"))
-            .unwrap_or(false);
-        assert!(
-            !required,
-            "no Vulkan adapter, but POSATTN_REQUIRE_BACKENDS names it"
-        );
-        println!("no Vulkan adapter: the roof test did not run");
-    }
-    adapter.map(|a| Context::from_adapter(&a).expect("open device"))
-}
 
 #[test]
 fn matmul_roof_computes_the_product_and_times_it() {
-    let Some(ctx) = vulkan() else { return };
+    let Some(ctx) = crate::common::vulkan("the roof test") else {
+        return;
+    };
     // 200 rounds up to 256: every shape's grid covers it exactly.
     let roof = MatmulRoof::new(&ctx, 200).expect("roof");
     assert_eq!(roof.n(), 256);
