@@ -29,6 +29,11 @@
 //   4. folds its channels of the value (read with the key, so that both rows' cache misses
 //      overlap) into the accumulator of every row that sees the key. A hidden key is never
 //      multiplied in, so whatever its slot holds cannot reach the output.
+// With TWO_BRANCH (an extrapolation method: ReRoPE, LM-Infinite, StreamingLLM's cache index)
+// each row also holds its query in the second branch's rotation, each key is rotated a second
+// way as well, both dot products are summed, and the method's rule picks one score per row and
+// key, as in the prefill kernel. With READ_AHEAD (CPU adapters) each key group reads one word of
+// each cache line of its next AHEAD keys' rows every AHEAD keys (see the key loop).
 // At the end the key groups' (max, sum, accumulator) are merged through workgroup memory with
 // the same log-sum-exp rule as the split-KV reduce.
 //
