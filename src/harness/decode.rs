@@ -384,6 +384,23 @@ pub fn decode_cases() -> Vec<DecodeCase> {
             lens.clone(),
         ));
     }
+    // ReRoPE in the interleaved layout: keys rotated in the general form (partner vec4s read
+    // from the cache) in both branches.
+    let interleaved = encodings(4)
+        .into_iter()
+        .find(|e| e.0 == "rope_interleaved")
+        .expect("rope_interleaved")
+        .1;
+    cases.push(DecodeCase::new(
+        "decode_rerope_w16_interleaved",
+        DecodeSpec::new(base().with_position(interleaved).with_extrapolation(
+            Extrapolation::ReRope {
+                window: 16,
+                leak: Some(2.0),
+            },
+        )),
+        lens.clone(),
+    ));
     // StreamingLLM's cache-index positions in a ring cache of sinks and window.
     cases.push(DecodeCase::new(
         "decode_ring_streaming_cache_index_s4_r32",
