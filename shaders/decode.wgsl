@@ -235,6 +235,29 @@ fn rotate_vec4_branch(x: vec4<f32>, p: vec4<f32>, c: u32, pos: i32, add_phase: b
     return select(r.b, r.a, first);
 }
 
+// A lane's key channels rotated in the pair form (KEY_ROT_PAIRS: slot s of the first half of
+// the units pairs with slot s + UNITS of the second), with the pairs' frequency entries f read
+// already (the first branch's table, or the second's without its phase).
+fn rotate_key_pairs(x: array<vec4<f32>, SLOTS>, f: array<Freq4, SLOTS>, pos: i32,
+                    rel: i32) -> array<vec4<f32>, SLOTS> {
+    var y = x;
+    // @unroll
+    for (var i = 0u; i < UNITS; i++) {
+        if (i < UNITS / 2u) {
+            // @unroll
+            for (var h = 0u; h < HALVES; h++) {
+                let s0 = 2u * i + h;
+                // (Modulo SLOTS keeps the index in bounds where i is not.)
+                let s1 = (2u * (i + UNITS / 2u) + h) % SLOTS;
+                let r = rotate_half4_freq(Vec4Pair(x[s0], x[s1]), f[s0], pos, rel, -1.0);
+                y[s0] = r.a;
+                y[s1] = r.b;
+            }
+        }
+    }
+    return y;
+}
+
 // The lanes of a key sum each row's partial dot product: subgroup operations (the variant's
 // LANE_REDUCE) or workgroup memory with two barriers. Every lane then holds the same sums.
 fn sum_key_lanes(dot: array<f32, R_MAX>, lid: u32, kg: u32) -> array<f32, R_MAX> {
@@ -523,22 +546,10 @@ fn decode_attention(
                     }
                 }
                 let kraw = kx;
+                // The partner vec4s the general form reads, kept for the second branch.
+                var kpart: array<vec4<f32>, SLOTS>;
                 if (KEY_ROT == KEY_ROT_PAIRS) {
-                    // @unroll
-                    for (var i = 0u; i < UNITS; i++) {
-                        if (i < UNITS / 2u) {
-                            // @unroll
-                            for (var h = 0u; h < HALVES; h++) {
-                                let s0 = 2u * i + h;
-                                // (Modulo SLOTS keeps the index in bounds where i is not.)
-                                let s1 = (2u * (i + UNITS / 2u) + h) % SLOTS;
-                                let y = rotate_half4_freq(Vec4Pair(kx[s0], kx[s1]), freq[s0], kpos,
-                                                          kpos - origin, -1.0);
-                                kx[s0] = y.a;
-                                kx[s1] = y.b;
-                            }
-                        }
-                    }
+                    kx = rotate_key_pairs(kraw, freq, kpos, kpos - origin);
                 } else if (KEY_ROT == KEY_ROT_GENERAL) {
                     // @unroll
                     for (var i = 0u; i < UNITS; i++) {
@@ -546,29 +557,16 @@ fn decode_attention(
                         for (var h = 0u; h < HALVES; h++) {
                             let c = 2u * (lane + LANES * i) + h;
                             if (c < HEAD_VEC) {
-                                let p = k_at4(row * HEAD_VEC + partner_vec4(c));
-                                kx[2u * i + h] = rotate_vec4(kx[2u * i + h], p, c, kpos,
-                                                             kpos - origin, -1.0);
+                                kpart[2u * i + h] = k_at4(row * HEAD_VEC + partner_vec4(c));
+                                kx[2u * i + h] = rotate_vec4(kraw[2u * i + h], kpart[2u * i + h],
+                                                             c, kpos, kpos - origin, -1.0);
                             }
                         }
                     }
                 }
                 if (TWO_BRANCH) {
                     if (KEY_ROT == KEY_ROT_PAIRS) {
-                        // @unroll
-                        for (var i = 0u; i < UNITS; i++) {
-                            if (i < UNITS / 2u) {
-                                // @unroll
-                                for (var h = 0u; h < HALVES; h++) {
-                                    let s0 = 2u * i + h;
-                                    let s1 = (2u * (i + UNITS / 2u) + h) % SLOTS;
-                                    let y = rotate_half4_freq(Vec4Pair(kraw[s0], kraw[s1]),
-                                                              bfreq[s0], kpos, 0, -1.0);
-                                    kx2[s0] = y.a;
-                                    kx2[s1] = y.b;
-                                }
-                            }
-                        }
+                        kx2 = rotate_key_pairs(kraw, bfreq, kpos, 0);
                     } else {
                         // @unroll
                         for (var i = 0u; i < UNITS; i++) {
@@ -576,8 +574,8 @@ fn decode_attention(
                             for (var h = 0u; h < HALVES; h++) {
                                 let c = 2u * (lane + LANES * i) + h;
                                 if (c < HEAD_VEC) {
-                                    let p = k_at4(row * HEAD_VEC + partner_vec4(c));
-                                    kx2[2u * i + h] = rotate_vec4_branch(kraw[2u * i + h], p, c,
+                                    kx2[2u * i + h] = rotate_vec4_branch(kraw[2u * i + h],
+                                                                         kpart[2u * i + h], c,
                                                                          kpos, false);
                                 }
                             }
