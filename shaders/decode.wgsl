@@ -141,13 +141,23 @@ fn query_position(b: u32, qi: u32, diag: i32) -> i32 {
     return position_of(b, u32(i32(qi) + diag));
 }
 
+// Rotation pair i of a query (`sign` 1) or key (−1): position.wgsl's rope_rotate, or with
+// `branch` the second RoPE branch's rope_rotate_branch (ReRoPE, LM-Infinite, StreamingLLM's
+// cache index), whose constant phase queries add and keys do not.
+fn rotate_pair(x: vec2<f32>, i: u32, pos: i32, rel: i32, sign: f32, branch: bool) -> vec2<f32> {
+    if (TWO_BRANCH && branch) {
+        return rope_rotate_branch(x, i, pos, sign > 0.0);
+    }
+    return rope_rotate(x, i, pos, rel, sign);
+}
+
 // Rotates the four pairs (a[e], b[e]) = pairs i0 + e (the half layout's vec4 u and its partner
-// vec4 u + rotary_dim / 8) with position.wgsl's rope_rotate.
-fn rotate_half4(x: Vec4Pair, i0: u32, pos: i32, rel: i32, sign: f32) -> Vec4Pair {
-    let p0 = rope_rotate(vec2<f32>(x.a.x, x.b.x), i0, pos, rel, sign);
-    let p1 = rope_rotate(vec2<f32>(x.a.y, x.b.y), i0 + 1u, pos, rel, sign);
-    let p2 = rope_rotate(vec2<f32>(x.a.z, x.b.z), i0 + 2u, pos, rel, sign);
-    let p3 = rope_rotate(vec2<f32>(x.a.w, x.b.w), i0 + 3u, pos, rel, sign);
+// vec4 u + rotary_dim / 8) with rotate_pair.
+fn rotate_half4(x: Vec4Pair, i0: u32, pos: i32, rel: i32, sign: f32, branch: bool) -> Vec4Pair {
+    let p0 = rotate_pair(vec2<f32>(x.a.x, x.b.x), i0, pos, rel, sign, branch);
+    let p1 = rotate_pair(vec2<f32>(x.a.y, x.b.y), i0 + 1u, pos, rel, sign, branch);
+    let p2 = rotate_pair(vec2<f32>(x.a.z, x.b.z), i0 + 2u, pos, rel, sign, branch);
+    let p3 = rotate_pair(vec2<f32>(x.a.w, x.b.w), i0 + 3u, pos, rel, sign, branch);
     return Vec4Pair(vec4<f32>(p0.x, p1.x, p2.x, p3.x), vec4<f32>(p0.y, p1.y, p2.y, p3.y));
 }
 
@@ -161,9 +171,10 @@ fn rotate_half4_freq(x: Vec4Pair, f: Freq4, pos: i32, rel: i32, sign: f32) -> Ve
 }
 
 // Rotates the two pairs of an interleaved-layout vec4 (pairs i0 and i0 + 1).
-fn rotate_interleaved4(x: vec4<f32>, i0: u32, pos: i32, rel: i32, sign: f32) -> vec4<f32> {
-    return vec4<f32>(rope_rotate(x.xy, i0, pos, rel, sign),
-                     rope_rotate(x.zw, i0 + 1u, pos, rel, sign));
+fn rotate_interleaved4(x: vec4<f32>, i0: u32, pos: i32, rel: i32, sign: f32,
+                       branch: bool) -> vec4<f32> {
+    return vec4<f32>(rotate_pair(x.xy, i0, pos, rel, sign, branch),
+                     rotate_pair(x.zw, i0 + 1u, pos, rel, sign, branch));
 }
 
 // The vec4 holding the RoPE partners of vec4 c in the half layout (c ± rotary_dim / 8), or c
@@ -178,11 +189,12 @@ fn partner_vec4(c: u32) -> u32 {
 
 // Vec4 c of a query or key (`sign` 1 or −1) rotated, given its partner vec4 p (partner_vec4).
 // The host checks that rotary_dim is a multiple of 8 (half) or 4 (interleaved).
-fn rotate_vec4(x: vec4<f32>, p: vec4<f32>, c: u32, pos: i32, rel: i32, sign: f32) -> vec4<f32> {
+fn rotate_vec4(x: vec4<f32>, p: vec4<f32>, c: u32, pos: i32, rel: i32, sign: f32,
+               branch: bool) -> vec4<f32> {
     let rot = params.rotary_dim;
     if (params.rope_interleaved != 0u) {
         if (c < rot / 4u) {
-            return rotate_interleaved4(x, 2u * c, pos, rel, sign);
+            return rotate_interleaved4(x, 2u * c, pos, rel, sign, branch);
         }
         return x;
     }
@@ -193,7 +205,7 @@ fn rotate_vec4(x: vec4<f32>, p: vec4<f32>, c: u32, pos: i32, rel: i32, sign: f32
     let first = c < half_v;
     let u = select(c - half_v, c, first);
     let r = rotate_half4(Vec4Pair(select(p, x, first), select(x, p, first)), 4u * u, pos, rel,
-                         sign);
+                         sign, branch);
     return select(r.b, r.a, first);
 }
 
@@ -201,38 +213,6 @@ fn rotate_vec4(x: vec4<f32>, p: vec4<f32>, c: u32, pos: i32, rel: i32, sign: f32
 fn branch_entry(j: u32) -> vec4<f32> {
     let f = aux[j];
     return vec4<f32>(f.xyz, 0.0);
-}
-
-// The second RoPE branch (ReRoPE, LM-Infinite, StreamingLLM's cache index; position.wgsl
-// rope_rotate_branch) of the four pairs i0 + e of a half-layout vec4 pair; queries add the
-// branch's constant phase, keys do not.
-fn rotate_half4_branch(x: Vec4Pair, i0: u32, pos: i32, add_phase: bool) -> Vec4Pair {
-    let p0 = rope_rotate_branch(vec2<f32>(x.a.x, x.b.x), i0, pos, add_phase);
-    let p1 = rope_rotate_branch(vec2<f32>(x.a.y, x.b.y), i0 + 1u, pos, add_phase);
-    let p2 = rope_rotate_branch(vec2<f32>(x.a.z, x.b.z), i0 + 2u, pos, add_phase);
-    let p3 = rope_rotate_branch(vec2<f32>(x.a.w, x.b.w), i0 + 3u, pos, add_phase);
-    return Vec4Pair(vec4<f32>(p0.x, p1.x, p2.x, p3.x), vec4<f32>(p0.y, p1.y, p2.y, p3.y));
-}
-
-// rotate_vec4 in the second branch.
-fn rotate_vec4_branch(x: vec4<f32>, p: vec4<f32>, c: u32, pos: i32, add_phase: bool) -> vec4<f32> {
-    let rot = params.rotary_dim;
-    if (params.rope_interleaved != 0u) {
-        if (c < rot / 4u) {
-            return vec4<f32>(rope_rotate_branch(x.xy, 2u * c, pos, add_phase),
-                             rope_rotate_branch(x.zw, 2u * c + 1u, pos, add_phase));
-        }
-        return x;
-    }
-    let half_v = rot / 8u;
-    if (c >= 2u * half_v) {
-        return x;
-    }
-    let first = c < half_v;
-    let u = select(c - half_v, c, first);
-    let r = rotate_half4_branch(Vec4Pair(select(p, x, first), select(x, p, first)), 4u * u, pos,
-                                add_phase);
-    return select(r.b, r.a, first);
 }
 
 // A lane's key channels rotated in the pair form (KEY_ROT_PAIRS: slot s of the first half of
@@ -400,10 +380,10 @@ fn decode_attention(
                     var x = raw;
                     if (ROTATES) {
                         let partner = load_q4(b, qi, head, partner_vec4(c));
-                        x = rotate_vec4(raw, partner, c, pos, pos - origin, 1.0);
+                        x = rotate_vec4(raw, partner, c, pos, pos - origin, 1.0, false);
                         if (TWO_BRANCH) {
                             q2[r * SLOTS + 2u * i + h] =
-                                rotate_vec4_branch(raw, partner, c, bpos, true) * mul;
+                                rotate_vec4(raw, partner, c, bpos, 0, 1.0, true) * mul;
                         }
                     }
                     q[r * SLOTS + 2u * i + h] = x * mul;
@@ -559,7 +539,7 @@ fn decode_attention(
                             if (c < HEAD_VEC) {
                                 kpart[2u * i + h] = k_at4(row * HEAD_VEC + partner_vec4(c));
                                 kx[2u * i + h] = rotate_vec4(kraw[2u * i + h], kpart[2u * i + h],
-                                                             c, kpos, kpos - origin, -1.0);
+                                                             c, kpos, kpos - origin, -1.0, false);
                             }
                         }
                     }
@@ -574,9 +554,9 @@ fn decode_attention(
                             for (var h = 0u; h < HALVES; h++) {
                                 let c = 2u * (lane + LANES * i) + h;
                                 if (c < HEAD_VEC) {
-                                    kx2[2u * i + h] = rotate_vec4_branch(kraw[2u * i + h],
-                                                                         kpart[2u * i + h], c,
-                                                                         kpos, false);
+                                    kx2[2u * i + h] = rotate_vec4(kraw[2u * i + h],
+                                                                  kpart[2u * i + h], c, kpos, 0,
+                                                                  -1.0, true);
                                 }
                             }
                         }
