@@ -15,6 +15,17 @@
 // the same loop shape as keys), and only the per-channel loops over one group of keys are
 // expanded.
 //
+// Score-tile forms (MMA != 0; src/kernel/variants.rs, ScoreTile): Q and K are staged rounded
+// to f16 (the whole BLOCK_Q-row Q tile once, then each K tile), and after each K tile's barrier
+// the workgroup forms the BLOCK_Q × BLOCK_K score tile in workgroup memory at once, through
+// cooperative matrices (MMA 8 or 16: 8×8 or 16×16 f16 fragments, f32 accumulation, fragments
+// split over the subgroups) or plain loops that do the same arithmetic (MMA 1, emulated, for
+// adapters without them). Each invocation then reads its rows' scores instead of forming dot
+// products, and everything after the product (biases, masks, softcap, the online softmax and
+// P·V) is the code of the row form, so every encoding, mask and bias works in both. The
+// functions mma_put_q, mma_put_k, mma_product and mma_score and their arrays are generated per
+// form (src/kernel/source.rs); the row form gets empty stubs and no arrays.
+//
 // Masks (causal, sliding window, attention sinks), the softcap, per-head sink logits, a caller
 // bias and the table-driven biases (T5, KERPLE, Sandwich, FIRE) act per score; key tiles that
 // the masks hide from the whole workgroup are never visited. The two-branch variant
@@ -42,7 +53,9 @@ const LN2: f32 = 0.6931471805599453;
 
 
 // K_TILES tiles of keys (the second one rotated for the second branch), then one of values.
-var<workgroup> k_tile: array<vec4<f32>, K_TILES * BLOCK_K * HEAD_VEC>;
+// The score-tile forms (MMA != 0) stage Q and K through their own arrays (mma_put_q,
+// mma_put_k) and leave k_tile at one element (K_TILE_LEN).
+var<workgroup> k_tile: array<vec4<f32>, K_TILE_LEN>;
 var<workgroup> v_tile: array<vec4<f32>, BLOCK_K * HEAD_VEC>;
 
 const ROTATES: bool = POS_KIND == POS_ROPE || POS_KIND == POS_XPOS || CUSTOM_ROTATE;
@@ -56,7 +69,7 @@ const K2: u32 = BLOCK_K * HEAD_VEC;
 // fill both tiles (the second with the branch rotation) and `branch_q` stages the queries'
 // branch rotation instead of the ordinary one.
 fn stage_rows(from_q: bool, branch_q: bool, lid: u32, batch: u32, head: u32, row0: u32, rows: u32,
-              origin: i32, q_mul: f32) {
+              origin: i32, q_mul: f32, dst_row0: u32) {
     let seq = select(params.seq_k, params.seq_q, from_q);
     let heads = select(params.num_kv_heads, params.num_heads, from_q);
     let half_d = HEAD_DIM / 2u;
@@ -103,10 +116,22 @@ fn stage_rows(from_q: bool, branch_q: bool, lid: u32, batch: u32, head: u32, row
             }
             y *= select(q_mul, q_mul * logn_scale(pos), from_q);
         }
-        let e0 = tile * BLOCK_K * HEAD_DIM + t_row * HEAD_DIM + ch.x;
-        let e1 = tile * BLOCK_K * HEAD_DIM + t_row * HEAD_DIM + ch.y;
-        k_tile[e0 / 4u][e0 % 4u] = y.x;
-        k_tile[e1 / 4u][e1 % 4u] = y.y;
+        if (MMA != 0u) {
+            // The score-tile forms: Q rows at dst_row0 + t_row of the Q tile, keys in the K tile.
+            let m0 = (dst_row0 + t_row) * HEAD_DIM;
+            if (from_q) {
+                mma_put_q(m0 + ch.x, y.x);
+                mma_put_q(m0 + ch.y, y.y);
+            } else {
+                mma_put_k(m0 + ch.x, y.x);
+                mma_put_k(m0 + ch.y, y.y);
+            }
+        } else {
+            let e0 = tile * BLOCK_K * HEAD_DIM + t_row * HEAD_DIM + ch.x;
+            let e1 = tile * BLOCK_K * HEAD_DIM + t_row * HEAD_DIM + ch.y;
+            k_tile[e0 / 4u][e0 % 4u] = y.x;
+            k_tile[e1 / 4u][e1 % 4u] = y.y;
+        }
     }
 }
 
@@ -138,7 +163,9 @@ fn table_bias4(head: u32, m: i32, n: vec4<i32>) -> vec4<f32> {
 fn attention_fused(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
+    // @score-tile-builtins
 ) {
+    // @score-tile-ids
     let head = wg.y;
     let batch = wg.z;
     let kv_head = head / (params.num_heads / params.num_kv_heads);
@@ -241,9 +268,9 @@ fn attention_fused(
         workgroupBarrier();
         if (is_q) {
             stage_rows(true, q_branch, lid, batch, head, first_row + q_step * BLOCK_K, params.seq_q,
-                       origin, params.scale_log2);
+                       origin, params.scale_log2, q_step * BLOCK_K);
         } else {
-            stage_rows(false, false, lid, batch, kv_head, key0, params.seq_k, origin, 1.0);
+            stage_rows(false, false, lid, batch, kv_head, key0, params.seq_k, origin, 1.0, 0u);
             for (var idx = lid; idx < BLOCK_K * HEAD_VEC; idx += WG_SIZE) {
                 let key = key0 + idx / HEAD_VEC;
                 var vv = vec4<f32>(0.0);
@@ -255,6 +282,16 @@ fn attention_fused(
             }
         }
         workgroupBarrier();
+        if (is_q && MMA != 0u) {
+            // The score-tile forms keep the staged Q tile in workgroup memory.
+            continue;
+        }
+        if (MMA != 0u) {
+            // The tile's scores, every row of the workgroup against every key, at once (through
+            // cooperative matrices or their emulation) into workgroup memory.
+            mma_product(sg_id, n_sg, lid);
+            workgroupBarrier();
+        }
         if (is_q) {
             // Step: copy this invocation's staged query rows of branch `br` to registers.
             // @unroll
@@ -331,7 +368,7 @@ fn attention_fused(
                     d[e + 2u] = vec4<f32>(0.0);
                     d[e + 3u] = vec4<f32>(0.0);
                 }
-                if (select(need1, need2, br == 1u)) {
+                if (MMA == 0u && select(need1, need2, br == 1u)) {
                     // @unroll
                     for (var c = 0u; c < HEAD_VEC; c++) {
                         let kt = br * K2 + kb + c;
@@ -360,6 +397,11 @@ fn attention_fused(
             for (var r = 0u; r < ROWS; r++) {
                 // Step: update the softmax with the four scores.
                 var s = lane_sums(d[4u * r], d[4u * r + 1u], d[4u * r + 2u], d[4u * r + 3u]);
+                if (MMA != 0u) {
+                    let si = (r * WG_SIZE + lid) * BLOCK_K + g;
+                    s = vec4<f32>(mma_score(si), mma_score(si + 1u), mma_score(si + 2u),
+                                  mma_score(si + 3u));
+                }
                 let m = qpos[r];
                 let ip = i32(rows[r]) + diag;
                 let win = in_window(kk, ip);

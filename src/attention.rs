@@ -10,7 +10,7 @@ use crate::context::Context;
 use crate::dtype::{Dtype, HalfForm, check_bytes};
 use crate::error::{Error, Result};
 use crate::kernel::abi::Family;
-use crate::kernel::{BLOCK_Q, KernelKey, workgroup_bytes};
+use crate::kernel::{BLOCK_Q, KernelKey, ScoreTile, workgroup_bytes};
 use crate::plan::lower;
 use crate::spec::AttentionSpec;
 pub use crate::spec::{bias_dims, bias_len};
@@ -284,7 +284,30 @@ impl Attention {
                 "packed f16 only (no SHADER_F16)",
             ));
         }
-        let key = plan.fused_key(spec.head_dim, ctx.rows_per_invocation(spec.head_dim), half);
+        let mut key = plan.fused_key(spec.head_dim, ctx.rows_per_invocation(spec.head_dim), half);
+        let tile = ctx.score_tile();
+        if tile != ScoreTile::Rows {
+            if key.two_branch {
+                return Err(Error::unavailable(
+                    "score_tile",
+                    format!("{tile:?}"),
+                    "the row form only for two-branch methods (ReRoPE, Leaky ReRoPE, \
+                     LM-Infinite, StreamingLLM cache positions)",
+                ));
+            }
+            key = key.with_scores(tile);
+            // Cooperative matrices are subgroup-scoped: every subgroup of the workgroup must be
+            // whole.
+            let wg = key.block_q / key.rows;
+            let sg = ctx.adapter_info().subgroup_max_size;
+            if tile.coop() && (sg == 0 || !wg.is_multiple_of(sg)) {
+                return Err(Error::unavailable(
+                    "invocations per workgroup",
+                    format!("{wg}, for the cooperative-matrix score tile"),
+                    format!("a multiple of the subgroup size {sg}"),
+                ));
+            }
+        }
         let limits = ctx.device().limits();
         let wg_bytes = workgroup_bytes(&key);
         if wg_bytes > limits.max_compute_workgroup_storage_size {

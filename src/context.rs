@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use crate::dtype::HalfForm;
 use crate::error::{Error, Result};
-use crate::kernel::KernelKey;
 use crate::kernel::abi::Family;
 use crate::kernel::pipeline::Pipelines;
+use crate::kernel::{KernelKey, ScoreTile};
 
 /// Longest wait for one submission unless `ContextOptions::timeout` or `set_timeout` says otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -23,6 +23,12 @@ pub struct ContextOptions {
     pub adapter_name: Option<String>,
     /// Longest wait for the device to finish one submission.
     pub timeout: Duration,
+    /// Ask for wgpu's `EXPERIMENTAL_COOPERATIVE_MATRIX` where the adapter offers it, so that
+    /// [`Context::set_score_tile`] can select the cooperative-matrix score tile. Off by default:
+    /// wgpu marks the feature experimental (its use goes through an `unsafe` opt-in, and on
+    /// Vulkan it switches shaders to the Vulkan memory model). Default:
+    /// `POSATTN_COOPERATIVE_MATRIX=1`.
+    pub cooperative_matrix: bool,
 }
 
 impl Default for ContextOptions {
@@ -33,11 +39,18 @@ impl Default for ContextOptions {
                 .ok()
                 .filter(|s| !s.is_empty()),
             timeout: DEFAULT_TIMEOUT,
+            cooperative_matrix: std::env::var("POSATTN_COOPERATIVE_MATRIX").is_ok_and(|v| v == "1"),
         }
     }
 }
 
 impl ContextOptions {
+    /// Asks for cooperative matrices where the adapter offers them (see the field).
+    pub fn with_cooperative_matrix(mut self, on: bool) -> Self {
+        self.cooperative_matrix = on;
+        self
+    }
+
     /// Looks only at `backends`.
     pub fn with_backends(mut self, backends: wgpu::Backends) -> Self {
         self.backends = backends;
@@ -64,6 +77,7 @@ impl ContextOptions {
             backends: crate::env::backends_from_env()?.unwrap_or(wgpu::Backends::all()),
             adapter_name: crate::env::adapter_name_from_env()?,
             timeout: DEFAULT_TIMEOUT,
+            cooperative_matrix: crate::env::flag_from_env("POSATTN_COOPERATIVE_MATRIX")?,
         })
     }
 }
@@ -80,6 +94,10 @@ pub struct Context {
     tuned_rows: std::collections::BTreeMap<u32, u32>,
     rows_override: Option<u32>,
     half_override: Option<HalfForm>,
+    /// The cooperative-matrix score tile the device runs (requested feature and an f16
+    /// configuration of the adapter), if any.
+    coop: Option<ScoreTile>,
+    score_tile: ScoreTile,
     uncaptured: Arc<Mutex<Vec<String>>>,
 }
 
@@ -186,7 +204,7 @@ impl Context {
                     no_adapter_hint(options.backends)
                 ))
             })?;
-        let mut ctx = Self::from_adapter_async(&adapter).await?;
+        let mut ctx = Self::open_async(&adapter, options.cooperative_matrix).await?;
         ctx.timeout = options.timeout;
         Ok(ctx)
     }
@@ -200,16 +218,38 @@ impl Context {
 
     /// [`Context::from_adapter`] as a future.
     pub async fn from_adapter_async(adapter: &wgpu::Adapter) -> Result<Self> {
+        Self::open_async(adapter, false).await
+    }
+
+    /// [`Context::from_adapter_async`], asking for cooperative matrices too where `coop` and
+    /// the adapter offers them.
+    pub async fn open_async(adapter: &wgpu::Adapter, coop: bool) -> Result<Self> {
         let info = adapter.get_info();
-        let wanted = wgpu::Features::TIMESTAMP_QUERY
+        let mut wanted = wgpu::Features::TIMESTAMP_QUERY
             | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS
             | wgpu::Features::SHADER_F16
             | wgpu::Features::SUBGROUP;
+        let coop_tile = if coop {
+            ScoreTile::coop_for(adapter.features(), &adapter.cooperative_matrix_properties())
+        } else {
+            None
+        };
+        if coop_tile.is_some() {
+            wanted |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+        }
         let features = adapter.features() & wanted;
         let desc = wgpu::DeviceDescriptor {
             label: Some("posattn"),
             required_features: features,
             required_limits: adapter.limits(),
+            // SAFETY: asked for only on the caller's opt-in (`ContextOptions::cooperative_matrix`);
+            // the feature's operations appear only in the cooperative-matrix score-tile
+            // variants, selected only through `Context::set_score_tile`.
+            experimental_features: if coop_tile.is_some() {
+                unsafe { wgpu::ExperimentalFeatures::enabled() }
+            } else {
+                wgpu::ExperimentalFeatures::disabled()
+            },
             ..Default::default()
         };
         let (device, queue) =
@@ -228,7 +268,9 @@ impl Context {
                 v.push(e.to_string());
             }
         }));
-        Ok(Self::build(device, queue, info, uncaptured))
+        let mut ctx = Self::build(device, queue, info, uncaptured);
+        ctx.coop = coop_tile;
+        Ok(ctx)
     }
 
     /// Wraps a caller's device and queue (a game engine's, an application's). The crate does not
@@ -265,6 +307,8 @@ impl Context {
             tuned_rows,
             rows_override: None,
             half_override: None,
+            coop: None,
+            score_tile: ScoreTile::Rows,
             device,
             queue,
             info,
@@ -332,6 +376,41 @@ impl Context {
             ));
         }
         self.rows_override = rows;
+        Ok(())
+    }
+
+    /// How plans made from now on form a tile's scores (Q·Kᵀ): [`ScoreTile::Rows`] unless set
+    /// with [`Context::set_score_tile`].
+    pub fn score_tile(&self) -> ScoreTile {
+        self.score_tile
+    }
+
+    /// The cooperative-matrix score tile this device runs (`Coop16` or `Coop8`), if it was
+    /// opened with [`ContextOptions::cooperative_matrix`] on an adapter that lists an f16 × f16
+    /// → f32 configuration of either size; `None` on a caller's device.
+    pub fn coop_score_tile(&self) -> Option<ScoreTile> {
+        self.coop
+    }
+
+    /// Sets how plans made from now on form a tile's scores. [`ScoreTile::Rows`] (the default)
+    /// and [`ScoreTile::Emulated`] run everywhere; the cooperative-matrix forms only where
+    /// [`Context::coop_score_tile`] names that form, else an [`Error::Unavailable`] naming
+    /// `score_tile`. The score-tile forms round Q and K to f16 for the product (f32
+    /// accumulation): what tensor cores do, and a precision choice for f32 inputs.
+    pub fn set_score_tile(&mut self, tile: ScoreTile) -> Result<()> {
+        if tile.coop() && self.coop != Some(tile) {
+            return Err(Error::unavailable(
+                "score_tile",
+                format!("{tile:?}"),
+                match self.coop {
+                    Some(c) => format!("{c:?} only"),
+                    None => "no cooperative matrices (not offered by the adapter, or the \
+                             context was opened without ContextOptions::cooperative_matrix)"
+                        .to_string(),
+                },
+            ));
+        }
+        self.score_tile = tile;
         Ok(())
     }
 

@@ -87,3 +87,14 @@ pub fn no_adapter_hint(backends: wgpu::Backends) -> String {
         notes.join("; ")
     }
 }
+
+/// A switch in the environment read strictly: unset, empty or `0` is off, `1` is on, anything
+/// else an error naming the variable.
+pub fn flag_from_env(var: &'static str) -> Result<bool> {
+    match std::env::var(var) {
+        Err(_) => Ok(false),
+        Ok(v) if v.is_empty() || v == "0" => Ok(false),
+        Ok(v) if v == "1" => Ok(true),
+        Ok(v) => Err(crate::error::Error::invalid(var, "0 or 1", v)),
+    }
+}

@@ -85,6 +85,7 @@ pub use encoding::position::{
 pub use encoding::relative::{Fire, Kerple, KerpleForm, Sandwich, T5Bias};
 pub use encoding::scaling::{LongRope, RopeFrequencies, RopeScaling, Yarn, rope_frequencies};
 pub use error::{Error, Result};
+pub use kernel::ScoreTile;
 pub use spec::{AttentionSpec, SUPPORTED_HEAD_DIMS};
 /// The wgpu this crate is built against: use it to match versions with an engine's own.
 pub use wgpu;

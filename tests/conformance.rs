@@ -5,7 +5,7 @@
 //! (e.g. `vulkan,gl`) to make a backend with no adapter a failure rather than a reported skip.
 
 use posattn::harness::check::{self, Group, Status};
-use posattn::{Context, ContextOptions, Dtype, Dtypes, HalfForm, enumerate_adapters};
+use posattn::{Context, ContextOptions, Dtype, Dtypes, HalfForm, ScoreTile, enumerate_adapters};
 
 fn conformance(backends: wgpu::Backends, name: &str) {
     run_matrix(backends, name, None, check::conformance_cases());
@@ -15,13 +15,24 @@ fn run_matrix(backends: wgpu::Backends, name: &str, rows: Option<u32>, cases: Ve
     run_matrix_with(backends, name, rows, None, cases);
 }
 
-/// Runs `cases` on every adapter of `backends`; `rows` overrides the rows per invocation and
-/// `half` the f16 storage form (a case may force its own).
 fn run_matrix_with(
     backends: wgpu::Backends,
     name: &str,
     rows: Option<u32>,
     half: Option<HalfForm>,
+    cases: Vec<check::Case>,
+) {
+    run_matrix_scores(backends, name, rows, half, ScoreTile::Rows, cases);
+}
+
+/// Runs `cases` on every adapter of `backends`; `rows` overrides the rows per invocation,
+/// `half` the f16 storage form (a case may force its own) and `tile` how scores are formed.
+fn run_matrix_scores(
+    backends: wgpu::Backends,
+    name: &str,
+    rows: Option<u32>,
+    half: Option<HalfForm>,
+    tile: ScoreTile,
     cases: Vec<check::Case>,
 ) {
     let options = ContextOptions::default()
@@ -44,6 +55,7 @@ fn run_matrix_with(
             ctx.set_rows_per_invocation(Some(r)).unwrap();
         }
         ctx.set_half_form(half);
+        ctx.set_score_tile(tile).unwrap();
         let verbose = std::env::var_os("POSATTN_VERBOSE").is_some();
         let results = check::run_cases(&ctx, &cases, |r| {
             if verbose {
@@ -66,11 +78,30 @@ fn run_matrix_with(
             }
         }
         println!(
-            "conformance on {} ({} rows per invocation at head_dim 64): {pass} passed, {fail} failed, {unsup} unsupported; \
+            "conformance on {} ({} rows per invocation at head_dim 64, scores {tile:?}): {pass} passed, {fail} failed, {unsup} unsupported; \
              worst error/bound {worst:.3}",
             ctx.describe(),
-            ctx.rows_per_invocation(64)
+            // The score-tile forms run one row per invocation.
+            if tile == ScoreTile::Rows {
+                ctx.rows_per_invocation(64)
+            } else {
+                1
+            }
         );
+        if tile != ScoreTile::Rows {
+            // Declared: the two-branch methods run in the row form only, and the emulated tile's
+            // f32 Q tile fits lavapipe's and llvmpipe GL's 32 KiB of workgroup memory only up
+            // to head size 64. Anything else unsupported is a failure.
+            for r in &results {
+                if let Status::Unsupported(why) = &r.status {
+                    assert!(
+                        why.contains("two-branch") || why.contains("workgroup storage"),
+                        "{}: unsupported for an undeclared reason: {why}",
+                        r.name
+                    );
+                }
+            }
+        }
         let errs = ctx.take_uncaptured_errors();
         assert!(errs.is_empty(), "uncaptured wgpu errors: {errs:?}");
     }
@@ -263,6 +294,25 @@ fn conformance_gl_half_storage() {
         .map(|c| c.with_dtypes(mixed))
         .collect();
     run_matrix_with(wgpu::Backends::GL, "gl", None, None, cases);
+}
+
+/// The score-tile kernel (the cooperative-matrix forms' staging, score tile, softmax and P·V)
+/// with its product emulated in plain WGSL: every conformance case in f32 and the half-storage
+/// cases, on lavapipe. Tolerance: `check`'s rule with the plain implementation also rounding
+/// the score operands to f16 (`reference::attention_half_scores`). The hardware forms differ
+/// only in `mma_product`; tests/portability.rs translates them.
+#[test]
+fn conformance_vulkan_score_tile() {
+    let mut cases = check::conformance_cases();
+    cases.extend(half_cases());
+    run_matrix_scores(
+        wgpu::Backends::VULKAN,
+        "vulkan",
+        None,
+        None,
+        ScoreTile::Emulated,
+        cases,
+    );
 }
 
 #[test]

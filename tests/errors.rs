@@ -514,3 +514,47 @@ fn half_storage_errors_are_typed() {
     assert!(matches!(r, Err(Error::Invalid { field: "v", .. })), "{r:?}");
     assert!(ctx.take_uncaptured_errors().is_empty());
 }
+
+/// The cooperative-matrix score tile on a device that has none (every adapter here, and any
+/// context opened without `ContextOptions::cooperative_matrix`) is `Unavailable` naming
+/// `score_tile`, and the context keeps its form; the emulated tile with a two-branch method is
+/// `Unavailable` naming `score_tile` at plan time, and at a head size whose f32 Q tile exceeds
+/// the device's workgroup memory it names that limit.
+#[test]
+fn score_tile_errors_are_typed() {
+    use posattn::ScoreTile;
+    let Some(mut ctx) = ctx() else { return };
+    assert_eq!(ctx.coop_score_tile(), None);
+    for t in [ScoreTile::Coop16, ScoreTile::Coop8] {
+        match ctx.set_score_tile(t) {
+            Err(Error::Unavailable { what, .. }) => assert_eq!(what, "score_tile"),
+            other => panic!("{t:?}: {other:?}"),
+        }
+        assert_eq!(ctx.score_tile(), ScoreTile::Rows);
+    }
+    ctx.set_score_tile(ScoreTile::Emulated).unwrap();
+    let rerope = AttentionSpec::default()
+        .with_seq_len(8)
+        .with_position(PositionEncoding::Rope(Rope::new(10000.0)))
+        .with_extrapolation(Extrapolation::ReRope {
+            window: 4,
+            leak: None,
+        });
+    match Attention::new(&ctx, &rerope) {
+        Err(Error::Unavailable { what, .. }) => assert_eq!(what, "score_tile"),
+        other => panic!("two-branch: {:?}", other.map(|_| ())),
+    }
+    let limit = ctx.device().limits().max_compute_workgroup_storage_size;
+    let wide = AttentionSpec::default().with_seq_len(8).with_head_dim(256);
+    let needed = posattn::kernel::workgroup_bytes(
+        &posattn::kernel::KernelKey::fused(256, 1, posattn::kernel::PosKind::None)
+            .with_scores(ScoreTile::Emulated),
+    );
+    match Attention::new(&ctx, &wide) {
+        Err(Error::Unavailable { what, .. }) if needed > limit => {
+            assert_eq!(what, "workgroup storage bytes")
+        }
+        Ok(_) if needed <= limit => {}
+        other => panic!("d256 ({needed} of {limit} B): {:?}", other.map(|_| ())),
+    }
+}

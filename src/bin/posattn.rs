@@ -18,6 +18,32 @@ struct Cli {
     command: Command,
 }
 
+/// How the fused kernel forms a tile's scores (`posattn::ScoreTile`).
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scores {
+    /// Each invocation's rows, f32 dot products (the default).
+    Rows,
+    /// The score tile from f16 operands in plain WGSL: the cooperative-matrix kernel's
+    /// arithmetic on any adapter.
+    Tile,
+    /// The score tile on the adapter's cooperative matrices (opens the device with wgpu's
+    /// experimental cooperative-matrix feature; unavailable elsewhere, and reported).
+    Coop,
+}
+
+/// Opens `adapter` for `scores` and sets the context's score tile: the cooperative-matrix form
+/// the adapter offers for `Coop` (an error naming `score_tile` where it offers none).
+fn open_for(adapter: &wgpu::Adapter, scores: Scores) -> posattn::Result<Context> {
+    let mut ctx = pollster::block_on(Context::open_async(adapter, scores == Scores::Coop))?;
+    let tile = match scores {
+        Scores::Rows => posattn::ScoreTile::Rows,
+        Scores::Tile => posattn::ScoreTile::Emulated,
+        Scores::Coop => ctx.coop_score_tile().unwrap_or(posattn::ScoreTile::Coop16),
+    };
+    ctx.set_score_tile(tile)?;
+    Ok(ctx)
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum Backend {
     All,
@@ -73,6 +99,10 @@ enum Command {
         /// Also write a machine-readable report (adapters, cases, errors, times) to FILE.
         #[arg(long, value_name = "FILE")]
         json: Option<std::path::PathBuf>,
+        /// How the fused kernel forms its scores: every case runs in that form (two-branch
+        /// methods, which only the row form runs, are reported unsupported).
+        #[arg(long, value_enum, default_value_t = Scores::Rows)]
+        scores: Scores,
     },
     /// One attention on tensors from .npy files ([batch, seq, heads, head_dim]; f32, f16 or f64,
     /// computed in f32), described by a JSON spec; writes the output as .npy.
@@ -132,6 +162,11 @@ enum Command {
         /// us_per_token, gbps, roof_gbps (a copy kernel's), prefill_kernel_us.
         #[arg(long, value_name = "FILE")]
         json: Option<std::path::PathBuf>,
+        /// Prefill: also time the fused kernel with its scores formed this way (f32 and f16
+        /// storage), beside the row form; `coop` opens the device with cooperative matrices
+        /// and reports where the adapter has none.
+        #[arg(long, value_enum, default_value_t = Scores::Rows)]
+        scores: Scores,
     },
     /// Write every kernel variant the crate builds into DIR, one file per variant named by its
     /// key (`<name>.<lang>`): the WGSL wgpu compiles, or naga's translation to SPIR-V, MSL,
@@ -291,6 +326,7 @@ fn check(
     dtype: Option<String>,
     verbose: bool,
     json: Option<std::path::PathBuf>,
+    scores: Scores,
 ) -> ExitCode {
     // Without --full or --dtype, the half dtypes run on the covering subset only.
     let every_dtype = full || dtype.is_some();
@@ -372,14 +408,28 @@ fn check(
     for adapter in adapters {
         let name = describe_adapter(&adapter.get_info());
         println!("\n{name}");
-        let ctx = match Context::from_adapter(&adapter) {
+        let ctx = match open_for(&adapter, scores) {
             Ok(c) => c,
             Err(e) => {
-                println!("  could not open the device: {e}");
+                // An adapter without cooperative matrices is declared unsupported for that
+                // form, not failed.
+                let unsupported = matches!(e, posattn::Error::Unavailable { .. });
+                println!(
+                    "  {}: {e}",
+                    if unsupported {
+                        "unsupported in the requested form"
+                    } else {
+                        "could not open the device"
+                    }
+                );
                 report.push(
                     serde_json::json!({"adapter": name, "error": e.to_string(), "cases": []}),
                 );
-                summary.push((name, 0, 1, 0));
+                if unsupported {
+                    summary.push((name, 0, 0, cases.len()));
+                } else {
+                    summary.push((name, 0, 1, 0));
+                }
                 continue;
             }
         };
@@ -991,6 +1041,7 @@ fn bench(
     seqs: &[u32],
     runs: usize,
     json_path: Option<&std::path::Path>,
+    scores: Scores,
 ) -> posattn::Result<()> {
     use posattn::harness::roof::MatmulRoof;
     use posattn::harness::timing::{median, time_encoded};
@@ -1001,7 +1052,19 @@ fn bench(
     }
     let mut rows = Vec::new();
     for a in adapters {
-        let ctx = Context::from_adapter(&a)?;
+        // The score tile asked for, if this adapter runs it; the main table is the row form.
+        let (mut ctx, tile) = match open_for(&a, scores) {
+            Ok(mut c) => {
+                let t = c.score_tile();
+                c.set_score_tile(posattn::ScoreTile::Rows)?;
+                (c, (t != posattn::ScoreTile::Rows).then_some(t))
+            }
+            Err(e @ posattn::Error::Unavailable { .. }) => {
+                println!("\n  score tile unavailable on this adapter: {e}");
+                (Context::from_adapter(&a)?, None)
+            }
+            Err(e) => return Err(e),
+        };
         println!("\n{}", ctx.describe());
         // The roof: the best plain WGSL matmul on this adapter, checked, then timed.
         let roof = posattn::harness::roof::MatmulRoof::new(&ctx, MatmulRoof::default_side(&ctx))?;
@@ -1066,12 +1129,13 @@ fn bench(
                 "adapter": ctx.describe(),
                 "seq": seq,
                 "dtype": "f32",
+                "scores": "rows",
                 "fused_gflops": gf(f_ms),
                 "unfused_gflops": unfused_gflops,
                 "roof_gflops": roof_gflops,
             }));
         }
-        for (seq, form, ms) in bench_dtypes(&ctx, seqs, runs)? {
+        for (seq, form, ms) in bench_dtypes(&mut ctx, seqs, runs, tile)? {
             let spec = posattn::AttentionSpec::default()
                 .with_seq_len(seq)
                 .with_heads(8);
@@ -1079,6 +1143,7 @@ fn bench(
                 "adapter": ctx.describe(),
                 "seq": seq,
                 "dtype": form,
+                "scores": if form.contains("tile") || form.contains("coop") { form.split(' ').nth(1) } else { Some("rows") },
                 "fused_gflops": spec.flops() / (ms * 1e-3) / 1e9,
                 "unfused_gflops": null,
                 "roof_gflops": roof_gflops,
@@ -1095,21 +1160,37 @@ fn bench(
 /// has native f16), at the same shapes, timed alternately in one run so that load from other
 /// processes affects the forms alike; speed is relative to f32.
 fn bench_dtypes(
-    ctx: &Context,
+    ctx: &mut Context,
     seqs: &[u32],
     runs: usize,
+    tile: Option<posattn::ScoreTile>,
 ) -> posattn::Result<Vec<(u32, &'static str, f64)>> {
     let mut out = Vec::new();
+    use posattn::ScoreTile;
     use posattn::harness::timing::{median, time_encoded};
     use posattn::{Dtype, HalfForm};
     use wgpu::util::DeviceExt;
     let mut forms = vec![
-        ("f32", Dtype::F32, HalfForm::Packed),
-        ("f16 packed", Dtype::F16, HalfForm::Packed),
-        ("bf16", Dtype::Bf16, HalfForm::Packed),
+        ("f32", Dtype::F32, HalfForm::Packed, ScoreTile::Rows),
+        ("f16 packed", Dtype::F16, HalfForm::Packed, ScoreTile::Rows),
+        ("bf16", Dtype::Bf16, HalfForm::Packed, ScoreTile::Rows),
     ];
     if ctx.has_native_f16() {
-        forms.insert(1, ("f16 native", Dtype::F16, HalfForm::Native));
+        forms.insert(
+            1,
+            ("f16 native", Dtype::F16, HalfForm::Native, ScoreTile::Rows),
+        );
+    }
+    // The score tile asked for, in f32 and the adapter's f16 storage.
+    if let Some(t) = tile {
+        let half = ctx.half_form();
+        let (f32_name, f16_name) = match t {
+            ScoreTile::Emulated => ("f32 tile", "f16 tile"),
+            ScoreTile::Coop8 => ("f32 coop8", "f16 coop8"),
+            _ => ("f32 coop16", "f16 coop16"),
+        };
+        forms.push((f32_name, Dtype::F32, HalfForm::Packed, t));
+        forms.push((f16_name, Dtype::F16, half, t));
     }
     println!(
         "
@@ -1132,7 +1213,7 @@ fn bench_dtypes(
             rng.vec(base.kv_len(), 1.0),
         );
         let mut setups = Vec::new();
-        for &(_, d, half) in &forms {
+        for &(_, d, half, t) in &forms {
             let spec = base.clone().with_dtype(d);
             let mk = |x: &[f32]| {
                 ctx.device()
@@ -1143,8 +1224,10 @@ fn bench_dtypes(
                     })
             };
             let bufs = (mk(&q), mk(&k), mk(&v), mk(&q));
-            let plan = posattn::Attention::with_half_form(ctx, &spec, half)?;
-            setups.push((plan, bufs, Vec::new()));
+            ctx.set_score_tile(t)?;
+            let plan = posattn::Attention::with_half_form(ctx, &spec, half);
+            ctx.set_score_tile(ScoreTile::Rows)?;
+            setups.push((plan?, bufs, Vec::new()));
         }
         // Warm-up, then rounds of one timed run per form.
         for round in 0..=runs {
@@ -1288,6 +1371,28 @@ fn tune(
     Ok(())
 }
 
+/// The adapter's cooperative-matrix configurations (`Features::EXPERIMENTAL_COOPERATIVE_MATRIX`).
+fn describe_coop(a: &wgpu::Adapter) -> String {
+    if !a
+        .features()
+        .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+    {
+        return "no".into();
+    }
+    let props = a.cooperative_matrix_properties();
+    if props.is_empty() {
+        return "feature present, no configurations".into();
+    }
+    let tile = match posattn::ScoreTile::coop_for(a.features(), &props) {
+        Some(t) => {
+            format!("score tile {t:?} (opt-in: POSATTN_COOPERATIVE_MATRIX=1, `--scores coop`)")
+        }
+        None => "no f16 × f16 → f32 configuration of 8 or 16: no cooperative score tile".into(),
+    };
+    let configs: Vec<String> = props.iter().map(|p| format!("{p:?}")).collect();
+    format!("{}; {tile}", configs.join("; "))
+}
+
 fn info(backend: Option<Backend>) -> ExitCode {
     let opts = match options(backend, None) {
         Ok(o) => o,
@@ -1328,6 +1433,7 @@ fn info(backend: Option<Backend>) -> ExitCode {
             has(wgpu::Features::TIMESTAMP_QUERY),
             has(wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS)
         );
+        println!("  cooperative matrices: {}", describe_coop(&a));
         // The fused variant each head size gets: the stored tuning, else the heuristic (what
         // `Context::rows_per_invocation` returns when nothing overrides it).
         let tuned = posattn::tune::stored_rows(&info);
@@ -1370,7 +1476,10 @@ fn main() -> ExitCode {
             dtype,
             verbose,
             json,
-        } => check(backend, adapter, quick, full, filter, dtype, verbose, json),
+            scores,
+        } => check(
+            backend, adapter, quick, full, filter, dtype, verbose, json, scores,
+        ),
         Command::Info { backend } => info(backend),
         Command::Tune {
             backend,
@@ -1411,8 +1520,16 @@ fn main() -> ExitCode {
             read_ahead,
             dtype,
             json,
+            scores,
         } => {
             let _ = seq;
+            if scores != Scores::Rows {
+                eprintln!(
+                    "error: invalid `--scores`: expected it with prefill only (the decode kernel \
+                     has one form), got it with --decode"
+                );
+                return ExitCode::from(2);
+            }
             let dtypes = match dtype
                 .iter()
                 .map(|t| Dtype::parse("dtype", t.trim()))
@@ -1452,8 +1569,9 @@ fn main() -> ExitCode {
             seq,
             runs,
             json,
+            scores,
             ..
-        } => match bench(backend, adapter, &seq, runs.max(1), json.as_deref()) {
+        } => match bench(backend, adapter, &seq, runs.max(1), json.as_deref(), scores) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e}");

@@ -19,6 +19,11 @@
 //! same rounded inputs) has its output rounded to the output's dtype, as the kernel's is. The
 //! bound is then dominated by the output rounding that any implementation storing that dtype
 //! must make (half an ulp of the largest outputs), times the same multiple.
+//!
+//! A score tile ([`crate::ScoreTile`] other than `Rows`: tensor-core products) rounds the
+//! rotated, scaled queries and the rotated keys to f16 before Q·Kᵀ. Its `ref32` does the same
+//! (the plain f32 implementation with f16 score operands, `reference::attention_half_scores`),
+//! so the bound is that rounding's error, times the same multiple; `ref64` stays exact.
 
 use std::time::Duration;
 
@@ -490,8 +495,13 @@ pub async fn run_case_async(ctx: &Context, case: &Case) -> CaseResult {
         Ok(gpu) => {
             let b = bias.as_deref();
             let r64 = reference::attention_with_bias::<f64>(&case.spec, &q, &k, &v, &pq, &pk, b);
-            let mut r32 =
-                reference::attention_with_bias::<f32>(&case.spec, &q, &k, &v, &pq, &pk, b);
+            // A score tile rounds its product's operands to f16: the plain implementation
+            // that bounds it does too.
+            let mut r32 = if ctx.score_tile().half_operands() {
+                reference::attention_half_scores::<f32>(&case.spec, &q, &k, &v, &pq, &pk, b)
+            } else {
+                reference::attention_with_bias::<f32>(&case.spec, &q, &k, &v, &pq, &pk, b)
+            };
             // The plain implementation stores its output in the output's dtype too.
             let out = case.spec.dtypes.out;
             r32.iter_mut().for_each(|x| *x = out.round(*x));

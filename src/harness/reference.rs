@@ -11,6 +11,7 @@ use crate::encoding::position::{
     AlibiForm, AlibiSlopes, PositionEncoding, RopeLayout, alibi_slopes, rope_inv_freq, xpos_zeta,
 };
 use crate::encoding::relative::{FIRE_EPS, KerpleForm, T5Bias};
+use crate::kernel::BLOCK_Q;
 use crate::spec::AttentionSpec;
 
 /// The float operations the reference needs.
@@ -357,6 +358,22 @@ pub fn attention_with_bias<T: Real>(
     attention_lse(spec, q, k, v, pos_q, pos_k, bias).0
 }
 
+/// `attention_with_bias` with the score products' operands (the rotated, log-n-scaled queries
+/// and the rotated keys) rounded to f16 first: the plain implementation of what a kernel with
+/// f16 score products (tensor cores, `ScoreTile`) computes, for that kernel's error bound.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_half_scores<T: Real>(
+    spec: &AttentionSpec,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    pos_q: &[i32],
+    pos_k: &[i32],
+    bias: Option<&[f32]>,
+) -> Vec<T> {
+    attention_impl(spec, q, k, v, pos_q, pos_k, bias, true).0
+}
+
 /// `attention_with_bias` and each row's log-sum-exp ([batch, num_heads, seq_q], natural log,
 /// of the softmax denominator: visible keys and the sink logit; −∞ when that is empty).
 #[allow(clippy::too_many_arguments)]
@@ -369,6 +386,45 @@ pub fn attention_lse<T: Real>(
     pos_k: &[i32],
     bias: Option<&[f32]>,
 ) -> (Vec<T>, Vec<T>) {
+    attention_impl(spec, q, k, v, pos_q, pos_k, bias, false)
+}
+
+/// The smallest normal f16, 2⁻¹⁴.
+const F16_MIN_NORMAL: f32 = 6.103_515_6e-5;
+
+#[allow(clippy::too_many_arguments)]
+fn attention_impl<T: Real>(
+    spec: &AttentionSpec,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    pos_q: &[i32],
+    pos_k: &[i32],
+    bias: Option<&[f32]>,
+    half_scores: bool,
+) -> (Vec<T>, Vec<T>) {
+    // Rounded to f16 with subnormals flushed to zero, which SPIR-V's f16 conversions allow
+    // (OpQuantizeToF16, the emulated tile's, does on lavapipe).
+    let round_half = |e: T| {
+        let x = crate::dtype::Dtype::F16.round(e.to_f64() as f32);
+        T::from_f64(if x.abs() < F16_MIN_NORMAL {
+            0.0
+        } else {
+            x as f64
+        })
+    };
+    // The kernel scales xPos queries and keys relative to its query tile's first position
+    // (`origin`, every BLOCK_Q rows) before rounding them: ζ^((m − origin)/γ) and
+    // ζ^((origin − n)/γ). Mirrored here, since with far-apart positions either factor can push
+    // an operand out of f16's normal range.
+    let xpos_half = half_scores && matches!(spec.position, PositionEncoding::Xpos(_));
+    let half = |x: Vec<T>| -> Vec<T> {
+        if half_scores {
+            x.into_iter().map(round_half).collect()
+        } else {
+            x
+        }
+    };
     let (b_n, sq, sk) = (
         spec.batch as usize,
         spec.seq_q as usize,
@@ -444,6 +500,8 @@ pub fn attention_lse<T: Real>(
                         rope_rotate(&raw_keys[j], n, &inv_freq, layout, af)
                     }
                 })
+                // xPos keys are rounded with their position scale below.
+                .map(|x| if xpos_half { x } else { half(x) })
                 .collect();
             let keys2: Vec<Vec<T>> = match &second {
                 Some(br) => (0..sk)
@@ -469,6 +527,7 @@ pub fn attention_lse<T: Real>(
                 } else {
                     rope_rotate(&q_raw, m, &inv_freq, layout, af)
                 };
+                let qi = if xpos_half { qi } else { half(qi) };
                 let q2 = second
                     .as_ref()
                     .map(|br| rope_rotate_angles(&q_raw, &(br.q_angles)(m, ip), layout, af));
@@ -508,8 +567,22 @@ pub fn attention_lse<T: Real>(
                                     RopeLayout::Half => (p, p + d / 2),
                                     RopeLayout::Interleaved => (2 * p, 2 * p + 1),
                                 };
+                                let sc = xpos_scale(zeta[p], m, n, gamma);
+                                if xpos_half {
+                                    let origin = pos_q[b * sq + i - i % BLOCK_Q as usize] as i64;
+                                    let sq_ = xpos_scale(zeta[p], m, origin, gamma);
+                                    let sk_ = xpos_scale(zeta[p], origin, n, gamma);
+                                    // The kernel's queries also carry scale · log2 e.
+                                    let qs = scale * T::from_f64(std::f64::consts::LOG2_E);
+                                    let qa = round_half(qi[a] * sq_ * qs) / qs;
+                                    let qc = round_half(qi[c] * sq_ * qs) / qs;
+                                    acc = acc
+                                        + qa * round_half(keys[j][a] * sk_)
+                                        + qc * round_half(keys[j][c] * sk_);
+                                    continue;
+                                }
                                 let pair = qi[a] * keys[j][a] + qi[c] * keys[j][c];
-                                acc = acc + pair * xpos_scale(zeta[p], m, n, gamma);
+                                acc = acc + pair * sc;
                             }
                             acc
                         }

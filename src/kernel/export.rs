@@ -127,7 +127,9 @@ impl Module {
                 self.source
             )
             .into_bytes(),
-            Lang::Spv => spv::write_vec(m, info, &spv::Options::default(), None)
+            // Cooperative matrices need SPIR-V 1.6 (Vulkan 1.3, what wgpu writes for such a
+            // device) and MSL 2.3 (simdgroup matrices).
+            Lang::Spv => spv::write_vec(m, info, &spv_options(&self.key), None)
                 .map_err(|e| err(e.to_string()))?
                 .iter()
                 .flat_map(|w| w.to_le_bytes())
@@ -135,7 +137,14 @@ impl Module {
             Lang::Msl => msl::write_string(
                 m,
                 info,
-                &msl::Options::default(),
+                &msl::Options {
+                    lang_version: if self.key.scores.coop() {
+                        (2, 3)
+                    } else {
+                        msl::Options::default().lang_version
+                    },
+                    ..msl::Options::default()
+                },
                 &msl::PipelineOptions::default(),
             )
             .map_err(|e| err(e.to_string()))?
@@ -174,6 +183,15 @@ impl Module {
             }
         })
     }
+}
+
+/// naga's SPIR-V options for `key`: the defaults, at SPIR-V 1.6 for cooperative matrices.
+fn spv_options(key: &KernelKey) -> spv::Options<'static> {
+    let mut o = spv::Options::default();
+    if key.scores.coop() {
+        o.lang_version = (1, 6);
+    }
+    o
 }
 
 /// The file name of a variant in a language: `<name>.<extension>`.

@@ -48,6 +48,11 @@ pub fn naga_capabilities(key: &KernelKey) -> naga::valid::Capabilities {
     if key.lane_reduce.subgroups() {
         caps |= Capabilities::SUBGROUP;
     }
+    if key.scores.coop() {
+        caps |= Capabilities::SHADER_FLOAT16
+            | Capabilities::COOPERATIVE_MATRIX
+            | Capabilities::SUBGROUP;
+    }
     caps
 }
 

@@ -17,7 +17,7 @@
 
 use super::abi::{self, Family};
 use super::storage::{StorageForm, family_tensors};
-use super::variants::{KernelKey, LaneReduce};
+use super::variants::{KernelKey, LaneReduce, ScoreTile};
 
 pub(crate) const COMMON_WGSL: &str = include_str!("../../shaders/common.wgsl");
 pub(crate) const STORAGE_WGSL: &str = include_str!("../../shaders/storage.wgsl");
@@ -89,6 +89,7 @@ pub(crate) fn compose(key: &KernelKey, hooks: Option<&str>) -> Result<String, Co
         accessors += lane_sum_wgsl(key.lane_reduce);
     }
     if key.family() == Family::Fused {
+        accessors += &score_tile_wgsl(key.scores);
         // The row's log-sum-exp: written only by the variants that bind `lse_buf`.
         accessors += if key.lse {
             "fn store_lse(i: u32, x: f32) {\n    lse_buf[i] = x;\n}\n"
@@ -96,11 +97,26 @@ pub(crate) fn compose(key: &KernelKey, hooks: Option<&str>) -> Result<String, Co
             "fn store_lse(i: u32, x: f32) {}\n"
         };
     }
-    let enable = if key.native_f16() {
+    let enable = if key.scores.coop() {
+        "enable f16;\nenable wgpu_cooperative_matrix;\n"
+    } else if key.native_f16() {
         "enable f16;\n"
     } else {
         ""
     };
+    // The subgroup builtins the cooperative-matrix forms split the score tile's fragments by;
+    // every other variant names the same two values as constants.
+    let (builtins, ids) = if key.scores.coop() {
+        (
+            "    @builtin(subgroup_id) sg_id: u32,\n    @builtin(num_subgroups) n_sg: u32,\n",
+            "",
+        )
+    } else {
+        ("", "    let sg_id = 0u;\n    let n_sg = 1u;\n")
+    };
+    let body = body
+        .replace("    // @score-tile-builtins\n", builtins)
+        .replace("    // @score-tile-ids\n", ids);
     let hooks = match hooks {
         Some(h) => h.to_string(),
         None => crate::encoding::custom::default_hooks_wgsl(),
@@ -113,6 +129,62 @@ pub(crate) fn compose(key: &KernelKey, hooks: Option<&str>) -> Result<String, Co
         body,
         hooks
     ))
+}
+
+/// The fused kernel's score-tile functions for `scores` (shaders/attention.wgsl calls them only
+/// where `MMA != 0`): `mma_put_q` and `mma_put_k` store one staged channel of the Q and K
+/// tiles (rounded to f16), `mma_product` forms the BLOCK_Q × BLOCK_K score tile in workgroup
+/// memory and `mma_score` reads one score. The row form gets empty stubs and no arrays, so its
+/// workgroup memory stays within WebGPU's default limit.
+fn score_tile_wgsl(scores: ScoreTile) -> String {
+    match scores {
+        ScoreTile::Rows => "fn mma_put_q(i: u32, x: f32) {}\nfn mma_put_k(i: u32, x: f32) {}\n\
+             fn mma_product(sg: u32, nsg: u32, lid: u32) {}\n\
+             fn mma_score(i: u32) -> f32 {\n    return 0.0;\n}\n"
+            .to_string(),
+        // f32 arrays holding f16 values (quantizeToF16 needs no f16 support): the same
+        // operands as the cooperative-matrix forms, accumulated in f32.
+        ScoreTile::Emulated => "var<workgroup> mq: array<f32, MQ_LEN>;\n\
+             var<workgroup> mk: array<f32, MK_LEN>;\n\
+             var<workgroup> s_tile: array<f32, S_LEN>;\n\
+             fn mma_put_q(i: u32, x: f32) {\n    mq[i] = quantizeToF16(x);\n}\n\
+             fn mma_put_k(i: u32, x: f32) {\n    mk[i] = quantizeToF16(x);\n}\n\
+             fn mma_product(sg: u32, nsg: u32, lid: u32) {\n    \
+                 for (var e = lid; e < BLOCK_Q * BLOCK_K; e += WG_SIZE) {\n        \
+                     let qb = (e / BLOCK_K) * HEAD_DIM;\n        \
+                     let kb = (e % BLOCK_K) * HEAD_DIM;\n        \
+                     var acc = 0.0;\n        \
+                     for (var c = 0u; c < HEAD_DIM; c++) {\n            \
+                         acc = fma(mq[qb + c], mk[kb + c], acc);\n        }\n        \
+                     s_tile[e] = acc;\n    }\n}\n\
+             fn mma_score(i: u32) -> f32 {\n    return s_tile[i];\n}\n"
+            .to_string(),
+        // Each subgroup takes fragments sg, sg + nsg, ... of the tile: A is a row-major slice
+        // of the Q tile, B = Kᵀ a column-major view of the row-major K tile, the accumulator
+        // is stored row-major into the score tile.
+        ScoreTile::Coop8 | ScoreTile::Coop16 => {
+            let t = scores.fragment();
+            format!(
+                "var<workgroup> mq: array<f16, MQ_LEN>;\n\
+                 var<workgroup> mk: array<f16, MK_LEN>;\n\
+                 var<workgroup> s_tile: array<f32, S_LEN>;\n\
+                 fn mma_put_q(i: u32, x: f32) {{\n    mq[i] = f16(x);\n}}\n\
+                 fn mma_put_k(i: u32, x: f32) {{\n    mk[i] = f16(x);\n}}\n\
+                 const MMA_FQ: u32 = BLOCK_Q / MMA_FRAG;\nconst MMA_FK: u32 = BLOCK_K / MMA_FRAG;\n\
+                 fn mma_product(sg: u32, nsg: u32, lid: u32) {{\n    \
+                     for (var f = sg; f < MMA_FQ * MMA_FK; f += nsg) {{\n        \
+                         let r0 = (f / MMA_FK) * MMA_FRAG;\n        \
+                         let k0 = (f % MMA_FK) * MMA_FRAG;\n        \
+                         var acc = coop_mat{t}x{t}<f32, C>();\n        \
+                         for (var c = 0u; c < HEAD_DIM; c += MMA_FRAG) {{\n            \
+                             let a = coopLoadT<coop_mat{t}x{t}<f16, A>>(&mq[r0 * HEAD_DIM + c], HEAD_DIM);\n            \
+                             let b = coopLoad<coop_mat{t}x{t}<f16, B>>(&mk[k0 * HEAD_DIM + c], HEAD_DIM);\n            \
+                             acc = coopMultiplyAdd(a, b, acc);\n        }}\n        \
+                         coopStoreT(acc, &s_tile[r0 * BLOCK_K + k0], BLOCK_K);\n    }}\n}}\n\
+                 fn mma_score(i: u32) -> f32 {{\n    return s_tile[i];\n}}\n"
+            )
+        }
+    }
 }
 
 /// The decode kernel's sum over the lanes of one key, `lane_sum(x)`: subgroup operations only

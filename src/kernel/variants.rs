@@ -51,8 +51,33 @@ pub fn block_k_for(head_dim: u32, two_branch: bool) -> u32 {
 
 /// Workgroup bytes of a fused variant.
 pub fn workgroup_bytes(key: &KernelKey) -> u32 {
+    if key.scores != ScoreTile::Rows {
+        let (q, k, _, s) = score_tile_lens(key);
+        // V in f32; Q and K in f16 (coop) or f32 holding f16 values (emulated); the scores.
+        let half = if key.scores.coop() { 2 } else { 4 };
+        return key.block_k * key.head_dim * 4 + (q + k) * half + s * 4 + 16;
+    }
     let tiles = if key.two_branch { 3 } else { 2 };
     tiles * key.block_k * key.head_dim * 4
+}
+
+/// Element counts of the score-tile forms' workgroup arrays: the Q tile, the K tile, `k_tile`
+/// (one vec4: unused there) and the score tile; 1 each where the form has none.
+pub fn score_tile_lens(key: &KernelKey) -> (u32, u32, u32, u32) {
+    if key.scores == ScoreTile::Rows || key.stage != Stage::Fused {
+        return (
+            1,
+            1,
+            key.k_tiles() * key.block_k.max(1) * key.head_dim / 4,
+            1,
+        );
+    }
+    (
+        key.block_q * key.head_dim,
+        key.block_k * key.head_dim,
+        1,
+        key.block_q * key.block_k,
+    )
 }
 
 /// Packed half storage listed among the default variants: all packed f16, all bf16, and a mix
@@ -171,6 +196,102 @@ impl KeyRotation {
     }
 }
 
+/// How the fused kernel forms a tile's scores (Q·Kᵀ): a variant constant.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ScoreTile {
+    /// Each invocation's own query rows against the staged K tile, f32 dot products (every
+    /// adapter; the default).
+    #[default]
+    Rows,
+    /// The workgroup's whole BLOCK_Q × BLOCK_K score tile as one product of Q and K rounded to
+    /// f16 with f32 accumulation, written to workgroup memory, in plain WGSL loops: the
+    /// arithmetic of the cooperative-matrix forms on any adapter, which is how their kernel
+    /// (staging, the score tile, the softmax and P·V that read it) is checked where no adapter
+    /// has the hardware.
+    Emulated,
+    /// The same product on 8×8×8 cooperative matrices (f16 operands, f32 accumulator: Metal's
+    /// simdgroup matrices). The device needs `EXPERIMENTAL_COOPERATIVE_MATRIX`, `SHADER_F16`
+    /// and `SUBGROUP`.
+    Coop8,
+    /// The same product on 16×16×16 cooperative matrices (f16 operands, f32 accumulator:
+    /// NVIDIA's and AMD's Vulkan drivers).
+    Coop16,
+}
+
+impl ScoreTile {
+    /// Whether the scores come from f16-rounded operands (every form but `Rows`).
+    pub fn half_operands(self) -> bool {
+        self != ScoreTile::Rows
+    }
+
+    /// Whether the module uses cooperative matrices.
+    pub fn coop(self) -> bool {
+        matches!(self, ScoreTile::Coop8 | ScoreTile::Coop16)
+    }
+
+    /// The fragment size (the tile product's granularity): 8 or 16, 4 for the emulated form.
+    pub fn fragment(self) -> u32 {
+        match self {
+            ScoreTile::Rows | ScoreTile::Emulated => 4,
+            ScoreTile::Coop8 => 8,
+            ScoreTile::Coop16 => 16,
+        }
+    }
+
+    /// The WGSL constant `MMA`: 0 rows, 1 emulated, else the fragment size.
+    fn code(self) -> u32 {
+        match self {
+            ScoreTile::Rows => 0,
+            ScoreTile::Emulated => 1,
+            ScoreTile::Coop8 => 8,
+            ScoreTile::Coop16 => 16,
+        }
+    }
+
+    fn suffix(self) -> &'static str {
+        match self {
+            ScoreTile::Rows => "",
+            ScoreTile::Emulated => "_tile",
+            ScoreTile::Coop8 => "_cm8",
+            ScoreTile::Coop16 => "_cm16",
+        }
+    }
+
+    /// The cooperative-matrix form an adapter offers for the score tile: 16×16×16 f16 × f16 →
+    /// f32 where listed, else 8×8×8; `None` without the feature or either configuration.
+    pub fn coop_for(
+        features: wgpu::Features,
+        props: &[wgpu::CooperativeMatrixProperties],
+    ) -> Option<ScoreTile> {
+        let needed = wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX
+            | wgpu::Features::SHADER_F16
+            | wgpu::Features::SUBGROUP;
+        if !features.contains(needed) {
+            return None;
+        }
+        let has = |n: u32| {
+            props.iter().any(|p| {
+                p.m_size == n
+                    && p.n_size == n
+                    && p.k_size == n
+                    && p.ab_type == wgpu::CooperativeScalarType::F16
+                    && p.cr_type == wgpu::CooperativeScalarType::F32
+            })
+        };
+        if has(16) {
+            Some(ScoreTile::Coop16)
+        } else if has(8) {
+            Some(ScoreTile::Coop8)
+        } else {
+            None
+        }
+    }
+}
+
+/// Keys per tile of the score-tile forms: 16 (one 16×16 fragment column; the staged f16 Q
+/// tile takes the workgroup memory that larger K tiles would).
+pub const TILE_BLOCK_K: u32 = 16;
+
 /// Query rows a decode workgroup is built for, given the rows of one KV group (query heads per
 /// KV head × most new queries): the smallest power of two that holds them, at most
 /// [`DECODE_MAX_ROWS`] (more rows are cut into row blocks). Llama-3's GQA (4 heads per KV
@@ -269,6 +390,8 @@ pub struct KernelKey {
     /// Decode: read one word of each cache line of the next keys' K and V rows ahead of their
     /// use, so that a CPU adapter's cache misses overlap (see [`crate::DecodeSpec::read_ahead`]).
     pub read_ahead: bool,
+    /// Fused: how a tile's scores are formed ([`ScoreTile::Rows`] elsewhere).
+    pub scores: ScoreTile,
 }
 
 impl KernelKey {
@@ -289,6 +412,7 @@ impl KernelKey {
             lane_reduce: LaneReduce::Workgroup,
             key_rot: KeyRotation::None,
             read_ahead: false,
+            scores: ScoreTile::Rows,
         }
     }
 
@@ -308,6 +432,25 @@ impl KernelKey {
     /// This key writing the log-sum-exp too.
     pub fn with_lse(self) -> Self {
         KernelKey { lse: true, ..self }
+    }
+
+    /// This fused key forming its scores as `scores` says. The score-tile forms use
+    /// [`TILE_BLOCK_K`] keys per tile and one query row per invocation: the
+    /// cooperative-matrix forms need whole subgroups (64 invocations), and the emulated form
+    /// mirrors them (with eight rows per invocation on lavapipe it returned wrong outputs once
+    /// a row saw more than seven key tiles, which one row per invocation does not).
+    pub fn with_scores(self, scores: ScoreTile) -> Self {
+        let (block_k, rows) = if scores == ScoreTile::Rows {
+            (block_k_for(self.head_dim, self.two_branch), self.rows)
+        } else {
+            (TILE_BLOCK_K, 1)
+        };
+        KernelKey {
+            scores,
+            block_k,
+            rows,
+            ..self
+        }
     }
 
     /// Whether the module needs `enable f16;` (and the device `SHADER_F16`).
@@ -356,6 +499,7 @@ impl KernelKey {
             lane_reduce: LaneReduce::Workgroup,
             key_rot: KeyRotation::None,
             read_ahead: false,
+            scores: ScoreTile::Rows,
         }
     }
 
@@ -383,6 +527,11 @@ impl KernelKey {
                         add(KernelKey::fused(d, 1, pos).with_storage(storage));
                         add(KernelKey::fused(d, multi_rows_for(d), pos).with_storage(storage));
                     }
+                }
+                // The emulated score tile (the cooperative-matrix kernel's arithmetic in plain
+                // WGSL) for every encoding kind at head size 64.
+                if d == 64 {
+                    add(KernelKey::fused(d, 1, pos).with_scores(ScoreTile::Emulated));
                 }
                 if pos == PosKind::Rope {
                     add(KernelKey::fused_two_branch(d, 1));
@@ -418,6 +567,7 @@ impl KernelKey {
                 KeyRotation::None
             },
             read_ahead: false,
+            scores: ScoreTile::Rows,
         }
     }
 
@@ -537,6 +687,35 @@ impl KernelKey {
         keys
     }
 
+    /// The cooperative-matrix score-tile variants (the device needs
+    /// `EXPERIMENTAL_COOPERATIVE_MATRIX`, `SHADER_F16` and `SUBGROUP`): both fragment sizes for
+    /// every encoding kind at head size 64 and the RoPE kernel at every head size, one row per
+    /// invocation (a GPU's), plus native f16 storage and the log-sum-exp output.
+    pub fn coop_examples() -> Vec<KernelKey> {
+        let mut keys = Vec::new();
+        for tile in [ScoreTile::Coop16, ScoreTile::Coop8] {
+            for pos in PosKind::VARIANTS {
+                keys.push(KernelKey::fused(64, 1, pos).with_scores(tile));
+            }
+            for &d in crate::spec::SUPPORTED_HEAD_DIMS {
+                if d != 64 && d.is_multiple_of(tile.fragment()) {
+                    keys.push(KernelKey::fused(d, 1, PosKind::Rope).with_scores(tile));
+                }
+            }
+            keys.push(
+                KernelKey::fused(64, 1, PosKind::Rope)
+                    .with_storage([StorageForm::F16; 4])
+                    .with_scores(tile),
+            );
+            keys.push(
+                KernelKey::fused(64, 1, PosKind::Rope)
+                    .with_lse()
+                    .with_scores(tile),
+            );
+        }
+        keys
+    }
+
     /// Every unfused-baseline variant the crate can build.
     pub fn all_unfused() -> Vec<KernelKey> {
         let mut keys = Vec::new();
@@ -574,8 +753,12 @@ impl KernelKey {
         };
         match self.stage {
             Stage::Fused => format!(
-                "attention_fused_d{}_bq{}_bk{}_r{}_{pos}{branch}{dt}",
-                self.head_dim, self.block_q, self.block_k, self.rows
+                "attention_fused_d{}_bq{}_bk{}_r{}_{pos}{branch}{}{dt}",
+                self.head_dim,
+                self.block_q,
+                self.block_k,
+                self.rows,
+                self.scores.suffix()
             ),
             Stage::Decode => format!(
                 "decode_d{}_r{}_l{}{}_{pos}{branch}{}{}{dt}",
@@ -615,12 +798,15 @@ impl KernelKey {
 
     /// The variant's constants, prepended to the family source.
     pub fn wgsl_header(&self) -> String {
+        let lens = score_tile_lens(self);
         format!(
             "// variant {}\nconst HEAD_DIM: u32 = {}u;\nconst BLOCK_Q: u32 = {}u;\n\
              const BLOCK_K: u32 = {}u;\nconst ROWS: u32 = {}u;\nconst POS_KIND: u32 = {}u;\n\
              const TWO_BRANCH: bool = {};\nconst K_TILES: u32 = {}u;\nconst LANES: u32 = {}u;\n\
              const UNITS: u32 = {}u;\nconst LANE_REDUCE: u32 = {}u;\nconst KEY_ROT: u32 = {}u;\n\
-             const READ_AHEAD: bool = {};\n",
+             const READ_AHEAD: bool = {};\nconst MMA: u32 = {}u;\nconst MMA_FRAG: u32 = {}u;\n\
+             const MQ_LEN: u32 = {}u;\nconst MK_LEN: u32 = {}u;\nconst K_TILE_LEN: u32 = {}u;\n\
+             const S_LEN: u32 = {}u;\n",
             self.name(),
             self.head_dim,
             self.block_q.max(1),
@@ -633,7 +819,13 @@ impl KernelKey {
             self.units(),
             self.lane_reduce as u32,
             self.key_rot as u32,
-            self.read_ahead
+            self.read_ahead,
+            self.scores.code(),
+            self.scores.fragment(),
+            lens.0,
+            lens.1,
+            lens.2,
+            lens.3
         )
     }
 
@@ -684,5 +876,68 @@ impl KernelKey {
     pub fn wgsl(&self) -> String {
         self.try_wgsl()
             .unwrap_or_else(|e| panic!("{}: {e}", self.name()))
+    }
+}
+
+#[cfg(test)]
+mod score_tile_tests {
+    use super::*;
+
+    fn prop(n: u32, ab: wgpu::CooperativeScalarType) -> wgpu::CooperativeMatrixProperties {
+        wgpu::CooperativeMatrixProperties {
+            m_size: n,
+            n_size: n,
+            k_size: n,
+            ab_type: ab,
+            cr_type: wgpu::CooperativeScalarType::F32,
+            saturating_accumulation: false,
+        }
+    }
+
+    #[test]
+    fn the_coop_form_follows_the_adapters_configurations() {
+        use wgpu::CooperativeScalarType::{F16, F32};
+        let all = wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX
+            | wgpu::Features::SHADER_F16
+            | wgpu::Features::SUBGROUP;
+        let both = [prop(8, F16), prop(16, F16)];
+        assert_eq!(ScoreTile::coop_for(all, &both), Some(ScoreTile::Coop16));
+        assert_eq!(ScoreTile::coop_for(all, &both[..1]), Some(ScoreTile::Coop8));
+        // f32 operands only (wgpu's Metal listing): no f16 tile.
+        assert_eq!(ScoreTile::coop_for(all, &[prop(8, F32)]), None);
+        // Any of the three features missing: none.
+        for missing in [
+            wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX,
+            wgpu::Features::SHADER_F16,
+            wgpu::Features::SUBGROUP,
+        ] {
+            assert_eq!(ScoreTile::coop_for(all - missing, &both), None);
+        }
+    }
+
+    #[test]
+    fn score_tile_keys_use_one_row_and_their_own_tiles() {
+        let rows = KernelKey::fused(64, 8, PosKind::Rope);
+        for t in [ScoreTile::Emulated, ScoreTile::Coop8, ScoreTile::Coop16] {
+            let k = rows.with_scores(t);
+            assert_eq!((k.rows, k.block_k), (1, TILE_BLOCK_K));
+            assert_ne!(k.name(), rows.name());
+            // Back to the row form: its own tile size (the row count stays 1).
+            assert_eq!(k.with_scores(ScoreTile::Rows).block_k, rows.block_k);
+        }
+        // Workgroup bytes: V in f32, Q and K tiles in f16 (coop) or f32 (emulated), scores.
+        let d = 64;
+        let coop = rows.with_scores(ScoreTile::Coop16);
+        assert_eq!(
+            workgroup_bytes(&coop),
+            16 * d * 4 + (64 * d + 16 * d) * 2 + 64 * 16 * 4 + 16
+        );
+        let emu = rows.with_scores(ScoreTile::Emulated);
+        assert_eq!(
+            workgroup_bytes(&emu),
+            16 * d * 4 + (64 * d + 16 * d) * 4 + 64 * 16 * 4 + 16
+        );
+        // The row form is unchanged: WebGPU's default 16 KiB at head size 64.
+        assert_eq!(workgroup_bytes(&rows), WORKGROUP_BYTES);
     }
 }
