@@ -12,7 +12,8 @@
 # minutes; PyTorch is skipped where it finds no CUDA device, and says so.
 #
 # OUT gets: info.txt (adapter, driver, commit), check.txt and check.json (`posattn check`),
-# prefill.txt and prefill.json (`posattn bench`, with the matmul roof), decode.txt and
+# prefill.txt and prefill.json (`posattn bench`, with the matmul roof), check_coop.* and
+# prefill_coop.* (the same with the cooperative-matrix score tile), decode.txt and
 # decode.json (`posattn bench --decode`), tune.txt and tune.json (`posattn tune`),
 # torch.txt (benches/torch_sdpa.py, prefill and decode), log.txt (every step's command, exit
 # status and time).
@@ -92,6 +93,14 @@ step check 240 "$out/check.txt" "$posattn" check --backend "$WGPU_BACKEND" "${ch
     --json "$out/check.json"
 step prefill 120 "$out/prefill.txt" "$posattn" bench --backend "$WGPU_BACKEND" --seq "$seqs" \
     --json "$out/prefill.json"
+# The cooperative-matrix score tile (tensor cores), in steps of its own so that a failure there
+# cannot cost the figures above: the quick matrix checked in that form, then the prefill table
+# with the coop rows (f32 and f16 storage) beside the row form. An adapter without cooperative
+# matrices reports them unsupported.
+step check-coop 90 "$out/check_coop.txt" "$posattn" check --backend "$WGPU_BACKEND" --quick \
+    --scores coop --json "$out/check_coop.json"
+step prefill-coop 120 "$out/prefill_coop.txt" "$posattn" bench --backend "$WGPU_BACKEND" \
+    --seq "$seqs" --scores coop --json "$out/prefill_coop.json"
 step decode 150 "$out/decode.txt" "$posattn" bench --decode --backend "$WGPU_BACKEND" \
     --cache "$caches" --batch "$batches" --json "$out/decode.json"
 # The tuned choice goes to the results folder, not the machine's cache.
