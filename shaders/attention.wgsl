@@ -136,12 +136,6 @@ fn stage_rows(from_q: bool, branch_q: bool, lid: u32, batch: u32, head: u32, row
 }
 
 
-// Whether the caller's bias value hides the key: −∞ or at most −1e30 (tested on the bits, since
-// WGSL lets compilers assume there are no infinities).
-fn bias_masks(b: f32) -> bool {
-    let bits = bitcast<u32>(b);
-    return bits >= bitcast<u32>(MASKED) && bits <= 0xff800000u;
-}
 
 // The four dot products whose lanes are in a, b, c, d.
 fn lane_sums(a: vec4<f32>, b: vec4<f32>, c: vec4<f32>, d: vec4<f32>) -> vec4<f32> {

@@ -23,3 +23,10 @@ fn in_window(kk: vec4<i32>, ip: i32) -> vec4<bool> {
     }
     return win;
 }
+
+// Whether the caller's bias value hides the key: −∞ or at most −1e30 (tested on the bits, since
+// WGSL lets compilers assume there are no infinities).
+fn bias_masks(b: f32) -> bool {
+    let bits = bitcast<u32>(b);
+    return bits >= bitcast<u32>(MASKED) && bits <= 0xff800000u;
+}

@@ -624,6 +624,18 @@ fn decode_attention(
                         s = pa_score4(vec4<f32>(s), qpos[r], vec4<i32>(kpos), head, qi,
                                       vec4<u32>(key)).x;
                     }
+                    // The caller's bias at (sequence, head, new query, cache slot), in natural
+                    // log units: −∞ (or ≤ −1e30) hides the key, NaN propagates.
+                    if (USER_BIAS) {
+                        let ub = user_bias_at(b * params.user_bias_stride_b
+                            + head * params.user_bias_stride_h + qi * cap + slot);
+                        if (bias_masks(ub)) {
+                            s = MASKED;
+                            vis = false;
+                        } else {
+                            s += ub * LOG2E;
+                        }
+                    }
                     // A NaN at a visible key makes the row NaN, as in a plain softmax.
                     if (is_nan_bits(s)) {
                         nanf[r] = true;

@@ -509,6 +509,12 @@ impl Context {
         self.pipelines.lse_bind_group_layout(&self.device)
     }
 
+    /// The bind-group layout of the decode kernels with the caller's bias, or an
+    /// [`Error::Unavailable`] when the device binds too few storage buffers per stage.
+    pub(crate) fn decode_bias_bind_group_layout(&self) -> Result<&wgpu::BindGroupLayout> {
+        self.pipelines.decode_bias_bind_group_layout(&self.device)
+    }
+
     /// Waits for `submission`, at most `self.timeout`.
     #[cfg(not(target_arch = "wasm32"))]
     pub(crate) fn wait(&self, submission: wgpu::SubmissionIndex) -> Result<()> {

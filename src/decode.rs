@@ -30,7 +30,7 @@ use crate::context::Context;
 use crate::dtype::{Dtype, HalfForm};
 use crate::encoding::masks::Extrapolation;
 use crate::error::{Error, Result};
-use crate::kernel::abi::{DecodeParams, Family, PosKind};
+use crate::kernel::abi::{DECODE_BINDINGS, DecodeParams, Family, PosKind};
 use crate::kernel::storage::StorageForm;
 use crate::kernel::{
     DECODE_WG, KernelKey, KeyRotation, decode_lane_plan, decode_rows, decode_workgroup_bytes,
@@ -153,13 +153,6 @@ impl DecodeSpec {
     /// The checks of the decode-only fields.
     pub fn validate(&self) -> Result<()> {
         let a = &self.attention;
-        if a.bias.is_some() {
-            return Err(Error::invalid(
-                "bias",
-                "no caller bias (not available in decode plans)",
-                "a bias layout",
-            ));
-        }
         if a.extrapolation != Extrapolation::None && self.keys_rotated {
             return Err(Error::invalid(
                 "extrapolation",
@@ -242,6 +235,9 @@ pub struct DecodeBuffers<'a> {
     pub lengths: wgpu::BufferBinding<'a>,
     /// The output, written by the kernel.
     pub out: wgpu::BufferBinding<'a>,
+    /// The caller's additive bias (f32 `[batch or 1, num_heads or 1, max_q, capacity]`, over
+    /// cache slots, as the spec's `bias` layout says); required exactly when the spec has one.
+    pub bias: Option<wgpu::BufferBinding<'a>>,
 }
 
 impl<'a> DecodeBuffers<'a> {
@@ -261,7 +257,14 @@ impl<'a> DecodeBuffers<'a> {
             positions: None,
             lengths: lengths.into_binding(),
             out: out.into_binding(),
+            bias: None,
         }
+    }
+
+    /// The caller's bias over cache slots (see the field).
+    pub fn with_bias(mut self, bias: impl IntoBinding<'a>) -> Self {
+        self.bias = Some(bias.into_binding());
+        self
     }
 
     /// Positions per slot from the caller's buffer.
@@ -417,7 +420,8 @@ impl DecodePlan {
         ))
         .with_storage(storage)
         .with_two_branch(plan.two_branch)
-        .with_read_ahead(spec.reads_ahead(ctx.adapter_info().device_type));
+        .with_read_ahead(spec.reads_ahead(ctx.adapter_info().device_type))
+        .with_bias(a.bias.is_some());
         let wg_bytes = decode_workgroup_bytes(&key);
         if wg_bytes > limits.max_compute_workgroup_storage_size {
             return Err(Error::unavailable(
@@ -428,7 +432,10 @@ impl DecodePlan {
         }
         let pipeline = ctx.pipeline_with_async(key, plan.custom.as_ref()).await?;
         let reduce = if splits > 1 {
-            let reduce_key = KernelKey::decode_reduce(a.head_dim).with_storage(storage);
+            // The reduce shares the step's bind group, so its layout too.
+            let reduce_key = KernelKey::decode_reduce(a.head_dim)
+                .with_storage(storage)
+                .with_bias(a.bias.is_some());
             Some(ctx.pipeline_async(reduce_key).await?)
         } else {
             None
@@ -637,8 +644,8 @@ impl DecodePlan {
     }
 
     /// Checks the bindings; returns their bound sizes (q, k_cache, v_cache, positions,
-    /// lengths, out; positions 0 when the plan's own are used).
-    fn check_buffers(&self, bufs: &DecodeBuffers) -> Result<[u64; 6]> {
+    /// lengths, out, bias; positions 0 when the plan's own are used, bias 0 without one).
+    fn check_buffers(&self, bufs: &DecodeBuffers) -> Result<[u64; 7]> {
         let a = &self.spec.attention;
         let d = a.dtypes;
         let l = &self.limits;
@@ -659,6 +666,24 @@ impl DecodePlan {
             }
             None => 0,
         };
+        let bias = match (&bufs.bias, a.bias) {
+            (Some(b), Some(_)) => l.check("bias", b, crate::attention::bias_len(a) as u64 * 4)?,
+            (None, None) => 0,
+            (Some(_), None) => {
+                return Err(Error::invalid(
+                    "bias",
+                    "no bias buffer (the plan's spec has no bias layout)",
+                    "a buffer",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(Error::invalid(
+                    "bias",
+                    "a bias buffer (the plan's spec has a bias layout)",
+                    "none",
+                ));
+            }
+        };
         check_written_alone(
             ("out", &bufs.out),
             &[
@@ -667,9 +692,10 @@ impl DecodePlan {
                 ("v_cache", Some(&bufs.v_cache)),
                 ("positions", bufs.positions.as_ref()),
                 ("lengths", Some(&bufs.lengths)),
+                ("bias", bufs.bias.as_ref()),
             ],
         )?;
-        Ok([q, k, v, pos, len, out])
+        Ok([q, k, v, pos, len, out, bias])
     }
 
     /// Forgets the bind groups kept for the buffer sets seen so far (they hold the caller's
@@ -686,13 +712,13 @@ impl DecodePlan {
         bufs: &DecodeBuffers,
         cache: bool,
     ) -> Result<wgpu::BindGroup> {
-        let [sq, sk, sv, sp, sl, so] = self.check_buffers(bufs)?;
+        let [sq, sk, sv, sp, sl, so, sb] = self.check_buffers(bufs)?;
         let own = self.default_positions.as_entire_buffer_binding();
         let (positions, sp) = match &bufs.positions {
             Some(p) => (p.clone(), sp),
             None => (own, self.default_positions.size()),
         };
-        let probe = [
+        let mut probe = vec![
             (bufs.q.buffer, bufs.q.offset, sq),
             (bufs.k_cache.buffer, bufs.k_cache.offset, sk),
             (bufs.v_cache.buffer, bufs.v_cache.offset, sv),
@@ -700,6 +726,9 @@ impl DecodePlan {
             (bufs.lengths.buffer, bufs.lengths.offset, sl),
             (bufs.out.buffer, bufs.out.offset, so),
         ];
+        if let Some(b) = &bufs.bias {
+            probe.push((b.buffer, b.offset, sb));
+        }
         let make = || {
             ctx.scoped("creating the decode bind group", || {
                 let f = Family::Decode;
@@ -709,7 +738,7 @@ impl DecodePlan {
                     self.dparams.as_entire_buffer_binding(),
                     self.partials.as_entire_buffer_binding(),
                 );
-                let entries = [
+                let mut entries = vec![
                     entry(f.slot("q_buf"), &bufs.q),
                     entry(f.slot("k_cache"), &bufs.k_cache),
                     entry(f.slot("v_cache"), &bufs.v_cache),
@@ -721,12 +750,23 @@ impl DecodePlan {
                     entry(f.slot("dparams"), &dparams),
                     entry(f.slot("partials"), &partials),
                 ];
-                ctx.device().create_bind_group(&wgpu::BindGroupDescriptor {
-                    label: Some("posattn decode"),
-                    layout: ctx.bind_group_layout(Family::Decode),
-                    entries: &entries,
+                // The bias variants' own layout (nine storage buffers; checked at plan time).
+                let layout = match &bufs.bias {
+                    Some(b) => {
+                        entries.push(entry(DECODE_BINDINGS.len() as u32, b));
+                        ctx.decode_bias_bind_group_layout()
+                    }
+                    None => Ok(ctx.bind_group_layout(Family::Decode)),
+                };
+                layout.map(|layout| {
+                    ctx.device().create_bind_group(&wgpu::BindGroupDescriptor {
+                        label: Some("posattn decode"),
+                        layout,
+                        entries: &entries,
+                    })
                 })
             })
+            .and_then(|r| r)
         };
         if cache {
             self.bind_groups.get_or_make(&probe, make)
@@ -806,7 +846,67 @@ impl DecodePlan {
         positions: Option<&[i32]>,
         lengths: &[(u32, u32)],
     ) -> Result<Vec<f32>> {
+        self.run_with_bias_async(ctx, q, k_cache, v_cache, positions, lengths, None)
+            .await
+    }
+
+    /// [`DecodePlan::run`] with the caller's bias over cache slots (f32 `[batch or 1,
+    /// num_heads or 1, max_q, capacity]`), required exactly when the spec has a bias layout.
+    #[cfg(not(target_arch = "wasm32"))]
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_with_bias(
+        &self,
+        ctx: &Context,
+        q: &[f32],
+        k_cache: &[f32],
+        v_cache: &[f32],
+        positions: Option<&[i32]>,
+        lengths: &[(u32, u32)],
+        bias: Option<&[f32]>,
+    ) -> Result<Vec<f32>> {
+        pollster::block_on(
+            self.run_with_bias_async(ctx, q, k_cache, v_cache, positions, lengths, bias),
+        )
+    }
+
+    /// [`DecodePlan::run_with_bias`] as a future.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn run_with_bias_async(
+        &self,
+        ctx: &Context,
+        q: &[f32],
+        k_cache: &[f32],
+        v_cache: &[f32],
+        positions: Option<&[i32]>,
+        lengths: &[(u32, u32)],
+        bias: Option<&[f32]>,
+    ) -> Result<Vec<f32>> {
         let a = &self.spec.attention;
+        let bias_len = crate::spec::bias_len(a);
+        match (bias, a.bias) {
+            (Some(b), Some(_)) if b.len() != bias_len => {
+                return Err(Error::invalid(
+                    "bias",
+                    format!("{bias_len} values"),
+                    format!("{} values", b.len()),
+                ));
+            }
+            (Some(_), None) => {
+                return Err(Error::invalid(
+                    "bias",
+                    "no bias (the plan's spec has no bias layout)",
+                    "values",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(Error::invalid(
+                    "bias",
+                    "a bias (the plan's spec has a bias layout)",
+                    "none",
+                ));
+            }
+            _ => {}
+        }
         let cap_len = a.batch as usize * a.seq_k as usize;
         for (field, got, want) in [
             ("q", q.len(), a.q_len()),
@@ -834,6 +934,7 @@ impl DecodePlan {
             let pb = positions.map(|p| init("posattn positions", bytemuck::cast_slice(p)));
             let words: Vec<u32> = lengths.iter().flat_map(|&(q, k)| [q, k]).collect();
             let lb = init("posattn lengths", bytemuck::cast_slice(&words));
+            let bb = bias.map(|b| init("posattn bias", bytemuck::cast_slice(b)));
             let poison = a.dtypes.out.encode(&vec![f32::NAN; a.q_len()]);
             let out = ctx.buffer_init("posattn out", &poison, st | wgpu::BufferUsages::COPY_SRC);
             let mut enc = ctx
@@ -843,6 +944,7 @@ impl DecodePlan {
                 });
             let mut bufs = DecodeBuffers::new(&qb, &kb, &vb, &lb, &out);
             bufs.positions = pb.as_ref().map(|p| p.as_entire_buffer_binding());
+            bufs.bias = bb.as_ref().map(|b| b.as_entire_buffer_binding());
             // One-off buffers: their bind group is made here and not kept.
             let bg = self.bind_group(ctx, &bufs, false)?;
             {

@@ -143,6 +143,7 @@ fn generate_with(ctx: &Context, spec: DecodeSpec, steps: u32, retable: Option<Re
             v: history.v.clone(),
             pos: history.pos.clone(),
             q: qs.clone(),
+            bias: None,
         };
         hist.q.resize(a.q_len(), 0.0);
         let lengths: Vec<(u32, u32)> = (0..2).map(|b| (counts[b], cache.keys()[b])).collect();
@@ -330,6 +331,37 @@ fn bad_decode_input_is_a_typed_error_naming_the_field() {
         }),
         Some("v_cache")
     );
+
+    // The caller's bias: a buffer the plan does not ask for; a plan that asks for one, without
+    // it, with one too short, and on the host with the wrong count.
+    let bias = storage(&ctx, 4 * 2 * 64 * 4);
+    assert_eq!(encode(bufs.clone().with_bias(&bias)), Some("bias"));
+    let biased = DecodeSpec::new(small(64).with_bias(posattn::BiasLayout::default()));
+    let bplan = DecodePlan::new(&ctx, &biased).unwrap();
+    let a = &bplan.spec().attention;
+    let need = posattn::spec::bias_len(a) as u64 * 4;
+    let (full, short) = (storage(&ctx, need), storage(&ctx, need - 4));
+    let bencode = |b: DecodeBuffers| {
+        let mut enc = ctx.device().create_command_encoder(&Default::default());
+        bplan
+            .encode(&ctx, &mut enc, &b)
+            .err()
+            .and_then(|e| e.field())
+    };
+    assert_eq!(bencode(bufs.clone()), Some("bias"));
+    assert_eq!(bencode(bufs.clone().with_bias(&short)), Some("bias"));
+    assert_eq!(bencode(bufs.clone().with_bias(&full)), None);
+    let zeros = |n: usize| vec![0.0f32; n];
+    let r = bplan.run_with_bias(
+        &ctx,
+        &zeros(a.q_len()),
+        &zeros(a.kv_len()),
+        &zeros(a.kv_len()),
+        None,
+        &[(1, 1), (1, 1)],
+        Some(&zeros(posattn::spec::bias_len(a) - 1)),
+    );
+    assert_eq!(r.err().and_then(|e| e.field()), Some("bias"));
 
     // A ring cache without positions.
     let ring = DecodeSpec::new(small(64).with_window(Window::recent(32))).with_ring();

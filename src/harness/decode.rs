@@ -64,6 +64,10 @@ pub struct History {
     pub pos: Vec<Vec<i32>>,
     /// Q rows of the new queries, `[batch, max_q, heads, head_dim]`.
     pub q: Vec<f32>,
+    /// The caller's bias over cache slots when the spec has a bias layout (`[batch or 1,
+    /// heads or 1, max_q, capacity]`): seeded values, with every seventh slot of each row
+    /// hidden (−∞), as a mask would.
+    pub bias: Option<Vec<f32>>,
 }
 
 impl History {
@@ -85,7 +89,56 @@ impl History {
             v.push(draw(n as usize * row, d.v));
             pos.push((0..n as i32).map(|i| i + offset).collect());
         }
-        History { k, v, pos, q }
+        let bias = a.bias.map(|_| {
+            let cap = a.seq_k as usize;
+            rng.vec(crate::spec::bias_len(a), 1.0)
+                .into_iter()
+                .enumerate()
+                .map(|(i, x)| {
+                    if (i % cap) % 7 == 3 {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.5 * x
+                    }
+                })
+                .collect()
+        });
+        History { k, v, pos, q, bias }
+    }
+
+    /// Sequence b's bias for its `q_len` new rows over its first `keys` tokens, re-laid from
+    /// cache slots to token order (`[1, heads or 1, q_len, keys]`), if the spec has one.
+    fn sequence_bias(
+        &self,
+        spec: &DecodeSpec,
+        b: usize,
+        q_len: u32,
+        keys: u32,
+    ) -> Option<Vec<f32>> {
+        let a = &spec.attention;
+        let (layout, bias) = (a.bias?, self.bias.as_ref()?);
+        let cap = a.seq_k as usize;
+        let heads = if layout.broadcast_heads {
+            1
+        } else {
+            a.num_heads as usize
+        };
+        let plane = a.seq_q as usize * cap;
+        let base = if layout.broadcast_batch {
+            0
+        } else {
+            b * heads * plane
+        };
+        let mut out = Vec::with_capacity(heads * (q_len * keys) as usize);
+        for h in 0..heads {
+            for i in 0..q_len as usize {
+                for j in 0..keys {
+                    let slot = cache_slot(spec.ring, a.sink_tokens, a.seq_k, j) as usize;
+                    out.push(bias[base + h * plane + i * cap + slot]);
+                }
+            }
+        }
+        Some(out)
     }
 
     /// The cache contents after the whole history was appended: (k, v, positions).
@@ -125,15 +178,17 @@ impl History {
             seq_k: keys,
             ..a.clone()
         };
+        let bias = self.sequence_bias(spec, b, q_len, keys);
         let off = b * a.seq_q as usize * qrow;
         let q = &self.q[off..off + q_len as usize * qrow];
         let k = &self.k[b][..keys as usize * row];
         let v = &self.v[b][..keys as usize * row];
         let pk = &self.pos[b][..keys as usize];
         let pq = &pk[(keys - q_len) as usize..];
+        let bias = bias.as_deref();
         (
-            reference::attention::<f64>(&s, q, k, v, pq, pk),
-            reference::attention::<f32>(&s, q, k, v, pq, pk),
+            reference::attention_with_bias::<f64>(&s, q, k, v, pq, pk, bias),
+            reference::attention_with_bias::<f32>(&s, q, k, v, pq, pk, bias),
         )
     }
 }
@@ -197,8 +252,16 @@ pub async fn run_decode_case_async(ctx: &Context, case: &DecodeCase) -> CaseResu
     let start = Instant::now();
     let gpu = match DecodePlan::new_async(ctx, &case.spec).await {
         Ok(plan) => {
-            plan.run_async(ctx, &history.q, &k, &v, Some(&p), &case.lengths)
-                .await
+            plan.run_with_bias_async(
+                ctx,
+                &history.q,
+                &k,
+                &v,
+                Some(&p),
+                &case.lengths,
+                history.bias.as_deref(),
+            )
+            .await
         }
         Err(e) => Err(e),
     };
@@ -415,6 +478,50 @@ pub fn decode_cases() -> Vec<DecodeCase> {
                 .with_streaming(4, 32, true),
         )
         .with_ring(),
+        vec![(2, 700), (1, 90)],
+    ));
+    // The caller's bias over cache slots (a ninth storage buffer): per sequence and head on a
+    // GQA batch; broadcast over heads and batch on a split run; in a ring cache of sinks and
+    // window, where slots are not token indices. Every seventh slot of each row is hidden (−∞).
+    let biased = |mut s: DecodeSpec, layout: crate::BiasLayout| {
+        s.attention = s.attention.with_bias(layout);
+        s
+    };
+    cases.push(DecodeCase::new(
+        "decode_bias_gqa_b2",
+        biased(spec(2, 3, 200, 4, 2), crate::BiasLayout::default()),
+        vec![(3, 150), (1, 61)],
+    ));
+    cases.push(DecodeCase::new(
+        "decode_bias_broadcast_split3",
+        biased(
+            spec(2, 2, 2100, 4, 2).with_splits(3),
+            crate::BiasLayout {
+                broadcast_batch: true,
+                broadcast_heads: true,
+            },
+        ),
+        vec![(2, 2049), (1, 700)],
+    ));
+    cases.push(DecodeCase::new(
+        "decode_bias_ring_streaming_s4_r32",
+        biased(
+            DecodeSpec::new(
+                AttentionSpec::default()
+                    .with_batch(2)
+                    .with_seq_q(2)
+                    .with_seq_k(4 + 32 + 2)
+                    .with_heads(4)
+                    .with_kv_heads(2)
+                    .with_position(rope())
+                    .with_streaming(4, 32, false),
+            )
+            .with_ring(),
+            crate::BiasLayout {
+                broadcast_batch: false,
+                broadcast_heads: true,
+            },
+        ),
         vec![(2, 700), (1, 90)],
     ));
     // Split KV, forced: 1 (unsplit), 3 and 7 chunks on the same inputs.

@@ -372,6 +372,11 @@ pub const DECODE_BINDINGS: [Binding; 10] = [
 /// declare it).
 pub const LSE_BINDING: Binding = b("lse_buf", Access::ReadWrite, "array<f32>");
 
+/// The binding a decode variant with the caller's bias adds after [`DECODE_BINDINGS`] (a ninth
+/// storage buffer, past WebGPU's default of eight per stage, so only those variants declare it):
+/// f32 `[batch or 1, num_heads or 1, max new queries, capacity]`, over cache slots.
+pub const DECODE_BIAS_BINDING: Binding = b("user_bias", Access::Read, "array<f32>");
+
 /// The unfused baseline's bindings (every stage shares them); the index is the binding number.
 pub const UNFUSED_BINDINGS: [Binding; 6] = [
     b("src_a", Access::Read, "array<f32>"),

@@ -48,6 +48,10 @@ pub fn naga_capabilities(key: &KernelKey) -> naga::valid::Capabilities {
     if key.lane_reduce.subgroups() {
         caps |= Capabilities::SUBGROUP;
     }
+    // The emulated score tile rounds with quantizeToF16 (an f16 conversion in f32 code).
+    if key.scores == super::variants::ScoreTile::Emulated {
+        caps |= Capabilities::SHADER_FLOAT16_IN_FLOAT32;
+    }
     if key.scores.coop() {
         caps |= Capabilities::SHADER_FLOAT16
             | Capabilities::COOPERATIVE_MATRIX
@@ -69,6 +73,9 @@ pub(crate) struct Pipelines {
     /// The fused layout plus `lse_buf`, where the device allows that many storage buffers.
     fused_lse: Option<FamilyLayout>,
     lse_storage_buffers: u32,
+    /// The decode layout plus `user_bias`, where the device allows that many storage buffers.
+    decode_bias: Option<FamilyLayout>,
+    decode_bias_storage_buffers: u32,
     cache: Mutex<HashMap<KernelKey, wgpu::ComputePipeline>>,
     /// Kernels compiled so far and the time their compilation took (native only).
     compiled: Mutex<(usize, std::time::Duration)>,
@@ -99,29 +106,51 @@ impl Pipelines {
             .iter()
             .filter(|b| b.access != super::abi::Access::Uniform)
             .count() as u32;
-        let fused_lse =
-            (device.limits().max_storage_buffers_per_shader_stage >= storage).then(|| {
-                let bind_group =
-                    device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-                        label: Some("posattn fused lse"),
-                        entries: &super::abi::layout_entries(&lse_bindings),
+        // A layout for a variant's own bindings, where the device allows its storage buffers.
+        let extra = |bindings: &[super::abi::Binding], label: &'static str| {
+            let storage = bindings
+                .iter()
+                .filter(|b| {
+                    !matches!(
+                        b.access,
+                        super::abi::Access::Uniform | super::abi::Access::DecodeUniform
+                    )
+                })
+                .count() as u32;
+            let layout =
+                (device.limits().max_storage_buffers_per_shader_stage >= storage).then(|| {
+                    let bind_group =
+                        device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                            label: Some(label),
+                            entries: &super::abi::layout_entries(bindings),
+                        });
+                    let pipeline = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                        label: Some(label),
+                        bind_group_layouts: &[Some(&bind_group)],
+                        immediate_size: 0,
                     });
-                let pipeline = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-                    label: Some("posattn fused lse"),
-                    bind_group_layouts: &[Some(&bind_group)],
-                    immediate_size: 0,
+                    FamilyLayout {
+                        bind_group,
+                        pipeline,
+                    }
                 });
-                FamilyLayout {
-                    bind_group,
-                    pipeline,
-                }
-            });
+            (layout, storage)
+        };
+        let (fused_lse, _) = extra(&lse_bindings, "posattn fused lse");
+        // The decode variants with the caller's bias bind one more storage buffer too (nine).
+        let bias_bindings = KernelKey::decode(64, 1, super::abi::PosKind::None)
+            .with_bias(true)
+            .bindings();
+        let (decode_bias, decode_bias_storage_buffers) =
+            extra(&bias_bindings, "posattn decode bias");
         Pipelines {
             fused: make(Family::Fused, "posattn fused"),
             unfused: make(Family::Unfused, "posattn unfused"),
             decode: make(Family::Decode, "posattn decode"),
             fused_lse,
             lse_storage_buffers: storage,
+            decode_bias,
+            decode_bias_storage_buffers,
             cache: Mutex::new(HashMap::new()),
             compiled: Mutex::new((0, std::time::Duration::ZERO)),
         }
@@ -144,6 +173,26 @@ impl Pipelines {
                 device.limits().max_storage_buffers_per_shader_stage,
             )
         })
+    }
+
+    /// The layout of the decode variants with the caller's bias, or why the device cannot bind
+    /// them.
+    fn decode_bias_layout(&self, device: &wgpu::Device) -> Result<&FamilyLayout> {
+        self.decode_bias.as_ref().ok_or_else(|| {
+            Error::unavailable(
+                "storage buffers per shader stage (decode with a caller bias)",
+                self.decode_bias_storage_buffers,
+                device.limits().max_storage_buffers_per_shader_stage,
+            )
+        })
+    }
+
+    /// The bind-group layout of the decode variants with the caller's bias.
+    pub fn decode_bias_bind_group_layout(
+        &self,
+        device: &wgpu::Device,
+    ) -> Result<&wgpu::BindGroupLayout> {
+        Ok(&self.decode_bias_layout(device)?.bind_group)
     }
 
     /// The bind-group layout of the log-sum-exp variants.
@@ -239,6 +288,8 @@ impl Pipelines {
         };
         let layout = if key.lse {
             &self.lse_layout(device)?.pipeline
+        } else if key.bias && key.family() == Family::Decode {
+            &self.decode_bias_layout(device)?.pipeline
         } else {
             &self.layout(key.family()).pipeline
         };

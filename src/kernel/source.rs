@@ -87,6 +87,12 @@ pub(crate) fn compose(key: &KernelKey, hooks: Option<&str>) -> Result<String, Co
     }
     if key.family() == Family::Decode {
         accessors += lane_sum_wgsl(key.lane_reduce);
+        // The caller's bias: read only by the variants that bind `user_bias`.
+        accessors += if key.bias {
+            "const USER_BIAS: bool = true;\nfn user_bias_at(i: u32) -> f32 {\n    return user_bias[i];\n}\n"
+        } else {
+            "const USER_BIAS: bool = false;\nfn user_bias_at(i: u32) -> f32 {\n    return 0.0;\n}\n"
+        };
     }
     if key.family() == Family::Fused {
         accessors += &score_tile_wgsl(key.scores);

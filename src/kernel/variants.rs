@@ -392,6 +392,8 @@ pub struct KernelKey {
     pub read_ahead: bool,
     /// Fused: how a tile's scores are formed ([`ScoreTile::Rows`] elsewhere).
     pub scores: ScoreTile,
+    /// Decode: adds the caller's bias (binding `user_bias`); the fused kernel always binds it.
+    pub bias: bool,
 }
 
 impl KernelKey {
@@ -413,6 +415,7 @@ impl KernelKey {
             key_rot: KeyRotation::None,
             read_ahead: false,
             scores: ScoreTile::Rows,
+            bias: false,
         }
     }
 
@@ -470,6 +473,9 @@ impl KernelKey {
         if self.family() == Family::Fused && self.lse {
             b.push(LSE_BINDING);
         }
+        if self.family() == Family::Decode && self.bias {
+            b.push(super::abi::DECODE_BIAS_BINDING);
+        }
         b
     }
 
@@ -500,6 +506,7 @@ impl KernelKey {
             key_rot: KeyRotation::None,
             read_ahead: false,
             scores: ScoreTile::Rows,
+            bias: false,
         }
     }
 
@@ -568,12 +575,18 @@ impl KernelKey {
             },
             read_ahead: false,
             scores: ScoreTile::Rows,
+            bias: false,
         }
     }
 
     /// This decode key with a second RoPE branch per key (an extrapolation method), or not.
     pub fn with_two_branch(self, two_branch: bool) -> Self {
         KernelKey { two_branch, ..self }
+    }
+
+    /// This decode key adding the caller's bias, or not.
+    pub fn with_bias(self, bias: bool) -> Self {
+        KernelKey { bias, ..self }
     }
 
     /// This decode key reading the next keys' cache lines ahead, or not.
@@ -627,6 +640,10 @@ impl KernelKey {
             // Two RoPE scores per key (ReRoPE, LM-Infinite, StreamingLLM's cache index).
             keys.push(KernelKey::decode(d, 4, PosKind::Rope).with_two_branch(true));
         }
+        // The caller's bias (a ninth storage buffer), with its reduce.
+        keys.push(KernelKey::decode(64, 4, PosKind::Rope).with_bias(true));
+        keys.push(KernelKey::decode(64, 2, PosKind::Rope).with_bias(true));
+        keys.push(KernelKey::decode_reduce(64).with_bias(true));
         for storage in PORTABLE_STORAGE_EXAMPLES {
             keys.push(KernelKey::decode(64, 8, PosKind::Rope).with_storage(storage));
             keys.push(
@@ -761,15 +778,20 @@ impl KernelKey {
                 self.scores.suffix()
             ),
             Stage::Decode => format!(
-                "decode_d{}_r{}_l{}{}_{pos}{branch}{}{}{dt}",
+                "decode_d{}_r{}_l{}{}_{pos}{branch}{}{}{}{dt}",
                 self.head_dim,
                 self.rows,
                 self.lanes,
                 self.lane_reduce.suffix(),
                 self.key_rot.suffix(),
-                if self.read_ahead { "_ra" } else { "" }
+                if self.read_ahead { "_ra" } else { "" },
+                if self.bias { "_ub" } else { "" }
             ),
-            Stage::DecodeReduce => format!("decode_reduce_d{}{dt}", self.head_dim),
+            Stage::DecodeReduce => format!(
+                "decode_reduce_d{}{}{dt}",
+                self.head_dim,
+                if self.bias { "_ub" } else { "" }
+            ),
             _ => format!("unfused_{}_d{}_{pos}", self.entry_point(), self.head_dim),
         }
     }
