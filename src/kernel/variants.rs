@@ -440,8 +440,10 @@ impl KernelKey {
     /// This fused key forming its scores as `scores` says. The score-tile forms use
     /// [`TILE_BLOCK_K`] keys per tile and one query row per invocation: the
     /// cooperative-matrix forms need whole subgroups (64 invocations), and the emulated form
-    /// mirrors them (with eight rows per invocation on lavapipe it returned wrong outputs once
-    /// a row saw more than seven key tiles, which one row per invocation does not).
+    /// mirrors them. (With eight rows per invocation, Mesa 22.3's lavapipe computes the
+    /// emulated form wrongly once a row sees more than seven key tiles, error 1.2e-2 on a
+    /// 113-key case; Mesa 25.0.7's lavapipe computes the same variant right, 2.6e-5: a driver
+    /// bug, which one row per invocation does not meet.)
     pub fn with_scores(self, scores: ScoreTile) -> Self {
         let (block_k, rows) = if scores == ScoreTile::Rows {
             (block_k_for(self.head_dim, self.two_branch), self.rows)
