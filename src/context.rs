@@ -387,8 +387,26 @@ impl Context {
 
     /// The cooperative-matrix score tile this device runs (`Coop16` or `Coop8`), if it was
     /// opened with [`ContextOptions::cooperative_matrix`] on an adapter that lists an f16 × f16
-    /// → f32 configuration of either size; `None` on a caller's device.
+    /// → f32 configuration of either size; on a caller's device, once
+    /// [`Context::set_cooperative_matrix_properties`] was told the adapter's configurations.
     pub fn coop_score_tile(&self) -> Option<ScoreTile> {
+        self.coop
+    }
+
+    /// For a caller's device ([`Context::from_device`]) that was opened with
+    /// `EXPERIMENTAL_COOPERATIVE_MATRIX`, `SHADER_F16` and `SUBGROUP`: the adapter's
+    /// cooperative-matrix configurations (`adapter.cooperative_matrix_properties()`, which the
+    /// device does not carry). Returns the form they allow on this device, which
+    /// [`Context::coop_score_tile`] reports from then on; `None` when the device lacks a
+    /// feature or the list has no f16 × f16 → f32 configuration of size 16 or 8.
+    pub fn set_cooperative_matrix_properties(
+        &mut self,
+        props: &[wgpu::CooperativeMatrixProperties],
+    ) -> Option<ScoreTile> {
+        self.coop = ScoreTile::coop_for(self.device.features(), props);
+        if self.score_tile.coop() && self.coop != Some(self.score_tile) {
+            self.score_tile = ScoreTile::Rows;
+        }
         self.coop
     }
 

@@ -156,3 +156,33 @@ fn unfused_baseline_matches_the_reference() {
         check(&ctx, &case, true);
     }
 }
+
+/// A caller's device carries no cooperative-matrix configurations: the context offers none
+/// until told the adapter's, and then only if the device was opened with the features (this
+/// application device was not, so even a 16×16 f16 configuration allows nothing), and a
+/// cooperative form asked for anyway is `Unavailable` naming `score_tile`.
+#[test]
+fn cooperative_matrices_on_a_callers_device_follow_its_features() {
+    let Some(mut ctx) = caller_context() else {
+        println!("no adapter: cooperative-matrix embedding test did not run");
+        return;
+    };
+    assert_eq!(ctx.coop_score_tile(), None);
+    let f16_16 = wgpu::CooperativeMatrixProperties {
+        m_size: 16,
+        n_size: 16,
+        k_size: 16,
+        ab_type: wgpu::CooperativeScalarType::F16,
+        cr_type: wgpu::CooperativeScalarType::F32,
+        saturating_accumulation: false,
+    };
+    let has_feature = ctx
+        .device()
+        .features()
+        .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX);
+    assert!(!has_feature, "the application device did not ask for it");
+    assert_eq!(ctx.set_cooperative_matrix_properties(&[f16_16]), None);
+    let e = ctx.set_score_tile(posattn::ScoreTile::Coop16).unwrap_err();
+    assert_eq!(e.field(), Some("score_tile"));
+    assert_eq!(ctx.score_tile(), posattn::ScoreTile::Rows);
+}
