@@ -139,7 +139,8 @@ fn runs_on_vulkan(c: &check::Case) -> bool {
 /// masks and extrapolation methods at head_dim 64). Vulkan runs the RoPE sweep, and
 /// `posattn check --backend gl` the whole matrix on GL. Also left out on GL, for CI's
 /// 20-minute budget: the two-branch kernel (ReRoPE, Leaky ReRoPE, LM-Infinite, StreamingLLM's
-/// cache-index positions), the slowest of GL's six variants to compile; it runs on Vulkan.
+/// cache-index positions), the largest of GL's six fused variants (two K tiles, two
+/// rotations); it runs on Vulkan.
 fn runs_on_gl(c: &check::Case) -> bool {
     (c.group != Group::HeadDims || (c.encoding == SWEEP_ENCODING && c.spec.head_dim == 64))
         && c.spec.extrapolation == posattn::Extrapolation::None
