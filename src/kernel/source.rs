@@ -148,8 +148,9 @@ fn score_tile_wgsl(scores: ScoreTile) -> String {
              fn mma_product(sg: u32, nsg: u32, lid: u32) {}\n\
              fn mma_score(i: u32) -> f32 {\n    return 0.0;\n}\n"
             .to_string(),
-        // f32 arrays holding f16 values (quantizeToF16 needs no f16 support): the same
-        // operands as the cooperative-matrix forms, accumulated in f32.
+        // f32 arrays holding f16 values (quantizeToF16 needs no f16 type, only the f16-in-f32
+        // conversions every WebGPU device has): the same operands as the cooperative-matrix
+        // forms, accumulated in f32.
         ScoreTile::Emulated => "var<workgroup> mq: array<f32, MQ_LEN>;\n\
              var<workgroup> mk: array<f32, MK_LEN>;\n\
              var<workgroup> s_tile: array<f32, S_LEN>;\n\
