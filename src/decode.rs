@@ -666,23 +666,10 @@ impl DecodePlan {
             }
             None => 0,
         };
-        let bias = match (&bufs.bias, a.bias) {
-            (Some(b), Some(_)) => l.check("bias", b, crate::attention::bias_len(a) as u64 * 4)?,
-            (None, None) => 0,
-            (Some(_), None) => {
-                return Err(Error::invalid(
-                    "bias",
-                    "no bias buffer (the plan's spec has no bias layout)",
-                    "a buffer",
-                ));
-            }
-            (None, Some(_)) => {
-                return Err(Error::invalid(
-                    "bias",
-                    "a bias buffer (the plan's spec has a bias layout)",
-                    "none",
-                ));
-            }
+        check_bias_given(bufs.bias.is_some(), a)?;
+        let bias = match &bufs.bias {
+            Some(b) => l.check("bias", b, crate::attention::bias_len(a) as u64 * 4)?,
+            None => 0,
         };
         check_written_alone(
             ("out", &bufs.out),
@@ -882,30 +869,14 @@ impl DecodePlan {
         bias: Option<&[f32]>,
     ) -> Result<Vec<f32>> {
         let a = &self.spec.attention;
+        check_bias_given(bias.is_some(), a)?;
         let bias_len = crate::spec::bias_len(a);
-        match (bias, a.bias) {
-            (Some(b), Some(_)) if b.len() != bias_len => {
-                return Err(Error::invalid(
-                    "bias",
-                    format!("{bias_len} values"),
-                    format!("{} values", b.len()),
-                ));
-            }
-            (Some(_), None) => {
-                return Err(Error::invalid(
-                    "bias",
-                    "no bias (the plan's spec has no bias layout)",
-                    "values",
-                ));
-            }
-            (None, Some(_)) => {
-                return Err(Error::invalid(
-                    "bias",
-                    "a bias (the plan's spec has a bias layout)",
-                    "none",
-                ));
-            }
-            _ => {}
+        if let Some(b) = bias.filter(|b| b.len() != bias_len) {
+            return Err(Error::invalid(
+                "bias",
+                format!("{bias_len} values"),
+                format!("{} values", b.len()),
+            ));
         }
         let cap_len = a.batch as usize * a.seq_k as usize;
         for (field, got, want) in [
@@ -963,6 +934,23 @@ impl DecodePlan {
             .read_buffer_async(&out, (a.q_len() * out_dt.size()) as u64)
             .await?;
         out_dt.decode("out", &bytes)
+    }
+}
+
+/// A bias is given exactly when the spec has a bias layout.
+fn check_bias_given(given: bool, a: &AttentionSpec) -> Result<()> {
+    match (given, a.bias.is_some()) {
+        (true, false) => Err(Error::invalid(
+            "bias",
+            "no bias (the plan's spec has no bias layout)",
+            "a bias",
+        )),
+        (false, true) => Err(Error::invalid(
+            "bias",
+            "a bias (the plan's spec has a bias layout)",
+            "none",
+        )),
+        _ => Ok(()),
     }
 }
 

@@ -404,11 +404,6 @@ impl Family {
             .position(|b| b.name == name)
             .unwrap_or_else(|| panic!("no binding {name}")) as u32
     }
-
-    /// Bind-group layout entries, from the same table the WGSL is generated from.
-    pub(crate) fn layout_entries(self) -> Vec<wgpu::BindGroupLayoutEntry> {
-        layout_entries(self.bindings())
-    }
 }
 
 /// Bind-group layout entries of `bindings` (binding number = index).

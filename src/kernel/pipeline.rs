@@ -83,10 +83,11 @@ pub(crate) struct Pipelines {
 
 impl Pipelines {
     pub fn new(device: &wgpu::Device) -> Self {
-        let make = |family: Family, label| {
+        // The layouts of a table of bindings.
+        let layout = |bindings: &[super::abi::Binding], label: &'static str| {
             let bind_group = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
                 label: Some(label),
-                entries: &family.layout_entries(),
+                entries: &super::abi::layout_entries(bindings),
             });
             let pipeline = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
                 label: Some(label),
@@ -98,14 +99,11 @@ impl Pipelines {
                 pipeline,
             }
         };
+        let make = |family: Family, label| layout(family.bindings(), label);
         // The log-sum-exp variants bind one storage buffer more than the others (nine).
         let lse_bindings = KernelKey::fused(64, 1, super::abi::PosKind::None)
             .with_lse()
             .bindings();
-        let storage = lse_bindings
-            .iter()
-            .filter(|b| b.access != super::abi::Access::Uniform)
-            .count() as u32;
         // A layout for a variant's own bindings, where the device allows its storage buffers.
         let extra = |bindings: &[super::abi::Binding], label: &'static str| {
             let storage = bindings
@@ -117,26 +115,10 @@ impl Pipelines {
                     )
                 })
                 .count() as u32;
-            let layout =
-                (device.limits().max_storage_buffers_per_shader_stage >= storage).then(|| {
-                    let bind_group =
-                        device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-                            label: Some(label),
-                            entries: &super::abi::layout_entries(bindings),
-                        });
-                    let pipeline = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-                        label: Some(label),
-                        bind_group_layouts: &[Some(&bind_group)],
-                        immediate_size: 0,
-                    });
-                    FamilyLayout {
-                        bind_group,
-                        pipeline,
-                    }
-                });
-            (layout, storage)
+            let fits = device.limits().max_storage_buffers_per_shader_stage >= storage;
+            (fits.then(|| layout(bindings, label)), storage)
         };
-        let (fused_lse, _) = extra(&lse_bindings, "posattn fused lse");
+        let (fused_lse, storage) = extra(&lse_bindings, "posattn fused lse");
         // The decode variants with the caller's bias bind one more storage buffer too (nine).
         let bias_bindings = KernelKey::decode(64, 1, super::abi::PosKind::None)
             .with_bias(true)
