@@ -3,19 +3,23 @@
 # on the same card, all written to one results folder. Built for a machine without Rust: build
 # the binaries here, carry them there.
 #
-#   benches/gpu.sh build                 # here: release binaries into gpu-bin/ (git-ignored)
-#   benches/gpu.sh run OUT [--reduced]   # there (or here): every step, results in OUT
+#   benches/gpu.sh build                          # here: release binary into gpu-bin/ (git-ignored)
+#   benches/gpu.sh run OUT [--reduced] [--archive FILE]   # there (or here): results in OUT
 #
-# `run` takes about 6 minutes on an H100/H200 (each step has its own time limit, so a hung step
-# cannot eat the rest) and uses WGPU_BACKEND=vulkan unless it is set. `--reduced` is the same
-# script at small shapes, to try the whole path on a software adapter (lavapipe) in a few
-# minutes; PyTorch is skipped where it finds no CUDA device, and says so.
+# `run` is planned to end within 8 minutes on an H100/H200: the steps run most important first,
+# each under its own time limit (so a hung step cannot eat the rest), and with `--archive FILE`
+# the results folder is packed into FILE (.tar.gz) after every step, so that whatever finished
+# before a cut-off comes back. It uses WGPU_BACKEND=vulkan unless that is set. `--reduced` is
+# the same script at small shapes, to try the whole path on a software adapter (lavapipe) in a
+# few minutes; PyTorch is skipped where it finds no CUDA device, and says so.
 #
-# OUT gets: info.txt (adapter, driver, commit), check.txt and check.json (`posattn check`),
-# prefill.txt and prefill.json (`posattn bench`, with the matmul roof), check_coop.* and
-# prefill_coop.* (the same with the cooperative-matrix score tile), decode.txt and
-# decode.json (`posattn bench --decode`), tune.txt and tune.json (`posattn tune`),
-# torch.txt (benches/torch_sdpa.py, prefill and decode), log.txt (every step's command, exit
+# OUT gets: info.txt (adapter, driver, commit); check_coop.txt and .json (the quick matrix with
+# the cooperative-matrix score tile); prefill.txt and .json (`posattn bench` at head_dim 64 and
+# 128 on a plain device: the row form, the matmul roof, the unfused pipeline, every storage
+# dtype); prefill_coop.txt and .json (the same on a device opened with cooperative matrices,
+# with the coop rows in f32 and f16 storage); decode.txt and .json (`posattn bench --decode`);
+# torch.txt (benches/torch_sdpa.py, prefill and decode); check.txt and .json (`posattn check`,
+# the whole matrix); tune.txt and .json (`posattn tune`); log.txt (every step's command, exit
 # status and time).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,9 +37,18 @@ build)
     exit 0
     ;;
 run)
-    out="${2:?usage: benches/gpu.sh run OUT [--reduced]}"
+    out="${2:?usage: benches/gpu.sh run OUT [--reduced] [--archive FILE]}"
+    shift 2
     reduced=0
-    [ "${3:-}" = "--reduced" ] && reduced=1
+    archive=
+    while [ $# -gt 0 ]; do
+        case "$1" in
+        --reduced) reduced=1 ;;
+        --archive) archive="${2:?--archive needs a file}"; shift ;;
+        *) echo "unknown option $1" >&2; exit 2 ;;
+        esac
+        shift
+    done
     ;;
 *)
     echo "usage: benches/gpu.sh build | run OUT [--reduced]" >&2
@@ -61,12 +74,15 @@ step() {
     timeout "$limit" "$@" >>"$file" 2>&1
     local rc=$?
     echo "   exit $rc after $((SECONDS - t0)) s" | tee -a "$log"
+    [ -n "$archive" ] && tar czf "$archive" -C "$out" .
+    return 0
 }
 
 if ((reduced)); then
     check_args=(--quick)
     tune_args=(--head-dim 64 --seq 256 --runs 3)
     seqs=256,512
+    dims=64
     caches=512,1024
     batches=1
     torch_seqs=(512 1024)
@@ -75,6 +91,7 @@ else
     check_args=()
     tune_args=()
     seqs=512,1024,2048,4096,8192
+    dims=64,128
     caches=512,1024,2048,4096,8192,16384,32768
     batches=1,4
     torch_seqs=(512 1024 2048 4096 8192)
@@ -88,28 +105,33 @@ fi
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total \
         --format=csv,noheader
 } >"$out/info.txt" 2>&1
-step info 60 "$out/info.txt" "$posattn" info
-step check 240 "$out/check.txt" "$posattn" check --backend "$WGPU_BACKEND" "${check_args[@]}" \
-    --json "$out/check.json"
-step prefill 120 "$out/prefill.txt" "$posattn" bench --backend "$WGPU_BACKEND" --seq "$seqs" \
-    --json "$out/prefill.json"
-# The cooperative-matrix score tile (tensor cores), in steps of its own so that a failure there
-# cannot cost the figures above: the quick matrix checked in that form, then the prefill table
-# with the coop rows (f32 and f16 storage) beside the row form. An adapter without cooperative
-# matrices reports them unsupported.
-step check-coop 90 "$out/check_coop.txt" "$posattn" check --backend "$WGPU_BACKEND" --quick \
+step info 30 "$out/info.txt" "$posattn" info
+# Most important first: the cooperative-matrix score tile (tensor cores) checked in the quick
+# matrix, then the prefill tables per head size: on a plain device (the row form with the
+# matmul roof and the unfused pipeline, then every storage dtype), and on a device opened with
+# cooperative matrices (which on Vulkan also switches to the Vulkan memory model), with the
+# coop rows in f32 and f16 storage beside the row form.
+step check-coop 60 "$out/check_coop.txt" "$posattn" check --backend "$WGPU_BACKEND" --quick \
     --scores coop --json "$out/check_coop.json"
+step prefill 120 "$out/prefill.txt" "$posattn" bench --backend "$WGPU_BACKEND" --seq "$seqs" \
+    --head-dim "$dims" --json "$out/prefill.json"
 step prefill-coop 120 "$out/prefill_coop.txt" "$posattn" bench --backend "$WGPU_BACKEND" \
-    --seq "$seqs" --scores coop --json "$out/prefill_coop.json"
-step decode 150 "$out/decode.txt" "$posattn" bench --decode --backend "$WGPU_BACKEND" \
+    --seq "$seqs" --head-dim "$dims" --scores coop --json "$out/prefill_coop.json"
+step decode 120 "$out/decode.txt" "$posattn" bench --decode --backend "$WGPU_BACKEND" \
     --cache "$caches" --batch "$batches" --json "$out/decode.json"
-# The tuned choice goes to the results folder, not the machine's cache.
-step tune 180 "$out/tune.txt" env POSATTN_TUNE_FILE="$out/tune.json" "$posattn" tune \
-    --backend "$WGPU_BACKEND" "${tune_args[@]}"
 if python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-    step torch-prefill 90 "$out/torch.txt" python3 benches/torch_sdpa.py "${torch_seqs[@]}"
-    step torch-decode 90 "$out/torch.txt" python3 benches/torch_sdpa.py --decode "${torch_caches[@]}"
+    step torch-prefill 60 "$out/torch.txt" python3 benches/torch_sdpa.py --head-dim "$dims" \
+        "${torch_seqs[@]}"
+    step torch-decode 60 "$out/torch.txt" python3 benches/torch_sdpa.py --decode "${torch_caches[@]}"
 else
     echo "PyTorch with a CUDA device not found: SDPA not run" | tee -a "$log" >"$out/torch.txt"
 fi
+# The whole conformance matrix in the row form, then the rows-per-invocation tuning.
+step check 150 "$out/check.txt" "$posattn" check --backend "$WGPU_BACKEND" "${check_args[@]}" \
+    --json "$out/check.json"
+# The tuned choice goes to the results folder, not the machine's cache.
+step tune 90 "$out/tune.txt" env POSATTN_TUNE_FILE="$out/tune.json" "$posattn" tune \
+    --backend "$WGPU_BACKEND" "${tune_args[@]}"
 echo "results in $out" | tee -a "$log"
+[ -n "$archive" ] && tar czf "$archive" -C "$out" .
+exit 0

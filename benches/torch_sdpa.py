@@ -2,8 +2,8 @@
 device comparison in BENCHMARKS.md: batch 1, 8 heads, head_dim 64, causal, RoPE (HF half layout,
 theta 10000) applied the way Hugging Face does before SDPA.
 
-Usage: python3 benches/torch_sdpa.py 512 1024 2048 4096
-Prints one markdown row per (dtype, seq): SDPA alone and RoPE + SDPA, median of 50 CUDA-event
+Usage: python3 benches/torch_sdpa.py [--head-dim 64,128] 512 1024 2048 4096
+Prints one markdown row per (dtype, head_dim, seq): SDPA alone and RoPE + SDPA, median of 50 CUDA-event
 timed runs after 10 warm-ups, GFLOP/s counted as 4·b·h·s²·d / 2 (causal).
 
 Decode (the shapes of `posattn bench --decode`): python3 benches/torch_sdpa.py --decode 512 8192
@@ -76,27 +76,31 @@ def main():
     if sys.argv[1:2] == ["--decode"]:
         decode([int(s) for s in sys.argv[2:]] or [512, 1024, 2048, 4096, 8192, 16384, 32768])
         return
-    seqs = [int(s) for s in sys.argv[1:]] or [512, 1024, 2048, 4096]
+    args = sys.argv[1:]
+    dims = [64]
+    if args[:1] == ["--head-dim"]:
+        dims = [int(d) for d in args[1].split(",")]
+        args = args[2:]
+    seqs = [int(s) for s in args] or [512, 1024, 2048, 4096]
     dev = torch.device("cuda")
     print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
-    print("| dtype | seq | SDPA ms | SDPA GFLOP/s | RoPE + SDPA ms | RoPE + SDPA GFLOP/s |")
-    print("|---|---|---|---|---|---|")
-    for dtype in (torch.float32, torch.float16):
-        for s in seqs:
-            b, h, d = 1, 8, 64
-            g = torch.Generator(device=dev).manual_seed(s)
-            q, k, v = (torch.randn(b, h, s, d, device=dev, dtype=dtype, generator=g) for _ in range(3))
-            pos = torch.arange(s, device=dev)
-            flops = 4 * b * h * s * s * d / 2
-            t_sdpa = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
-            t_full = timed(
-                lambda: F.scaled_dot_product_attention(rope(q, pos), rope(k, pos), v, is_causal=True)
-            )
-            name = str(dtype).replace("torch.", "")
-            print(
-                f"| {name} | {s} | {t_sdpa:.3f} | {flops / t_sdpa / 1e6:.0f} | "
-                f"{t_full:.3f} | {flops / t_full / 1e6:.0f} |"
-            )
+    print("| dtype | head_dim | seq | SDPA ms | SDPA GFLOP/s | RoPE + SDPA ms | RoPE + SDPA GFLOP/s |")
+    print("|---|---|---|---|---|---|---|")
+    for dtype, d, s in ((t, d, s) for t in (torch.float32, torch.float16) for d in dims for s in seqs):
+        b, h = 1, 8
+        g = torch.Generator(device=dev).manual_seed(s)
+        q, k, v = (torch.randn(b, h, s, d, device=dev, dtype=dtype, generator=g) for _ in range(3))
+        pos = torch.arange(s, device=dev)
+        flops = 4 * b * h * s * s * d / 2
+        t_sdpa = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        t_full = timed(
+            lambda: F.scaled_dot_product_attention(rope(q, pos), rope(k, pos), v, is_causal=True)
+        )
+        name = str(dtype).replace("torch.", "")
+        print(
+            f"| {name} | {d} | {s} | {t_sdpa:.3f} | {flops / t_sdpa / 1e6:.0f} | "
+            f"{t_full:.3f} | {flops / t_full / 1e6:.0f} |"
+        )
 
 
 if __name__ == "__main__":

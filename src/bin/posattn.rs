@@ -115,7 +115,8 @@ enum Command {
         adapter: Option<String>,
     },
     /// A quick side-by-side of the fused kernel and the unfused pipeline on every adapter
-    /// (causal, RoPE, 8 heads, head_dim 64, batch 1): median GPU time of a few runs, GFLOP/s,
+    /// (causal, RoPE, 8 heads, head_dim 64 unless `--head-dim`, batch 1): median GPU time of a
+    /// few runs, GFLOP/s,
     /// fused/unfused speed and device memory. `cargo bench` is the careful measurement.
     Bench {
         #[arg(long, value_enum)]
@@ -128,6 +129,9 @@ enum Command {
         /// Timed runs per measurement (the median is reported).
         #[arg(long, default_value_t = 5)]
         runs: usize,
+        /// Prefill: head sizes, each a table of its own (decode uses Llama-3-8B's 128).
+        #[arg(long, value_delimiter = ',', default_values_t = vec![64u32])]
+        head_dim: Vec<u32>,
         /// Decode instead: one new query against a KV cache, Llama-3-8B heads (32 query, 8 KV,
         /// head_dim 128, RoPE), per cache length and batch, with the adapter's copy-kernel
         /// bandwidth as the roof and today's prefill kernel at seq_q = 1 for comparison.
@@ -1059,10 +1063,18 @@ fn bench(
     backend: Option<Backend>,
     adapter: Option<String>,
     seqs: &[u32],
+    head_dims: &[u32],
     runs: usize,
     json_path: Option<&std::path::Path>,
     scores: Scores,
 ) -> posattn::Result<()> {
+    if head_dims.is_empty() || seqs.is_empty() {
+        return Err(posattn::Error::invalid(
+            if seqs.is_empty() { "seq" } else { "head_dim" },
+            "at least one value",
+            "none",
+        ));
+    }
     use posattn::harness::roof::MatmulRoof;
     use posattn::harness::timing::{median, time_encoded};
     let opts = options(backend, adapter)?;
@@ -1097,77 +1109,90 @@ fn bench(
             roof.n(),
             each.join(", ")
         );
-        println!(
-            "  {:>6} {:>11} {:>9} {:>6} {:>11} {:>9} {:>7} {:>10} {:>12}",
-            "seq",
-            "fused ms",
-            "GFLOP/s",
-            "/roof",
-            "unfused ms",
-            "GFLOP/s",
-            "speed",
-            "fused MiB",
-            "unfused MiB"
-        );
-        for &seq in seqs {
-            let spec = posattn::AttentionSpec::default()
-                .with_seq_len(seq)
-                .with_heads(8)
-                .with_position(posattn::PositionEncoding::Rope(posattn::Rope::new(10000.0)));
-            let (q, k, v, o) = random_qkvo(&ctx, &spec, seq as u64);
-            let bufs = posattn::AttentionBuffers::new(&q, &k, &v, &o);
-            let io = (q.size() + k.size() + v.size() + o.size()) as f64;
-            let mib = |b: f64| b / (1024.0 * 1024.0);
-            let gf = |ms: f64| spec.flops() / (ms * 1e-3) / 1e9;
-            let fused = posattn::Attention::new(&ctx, &spec)?;
-            let (_, _) = time_encoded(&ctx, 1, |e| fused.encode(&ctx, e, &bufs))?; // warm-up
-            let (clock, t) = time_encoded(&ctx, runs, |e| fused.encode(&ctx, e, &bufs))?;
-            let f_ms = median(&t).as_secs_f64() * 1e3;
-            let mut unfused_gflops = None;
-            let line = match posattn::harness::Unfused::new(&ctx, &spec) {
-                Ok(u) => {
-                    let _ = time_encoded(&ctx, 1, |e| u.encode(&ctx, e, &bufs))?;
-                    let (_, t) = time_encoded(&ctx, runs, |e| u.encode(&ctx, e, &bufs))?;
-                    let u_ms = median(&t).as_secs_f64() * 1e3;
-                    unfused_gflops = Some(gf(u_ms));
-                    format!(
-                        "{u_ms:>11.3} {:>9.1} {:>6.2}x {:>10.1} {:>12.1}",
-                        gf(u_ms),
-                        u_ms / f_ms,
-                        mib(io + fused.own_bytes() as f64),
-                        mib(io + u.own_bytes() as f64)
-                    )
-                }
-                Err(e) => format!("  unfused unavailable: {e}"),
-            };
+        for &head_dim in head_dims {
+            println!("\n  head_dim {head_dim}");
             println!(
-                "  {seq:>6} {f_ms:>11.3} {:>9.1} {:>5.2}x {line}  ({clock})",
-                gf(f_ms),
-                gf(f_ms) / roof_gflops
+                "  {:>6} {:>11} {:>9} {:>6} {:>11} {:>9} {:>7} {:>10} {:>12}",
+                "seq",
+                "fused ms",
+                "GFLOP/s",
+                "/roof",
+                "unfused ms",
+                "GFLOP/s",
+                "speed",
+                "fused MiB",
+                "unfused MiB"
             );
-            rows.push(serde_json::json!({
+            for &seq in seqs {
+                let spec = posattn::AttentionSpec::default()
+                    .with_seq_len(seq)
+                    .with_heads(8)
+                    .with_head_dim(head_dim)
+                    .with_position(posattn::PositionEncoding::Rope(posattn::Rope::new(10000.0)));
+                let (q, k, v, o) = random_qkvo(&ctx, &spec, seq as u64);
+                let bufs = posattn::AttentionBuffers::new(&q, &k, &v, &o);
+                let io = (q.size() + k.size() + v.size() + o.size()) as f64;
+                let mib = |b: f64| b / (1024.0 * 1024.0);
+                let gf = |ms: f64| spec.flops() / (ms * 1e-3) / 1e9;
+                let fused = match posattn::Attention::new(&ctx, &spec) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        println!("  {seq:>6} fused kernel unavailable: {e}");
+                        continue;
+                    }
+                };
+                let (_, _) = time_encoded(&ctx, 1, |e| fused.encode(&ctx, e, &bufs))?; // warm-up
+                let (clock, t) = time_encoded(&ctx, runs, |e| fused.encode(&ctx, e, &bufs))?;
+                let f_ms = median(&t).as_secs_f64() * 1e3;
+                let mut unfused_gflops = None;
+                let line = match posattn::harness::Unfused::new(&ctx, &spec) {
+                    Ok(u) => {
+                        let _ = time_encoded(&ctx, 1, |e| u.encode(&ctx, e, &bufs))?;
+                        let (_, t) = time_encoded(&ctx, runs, |e| u.encode(&ctx, e, &bufs))?;
+                        let u_ms = median(&t).as_secs_f64() * 1e3;
+                        unfused_gflops = Some(gf(u_ms));
+                        format!(
+                            "{u_ms:>11.3} {:>9.1} {:>6.2}x {:>10.1} {:>12.1}",
+                            gf(u_ms),
+                            u_ms / f_ms,
+                            mib(io + fused.own_bytes() as f64),
+                            mib(io + u.own_bytes() as f64)
+                        )
+                    }
+                    Err(e) => format!("  unfused unavailable: {e}"),
+                };
+                println!(
+                    "  {seq:>6} {f_ms:>11.3} {:>9.1} {:>5.2}x {line}  ({clock})",
+                    gf(f_ms),
+                    gf(f_ms) / roof_gflops
+                );
+                rows.push(serde_json::json!({
+                    "adapter": ctx.describe(),
+                    "seq": seq,
+                    "head_dim": head_dim,
+                    "dtype": "f32",
+                    "scores": "rows",
+                    "fused_gflops": gf(f_ms),
+                    "unfused_gflops": unfused_gflops,
+                    "roof_gflops": roof_gflops,
+                }));
+            }
+            for (seq, form, ms) in bench_dtypes(&mut ctx, seqs, head_dim, runs, tile)? {
+                let spec = posattn::AttentionSpec::default()
+                    .with_seq_len(seq)
+                    .with_heads(8)
+                    .with_head_dim(head_dim);
+                rows.push(serde_json::json!({
                 "adapter": ctx.describe(),
                 "seq": seq,
-                "dtype": "f32",
-                "scores": "rows",
-                "fused_gflops": gf(f_ms),
-                "unfused_gflops": unfused_gflops,
-                "roof_gflops": roof_gflops,
-            }));
-        }
-        for (seq, form, ms) in bench_dtypes(&mut ctx, seqs, runs, tile)? {
-            let spec = posattn::AttentionSpec::default()
-                .with_seq_len(seq)
-                .with_heads(8);
-            rows.push(serde_json::json!({
-                "adapter": ctx.describe(),
-                "seq": seq,
+                "head_dim": head_dim,
                 "dtype": form,
                 "scores": if form.contains("tile") || form.contains("coop") { form.split(' ').nth(1) } else { Some("rows") },
                 "fused_gflops": spec.flops() / (ms * 1e-3) / 1e9,
                 "unfused_gflops": null,
                 "roof_gflops": roof_gflops,
             }));
+            }
         }
     }
     if let Some(path) = json_path {
@@ -1182,6 +1207,7 @@ fn bench(
 fn bench_dtypes(
     ctx: &mut Context,
     seqs: &[u32],
+    head_dim: u32,
     runs: usize,
     tile: Option<posattn::ScoreTile>,
 ) -> posattn::Result<Vec<(u32, &'static str, f64)>> {
@@ -1225,6 +1251,7 @@ fn bench_dtypes(
         let base = posattn::AttentionSpec::default()
             .with_seq_len(seq)
             .with_heads(8)
+            .with_head_dim(head_dim)
             .with_position(posattn::PositionEncoding::Rope(posattn::Rope::new(10000.0)));
         let mut rng = check::SplitMix::new(seq as u64);
         let (q, k, v) = (
@@ -1233,25 +1260,35 @@ fn bench_dtypes(
             rng.vec(base.kv_len(), 1.0),
         );
         let mut setups = Vec::new();
-        for &(_, d, half, t) in &forms {
+        for &(name, d, half, t) in &forms {
             let spec = base.clone().with_dtype(d);
-            let mk = |x: &[f32]| {
-                ctx.device()
-                    .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                        label: None,
-                        contents: &d.encode(x),
-                        usage: wgpu::BufferUsages::STORAGE,
-                    })
-            };
-            let bufs = (mk(&q), mk(&k), mk(&v), mk(&q));
             ctx.set_score_tile(t)?;
             let plan = posattn::Attention::with_half_form(ctx, &spec, half);
             ctx.set_score_tile(ScoreTile::Rows)?;
-            setups.push((plan?, bufs, Vec::new()));
+            // A form this adapter cannot build is reported and left out of the row; the
+            // others are still timed.
+            match plan {
+                Ok(plan) => {
+                    let mk = |x: &[f32]| {
+                        ctx.device()
+                            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                                label: None,
+                                contents: &d.encode(x),
+                                usage: wgpu::BufferUsages::STORAGE,
+                            })
+                    };
+                    let bufs = (mk(&q), mk(&k), mk(&v), mk(&q));
+                    setups.push(Some((plan, bufs, Vec::new())));
+                }
+                Err(e) => {
+                    println!("  {seq:>6} {name}: unavailable: {e}");
+                    setups.push(None);
+                }
+            }
         }
         // Warm-up, then rounds of one timed run per form.
         for round in 0..=runs {
-            for (plan, (q, k, v, o), times) in setups.iter_mut() {
+            for (plan, (q, k, v, o), times) in setups.iter_mut().flatten() {
                 let bufs = posattn::AttentionBuffers::new(&*q, &*k, &*v, &*o);
                 let (_, t) = time_encoded(ctx, 1, |e| plan.encode(ctx, e, &bufs))?;
                 if round > 0 {
@@ -1259,11 +1296,18 @@ fn bench_dtypes(
                 }
             }
         }
-        let f32_ms = median(&setups[0].2).as_secs_f64() * 1e3;
+        let f32_ms = setups[0].as_ref().map(|s| median(&s.2).as_secs_f64() * 1e3);
         print!("  {seq:>6}");
-        for ((_, _, t), (name, ..)) in setups.iter().zip(&forms) {
+        for (setup, (name, ..)) in setups.iter().zip(&forms) {
+            let Some((_, _, t)) = setup else {
+                print!(" {:>18}", "-");
+                continue;
+            };
             let ms = median(t).as_secs_f64() * 1e3;
-            print!(" {:>18}", format!("{ms:.2} ({:.2}x)", f32_ms / ms));
+            match f32_ms {
+                Some(f) => print!(" {:>18}", format!("{ms:.2} ({:.2}x)", f / ms)),
+                None => print!(" {:>18}", format!("{ms:.2}")),
+            }
             if *name != "f32" {
                 out.push((seq, *name, ms));
             }
@@ -1541,8 +1585,15 @@ fn main() -> ExitCode {
             dtype,
             json,
             scores,
+            head_dim,
         } => {
             let _ = seq;
+            if head_dim != [64] {
+                eprintln!(
+                    "error: invalid `--head-dim`: expected it with prefill only (decode runs                      Llama-3-8B's 128), got it with --decode"
+                );
+                return ExitCode::from(2);
+            }
             if scores != Scores::Rows {
                 eprintln!(
                     "error: invalid `--scores`: expected it with prefill only (the decode kernel \
@@ -1590,8 +1641,17 @@ fn main() -> ExitCode {
             runs,
             json,
             scores,
+            head_dim,
             ..
-        } => match bench(backend, adapter, &seq, runs.max(1), json.as_deref(), scores) {
+        } => match bench(
+            backend,
+            adapter,
+            &seq,
+            &head_dim,
+            runs.max(1),
+            json.as_deref(),
+            scores,
+        ) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e}");
