@@ -89,7 +89,7 @@ if ((reduced)); then
     torch_caches=(512 1024)
 else
     check_args=()
-    tune_args=()
+    tune_args=(--runs 3)
     seqs=512,1024,2048,4096,8192
     dims=64,128
     caches=512,1024,2048,4096,8192,16384,32768
@@ -119,6 +119,10 @@ step prefill-coop 120 "$out/prefill_coop.txt" "$posattn" bench --backend "$WGPU_
     --seq "$seqs" --head-dim "$dims" --scores coop --json "$out/prefill_coop.json"
 step decode 120 "$out/decode.txt" "$posattn" bench --decode --backend "$WGPU_BACKEND" \
     --cache "$caches" --batch "$batches" --json "$out/decode.json"
+# Split-KV against one split at batch 1 (the split rule's choice is in decode.txt), f32 and f16.
+step decode-unsplit 60 "$out/decode_unsplit.txt" "$posattn" bench --decode \
+    --backend "$WGPU_BACKEND" --cache "$caches" --batch 1 --splits 1 --dtype f32,f16 \
+    --prefill-max 0 --json "$out/decode_unsplit.json"
 if python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
     step torch-prefill 60 "$out/torch.txt" python3 benches/torch_sdpa.py --head-dim "$dims" \
         "${torch_seqs[@]}"
@@ -130,7 +134,7 @@ fi
 step check 150 "$out/check.txt" "$posattn" check --backend "$WGPU_BACKEND" "${check_args[@]}" \
     --json "$out/check.json"
 # The tuned choice goes to the results folder, not the machine's cache.
-step tune 90 "$out/tune.txt" env POSATTN_TUNE_FILE="$out/tune.json" "$posattn" tune \
+step tune 60 "$out/tune.txt" env POSATTN_TUNE_FILE="$out/tune.json" "$posattn" tune \
     --backend "$WGPU_BACKEND" "${tune_args[@]}"
 echo "results in $out" | tee -a "$log"
 [ -n "$archive" ] && tar czf "$archive" -C "$out" .

@@ -3,8 +3,9 @@ device comparison in BENCHMARKS.md: batch 1, 8 heads, head_dim 64, causal, RoPE 
 theta 10000) applied the way Hugging Face does before SDPA.
 
 Usage: python3 benches/torch_sdpa.py [--head-dim 64,128] 512 1024 2048 4096
-Prints one markdown row per (dtype, head_dim, seq): SDPA alone and RoPE + SDPA, median of 50 CUDA-event
-timed runs after 10 warm-ups, GFLOP/s counted as 4·b·h·s²·d / 2 (causal).
+Prints one markdown row per (dtype, head_dim, seq): SDPA alone and RoPE + SDPA, the median of 20
+CUDA-event timed runs after the GPU has been kept busy for 0.2 s (see `timed`), GFLOP/s counted
+as 4·b·h·s²·d / 2 (causal).
 
 Decode (the shapes of `posattn bench --decode`): python3 benches/torch_sdpa.py --decode 512 8192
 One new query per sequence against a cache of the given lengths, Llama-3-8B heads (32 query, 8 KV,
@@ -30,18 +31,36 @@ def rope(x, pos, theta=10000.0):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def timed(fn, iters=50, warmup=10):
-    for _ in range(warmup):
-        fn()
+def timed(fn, iters=20, settle_s=0.2, run_ms=1.0):
+    """Median milliseconds per call. The GPU is first kept busy with `fn` for `settle_s` (its
+    clocks idle low and rise under sustained work), then each of `iters` CUDA-event timed runs
+    calls `fn` back to back as many times as fill about `run_ms`, like posattn's timing."""
+    import time
+
+    fn()
     torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    n = 0
+    while time.perf_counter() - t0 < settle_s:
+        fn()
+        n += 1
+        if n % 8 == 0:
+            torch.cuda.synchronize()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    fn()
+    b.record()
+    torch.cuda.synchronize()
+    reps = max(1, min(256, int(run_ms / max(a.elapsed_time(b), 1e-3)) + 1))
     times = []
     for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        for _ in range(reps):
+            fn()
         b.record()
         torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
+        times.append(a.elapsed_time(b) / reps)
     times.sort()
     return times[len(times) // 2]
 
