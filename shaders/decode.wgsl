@@ -758,6 +758,17 @@ fn decode_attention(
 
 // Merges the chunks of one (sequence, new query, head): O = Σ acc_s 2^(m_s − M) / Σ l_s 2^(m_s − M)
 // with M the largest running max; 0 when no key was visible, NaN when a chunk saw a NaN score.
+// The chunks are shared out over the workgroup rather than walked by each channel in turn (a GPU
+// plan runs hundreds of them): the max and the NaN flag by a strided pass and a tree, then
+// RED_GROUPS groups of RED_CH invocations each sum a strided share of the chunks for every
+// channel, and the first group adds the groups' sums in a fixed order.
+const RED_GROUPS: u32 = max(1u, WG / HEAD_VEC);
+const RED_CH: u32 = WG / RED_GROUPS;
+var<workgroup> red_m: array<f32, WG>;
+var<workgroup> red_n: array<u32, WG>;
+var<workgroup> red_a: array<vec4<f32>, WG>;
+var<workgroup> red_l: array<f32, WG>;
+
 @compute @workgroup_size(WG)
 fn decode_reduce(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -766,31 +777,77 @@ fn decode_reduce(
     let qi = wg.x;
     let head = wg.y;
     let b = wg.z;
-    if (qi >= seq_lengths(b).x) {
+    if (lid == 0u) {
+        lens_sh = seq_lengths(b);
+    }
+    let lens = workgroupUniformLoad(&lens_sh);
+    if (qi >= lens.x) {
         return;
     }
     let splits = dparams.splits;
     let base0 = partial_index(b, qi, head, 0u);
     let stride = HEAD_VEC + 1u;
-    var m = MASKED;
-    var row_nan = false;
-    for (var s = 0u; s < splits; s++) {
+    var m_own = MASKED;
+    var nan_own = 0u;
+    for (var s = lid; s < splits; s += WG) {
         let ml = partials[base0 + s * stride + HEAD_VEC];
-        m = max(m, ml.x);
-        row_nan = row_nan || is_nan_bits(ml.y);
+        m_own = max(m_own, ml.x);
+        nan_own |= u32(is_nan_bits(ml.y));
     }
+    red_m[lid] = m_own;
+    red_n[lid] = nan_own;
+    workgroupBarrier();
+    for (var half = WG / 2u; half > 0u; half /= 2u) {
+        if (lid < half) {
+            red_m[lid] = max(red_m[lid], red_m[lid + half]);
+            red_n[lid] |= red_n[lid + half];
+        }
+        workgroupBarrier();
+    }
+    let m = red_m[0];
+    let row_nan = red_n[0] != 0u;
     var nan_bits = 0x7fc00000u;
     let nan4 = vec4<f32>(bitcast<f32>(nan_bits));
-    for (var c = lid; c < HEAD_VEC; c += WG) {
+    if (RED_GROUPS == 1u) {
+        // One group (HEAD_VEC ≥ WG): each invocation walks every chunk for its channels.
+        for (var c = lid; c < HEAD_VEC; c += WG) {
+            var a = vec4<f32>(0.0);
+            var l = 0.0;
+            for (var s = 0u; s < splits; s++) {
+                let ml = partials[base0 + s * stride + HEAD_VEC];
+                let w = exp2(ml.x - m);
+                a = fma(partials[base0 + s * stride + c], vec4<f32>(w), a);
+                l += ml.y * w;
+            }
+            let o = select(vec4<f32>(0.0), a * (1.0 / select(1.0, l, l > 0.0)), l > 0.0);
+            store_o4(b, qi, head, c, select(o, nan4, row_nan));
+        }
+    } else {
+        // HEAD_VEC ≤ RED_CH: one channel per invocation, chunks g, g + RED_GROUPS, ...
+        let g = lid / RED_CH;
+        let c = lid % RED_CH;
         var a = vec4<f32>(0.0);
         var l = 0.0;
-        for (var s = 0u; s < splits; s++) {
-            let ml = partials[base0 + s * stride + HEAD_VEC];
-            let w = exp2(ml.x - m);
-            a = fma(partials[base0 + s * stride + c], vec4<f32>(w), a);
-            l += ml.y * w;
+        if (g < RED_GROUPS && c < HEAD_VEC) {
+            for (var s = g; s < splits; s += RED_GROUPS) {
+                let ml = partials[base0 + s * stride + HEAD_VEC];
+                let w = exp2(ml.x - m);
+                a = fma(partials[base0 + s * stride + c], vec4<f32>(w), a);
+                l += ml.y * w;
+            }
         }
-        let o = select(vec4<f32>(0.0), a * (1.0 / select(1.0, l, l > 0.0)), l > 0.0);
-        store_o4(b, qi, head, c, select(o, nan4, row_nan));
+        red_a[lid] = a;
+        red_l[lid] = l;
+        workgroupBarrier();
+        if (g == 0u && c < HEAD_VEC) {
+            var at = vec4<f32>(0.0);
+            var lt = 0.0;
+            for (var k = 0u; k < RED_GROUPS; k++) {
+                at += red_a[k * RED_CH + c];
+                lt += red_l[k * RED_CH + c];
+            }
+            let o = select(vec4<f32>(0.0), at * (1.0 / select(1.0, lt, lt > 0.0)), lt > 0.0);
+            store_o4(b, qi, head, c, select(o, nan4, row_nan));
+        }
     }
 }

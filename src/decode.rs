@@ -193,26 +193,46 @@ impl DecodeSpec {
 }
 
 /// Workgroups a device wants in flight: twice the host threads on a CPU adapter (lavapipe and
-/// llvmpipe run one workgroup per thread), 512 on a GPU.
+/// llvmpipe run one workgroup per thread), 2048 on a GPU.
+///
+/// On a GPU a decode workgroup's keys are a serial chain (each key group takes one key a step),
+/// and a step is latency-bound: on an H200 (Vulkan) a step cost about 2.6 µs whatever the batch,
+/// so 256 keys per chunk took 126 µs however many chunks ran beside it. There the rule buys
+/// parallelism with short chunks and many workgroups (about 16 per multiprocessor on a
+/// 132-multiprocessor card); BENCHMARKS.md has the sweep that set these numbers.
 pub fn target_workgroups(info: &wgpu::AdapterInfo) -> u32 {
     if info.device_type == wgpu::DeviceType::Cpu {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
         2 * threads
     } else {
-        512
+        2048
     }
 }
 
-/// Keys one chunk holds at least (below this a chunk's fixed cost outweighs its parallelism).
+/// Keys one chunk holds at least on a CPU adapter (below this a chunk's fixed cost outweighs its
+/// parallelism).
 pub const MIN_KEYS_PER_SPLIT: u32 = 256;
 
+/// Keys one chunk holds at least on a GPU: 8 steps of each of the workgroup's key groups.
+pub const MIN_KEYS_PER_SPLIT_GPU: u32 = 64;
+
+/// The least keys per chunk on this adapter: [`MIN_KEYS_PER_SPLIT`] on a CPU adapter,
+/// [`MIN_KEYS_PER_SPLIT_GPU`] elsewhere.
+pub fn min_keys_per_split(info: &wgpu::AdapterInfo) -> u32 {
+    if info.device_type == wgpu::DeviceType::Cpu {
+        MIN_KEYS_PER_SPLIT
+    } else {
+        MIN_KEYS_PER_SPLIT_GPU
+    }
+}
+
 /// The split rule: enough chunks that batch × kv_heads × row blocks × splits reaches
-/// [`target_workgroups`], and no more than capacity / [`MIN_KEYS_PER_SPLIT`] (at least 1).
+/// [`target_workgroups`], and no more than capacity / [`min_keys_per_split`] (at least 1).
 pub fn default_splits(info: &wgpu::AdapterInfo, spec: &DecodeSpec) -> u32 {
     let a = &spec.attention;
     let base = a.batch * a.num_kv_heads * spec.row_blocks();
     let want = target_workgroups(info).div_ceil(base.max(1));
-    want.clamp(1, (a.seq_k / MIN_KEYS_PER_SPLIT).max(1))
+    want.clamp(1, (a.seq_k / min_keys_per_split(info)).max(1))
 }
 
 /// Device buffers of one decode step (layouts in the module docs), each a whole buffer or a
@@ -1128,5 +1148,40 @@ impl KvCache {
             self.keys[b] = k;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(batch: u32, kv_heads: u32, capacity: u32) -> DecodeSpec {
+        DecodeSpec::new(
+            AttentionSpec::default()
+                .with_batch(batch)
+                .with_heads(4 * kv_heads)
+                .with_kv_heads(kv_heads)
+                .with_head_dim(128)
+                .with_seq_q(1)
+                .with_seq_k(capacity),
+        )
+    }
+
+    /// On a GPU the rule fills 2048 workgroups with chunks of at least 64 keys; on a CPU
+    /// adapter it keeps chunks of at least 256 keys and twice the host threads.
+    #[test]
+    fn the_split_rule_follows_the_device_type() {
+        let gpu = wgpu::AdapterInfo::new(wgpu::DeviceType::DiscreteGpu, wgpu::Backend::Vulkan);
+        let cpu = wgpu::AdapterInfo::new(wgpu::DeviceType::Cpu, wgpu::Backend::Vulkan);
+        // Llama-3-8B's 8 KV heads, one new query (4 query heads per KV head: one row block).
+        assert_eq!(default_splits(&gpu, &spec(1, 8, 512)), 8);
+        assert_eq!(default_splits(&gpu, &spec(1, 8, 8192)), 128);
+        assert_eq!(default_splits(&gpu, &spec(1, 8, 32768)), 256);
+        assert_eq!(default_splits(&gpu, &spec(4, 8, 32768)), 64);
+        assert_eq!(default_splits(&gpu, &spec(1, 8, 32)), 1);
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        let cpu_want = (2 * threads).div_ceil(8).clamp(1, 8192 / 256);
+        assert_eq!(default_splits(&cpu, &spec(1, 8, 8192)), cpu_want);
+        assert_eq!(default_splits(&cpu, &spec(1, 8, 255)), 1);
     }
 }
