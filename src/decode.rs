@@ -193,19 +193,19 @@ impl DecodeSpec {
 }
 
 /// Workgroups a device wants in flight: twice the host threads on a CPU adapter (lavapipe and
-/// llvmpipe run one workgroup per thread), 2048 on a GPU.
+/// llvmpipe run one workgroup per thread), 512 on a GPU.
 ///
-/// On a GPU a decode workgroup's keys are a serial chain (each key group takes one key a step),
-/// and a step is latency-bound: on an H200 (Vulkan) a step cost about 2.6 µs whatever the batch,
-/// so 256 keys per chunk took 126 µs however many chunks ran beside it. There the rule buys
-/// parallelism with short chunks and many workgroups (about 16 per multiprocessor on a
-/// 132-multiprocessor card); BENCHMARKS.md has the sweep that set these numbers.
+/// On a GPU a decode workgroup's keys are a serial chain (each key group takes one key a step)
+/// and a step is latency-bound, so short chunks pay: on an H200 (Vulkan, batch 1, Llama-3-8B
+/// heads) 2 chunks of 256 keys took 126 µs at cache 512 and 16 chunks of 32 keys 60 µs. Past
+/// about 512 workgroups more chunks cost more than they save (64, 128, 256 and 512 chunks at
+/// cache 8192: 143, 208, 281 and 484 µs); BENCHMARKS.md has the sweep.
 pub fn target_workgroups(info: &wgpu::AdapterInfo) -> u32 {
     if info.device_type == wgpu::DeviceType::Cpu {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
         2 * threads
     } else {
-        2048
+        512
     }
 }
 
@@ -213,8 +213,8 @@ pub fn target_workgroups(info: &wgpu::AdapterInfo) -> u32 {
 /// parallelism).
 pub const MIN_KEYS_PER_SPLIT: u32 = 256;
 
-/// Keys one chunk holds at least on a GPU: 8 steps of each of the workgroup's key groups.
-pub const MIN_KEYS_PER_SPLIT_GPU: u32 = 64;
+/// Keys one chunk holds at least on a GPU: 4 steps of each of the workgroup's key groups.
+pub const MIN_KEYS_PER_SPLIT_GPU: u32 = 32;
 
 /// The least keys per chunk on this adapter: [`MIN_KEYS_PER_SPLIT`] on a CPU adapter,
 /// [`MIN_KEYS_PER_SPLIT_GPU`] elsewhere.
@@ -1167,18 +1167,20 @@ mod tests {
         )
     }
 
-    /// On a GPU the rule fills 2048 workgroups with chunks of at least 64 keys; on a CPU
+    /// On a GPU the rule fills 512 workgroups with chunks of at least 32 keys; on a CPU
     /// adapter it keeps chunks of at least 256 keys and twice the host threads.
     #[test]
     fn the_split_rule_follows_the_device_type() {
         let gpu = wgpu::AdapterInfo::new(wgpu::DeviceType::DiscreteGpu, wgpu::Backend::Vulkan);
         let cpu = wgpu::AdapterInfo::new(wgpu::DeviceType::Cpu, wgpu::Backend::Vulkan);
         // Llama-3-8B's 8 KV heads, one new query (4 query heads per KV head: one row block).
-        assert_eq!(default_splits(&gpu, &spec(1, 8, 512)), 8);
-        assert_eq!(default_splits(&gpu, &spec(1, 8, 8192)), 128);
-        assert_eq!(default_splits(&gpu, &spec(1, 8, 32768)), 256);
-        assert_eq!(default_splits(&gpu, &spec(4, 8, 32768)), 64);
-        assert_eq!(default_splits(&gpu, &spec(1, 8, 32)), 1);
+        assert_eq!(default_splits(&gpu, &spec(1, 8, 512)), 16);
+        assert_eq!(default_splits(&gpu, &spec(1, 8, 1024)), 32);
+        assert_eq!(default_splits(&gpu, &spec(1, 8, 8192)), 64);
+        assert_eq!(default_splits(&gpu, &spec(1, 8, 32768)), 64);
+        assert_eq!(default_splits(&gpu, &spec(4, 8, 512)), 16);
+        assert_eq!(default_splits(&gpu, &spec(4, 8, 32768)), 16);
+        assert_eq!(default_splits(&gpu, &spec(1, 8, 63)), 1);
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
         let cpu_want = (2 * threads).div_ceil(8).clamp(1, 8192 / 256);
         assert_eq!(default_splits(&cpu, &spec(1, 8, 8192)), cpu_want);
