@@ -18,7 +18,9 @@
 # 128 on a plain device: the row form, the matmul roof, the unfused pipeline, every storage
 # dtype); prefill_coop.txt and .json (the same on a device opened with cooperative matrices,
 # with the coop rows in f32 and f16 storage); decode.txt and .json (`posattn bench --decode`);
-# torch.txt (benches/torch_sdpa.py, prefill and decode); check.txt and .json (`posattn check`,
+# decode_unsplit.txt and .json (batch 1, one split: the split-KV speed-up); decode_rotated.txt
+# and .json (keys stored rotated: the per-key rotation's share); decode_sweep.txt (batch 1 at
+# 16, 64 and 256 splits); torch.txt (benches/torch_sdpa.py, prefill and decode); check.txt and .json (`posattn check`,
 # the whole matrix); tune.txt and .json (`posattn tune`); log.txt (every step's command, exit
 # status and time).
 set -uo pipefail
@@ -84,6 +86,7 @@ if ((reduced)); then
     seqs=256,512
     dims=64
     caches=512,1024
+    sweep_caches=512
     batches=1
     torch_seqs=(512 1024)
     torch_caches=(512 1024)
@@ -93,6 +96,7 @@ else
     seqs=512,1024,2048,4096,8192
     dims=64,128
     caches=512,1024,2048,4096,8192,16384,32768
+    sweep_caches=512,2048,8192,32768
     batches=1,4
     torch_seqs=(512 1024 2048 4096 8192)
     torch_caches=(512 1024 2048 4096 8192 16384 32768)
@@ -123,6 +127,16 @@ step decode 120 "$out/decode.txt" "$posattn" bench --decode --backend "$WGPU_BAC
 step decode-unsplit 60 "$out/decode_unsplit.txt" "$posattn" bench --decode \
     --backend "$WGPU_BACKEND" --cache "$caches" --batch 1 --splits 1 --dtype f32,f16 \
     --prefill-max 0 --json "$out/decode_unsplit.json"
+# Where a step's time goes: keys stored rotated (no per-key rotation), and forced split counts
+# around the rule's choice (BENCHMARKS.md has the H200 sweep that set the rule).
+step decode-rotated 60 "$out/decode_rotated.txt" "$posattn" bench --decode \
+    --backend "$WGPU_BACKEND" --cache "$caches" --batch "$batches" --dtype f32,f16 \
+    --keys-rotated --prefill-max 0 --json "$out/decode_rotated.json"
+for s in 16 64 256; do
+    step "decode-splits$s" 30 "$out/decode_sweep.txt" "$posattn" bench --decode \
+        --backend "$WGPU_BACKEND" --cache "$sweep_caches" --batch 1 --dtype f32 --splits "$s" \
+        --prefill-max 0
+done
 if python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
     step torch-prefill 60 "$out/torch.txt" python3 benches/torch_sdpa.py --head-dim "$dims" \
         "${torch_seqs[@]}"
