@@ -1318,13 +1318,20 @@ fn bench_dtypes(
 }
 
 /// Candidate rows per invocation at `head_dim`: every buildable count whose queries and
-/// accumulators stay within 2 × 1024 floats per invocation (past that, compile times on the
-/// software drivers and register spills on GPUs only grow).
-fn tune_candidates(head_dim: u32) -> Vec<u32> {
+/// accumulators stay within 2 × 1024 floats per invocation on a CPU adapter (past that, compile
+/// times on the software drivers only grow), and within 2 × 256 on a GPU, where a row's floats
+/// are registers: on an H200 two rows at head_dim 64 already ran 2.7× slower than one, 8 rows
+/// 29× slower, and the 4- and 8-row variants at head_dim 128 kept `tune` past a minute.
+fn tune_candidates(head_dim: u32, device_type: wgpu::DeviceType) -> Vec<u32> {
+    let floats = if device_type == wgpu::DeviceType::Cpu {
+        1024
+    } else {
+        256
+    };
     posattn::kernel::ROWS_CHOICES
         .iter()
         .copied()
-        .filter(|&r| r == 1 || r * head_dim <= 1024)
+        .filter(|&r| r == 1 || r * head_dim <= floats)
         .collect()
 }
 
@@ -1381,7 +1388,7 @@ fn tune(
                 .with_position(posattn::PositionEncoding::Rope(posattn::Rope::new(10000.0)));
             let (q, k, v, o) = random_qkvo(&ctx, &spec, d as u64);
             let mut times = Vec::new();
-            for r in tune_candidates(d) {
+            for r in tune_candidates(d, ctx.adapter_info().device_type) {
                 ctx.set_rows_per_invocation(Some(r))?;
                 // A candidate must compute attention before its speed counts: a small causal
                 // RoPE case with a partial last tile, against the f64 reference.

@@ -84,8 +84,9 @@ pub fn time_encoded_with(
     settle: Option<Settle>,
     mut encode: impl FnMut(&mut wgpu::CommandEncoder) -> Result<()>,
 ) -> Result<(Clock, Vec<Duration>)> {
-    // Settling: submissions of `reps` back-to-back recordings, doubling while one submission
-    // takes under a tenth of the busy time asked for, until that time has passed.
+    // Settling: submissions of n back-to-back recordings, n doubling while one submission takes
+    // under a tenth of the busy time asked for, until that time has passed; the last
+    // submission's time per recording sets the repetitions per timed run.
     let mut reps = 1u32;
     if let Some(st) = settle {
         let recent = LAST_BUSY
