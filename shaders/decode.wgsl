@@ -758,18 +758,20 @@ fn decode_attention(
 
 // Merges the chunks of one (sequence, new query, head): O = Σ acc_s 2^(m_s − M) / Σ l_s 2^(m_s − M)
 // with M the largest running max; 0 when no key was visible, NaN when a chunk saw a NaN score.
-// The chunks are shared out over the workgroup rather than walked by each channel in turn (a GPU
-// plan runs hundreds of them): the max and the NaN flag by a strided pass and a tree, then
-// RED_GROUPS groups of RED_CH invocations each sum a strided share of the chunks for every
-// channel, and the first group adds the groups' sums in a fixed order.
-const RED_GROUPS: u32 = max(1u, WG / HEAD_VEC);
-const RED_CH: u32 = WG / RED_GROUPS;
-var<workgroup> red_m: array<f32, WG>;
-var<workgroup> red_n: array<u32, WG>;
-var<workgroup> red_a: array<vec4<f32>, WG>;
-var<workgroup> red_l: array<f32, WG>;
+// The chunks are shared out over a workgroup of RED_WG invocations rather than walked by each
+// channel in turn (a GPU plan runs up to 64 of them, and a walk is a chain of dependent
+// reads): the max and the NaN flag by a strided pass and a tree, then RED_GROUPS groups of
+// RED_CH invocations each sum a strided share of the chunks for every channel, and the first
+// group adds the groups' sums in a fixed order. At head_dim 128 that is 8 groups.
+const RED_WG: u32 = 256u;
+const RED_GROUPS: u32 = max(1u, RED_WG / HEAD_VEC);
+const RED_CH: u32 = RED_WG / RED_GROUPS;
+var<workgroup> red_m: array<f32, RED_WG>;
+var<workgroup> red_n: array<u32, RED_WG>;
+var<workgroup> red_a: array<vec4<f32>, RED_WG>;
+var<workgroup> red_l: array<f32, RED_WG>;
 
-@compute @workgroup_size(WG)
+@compute @workgroup_size(RED_WG)
 fn decode_reduce(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
@@ -789,7 +791,7 @@ fn decode_reduce(
     let stride = HEAD_VEC + 1u;
     var m_own = MASKED;
     var nan_own = 0u;
-    for (var s = lid; s < splits; s += WG) {
+    for (var s = lid; s < splits; s += RED_WG) {
         let ml = partials[base0 + s * stride + HEAD_VEC];
         m_own = max(m_own, ml.x);
         nan_own |= u32(is_nan_bits(ml.y));
@@ -797,7 +799,7 @@ fn decode_reduce(
     red_m[lid] = m_own;
     red_n[lid] = nan_own;
     workgroupBarrier();
-    for (var half = WG / 2u; half > 0u; half /= 2u) {
+    for (var half = RED_WG / 2u; half > 0u; half /= 2u) {
         if (lid < half) {
             red_m[lid] = max(red_m[lid], red_m[lid + half]);
             red_n[lid] |= red_n[lid + half];
@@ -809,8 +811,8 @@ fn decode_reduce(
     var nan_bits = 0x7fc00000u;
     let nan4 = vec4<f32>(bitcast<f32>(nan_bits));
     if (RED_GROUPS == 1u) {
-        // One group (HEAD_VEC ≥ WG): each invocation walks every chunk for its channels.
-        for (var c = lid; c < HEAD_VEC; c += WG) {
+        // One group (HEAD_VEC ≥ RED_WG): each invocation walks every chunk for its channels.
+        for (var c = lid; c < HEAD_VEC; c += RED_WG) {
             var a = vec4<f32>(0.0);
             var l = 0.0;
             for (var s = 0u; s < splits; s++) {
