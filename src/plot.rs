@@ -299,7 +299,12 @@ fn draw_error(out: &Path, e: impl std::fmt::Display) -> Error {
 }
 
 /// The font every label is drawn with (DejaVu Sans, cut to the characters the figures use;
-/// `assets/DejaVuSans-LICENSE.txt`), registered once: no system font lookup.
+/// `assets/DejaVuSans-LICENSE.txt`), registered once: no system font lookup. (plotters has no
+/// font registration on wasm32, where the figures are not drawn.)
+#[cfg(target_arch = "wasm32")]
+fn register_font() {}
+
+#[cfg(not(target_arch = "wasm32"))]
 fn register_font() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
