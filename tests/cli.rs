@@ -359,6 +359,20 @@ fn malformed_specs_are_clear_errors() {
 }
 
 #[test]
+fn bench_rejects_a_bad_head_dim_before_opening_an_adapter() {
+    let (code, text) = posattn(&["bench", "--head-dim", "64,65", "--seq", "64"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(
+        text.contains("invalid `head_dim`") && text.contains("got 65"),
+        "{text}"
+    );
+    assert!(!text.contains("matmul roof"), "{text}");
+    let (code, text) = posattn(&["bench", "--decode", "--head-dim", "128"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("invalid `--head-dim`"), "{text}");
+}
+
+#[test]
 fn the_command_reports_bad_files_with_exit_code_2() {
     let dir = std::env::temp_dir().join(format!("posattn-cli-bad-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

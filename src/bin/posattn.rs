@@ -1075,6 +1075,15 @@ fn bench(
             "none",
         ));
     }
+    // Checked before any adapter opens, so that a typo costs no roof measurement.
+    let supported = posattn::spec::SUPPORTED_HEAD_DIMS;
+    if let Some(&d) = head_dims.iter().find(|d| !supported.contains(d)) {
+        return Err(posattn::Error::invalid(
+            "head_dim",
+            format!("one of {supported:?}"),
+            d,
+        ));
+    }
     use posattn::harness::roof::MatmulRoof;
     use posattn::harness::timing::{median, time_encoded};
     let opts = options(backend, adapter)?;
@@ -1136,10 +1145,11 @@ fn bench(
                 let gf = |ms: f64| spec.flops() / (ms * 1e-3) / 1e9;
                 let fused = match posattn::Attention::new(&ctx, &spec) {
                     Ok(f) => f,
-                    Err(e) => {
+                    Err(e @ posattn::Error::Unavailable { .. }) => {
                         println!("  {seq:>6} fused kernel unavailable: {e}");
                         continue;
                     }
+                    Err(e) => return Err(e),
                 };
                 let (_, _) = time_encoded(&ctx, 1, |e| fused.encode(&ctx, e, &bufs))?; // warm-up
                 let (clock, t) = time_encoded(&ctx, runs, |e| fused.encode(&ctx, e, &bufs))?;
@@ -1265,8 +1275,8 @@ fn bench_dtypes(
             ctx.set_score_tile(t)?;
             let plan = posattn::Attention::with_half_form(ctx, &spec, half);
             ctx.set_score_tile(ScoreTile::Rows)?;
-            // A form this adapter cannot build is reported and left out of the row; the
-            // others are still timed.
+            // A form this adapter cannot run (`Unavailable`) is reported and left out of the
+            // row; the others are still timed. Any other error is the caller's.
             match plan {
                 Ok(plan) => {
                     let mk = |x: &[f32]| {
@@ -1280,10 +1290,11 @@ fn bench_dtypes(
                     let bufs = (mk(&q), mk(&k), mk(&v), mk(&q));
                     setups.push(Some((plan, bufs, Vec::new())));
                 }
-                Err(e) => {
-                    println!("  {seq:>6} {name}: unavailable: {e}");
+                Err(e @ posattn::Error::Unavailable { .. }) => {
+                    println!("  {seq:>6} {name}: {e}");
                     setups.push(None);
                 }
+                Err(e) => return Err(e),
             }
         }
         // Warm-up, then rounds of one timed run per form.
