@@ -524,9 +524,9 @@ pub fn decode_cases() -> Vec<DecodeCase> {
         ),
         vec![(2, 700), (1, 90)],
     ));
-    // Split KV, forced: 1 (unsplit), 3, 7 and 130 chunks on the same inputs (130: the many short
-    // chunks of the GPU split rule, some of them empty for the shorter sequence, merged by the
-    // reduce's four groups at head size 64).
+    // Split KV, forced: 1 (unsplit), 3, 7 and 130 chunks on the same inputs (130: more than the
+    // GPU split rule makes, some of them empty for the shorter sequence, merged by the reduce's
+    // 16 groups at head size 64, each over 8 or 9 chunks).
     for splits in [1u32, 3, 7, 130] {
         let mut c = DecodeCase::new(
             format!("decode_split{splits}"),
@@ -539,8 +539,8 @@ pub fn decode_cases() -> Vec<DecodeCase> {
     // Llama-3's shape at head size 128 (4 query heads per KV head, one new query: a 4-row
     // block, 8 lanes a key, which is `subgroupAdd` over lavapipe's 8-lane subgroups), and the
     // form of a GPU without subgroups (the workgroup-memory lane sum, no read-ahead) forced on
-    // the same inputs with a ragged batch, split in 3 and in 40 (the reduce's two groups at head
-    // size 128 over chunks of 38 keys).
+    // the same inputs with a ragged batch, split in 3 and in 40 (the reduce's 8 groups at head
+    // size 128, each over 5 chunks of 38 keys).
     for (name, subgroups) in [
         ("decode_d128_gqa4", true),
         ("decode_d128_gqa4_lanes_wg", false),
