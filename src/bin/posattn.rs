@@ -1037,7 +1037,7 @@ fn write_json(path: &std::path::Path, rows: &[serde_json::Value]) -> posattn::Re
 
 /// Seeded random f32 Q, K, V and O buffers for `spec` (storage only: for timing).
 /// The shape `bench` and `tune` time: causal RoPE (theta 10000, half layout), batch 1, 8 heads.
-fn bench_spec(seq: u32, head_dim: u32) -> posattn::AttentionSpec {
+fn prefill_bench_spec(seq: u32, head_dim: u32) -> posattn::AttentionSpec {
     posattn::AttentionSpec::default()
         .with_seq_len(seq)
         .with_heads(8)
@@ -1142,7 +1142,7 @@ fn bench(
                 "unfused MiB"
             );
             for &seq in seqs {
-                let spec = bench_spec(seq, head_dim);
+                let spec = prefill_bench_spec(seq, head_dim);
                 let (q, k, v, o) = random_qkvo(&ctx, &spec, seq as u64);
                 let bufs = posattn::AttentionBuffers::new(&q, &k, &v, &o);
                 let io = (q.size() + k.size() + v.size() + o.size()) as f64;
@@ -1193,7 +1193,7 @@ fn bench(
                 }));
             }
             for (seq, form, ms) in bench_dtypes(&mut ctx, seqs, head_dim, runs, tile)? {
-                let spec = bench_spec(seq, head_dim);
+                let spec = prefill_bench_spec(seq, head_dim);
                 rows.push(serde_json::json!({
                 "adapter": ctx.describe(),
                 "seq": seq,
@@ -1260,7 +1260,7 @@ fn bench_dtypes(
     }
     println!();
     for &seq in seqs {
-        let base = bench_spec(seq, head_dim);
+        let base = prefill_bench_spec(seq, head_dim);
         let mut rng = check::SplitMix::new(seq as u64);
         let (q, k, v) = (
             rng.vec(base.q_len(), 1.0),
@@ -1390,7 +1390,7 @@ fn tune(
         let mut rows = std::collections::BTreeMap::new();
         let mut measured = std::collections::BTreeMap::new();
         for &d in head_dims {
-            let spec = bench_spec(n, d);
+            let spec = prefill_bench_spec(n, d);
             let (q, k, v, o) = random_qkvo(&ctx, &spec, d as u64);
             let mut times = Vec::new();
             for r in tune_candidates(d, ctx.adapter_info().device_type) {
