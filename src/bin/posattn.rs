@@ -457,13 +457,24 @@ fn check(
             .collect();
         bar.set_length(cases.len() as u64);
         let started = std::time::Instant::now();
-        let results = check::run_cases(&ctx, &cases, |r| {
+        // On llvmpipe each kernel variant compiles on a device of its own, from a new instance
+        // (`check::isolates_kernels`): there, every compile slows the next ones on a device.
+        let info = ctx.adapter_info().clone();
+        let reopen = || match check::reopen_adapter(&info) {
+            Some(a) => open_for(&a, scores),
+            None => Err(posattn::Error::NoAdapter(format!(
+                "{} is not listed by a new wgpu instance",
+                info.name
+            ))),
+        };
+        let run = check::run_cases_isolated(&ctx, &cases, reopen, |r| {
             bar.inc(1);
             bar.set_message(r.name.clone());
             if verbose || !matches!(r.status, Status::Pass) {
                 bar.suspend(|| print_row(r));
             }
         });
+        let results = run.results;
         bar.finish_and_clear();
         let pass = results.iter().filter(|r| r.status == Status::Pass).count();
         let fail = results
@@ -482,8 +493,7 @@ fn check(
         // Where the time went: the driver compiling kernels, and the rest (inputs, the f64
         // reference, dispatches and readback).
         let total = started.elapsed().as_secs_f64();
-        let (kernels, compile) = ctx.compile_stats();
-        let compile = compile.as_secs_f64();
+        let (kernels, compile) = (run.kernels, run.compile.as_secs_f64());
         // The first case of each kernel: a driver that compiles at the first dispatch rather
         // than at pipeline creation (llvmpipe) spends its compile time there.
         let mut seen = std::collections::HashSet::new();
@@ -508,7 +518,7 @@ fn check(
              as llvmpipe does, compiles), {:.1} s in the other cases and the references",
             (total - compile - first_more).max(0.0)
         );
-        let uncaptured = ctx.take_uncaptured_errors();
+        let uncaptured = run.uncaptured;
         for e in &uncaptured {
             println!("  uncaptured wgpu error: {e}");
         }

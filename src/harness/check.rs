@@ -547,6 +547,137 @@ pub fn run_cases(
         .collect()
 }
 
+/// Whether [`run_cases_isolated`] gives each kernel variant a device of its own, opened from a
+/// new wgpu instance: on llvmpipe (lavapipe and llvmpipe's GL path, the CPU adapters), compiling
+/// a kernel gets slower with every kernel compiled before it in the same instance. Measured on
+/// this project's machine (Mesa 22.3, first dispatch of a fused variant): on GL, the head-size-32
+/// RoPE kernel took 21.6 s first and 49.4 s when compiled again after three others; from a new
+/// instance each time, 21–23 s every time. On lavapipe, a head-size-256 kernel took 46 s alone
+/// and 89 s after one other. On Vulkan a new device on the same adapter is enough; on GL the
+/// adapter holds the driver's context, so the instance is new too. GPUs compile without it.
+pub fn isolates_kernels(info: &wgpu::AdapterInfo) -> bool {
+    info.device_type == wgpu::DeviceType::Cpu
+}
+
+/// The adapter that `info` describes, enumerated from a new wgpu instance on its backend (the
+/// same name, vendor, device, type and driver); `None` if it is no longer there.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn reopen_adapter(info: &wgpu::AdapterInfo) -> Option<wgpu::Adapter> {
+    let options = crate::context::ContextOptions::default()
+        .with_backends(info.backend.into())
+        .with_adapter_name(None);
+    crate::context::enumerate_adapters(&options)
+        .into_iter()
+        .find(|a| {
+            let i = a.get_info();
+            i.name == info.name
+                && i.vendor == info.vendor
+                && i.device == info.device
+                && i.device_type == info.device_type
+                && i.driver == info.driver
+                && i.driver_info == info.driver_info
+        })
+}
+
+/// What [`run_cases_isolated`] did, over every device it used.
+#[derive(Debug)]
+pub struct IsolatedRun {
+    /// One result per case, in the order of the cases given.
+    pub results: Vec<CaseResult>,
+    /// Kernel pipelines created, summed over the devices.
+    pub kernels: usize,
+    /// Time spent creating those pipelines.
+    pub compile: Duration,
+    /// wgpu errors no scope caught, from every device.
+    pub uncaptured: Vec<String>,
+    /// Devices the run used.
+    pub devices: usize,
+}
+
+/// Runs `cases` grouped by the fused kernel variant each compiles (first appearance order, stable
+/// within a group). Where [`isolates_kernels`] holds for `ctx`'s adapter, each group after the
+/// first runs on a context from `reopen` (set up as `ctx` is: rows per invocation, f16 form, score
+/// tile), which is dropped after its group; `ctx` runs the first group and every case whose plan
+/// is rejected (those compile nothing). Elsewhere every case runs on `ctx`. A group whose context
+/// cannot be opened fails each of its cases with that error. `progress` is called in the order
+/// the cases run.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn run_cases_isolated(
+    ctx: &Context,
+    cases: &[Case],
+    mut reopen: impl FnMut() -> Result<Context>,
+    mut progress: impl FnMut(&CaseResult),
+) -> IsolatedRun {
+    let isolate = isolates_kernels(ctx.adapter_info());
+    // Group index per case: 0 for the first group and the rejected plans.
+    let mut keys: Vec<KernelKey> = Vec::new();
+    let group: Vec<usize> = cases
+        .iter()
+        .map(|c| {
+            let half = c.half_form.unwrap_or(ctx.half_form());
+            match case_kernel(c, |d| ctx.rows_per_invocation(d), half) {
+                Ok(k) if isolate => match keys.iter().position(|x| *x == k) {
+                    Some(i) => i,
+                    None => {
+                        keys.push(k);
+                        keys.len() - 1
+                    }
+                },
+                _ => 0,
+            }
+        })
+        .collect();
+    let groups = keys.len().max(1);
+    let mut results: Vec<Option<CaseResult>> = vec![None; cases.len()];
+    let mut run = IsolatedRun {
+        results: Vec::new(),
+        kernels: 0,
+        compile: Duration::ZERO,
+        uncaptured: Vec::new(),
+        devices: 0,
+    };
+    let account = |c: &Context, run: &mut IsolatedRun| {
+        let (k, t) = c.compile_stats();
+        run.kernels += k;
+        run.compile += t;
+        run.uncaptured.extend(c.take_uncaptured_errors());
+        run.devices += 1;
+    };
+    for g in 0..groups {
+        let members = (0..cases.len()).filter(|&i| group[i] == g);
+        let own = if g == 0 { None } else { Some(reopen()) };
+        let on: std::result::Result<&Context, String> = match &own {
+            None => Ok(ctx),
+            Some(Ok(c)) => Ok(c),
+            Some(Err(e)) => Err(format!("could not open a device for this kernel: {e}")),
+        };
+        for i in members {
+            let r = match on {
+                Ok(c) => run_case(c, &cases[i]),
+                Err(ref why) => CaseResult {
+                    name: cases[i].name.clone(),
+                    status: Status::Fail(why.clone()),
+                    err_gpu: f64::NAN,
+                    err_f32: f64::NAN,
+                    bound: f64::NAN,
+                    time: Duration::ZERO,
+                },
+            };
+            progress(&r);
+            results[i] = Some(r);
+        }
+        if let Some(Ok(c)) = &own {
+            account(c, &mut run);
+        }
+    }
+    account(ctx, &mut run);
+    run.results = results
+        .into_iter()
+        .map(|r| r.expect("every case ran"))
+        .collect();
+    run
+}
+
 fn rope() -> PositionEncoding {
     PositionEncoding::Rope(Rope::new(10000.0))
 }
