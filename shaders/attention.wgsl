@@ -81,7 +81,7 @@ fn stage_rows(from_q: bool, branch_q: bool, lid: u32, batch: u32, head: u32, row
         let t_row = (idx / half_d) % BLOCK_K;
         let slot = idx % half_d;
         let src_row = row0 + t_row;
-        let branch = (TWO_BRANCH && tile == 1u) || branch_q;
+        let branch = (TWO_BRANCH & (tile == 1u)) | branch_q;
         // Pair slots below r/2 rotate; the others carry two pass-through channels.
         var ch = vec2<u32>(r + 2u * (slot - r / 2u), r + 2u * (slot - r / 2u) + 1u);
         if (slot < r / 2u) {
@@ -247,7 +247,7 @@ fn attention_fused(
         let t = step - select(q_rounds, 0u, is_q);
         let tile = select(win_t0 + t - n_sink_tiles, t, t < n_sink_tiles);
         let key0 = tile * BLOCK_K;
-        let q_branch = is_q && step >= q_steps;
+        let q_branch = is_q & (step >= q_steps);
         let q_step = step % q_steps;
         // A custom scheme's tile predicate (the hook glue, src/encoding/custom.rs): a tile it
         // hides from every row of the workgroup is never loaded; one it shows whole needs no
@@ -310,12 +310,15 @@ fn attention_fused(
         // The tile is visible to every row of the workgroup with no per-key test: inside the
         // bounds, before the causal bound, and inside the window or among the sinks.
         let k_last = i32(key0 + BLOCK_K) - 1;
-        let tile_in_window = (left < 0 || i32(key0) >= last_ip - left) && (right < 0 || k_last <= first_ip + right);
-        let full = key0 + BLOCK_K <= params.seq_k
-            && (params.causal == 0u || k_last <= first_ip)
-            && (tile_in_window || k_last < sinks)
-            && !has_bias
-            && (!CUSTOM_MASK || tile_state == TILE_FULL);
+        // Bitwise, not short-circuit, operators: naga turns `&&` and `||` into branches, and
+        // llvmpipe's compile time grows with the branches between barriers.
+        let tile_in_window = ((left < 0) | (i32(key0) >= last_ip - left))
+            & ((right < 0) | (k_last <= first_ip + right));
+        let full = (key0 + BLOCK_K <= params.seq_k)
+            & ((params.causal == 0u) | (k_last <= first_ip))
+            & (tile_in_window | (k_last < sinks))
+            & !has_bias
+            & (!CUSTOM_MASK | (tile_state == TILE_FULL));
 
         for (var g = 0u; g < BLOCK_K; g += 4u) {
             let kb = g * HEAD_VEC;
@@ -344,8 +347,8 @@ fn attention_fused(
                         u = abs(vec4<i32>(qpos[r]) - kpos) >= vec4<i32>(params.branch_w);
                     }
                     use2[r] = u;
-                    need1 = need1 || !all(u);
-                    need2 = need2 || any(u);
+                    need1 = need1 | !all(u);
+                    need2 = need2 | any(u);
                 }
             }
             // Step: score four keys. For each branch br that some row uses, the lanes of the
@@ -446,8 +449,8 @@ fn attention_fused(
                     s = select(vec4<f32>(MASKED), s, v4);
                 }
                 vis[r] = v4;
-                all_vis = all_vis && all(v4);
-                row_nan[r] = row_nan[r] || any(v4 & vec4<bool>(is_nan_bits(s.x), is_nan_bits(s.y),
+                all_vis = all_vis & all(v4);
+                row_nan[r] = row_nan[r] | any(v4 & vec4<bool>(is_nan_bits(s.x), is_nan_bits(s.y),
                                                                 is_nan_bits(s.z), is_nan_bits(s.w)));
                 let m_new = max(m_run[r], max(max(s.x, s.y), max(s.z, s.w)));
                 alpha[r] = exp2(m_run[r] - m_new);
@@ -455,42 +458,32 @@ fn attention_fused(
                 l_run[r] = l_run[r] * alpha[r] + ((p[r].x + p[r].y) + (p[r].z + p[r].w));
                 m_run[r] = m_new;
             }
-            // Step: accumulate P·V (without per-key selects when every key is visible).
-            if (all_vis) {
+            // Step: accumulate P·V. A masked key has p = 0, but 0 · NaN is NaN, so each row
+            // takes the V of a key hidden from it as zero (`keep`; every key is kept when the
+            // four are visible to all rows). One copy of the loop: llvmpipe's compile time grows
+            // with the unrolled code, and a second copy for partly masked groups cost 30-45 %
+            // of a variant's compile.
+            var keep: array<vec4<bool>, ROWS>;
+            // @unroll
+            for (var r = 0u; r < ROWS; r++) {
+                keep[r] = vis[r] | vec4<bool>(all_vis);
+            }
+            let z = vec4<f32>(0.0);
+            // @unroll
+            for (var c = 0u; c < HEAD_VEC; c++) {
+                let v0 = v_tile[kb + c];
+                let v1 = v_tile[kb + HEAD_VEC + c];
+                let v2 = v_tile[kb + 2u * HEAD_VEC + c];
+                let v3 = v_tile[kb + 3u * HEAD_VEC + c];
                 // @unroll
-                for (var c = 0u; c < HEAD_VEC; c++) {
-                    let v0 = v_tile[kb + c];
-                    let v1 = v_tile[kb + HEAD_VEC + c];
-                    let v2 = v_tile[kb + 2u * HEAD_VEC + c];
-                    let v3 = v_tile[kb + 3u * HEAD_VEC + c];
-                    // @unroll
-                    for (var r = 0u; r < ROWS; r++) {
-                        let pr = p[r];
-                        var a = acc[r * HEAD_VEC + c] * alpha[r];
-                        a = fma(vec4<f32>(pr.x), v0, a);
-                        a = fma(vec4<f32>(pr.y), v1, a);
-                        a = fma(vec4<f32>(pr.z), v2, a);
-                        acc[r * HEAD_VEC + c] = fma(vec4<f32>(pr.w), v3, a);
-                    }
-                }
-            } else {
-                let z = vec4<f32>(0.0);
-                // @unroll
-                for (var c = 0u; c < HEAD_VEC; c++) {
-                    let v0 = v_tile[kb + c];
-                    let v1 = v_tile[kb + HEAD_VEC + c];
-                    let v2 = v_tile[kb + 2u * HEAD_VEC + c];
-                    let v3 = v_tile[kb + 3u * HEAD_VEC + c];
-                    // @unroll
-                    for (var r = 0u; r < ROWS; r++) {
-                        let pr = p[r];
-                        let vr = vis[r];
-                        var a = acc[r * HEAD_VEC + c] * alpha[r];
-                        a += select(z, pr.x * v0, vr.x);
-                        a += select(z, pr.y * v1, vr.y);
-                        a += select(z, pr.z * v2, vr.z);
-                        acc[r * HEAD_VEC + c] = a + select(z, pr.w * v3, vr.w);
-                    }
+                for (var r = 0u; r < ROWS; r++) {
+                    let pr = p[r];
+                    let kr = keep[r];
+                    var a = acc[r * HEAD_VEC + c] * alpha[r];
+                    a = fma(vec4<f32>(pr.x), select(z, v0, kr.x), a);
+                    a = fma(vec4<f32>(pr.y), select(z, v1, kr.y), a);
+                    a = fma(vec4<f32>(pr.z), select(z, v2, kr.z), a);
+                    acc[r * HEAD_VEC + c] = fma(vec4<f32>(pr.w), select(z, v3, kr.w), a);
                 }
             }
         }

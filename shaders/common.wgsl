@@ -28,5 +28,5 @@ fn in_window(kk: vec4<i32>, ip: i32) -> vec4<bool> {
 // WGSL lets compilers assume there are no infinities).
 fn bias_masks(b: f32) -> bool {
     let bits = bitcast<u32>(b);
-    return bits >= bitcast<u32>(MASKED) && bits <= 0xff800000u;
+    return (bits >= bitcast<u32>(MASKED)) & (bits <= 0xff800000u);
 }
