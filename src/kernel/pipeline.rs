@@ -309,7 +309,10 @@ fn create(
         layout: Some(layout),
         module: &module,
         entry_point: Some(key.entry_point()),
-        compilation_options: Default::default(),
+        compilation_options: wgpu::PipelineCompilationOptions {
+            zero_initialize_workgroup_memory: !key.writes_workgroup_memory_first(),
+            ..Default::default()
+        },
         cache: None,
     })
 }

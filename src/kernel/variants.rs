@@ -807,6 +807,32 @@ impl KernelKey {
         }
     }
 
+    /// Whether the kernel writes every element of its workgroup memory before reading it, so
+    /// that wgpu's zero-initialization of workgroup memory can be left out of its pipeline.
+    /// True for:
+    /// - the fused kernel's row form: each key tile's K and V (and the query rows staged
+    ///   through the K tile) are written whole, rows past the sequence as zeros, behind a
+    ///   barrier before any read;
+    /// - the decode kernel: the lengths are written by invocation 0 before a
+    ///   `workgroupUniformLoad`; each lane reads back only the lane sums of its own key's lanes,
+    ///   all written before the barrier; the key-group merge reads exactly the channels, maxima,
+    ///   sums and NaN flags the merged group wrote, with the same index formulas;
+    /// - the split-KV reduce: every invocation writes its own slot of each array before the
+    ///   barrier that precedes the reads.
+    ///
+    /// Where the driver cannot zero workgroup memory itself, wgpu writes it from the shader at
+    /// the start of every workgroup: on llvmpipe's GL path (naga writes it as one array
+    /// constructor per array) that made up about 95 % of the row form's compile time (22.6 s
+    /// against 1.3 s at head size 64, one row per invocation). The score-tile forms and the
+    /// unfused baseline keep it.
+    pub fn writes_workgroup_memory_first(&self) -> bool {
+        match self.stage {
+            Stage::Fused => self.scores == ScoreTile::Rows,
+            Stage::Decode | Stage::DecodeReduce => true,
+            _ => false,
+        }
+    }
+
     /// The WGSL entry point.
     pub fn entry_point(&self) -> &'static str {
         match self.stage {
