@@ -49,19 +49,32 @@ fn run_matrix_scores(
     }
     check::assert_unique_names(&cases).unwrap();
     let mut failures = Vec::new();
-    for adapter in adapters {
-        let mut ctx = Context::from_adapter(&adapter).expect("open device");
+    let open = |adapter: &wgpu::Adapter| -> posattn::Result<Context> {
+        let mut ctx = Context::from_adapter(adapter)?;
         if let Some(r) = rows {
-            ctx.set_rows_per_invocation(Some(r)).unwrap();
+            ctx.set_rows_per_invocation(Some(r))?;
         }
         ctx.set_half_form(half);
-        ctx.set_score_tile(tile).unwrap();
+        ctx.set_score_tile(tile)?;
+        Ok(ctx)
+    };
+    for adapter in adapters {
+        let ctx = open(&adapter).expect("open device");
         let verbose = std::env::var_os("POSATTN_VERBOSE").is_some();
-        let results = check::run_cases(&ctx, &cases, |r| {
+        // A device per kernel variant on llvmpipe (`check::isolates_kernels`), as `posattn check`.
+        let info = ctx.adapter_info().clone();
+        let reopen = || {
+            let a = check::reopen_adapter(&info).ok_or_else(|| {
+                posattn::Error::NoAdapter(format!("{} from a new instance", info.name))
+            })?;
+            open(&a)
+        };
+        let run = check::run_cases_isolated(&ctx, &cases, reopen, |r| {
             if verbose {
                 println!("  {:<44} {:?} {:.2?}", r.name, r.status, r.time);
             }
         });
+        let results = run.results;
         let (mut pass, mut fail, mut unsup) = (0, 0, 0);
         let mut worst: f64 = 0.0;
         for r in &results {
@@ -79,14 +92,16 @@ fn run_matrix_scores(
         }
         println!(
             "conformance on {} ({} rows per invocation at head_dim 64, scores {tile:?}): {pass} passed, {fail} failed, {unsup} unsupported; \
-             worst error/bound {worst:.3}",
+             worst error/bound {worst:.3}; {} kernels on {} devices",
             ctx.describe(),
             // The score-tile forms run one row per invocation.
             if tile == ScoreTile::Rows {
                 ctx.rows_per_invocation(64)
             } else {
                 1
-            }
+            },
+            run.kernels,
+            run.devices
         );
         if tile != ScoreTile::Rows {
             // Declared: the two-branch methods run in the row form only, and the emulated tile's
@@ -102,7 +117,7 @@ fn run_matrix_scores(
                 }
             }
         }
-        let errs = ctx.take_uncaptured_errors();
+        let errs = run.uncaptured;
         assert!(errs.is_empty(), "uncaptured wgpu errors: {errs:?}");
     }
     assert!(
@@ -113,38 +128,9 @@ fn run_matrix_scores(
     );
 }
 
-/// Declared limitation: the head-size sweep (every supported head size × RoPE and ALiBi) runs
-/// with RoPE only in the tests; ALiBi is checked at head_dim 64 in every other group, and
-/// `posattn check` runs the whole sweep. The multi-row kernels at head sizes 128 to 256 take
-/// lavapipe about a minute each to compile.
+/// The RoPE cases of the head-size sweep, which the one-row test runs at every size (the
+/// multi-row tests run the whole sweep, RoPE and ALiBi).
 const SWEEP_ENCODING: &str = "rope_half";
-
-/// Head sizes of the sweep in the multi-row (CPU-shaped) kernel: one per row count it takes
-/// (8 rows at 32 and 64, 4 at 128, 2 at 256; `kernel::multi_rows_for`). Declared limitation:
-/// the other sizes (80, 96, 160, 192) run in the one-row (GPU-shaped) kernel
-/// (`conformance_vulkan_one_row_per_invocation`) instead, so each size runs in one form, not
-/// both (multi-row compiles take lavapipe about a minute each at those sizes); `posattn check`
-/// runs them all.
-const MULTI_ROW_SWEEP: [u32; 4] = [32, 64, 128, 256];
-
-/// Whether the multi-row Vulkan runs take a case (see `SWEEP_ENCODING`, `MULTI_ROW_SWEEP`).
-fn runs_on_vulkan(c: &check::Case) -> bool {
-    c.group != Group::HeadDims
-        || (c.encoding == SWEEP_ENCODING && MULTI_ROW_SWEEP.contains(&c.spec.head_dim))
-}
-
-/// Declared limitation: llvmpipe's GL path compiles each fused variant slowly (LLVM coroutine
-/// splitting of the barrier code: about half a minute at head_dim 64, two at 128), so the GL
-/// run leaves out the head-size sweep (it runs every other case of the matrix: all encodings,
-/// masks and extrapolation methods at head_dim 64). Vulkan runs the RoPE sweep, and
-/// `posattn check --backend gl` the whole matrix on GL. Also left out on GL, for CI's
-/// 20-minute budget: the two-branch kernel (ReRoPE, Leaky ReRoPE, LM-Infinite, StreamingLLM's
-/// cache-index positions), the largest of GL's six fused variants (two K tiles, two
-/// rotations); it runs on Vulkan.
-fn runs_on_gl(c: &check::Case) -> bool {
-    (c.group != Group::HeadDims || (c.encoding == SWEEP_ENCODING && c.spec.head_dim == 64))
-        && c.spec.extrapolation == posattn::Extrapolation::None
-}
 
 /// The cases of `cases` whose kernel variant is in half `part` of their variants (sorted by name,
 /// alternating), given the adapter's rows per invocation and f16 form: the two halves compile
@@ -168,40 +154,21 @@ fn variant_half(
         .collect()
 }
 
-/// One half of the full matrix on Vulkan, in the kernel software Vulkan runs by default (several
-/// rows per invocation; see `Context::rows_per_invocation`).
+/// One half of the whole f32 matrix on Vulkan, in the kernel software Vulkan runs by default
+/// (several rows per invocation; see `Context::rows_per_invocation`).
 fn vulkan_half(part: usize) -> Vec<check::Case> {
-    let (cases, left): (Vec<_>, Vec<_>) = check::conformance_cases()
-        .into_iter()
-        .partition(runs_on_vulkan);
-    if part == 0 {
-        let left: Vec<_> = left.iter().map(|c| c.name.as_str()).collect();
-        println!(
-            "conformance [vulkan]: declared as not run in the multi-row tests (compile time; the one-row test runs RoPE at 80, 96, 160 and 192, `posattn check` all of them): {}",
-            left.join(", ")
-        );
-    }
     variant_half(
-        cases,
+        check::conformance_cases(),
         part,
         posattn::kernel::multi_rows_for,
         HalfForm::Native,
     )
 }
 
-/// One half of the GL run (see `runs_on_gl`); GL runs one query row per invocation and has no
+/// One half of the whole f32 matrix on GL, which runs one query row per invocation and has no
 /// native f16.
 fn gl_half(part: usize) -> Vec<check::Case> {
-    let (cases, left): (Vec<_>, Vec<_>) =
-        check::conformance_cases().into_iter().partition(runs_on_gl);
-    if part == 0 {
-        let left: Vec<_> = left.iter().map(|c| c.name.as_str()).collect();
-        println!(
-            "conformance [gl]: declared as not run on GL (compile time): {}",
-            left.join(", ")
-        );
-    }
-    variant_half(cases, part, |_| 1, HalfForm::Packed)
+    variant_half(check::conformance_cases(), part, |_| 1, HalfForm::Packed)
 }
 
 #[test]
@@ -216,8 +183,8 @@ fn conformance_vulkan_second_half_of_variants() {
 
 /// Software Vulkan runs the CPU-shaped kernel (8 rows per invocation) in the full matrix; this
 /// runs the GPU-shaped one (1 row per invocation) on the quick subset (which has one case per
-/// encoding and the combinations of masks and extrapolation methods) and the RoPE head sizes the
-/// multi-row run leaves out (80, 96, 160, 192), so that each size runs in one of the two forms.
+/// encoding and the combinations of masks and extrapolation methods), the tile edges, the
+/// positions and the RoPE head-size sweep.
 #[test]
 fn conformance_vulkan_one_row_per_invocation() {
     let cases = check::conformance_cases()
@@ -225,9 +192,7 @@ fn conformance_vulkan_one_row_per_invocation() {
         .filter(|c| {
             check::is_quick(c)
                 || (c.group == Group::TileEdges && c.spec.seq_q == 1 && c.spec.seq_k == 100)
-                || (c.group == Group::HeadDims
-                    && c.encoding == SWEEP_ENCODING
-                    && !MULTI_ROW_SWEEP.contains(&c.spec.head_dim))
+                || (c.group == Group::HeadDims && c.encoding == SWEEP_ENCODING)
                 || c.group == Group::Positions
         })
         .collect();
@@ -280,10 +245,10 @@ fn conformance_vulkan_half_storage() {
     run_matrix_with(wgpu::Backends::VULKAN, "vulkan", None, None, half_cases());
 }
 
-/// GL (llvmpipe) has no SHADER_F16: the packed forms only, in one kernel that mixes them (bf16 Q
-/// and V, packed f16 K and O: both unpackings and the f16 store), on the NaN placements and the
-/// encodings' masks and head groupings. Declared limitation: compile time allows one such
-/// variant on GL; the bf16 store runs on Vulkan.
+/// GL (llvmpipe) has no SHADER_F16, so its f16 runs packed: the half-storage subset (f16, bf16,
+/// an f16 K/V cache; the native-f16 cases run packed there, as the planner picks), and one
+/// kernel that mixes the forms (bf16 Q and V, packed f16 K and O: both unpackings and the f16
+/// store) on the NaN placements and the encodings' masks and head groupings.
 #[test]
 fn conformance_gl_half_storage() {
     let mixed = Dtypes {
@@ -292,11 +257,12 @@ fn conformance_gl_half_storage() {
         v: Dtype::Bf16,
         out: Dtype::F16,
     };
-    let cases = check::conformance_cases()
+    let mut cases: Vec<_> = check::conformance_cases()
         .into_iter()
         .filter(|c| c.is_rope_d64() && matches!(c.group, Group::Encodings | Group::NanPlacement))
         .map(|c| c.with_dtypes(mixed))
         .collect();
+    cases.extend(half_cases());
     run_matrix_with(wgpu::Backends::GL, "gl", None, None, cases);
 }
 
@@ -327,4 +293,82 @@ fn conformance_metal() {
 #[test]
 fn conformance_dx12() {
     conformance(wgpu::Backends::DX12, "dx12");
+}
+
+/// `check::run_cases_isolated` groups the cases by kernel variant, opens a device per variant
+/// where the adapter is llvmpipe (and shares one elsewhere), returns the results in the cases'
+/// order, and fails every case of a variant whose device cannot be opened, naming why.
+#[test]
+fn isolated_runs_keep_the_case_order_and_open_a_device_per_kernel() {
+    let options = ContextOptions::default().with_adapter_name(None);
+    let Some(adapter) = enumerate_adapters(&options).into_iter().next() else {
+        assert!(
+            !crate::common::required("vulkan") && !crate::common::required("gl"),
+            "no adapter, but POSATTN_REQUIRE_BACKENDS names one"
+        );
+        println!("isolated runs: no adapter on this machine, nothing run");
+        return;
+    };
+    // Three cases, two variants (RoPE, then ALiBi at head size 64, then RoPE again).
+    let all = check::conformance_cases();
+    let pick = |prefix: &str| {
+        all.iter()
+            .find(|c| c.name.starts_with(prefix) && c.spec.head_dim == 64)
+            .unwrap_or_else(|| panic!("a case named {prefix}*"))
+            .clone()
+    };
+    let cases = vec![
+        pick("rope_half_causal_mha"),
+        pick("alibi_causal_causal_mha"),
+        pick("rope_half_bidir_mha"),
+    ];
+    let ctx = Context::from_adapter(&adapter).expect("open device");
+    let isolated = check::isolates_kernels(ctx.adapter_info());
+    let info = ctx.adapter_info().clone();
+    let mut ran = Vec::new();
+    let run = check::run_cases_isolated(
+        &ctx,
+        &cases,
+        || Context::from_adapter(&check::reopen_adapter(&info).expect("the adapter again")),
+        |r| ran.push(r.name.clone()),
+    );
+    let names: Vec<_> = run.results.iter().map(|r| r.name.clone()).collect();
+    let given: Vec<_> = cases.iter().map(|c| c.name.clone()).collect();
+    assert_eq!(names, given, "results in the order of the cases");
+    for r in &run.results {
+        assert_eq!(r.status, Status::Pass, "{}", r.name);
+    }
+    assert_eq!(run.kernels, 2, "one pipeline per variant");
+    assert!(run.uncaptured.is_empty(), "{:?}", run.uncaptured);
+    if isolated {
+        assert_eq!(run.devices, 2, "a device per variant on {}", ctx.describe());
+        assert_eq!(
+            ran,
+            [given[0].clone(), given[2].clone(), given[1].clone()],
+            "grouped by variant"
+        );
+    } else {
+        assert_eq!(run.devices, 1, "one device on {}", ctx.describe());
+    }
+    // A device that cannot be opened fails its variant's cases (isolating adapters only: the
+    // others never reopen).
+    if isolated {
+        let run = check::run_cases_isolated(
+            &ctx,
+            &cases,
+            || Err(posattn::Error::NoAdapter("gone".into())),
+            |_| {},
+        );
+        let failed: Vec<_> = run
+            .results
+            .iter()
+            .filter_map(|r| match &r.status {
+                Status::Fail(why) => Some((r.name.clone(), why.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert_eq!(failed[0].0, given[1]);
+        assert!(failed[0].1.contains("gone"), "{}", failed[0].1);
+    }
 }

@@ -1,7 +1,7 @@
 //! Decode against a KV cache, checked against the f64 reference on each sequence's whole prefix
 //! (`posattn::harness::decode`; tolerance rule of `posattn::harness::check`, outputs poisoned
 //! with NaN before each dispatch). The matrix runs on Vulkan; GL runs a two-case subset that
-//! compiles one decode variant (Mesa's GL driver takes minutes per decode variant).
+//! compiles one decode variant (15.6 s for the test with an empty Mesa cache).
 
 use posattn::harness::check::Status;
 use posattn::harness::decode::{self, DecodeCase};
