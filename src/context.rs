@@ -89,7 +89,6 @@ pub struct Context {
     info: wgpu::AdapterInfo,
     timeout: Duration,
     pipelines: Pipelines,
-    multi_row: bool,
     /// Rows per invocation by head size from `posattn tune` (crate::tune), if stored.
     tuned_rows: std::collections::BTreeMap<u32, u32>,
     rows_override: Option<u32>,
@@ -303,7 +302,6 @@ impl Context {
         #[cfg(target_arch = "wasm32")]
         let tuned_rows = Default::default();
         Context {
-            multi_row: crate::kernel::multi_row_device(&info),
             tuned_rows,
             rows_override: None,
             half_override: None,
@@ -340,14 +338,12 @@ impl Context {
 
     /// Query rows each invocation of the fused kernel handles at `head_dim`: the override if
     /// set, else the adapter's tuned choice for that head size (`posattn tune`, see
-    /// [`crate::tune`]), else the heuristic (`kernel::multi_row_device` and
-    /// `kernel::multi_rows_for`).
+    /// [`crate::tune`]), else the heuristic (`kernel::default_rows`).
     pub fn rows_per_invocation(&self, head_dim: u32) -> u32 {
         match (self.rows_override, self.tuned_rows.get(&head_dim)) {
             (Some(r), _) => r,
             (None, Some(&r)) => r,
-            (None, None) if self.multi_row => crate::kernel::multi_rows_for(head_dim),
-            (None, None) => 1,
+            (None, None) => crate::kernel::default_rows(&self.info, head_dim),
         }
     }
 

@@ -165,10 +165,15 @@ fn vulkan_half(part: usize) -> Vec<check::Case> {
     )
 }
 
-/// One half of the whole f32 matrix on GL, which runs one query row per invocation and has no
-/// native f16.
+/// One half of the whole f32 matrix on GL (several rows per invocation up to head size 64,
+/// `kernel::gl_rows_for`; no native f16).
 fn gl_half(part: usize) -> Vec<check::Case> {
-    variant_half(check::conformance_cases(), part, |_| 1, HalfForm::Packed)
+    variant_half(
+        check::conformance_cases(),
+        part,
+        posattn::kernel::gl_rows_for,
+        HalfForm::Packed,
+    )
 }
 
 #[test]

@@ -1527,10 +1527,7 @@ fn info(backend: Option<Backend>) -> ExitCode {
             .iter()
             .map(|&d| match tuned.get(&d) {
                 Some(r) => format!("d{d} {r} (tuned)"),
-                None if posattn::kernel::multi_row_device(&info) => {
-                    format!("d{d} {}", posattn::kernel::multi_rows_for(d))
-                }
-                None => format!("d{d} 1"),
+                None => format!("d{d} {}", posattn::kernel::default_rows(&info, d)),
             })
             .collect();
         println!(

@@ -10,12 +10,43 @@ pub const BLOCK_Q: u32 = 64;
 /// Query rows per invocation the fused kernel can be built with.
 pub const ROWS_CHOICES: &[u32] = &[1, 2, 4, 8];
 
-/// Whether an adapter runs several query rows per invocation: CPU adapters do (each K/V read
-/// from workgroup memory is a lane-by-lane gather there, so it should feed several rows); GPUs
-/// do not (registers are the limit there), nor does GL, whose software driver compiles the larger
-/// kernel very slowly.
+/// Whether an adapter runs several query rows per invocation: CPU adapters do, lavapipe and
+/// llvmpipe's GL alike (each K/V read from workgroup memory is a lane-by-lane gather there, so it
+/// should feed several rows: on GL, head size 64, 8 rows ran at 8.1 GFLOP/s at seq 512 against
+/// 3.1 for one row); GPUs do not (registers are the limit there).
 pub fn multi_row_device(info: &wgpu::AdapterInfo) -> bool {
-    info.device_type == wgpu::DeviceType::Cpu && info.backend != wgpu::Backend::Gl
+    info.device_type == wgpu::DeviceType::Cpu
+}
+
+/// The largest head size at which llvmpipe's GL path runs several rows per invocation. Its
+/// compile time grows faster with the rows than lavapipe's: at head size 128, 4 rows took 24 s
+/// to compile against 5.5 s for one (lavapipe: 11 s at 4 rows), and at 160, 2 rows 17.5 s
+/// against 8.2. A cold `check` of the whole matrix with every head size multi-row was on course
+/// for about 7.5 minutes on GL; with this cap it stays under 6. `posattn tune` measures the
+/// other sizes per adapter.
+pub const GL_MULTI_ROW_MAX_HEAD_DIM: u32 = 64;
+
+/// Rows per invocation on llvmpipe's GL path: [`multi_rows_for`] up to
+/// [`GL_MULTI_ROW_MAX_HEAD_DIM`], one above.
+pub fn gl_rows_for(head_dim: u32) -> u32 {
+    if head_dim <= GL_MULTI_ROW_MAX_HEAD_DIM {
+        multi_rows_for(head_dim)
+    } else {
+        1
+    }
+}
+
+/// The rows per invocation an adapter gets at `head_dim` when nothing is tuned or overridden:
+/// one on GPUs, [`gl_rows_for`] on a CPU adapter's GL backend, [`multi_rows_for`] on the other
+/// CPU adapters.
+pub fn default_rows(info: &wgpu::AdapterInfo, head_dim: u32) -> u32 {
+    if !multi_row_device(info) {
+        1
+    } else if info.backend == wgpu::Backend::Gl {
+        gl_rows_for(head_dim)
+    } else {
+        multi_rows_for(head_dim)
+    }
 }
 
 /// Rows per invocation on a multi-row adapter: the most (up to 8) whose queries and accumulators
