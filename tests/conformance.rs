@@ -63,12 +63,7 @@ fn run_matrix_scores(
         let verbose = std::env::var_os("POSATTN_VERBOSE").is_some();
         // A device per kernel variant on llvmpipe (`check::isolates_kernels`), as `posattn check`.
         let info = ctx.adapter_info().clone();
-        let reopen = || {
-            let a = check::reopen_adapter(&info).ok_or_else(|| {
-                posattn::Error::NoAdapter(format!("{} from a new instance", info.name))
-            })?;
-            open(&a)
-        };
+        let reopen = || open(&check::reopen_adapter(&info)?);
         let run = check::run_cases_isolated(&ctx, &cases, reopen, |r| {
             if verbose {
                 println!("  {:<44} {:?} {:.2?}", r.name, r.status, r.time);
@@ -334,7 +329,7 @@ fn isolated_runs_keep_the_case_order_and_open_a_device_per_kernel() {
     let run = check::run_cases_isolated(
         &ctx,
         &cases,
-        || Context::from_adapter(&check::reopen_adapter(&info).expect("the adapter again")),
+        || Context::from_adapter(&check::reopen_adapter(&info)?),
         |r| ran.push(r.name.clone()),
     );
     let names: Vec<_> = run.results.iter().map(|r| r.name.clone()).collect();

@@ -460,13 +460,7 @@ fn check(
         // On llvmpipe each kernel variant compiles on a device of its own, from a new instance
         // (`check::isolates_kernels`): there, every compile slows the next ones on a device.
         let info = ctx.adapter_info().clone();
-        let reopen = || match check::reopen_adapter(&info) {
-            Some(a) => open_for(&a, scores),
-            None => Err(posattn::Error::NoAdapter(format!(
-                "{} is not listed by a new wgpu instance",
-                info.name
-            ))),
-        };
+        let reopen = || open_for(&check::reopen_adapter(&info)?, scores);
         let run = check::run_cases_isolated(&ctx, &cases, reopen, |r| {
             bar.inc(1);
             bar.set_message(r.name.clone());

@@ -560,9 +560,10 @@ pub fn isolates_kernels(info: &wgpu::AdapterInfo) -> bool {
 }
 
 /// The adapter that `info` describes, enumerated from a new wgpu instance on its backend (the
-/// same name, vendor, device, type and driver); `None` if it is no longer there.
+/// same name, vendor, device, type and driver), or [`crate::Error::NoAdapter`] naming it if it is
+/// no longer there.
 #[cfg(not(target_arch = "wasm32"))]
-pub fn reopen_adapter(info: &wgpu::AdapterInfo) -> Option<wgpu::Adapter> {
+pub fn reopen_adapter(info: &wgpu::AdapterInfo) -> Result<wgpu::Adapter> {
     let options = crate::context::ContextOptions::default()
         .with_backends(info.backend.into())
         .with_adapter_name(None);
@@ -576,6 +577,12 @@ pub fn reopen_adapter(info: &wgpu::AdapterInfo) -> Option<wgpu::Adapter> {
                 && i.device_type == info.device_type
                 && i.driver == info.driver
                 && i.driver_info == info.driver_info
+        })
+        .ok_or_else(|| {
+            crate::Error::NoAdapter(format!(
+                "{} is not listed by a new wgpu instance",
+                info.name
+            ))
         })
 }
 
