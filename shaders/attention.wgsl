@@ -1,10 +1,15 @@
 // Fused forward attention with the position encoding applied inside the kernel.
 //
 // FlashAttention-2 style: one workgroup owns BLOCK_Q query rows of one (batch, head); each
-// invocation owns ROWS of them (rows lid, lid + WG_SIZE, ...), held rotated and pre-scaled in
+// invocation owns ROWS of them (rows slot, slot + SLOTS, ...), held rotated and pre-scaled in
 // registers, with their output accumulators. ROWS > 1 makes every K or V value read from
 // workgroup memory feed ROWS rows: CPU adapters gather those reads lane by lane, so it pays
-// there; GPUs run ROWS = 1 to keep registers low. The workgroup walks the keys in tiles of BLOCK_K: each tile of K (rotated on load)
+// there; GPUs run ROWS = 1 to keep registers low. With LANES > 1 (the lane-split form), LANES
+// invocations share each row slot and split the head dimension between them: each holds
+// HEAD_DIM / LANES channels of its rows' queries and accumulators (a register tile of ROWS rows
+// by those channels), and the lanes sum their partial scores by subgroup shuffles or through
+// workgroup memory, so that no invocation holds a whole row (on a GPU, a row of 128 channels
+// and its accumulator spill registers). The workgroup walks the keys in tiles of BLOCK_K: each tile of K (rotated on load)
 // and V is staged in workgroup memory, and the invocation folds the tile into its accumulator
 // four keys at a time with an online softmax in base 2 (one rescale per four keys). No rotated
 // Q/K, score or bias matrix ever reaches device memory.
@@ -47,7 +52,15 @@
 
 
 const HEAD_VEC: u32 = HEAD_DIM / 4u;
-const WG_SIZE: u32 = BLOCK_Q / ROWS;
+// Invocations that share a query row (the variant's LANES): lane j holds vec4s j, j + LANES, ...
+// of the row's query and accumulator (LVEC of them), forms partial dot products over them, and
+// the row's lanes sum the partials (lane_sum4: subgroup operations, or workgroup memory when
+// LANE_REDUCE is 0). One lane per row in the ordinary form.
+const LVEC: u32 = HEAD_VEC / LANES;
+// Row slots per workgroup (each ROWS rows), and invocations.
+const SLOTS: u32 = BLOCK_Q / ROWS;
+const WG_SIZE: u32 = SLOTS * LANES;
+const LANE_WG: bool = LANES > 1u && LANE_REDUCE == 0u;
 const LOG2E: f32 = 1.4426950408889634;
 const LN2: f32 = 0.6931471805599453;
 
@@ -57,6 +70,10 @@ const LN2: f32 = 0.6931471805599453;
 // mma_put_k) and leave k_tile at one element (K_TILE_LEN).
 var<workgroup> k_tile: array<vec4<f32>, K_TILE_LEN>;
 var<workgroup> v_tile: array<vec4<f32>, BLOCK_K * HEAD_VEC>;
+// The workgroup-memory lane reduction (LANE_WG) keeps each invocation's four partial scores per
+// row in an array of its own, reached through lane_red_put and lane_red_get (generated per
+// variant, src/kernel/source.rs; other variants get stubs and no array, since WebGPU counts
+// every declared workgroup array against its 16 KiB).
 
 const ROTATES: bool = POS_KIND == POS_ROPE || POS_KIND == POS_XPOS || CUSTOM_ROTATE;
 const TABLE_BIAS: bool = POS_KIND == POS_TABLE;
@@ -160,6 +177,8 @@ fn attention_fused(
     // @score-tile-builtins
 ) {
     // @score-tile-ids
+    let lane = lid % LANES;
+    let slot = lid / LANES;
     let head = wg.y;
     let batch = wg.z;
     let kv_head = head / (params.num_heads / params.num_kv_heads);
@@ -197,22 +216,23 @@ fn attention_fused(
     }
     var rows: array<u32, ROWS>;
     var qpos: array<i32, ROWS>;
-    // Branch br's rotation of row r at (br · ROWS + r) · HEAD_VEC (K_TILES branches).
-    var q: array<vec4<f32>, K_TILES * ROWS * HEAD_VEC>;
-    var acc: array<vec4<f32>, ROWS * HEAD_VEC>;
+    // Branch br's rotation of row r at (br · ROWS + r) · LVEC (K_TILES branches; this lane's
+    // vec4s of it).
+    var q: array<vec4<f32>, K_TILES * ROWS * LVEC>;
+    var acc: array<vec4<f32>, ROWS * LVEC>;
     var m_run: array<f32, ROWS>;
     var l_run: array<f32, ROWS>;
     var row_nan: array<bool, ROWS>;
     // @unroll
     for (var r = 0u; r < ROWS; r++) {
-        rows[r] = first_row + r * WG_SIZE + lid;
+        rows[r] = first_row + r * SLOTS + slot;
         qpos[r] = pos_q[batch * params.seq_q + min(rows[r], params.seq_q - 1u)];
         m_run[r] = m0;
         l_run[r] = l0;
         row_nan[r] = false;
         // @unroll
-        for (var c = 0u; c < HEAD_VEC; c++) {
-            acc[r * HEAD_VEC + c] = vec4<f32>(0.0);
+        for (var c = 0u; c < LVEC; c++) {
+            acc[r * LVEC + c] = vec4<f32>(0.0);
         }
     }
 
@@ -293,12 +313,12 @@ fn attention_fused(
                 if (select(0u, 1u, q_branch) == br) {
                     // @unroll
                     for (var r = 0u; r < ROWS; r++) {
-                        let local = r * WG_SIZE + lid;
+                        let local = r * SLOTS + slot;
                         if (local / BLOCK_K == q_step) {
-                            let r0 = (local % BLOCK_K) * HEAD_VEC;
+                            let r0 = (local % BLOCK_K) * HEAD_VEC + lane;
                             // @unroll
-                            for (var c = 0u; c < HEAD_VEC; c++) {
-                                q[(br * ROWS + r) * HEAD_VEC + c] = k_tile[r0 + c];
+                            for (var c = 0u; c < LVEC; c++) {
+                                q[(br * ROWS + r) * LVEC + c] = k_tile[r0 + c * LANES];
                             }
                         }
                     }
@@ -367,8 +387,8 @@ fn attention_fused(
                 }
                 if (MMA == 0u && select(need1, need2, br == 1u)) {
                     // @unroll
-                    for (var c = 0u; c < HEAD_VEC; c++) {
-                        let kt = br * K2 + kb + c;
+                    for (var c = 0u; c < LVEC; c++) {
+                        let kt = br * K2 + kb + c * LANES + lane;
                         let k0 = k_tile[kt];
                         let k1 = k_tile[kt + HEAD_VEC];
                         let k2 = k_tile[kt + 2u * HEAD_VEC];
@@ -376,13 +396,42 @@ fn attention_fused(
                         // @unroll
                         for (var r = 0u; r < ROWS; r++) {
                             let e = 4u * (br * ROWS + r);
-                            let qc = q[(br * ROWS + r) * HEAD_VEC + c];
+                            let qc = q[(br * ROWS + r) * LVEC + c];
                             d[e] = fma(qc, k0, d[e]);
                             d[e + 1u] = fma(qc, k1, d[e + 1u]);
                             d[e + 2u] = fma(qc, k2, d[e + 2u]);
                             d[e + 3u] = fma(qc, k3, d[e + 3u]);
                         }
                     }
+                }
+            }
+            // The four scores per row: this lane's partial sums, then the sum over the row's
+            // lanes (the same values, added in the same order, in every lane of the row).
+            var sp: array<vec4<f32>, ROWS>;
+            // @unroll
+            for (var r = 0u; r < ROWS; r++) {
+                sp[r] = lane_sums(d[4u * r], d[4u * r + 1u], d[4u * r + 2u], d[4u * r + 3u]);
+            }
+            if (LANE_WG) {
+                // @unroll
+                for (var r = 0u; r < ROWS; r++) {
+                    lane_red_put(r * WG_SIZE + lid, sp[r]);
+                }
+                workgroupBarrier();
+                // @unroll
+                for (var r = 0u; r < ROWS; r++) {
+                    var t = vec4<f32>(0.0);
+                    // @unroll
+                    for (var j = 0u; j < LANES; j++) {
+                        t += lane_red_get(r * WG_SIZE + slot * LANES + j);
+                    }
+                    sp[r] = t;
+                }
+                workgroupBarrier();
+            } else if (LANES > 1u) {
+                // @unroll
+                for (var r = 0u; r < ROWS; r++) {
+                    sp[r] = lane_sum4(sp[r]);
                 }
             }
             // Softmax weights of the four keys per row; alpha rescales the row's accumulator.
@@ -393,9 +442,9 @@ fn attention_fused(
             // @unroll
             for (var r = 0u; r < ROWS; r++) {
                 // Step: update the softmax with the four scores.
-                var s = lane_sums(d[4u * r], d[4u * r + 1u], d[4u * r + 2u], d[4u * r + 3u]);
+                var s = sp[r];
                 if (MMA != 0u) {
-                    let si = (r * WG_SIZE + lid) * BLOCK_K + g;
+                    let si = (r * SLOTS + slot) * BLOCK_K + g;
                     s = vec4<f32>(mma_score(si), mma_score(si + 1u), mma_score(si + 2u),
                                   mma_score(si + 3u));
                 }
@@ -470,20 +519,21 @@ fn attention_fused(
             }
             let z = vec4<f32>(0.0);
             // @unroll
-            for (var c = 0u; c < HEAD_VEC; c++) {
-                let v0 = v_tile[kb + c];
-                let v1 = v_tile[kb + HEAD_VEC + c];
-                let v2 = v_tile[kb + 2u * HEAD_VEC + c];
-                let v3 = v_tile[kb + 3u * HEAD_VEC + c];
+            for (var c = 0u; c < LVEC; c++) {
+                let vc = kb + c * LANES + lane;
+                let v0 = v_tile[vc];
+                let v1 = v_tile[vc + HEAD_VEC];
+                let v2 = v_tile[vc + 2u * HEAD_VEC];
+                let v3 = v_tile[vc + 3u * HEAD_VEC];
                 // @unroll
                 for (var r = 0u; r < ROWS; r++) {
                     let pr = p[r];
                     let kr = keep[r];
-                    var a = acc[r * HEAD_VEC + c] * alpha[r];
+                    var a = acc[r * LVEC + c] * alpha[r];
                     a = fma(vec4<f32>(pr.x), select(z, v0, kr.x), a);
                     a = fma(vec4<f32>(pr.y), select(z, v1, kr.y), a);
                     a = fma(vec4<f32>(pr.z), select(z, v2, kr.z), a);
-                    acc[r * HEAD_VEC + c] = fma(vec4<f32>(pr.w), select(z, v3, kr.w), a);
+                    acc[r * LVEC + c] = fma(vec4<f32>(pr.w), select(z, v3, kr.w), a);
                 }
             }
         }
@@ -500,16 +550,18 @@ fn attention_fused(
             let l = l_run[r];
             let inv_l = select(0.0, 1.0 / l, l > 0.0);
             // @unroll
-            for (var c = 0u; c < HEAD_VEC; c++) {
-                let o = select(vec4<f32>(0.0), acc[r * HEAD_VEC + c] * inv_l, l > 0.0);
-                store_o4(o_base + c, select(o, nan4, row_nan[r]));
+            for (var c = 0u; c < LVEC; c++) {
+                let o = select(vec4<f32>(0.0), acc[r * LVEC + c] * inv_l, l > 0.0);
+                store_o4(o_base + c * LANES + lane, select(o, nan4, row_nan[r]));
             }
             // Log-sum-exp in natural log ([batch, heads, seq_q]; −∞ when nothing is attended,
             // NaN with the row); store_lse does nothing unless the variant writes it.
             var ninf_bits = 0xff800000u;
             let lse = select(bitcast<f32>(ninf_bits), (m_run[r] + log2(l)) * LN2, l > 0.0);
-            store_lse((batch * params.num_heads + head) * params.seq_q + rows[r],
-                      select(lse, nan4.x, row_nan[r]));
+            if (lane == 0u) {
+                store_lse((batch * params.num_heads + head) * params.seq_q + rows[r],
+                          select(lse, nan4.x, row_nan[r]));
+            }
         }
     }
 }

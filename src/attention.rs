@@ -308,6 +308,9 @@ impl Attention {
                 ));
             }
         }
+        // Lanes per row (the lane-split form) where the context asks for them and the variant
+        // takes them.
+        let key = ctx.fused_variant(key);
         let limits = ctx.device().limits();
         let wg_bytes = workgroup_bytes(&key);
         if wg_bytes > limits.max_compute_workgroup_storage_size {
@@ -317,10 +320,10 @@ impl Attention {
                 limits.max_compute_workgroup_storage_size,
             ));
         }
-        if key.block_q / key.rows > limits.max_compute_invocations_per_workgroup {
+        if key.invocations() > limits.max_compute_invocations_per_workgroup {
             return Err(Error::unavailable(
                 "invocations per workgroup",
-                key.block_q / key.rows,
+                key.invocations(),
                 limits.max_compute_invocations_per_workgroup,
             ));
         }

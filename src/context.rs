@@ -91,7 +91,10 @@ pub struct Context {
     pipelines: Pipelines,
     /// Rows per invocation by head size from `posattn tune` (crate::tune), if stored.
     tuned_rows: std::collections::BTreeMap<u32, u32>,
+    /// Lanes per query row by head size from `posattn tune`, if stored.
+    tuned_lanes: std::collections::BTreeMap<u32, u32>,
     rows_override: Option<u32>,
+    lanes_override: Option<u32>,
     half_override: Option<HalfForm>,
     /// The cooperative-matrix score tile the device runs (requested feature and an f16
     /// configuration of the adapter), if any.
@@ -298,12 +301,14 @@ impl Context {
     ) -> Self {
         let pipelines = Pipelines::new(&device);
         #[cfg(not(target_arch = "wasm32"))]
-        let tuned_rows = crate::tune::stored_rows(&info);
+        let (tuned_rows, tuned_lanes) = crate::tune::stored(&info);
         #[cfg(target_arch = "wasm32")]
-        let tuned_rows = Default::default();
+        let (tuned_rows, tuned_lanes) = Default::default();
         Context {
             tuned_rows,
+            tuned_lanes,
             rows_override: None,
+            lanes_override: None,
             half_override: None,
             coop: None,
             score_tile: ScoreTile::Rows,
@@ -373,6 +378,67 @@ impl Context {
         }
         self.rows_override = rows;
         Ok(())
+    }
+
+    /// Lanes that share each query row of the fused kernel at `head_dim`, splitting its channels
+    /// (1: one invocation per row slot): the override if set, else the adapter's tuned choice,
+    /// else 1 (the heuristic; `posattn tune` measures 2, 4 and 8 where the device has
+    /// subgroups). Plans use it for one-branch kernels with the row-form scores, rounded down to
+    /// a count that divides `head_dim / 4` ([`crate::kernel::KernelKey::with_row_lanes`]).
+    pub fn row_lanes(&self, head_dim: u32) -> u32 {
+        match (self.lanes_override, self.tuned_lanes.get(&head_dim)) {
+            (Some(l), _) => l,
+            (None, Some(&l)) => l,
+            (None, None) => 1,
+        }
+    }
+
+    /// How the lanes of a row sum their partial scores on this device with `lanes` per row:
+    /// `subgroupAdd` where the adapter's subgroup size is fixed and equal to them,
+    /// `subgroupShuffleXor` butterflies where its smallest subgroup holds them (sizes read from
+    /// the adapter, never assumed), else workgroup memory.
+    pub fn row_lane_reduce(&self, lanes: u32) -> crate::kernel::LaneReduce {
+        use crate::kernel::LaneReduce;
+        let sg_min = self.info.subgroup_min_size;
+        if lanes <= 1
+            || !self.device.features().contains(wgpu::Features::SUBGROUP)
+            || sg_min < lanes
+        {
+            LaneReduce::Workgroup
+        } else if sg_min == self.info.subgroup_max_size && sg_min == lanes {
+            LaneReduce::Add
+        } else {
+            LaneReduce::Shuffle
+        }
+    }
+
+    /// Overrides the lanes per query row for every head size (one of
+    /// `kernel::ROW_LANES_CHOICES`); `None` restores the adapter's default.
+    pub fn set_row_lanes(&mut self, lanes: Option<u32>) -> Result<()> {
+        if let Some(l) = lanes
+            && !crate::kernel::ROW_LANES_CHOICES.contains(&l)
+        {
+            return Err(Error::invalid(
+                "row_lanes",
+                format!("one of {:?}", crate::kernel::ROW_LANES_CHOICES),
+                l,
+            ));
+        }
+        self.lanes_override = lanes;
+        Ok(())
+    }
+
+    /// The fused kernel variant this context builds for `key` (the planner's key at the
+    /// context's rows per invocation): its score tile (one-branch kernels) and lanes per row
+    /// applied.
+    pub fn fused_variant(&self, key: KernelKey) -> KernelKey {
+        let key = if self.score_tile != ScoreTile::Rows && !key.two_branch {
+            key.with_scores(self.score_tile)
+        } else {
+            key
+        };
+        let lanes = self.row_lanes(key.head_dim);
+        key.with_row_lanes(lanes, self.row_lane_reduce(lanes))
     }
 
     /// How plans made from now on form a tile's scores (Q·Kᵀ): [`ScoreTile::Rows`] unless set

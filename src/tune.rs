@@ -1,4 +1,4 @@
-//! Per-adapter tuning: the fused kernel's query rows per invocation, measured on the adapter by
+//! Per-adapter tuning: the fused kernel's query rows per invocation and lanes per row, measured on the adapter by
 //! `posattn tune` and stored in a small JSON file, which [`crate::Context`] reads when it is made.
 //!
 //! **The file.** `POSATTN_TUNE_FILE` if set (an empty value turns tuning off), else
@@ -9,9 +9,11 @@
 //! `posattn tune`, and until then the built-in heuristic applies
 //! (`kernel::multi_row_device`: several rows on CPU adapters, one on GPUs).
 //!
-//! **What is read.** Only rows a plan can be built with (`kernel::ROWS_CHOICES`: 1, 2, 4, 8); a
-//! file that cannot be read or parsed, or an entry for another adapter, leaves the heuristic in
-//! place (the context reports which applies: [`crate::Context::rows_source`]).
+//! **What is read.** Only rows and lanes a plan can be built with (`kernel::ROWS_CHOICES` and
+//! `kernel::ROW_LANES_CHOICES`: 1, 2, 4, 8 each); a file that cannot be read or parsed, or an
+//! entry for another adapter, leaves the heuristic in place (the context reports which applies:
+//! [`crate::Context::rows_source`]). A file of an older format (format 1 held rows only) reads as
+//! empty, so the next `posattn tune` replaces it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,7 +21,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 /// The tuning file's format version.
-pub const TUNE_FORMAT: u32 = 1;
+pub const TUNE_FORMAT: u32 = 2;
 
 /// Everything the stored choice depends on.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,8 +66,11 @@ pub struct TuneEntry {
     pub key: TuneKey,
     /// Fused-kernel rows per invocation by head size.
     pub rows: BTreeMap<u32, u32>,
-    /// The measurements behind the choice: per head size, (rows, median ms) of every candidate.
-    pub measured: BTreeMap<u32, Vec<(u32, f64)>>,
+    /// Fused-kernel lanes per query row by head size (1: one invocation per row slot).
+    pub lanes: BTreeMap<u32, u32>,
+    /// The measurements behind the choice: per head size, (rows, lanes, median ms) of every
+    /// candidate.
+    pub measured: BTreeMap<u32, Vec<(u32, u32, f64)>>,
     /// The shape measured: (heads, seq).
     pub shape: (u32, u32),
 }
@@ -122,7 +127,23 @@ impl TuneFile {
                 ));
             }
         };
-        let file: TuneFile = serde_json::from_str(&text).map_err(|e| {
+        let bad = |e: serde_json::Error| {
+            crate::Error::invalid(
+                "tune file",
+                "a posattn tuning file",
+                format!("{}: {e}", path.display()),
+            )
+        };
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(bad)?;
+        if let Some(old) = value.get("format").and_then(|f| f.as_u64())
+            && old < TUNE_FORMAT as u64
+        {
+            return Ok(TuneFile {
+                format: TUNE_FORMAT,
+                entries: Vec::new(),
+            });
+        }
+        let file: TuneFile = serde_json::from_value(value).map_err(|e| {
             crate::Error::invalid(
                 "tune file",
                 "a posattn tuning file",
@@ -137,13 +158,22 @@ impl TuneFile {
             ));
         }
         for e in &file.entries {
-            for (&d, &r) in &e.rows {
-                if !crate::kernel::ROWS_CHOICES.contains(&r) {
-                    return Err(crate::Error::invalid(
-                        "tune file.rows",
-                        format!("one of {:?} (head_dim {d})", crate::kernel::ROWS_CHOICES),
-                        r,
-                    ));
+            for (field, map, choices) in [
+                ("tune file.rows", &e.rows, crate::kernel::ROWS_CHOICES),
+                (
+                    "tune file.lanes",
+                    &e.lanes,
+                    crate::kernel::ROW_LANES_CHOICES,
+                ),
+            ] {
+                for (&d, &r) in map {
+                    if !choices.contains(&r) {
+                        return Err(crate::Error::invalid(
+                            field,
+                            format!("one of {choices:?} (head_dim {d})"),
+                            r,
+                        ));
+                    }
                 }
             }
         }
@@ -179,13 +209,21 @@ impl TuneFile {
     }
 }
 
-/// The stored rows for `info`, by head size, from the default file (empty when there is none or
-/// it cannot be read: the heuristic applies).
-pub fn stored_rows(info: &wgpu::AdapterInfo) -> BTreeMap<u32, u32> {
+/// The stored rows and lanes for `info`, by head size, from the default file (empty when there
+/// is none or it cannot be read: the heuristic applies).
+pub fn stored(info: &wgpu::AdapterInfo) -> (BTreeMap<u32, u32>, BTreeMap<u32, u32>) {
     default_path()
         .and_then(|p| TuneFile::read(&p).ok())
-        .and_then(|f| f.find(&TuneKey::of(info)).map(|e| e.rows.clone()))
+        .and_then(|f| {
+            f.find(&TuneKey::of(info))
+                .map(|e| (e.rows.clone(), e.lanes.clone()))
+        })
         .unwrap_or_default()
+}
+
+/// The stored rows for `info`, by head size ([`stored`]'s first map).
+pub fn stored_rows(info: &wgpu::AdapterInfo) -> BTreeMap<u32, u32> {
+    stored(info).0
 }
 
 #[cfg(test)]
@@ -204,7 +242,8 @@ mod tests {
                 crate_version: env!("CARGO_PKG_VERSION").into(),
             },
             rows: BTreeMap::from([(64, rows)]),
-            measured: BTreeMap::from([(64, vec![(1, 2.0), (rows, 1.0)])]),
+            lanes: BTreeMap::from([(64, 4)]),
+            measured: BTreeMap::from([(64, vec![(1, 1, 2.0), (rows, 4, 1.0)])]),
             shape: (8, 512),
         }
     }
@@ -222,6 +261,7 @@ mod tests {
         let g = TuneFile::read(&path).unwrap();
         assert_eq!(g.entries.len(), 2);
         assert_eq!(g.find(&entry("a", 0).key).unwrap().rows[&64], 4);
+        assert_eq!(g.find(&entry("a", 0).key).unwrap().lanes[&64], 4);
         // Rows no plan can be built with, an unknown key and another format are errors.
         std::fs::write(
             &path,
@@ -236,12 +276,34 @@ mod tests {
             TuneFile::read(&path).unwrap_err().field(),
             Some("tune file.rows")
         );
-        std::fs::write(&path, r#"{"format": 1, "entries": [], "extra": 0}"#).unwrap();
+        let mut bad_lanes = entry("a", 4);
+        bad_lanes.lanes.insert(128, 3);
+        std::fs::write(
+            &path,
+            serde_json::to_string(&TuneFile {
+                format: TUNE_FORMAT,
+                entries: vec![bad_lanes],
+            })
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            TuneFile::read(&path).unwrap_err().field(),
+            Some("tune file.lanes")
+        );
+        std::fs::write(&path, r#"{"format": 2, "entries": [], "extra": 0}"#).unwrap();
         assert_eq!(
             TuneFile::read(&path).unwrap_err().field(),
             Some("tune file")
         );
-        std::fs::write(&path, r#"{"format": 2, "entries": []}"#).unwrap();
+        // An older format (rows only) reads as empty: the next tune replaces it.
+        std::fs::write(
+            &path,
+            r#"{"format": 1, "entries": [{"rows": {"64": 4}, "shape": [8, 512]}]}"#,
+        )
+        .unwrap();
+        assert!(TuneFile::read(&path).unwrap().entries.is_empty());
+        std::fs::write(&path, r#"{"format": 3, "entries": []}"#).unwrap();
         assert_eq!(
             TuneFile::read(&path).unwrap_err().field(),
             Some("tune file.format")

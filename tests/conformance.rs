@@ -25,12 +25,25 @@ fn run_matrix_with(
     run_matrix_scores(backends, name, rows, half, ScoreTile::Rows, cases);
 }
 
-/// Runs `cases` on every adapter of `backends`; `rows` overrides the rows per invocation,
-/// `half` the f16 storage form (a case may force its own) and `tile` how scores are formed.
 fn run_matrix_scores(
     backends: wgpu::Backends,
     name: &str,
     rows: Option<u32>,
+    half: Option<HalfForm>,
+    tile: ScoreTile,
+    cases: Vec<check::Case>,
+) {
+    run_matrix_form(backends, name, rows, None, half, tile, cases);
+}
+
+/// Runs `cases` on every adapter of `backends`; `rows` overrides the rows per invocation,
+/// `lanes` the lanes per query row (the lane-split form), `half` the f16 storage form (a case
+/// may force its own) and `tile` how scores are formed.
+fn run_matrix_form(
+    backends: wgpu::Backends,
+    name: &str,
+    rows: Option<u32>,
+    lanes: Option<u32>,
     half: Option<HalfForm>,
     tile: ScoreTile,
     cases: Vec<check::Case>,
@@ -54,12 +67,31 @@ fn run_matrix_scores(
         if let Some(r) = rows {
             ctx.set_rows_per_invocation(Some(r))?;
         }
+        ctx.set_row_lanes(lanes)?;
         ctx.set_half_form(half);
         ctx.set_score_tile(tile)?;
         Ok(ctx)
     };
     for adapter in adapters {
         let ctx = open(&adapter).expect("open device");
+        // The lane-split form asked for must be what the cases compile (one-branch kernels),
+        // in the reduction the device's subgroups allow.
+        let mut lane_forms = std::collections::BTreeSet::new();
+        if let Some(l) = lanes {
+            for c in &cases {
+                let half = c.half_form.unwrap_or(ctx.half_form());
+                if let Ok(k) = check::case_kernel(c, |d| ctx.rows_per_invocation(d), half) {
+                    let k = ctx.fused_variant(k);
+                    if k.row_lanes() > 1 {
+                        lane_forms.insert(format!("{} lanes {:?}", k.lanes, k.lane_reduce));
+                    }
+                }
+            }
+            assert!(
+                !lane_forms.is_empty(),
+                "{l} lanes per row asked for, but no case compiles the lane-split form"
+            );
+        }
         let verbose = std::env::var_os("POSATTN_VERBOSE").is_some();
         // A device per kernel variant on llvmpipe (`check::isolates_kernels`), as `posattn check`.
         let info = ctx.adapter_info().clone();
@@ -86,7 +118,7 @@ fn run_matrix_scores(
             }
         }
         println!(
-            "conformance on {} ({} rows per invocation at head_dim 64, scores {tile:?}): {pass} passed, {fail} failed, {unsup} unsupported; \
+            "conformance on {} ({} rows per invocation at head_dim 64, scores {tile:?}{}): {pass} passed, {fail} failed, {unsup} unsupported; \
              worst error/bound {worst:.3}; {} kernels on {} devices",
             ctx.describe(),
             // The score-tile forms run one row per invocation.
@@ -94,6 +126,14 @@ fn run_matrix_scores(
                 ctx.rows_per_invocation(64)
             } else {
                 1
+            },
+            if lane_forms.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ", {}",
+                    lane_forms.into_iter().collect::<Vec<_>>().join(" and ")
+                )
             },
             run.kernels,
             run.devices
@@ -197,6 +237,76 @@ fn conformance_vulkan_one_row_per_invocation() {
         })
         .collect();
     run_matrix(wgpu::Backends::VULKAN, "vulkan", Some(1), cases);
+}
+
+/// The lane-split form (each query row's head dimension split over several invocations, their
+/// partial scores summed by subgroup operations; the GPU-shaped kernel with a register tile of
+/// rows × channels) on the one-row test's cases: 2 rows by a quarter of the channels per
+/// invocation, summed by `subgroupShuffleXor` butterflies on lavapipe (subgroups of 8). The
+/// same tolerance rule as every other form.
+#[test]
+fn conformance_vulkan_lane_split() {
+    let cases = check::conformance_cases()
+        .into_iter()
+        .filter(|c| {
+            check::is_quick(c)
+                || (c.group == Group::TileEdges && c.spec.seq_q == 1 && c.spec.seq_k == 100)
+                || (c.group == Group::HeadDims && c.encoding == SWEEP_ENCODING)
+                || c.group == Group::Positions
+        })
+        .collect();
+    run_matrix_form(
+        wgpu::Backends::VULKAN,
+        "vulkan",
+        Some(2),
+        Some(4),
+        None,
+        ScoreTile::Rows,
+        cases,
+    );
+}
+
+/// The lane-split form with 8 lanes per row on lavapipe, whose subgroup size is fixed at 8: the
+/// `subgroupAdd` reduction, two rows per invocation (256 invocations per workgroup), on the
+/// quick subset.
+#[test]
+fn conformance_vulkan_lane_split_subgroup_add() {
+    let cases = check::conformance_cases()
+        .into_iter()
+        .filter(check::is_quick)
+        .collect();
+    run_matrix_form(
+        wgpu::Backends::VULKAN,
+        "vulkan",
+        Some(2),
+        Some(8),
+        None,
+        ScoreTile::Rows,
+        cases,
+    );
+}
+
+/// The lane-split form where the device has no subgroups (llvmpipe's GL): 4 lanes per row sum
+/// their partial scores through workgroup memory (two barriers per four keys), on the quick
+/// subset and the tile edges.
+#[test]
+fn conformance_gl_lane_split_workgroup_reduce() {
+    let cases = check::conformance_cases()
+        .into_iter()
+        .filter(|c| {
+            check::is_quick(c)
+                || (c.group == Group::TileEdges && c.spec.seq_q == 1 && c.spec.seq_k == 100)
+        })
+        .collect();
+    run_matrix_form(
+        wgpu::Backends::GL,
+        "gl",
+        Some(1),
+        Some(4),
+        None,
+        ScoreTile::Rows,
+        cases,
+    );
 }
 
 #[test]

@@ -1,5 +1,5 @@
 //! A stored tuning reaches the context: with POSATTN_TUNE_FILE naming a file that holds an entry
-//! for the adapter, `Context` takes its rows for that head size and the heuristic for the others;
+//! for the adapter, `Context` takes its rows and lanes for that head size and the heuristic for the others;
 //! an entry for another crate version is ignored. No kernel is compiled. (One test in its own
 //! binary, since it sets an environment variable.)
 
@@ -40,7 +40,8 @@ fn stored_rows_reach_the_context_for_their_adapter_only() {
         file.upsert(TuneEntry {
             key,
             rows: BTreeMap::from([(64, rows)]),
-            measured: BTreeMap::from([(64, vec![(rows, 1.0)])]),
+            lanes: BTreeMap::from([(64, 2)]),
+            measured: BTreeMap::from([(64, vec![(rows, 2, 1.0)])]),
             shape: (8, 512),
         });
     }
@@ -48,6 +49,8 @@ fn stored_rows_reach_the_context_for_their_adapter_only() {
     let tuned = Context::from_adapter(&adapter).unwrap();
     assert_eq!(tuned.rows_per_invocation(64), pick);
     assert_eq!(tuned.rows_source(64), "tuned");
+    assert_eq!(tuned.row_lanes(64), 2);
+    assert_eq!(tuned.row_lanes(128), heuristic.row_lanes(128));
     assert_eq!(
         tuned.rows_per_invocation(128),
         heuristic.rows_per_invocation(128)

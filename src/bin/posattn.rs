@@ -33,8 +33,13 @@ enum Scores {
 
 /// Opens `adapter` for `scores` and sets the context's score tile: the cooperative-matrix form
 /// the adapter offers for `Coop` (an error naming `score_tile` where it offers none).
-fn open_for(adapter: &wgpu::Adapter, scores: Scores) -> posattn::Result<Context> {
+fn open_for(
+    adapter: &wgpu::Adapter,
+    scores: Scores,
+    row_lanes: Option<u32>,
+) -> posattn::Result<Context> {
     let mut ctx = pollster::block_on(Context::open_async(adapter, scores == Scores::Coop))?;
+    ctx.set_row_lanes(row_lanes)?;
     let tile = match scores {
         Scores::Rows => posattn::ScoreTile::Rows,
         Scores::Tile => posattn::ScoreTile::Emulated,
@@ -103,6 +108,12 @@ enum Command {
         /// methods, which only the row form runs, are reported unsupported).
         #[arg(long, value_enum, default_value_t = Scores::Rows)]
         scores: Scores,
+        /// Lanes that share each query row of the fused kernel (1, 2, 4 or 8; the lane-split
+        /// form, reduced by subgroup operations where the device has them, else through
+        /// workgroup memory) instead of the adapter's choice. Two-branch methods and the
+        /// score-tile forms keep one lane.
+        #[arg(long)]
+        row_lanes: Option<u32>,
     },
     /// One attention on tensors from .npy files ([batch, seq, heads, head_dim]; f32, f16 or f64,
     /// computed in f32), described by a JSON spec; writes the output as .npy.
@@ -171,6 +182,10 @@ enum Command {
         /// and reports where the adapter has none.
         #[arg(long, value_enum, default_value_t = Scores::Rows)]
         scores: Scores,
+        /// Prefill: lanes that share each query row of the fused kernel (1, 2, 4 or 8) instead
+        /// of the adapter's choice (see `check --row-lanes`).
+        #[arg(long)]
+        row_lanes: Option<u32>,
     },
     /// Write every kernel variant the crate builds into DIR, one file per variant named by its
     /// key (`<name>.<lang>`): the WGSL wgpu compiles, or naga's translation to SPIR-V, MSL,
@@ -331,6 +346,7 @@ fn check(
     verbose: bool,
     json: Option<std::path::PathBuf>,
     scores: Scores,
+    row_lanes: Option<u32>,
 ) -> ExitCode {
     // Without --full or --dtype, the half dtypes run on the covering subset only.
     let every_dtype = full || dtype.is_some();
@@ -412,7 +428,7 @@ fn check(
     for adapter in adapters {
         let name = describe_adapter(&adapter.get_info());
         println!("\n{name}");
-        let ctx = match open_for(&adapter, scores) {
+        let ctx = match open_for(&adapter, scores, row_lanes) {
             Ok(c) => c,
             Err(e) => {
                 // An adapter without cooperative matrices is declared unsupported for that
@@ -460,7 +476,7 @@ fn check(
         // On llvmpipe each kernel variant compiles on a device of its own, from a new instance
         // (`check::isolates_kernels`): there, every compile slows the next ones on a device.
         let info = ctx.adapter_info().clone();
-        let reopen = || open_for(&check::reopen_adapter(&info)?, scores);
+        let reopen = || open_for(&check::reopen_adapter(&info)?, scores, row_lanes);
         let run = check::run_cases_isolated(&ctx, &cases, reopen, |r| {
             bar.inc(1);
             bar.set_message(r.name.clone());
@@ -1072,6 +1088,7 @@ fn random_qkvo(
     )
 }
 
+#[allow(clippy::too_many_arguments)]
 fn bench(
     backend: Option<Backend>,
     adapter: Option<String>,
@@ -1080,6 +1097,7 @@ fn bench(
     runs: usize,
     json_path: Option<&std::path::Path>,
     scores: Scores,
+    row_lanes: Option<u32>,
 ) -> posattn::Result<()> {
     if head_dims.is_empty() || seqs.is_empty() {
         return Err(posattn::Error::invalid(
@@ -1107,7 +1125,7 @@ fn bench(
     let mut rows = Vec::new();
     for a in adapters {
         // The score tile asked for, if this adapter runs it; the main table is the row form.
-        let (mut ctx, tile) = match open_for(&a, scores) {
+        let (mut ctx, tile) = match open_for(&a, scores, row_lanes) {
             Ok(mut c) => {
                 let t = c.score_tile();
                 c.set_score_tile(posattn::ScoreTile::Rows)?;
@@ -1115,7 +1133,9 @@ fn bench(
             }
             Err(e @ posattn::Error::Unavailable { .. }) => {
                 println!("\n  score tile unavailable on this adapter: {e}");
-                (Context::from_adapter(&a)?, None)
+                let mut c = Context::from_adapter(&a)?;
+                c.set_row_lanes(row_lanes)?;
+                (c, None)
             }
             Err(e) => return Err(e),
         };
@@ -1191,6 +1211,7 @@ fn bench(
                     "head_dim": head_dim,
                     "dtype": "f32",
                     "scores": "rows",
+                    "row_lanes": ctx.row_lanes(head_dim),
                     "fused_gflops": gf(f_ms),
                     "unfused_gflops": unfused_gflops,
                     "roof_gflops": roof_gflops,
@@ -1335,17 +1356,33 @@ fn bench_dtypes(
 /// times on the software drivers only grow), and within 2 × 256 on a GPU, where a row's floats
 /// are registers: on an H200 two rows at head_dim 64 already ran 2.7× slower than one, 8 rows
 /// 29× slower, and the 4- and 8-row variants at head_dim 128 kept `tune` past a minute.
-fn tune_candidates(head_dim: u32, device_type: wgpu::DeviceType) -> Vec<u32> {
-    let floats = if device_type == wgpu::DeviceType::Cpu {
-        1024
-    } else {
-        256
-    };
-    posattn::kernel::ROWS_CHOICES
-        .iter()
-        .copied()
-        .filter(|&r| r == 1 || r * head_dim <= floats)
-        .collect()
+///
+/// Lanes per row (the lane-split form) join the candidates on GPUs whose device has subgroups:
+/// each lane holds `rows × head_dim / lanes` channels, within the same budget, and a workgroup
+/// (`64 / rows × lanes` invocations) of at most 256. CPU adapters keep one lane: on lavapipe the
+/// lane-split form ran slower than the multi-row form at every head size measured (BENCHMARKS.md,
+/// "The lane-split form on lavapipe"), and each candidate costs a compile there.
+fn tune_candidates(ctx: &Context, head_dim: u32) -> Vec<(u32, u32)> {
+    let cpu = ctx.adapter_info().device_type == wgpu::DeviceType::Cpu;
+    let floats = if cpu { 1024 } else { 256 };
+    let mut out = Vec::new();
+    for &lanes in posattn::kernel::ROW_LANES_CHOICES {
+        let usable = lanes == 1
+            || (!cpu
+                && ctx.row_lane_reduce(lanes) != posattn::kernel::LaneReduce::Workgroup
+                && (head_dim / 4).is_multiple_of(lanes));
+        if !usable {
+            continue;
+        }
+        for &r in posattn::kernel::ROWS_CHOICES {
+            let per_lane = r * head_dim / lanes;
+            let invocations = posattn::kernel::BLOCK_Q / r * lanes;
+            if (r == 1 && lanes == 1) || (per_lane <= floats && invocations <= 256) {
+                out.push((r, lanes));
+            }
+        }
+    }
+    out
 }
 
 fn tune(
@@ -1392,17 +1429,19 @@ fn tune(
             ctx.describe()
         );
         let mut rows = std::collections::BTreeMap::new();
+        let mut lanes = std::collections::BTreeMap::new();
         let mut measured = std::collections::BTreeMap::new();
         for &d in head_dims {
             let spec = prefill_bench_spec(n, d);
             let (q, k, v, o) = random_qkvo(&ctx, &spec, d as u64);
             let mut times = Vec::new();
-            for r in tune_candidates(d, ctx.adapter_info().device_type) {
+            for (r, l) in tune_candidates(&ctx, d) {
                 ctx.set_rows_per_invocation(Some(r))?;
+                ctx.set_row_lanes(Some(l))?;
                 // A candidate must compute attention before its speed counts: a small causal
                 // RoPE case with a partial last tile, against the f64 reference.
                 let case = check::Case::new(
-                    format!("tune_d{d}_r{r}"),
+                    format!("tune_d{d}_r{r}_l{l}"),
                     posattn::AttentionSpec::default()
                         .with_seq_len(77)
                         .with_heads(2)
@@ -1413,7 +1452,7 @@ fn tune(
                 );
                 let result = check::run_case(&ctx, &case);
                 if result.status != Status::Pass {
-                    println!("  d{d} rows {r}: not used ({:?})", result.status);
+                    println!("  d{d} rows {r} lanes {l}: not used ({:?})", result.status);
                     continue;
                 }
                 let plan = posattn::Attention::new(&ctx, &spec)?;
@@ -1422,29 +1461,33 @@ fn tune(
                 let (_, t) = time_encoded(&ctx, runs, |e| plan.encode(&ctx, e, &bufs))?;
                 let ms = median(&t).as_secs_f64() * 1e3;
                 println!(
-                    "  d{d} rows {r}: {ms:.3} ms ({:.1} GFLOP/s)",
+                    "  d{d} rows {r} lanes {l}: {ms:.3} ms ({:.1} GFLOP/s)",
                     spec.flops() / (ms * 1e-3) / 1e9
                 );
-                times.push((r, ms));
+                times.push((r, l, ms));
             }
-            let Some(&(best, best_ms)) = times.iter().min_by(|a, b| a.1.total_cmp(&b.1)) else {
+            let Some(&(best, best_l, best_ms)) = times.iter().min_by(|a, b| a.2.total_cmp(&b.2))
+            else {
                 return Err(posattn::Error::invalid(
                     "tune candidates",
                     format!("at least one rows count passing the reference at head_dim {d}"),
                     "none",
                 ));
             };
-            println!("  d{d}: rows {best} ({best_ms:.3} ms)");
+            println!("  d{d}: rows {best}, lanes {best_l} ({best_ms:.3} ms)");
             rows.insert(d, best);
+            lanes.insert(d, best_l);
             measured.insert(d, times);
         }
         stored.upsert(TuneEntry {
             key: TuneKey::of(ctx.adapter_info()),
             rows,
+            lanes,
             measured,
             shape: (8, n),
         });
         ctx.set_rows_per_invocation(None)?;
+        ctx.set_row_lanes(None)?;
     }
     stored.write(&path)?;
     println!("\nstored in {}", path.display());
@@ -1516,16 +1559,22 @@ fn info(backend: Option<Backend>) -> ExitCode {
         println!("  cooperative matrices: {}", describe_coop(&a));
         // The fused variant each head size gets: the stored tuning, else the heuristic (what
         // `Context::rows_per_invocation` returns when nothing overrides it).
-        let tuned = posattn::tune::stored_rows(&info);
+        let (tuned, tuned_lanes) = posattn::tune::stored(&info);
         let classes: Vec<String> = posattn::SUPPORTED_HEAD_DIMS
             .iter()
-            .map(|&d| match tuned.get(&d) {
-                Some(r) => format!("d{d} {r} (tuned)"),
-                None => format!("d{d} {}", posattn::kernel::default_rows(&info, d)),
+            .map(|&d| {
+                let lanes = match tuned_lanes.get(&d) {
+                    Some(&l) if l > 1 => format!(" x {l} lanes"),
+                    _ => String::new(),
+                };
+                match tuned.get(&d) {
+                    Some(r) => format!("d{d} {r}{lanes} (tuned)"),
+                    None => format!("d{d} {}", posattn::kernel::default_rows(&info, d)),
+                }
             })
             .collect();
         println!(
-            "  prefill rows per invocation ({}): {}",
+            "  prefill rows per invocation, and lanes per row where more than one ({}): {}",
             if tuned.is_empty() {
                 "heuristic; `posattn tune` measures them"
             } else {
@@ -1554,8 +1603,9 @@ fn main() -> ExitCode {
             verbose,
             json,
             scores,
+            row_lanes,
         } => check(
-            backend, adapter, quick, full, filter, dtype, verbose, json, scores,
+            backend, adapter, quick, full, filter, dtype, verbose, json, scores, row_lanes,
         ),
         Command::Info { backend } => info(backend),
         Command::Tune {
@@ -1599,11 +1649,20 @@ fn main() -> ExitCode {
             json,
             scores,
             head_dim,
+            row_lanes,
         } => {
             let _ = seq;
+            if row_lanes.is_some() {
+                eprintln!(
+                    "error: invalid `--row-lanes`: expected it with prefill only (the decode \
+                     kernel chooses its lanes per key), got it with --decode"
+                );
+                return ExitCode::from(2);
+            }
             if head_dim != [64] {
                 eprintln!(
-                    "error: invalid `--head-dim`: expected it with prefill only (decode runs                      Llama-3-8B's 128), got it with --decode"
+                    "error: invalid `--head-dim`: expected it with prefill only (decode runs \
+                     Llama-3-8B's 128), got it with --decode"
                 );
                 return ExitCode::from(2);
             }
@@ -1655,6 +1714,7 @@ fn main() -> ExitCode {
             json,
             scores,
             head_dim,
+            row_lanes,
             ..
         } => match bench(
             backend,
@@ -1664,6 +1724,7 @@ fn main() -> ExitCode {
             runs.max(1),
             json.as_deref(),
             scores,
+            row_lanes,
         ) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -95,6 +95,16 @@ pub(crate) fn compose(key: &KernelKey, hooks: Option<&str>) -> Result<String, Co
         };
     }
     if key.family() == Family::Fused {
+        accessors += lane_sum4_wgsl(key.lane_reduce, key.row_lanes());
+        // The workgroup-memory lane reduction's array, only in the variants that use it.
+        accessors += if super::variants::lane_red_len(key) > 1 {
+            "var<workgroup> lane_red: array<vec4<f32>, RED_LEN>;\n\
+             fn lane_red_put(i: u32, x: vec4<f32>) {\n    lane_red[i] = x;\n}\n\
+             fn lane_red_get(i: u32) -> vec4<f32> {\n    return lane_red[i];\n}\n"
+        } else {
+            "fn lane_red_put(i: u32, x: vec4<f32>) {}\n\
+             fn lane_red_get(i: u32) -> vec4<f32> {\n    return vec4<f32>(0.0);\n}\n"
+        };
         accessors += &score_tile_wgsl(key.scores);
         // The row's log-sum-exp: written only by the variants that bind `lse_buf`.
         accessors += if key.lse {
@@ -208,6 +218,23 @@ fn lane_sum_wgsl(reduce: LaneReduce) -> &'static str {
              for (var o = LANES / 2u; o > 0u; o = o / 2u) {\n        \
              y += subgroupShuffleXor(y, o);\n    }\n    return y;\n}\n"
         }
+    }
+}
+
+/// The fused lane-split form's sum of four partial scores over the lanes of a row,
+/// `lane_sum4(x)`: subgroup operations only where the variant has several lanes per row and
+/// sums them so (the workgroup-memory form sums in the kernel and never calls it).
+fn lane_sum4_wgsl(reduce: LaneReduce, lanes: u32) -> &'static str {
+    match reduce {
+        LaneReduce::Add if lanes > 1 => {
+            "fn lane_sum4(x: vec4<f32>) -> vec4<f32> {\n    return subgroupAdd(x);\n}\n"
+        }
+        LaneReduce::Shuffle if lanes > 1 => {
+            "fn lane_sum4(x: vec4<f32>) -> vec4<f32> {\n    var y = x;\n    \
+             for (var o = LANES / 2u; o > 0u; o = o / 2u) {\n        \
+             y += subgroupShuffleXor(y, o);\n    }\n    return y;\n}\n"
+        }
+        _ => "fn lane_sum4(x: vec4<f32>) -> vec4<f32> {\n    return x;\n}\n",
     }
 }
 

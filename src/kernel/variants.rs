@@ -80,6 +80,29 @@ pub fn block_k_for(head_dim: u32, two_branch: bool) -> u32 {
     bk
 }
 
+/// Keys per tile of the lane-split fused form: [`block_k_for`]'s rule with room left for the
+/// workgroup-memory lane reduction (`reduce_bytes`, 0 where subgroups sum the lanes).
+pub fn block_k_fitting(head_dim: u32, reduce_bytes: u32) -> u32 {
+    let mut bk = 64;
+    while bk > 4 && 2 * bk * head_dim * 4 + reduce_bytes > WORKGROUP_BYTES {
+        bk /= 2;
+    }
+    bk
+}
+
+/// Lanes per query row the fused kernel can be built with (1: the ordinary form).
+pub const ROW_LANES_CHOICES: &[u32] = &[1, 2, 4, 8];
+
+/// Elements (vec4) of the fused kernel's workgroup-memory lane reduction: four partial scores
+/// per row of every invocation where the lanes of a row sum through workgroup memory, else 1.
+pub fn lane_red_len(key: &KernelKey) -> u32 {
+    if key.stage == Stage::Fused && key.lanes > 1 && key.lane_reduce == LaneReduce::Workgroup {
+        key.rows.max(1) * key.invocations()
+    } else {
+        1
+    }
+}
+
 /// Workgroup bytes of a fused variant.
 pub fn workgroup_bytes(key: &KernelKey) -> u32 {
     if key.scores != ScoreTile::Rows {
@@ -89,7 +112,12 @@ pub fn workgroup_bytes(key: &KernelKey) -> u32 {
         return key.block_k * key.head_dim * 4 + (q + k) * half + s * 4 + 16;
     }
     let tiles = if key.two_branch { 3 } else { 2 };
-    tiles * key.block_k * key.head_dim * 4
+    let red = if lane_red_len(key) > 1 {
+        16 * lane_red_len(key)
+    } else {
+        0
+    };
+    tiles * key.block_k * key.head_dim * 4 + red
 }
 
 /// Element counts of the score-tile forms' workgroup arrays: the Q tile, the K tile, `k_tile`
@@ -412,9 +440,10 @@ pub struct KernelKey {
     /// A custom scheme's id (`CheckedScheme::id`, a hash of its composed hooks), 0 for none.
     /// Its WGSL comes with it: [`KernelKey::try_wgsl_with`].
     pub custom: u64,
-    /// Decode: lanes that share one key (0 in other families).
+    /// Decode: lanes that share one key. Fused: lanes that share one query row, splitting its
+    /// head dimension (0 or 1: one invocation per row slot). 0 in other families.
     pub lanes: u32,
-    /// Decode: how those lanes sum their partial dot products.
+    /// Decode and the fused lane-split form: how those lanes sum their partial dot products.
     pub lane_reduce: LaneReduce,
     /// Decode: how keys are rotated as they are read (0 in other families).
     pub key_rot: KeyRotation,
@@ -468,6 +497,64 @@ impl KernelKey {
         KernelKey { lse: true, ..self }
     }
 
+    /// This fused key in the lane-split form: `lanes` invocations per row slot, each holding
+    /// `head_dim / lanes` channels of its rows, their partial scores summed as `reduce` says,
+    /// where the form applies; else the key unchanged. It applies to the row form
+    /// ([`ScoreTile::Rows`]) of one-branch kernels, with `lanes` (rounded down to a power of
+    /// two, at most 8) halved until it divides `head_dim / 4`; one lane is the ordinary form.
+    /// Keys per tile shrink where the workgroup-memory reduction needs room.
+    pub fn with_row_lanes(self, lanes: u32, reduce: LaneReduce) -> Self {
+        if self.stage != Stage::Fused || self.two_branch || self.scores != ScoreTile::Rows {
+            return self;
+        }
+        let mut l = 8;
+        while l > 1 && (l > lanes || !(self.head_dim / 4).is_multiple_of(l)) {
+            l /= 2;
+        }
+        if l <= 1 {
+            return KernelKey {
+                lanes: 0,
+                lane_reduce: LaneReduce::Workgroup,
+                block_k: block_k_for(self.head_dim, false),
+                ..self
+            };
+        }
+        // subgroupAdd sums a whole subgroup: right only for the lanes it was chosen for.
+        let reduce = if l < lanes && reduce == LaneReduce::Add {
+            LaneReduce::Shuffle
+        } else {
+            reduce
+        };
+        let key = KernelKey {
+            lanes: l,
+            lane_reduce: reduce,
+            ..self
+        };
+        let red = if lane_red_len(&key) > 1 {
+            16 * lane_red_len(&key)
+        } else {
+            0
+        };
+        KernelKey {
+            block_k: block_k_fitting(self.head_dim, red),
+            ..key
+        }
+    }
+
+    /// Lanes per query row of the fused kernel (1 in the ordinary form).
+    pub fn row_lanes(&self) -> u32 {
+        if self.stage == Stage::Fused {
+            self.lanes.max(1)
+        } else {
+            1
+        }
+    }
+
+    /// Invocations per workgroup of the fused kernel: row slots (`block_q / rows`) times lanes.
+    pub fn invocations(&self) -> u32 {
+        self.block_q / self.rows.max(1) * self.row_lanes()
+    }
+
     /// This fused key forming its scores as `scores` says. The score-tile forms use
     /// [`TILE_BLOCK_K`] keys per tile and one query row per invocation: the
     /// cooperative-matrix forms need whole subgroups (64 invocations), and the emulated form
@@ -481,10 +568,18 @@ impl KernelKey {
         } else {
             (TILE_BLOCK_K, 1)
         };
+        // The score-tile forms have one lane per row slot.
+        let (lanes, lane_reduce) = if scores == ScoreTile::Rows {
+            (self.lanes, self.lane_reduce)
+        } else {
+            (0, LaneReduce::Workgroup)
+        };
         KernelKey {
             scores,
             block_k,
             rows,
+            lanes,
+            lane_reduce,
             ..self
         }
     }
@@ -572,6 +667,15 @@ impl KernelKey {
                 // WGSL) for every encoding kind at head size 64.
                 if d == 64 {
                     add(KernelKey::fused(d, 1, pos).with_scores(ScoreTile::Emulated));
+                }
+                // The lane-split form in its portable reduction (workgroup memory): every
+                // encoding kind at head size 64 and the RoPE kernel at every head size, 4 lanes
+                // per row, one and two rows per invocation (subgroup forms:
+                // `subgroup_examples`).
+                if d == 64 || pos == PosKind::Rope {
+                    for rows in [1, 2] {
+                        add(KernelKey::fused(d, rows, pos).with_row_lanes(4, LaneReduce::Workgroup));
+                    }
                 }
                 if pos == PosKind::Rope {
                     add(KernelKey::fused_two_branch(d, 1));
@@ -689,7 +793,8 @@ impl KernelKey {
         keys
     }
 
-    /// Decode variants with subgroup reductions (the device needs `Features::SUBGROUP`): the
+    /// Variants with subgroup reductions (the device needs `Features::SUBGROUP`): the fused
+    /// kernel's lane-split forms (listed below), and the decode kernel's: the
     /// RoPE kernel at every head size with `subgroupAdd` over 8 lanes (lavapipe's fixed
     /// subgroup) or as few as the head size allows, butterflies over 4 lanes (any subgroup of
     /// 4 or more), and the half storage forms at head size 128, with and without read-ahead.
@@ -706,6 +811,35 @@ impl KernelKey {
                     KernelKey::decode(d, 8, PosKind::Rope)
                         .with_lanes(decode_lanes(d, 4), LaneReduce::Shuffle),
                 );
+            }
+        }
+        // The fused kernel's lane-split form with subgroup reductions: butterflies over 4 lanes
+        // (one and two rows) and subgroupAdd over 8 (two rows) on the RoPE kernel at every head
+        // size, every encoding kind at head size 128 (4 lanes, one row), and half storage with
+        // the log-sum-exp output at head size 64.
+        let mut fused = Vec::new();
+        for &d in crate::spec::SUPPORTED_HEAD_DIMS {
+            for rows in [1, 2] {
+                fused.push(
+                    KernelKey::fused(d, rows, PosKind::Rope).with_row_lanes(4, LaneReduce::Shuffle),
+                );
+            }
+            fused.push(KernelKey::fused(d, 2, PosKind::Rope).with_row_lanes(8, LaneReduce::Add));
+        }
+        for pos in PosKind::VARIANTS {
+            fused.push(KernelKey::fused(128, 1, pos).with_row_lanes(4, LaneReduce::Shuffle));
+        }
+        for storage in PORTABLE_STORAGE_EXAMPLES {
+            fused.push(
+                KernelKey::fused(64, 1, PosKind::Rope)
+                    .with_storage(storage)
+                    .with_lse()
+                    .with_row_lanes(4, LaneReduce::Shuffle),
+            );
+        }
+        for k in fused {
+            if !keys.contains(&k) {
+                keys.push(k);
             }
         }
         for storage in PORTABLE_STORAGE_EXAMPLES {
@@ -803,11 +937,16 @@ impl KernelKey {
         };
         match self.stage {
             Stage::Fused => format!(
-                "attention_fused_d{}_bq{}_bk{}_r{}_{pos}{branch}{}{dt}",
+                "attention_fused_d{}_bq{}_bk{}_r{}{}_{pos}{branch}{}{dt}",
                 self.head_dim,
                 self.block_q,
                 self.block_k,
                 self.rows,
+                if self.row_lanes() > 1 {
+                    format!("_l{}{}", self.lanes, self.lane_reduce.suffix())
+                } else {
+                    String::new()
+                },
                 self.scores.suffix()
             ),
             Stage::Decode => format!(
@@ -887,7 +1026,7 @@ impl KernelKey {
              const UNITS: u32 = {}u;\nconst LANE_REDUCE: u32 = {}u;\nconst KEY_ROT: u32 = {}u;\n\
              const READ_AHEAD: bool = {};\nconst MMA: u32 = {}u;\nconst MMA_FRAG: u32 = {}u;\n\
              const MQ_LEN: u32 = {}u;\nconst MK_LEN: u32 = {}u;\nconst K_TILE_LEN: u32 = {}u;\n\
-             const S_LEN: u32 = {}u;\n",
+             const S_LEN: u32 = {}u;\nconst RED_LEN: u32 = {}u;\n",
             self.name(),
             self.head_dim,
             self.block_q.max(1),
@@ -906,14 +1045,16 @@ impl KernelKey {
             lens.0,
             lens.1,
             lens.2,
-            lens.3
+            lens.3,
+            lane_red_len(self)
         )
     }
 
     /// Bounds the composer may unroll loops over.
-    pub(crate) fn unroll_bounds(&self) -> [(&'static str, u32); 7] {
+    pub(crate) fn unroll_bounds(&self) -> [(&'static str, u32); 8] {
         [
             ("HEAD_VEC", self.head_dim / 4),
+            ("LVEC", self.head_dim / 4 / self.row_lanes()),
             ("BLOCK_K", self.block_k.max(1)),
             ("ROWS", self.rows.max(1)),
             ("K_TILES", self.k_tiles()),
@@ -925,7 +1066,7 @@ impl KernelKey {
 
     /// Decode: units of 8 channels each lane holds (1 in other families).
     pub fn units(&self) -> u32 {
-        if self.lanes == 0 {
+        if self.lanes == 0 || self.family() != Family::Decode {
             1
         } else {
             decode_units(self.head_dim, self.lanes)
@@ -957,6 +1098,60 @@ impl KernelKey {
     pub fn wgsl(&self) -> String {
         self.try_wgsl()
             .unwrap_or_else(|e| panic!("{}: {e}", self.name()))
+    }
+}
+
+#[cfg(test)]
+mod lane_tests {
+    use super::*;
+
+    #[test]
+    fn the_lane_split_form_applies_where_it_can() {
+        let k = KernelKey::fused(128, 2, PosKind::Rope).with_row_lanes(4, LaneReduce::Shuffle);
+        assert_eq!(
+            (k.lanes, k.lane_reduce, k.rows),
+            (4, LaneReduce::Shuffle, 2)
+        );
+        assert_eq!(k.invocations(), 128);
+        assert_eq!(k.block_k, block_k_for(128, false), "subgroups need no room");
+        assert!(k.name().contains("_r2_l4sx_"), "{}", k.name());
+        // One lane is the ordinary form, under the ordinary name.
+        let one = KernelKey::fused(64, 8, PosKind::Rope);
+        assert_eq!(one.with_row_lanes(1, LaneReduce::Shuffle), one);
+        // Head size 80 has 20 vec4s: 8 lanes become 4, and subgroupAdd (a whole subgroup of
+        // 8) becomes butterflies over 4.
+        let d80 = KernelKey::fused(80, 1, PosKind::Rope).with_row_lanes(8, LaneReduce::Add);
+        assert_eq!((d80.lanes, d80.lane_reduce), (4, LaneReduce::Shuffle));
+        // Two-branch kernels and the score-tile forms keep one lane.
+        let two = KernelKey::fused_two_branch(64, 1);
+        assert_eq!(two.with_row_lanes(4, LaneReduce::Shuffle), two);
+        let tile = KernelKey::fused(64, 1, PosKind::Rope).with_scores(ScoreTile::Emulated);
+        assert_eq!(tile.with_row_lanes(4, LaneReduce::Shuffle), tile);
+        // And a lane-split key given a score tile drops its lanes.
+        assert_eq!(k.with_scores(ScoreTile::Emulated).row_lanes(), 1);
+    }
+
+    #[test]
+    fn the_workgroup_reduction_fits_webgpus_workgroup_memory() {
+        for &d in crate::spec::SUPPORTED_HEAD_DIMS {
+            for rows in [1, 2, 4, 8] {
+                for lanes in [2, 4, 8] {
+                    let k = KernelKey::fused(d, rows, PosKind::Rope)
+                        .with_row_lanes(lanes, LaneReduce::Workgroup);
+                    if k.row_lanes() == 1 {
+                        continue;
+                    }
+                    assert!(
+                        workgroup_bytes(&k) <= WORKGROUP_BYTES,
+                        "{}: {} bytes",
+                        k.name(),
+                        workgroup_bytes(&k)
+                    );
+                    assert_eq!(lane_red_len(&k), rows * k.invocations());
+                    assert!(k.block_k >= 4 && k.block_k.is_power_of_two());
+                }
+            }
+        }
     }
 }
 
