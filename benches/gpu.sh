@@ -14,15 +14,18 @@
 # few minutes; PyTorch is skipped where it finds no CUDA device, and says so.
 #
 # OUT gets: info.txt (adapter, driver, commit); check_coop.txt and .json (the quick matrix with
-# the cooperative-matrix score tile); prefill.txt and .json (`posattn bench` at head_dim 64 and
-# 128 on a plain device: the row form, the matmul roof, the unfused pipeline, every storage
-# dtype); prefill_coop.txt and .json (the same on a device opened with cooperative matrices,
+# the cooperative-matrix score tile); check_lanes.txt and .json (the quick matrix in the
+# lane-split form, 4 lanes per row on the card's subgroups); prefill.txt and .json (`posattn
+# bench` at head_dim 64 and 128 on a plain device: the row form, the matmul roof, the unfused
+# pipeline, every storage dtype, and f32 with 2, 4 and 8 lanes per row); tune.txt and .json
+# (`posattn tune`: every rows × lanes candidate at seq 2048, the A/B of the lane-split form);
+# prefill_coop.txt and .json (the same on a device opened with cooperative matrices,
 # with the coop rows in f32 and f16 storage); decode.txt and .json (`posattn bench --decode`);
 # decode_unsplit.txt and .json (batch 1, one split: the split-KV speed-up); decode_rotated.txt
 # and .json (keys stored rotated: the per-key rotation's share); decode_sweep.txt (batch 1 at
-# 16, 64 and 256 splits); torch.txt (benches/torch_sdpa.py, prefill and decode); check.txt and .json (`posattn check`,
-# the whole matrix); tune.txt and .json (`posattn tune`); log.txt (every step's command, exit
-# status and time).
+# 16, 64 and 256 splits); torch.txt (benches/torch_sdpa.py, prefill and decode); check.txt and
+# .json (`posattn check`, the whole matrix); log.txt (every step's command, exit status and
+# time).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -117,8 +120,14 @@ step info 30 "$out/info.txt" "$posattn" info
 # coop rows in f32 and f16 storage beside the row form.
 step check-coop 60 "$out/check_coop.txt" "$posattn" check --backend "$WGPU_BACKEND" --quick \
     --scores coop --json "$out/check_coop.json"
-step prefill 120 "$out/prefill.txt" "$posattn" bench --backend "$WGPU_BACKEND" --seq "$seqs" \
-    --head-dim "$dims" --json "$out/prefill.json"
+step check-lanes 60 "$out/check_lanes.txt" "$posattn" check --backend "$WGPU_BACKEND" --quick \
+    --row-lanes 4 --json "$out/check_lanes.json"
+step prefill 150 "$out/prefill.txt" "$posattn" bench --backend "$WGPU_BACKEND" --seq "$seqs" \
+    --head-dim "$dims" --row-lanes 2,4,8 --json "$out/prefill.json"
+# Every rows-per-invocation × lanes-per-row candidate, each checked against the reference
+# first; the tuned choice goes to the results folder, not the machine's cache.
+step tune 120 "$out/tune.txt" env POSATTN_TUNE_FILE="$out/tune.json" "$posattn" tune \
+    --backend "$WGPU_BACKEND" "${tune_args[@]}"
 step prefill-coop 120 "$out/prefill_coop.txt" "$posattn" bench --backend "$WGPU_BACKEND" \
     --seq "$seqs" --head-dim "$dims" --scores coop --json "$out/prefill_coop.json"
 step decode 120 "$out/decode.txt" "$posattn" bench --decode --backend "$WGPU_BACKEND" \
@@ -144,12 +153,9 @@ if python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
 else
     echo "PyTorch with a CUDA device not found: SDPA not run" | tee -a "$log" >"$out/torch.txt"
 fi
-# The whole conformance matrix in the row form, then the rows-per-invocation tuning.
+# The whole conformance matrix in the row form.
 step check 150 "$out/check.txt" "$posattn" check --backend "$WGPU_BACKEND" "${check_args[@]}" \
     --json "$out/check.json"
-# The tuned choice goes to the results folder, not the machine's cache.
-step tune 60 "$out/tune.txt" env POSATTN_TUNE_FILE="$out/tune.json" "$posattn" tune \
-    --backend "$WGPU_BACKEND" "${tune_args[@]}"
 echo "results in $out" | tee -a "$log"
 [ -n "$archive" ] && tar czf "$archive" -C "$out" .
 exit 0

@@ -171,7 +171,8 @@ enum Command {
         /// adapter's form (native where it has SHADER_F16, else packed).
         #[arg(long, value_delimiter = ',', default_values_t = vec!["f32".to_string(), "f16".to_string(), "bf16".to_string()])]
         dtype: Vec<String>,
-        /// Also write the rows as JSON to FILE. Prefill rows: adapter, seq, dtype, fused_gflops,
+        /// Also write the rows as JSON to FILE. Prefill rows: adapter, seq, head_dim, dtype,
+        /// form (the dtype table's column), scores, row_lanes, fused_gflops,
         /// unfused_gflops (f32 only, else null) and roof_gflops (the best plain WGSL matmul on the
         /// adapter, measured in the same run). Decode rows: batch, cache, dtype, splits,
         /// us_per_token, gbps, roof_gbps (a copy kernel's), prefill_kernel_us.
@@ -182,10 +183,11 @@ enum Command {
         /// and reports where the adapter has none.
         #[arg(long, value_enum, default_value_t = Scores::Rows)]
         scores: Scores,
-        /// Prefill: lanes that share each query row of the fused kernel (1, 2, 4 or 8) instead
-        /// of the adapter's choice (see `check --row-lanes`).
-        #[arg(long)]
-        row_lanes: Option<u32>,
+        /// Prefill: also time the fused kernel (f32) with these lanes per query row (1, 2, 4 or
+        /// 8, comma-separated; the lane-split form, see `check --row-lanes`) beside the
+        /// adapter's choice, in the storage-dtype table.
+        #[arg(long, value_delimiter = ',')]
+        row_lanes: Vec<u32>,
     },
     /// Write every kernel variant the crate builds into DIR, one file per variant named by its
     /// key (`<name>.<lang>`): the WGSL wgpu compiles, or naga's translation to SPIR-V, MSL,
@@ -1097,8 +1099,18 @@ fn bench(
     runs: usize,
     json_path: Option<&std::path::Path>,
     scores: Scores,
-    row_lanes: Option<u32>,
+    row_lanes: &[u32],
 ) -> posattn::Result<()> {
+    if let Some(&l) = row_lanes
+        .iter()
+        .find(|l| !posattn::kernel::ROW_LANES_CHOICES.contains(l))
+    {
+        return Err(posattn::Error::invalid(
+            "row_lanes",
+            format!("each one of {:?}", posattn::kernel::ROW_LANES_CHOICES),
+            l,
+        ));
+    }
     if head_dims.is_empty() || seqs.is_empty() {
         return Err(posattn::Error::invalid(
             if seqs.is_empty() { "seq" } else { "head_dim" },
@@ -1125,7 +1137,7 @@ fn bench(
     let mut rows = Vec::new();
     for a in adapters {
         // The score tile asked for, if this adapter runs it; the main table is the row form.
-        let (mut ctx, tile) = match open_for(&a, scores, row_lanes) {
+        let (mut ctx, tile) = match open_for(&a, scores, None) {
             Ok(mut c) => {
                 let t = c.score_tile();
                 c.set_score_tile(posattn::ScoreTile::Rows)?;
@@ -1133,9 +1145,7 @@ fn bench(
             }
             Err(e @ posattn::Error::Unavailable { .. }) => {
                 println!("\n  score tile unavailable on this adapter: {e}");
-                let mut c = Context::from_adapter(&a)?;
-                c.set_row_lanes(row_lanes)?;
-                (c, None)
+                (Context::from_adapter(&a)?, None)
             }
             Err(e) => return Err(e),
         };
@@ -1217,14 +1227,18 @@ fn bench(
                     "roof_gflops": roof_gflops,
                 }));
             }
-            for (seq, form, ms) in bench_dtypes(&mut ctx, seqs, head_dim, runs, tile)? {
+            for (seq, form, lanes, ms) in
+                bench_dtypes(&mut ctx, seqs, head_dim, runs, tile, row_lanes)?
+            {
                 let spec = prefill_bench_spec(seq, head_dim);
                 rows.push(serde_json::json!({
                 "adapter": ctx.describe(),
                 "seq": seq,
                 "head_dim": head_dim,
-                "dtype": form,
+                "dtype": form.split(' ').next(),
+                "form": form,
                 "scores": if form.contains("tile") || form.contains("coop") { form.split(' ').nth(1) } else { Some("rows") },
+                "row_lanes": lanes,
                 "fused_gflops": spec.flops() / (ms * 1e-3) / 1e9,
                 "unfused_gflops": null,
                 "roof_gflops": roof_gflops,
@@ -1239,29 +1253,44 @@ fn bench(
 }
 
 /// The fused kernel with every tensor stored in each dtype (f16 in both forms where the adapter
-/// has native f16), at the same shapes, timed alternately in one run so that load from other
-/// processes affects the forms alike; speed is relative to f32.
+/// has native f16), then in f32 with each of `lanes` per query row, at the same shapes, timed
+/// alternately in one run so that load from other processes affects the forms alike; speed is
+/// relative to f32. Returns (seq, form, lanes per row, ms) of every form but the first.
 fn bench_dtypes(
     ctx: &mut Context,
     seqs: &[u32],
     head_dim: u32,
     runs: usize,
     tile: Option<posattn::ScoreTile>,
-) -> posattn::Result<Vec<(u32, &'static str, f64)>> {
+    lanes: &[u32],
+) -> posattn::Result<Vec<(u32, &'static str, u32, f64)>> {
     let mut out = Vec::new();
     use posattn::ScoreTile;
     use posattn::harness::timing::{median, time_encoded};
     use posattn::{Dtype, HalfForm};
     use wgpu::util::DeviceExt;
+    let own = ctx.row_lanes(head_dim);
     let mut forms = vec![
-        ("f32", Dtype::F32, HalfForm::Packed, ScoreTile::Rows),
-        ("f16 packed", Dtype::F16, HalfForm::Packed, ScoreTile::Rows),
-        ("bf16", Dtype::Bf16, HalfForm::Packed, ScoreTile::Rows),
+        ("f32", Dtype::F32, HalfForm::Packed, ScoreTile::Rows, own),
+        (
+            "f16 packed",
+            Dtype::F16,
+            HalfForm::Packed,
+            ScoreTile::Rows,
+            own,
+        ),
+        ("bf16", Dtype::Bf16, HalfForm::Packed, ScoreTile::Rows, own),
     ];
     if ctx.has_native_f16() {
         forms.insert(
             1,
-            ("f16 native", Dtype::F16, HalfForm::Native, ScoreTile::Rows),
+            (
+                "f16 native",
+                Dtype::F16,
+                HalfForm::Native,
+                ScoreTile::Rows,
+                own,
+            ),
         );
     }
     // The score tile asked for, in f32 and the adapter's f16 storage.
@@ -1272,8 +1301,18 @@ fn bench_dtypes(
             ScoreTile::Coop8 => ("f32 coop8", "f16 coop8"),
             _ => ("f32 coop16", "f16 coop16"),
         };
-        forms.push((f32_name, Dtype::F32, HalfForm::Packed, t));
-        forms.push((f16_name, Dtype::F16, half, t));
+        forms.push((f32_name, Dtype::F32, HalfForm::Packed, t, 1));
+        forms.push((f16_name, Dtype::F16, half, t, 1));
+    }
+    // The lane-split form (f32, the context's rows per invocation).
+    for &l in lanes {
+        let name = match l {
+            1 => "f32 lanes1",
+            2 => "f32 lanes2",
+            4 => "f32 lanes4",
+            _ => "f32 lanes8",
+        };
+        forms.push((name, Dtype::F32, HalfForm::Packed, ScoreTile::Rows, l));
     }
     println!(
         "
@@ -1293,11 +1332,13 @@ fn bench_dtypes(
             rng.vec(base.kv_len(), 1.0),
         );
         let mut setups = Vec::new();
-        for &(name, d, half, t) in &forms {
+        for &(name, d, half, t, l) in &forms {
             let spec = base.clone().with_dtype(d);
             ctx.set_score_tile(t)?;
+            ctx.set_row_lanes(Some(l))?;
             let plan = posattn::Attention::with_half_form(ctx, &spec, half);
             ctx.set_score_tile(ScoreTile::Rows)?;
+            ctx.set_row_lanes(None)?;
             // A form this adapter cannot run (`Unavailable`) is reported and left out of the
             // row; the others are still timed. Any other error is the caller's.
             match plan {
@@ -1332,7 +1373,7 @@ fn bench_dtypes(
         }
         let f32_ms = setups[0].as_ref().map(|s| median(&s.2).as_secs_f64() * 1e3);
         print!("  {seq:>6}");
-        for (setup, (name, ..)) in setups.iter().zip(&forms) {
+        for (setup, &(name, _, _, _, lanes)) in setups.iter().zip(&forms) {
             let Some((_, _, t)) = setup else {
                 print!(" {:>18}", "-");
                 continue;
@@ -1342,8 +1383,8 @@ fn bench_dtypes(
                 Some(f) => print!(" {:>18}", format!("{ms:.2} ({:.2}x)", f / ms)),
                 None => print!(" {:>18}", format!("{ms:.2}")),
             }
-            if *name != "f32" {
-                out.push((seq, *name, ms));
+            if name != "f32" {
+                out.push((seq, name, lanes, ms));
             }
         }
         println!();
@@ -1364,12 +1405,24 @@ fn bench_dtypes(
 /// "The lane-split form on lavapipe"), and each candidate costs a compile there.
 fn tune_candidates(ctx: &Context, head_dim: u32) -> Vec<(u32, u32)> {
     let cpu = ctx.adapter_info().device_type == wgpu::DeviceType::Cpu;
+    let subgroup_lanes = |l: u32| ctx.row_lane_reduce(l) != posattn::kernel::LaneReduce::Workgroup;
+    candidates_for(head_dim, cpu, subgroup_lanes)
+}
+
+/// [`tune_candidates`] given whether the adapter is a CPU and which lane counts its subgroups
+/// can sum: (rows, lanes) pairs.
+fn candidates_for(
+    head_dim: u32,
+    cpu: bool,
+    subgroup_lanes: impl Fn(u32) -> bool,
+) -> Vec<(u32, u32)> {
     let floats = if cpu { 1024 } else { 256 };
     let mut out = Vec::new();
     for &lanes in posattn::kernel::ROW_LANES_CHOICES {
+        // CPU adapters: at most 2 lanes (4 and 8 ran slower than 2 at every size measured).
         let usable = lanes == 1
-            || (!cpu
-                && ctx.row_lane_reduce(lanes) != posattn::kernel::LaneReduce::Workgroup
+            || ((!cpu || lanes == 2)
+                && subgroup_lanes(lanes)
                 && (head_dim / 4).is_multiple_of(lanes));
         if !usable {
             continue;
@@ -1383,6 +1436,53 @@ fn tune_candidates(ctx: &Context, head_dim: u32) -> Vec<(u32, u32)> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tune_tests {
+    use super::candidates_for;
+
+    #[test]
+    fn tune_candidates_follow_the_register_budget_and_the_subgroups() {
+        // A CPU adapter: up to 1024 floats, at most 2 lanes (where its subgroups sum them).
+        assert_eq!(
+            candidates_for(64, true, |_| false),
+            [(1, 1), (2, 1), (4, 1), (8, 1)]
+        );
+        assert_eq!(
+            candidates_for(256, true, |_| true),
+            [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2), (4, 2), (8, 2)]
+        );
+        // A GPU without subgroups: one lane, 256 floats.
+        assert_eq!(candidates_for(128, false, |_| false), [(1, 1), (2, 1)]);
+        // A GPU with subgroups of 32 at head size 128: lanes 2 (up to 4 rows), 4 (up to 8),
+        // 8 (from 2 rows: one row would be 512 invocations).
+        let c = candidates_for(128, false, |l| l <= 32);
+        assert_eq!(
+            c,
+            [
+                (1, 1),
+                (2, 1),
+                (1, 2),
+                (2, 2),
+                (4, 2),
+                (1, 4),
+                (2, 4),
+                (4, 4),
+                (8, 4),
+                (2, 8),
+                (4, 8),
+                (8, 8)
+            ]
+        );
+        // Head size 80 (20 vec4s): no 8 lanes; subgroups of 4: no 8 either way.
+        assert!(!candidates_for(80, false, |_| true).iter().any(|c| c.1 == 8));
+        assert!(
+            !candidates_for(64, false, |l| l <= 4)
+                .iter()
+                .any(|c| c.1 == 8)
+        );
+    }
 }
 
 fn tune(
@@ -1652,7 +1752,7 @@ fn main() -> ExitCode {
             row_lanes,
         } => {
             let _ = seq;
-            if row_lanes.is_some() {
+            if !row_lanes.is_empty() {
                 eprintln!(
                     "error: invalid `--row-lanes`: expected it with prefill only (the decode \
                      kernel chooses its lanes per key), got it with --decode"
@@ -1724,7 +1824,7 @@ fn main() -> ExitCode {
             runs.max(1),
             json.as_deref(),
             scores,
-            row_lanes,
+            &row_lanes,
         ) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
