@@ -1438,53 +1438,6 @@ fn candidates_for(
     out
 }
 
-#[cfg(test)]
-mod tune_tests {
-    use super::candidates_for;
-
-    #[test]
-    fn tune_candidates_follow_the_register_budget_and_the_subgroups() {
-        // A CPU adapter: up to 1024 floats, at most 2 lanes (where its subgroups sum them).
-        assert_eq!(
-            candidates_for(64, true, |_| false),
-            [(1, 1), (2, 1), (4, 1), (8, 1)]
-        );
-        assert_eq!(
-            candidates_for(256, true, |_| true),
-            [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2), (4, 2), (8, 2)]
-        );
-        // A GPU without subgroups: one lane, 256 floats.
-        assert_eq!(candidates_for(128, false, |_| false), [(1, 1), (2, 1)]);
-        // A GPU with subgroups of 32 at head size 128: lanes 2 (up to 4 rows), 4 (up to 8),
-        // 8 (from 2 rows: one row would be 512 invocations).
-        let c = candidates_for(128, false, |l| l <= 32);
-        assert_eq!(
-            c,
-            [
-                (1, 1),
-                (2, 1),
-                (1, 2),
-                (2, 2),
-                (4, 2),
-                (1, 4),
-                (2, 4),
-                (4, 4),
-                (8, 4),
-                (2, 8),
-                (4, 8),
-                (8, 8)
-            ]
-        );
-        // Head size 80 (20 vec4s): no 8 lanes; subgroups of 4: no 8 either way.
-        assert!(!candidates_for(80, false, |_| true).iter().any(|c| c.1 == 8));
-        assert!(
-            !candidates_for(64, false, |l| l <= 4)
-                .iter()
-                .any(|c| c.1 == 8)
-        );
-    }
-}
-
 fn tune(
     backend: Option<Backend>,
     adapter: Option<String>,
@@ -1844,5 +1797,52 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+    }
+}
+
+#[cfg(test)]
+mod tune_tests {
+    use super::candidates_for;
+
+    #[test]
+    fn tune_candidates_follow_the_register_budget_and_the_subgroups() {
+        // A CPU adapter: up to 1024 floats, at most 2 lanes (where its subgroups sum them).
+        assert_eq!(
+            candidates_for(64, true, |_| false),
+            [(1, 1), (2, 1), (4, 1), (8, 1)]
+        );
+        assert_eq!(
+            candidates_for(256, true, |_| true),
+            [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2), (4, 2), (8, 2)]
+        );
+        // A GPU without subgroups: one lane, 256 floats.
+        assert_eq!(candidates_for(128, false, |_| false), [(1, 1), (2, 1)]);
+        // A GPU with subgroups of 32 at head size 128: lanes 2 (up to 4 rows), 4 (up to 8),
+        // 8 (from 2 rows: one row would be 512 invocations).
+        let c = candidates_for(128, false, |l| l <= 32);
+        assert_eq!(
+            c,
+            [
+                (1, 1),
+                (2, 1),
+                (1, 2),
+                (2, 2),
+                (4, 2),
+                (1, 4),
+                (2, 4),
+                (4, 4),
+                (8, 4),
+                (2, 8),
+                (4, 8),
+                (8, 8)
+            ]
+        );
+        // Head size 80 (20 vec4s): no 8 lanes; subgroups of 4: no 8 either way.
+        assert!(!candidates_for(80, false, |_| true).iter().any(|c| c.1 == 8));
+        assert!(
+            !candidates_for(64, false, |l| l <= 4)
+                .iter()
+                .any(|c| c.1 == 8)
+        );
     }
 }
