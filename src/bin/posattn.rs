@@ -1398,11 +1398,12 @@ fn bench_dtypes(
 /// are registers: on an H200 two rows at head_dim 64 already ran 2.7× slower than one, 8 rows
 /// 29× slower, and the 4- and 8-row variants at head_dim 128 kept `tune` past a minute.
 ///
-/// Lanes per row (the lane-split form) join the candidates on GPUs whose device has subgroups:
-/// each lane holds `rows × head_dim / lanes` channels, within the same budget, and a workgroup
-/// (`64 / rows × lanes` invocations) of at most 256. CPU adapters keep one lane: on lavapipe the
-/// lane-split form ran slower than the multi-row form at every head size measured (BENCHMARKS.md,
-/// "The lane-split form on lavapipe"), and each candidate costs a compile there.
+/// Lanes per row (the lane-split form) join the candidates where the device has subgroups: each
+/// lane holds `rows × head_dim / lanes` channels, within the same budget, and a workgroup
+/// (`64 / rows × lanes` invocations) of at most 256. GPUs try 2, 4 and 8 lanes; CPU adapters
+/// only 2, since on lavapipe 4 and 8 ran slower than 2 at head sizes 64 and 128 and each
+/// candidate costs a compile there (BENCHMARKS.md, "The lane-split form and more rows per
+/// invocation").
 fn tune_candidates(ctx: &Context, head_dim: u32) -> Vec<(u32, u32)> {
     let cpu = ctx.adapter_info().device_type == wgpu::DeviceType::Cpu;
     let subgroup_lanes = |l: u32| ctx.row_lane_reduce(l) != posattn::kernel::LaneReduce::Workgroup;
