@@ -19,6 +19,7 @@
 # bench` at head_dim 64 and 128 on a plain device: the row form, the matmul roof, the unfused
 # pipeline, every storage dtype, and f32 with 2, 4 and 8 lanes per row); tune.txt and .json
 # (`posattn tune`: every rows × lanes candidate at seq 2048, the A/B of the lane-split form);
+# prefill_tuned.txt and .json (the prefill tables again with the tuned variants);
 # prefill_coop.txt and .json (the same on a device opened with cooperative matrices,
 # with the coop rows in f32 and f16 storage); decode.txt and .json (`posattn bench --decode`);
 # decode_unsplit.txt and .json (batch 1, one split: the split-KV speed-up); decode_rotated.txt
@@ -128,6 +129,10 @@ step prefill 150 "$out/prefill.txt" "$posattn" bench --backend "$WGPU_BACKEND" -
 # first; the tuned choice goes to the results folder, not the machine's cache.
 step tune 120 "$out/tune.txt" env POSATTN_TUNE_FILE="$out/tune.json" "$posattn" tune \
     --backend "$WGPU_BACKEND" "${tune_args[@]}"
+# The prefill tables again with the tuned variants (the context reads tune.json).
+step prefill-tuned 90 "$out/prefill_tuned.txt" env POSATTN_TUNE_FILE="$out/tune.json" \
+    "$posattn" bench --backend "$WGPU_BACKEND" --seq "$seqs" --head-dim "$dims" \
+    --json "$out/prefill_tuned.json"
 step prefill-coop 120 "$out/prefill_coop.txt" "$posattn" bench --backend "$WGPU_BACKEND" \
     --seq "$seqs" --head-dim "$dims" --scores coop --json "$out/prefill_coop.json"
 step decode 120 "$out/decode.txt" "$posattn" bench --decode --backend "$WGPU_BACKEND" \
