@@ -242,11 +242,12 @@ fn conformance_vulkan_one_row_per_invocation() {
 /// The lane-split form (each query row's head dimension split over several invocations, their
 /// partial scores summed by subgroup operations; the GPU-shaped kernel with a register tile of
 /// rows × channels) on the one-row test's cases: 2 rows by a quarter of the channels per
-/// invocation, summed by `subgroupShuffleXor` butterflies on lavapipe (subgroups of 8). The
-/// same tolerance rule as every other form.
+/// invocation, summed by `subgroupShuffleXor` butterflies on lavapipe (subgroups of 8), and the
+/// half-storage subset (native and packed f16, bf16, an f16 K/V cache). The same tolerance rules
+/// as every other form.
 #[test]
 fn conformance_vulkan_lane_split() {
-    let cases = check::conformance_cases()
+    let mut cases: Vec<_> = check::conformance_cases()
         .into_iter()
         .filter(|c| {
             check::is_quick(c)
@@ -255,6 +256,7 @@ fn conformance_vulkan_lane_split() {
                 || c.group == Group::Positions
         })
         .collect();
+    cases.extend(half_cases());
     run_matrix_form(
         wgpu::Backends::VULKAN,
         "vulkan",

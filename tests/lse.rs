@@ -48,6 +48,22 @@ fn lse_matches_the_reference() {
     let Some(ctx) = crate::common::vulkan("the LSE tests") else {
         return;
     };
+    lse_cases_pass(&ctx);
+}
+
+/// The same in the lane-split form (2 rows by 4 lanes per invocation, lane sums by subgroup
+/// shuffles on lavapipe), where one lane of each row writes its LSE.
+#[test]
+fn lse_matches_the_reference_in_the_lane_split_form() {
+    let Some(mut ctx) = crate::common::vulkan("the LSE tests") else {
+        return;
+    };
+    ctx.set_rows_per_invocation(Some(2)).unwrap();
+    ctx.set_row_lanes(Some(4)).unwrap();
+    lse_cases_pass(&ctx);
+}
+
+fn lse_cases_pass(ctx: &posattn::Context) {
     let cases: Vec<_> = check::conformance_cases()
         .into_iter()
         .filter(|c| c.is_rope_d64())
@@ -76,8 +92,11 @@ fn lse_matches_the_reference() {
         "{masked_rows} masked, {nan_rows} NaN rows"
     );
     println!(
-        "lse on {}: {} cases pass, {masked_rows} fully masked and {nan_rows} NaN rows",
+        "lse on {} ({} rows x {} lanes per invocation at head_dim 64): {} cases pass, \
+         {masked_rows} fully masked and {nan_rows} NaN rows",
         ctx.describe(),
+        ctx.rows_per_invocation(64),
+        ctx.row_lanes(64),
         cases.len()
     );
 }
