@@ -74,9 +74,9 @@ fn lse_cases_pass(ctx: &posattn::Context) {
         let (q, k, v, pq, pk) = c.inputs();
         let bias = c.bias();
         let b = bias.as_deref();
-        let plan = posattn::Attention::new(&ctx, &c.spec).expect("plan");
+        let plan = posattn::Attention::new(ctx, &c.spec).expect("plan");
         let (out, lse) = plan
-            .run_with_lse(&ctx, &q, &k, &v, Some(&pq), Some(&pk), b)
+            .run_with_lse(ctx, &q, &k, &v, Some(&pq), Some(&pk), b)
             .unwrap_or_else(|e| panic!("{}: {e}", c.name));
         let (o64, l64) = reference::attention_lse::<f64>(&c.spec, &q, &k, &v, &pq, &pk, b);
         let (o32, l32) = reference::attention_lse::<f32>(&c.spec, &q, &k, &v, &pq, &pk, b);
