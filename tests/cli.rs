@@ -359,7 +359,7 @@ fn malformed_specs_are_clear_errors() {
 }
 
 #[test]
-fn bench_rejects_a_bad_head_dim_before_opening_an_adapter() {
+fn bench_and_check_reject_bad_sizes_before_opening_an_adapter() {
     let (code, text) = posattn(&["bench", "--head-dim", "64,65", "--seq", "64"]);
     assert_eq!(code, 2, "{text}");
     assert!(
@@ -370,6 +370,24 @@ fn bench_rejects_a_bad_head_dim_before_opening_an_adapter() {
     let (code, text) = posattn(&["bench", "--decode", "--head-dim", "128"]);
     assert_eq!(code, 2, "{text}");
     assert!(text.contains("invalid `--head-dim`"), "{text}");
+    // Lanes per row: a count no kernel is built with, or with decode.
+    let (code, text) = posattn(&["bench", "--row-lanes", "2,3", "--seq", "64"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(
+        text.contains("invalid `row_lanes`") && text.contains("got 3"),
+        "{text}"
+    );
+    assert!(!text.contains("matmul roof"), "{text}");
+    let (code, text) = posattn(&["bench", "--decode", "--row-lanes", "4"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("invalid `--row-lanes`"), "{text}");
+    let (code, text) = posattn(&["check", "--quick", "--row-lanes", "16"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(
+        text.contains("invalid `--row-lanes`") && text.contains("got 16"),
+        "{text}"
+    );
+    assert!(!text.contains("adapters found"), "{text}");
 }
 
 #[test]

@@ -370,6 +370,15 @@ fn check(
             }
         },
     };
+    if let Some(l) = row_lanes
+        && !posattn::kernel::ROW_LANES_CHOICES.contains(&l)
+    {
+        eprintln!(
+            "error: invalid `--row-lanes`: expected one of {:?}, got {l}",
+            posattn::kernel::ROW_LANES_CHOICES
+        );
+        return ExitCode::from(2);
+    }
     let opts = match options(backend, adapter) {
         Ok(o) => o,
         Err(e) => {
