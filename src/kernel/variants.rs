@@ -78,19 +78,15 @@ pub const WORKGROUP_BYTES: u32 = 16384;
 /// Keys per tile for a head size: the largest power of two ≤ 64 whose K and V tiles (and the
 /// second K tile of a two-branch kernel) fit in WebGPU's default 16 KiB of workgroup memory.
 pub fn block_k_for(head_dim: u32, two_branch: bool) -> u32 {
-    let tiles = if two_branch { 3 } else { 2 };
-    let mut bk = 64;
-    while bk > 4 && tiles * bk * head_dim * 4 > WORKGROUP_BYTES {
-        bk /= 2;
-    }
-    bk
+    block_k_fitting(head_dim, if two_branch { 3 } else { 2 }, 0)
 }
 
-/// Keys per tile of the lane-split fused form: [`block_k_for`]'s rule with room left for the
-/// workgroup-memory lane reduction (`reduce_bytes`, 0 where subgroups sum the lanes).
-pub fn block_k_fitting(head_dim: u32, reduce_bytes: u32) -> u32 {
+/// Keys per tile: the largest power of two ≤ 64 whose `tiles` tiles of keys and values fit in
+/// WebGPU's default 16 KiB of workgroup memory beside `extra_bytes` (the lane-split form's
+/// workgroup-memory reduction, [`lane_red_bytes`]).
+pub fn block_k_fitting(head_dim: u32, tiles: u32, extra_bytes: u32) -> u32 {
     let mut bk = 64;
-    while bk > 4 && 2 * bk * head_dim * 4 + reduce_bytes > WORKGROUP_BYTES {
+    while bk > 4 && tiles * bk * head_dim * 4 + extra_bytes > WORKGROUP_BYTES {
         bk /= 2;
     }
     bk
@@ -109,6 +105,15 @@ pub fn lane_red_len(key: &KernelKey) -> u32 {
     }
 }
 
+/// Bytes of the fused kernel's workgroup-memory lane reduction (0 in the other forms).
+pub fn lane_red_bytes(key: &KernelKey) -> u32 {
+    if lane_red_len(key) > 1 {
+        16 * lane_red_len(key)
+    } else {
+        0
+    }
+}
+
 /// Workgroup bytes of a fused variant.
 pub fn workgroup_bytes(key: &KernelKey) -> u32 {
     if key.scores != ScoreTile::Rows {
@@ -118,12 +123,7 @@ pub fn workgroup_bytes(key: &KernelKey) -> u32 {
         return key.block_k * key.head_dim * 4 + (q + k) * half + s * 4 + 16;
     }
     let tiles = if key.two_branch { 3 } else { 2 };
-    let red = if lane_red_len(key) > 1 {
-        16 * lane_red_len(key)
-    } else {
-        0
-    };
-    tiles * key.block_k * key.head_dim * 4 + red
+    tiles * key.block_k * key.head_dim * 4 + lane_red_bytes(key)
 }
 
 /// Element counts of the score-tile forms' workgroup arrays: the Q tile, the K tile, `k_tile`
@@ -536,13 +536,8 @@ impl KernelKey {
             lane_reduce: reduce,
             ..self
         };
-        let red = if lane_red_len(&key) > 1 {
-            16 * lane_red_len(&key)
-        } else {
-            0
-        };
         KernelKey {
-            block_k: block_k_fitting(self.head_dim, red),
+            block_k: block_k_fitting(self.head_dim, 2, lane_red_bytes(&key)),
             ..key
         }
     }
