@@ -9,9 +9,9 @@
 // HEAD_DIM / LANES channels of its rows' queries and accumulators (a register tile of ROWS rows
 // by those channels), and the lanes sum their partial scores by subgroup shuffles or through
 // workgroup memory, so that no invocation holds a whole row (on a GPU, a row of 128 channels
-// and its accumulator spill registers). The workgroup walks the keys in tiles of BLOCK_K: each tile of K (rotated on load)
-// and V is staged in workgroup memory, and the invocation folds the tile into its accumulator
-// four keys at a time with an online softmax in base 2 (one rescale per four keys). No rotated
+// and its accumulator spill registers). The workgroup walks the keys in tiles of BLOCK_K: each
+// tile of K (rotated on load) and V is staged in workgroup memory, and the invocation folds the
+// tile into its accumulator four keys at a time with an online softmax in base 2 (one rescale per four keys). No rotated
 // Q/K, score or bias matrix ever reaches device memory.
 //
 // Code shape matters on software drivers: llvmpipe turns a shader with barriers into a
