@@ -18,7 +18,8 @@
 // coroutine, and LLVM's coroutine splitting grows much faster than linearly with the code between
 // barriers. So the rotation code appears once (queries are rotated through workgroup memory by
 // the same loop shape as keys), and only the per-channel loops over one group of keys are
-// expanded.
+// expanded. Staging reads and writes whole vec4s (stage_rows_vec), since llvmpipe performs
+// every read or write at a per-invocation address as a loop over its lanes.
 //
 // Score-tile forms (MMA != 0; src/kernel/variants.rs, ScoreTile): Q and K are staged rounded
 // to f16 (the whole BLOCK_Q-row Q tile once, then each K tile), and after each K tile's barrier
@@ -80,6 +81,128 @@ const TABLE_BIAS: bool = POS_KIND == POS_TABLE;
 const KPOS: bool = POS_KIND == POS_ALIBI || TABLE_BIAS || TWO_BRANCH || CUSTOM_SCORE || CUSTOM_MASK;
 const K2: u32 = BLOCK_K * HEAD_VEC;
 
+// The vector staging form, for every one-branch variant without a custom rotation: stage_rows
+// with each invocation taking whole vec4 chunks of channels. Chunk c of a row is read as one
+// vec4, with the vec4 of its RoPE partners (the chunk itself swizzled in the interleaved layout,
+// the chunk rotary_dim / 8 away in the half layout, or four single reads when rotary_dim / 2 is
+// not a multiple of 4), rotated four channels at once and written as one vec4. Invocation lid
+// keeps chunks lid % ST_JW + m · ST_JW of rows lid / ST_JW, + ST_RSTEP, ..., so it reads each
+// chunk's four frequency entries once per tile, not once per row: a CPU adapter performs every
+// read with a per-invocation address as a loop over its lanes, so the number of reads decides
+// the staging's cost there, and a GPU gets 16-byte reads of consecutive words.
+const VEC_STAGE: bool = !TWO_BRANCH && !CUSTOM_ROTATE;
+const ST_JW: u32 = min(WG_SIZE, HEAD_VEC);
+const ST_RSTEP: u32 = WG_SIZE / ST_JW;
+const ST_M: u32 = (HEAD_VEC + ST_JW - 1u) / ST_JW;
+
+fn stage_rows_vec(from_q: bool, lid: u32, batch: u32, head: u32, row0: u32, rows: u32,
+                  origin: i32, q_mul: f32, dst_row0: u32) {
+    let seq = select(params.seq_k, params.seq_q, from_q);
+    let heads = select(params.num_kv_heads, params.num_heads, from_q);
+    let r = select(0u, params.rotary_dim, ROTATES);
+    let half_r = r / 2u;
+    let inter = params.rope_interleaved != 0u;
+    // Whether a chunk's partners are one aligned vec4 (or the chunk itself).
+    let aligned = inter | (half_r % 4u == 0u);
+    let sign = select(-1.0, 1.0, from_q);
+    let t0 = lid / ST_JW;
+    for (var m = 0u; m < ST_M; m++) {
+        let chunk = lid % ST_JW + m * ST_JW;
+        if (chunk >= HEAD_VEC || t0 >= ST_RSTEP) {
+            break;
+        }
+        let c0 = 4u * chunk;
+        let cc = vec4<u32>(c0) + vec4<u32>(0u, 1u, 2u, 3u);
+        let rot = cc < vec4<u32>(r);
+        // Per channel: its rotation pair, the channel it pairs with, and whether it is the
+        // pair's first channel (x_a cos − x_b sin) or second (x_b cos + x_a sin).
+        var first = (cc & vec4<u32>(1u)) == vec4<u32>(0u);
+        var pair = cc / 2u;
+        var partner = cc ^ vec4<u32>(1u);
+        if (!inter) {
+            first = cc < vec4<u32>(half_r);
+            pair = select(cc - vec4<u32>(half_r), cc, first);
+            partner = select(cc - vec4<u32>(half_r), cc + vec4<u32>(half_r), first);
+        }
+        pair = select(vec4<u32>(0u), pair, rot);
+        partner = select(cc, partner, rot);
+        let sgn = select(vec4<f32>(1.0), vec4<f32>(-1.0), first);
+        var fx = vec4<f32>(0.0);
+        var fy = vec4<f32>(0.0);
+        var fz = vec4<f32>(0.0);
+        var fw = vec4<f32>(0.0);
+        if (ROTATES) {
+            let f0 = aux[params.freq_offset + pair.x];
+            let f1 = aux[params.freq_offset + pair.y];
+            let f2 = aux[params.freq_offset + pair.z];
+            let f3 = aux[params.freq_offset + pair.w];
+            fx = vec4<f32>(f0.x, f1.x, f2.x, f3.x);
+            fy = vec4<f32>(f0.y, f1.y, f2.y, f3.y);
+            fz = vec4<f32>(f0.z, f1.z, f2.z, f3.z);
+            fw = vec4<f32>(f0.w, f1.w, f2.w, f3.w);
+        }
+        for (var t = t0; t < BLOCK_K; t += ST_RSTEP) {
+            let src_row = row0 + t;
+            var y = vec4<f32>(0.0);
+            if (src_row < rows) {
+                let base = ((batch * seq + src_row) * heads + head) * HEAD_DIM;
+                let pos = select(pos_k[batch * seq + src_row], pos_q[batch * seq + src_row], from_q);
+                var x: vec4<f32>;
+                if (from_q) {
+                    x = load_q4((base + c0) / 4u);
+                } else {
+                    x = load_k4((base + c0) / 4u);
+                }
+                y = x;
+                if (ROTATES && c0 < r) {
+                    var p = x.yxwz;
+                    if (!inter) {
+                        if (aligned) {
+                            if (from_q) {
+                                p = load_q4((base + partner.x) / 4u);
+                            } else {
+                                p = load_k4((base + partner.x) / 4u);
+                            }
+                        } else if (from_q) {
+                            p = vec4<f32>(load_q(base + partner.x), load_q(base + partner.y),
+                                          load_q(base + partner.z), load_q(base + partner.w));
+                        } else {
+                            p = vec4<f32>(load_k(base + partner.x), load_k(base + partner.y),
+                                          load_k(base + partner.z), load_k(base + partner.w));
+                        }
+                    }
+                    let cs = sincos_turns4(rope_turns4(pos, fx, fy, fz));
+                    var c = cs[0] * params.attn_factor;
+                    var sn = cs[1] * params.attn_factor;
+                    if (POS_KIND == POS_XPOS) {
+                        let sc = exp2(fw * (sign * f32(pos - origin) * params.xpos_inv_scale_base));
+                        c *= sc;
+                        sn *= sc;
+                    }
+                    y = select(x, x * c + (sgn * p) * sn, rot);
+                }
+                y *= select(q_mul, q_mul * logn_scale(pos), from_q);
+            }
+            if (MMA != 0u) {
+                let m0 = (dst_row0 + t) * HEAD_DIM + c0;
+                if (from_q) {
+                    mma_put_q(m0, y.x);
+                    mma_put_q(m0 + 1u, y.y);
+                    mma_put_q(m0 + 2u, y.z);
+                    mma_put_q(m0 + 3u, y.w);
+                } else {
+                    mma_put_k(m0, y.x);
+                    mma_put_k(m0 + 1u, y.y);
+                    mma_put_k(m0 + 2u, y.z);
+                    mma_put_k(m0 + 3u, y.w);
+                }
+            } else {
+                k_tile[(t * HEAD_DIM + c0) / 4u] = y;
+            }
+        }
+    }
+}
+
 // Stages one tile into k_tile: BLOCK_K rows of Q (rotated, times `q_mul`) when `from_q`, else of
 // K (rotated), starting at `row0`, rows past `rows` zero. Work is split by channel pairs so that
 // the rotation code exists once and each pair's angle is computed once. With TWO_BRANCH, keys
@@ -87,6 +210,10 @@ const K2: u32 = BLOCK_K * HEAD_VEC;
 // branch rotation instead of the ordinary one.
 fn stage_rows(from_q: bool, branch_q: bool, lid: u32, batch: u32, head: u32, row0: u32, rows: u32,
               origin: i32, q_mul: f32, dst_row0: u32) {
+    if (VEC_STAGE) {
+        stage_rows_vec(from_q, lid, batch, head, row0, rows, origin, q_mul, dst_row0);
+        return;
+    }
     let seq = select(params.seq_k, params.seq_q, from_q);
     let heads = select(params.num_kv_heads, params.num_heads, from_q);
     let half_d = HEAD_DIM / 2u;

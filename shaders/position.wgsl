@@ -47,6 +47,40 @@ fn sincos_turns(t: f32) -> vec2<f32> {
     return vec2<f32>(s, -c);
 }
 
+// rope_turns for four frequencies at once (their x, y and z parts in fx, fy, fz), the same
+// operations lane by lane.
+fn rope_turns4(pos: i32, fx: vec4<f32>, fy: vec4<f32>, fz: vec4<f32>) -> vec4<f32> {
+    let u = select(u32(pos), 0u - u32(pos), pos < 0);
+    let p0 = f32(u & 0xfffu);
+    let p1 = f32((u >> 12u) & 0xfffu);
+    let p2 = f32(u >> 24u);
+    var t = fract(p0 * fx) + fract(p0 * fy);
+    t = fract(t) + fract(p1 * (fx * 4096.0)) + fract(p1 * (fy * 4096.0));
+    t = fract(t) + fract(p2 * (fx * 16777216.0)) + fract(p2 * (fy * 16777216.0));
+    t = fract(t) + fract(f32(u & 0xffffffu) * fz) + fract(p2 * (fz * 16777216.0));
+    t = fract(t);
+    return select(t, -t, pos < 0);
+}
+
+// sincos_turns for four turns at once: [cos, sin], the quadrant picked by selects.
+fn sincos_turns4(t: vec4<f32>) -> array<vec4<f32>, 2> {
+    let x = t * 4.0;
+    let k = round(x);
+    let r = (x - k) * 1.5707963267948966;
+    let r2 = r * r;
+    let s = r + r * r2 * (-0.16666666666666666 + r2 * (0.008333333333333333
+        + r2 * (-0.0001984126984126984 + r2 * 2.7557319223985893e-6)));
+    let c = 1.0 + r2 * (-0.5 + r2 * (0.041666666666666664 + r2 * (-0.001388888888888889
+        + r2 * 2.48015873015873e-5)));
+    let q = vec4<i32>(k) & vec4<i32>(3);
+    let q1 = q == vec4<i32>(1);
+    let q2 = q == vec4<i32>(2);
+    let q3 = q == vec4<i32>(3);
+    let cv = select(select(select(c, -s, q1), -c, q2), s, q3);
+    let sv = select(select(select(s, c, q1), -s, q2), -c, q3);
+    return array<vec4<f32>, 2>(cv, sv);
+}
+
 // xPos magnitude for a token at `rel` positions from the tile's origin: ζ^(rel / scale_base).
 // `sign` is +1 for queries and -1 for keys (torchscale's `downscale`).
 fn xpos_scale(log2_zeta: f32, rel: i32, inv_scale_base: f32, sign: f32) -> f32 {

@@ -39,6 +39,10 @@ pub enum Accessor {
     /// storage is half (two in f32), and beside it `NAME4(i) -> vec4<f32>` (NAME with its
     /// last character `8` made `4`) on the same binding. The decode kernel's cache reads.
     Load8,
+    /// `fn NAME(i: u32) -> f32`, element i, and beside it `NAME4(i) -> vec4<f32>`, elements
+    /// 4i..4i+3, on one vector binding (as `Load4`'s). The fused kernel's Q and K reads: whole
+    /// chunks of a row where it can, single elements where RoPE pairs straddle chunks.
+    Load1And4,
 }
 
 impl StorageForm {
@@ -77,6 +81,7 @@ impl StorageForm {
             };
         }
         let vector = accessor != Accessor::Load1;
+        // (Load1And4 binds as Load4.)
         match (self, vector) {
             (StorageForm::F32, false) => "array<f32>",
             (StorageForm::F32, true) => "array<vec4<f32>>",
@@ -93,6 +98,9 @@ impl StorageForm {
         use StorageForm::*;
         if accessor == Load8 {
             return self.accessor8(name, buffer);
+        }
+        if accessor == Load1And4 {
+            return self.accessor1and4(name, buffer);
         }
         let body = match (accessor, self) {
             (Load1, F32) => format!("return {buffer}[i];"),
@@ -122,15 +130,36 @@ impl StorageForm {
             (Store4, Bf16) => {
                 format!("{buffer}[i] = vec2<u32>(pack_bf16x2(x.xy), pack_bf16x2(x.zw));")
             }
-            (Load8, _) => unreachable!("accessor8"),
+            (Load8 | Load1And4, _) => unreachable!("accessor8, accessor1and4"),
         };
         let sig = match accessor {
             Load1 => format!("fn {name}(i: u32) -> f32"),
             Load4 => format!("fn {name}(i: u32) -> vec4<f32>"),
             Store4 => format!("fn {name}(i: u32, x: vec4<f32>)"),
-            Load8 => unreachable!("accessor8"),
+            Load8 | Load1And4 => unreachable!("accessor8, accessor1and4"),
         };
         format!("{sig} {{\n    {body}\n}}\n")
+    }
+
+    /// The `Load1And4` pair of accessors: `NAME4(i)`, the `Load4` accessor, and `NAME(i)`,
+    /// element i of the same vector binding.
+    fn accessor1and4(self, name: &str, buffer: &str) -> String {
+        use StorageForm::*;
+        let one = match self {
+            F32 => format!("return {buffer}[i >> 2u][i & 3u];"),
+            F16 => format!("return f32({buffer}[i >> 2u][i & 3u]);"),
+            F16Packed => {
+                format!("return unpack2x16float({buffer}[i >> 2u][(i >> 1u) & 1u])[i & 1u];")
+            }
+            Bf16 => format!(
+                "let w = {buffer}[i >> 2u][(i >> 1u) & 1u];\n    \
+                 return bitcast<f32>(select(w << 16u, w & 0xffff0000u, (i & 1u) == 1u));"
+            ),
+        };
+        format!(
+            "fn {name}(i: u32) -> f32 {{\n    {one}\n}}\n{}",
+            self.accessor(Accessor::Load4, &format!("{name}4"), buffer)
+        )
     }
 
     /// The `Load8` pair of accessors: `NAME(j)`, elements 8j..8j+7, and `NAME4(i)`, elements
@@ -186,8 +215,8 @@ impl StorageForm {
 
 /// The fused kernel's tensors: binding, accessor name and kind, in `[q, k, v, out]` order.
 pub const FUSED_TENSORS: [(&str, &str, Accessor); 4] = [
-    ("q_buf", "load_q", Accessor::Load1),
-    ("k_buf", "load_k", Accessor::Load1),
+    ("q_buf", "load_q", Accessor::Load1And4),
+    ("k_buf", "load_k", Accessor::Load1And4),
     ("v_buf", "load_v4", Accessor::Load4),
     ("o_buf", "store_o4", Accessor::Store4),
 ];
