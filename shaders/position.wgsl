@@ -48,7 +48,8 @@ fn sincos_turns(t: f32) -> vec2<f32> {
 }
 
 // rope_turns for four frequencies at once (their x, y and z parts in fx, fy, fz), the same
-// operations lane by lane.
+// operations lane by lane. A copy on purpose: the vec4 staging built from four scalar calls
+// (rope_turns, sincos_turns) ran prefill 6 % slower on lavapipe (head_dim 64, seq 2048).
 fn rope_turns4(pos: i32, fx: vec4<f32>, fy: vec4<f32>, fz: vec4<f32>) -> vec4<f32> {
     let u = select(u32(pos), 0u - u32(pos), pos < 0);
     let p0 = f32(u & 0xfffu);
