@@ -18,10 +18,11 @@
 //      both channels of each pair it rotates (LANES divides half the units; the frequencies
 //      are read once), otherwise the partner vec4 is read as well;
 //   2. forms its share of the dot product with every row's query (held in registers, rotated
-//      and scaled once) and the key's lanes sum them: `subgroupAdd` or `subgroupShuffleXor`
-//      butterflies where the device has subgroups (the variant's LANE_REDUCE; the lanes per key
-//      never exceed the adapter's smallest subgroup), else through workgroup memory with two
-//      barriers per step. Every lane then holds the same scores;
+//      and scaled once) and the key's lanes sum them, four rows at once: `subgroupAdd` or
+//      `subgroupShuffleXor` butterflies where the device has subgroups (the variant's
+//      LANE_REDUCE; the lanes per key never exceed the adapter's smallest subgroup), else
+//      through workgroup memory with two barriers per step. Every lane then holds the same
+//      scores;
 //   3. applies the per-score modifications (softcap, ALiBi, table biases; the same
 //      position.wgsl functions as the prefill kernel) and the masks (bounds, bottom-right
 //      causal, window, sinks; common.wgsl), and updates its own running max and sum (no
@@ -52,6 +53,8 @@ const HEAD_VEC: u32 = HEAD_DIM / 4u;
 const HEAD_UNITS: u32 = HEAD_DIM / 8u;
 const WG: u32 = 64u;
 const R_MAX: u32 = ROWS;
+// Groups of four rows (the lane sums take four rows at once).
+const ROW_QUADS: u32 = (ROWS + 3u) / 4u;
 // Key groups per workgroup.
 const KPW: u32 = WG / LANES;
 // Vec4s of one key a lane holds: two per unit, slot 2i + h is vec4 2 (lane + LANES · i) + h.
@@ -85,12 +88,19 @@ struct Vec4Pair {
     b: vec4<f32>,
 }
 
-// The frequency entries of four rotation pairs.
+// The frequency entries of four rotation pairs, transposed: x holds the four pairs' first parts
+// (position.wgsl's f.x), y their second, z their third, w their xPos exponents.
 struct Freq4 {
     x: vec4<f32>,
     y: vec4<f32>,
     z: vec4<f32>,
     w: vec4<f32>,
+}
+
+// Freq4 of entries a, b, c, d (pairs i0 .. i0 + 3).
+fn freq4(a: vec4<f32>, b: vec4<f32>, c: vec4<f32>, d: vec4<f32>) -> Freq4 {
+    return Freq4(vec4<f32>(a.x, b.x, c.x, d.x), vec4<f32>(a.y, b.y, c.y, d.y),
+                 vec4<f32>(a.z, b.z, c.z, d.z), vec4<f32>(a.w, b.w, c.w, d.w));
 }
 
 // Tensor access, one function per tensor and direction, through the variant's storage accessors
@@ -161,13 +171,20 @@ fn rotate_half4(x: Vec4Pair, i0: u32, pos: i32, rel: i32, sign: f32, branch: boo
     return Vec4Pair(vec4<f32>(p0.x, p1.x, p2.x, p3.x), vec4<f32>(p0.y, p1.y, p2.y, p3.y));
 }
 
-// rotate_half4 with the four pairs' frequency entries read already.
+// rotate_half4 with the four pairs' frequency entries read already: the four pairs at once with
+// position.wgsl's four-lane helpers (quadrants by selects: a software driver runs every side of
+// a branch, and the scalar form's quadrant branches cost it about as much as the rest of the
+// rotation).
 fn rotate_half4_freq(x: Vec4Pair, f: Freq4, pos: i32, rel: i32, sign: f32) -> Vec4Pair {
-    let p0 = rope_rotate_freq(vec2<f32>(x.a.x, x.b.x), f.x, pos, rel, sign);
-    let p1 = rope_rotate_freq(vec2<f32>(x.a.y, x.b.y), f.y, pos, rel, sign);
-    let p2 = rope_rotate_freq(vec2<f32>(x.a.z, x.b.z), f.z, pos, rel, sign);
-    let p3 = rope_rotate_freq(vec2<f32>(x.a.w, x.b.w), f.w, pos, rel, sign);
-    return Vec4Pair(vec4<f32>(p0.x, p1.x, p2.x, p3.x), vec4<f32>(p0.y, p1.y, p2.y, p3.y));
+    let cs = sincos_turns4(rope_turns4(pos, f.x, f.y, f.z));
+    var c = cs[0] * params.attn_factor;
+    var sn = cs[1] * params.attn_factor;
+    if (POS_KIND == POS_XPOS) {
+        let sc = exp2(f.w * (sign * f32(rel) * params.xpos_inv_scale_base));
+        c *= sc;
+        sn *= sc;
+    }
+    return Vec4Pair(x.a * c - x.b * sn, x.b * c + x.a * sn);
 }
 
 // Rotates the two pairs of an interleaved-layout vec4 (pairs i0 and i0 + 1).
@@ -260,9 +277,19 @@ fn sum_key_lanes(dot: array<f32, R_MAX>, lid: u32, kg: u32) -> array<f32, R_MAX>
         }
         workgroupBarrier();
     } else {
+        // Four rows a sum.
         // @unroll
-        for (var r = 0u; r < ROWS; r++) {
-            out[r] = lane_sum(dot[r]);
+        for (var j = 0u; j < ROW_QUADS; j++) {
+            let v = lane_sum(vec4<f32>(dot[4u * j], dot[min(4u * j + 1u, ROWS - 1u)],
+                                       dot[min(4u * j + 2u, ROWS - 1u)],
+                                       dot[min(4u * j + 3u, ROWS - 1u)]));
+            out[4u * j] = v.x;
+            out[min(4u * j + 1u, ROWS - 1u)] = select(out[min(4u * j + 1u, ROWS - 1u)], v.y,
+                                                      4u * j + 1u < ROWS);
+            out[min(4u * j + 2u, ROWS - 1u)] = select(out[min(4u * j + 2u, ROWS - 1u)], v.z,
+                                                      4u * j + 2u < ROWS);
+            out[min(4u * j + 3u, ROWS - 1u)] = select(out[min(4u * j + 3u, ROWS - 1u)], v.w,
+                                                      4u * j + 3u < ROWS);
         }
     }
     return out;
@@ -408,10 +435,10 @@ fn decode_attention(
                 for (var h = 0u; h < HALVES; h++) {
                     let pair = 4u * (2u * (lane + LANES * i) + h);
                     let i0 = params.freq_offset + pair;
-                    freq[2u * i + h] = Freq4(aux[i0], aux[i0 + 1u], aux[i0 + 2u], aux[i0 + 3u]);
+                    freq[2u * i + h] = freq4(aux[i0], aux[i0 + 1u], aux[i0 + 2u], aux[i0 + 3u]);
                     if (TWO_BRANCH) {
                         let j0 = params.branch_offset + pair;
-                        bfreq[2u * i + h] = Freq4(branch_entry(j0), branch_entry(j0 + 1u),
+                        bfreq[2u * i + h] = freq4(branch_entry(j0), branch_entry(j0 + 1u),
                                                   branch_entry(j0 + 2u), branch_entry(j0 + 3u));
                     }
                 }

@@ -204,17 +204,21 @@ fn score_tile_wgsl(scores: ScoreTile) -> String {
     }
 }
 
-/// The decode kernel's sum over the lanes of one key, `lane_sum(x)`: subgroup operations only
-/// in the variants that use them (a module that names one needs the device's subgroup
-/// feature); the workgroup-memory form sums in the kernel and never calls it. naga reads
-/// subgroup operations without an `enable` directive (it rejects `enable subgroups;`), Tint
-/// needs one: [`enable_directives`] adds it where a module is written for other compilers.
+/// The decode kernel's sum over the lanes of one key, `lane_sum(x)`, four rows' partial scores
+/// at once (one shuffle of a vec4 a round rather than one per row: a software driver runs
+/// each as a loop over its lanes): subgroup operations only in the variants that use them (a
+/// module that names one needs the device's subgroup feature); the workgroup-memory form sums
+/// in the kernel and never calls it. naga reads subgroup operations without an `enable`
+/// directive (it rejects `enable subgroups;`), Tint needs one: [`enable_directives`] adds it
+/// where a module is written for other compilers.
 fn lane_sum_wgsl(reduce: LaneReduce) -> &'static str {
     match reduce {
-        LaneReduce::Workgroup => "fn lane_sum(x: f32) -> f32 {\n    return x;\n}\n",
-        LaneReduce::Add => "fn lane_sum(x: f32) -> f32 {\n    return subgroupAdd(x);\n}\n",
+        LaneReduce::Workgroup => "fn lane_sum(x: vec4<f32>) -> vec4<f32> {\n    return x;\n}\n",
+        LaneReduce::Add => {
+            "fn lane_sum(x: vec4<f32>) -> vec4<f32> {\n    return subgroupAdd(x);\n}\n"
+        }
         LaneReduce::Shuffle => {
-            "fn lane_sum(x: f32) -> f32 {\n    var y = x;\n    \
+            "fn lane_sum(x: vec4<f32>) -> vec4<f32> {\n    var y = x;\n    \
              for (var o = LANES / 2u; o > 0u; o = o / 2u) {\n        \
              y += subgroupShuffleXor(y, o);\n    }\n    return y;\n}\n"
         }

@@ -380,10 +380,19 @@ pub fn decode_lanes(head_dim: u32, max_lanes: u32) -> u32 {
     lanes
 }
 
+/// Most lanes per key on a CPU adapter (see [`decode_lane_plan`]).
+pub const DECODE_CPU_MAX_LANES: u32 = 4;
+
 /// The lanes per key and lane reduction for an adapter: subgroup lanes where the device has
 /// `Features::SUBGROUP`, no more than its smallest subgroup (read from the adapter, never
 /// assumed), with `subgroupAdd` when its subgroup size is fixed and equal to them; otherwise
 /// [`DECODE_MAX_LANES`] lanes reduced through workgroup memory.
+///
+/// A CPU adapter (lavapipe) takes butterflies over at most [`DECODE_CPU_MAX_LANES`] lanes
+/// instead. Its subgroup operations are loops over the lanes, and LLVM moves the arithmetic that
+/// feeds a `subgroupAdd` into that loop, one lane at a time: the partial dot products then run
+/// in scalar code. Butterflies keep them in vector code: Llama-3-8B decode at cache 8192 ran
+/// 1.3× faster (BENCHMARKS.md), and 4 lanes a key a little faster than 8.
 pub fn decode_lane_plan(
     head_dim: u32,
     subgroups: bool,
@@ -395,17 +404,25 @@ pub fn decode_lane_plan(
             LaneReduce::Workgroup,
         );
     }
-    let lanes = decode_lanes(head_dim, info.subgroup_min_size.min(DECODE_MAX_LANES));
+    let cpu = info.device_type == wgpu::DeviceType::Cpu;
+    let max_lanes = if cpu {
+        info.subgroup_min_size.min(DECODE_CPU_MAX_LANES)
+    } else {
+        info.subgroup_min_size.min(DECODE_MAX_LANES)
+    };
+    let lanes = decode_lanes(head_dim, max_lanes);
     // One lane per key sums nothing.
     if lanes == 1 {
         return (1, LaneReduce::Workgroup);
     }
-    let reduce =
-        if info.subgroup_min_size == info.subgroup_max_size && info.subgroup_min_size == lanes {
-            LaneReduce::Add
-        } else {
-            LaneReduce::Shuffle
-        };
+    let reduce = if !cpu
+        && info.subgroup_min_size == info.subgroup_max_size
+        && info.subgroup_min_size == lanes
+    {
+        LaneReduce::Add
+    } else {
+        LaneReduce::Shuffle
+    };
     (lanes, reduce)
 }
 
@@ -1052,7 +1069,7 @@ impl KernelKey {
     }
 
     /// Bounds the composer may unroll loops over.
-    pub(crate) fn unroll_bounds(&self) -> [(&'static str, u32); 8] {
+    pub(crate) fn unroll_bounds(&self) -> [(&'static str, u32); 9] {
         [
             ("HEAD_VEC", self.head_dim / 4),
             ("LVEC", self.head_dim / 4 / self.row_lanes()),
@@ -1062,6 +1079,7 @@ impl KernelKey {
             ("LANES", self.lanes.max(1)),
             ("UNITS", self.units()),
             ("HALVES", 2),
+            ("ROW_QUADS", self.rows.max(1).div_ceil(4)),
         ]
     }
 
@@ -1130,6 +1148,41 @@ mod lane_tests {
         assert_eq!(tile.with_row_lanes(4, LaneReduce::Shuffle), tile);
         // And a lane-split key given a score tile drops its lanes.
         assert_eq!(k.with_scores(ScoreTile::Emulated).row_lanes(), 1);
+    }
+
+    #[test]
+    fn decode_lanes_follow_the_adapter() {
+        let info = |ty: wgpu::DeviceType, min: u32, max: u32| wgpu::AdapterInfo {
+            subgroup_min_size: min,
+            subgroup_max_size: max,
+            ..wgpu::AdapterInfo::new(ty, wgpu::Backend::Vulkan)
+        };
+        let cpu = info(wgpu::DeviceType::Cpu, 8, 8);
+        // lavapipe: butterflies over 4 lanes, never subgroupAdd.
+        assert_eq!(decode_lane_plan(128, true, &cpu), (4, LaneReduce::Shuffle));
+        assert_eq!(decode_lane_plan(32, true, &cpu), (2, LaneReduce::Shuffle));
+        // A GPU whose fixed subgroup is the 8 lanes: subgroupAdd; wider or varying: butterflies.
+        let gpu8 = info(wgpu::DeviceType::DiscreteGpu, 8, 8);
+        assert_eq!(decode_lane_plan(128, true, &gpu8), (8, LaneReduce::Add));
+        let gpu32 = info(wgpu::DeviceType::DiscreteGpu, 32, 32);
+        assert_eq!(
+            decode_lane_plan(128, true, &gpu32),
+            (8, LaneReduce::Shuffle)
+        );
+        let intel = info(wgpu::DeviceType::IntegratedGpu, 8, 32);
+        assert_eq!(
+            decode_lane_plan(128, true, &intel),
+            (8, LaneReduce::Shuffle)
+        );
+        // No subgroups: workgroup memory, whatever the adapter.
+        assert_eq!(
+            decode_lane_plan(128, false, &cpu),
+            (8, LaneReduce::Workgroup)
+        );
+        assert_eq!(
+            decode_lane_plan(128, true, &info(wgpu::DeviceType::Cpu, 0, 0)).1,
+            LaneReduce::Workgroup
+        );
     }
 
     #[test]
