@@ -140,6 +140,10 @@ enum Command {
         /// Timed runs per measurement (the median is reported).
         #[arg(long, default_value_t = 5)]
         runs: usize,
+        /// Report each measurement's fastest run instead of the median: steadier where other
+        /// work shares the machine, whose bursts only ever slow a run down.
+        #[arg(long)]
+        fastest: bool,
         /// Prefill: head sizes, each a table of its own (decode uses Llama-3-8B's 128).
         #[arg(long, value_delimiter = ',', default_values_t = vec![64u32])]
         head_dim: Vec<u32>,
@@ -942,6 +946,23 @@ struct DecodeBench {
     read_ahead: Option<bool>,
 }
 
+/// The statistic `bench` reports (`--fastest`), set once before it measures.
+static FASTEST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn statistic() -> posattn::harness::timing::Statistic {
+    use posattn::harness::timing::Statistic;
+    if FASTEST.load(std::sync::atomic::Ordering::Relaxed) {
+        Statistic::Fastest
+    } else {
+        Statistic::Median
+    }
+}
+
+/// The reported duration of a measurement's runs (see [`statistic`]).
+fn pick(t: &[std::time::Duration]) -> std::time::Duration {
+    statistic().of(t)
+}
+
 /// `posattn bench --decode`: a table per adapter, one row per batch and cache length.
 fn bench_decode(
     backend: Option<Backend>,
@@ -952,7 +973,7 @@ fn bench_decode(
     let (caches, batches, runs, prefill_max) =
         (&cfg.caches, &cfg.batches, cfg.runs, cfg.prefill_max);
     use posattn::harness::decode::{CopyRoof, DecodeSetup, bench_spec};
-    use posattn::harness::timing::{median, time_encoded};
+    use posattn::harness::timing::time_encoded;
     let opts = options(backend, adapter)?;
     let adapters = enumerate_adapters(&opts);
     if adapters.is_empty() {
@@ -972,8 +993,11 @@ fn bench_decode(
             roof.encode(e);
             Ok(())
         })?;
-        let roof_gbps = roof.bytes_moved() as f64 / median(&t).as_secs_f64() / 1e9;
-        println!("  copy roof {roof_gbps:.2} GB/s (read + write), {clock}");
+        let roof_gbps = roof.bytes_moved() as f64 / pick(&t).as_secs_f64() / 1e9;
+        println!(
+            "  copy roof {roof_gbps:.2} GB/s (read + write), {clock}, {} of {runs} runs",
+            statistic()
+        );
         println!(
             "  {:>5} {:>6} {:>5} {:>6} {:>12} {:>8} {:>7} {:>14} {:>8}",
             "batch",
@@ -1007,7 +1031,7 @@ fn bench_decode(
                     let bufs = setup.buffers();
                     let _ = time_encoded(&ctx, 1, |e| plan.encode(&ctx, e, &bufs))?;
                     let (_, t) = time_encoded(&ctx, runs, |e| plan.encode(&ctx, e, &bufs))?;
-                    let s = median(&t).as_secs_f64();
+                    let s = pick(&t).as_secs_f64();
                     // Per token per layer: the step serves `batch` tokens.
                     let us = s * 1e6 / batch as f64;
                     let kv_bytes = 2.0 * spec.cache_len() as f64 * dt.size() as f64;
@@ -1018,7 +1042,7 @@ fn bench_decode(
                         let pb = setup.prefill_buffers();
                         let _ = time_encoded(&ctx, 1, |e| p.encode(&ctx, e, &pb))?;
                         let (_, t) = time_encoded(&ctx, runs.min(2), |e| p.encode(&ctx, e, &pb))?;
-                        Some(median(&t).as_secs_f64() * 1e6 / batch as f64)
+                        Some(pick(&t).as_secs_f64() * 1e6 / batch as f64)
                     } else {
                         None
                     };
@@ -1137,7 +1161,7 @@ fn bench(
         ));
     }
     use posattn::harness::roof::MatmulRoof;
-    use posattn::harness::timing::{median, time_encoded};
+    use posattn::harness::timing::time_encoded;
     let opts = options(backend, adapter)?;
     let adapters = enumerate_adapters(&opts);
     if adapters.is_empty() {
@@ -1162,13 +1186,14 @@ fn bench(
         // The roof: the best plain WGSL matmul on this adapter, checked, then timed.
         let roof = posattn::harness::roof::MatmulRoof::new(&ctx, MatmulRoof::default_side(&ctx))?;
         roof.verify(&ctx)?;
-        let tiles = roof.measure(&ctx, runs)?;
+        let tiles = roof.measure_by(&ctx, runs, statistic())?;
         let roof_gflops = tiles.iter().map(|t| t.1).fold(0.0, f64::max);
         let each: Vec<String> = tiles.iter().map(|(t, g)| format!("{t} {g:.1}")).collect();
         println!(
-            "  matmul roof {roof_gflops:.1} GFLOP/s (f32, n = {}: {})",
+            "  matmul roof {roof_gflops:.1} GFLOP/s (f32, n = {}: {}); times: {} of {runs} runs",
             roof.n(),
-            each.join(", ")
+            each.join(", "),
+            statistic()
         );
         for &head_dim in head_dims {
             println!("\n  head_dim {head_dim}");
@@ -1201,13 +1226,13 @@ fn bench(
                 };
                 let (_, _) = time_encoded(&ctx, 1, |e| fused.encode(&ctx, e, &bufs))?; // warm-up
                 let (clock, t) = time_encoded(&ctx, runs, |e| fused.encode(&ctx, e, &bufs))?;
-                let f_ms = median(&t).as_secs_f64() * 1e3;
+                let f_ms = pick(&t).as_secs_f64() * 1e3;
                 let mut unfused_gflops = None;
                 let line = match posattn::harness::Unfused::new(&ctx, &spec) {
                     Ok(u) => {
                         let _ = time_encoded(&ctx, 1, |e| u.encode(&ctx, e, &bufs))?;
                         let (_, t) = time_encoded(&ctx, runs, |e| u.encode(&ctx, e, &bufs))?;
-                        let u_ms = median(&t).as_secs_f64() * 1e3;
+                        let u_ms = pick(&t).as_secs_f64() * 1e3;
                         unfused_gflops = Some(gf(u_ms));
                         format!(
                             "{u_ms:>11.3} {:>9.1} {:>6.2}x {:>10.1} {:>12.1}",
@@ -1275,7 +1300,7 @@ fn bench_dtypes(
 ) -> posattn::Result<Vec<(u32, &'static str, u32, f64)>> {
     let mut out = Vec::new();
     use posattn::ScoreTile;
-    use posattn::harness::timing::{median, time_encoded};
+    use posattn::harness::timing::time_encoded;
     use posattn::{Dtype, HalfForm};
     use wgpu::util::DeviceExt;
     let own = ctx.row_lanes(head_dim);
@@ -1380,14 +1405,14 @@ fn bench_dtypes(
                 }
             }
         }
-        let f32_ms = setups[0].as_ref().map(|s| median(&s.2).as_secs_f64() * 1e3);
+        let f32_ms = setups[0].as_ref().map(|s| pick(&s.2).as_secs_f64() * 1e3);
         print!("  {seq:>6}");
         for (setup, &(name, _, _, _, lanes)) in setups.iter().zip(&forms) {
             let Some((_, _, t)) = setup else {
                 print!(" {:>18}", "-");
                 continue;
             };
-            let ms = median(t).as_secs_f64() * 1e3;
+            let ms = pick(t).as_secs_f64() * 1e3;
             match f32_ms {
                 Some(f) => print!(" {:>18}", format!("{ms:.2} ({:.2}x)", f / ms)),
                 None => print!(" {:>18}", format!("{ms:.2}")),
@@ -1456,7 +1481,7 @@ fn tune(
     runs: usize,
     file: Option<std::path::PathBuf>,
 ) -> posattn::Result<()> {
-    use posattn::harness::timing::{median, time_encoded};
+    use posattn::harness::timing::time_encoded;
     use posattn::tune::{TuneEntry, TuneFile, TuneKey};
     let path = match file.or_else(posattn::tune::default_path) {
         Some(p) => p,
@@ -1522,7 +1547,7 @@ fn tune(
                 let bufs = posattn::AttentionBuffers::new(&q, &k, &v, &o);
                 time_encoded(&ctx, 1, |e| plan.encode(&ctx, e, &bufs))?;
                 let (_, t) = time_encoded(&ctx, runs, |e| plan.encode(&ctx, e, &bufs))?;
-                let ms = median(&t).as_secs_f64() * 1e3;
+                let ms = posattn::harness::timing::median(&t).as_secs_f64() * 1e3;
                 println!(
                     "  d{d} rows {r} lanes {l}: {ms:.3} ms ({:.1} GFLOP/s)",
                     spec.flops() / (ms * 1e-3) / 1e9
@@ -1655,6 +1680,9 @@ fn info(backend: Option<Backend>) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Bench { fastest, .. } = &cli.command {
+        FASTEST.store(*fastest, std::sync::atomic::Ordering::Relaxed);
+    }
     match cli.command {
         Command::Check {
             backend,
@@ -1713,6 +1741,7 @@ fn main() -> ExitCode {
             scores,
             head_dim,
             row_lanes,
+            fastest: _,
         } => {
             let _ = seq;
             if !row_lanes.is_empty() {

@@ -11,7 +11,7 @@
 //! branch ladder.
 
 use crate::context::Context;
-use crate::harness::timing::{median, time_encoded};
+use crate::harness::timing::{Statistic, time_encoded};
 
 /// One tiling: `tile` outputs per side of a workgroup, `tile / 4` invocations per side.
 fn matmul_wgsl(tile: u32) -> String {
@@ -248,6 +248,16 @@ impl MatmulRoof {
 
     /// GFLOP/s of each shape (median of `runs` after a warm-up), as (shape, GFLOP/s).
     pub fn measure(&self, ctx: &Context, runs: usize) -> crate::Result<Vec<(&'static str, f64)>> {
+        self.measure_by(ctx, runs, Statistic::Median)
+    }
+
+    /// [`Self::measure`] reporting the run `stat` picks.
+    pub fn measure_by(
+        &self,
+        ctx: &Context,
+        runs: usize,
+        stat: Statistic,
+    ) -> crate::Result<Vec<(&'static str, f64)>> {
         let mut out = Vec::new();
         for (i, (name, ..)) in self.kernels.iter().enumerate() {
             time_encoded(ctx, 1, |e| {
@@ -258,7 +268,7 @@ impl MatmulRoof {
                 self.encode(i, e);
                 Ok(())
             })?;
-            out.push((*name, self.flops() / median(&t).as_secs_f64() / 1e9));
+            out.push((*name, self.flops() / stat.of(&t).as_secs_f64() / 1e9));
         }
         Ok(out)
     }

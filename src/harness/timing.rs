@@ -188,9 +188,57 @@ pub fn time_encoded_with(
     Ok((clock, out))
 }
 
+/// Which of a measurement's runs is reported.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Statistic {
+    /// The median run.
+    #[default]
+    Median,
+    /// The fastest run: steadier where other work shares the machine, whose bursts only ever
+    /// slow a run down (the software adapters' figures in BENCHMARKS.md).
+    Fastest,
+}
+
+impl Statistic {
+    /// The reported duration of `d` (zero when empty).
+    pub fn of(self, d: &[Duration]) -> Duration {
+        match self {
+            Statistic::Median => median(d),
+            Statistic::Fastest => d.iter().min().copied().unwrap_or_default(),
+        }
+    }
+}
+
+impl std::fmt::Display for Statistic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Statistic::Median => "median",
+            Statistic::Fastest => "fastest",
+        })
+    }
+}
+
 /// The median of some durations.
 pub fn median(d: &[Duration]) -> Duration {
     let mut v = d.to_vec();
     v.sort_unstable();
     v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statistics_pick_the_run_they_name() {
+        let ms = Duration::from_millis;
+        let runs = [ms(9), ms(3), ms(40), ms(5), ms(7)];
+        assert_eq!(Statistic::Median.of(&runs), ms(7));
+        assert_eq!(Statistic::Fastest.of(&runs), ms(3));
+        assert_eq!(Statistic::default(), Statistic::Median);
+        for s in [Statistic::Median, Statistic::Fastest] {
+            assert_eq!(s.of(&[]), Duration::ZERO);
+        }
+        assert_eq!(Statistic::Fastest.to_string(), "fastest");
+    }
 }
