@@ -164,6 +164,12 @@ fn rotate_pair(x: vec2<f32>, i: u32, pos: i32, rel: i32, sign: f32, branch: bool
 // Rotates the four pairs (a[e], b[e]) = pairs i0 + e (the half layout's vec4 u and its partner
 // vec4 u + rotary_dim / 8) with rotate_pair.
 fn rotate_half4(x: Vec4Pair, i0: u32, pos: i32, rel: i32, sign: f32, branch: bool) -> Vec4Pair {
+    // RoPE itself: the four pairs at once (rotate_half4_freq).
+    if (!CUSTOM_ROTATE && !(TWO_BRANCH && branch)) {
+        let j = params.freq_offset + i0;
+        return rotate_half4_freq(x, freq4(aux[j], aux[j + 1u], aux[j + 2u], aux[j + 3u]), pos,
+                                 rel, sign);
+    }
     let p0 = rotate_pair(vec2<f32>(x.a.x, x.b.x), i0, pos, rel, sign, branch);
     let p1 = rotate_pair(vec2<f32>(x.a.y, x.b.y), i0 + 1u, pos, rel, sign, branch);
     let p2 = rotate_pair(vec2<f32>(x.a.z, x.b.z), i0 + 2u, pos, rel, sign, branch);
