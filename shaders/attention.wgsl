@@ -53,6 +53,11 @@
 
 
 const HEAD_VEC: u32 = HEAD_DIM / 4u;
+// The shared tile reads (TILE_SHARE, a variant constant: the key group's vec4s read once per
+// subgroup, see the key loop); TS1 keeps the constant expressions of the other variants defined.
+const TS1: u32 = max(TILE_SHARE, 1u);
+// Vec4s of a key group each invocation of a sharing subgroup reads (also an unroll bound).
+const TILE_LOADS: u32 = select(1u, HEAD_DIM / TS1, TILE_SHARE > 0u);
 // Invocations that share a query row (the variant's LANES): lane j holds vec4s j, j + LANES, ...
 // of the row's query and accumulator (LVEC of them), forms partial dot products over them, and
 // the row's lanes sum the partials (lane_sum4: subgroup operations, or workgroup memory when
@@ -501,6 +506,22 @@ fn attention_fused(
             // Step: score four keys. For each branch br that some row uses, the lanes of the
             // dot products of keys key0+g .. key0+g+3 with every row: d[4 (br · ROWS + r) + e]
             // holds key e's lanes for row r.
+            //
+            // With TILE_SHARE (CPU adapters; one branch, one lane per row) the invocations of a
+            // subgroup read the key group's 4 · HEAD_VEC vec4s of K and of V between them,
+            // TILE_LOADS each (vec4 i of the group: kl[i / TILE_SHARE] of lane i % TILE_SHARE),
+            // and hand them round with subgroupBroadcast (`tile_bcast`) at constant lanes. Every
+            // invocation of the row form needs the same vec4s, and a CPU adapter runs each
+            // workgroup-memory read at a per-invocation address as a loop over its lanes.
+            var kl: array<vec4<f32>, TILE_LOADS>;
+            var vl: array<vec4<f32>, TILE_LOADS>;
+            if (TILE_SHARE > 0u) {
+                // @unroll
+                for (var m = 0u; m < TILE_LOADS; m++) {
+                    kl[m] = k_tile[kb + m * TS1 + sg_lane];
+                    vl[m] = v_tile[kb + m * TS1 + sg_lane];
+                }
+            }
             var d: array<vec4<f32>, K_TILES * ROWS * 4u>;
             // @unroll
             for (var br = 0u; br < K_TILES; br++) {
@@ -512,7 +533,28 @@ fn attention_fused(
                     d[e + 2u] = vec4<f32>(0.0);
                     d[e + 3u] = vec4<f32>(0.0);
                 }
-                if (MMA == 0u && select(need1, need2, br == 1u)) {
+                // (A branch of its own: subgroupBroadcast needs uniform control flow, and the
+                // two-branch kernels' condition below is not.)
+                if (TILE_SHARE > 0u) {
+                    // @unroll
+                    for (var c = 0u; c < LVEC; c++) {
+                        let k0 = tile_bcast(kl[min(c / TS1, TILE_LOADS - 1u)], c % TS1);
+                        let k1 = tile_bcast(kl[min((c + HEAD_VEC) / TS1, TILE_LOADS - 1u)],
+                                            (c + HEAD_VEC) % TS1);
+                        let k2 = tile_bcast(kl[min((c + 2u * HEAD_VEC) / TS1, TILE_LOADS - 1u)],
+                                            (c + 2u * HEAD_VEC) % TS1);
+                        let k3 = tile_bcast(kl[min((c + 3u * HEAD_VEC) / TS1, TILE_LOADS - 1u)],
+                                            (c + 3u * HEAD_VEC) % TS1);
+                        // @unroll
+                        for (var r = 0u; r < ROWS; r++) {
+                            let qc = q[r * LVEC + c];
+                            d[4u * r] = fma(qc, k0, d[4u * r]);
+                            d[4u * r + 1u] = fma(qc, k1, d[4u * r + 1u]);
+                            d[4u * r + 2u] = fma(qc, k2, d[4u * r + 2u]);
+                            d[4u * r + 3u] = fma(qc, k3, d[4u * r + 3u]);
+                        }
+                    }
+                } else if (MMA == 0u && select(need1, need2, br == 1u)) {
                     // @unroll
                     for (var c = 0u; c < LVEC; c++) {
                         let kt = br * K2 + kb + c * LANES + lane;
@@ -648,10 +690,19 @@ fn attention_fused(
             // @unroll
             for (var c = 0u; c < LVEC; c++) {
                 let vc = kb + c * LANES + lane;
-                let v0 = v_tile[vc];
-                let v1 = v_tile[vc + HEAD_VEC];
-                let v2 = v_tile[vc + 2u * HEAD_VEC];
-                let v3 = v_tile[vc + 3u * HEAD_VEC];
+                var v0 = v_tile[vc];
+                var v1 = v_tile[vc + HEAD_VEC];
+                var v2 = v_tile[vc + 2u * HEAD_VEC];
+                var v3 = v_tile[vc + 3u * HEAD_VEC];
+                if (TILE_SHARE > 0u) {
+                    v0 = tile_bcast(vl[min(c / TS1, TILE_LOADS - 1u)], c % TS1);
+                    v1 = tile_bcast(vl[min((c + HEAD_VEC) / TS1, TILE_LOADS - 1u)],
+                                    (c + HEAD_VEC) % TS1);
+                    v2 = tile_bcast(vl[min((c + 2u * HEAD_VEC) / TS1, TILE_LOADS - 1u)],
+                                    (c + 2u * HEAD_VEC) % TS1);
+                    v3 = tile_bcast(vl[min((c + 3u * HEAD_VEC) / TS1, TILE_LOADS - 1u)],
+                                    (c + 3u * HEAD_VEC) % TS1);
+                }
                 // @unroll
                 for (var r = 0u; r < ROWS; r++) {
                     let pr = p[r];

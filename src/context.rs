@@ -439,6 +439,27 @@ impl Context {
         };
         let lanes = self.row_lanes(key.head_dim);
         key.with_row_lanes(lanes, self.row_lane_reduce(lanes))
+            .with_tile_share(self.tile_share())
+    }
+
+    /// The subgroup size the fused row form shares its tile reads across
+    /// ([`KernelKey::with_tile_share`]): a Vulkan CPU adapter's with `Features::SUBGROUP` and
+    /// one fixed subgroup size (lavapipe: 8), else 0. lavapipe runs each workgroup-memory read
+    /// at a per-invocation address as a loop over the lanes; sharing them made prefill at head
+    /// size 64 about 1.3× faster there (BENCHMARKS.md). A GPU reads workgroup memory in one
+    /// step and keeps the ordinary form, and the other CPU adapters (WARP, SwiftShader in a
+    /// browser) keep it until measured.
+    pub fn tile_share(&self) -> u32 {
+        let sg = self.info.subgroup_min_size;
+        if self.info.device_type == wgpu::DeviceType::Cpu
+            && self.info.backend == wgpu::Backend::Vulkan
+            && self.device.features().contains(wgpu::Features::SUBGROUP)
+            && sg == self.info.subgroup_max_size
+        {
+            sg
+        } else {
+            0
+        }
     }
 
     /// How plans made from now on form a tile's scores (Q·Kᵀ): [`ScoreTile::Rows`] unless set

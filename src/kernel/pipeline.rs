@@ -45,7 +45,7 @@ pub fn naga_capabilities(key: &KernelKey) -> naga::valid::Capabilities {
     if key.native_f16() {
         caps |= Capabilities::SHADER_FLOAT16;
     }
-    if key.lane_reduce.subgroups() {
+    if key.uses_subgroups() {
         caps |= Capabilities::SUBGROUP;
     }
     // The emulated score tile rounds with quantizeToF16 (an f16 conversion in f32 code).

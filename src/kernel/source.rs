@@ -122,17 +122,35 @@ pub(crate) fn compose(key: &KernelKey, hooks: Option<&str>) -> Result<String, Co
     };
     // The subgroup builtins the cooperative-matrix forms split the score tile's fragments by;
     // every other variant names the same two values as constants.
-    let (builtins, ids) = if key.scores.coop() {
+    let (mut builtins, mut ids) = if key.scores.coop() {
         (
-            "    @builtin(subgroup_id) sg_id: u32,\n    @builtin(num_subgroups) n_sg: u32,\n",
-            "",
+            "    @builtin(subgroup_id) sg_id: u32,\n    @builtin(num_subgroups) n_sg: u32,\n"
+                .to_string(),
+            String::new(),
         )
     } else {
-        ("", "    let sg_id = 0u;\n    let n_sg = 1u;\n")
+        (
+            String::new(),
+            "    let sg_id = 0u;\n    let n_sg = 1u;\n".to_string(),
+        )
     };
+    // The shared tile reads (KernelKey::tile_share): the invocation's index in its subgroup,
+    // and `tile_bcast` is subgroupBroadcast itself (its lane index must be a constant
+    // expression, which a function parameter is not). Elsewhere the form's code is dead and
+    // `tile_bcast` a plain function, so the module names no subgroup operation.
+    let mut body = body.to_string();
+    if key.family() == Family::Fused {
+        if key.tile_share > 0 {
+            builtins += "    @builtin(subgroup_invocation_id) sg_lane: u32,\n";
+            body = body.replace("tile_bcast(", "subgroupBroadcast(");
+        } else {
+            ids += "    let sg_lane = 0u;\n";
+            accessors += "fn tile_bcast(x: vec4<f32>, i: u32) -> vec4<f32> {\n    return x;\n}\n";
+        }
+    }
     let body = body
-        .replace("    // @score-tile-builtins\n", builtins)
-        .replace("    // @score-tile-ids\n", ids);
+        .replace("    // @score-tile-builtins\n", &builtins)
+        .replace("    // @score-tile-ids\n", &ids);
     let hooks = match hooks {
         Some(h) => h.to_string(),
         None => crate::encoding::custom::default_hooks_wgsl(),
@@ -243,9 +261,10 @@ fn lane_sum4_wgsl(reduce: LaneReduce, lanes: u32) -> &'static str {
 }
 
 /// The `enable` directives a module of `key` needs beyond what naga reads: `subgroups` for the
-/// subgroup forms of the decode kernel (Tint and the WebGPU specification require it).
+/// subgroup forms of the decode and fused kernels (Tint and the WebGPU specification require
+/// it).
 pub fn enable_directives(key: &KernelKey) -> &'static str {
-    if key.lane_reduce.subgroups() {
+    if key.uses_subgroups() {
         "enable subgroups;\n"
     } else {
         ""

@@ -477,6 +477,11 @@ pub struct KernelKey {
     pub scores: ScoreTile,
     /// Decode: adds the caller's bias (binding `user_bias`); the fused kernel always binds it.
     pub bias: bool,
+    /// Fused row form: the invocations of a subgroup of exactly this many read each key group's
+    /// K and V vec4s from the tile once between them and hand them round with
+    /// `subgroupBroadcast` (0: each invocation reads every vec4 itself). For CPU adapters, whose
+    /// workgroup-memory reads are loops over the lanes ([`KernelKey::with_tile_share`]).
+    pub tile_share: u32,
 }
 
 impl KernelKey {
@@ -499,6 +504,7 @@ impl KernelKey {
             read_ahead: false,
             scores: ScoreTile::Rows,
             bias: false,
+            tile_share: 0,
         }
     }
 
@@ -518,6 +524,26 @@ impl KernelKey {
     /// This key writing the log-sum-exp too.
     pub fn with_lse(self) -> Self {
         KernelKey { lse: true, ..self }
+    }
+
+    /// This fused key with its tile reads shared across subgroups of exactly `subgroup`
+    /// invocations (see [`KernelKey::tile_share`]) where the form applies: the row form
+    /// ([`ScoreTile::Rows`]) of a one-branch kernel with one lane per row, whose workgroup is a
+    /// whole number of such subgroups and whose head size is a multiple of the subgroup size.
+    /// 0 (or 1) turns it off. The kernel then needs `Features::SUBGROUP`.
+    pub fn with_tile_share(self, subgroup: u32) -> Self {
+        let applies = self.stage == Stage::Fused
+            && subgroup >= 2
+            && subgroup.is_power_of_two()
+            && !self.two_branch
+            && self.scores == ScoreTile::Rows
+            && self.row_lanes() == 1
+            && self.invocations().is_multiple_of(subgroup)
+            && self.head_dim.is_multiple_of(subgroup);
+        KernelKey {
+            tile_share: if applies { subgroup } else { 0 },
+            ..self
+        }
     }
 
     /// This fused key in the lane-split form: `lanes` invocations per row slot, each holding
@@ -557,6 +583,12 @@ impl KernelKey {
             block_k: block_k_fitting(self.head_dim, 2, lane_red_bytes(&key)),
             ..key
         }
+    }
+
+    /// Whether the module uses subgroup operations (lane sums or shared tile reads; the
+    /// device needs `Features::SUBGROUP`); the cooperative-matrix forms ask for theirs apart.
+    pub fn uses_subgroups(&self) -> bool {
+        self.lane_reduce.subgroups() || self.tile_share > 0
     }
 
     /// Lanes per query row of the fused kernel (1 in the ordinary form).
@@ -653,6 +685,7 @@ impl KernelKey {
             read_ahead: false,
             scores: ScoreTile::Rows,
             bias: false,
+            tile_share: 0,
         }
     }
 
@@ -731,6 +764,7 @@ impl KernelKey {
             read_ahead: false,
             scores: ScoreTile::Rows,
             bias: false,
+            tile_share: 0,
         }
     }
 
@@ -815,7 +849,8 @@ impl KernelKey {
     /// kernel's lane-split forms (listed below), and the decode kernel's: the
     /// RoPE kernel at every head size with `subgroupAdd` over 8 lanes (lavapipe's fixed
     /// subgroup) or as few as the head size allows, butterflies over 4 lanes (any subgroup of
-    /// 4 or more), and the half storage forms at head size 128, with and without read-ahead.
+    /// 4 or more), and the half storage forms at head size 128, with and without read-ahead;
+    /// and the fused kernel's shared tile reads ([`KernelKey::with_tile_share`]).
     pub fn subgroup_examples() -> Vec<KernelKey> {
         let mut keys = Vec::new();
         for &d in crate::spec::SUPPORTED_HEAD_DIMS {
@@ -853,6 +888,23 @@ impl KernelKey {
                     .with_storage(storage)
                     .with_lse()
                     .with_row_lanes(4, LaneReduce::Shuffle),
+            );
+        }
+        // The shared tile reads over lavapipe's 8-lane subgroups: the RoPE kernel at every
+        // head size at the CPU adapters' rows, every encoding kind at head size 64, and the
+        // storage forms with the log-sum-exp output.
+        for &d in crate::spec::SUPPORTED_HEAD_DIMS {
+            fused.push(KernelKey::fused(d, multi_rows_for(d), PosKind::Rope).with_tile_share(8));
+        }
+        for pos in PosKind::VARIANTS {
+            fused.push(KernelKey::fused(64, 8, pos).with_tile_share(8));
+        }
+        for storage in PORTABLE_STORAGE_EXAMPLES {
+            fused.push(
+                KernelKey::fused(64, 8, PosKind::Rope)
+                    .with_storage(storage)
+                    .with_lse()
+                    .with_tile_share(8),
             );
         }
         for k in fused {
@@ -962,6 +1014,8 @@ impl KernelKey {
                 self.rows,
                 if self.row_lanes() > 1 {
                     format!("_l{}{}", self.lanes, self.lane_reduce.suffix())
+                } else if self.tile_share > 0 {
+                    format!("_ts{}", self.tile_share)
                 } else {
                     String::new()
                 },
@@ -1044,7 +1098,7 @@ impl KernelKey {
              const UNITS: u32 = {}u;\nconst LANE_REDUCE: u32 = {}u;\nconst KEY_ROT: u32 = {}u;\n\
              const READ_AHEAD: bool = {};\nconst MMA: u32 = {}u;\nconst MMA_FRAG: u32 = {}u;\n\
              const MQ_LEN: u32 = {}u;\nconst MK_LEN: u32 = {}u;\nconst K_TILE_LEN: u32 = {}u;\n\
-             const S_LEN: u32 = {}u;\nconst RED_LEN: u32 = {}u;\n",
+             const S_LEN: u32 = {}u;\nconst RED_LEN: u32 = {}u;\nconst TILE_SHARE: u32 = {}u;\n",
             self.name(),
             self.head_dim,
             self.block_q.max(1),
@@ -1064,12 +1118,13 @@ impl KernelKey {
             lens.1,
             lens.2,
             lens.3,
-            lane_red_len(self)
+            lane_red_len(self),
+            self.tile_share
         )
     }
 
     /// Bounds the composer may unroll loops over.
-    pub(crate) fn unroll_bounds(&self) -> [(&'static str, u32); 9] {
+    pub(crate) fn unroll_bounds(&self) -> [(&'static str, u32); 10] {
         [
             ("HEAD_VEC", self.head_dim / 4),
             ("LVEC", self.head_dim / 4 / self.row_lanes()),
@@ -1080,6 +1135,15 @@ impl KernelKey {
             ("UNITS", self.units()),
             ("HALVES", 2),
             ("ROW_QUADS", self.rows.max(1).div_ceil(4)),
+            // Vec4s of a key group (4 keys) each invocation of a sharing subgroup reads.
+            (
+                "TILE_LOADS",
+                if self.tile_share > 0 {
+                    self.head_dim / self.tile_share
+                } else {
+                    1
+                },
+            ),
         ]
     }
 
@@ -1148,6 +1212,33 @@ mod lane_tests {
         assert_eq!(tile.with_row_lanes(4, LaneReduce::Shuffle), tile);
         // And a lane-split key given a score tile drops its lanes.
         assert_eq!(k.with_scores(ScoreTile::Emulated).row_lanes(), 1);
+    }
+
+    #[test]
+    fn tile_sharing_applies_to_the_one_lane_row_form_only() {
+        let k = KernelKey::fused(64, 8, PosKind::Rope).with_tile_share(8);
+        assert_eq!(k.tile_share, 8);
+        assert!(k.name().contains("_r8_ts8_"), "{}", k.name());
+        assert!(k.wgsl_header().contains("const TILE_SHARE: u32 = 8u;"));
+        assert!(k.unroll_bounds().contains(&("TILE_LOADS", 8)));
+        // Off: no subgroup, a size that is no power of two, two branches, a score tile,
+        // several lanes per row, a workgroup (8 invocations at 8 rows) smaller than the subgroup.
+        for off in [
+            KernelKey::fused(64, 8, PosKind::Rope).with_tile_share(0),
+            KernelKey::fused(64, 8, PosKind::Rope).with_tile_share(6),
+            KernelKey::fused_two_branch(64, 1).with_tile_share(8),
+            KernelKey::fused(64, 1, PosKind::Rope)
+                .with_scores(ScoreTile::Emulated)
+                .with_tile_share(8),
+            KernelKey::fused(128, 1, PosKind::Rope)
+                .with_row_lanes(4, LaneReduce::Shuffle)
+                .with_tile_share(8),
+            KernelKey::fused(64, 8, PosKind::Rope).with_tile_share(16),
+            KernelKey::decode(128, 4, PosKind::Rope).with_tile_share(8),
+        ] {
+            assert_eq!(off.tile_share, 0, "{}", off.name());
+            assert!(!off.name().contains("_ts"), "{}", off.name());
+        }
     }
 
     #[test]
