@@ -162,9 +162,9 @@ fn rotate_pair(x: vec2<f32>, i: u32, pos: i32, rel: i32, sign: f32, branch: bool
 }
 
 // Rotates the four pairs (a[e], b[e]) = pairs i0 + e (the half layout's vec4 u and its partner
-// vec4 u + rotary_dim / 8) with rotate_pair.
+// vec4 u + rotary_dim / 8): RoPE itself four pairs at once (rotate_half4_freq), the second branch
+// and a custom rotation pair by pair with rotate_pair.
 fn rotate_half4(x: Vec4Pair, i0: u32, pos: i32, rel: i32, sign: f32, branch: bool) -> Vec4Pair {
-    // RoPE itself: the four pairs at once (rotate_half4_freq).
     if (!CUSTOM_ROTATE && !(TWO_BRANCH && branch)) {
         let j = params.freq_offset + i0;
         return rotate_half4_freq(x, freq4(aux[j], aux[j + 1u], aux[j + 2u], aux[j + 3u]), pos,
@@ -179,8 +179,8 @@ fn rotate_half4(x: Vec4Pair, i0: u32, pos: i32, rel: i32, sign: f32, branch: boo
 
 // rotate_half4 with the four pairs' frequency entries read already: the four pairs at once with
 // position.wgsl's four-lane helpers (quadrants by selects: a software driver runs every side of
-// a branch, and the scalar form's quadrant branches cost it about as much as the rest of the
-// rotation).
+// a branch, and on lavapipe the scalar form's quadrant branches were about a third of the
+// rotation's cost).
 fn rotate_half4_freq(x: Vec4Pair, f: Freq4, pos: i32, rel: i32, sign: f32) -> Vec4Pair {
     let cs = sincos_turns4(rope_turns4(pos, f.x, f.y, f.z));
     var c = cs[0] * params.attn_factor;
