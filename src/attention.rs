@@ -10,7 +10,7 @@ use crate::context::Context;
 use crate::dtype::{Dtype, HalfForm, check_bytes};
 use crate::error::{Error, Result};
 use crate::kernel::abi::Family;
-use crate::kernel::{BLOCK_Q, KernelKey, ScoreTile, workgroup_bytes};
+use crate::kernel::{KernelKey, ScoreTile, workgroup_bytes};
 use crate::plan::lower;
 use crate::spec::AttentionSpec;
 pub use crate::spec::{bias_dims, bias_len};
@@ -327,7 +327,7 @@ impl Attention {
                 limits.max_compute_invocations_per_workgroup,
             ));
         }
-        let workgroups = [spec.seq_q.div_ceil(BLOCK_Q), spec.num_heads, spec.batch];
+        let workgroups = [spec.seq_q.div_ceil(key.block_q), spec.num_heads, spec.batch];
         check_limits(ctx, spec, workgroups)?;
         let pipeline = ctx.pipeline_with_async(key, plan.custom.as_ref()).await?;
         let (pq, pk) = spec.default_positions();

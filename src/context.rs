@@ -439,7 +439,22 @@ impl Context {
         };
         let lanes = self.row_lanes(key.head_dim);
         key.with_row_lanes(lanes, self.row_lane_reduce(lanes))
+            .with_block_q(self.block_q())
             .with_tile_share(self.tile_share())
+    }
+
+    /// Query rows per workgroup of the fused row form ([`KernelKey::with_block_q`]): 128 on CPU
+    /// adapters, [`crate::kernel::BLOCK_Q`] (64) elsewhere. A CPU adapter reads device memory
+    /// at a per-invocation address as a loop over the lanes, so staging K and V for 64 rows
+    /// took about 40 % of lavapipe's prefill at head size 64; 128 rows halve those reads per
+    /// row and cost about 64 more masked keys per row in a causal workgroup (BENCHMARKS.md).
+    /// GPUs keep 64 until measured.
+    pub fn block_q(&self) -> u32 {
+        if self.info.device_type == wgpu::DeviceType::Cpu {
+            crate::kernel::CPU_BLOCK_Q
+        } else {
+            crate::kernel::BLOCK_Q
+        }
     }
 
     /// The subgroup size the fused row form shares its tile reads across

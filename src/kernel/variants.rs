@@ -7,6 +7,9 @@ use super::storage::{StorageForm, family_tensors};
 
 /// Query rows per workgroup of the fused kernel (one per invocation).
 pub const BLOCK_Q: u32 = 64;
+/// Query rows per workgroup of the fused row form on CPU adapters
+/// ([`crate::Context::block_q`], [`KernelKey::with_block_q`]).
+pub const CPU_BLOCK_Q: u32 = 128;
 /// Query rows per invocation the fused kernel can be built with.
 pub const ROWS_CHOICES: &[u32] = &[1, 2, 4, 8];
 
@@ -526,6 +529,26 @@ impl KernelKey {
         KernelKey { lse: true, ..self }
     }
 
+    /// This fused key with `block_q` query rows per workgroup (instead of [`BLOCK_Q`]) where
+    /// the form applies: the row form ([`ScoreTile::Rows`]; the score tiles keep their fragment
+    /// shapes), with `block_q` a multiple of the rows per invocation and of the keys per tile,
+    /// and at most 256 invocations. Every workgroup stages each key tile once for all of its
+    /// rows, so larger blocks read K and V fewer times in all; a causal workgroup also walks
+    /// keys up to its last row, about `block_q / 2` masked keys per row.
+    pub fn with_block_q(self, block_q: u32) -> Self {
+        let rows = self.rows.max(1);
+        let applies = self.stage == Stage::Fused
+            && self.scores == ScoreTile::Rows
+            && block_q > 0
+            && block_q.is_multiple_of(rows)
+            && block_q.is_multiple_of(self.block_k.max(1))
+            && block_q / rows * self.row_lanes() <= 256;
+        if !applies {
+            return self;
+        }
+        KernelKey { block_q, ..self }
+    }
+
     /// This fused key with its tile reads shared across subgroups of exactly `subgroup`
     /// invocations (see [`KernelKey::tile_share`]) where the form applies: the row form
     /// ([`ScoreTile::Rows`]) of a one-branch kernel with one lane per row, whose workgroup is a
@@ -690,7 +713,8 @@ impl KernelKey {
     }
 
     /// Every fused variant the crate builds by default (one row per invocation, and the
-    /// multi-row count for the head size).
+    /// multi-row count for the head size, in 64-row query blocks and in the CPU adapters' 128:
+    /// [`CPU_BLOCK_Q`]).
     pub fn all_fused() -> Vec<KernelKey> {
         let mut keys = Vec::new();
         // Listed once each: at the largest head sizes the two-branch row counts coincide.
@@ -703,6 +727,7 @@ impl KernelKey {
             for pos in PosKind::VARIANTS {
                 add(KernelKey::fused(d, 1, pos));
                 add(KernelKey::fused(d, multi_rows_for(d), pos));
+                add(KernelKey::fused(d, multi_rows_for(d), pos).with_block_q(CPU_BLOCK_Q));
                 // Half storage in the packed forms every adapter runs (f16, bf16 and a mix),
                 // on the RoPE kernel at head size 64; native f16 is listed by
                 // `native_f16_examples` (it needs the SHADER_F16 capability).
@@ -730,10 +755,9 @@ impl KernelKey {
                 }
                 if pos == PosKind::Rope {
                     add(KernelKey::fused_two_branch(d, 1));
-                    add(KernelKey::fused_two_branch(
-                        d,
-                        two_branch_rows(multi_rows_for(d)),
-                    ));
+                    let two = KernelKey::fused_two_branch(d, two_branch_rows(multi_rows_for(d)));
+                    add(two);
+                    add(two.with_block_q(CPU_BLOCK_Q));
                 }
             }
         }
@@ -890,22 +914,20 @@ impl KernelKey {
                     .with_row_lanes(4, LaneReduce::Shuffle),
             );
         }
-        // The shared tile reads over lavapipe's 8-lane subgroups: the RoPE kernel at every
-        // head size at the CPU adapters' rows, every encoding kind at head size 64, and the
-        // storage forms with the log-sum-exp output.
+        // The shared tile reads over lavapipe's 8-lane subgroups, in the CPU adapters' query
+        // blocks: the RoPE kernel at every head size at the CPU adapters' rows, every encoding
+        // kind at head size 64, and the storage forms with the log-sum-exp output.
+        let cpu = |k: KernelKey| k.with_block_q(CPU_BLOCK_Q).with_tile_share(8);
         for &d in crate::spec::SUPPORTED_HEAD_DIMS {
-            fused.push(KernelKey::fused(d, multi_rows_for(d), PosKind::Rope).with_tile_share(8));
+            fused.push(cpu(KernelKey::fused(d, multi_rows_for(d), PosKind::Rope)));
         }
         for pos in PosKind::VARIANTS {
-            fused.push(KernelKey::fused(64, 8, pos).with_tile_share(8));
+            fused.push(cpu(KernelKey::fused(64, 8, pos)));
         }
         for storage in PORTABLE_STORAGE_EXAMPLES {
-            fused.push(
-                KernelKey::fused(64, 8, PosKind::Rope)
-                    .with_storage(storage)
-                    .with_lse()
-                    .with_tile_share(8),
-            );
+            fused.push(cpu(KernelKey::fused(64, 8, PosKind::Rope)
+                .with_storage(storage)
+                .with_lse()));
         }
         for k in fused {
             if !keys.contains(&k) {
@@ -1138,11 +1160,7 @@ impl KernelKey {
             // Vec4s of a key group (4 keys) each invocation of a sharing subgroup reads.
             (
                 "TILE_LOADS",
-                if self.tile_share > 0 {
-                    self.head_dim / self.tile_share
-                } else {
-                    1
-                },
+                self.head_dim.checked_div(self.tile_share).unwrap_or(1),
             ),
         ]
     }
@@ -1238,6 +1256,32 @@ mod lane_tests {
         ] {
             assert_eq!(off.tile_share, 0, "{}", off.name());
             assert!(!off.name().contains("_ts"), "{}", off.name());
+        }
+    }
+
+    #[test]
+    fn query_blocks_apply_to_the_row_form_only() {
+        let k = KernelKey::fused(64, 8, PosKind::Rope).with_block_q(128);
+        assert_eq!((k.block_q, k.invocations()), (128, 16));
+        assert!(k.name().contains("_bq128_"), "{}", k.name());
+        assert!(k.wgsl_header().contains("const BLOCK_Q: u32 = 128u;"));
+        // With tile sharing after it, as Context::fused_variant applies them: 16 invocations
+        // are two subgroups of 8.
+        assert_eq!(k.with_tile_share(8).tile_share, 8);
+        let two = KernelKey::fused_two_branch(64, 1).with_block_q(128);
+        assert_eq!(two.block_q, 128);
+        // Unchanged: a score tile, the decode family, a block that is no multiple of the rows
+        // or of the keys per tile, zero, and more than 256 invocations.
+        let tile = KernelKey::fused(64, 1, PosKind::Rope).with_scores(ScoreTile::Emulated);
+        for (key, block) in [
+            (tile, 128),
+            (KernelKey::decode(128, 4, PosKind::Rope), 128),
+            (KernelKey::fused(64, 8, PosKind::Rope), 100),
+            (KernelKey::fused(64, 8, PosKind::Rope), 12),
+            (KernelKey::fused(64, 8, PosKind::Rope), 0),
+            (KernelKey::fused(64, 1, PosKind::Rope), 512),
+        ] {
+            assert_eq!(key.with_block_q(block), key, "{} at {block}", key.name());
         }
     }
 
