@@ -445,10 +445,11 @@ impl Context {
 
     /// Query rows per workgroup of the fused row form ([`KernelKey::with_block_q`]): 128 on CPU
     /// adapters, [`crate::kernel::BLOCK_Q`] (64) elsewhere. A CPU adapter reads device memory
-    /// at a per-invocation address as a loop over the lanes, so staging K and V for 64 rows
-    /// took about 40 % of lavapipe's prefill at head size 64; 128 rows halve those reads per
-    /// row and cost about 64 more masked keys per row in a causal workgroup (BENCHMARKS.md).
-    /// GPUs keep 64 until measured.
+    /// at a per-invocation address as a loop over the lanes, and with 64 rows lavapipe's
+    /// prefill at head size 64 spent about 43 % of its time outside the key-group loop, mostly
+    /// in staging K and V; 128 rows halve those reads per row (about 1.2× at 2048 tokens) and
+    /// cost about 64 more masked keys per row in a causal workgroup (BENCHMARKS.md). GPUs keep
+    /// 64 until measured.
     pub fn block_q(&self) -> u32 {
         if self.info.device_type == wgpu::DeviceType::Cpu {
             crate::kernel::CPU_BLOCK_Q
