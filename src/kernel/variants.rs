@@ -1271,13 +1271,14 @@ mod lane_tests {
         let two = KernelKey::fused_two_branch(64, 1).with_block_q(128);
         assert_eq!(two.block_q, 128);
         // Unchanged: a score tile, the decode family, a block that is no multiple of the rows
-        // or of the keys per tile, zero, and more than 256 invocations.
+        // (nor of the keys per tile), one that is no multiple of the 8 keys per tile, zero, and
+        // more than 256 invocations.
         let tile = KernelKey::fused(64, 1, PosKind::Rope).with_scores(ScoreTile::Emulated);
         for (key, block) in [
             (tile, 128),
             (KernelKey::decode(128, 4, PosKind::Rope), 128),
             (KernelKey::fused(64, 8, PosKind::Rope), 100),
-            (KernelKey::fused(64, 8, PosKind::Rope), 12),
+            (KernelKey::fused(64, 1, PosKind::Rope), 12),
             (KernelKey::fused(64, 8, PosKind::Rope), 0),
             (KernelKey::fused(64, 1, PosKind::Rope), 512),
         ] {
