@@ -1434,21 +1434,22 @@ fn bench_dtypes(
 ///
 /// Lanes per row (the lane-split form) join the candidates where the device has subgroups: each
 /// lane holds `rows × head_dim / lanes` channels, within the same budget, and a workgroup
-/// (`64 / rows × lanes` invocations) of at most 256. GPUs try 2, 4 and 8 lanes; CPU adapters
-/// only 2, since on lavapipe 4 and 8 ran slower than 2 at head sizes 64 and 128 and each
-/// candidate costs a compile there (BENCHMARKS.md, "The lane-split form and more rows per
-/// invocation").
+/// (`block_q / rows × lanes` invocations, `Context::block_q`) of at most 256. GPUs try 2, 4
+/// and 8 lanes; CPU adapters only 2, since on lavapipe 4 and 8 ran slower than 2 at head
+/// sizes 64 and 128 and each candidate costs a compile there (BENCHMARKS.md, "The lane-split
+/// form and more rows per invocation").
 fn tune_candidates(ctx: &Context, head_dim: u32) -> Vec<(u32, u32)> {
     let cpu = ctx.adapter_info().device_type == wgpu::DeviceType::Cpu;
     let subgroup_lanes = |l: u32| ctx.row_lane_reduce(l) != posattn::kernel::LaneReduce::Workgroup;
-    candidates_for(head_dim, cpu, subgroup_lanes)
+    candidates_for(head_dim, cpu, ctx.block_q(), subgroup_lanes)
 }
 
-/// [`tune_candidates`] given whether the adapter is a CPU and which lane counts its subgroups
-/// can sum: (rows, lanes) pairs.
+/// [`tune_candidates`] given whether the adapter is a CPU, its query rows per workgroup
+/// (`Context::block_q`) and which lane counts its subgroups can sum: (rows, lanes) pairs.
 fn candidates_for(
     head_dim: u32,
     cpu: bool,
+    block_q: u32,
     subgroup_lanes: impl Fn(u32) -> bool,
 ) -> Vec<(u32, u32)> {
     let floats = if cpu { 1024 } else { 256 };
@@ -1464,7 +1465,7 @@ fn candidates_for(
         }
         for &r in posattn::kernel::ROWS_CHOICES {
             let per_lane = r * head_dim / lanes;
-            let invocations = posattn::kernel::BLOCK_Q / r * lanes;
+            let invocations = block_q / r * lanes;
             if (r == 1 && lanes == 1) || (per_lane <= floats && invocations <= 256) {
                 out.push((r, lanes));
             }
@@ -1847,18 +1848,21 @@ mod tune_tests {
     fn tune_candidates_follow_the_register_budget_and_the_subgroups() {
         // A CPU adapter: up to 1024 floats, at most 2 lanes (where its subgroups sum them).
         assert_eq!(
-            candidates_for(64, true, |_| false),
+            candidates_for(64, true, posattn::kernel::CPU_BLOCK_Q, |_| false),
             [(1, 1), (2, 1), (4, 1), (8, 1)]
         );
         assert_eq!(
-            candidates_for(256, true, |_| true),
+            candidates_for(256, true, posattn::kernel::CPU_BLOCK_Q, |_| true),
             [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2), (4, 2), (8, 2)]
         );
         // A GPU without subgroups: one lane, 256 floats.
-        assert_eq!(candidates_for(128, false, |_| false), [(1, 1), (2, 1)]);
+        assert_eq!(
+            candidates_for(128, false, posattn::kernel::BLOCK_Q, |_| false),
+            [(1, 1), (2, 1)]
+        );
         // A GPU with subgroups of 32 at head size 128: lanes 2 (up to 4 rows), 4 (up to 8),
         // 8 (from 2 rows: one row would be 512 invocations).
-        let c = candidates_for(128, false, |l| l <= 32);
+        let c = candidates_for(128, false, posattn::kernel::BLOCK_Q, |l| l <= 32);
         assert_eq!(
             c,
             [
@@ -1877,9 +1881,13 @@ mod tune_tests {
             ]
         );
         // Head size 80 (20 vec4s): no 8 lanes; subgroups of 4: no 8 either way.
-        assert!(!candidates_for(80, false, |_| true).iter().any(|c| c.1 == 8));
         assert!(
-            !candidates_for(64, false, |l| l <= 4)
+            !candidates_for(80, false, posattn::kernel::BLOCK_Q, |_| true)
+                .iter()
+                .any(|c| c.1 == 8)
+        );
+        assert!(
+            !candidates_for(64, false, posattn::kernel::BLOCK_Q, |l| l <= 4)
                 .iter()
                 .any(|c| c.1 == 8)
         );
