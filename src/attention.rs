@@ -310,7 +310,7 @@ impl Attention {
         }
         // Lanes per row (the lane-split form) where the context asks for them and the variant
         // takes them.
-        let key = ctx.fused_variant(key);
+        let key = ctx.fused_variant(key, spec);
         let limits = ctx.device().limits();
         let wg_bytes = workgroup_bytes(&key);
         if wg_bytes > limits.max_compute_workgroup_storage_size {

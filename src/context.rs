@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::kernel::abi::Family;
 use crate::kernel::pipeline::Pipelines;
 use crate::kernel::{KernelKey, ScoreTile};
+use crate::spec::AttentionSpec;
 
 /// Longest wait for one submission unless `ContextOptions::timeout` or `set_timeout` says otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -95,12 +96,40 @@ pub struct Context {
     tuned_lanes: std::collections::BTreeMap<u32, u32>,
     rows_override: Option<u32>,
     lanes_override: Option<u32>,
+    block_q_override: Option<u32>,
     half_override: Option<HalfForm>,
     /// The cooperative-matrix score tile the device runs (requested feature and an f16
     /// configuration of the adapter), if any.
     coop: Option<ScoreTile>,
     score_tile: ScoreTile,
     uncaptured: Arc<Mutex<Vec<String>>>,
+}
+
+/// [`Context::block_q`]'s rule for an adapter of `device_type` on `backend`, with `threads` CPU
+/// threads to fill.
+fn block_q_rule(
+    device_type: wgpu::DeviceType,
+    backend: wgpu::Backend,
+    spec: &AttentionSpec,
+    threads: u64,
+) -> u32 {
+    use crate::kernel::{BLOCK_Q, CPU_BLOCK_Q, CPU_LONG_BLOCK_Q, CPU_LONG_KEYS};
+    if device_type != wgpu::DeviceType::Cpu {
+        return BLOCK_Q;
+    }
+    let rows = spec.seq_q.max(1) as u64;
+    let keys_per_row = spec.visible_pairs() / rows;
+    let workgroups =
+        rows.div_ceil(CPU_LONG_BLOCK_Q as u64) * spec.num_heads as u64 * spec.batch as u64;
+    if backend == wgpu::Backend::Vulkan
+        && keys_per_row >= CPU_LONG_KEYS
+        && rows >= CPU_LONG_BLOCK_Q as u64
+        && workgroups >= 2 * threads
+    {
+        CPU_LONG_BLOCK_Q
+    } else {
+        CPU_BLOCK_Q
+    }
 }
 
 /// Rank used to pick the best adapter: real GPUs first, software rasterisers last.
@@ -309,6 +338,7 @@ impl Context {
             tuned_lanes,
             rows_override: None,
             lanes_override: None,
+            block_q_override: None,
             half_override: None,
             coop: None,
             score_tile: ScoreTile::Rows,
@@ -429,9 +459,9 @@ impl Context {
     }
 
     /// The fused kernel variant this context builds for `key` (the planner's key at the
-    /// context's rows per invocation): its score tile (one-branch kernels) and lanes per row
-    /// applied.
-    pub fn fused_variant(&self, key: KernelKey) -> KernelKey {
+    /// context's rows per invocation) for a plan of shape `spec`: its score tile (one-branch
+    /// kernels), lanes per row, query block ([`Context::block_q`]) and tile sharing applied.
+    pub fn fused_variant(&self, key: KernelKey, spec: &AttentionSpec) -> KernelKey {
         let key = if self.score_tile != ScoreTile::Rows && !key.two_branch {
             key.with_scores(self.score_tile)
         } else {
@@ -439,23 +469,53 @@ impl Context {
         };
         let lanes = self.row_lanes(key.head_dim);
         key.with_row_lanes(lanes, self.row_lane_reduce(lanes))
-            .with_block_q(self.block_q())
+            .with_block_q(self.block_q(spec))
             .with_tile_share(self.tile_share())
     }
 
-    /// Query rows per workgroup of the fused row form ([`KernelKey::with_block_q`]): 128 on CPU
-    /// adapters, [`crate::kernel::BLOCK_Q`] (64) elsewhere. A CPU adapter reads device memory
-    /// at a per-invocation address as a loop over the lanes, and with 64 rows lavapipe's
-    /// prefill at head size 64 spent about 43 % of its time outside the key-group loop, mostly
-    /// in staging K and V; 128 rows halve those reads per row (about 1.2× at 2048 tokens) and
-    /// cost about 64 more masked keys per row in a causal workgroup (BENCHMARKS.md). GPUs keep
-    /// 64 until measured.
-    pub fn block_q(&self) -> u32 {
-        if self.info.device_type == wgpu::DeviceType::Cpu {
-            crate::kernel::CPU_BLOCK_Q
-        } else {
-            crate::kernel::BLOCK_Q
+    /// Query rows per workgroup of the fused row form ([`KernelKey::with_block_q`]) for a plan
+    /// of shape `spec`, unless [`Context::set_block_q`] fixed it:
+    ///
+    /// - GPUs: [`crate::kernel::BLOCK_Q`] (64) until measured.
+    /// - CPU adapters: [`crate::kernel::CPU_BLOCK_Q`] (128). On Vulkan (lavapipe)
+    ///   [`crate::kernel::CPU_LONG_BLOCK_Q`] (256) where a query row sees at least
+    ///   [`crate::kernel::CPU_LONG_KEYS`] (1024) keys on average (a causal self-attention from
+    ///   2048 tokens), the plan has at least 256 query rows, and the grid keeps at least two
+    ///   workgroups per CPU thread. Other CPU adapters (llvmpipe's GL, WARP) keep 128 until
+    ///   measured.
+    ///
+    /// Why: a CPU adapter reads device memory at a per-invocation address as a loop over the
+    /// lanes, and every workgroup stages each K/V tile once for all of its rows, so a larger
+    /// block reads K and V fewer times per row. With 64 rows lavapipe's prefill at head size 64
+    /// spent about 43 % of its time outside the key-group loop, mostly staging K and V; 128
+    /// rows made it about 1.2× faster at 2048 tokens, and 256 rows about 1.05× more at 2048
+    /// and 1.1× at 4096. The cost: a causal or windowed workgroup walks the keys of its whole
+    /// block, about `block / 2` masked keys per row (a window's band about `block`), which short
+    /// rows do not repay: 256 rows were 0.98× of 128 at 1024 tokens (BENCHMARKS.md).
+    pub fn block_q(&self, spec: &AttentionSpec) -> u32 {
+        if let Some(b) = self.block_q_override {
+            return b;
         }
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+        block_q_rule(self.info.device_type, self.info.backend, spec, threads)
+    }
+
+    /// Fixes the query rows per workgroup of the fused row form (one of
+    /// `kernel::BLOCK_Q_CHOICES`) for every plan; `None` restores [`Context::block_q`]'s rule.
+    /// A form the block does not fit (more than 256 invocations, or not a multiple of the rows
+    /// per invocation and keys per tile) keeps its own ([`KernelKey::with_block_q`]).
+    pub fn set_block_q(&mut self, block_q: Option<u32>) -> Result<()> {
+        if let Some(b) = block_q
+            && !crate::kernel::BLOCK_Q_CHOICES.contains(&b)
+        {
+            return Err(Error::invalid(
+                "block_q",
+                format!("one of {:?}", crate::kernel::BLOCK_Q_CHOICES),
+                b,
+            ));
+        }
+        self.block_q_override = block_q;
+        Ok(())
     }
 
     /// The subgroup size the fused row form shares its tile reads across
@@ -824,6 +884,50 @@ mod oneshot {
             }
             s.waker = Some(cx.waker().clone());
             Poll::Pending
+        }
+    }
+}
+
+#[cfg(test)]
+mod block_q_tests {
+    use super::block_q_rule;
+    use crate::{AttentionSpec, Window};
+    use wgpu::{Backend, DeviceType};
+
+    fn causal(seq: u32) -> AttentionSpec {
+        AttentionSpec::default().with_seq_len(seq).with_heads(8)
+    }
+
+    #[test]
+    fn long_rows_take_256_row_blocks_on_vulkan_cpu_adapters_only() {
+        let cpu = |spec: &AttentionSpec, threads| {
+            block_q_rule(DeviceType::Cpu, Backend::Vulkan, spec, threads)
+        };
+        // Causal: 1024 visible keys per row on average from 2048 tokens.
+        assert_eq!(cpu(&causal(1024), 2), 128);
+        assert_eq!(cpu(&causal(2048), 2), 256);
+        assert_eq!(cpu(&causal(8192), 2), 256);
+        // Bidirectional rows see every key.
+        let bidir = causal(1024).with_causal(false);
+        assert_eq!(cpu(&bidir, 2), 256);
+        // A window caps the keys per row whatever the length.
+        let window = causal(8192).with_window(Window::recent(512));
+        assert_eq!(cpu(&window, 2), 128);
+        // Few query rows against a long cache: no 256-row block to fill.
+        let short_q = AttentionSpec::default()
+            .with_seq_q(200)
+            .with_seq_k(8192)
+            .with_heads(8);
+        assert_eq!(cpu(&short_q, 2), 128);
+        // Too few workgroups for the threads: 8 heads × 8 blocks = 64 < 2 × 64.
+        assert_eq!(cpu(&causal(2048), 64), 128);
+        // Other adapters.
+        assert_eq!(
+            block_q_rule(DeviceType::Cpu, Backend::Gl, &causal(8192), 2),
+            128
+        );
+        for t in [DeviceType::DiscreteGpu, DeviceType::IntegratedGpu] {
+            assert_eq!(block_q_rule(t, Backend::Vulkan, &causal(8192), 2), 64);
         }
     }
 }

@@ -381,6 +381,17 @@ fn bench_and_check_reject_bad_sizes_before_opening_an_adapter() {
     let (code, text) = posattn(&["bench", "--decode", "--row-lanes", "4"]);
     assert_eq!(code, 2, "{text}");
     assert!(text.contains("invalid `--row-lanes`"), "{text}");
+    // Query blocks: a size no kernel is built with, or with decode.
+    let (code, text) = posattn(&["bench", "--block-q", "128,96", "--seq", "64"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(
+        text.contains("invalid `block_q`") && text.contains("got 96"),
+        "{text}"
+    );
+    assert!(!text.contains("matmul roof"), "{text}");
+    let (code, text) = posattn(&["bench", "--decode", "--block-q", "256"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("invalid `--block-q`"), "{text}");
     let (code, text) = posattn(&["check", "--quick", "--row-lanes", "16"]);
     assert_eq!(code, 2, "{text}");
     assert!(

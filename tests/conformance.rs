@@ -33,12 +33,13 @@ fn run_matrix_scores(
     tile: ScoreTile,
     cases: Vec<check::Case>,
 ) {
-    run_matrix_form(backends, name, rows, None, half, tile, cases);
+    run_matrix_form(backends, name, rows, None, half, tile, None, cases);
 }
 
 /// Runs `cases` on every adapter of `backends`; `rows` overrides the rows per invocation,
 /// `lanes` the lanes per query row (the lane-split form), `half` the f16 storage form (a case
-/// may force its own) and `tile` how scores are formed.
+/// may force its own), `tile` how scores are formed and `block_q` the query rows per workgroup.
+#[allow(clippy::too_many_arguments)]
 fn run_matrix_form(
     backends: wgpu::Backends,
     name: &str,
@@ -46,6 +47,7 @@ fn run_matrix_form(
     lanes: Option<u32>,
     half: Option<HalfForm>,
     tile: ScoreTile,
+    block_q: Option<u32>,
     cases: Vec<check::Case>,
 ) {
     let options = ContextOptions::default()
@@ -68,6 +70,7 @@ fn run_matrix_form(
             ctx.set_rows_per_invocation(Some(r))?;
         }
         ctx.set_row_lanes(lanes)?;
+        ctx.set_block_q(block_q)?;
         ctx.set_half_form(half);
         ctx.set_score_tile(tile)?;
         Ok(ctx)
@@ -81,7 +84,7 @@ fn run_matrix_form(
             for c in &cases {
                 let half = c.half_form.unwrap_or(ctx.half_form());
                 if let Ok(k) = check::case_kernel(c, |d| ctx.rows_per_invocation(d), half) {
-                    let k = ctx.fused_variant(k);
+                    let k = ctx.fused_variant(k, &c.spec);
                     if k.row_lanes() > 1 {
                         lane_forms.insert(format!("{} lanes {:?}", k.lanes, k.lane_reduce));
                     }
@@ -90,6 +93,18 @@ fn run_matrix_form(
             assert!(
                 !lane_forms.is_empty(),
                 "{l} lanes per row asked for, but no case compiles the lane-split form"
+            );
+        }
+        // Likewise the query block asked for.
+        if let Some(b) = block_q {
+            let compiled = cases.iter().any(|c| {
+                let half = c.half_form.unwrap_or(ctx.half_form());
+                check::case_kernel(c, |d| ctx.rows_per_invocation(d), half)
+                    .is_ok_and(|k| ctx.fused_variant(k, &c.spec).block_q == b)
+            });
+            assert!(
+                compiled,
+                "query block {b} asked for, but no case compiles it"
             );
         }
         let verbose = std::env::var_os("POSATTN_VERBOSE").is_some();
@@ -267,6 +282,7 @@ fn conformance_vulkan_lane_split() {
         Some(4),
         None,
         ScoreTile::Rows,
+        None,
         cases,
     );
 }
@@ -287,6 +303,7 @@ fn conformance_vulkan_lane_split_subgroup_add() {
         Some(8),
         None,
         ScoreTile::Rows,
+        None,
         cases,
     );
 }
@@ -310,6 +327,66 @@ fn conformance_gl_lane_split_workgroup_reduce() {
         Some(4),
         None,
         ScoreTile::Rows,
+        None,
+        cases,
+    );
+}
+
+/// 256 query rows per workgroup, which lavapipe's plans take for long rows
+/// (`Context::block_q`) and which the matrix's short cases never reach: the tile edges, windows
+/// (with sinks, and StreamingLLM's two-branch form), and cases whose rows straddle 256-row
+/// blocks (255 to 257 rows, queries at the end of a longer key range, a window over 600 keys).
+#[test]
+fn conformance_vulkan_query_block_256() {
+    use posattn::{AttentionSpec, PositionEncoding, Rope, Window};
+    let named = [
+        "window_l16_causal_s150",
+        "window_l16_r8_bidir_s150",
+        "streaming_s4_r32_cache_index_s150",
+    ];
+    let mut cases: Vec<_> = check::conformance_cases()
+        .into_iter()
+        .filter(|c| c.group == Group::TileEdges || named.contains(&c.name.as_str()))
+        .collect();
+    let rope = PositionEncoding::Rope(Rope::new(10000.0));
+    let spec = |sq: u32, sk: u32, causal: bool| {
+        AttentionSpec::default()
+            .with_seq_q(sq)
+            .with_seq_k(sk)
+            .with_heads(2)
+            .with_kv_heads(1)
+            .with_causal(causal)
+            .with_position(rope.clone())
+    };
+    for (sq, sk) in [(255, 255), (256, 256), (257, 257), (300, 700), (700, 300)] {
+        for causal in [true, false] {
+            let mask = if causal { "causal" } else { "bidir" };
+            cases.push(
+                check::Case::new(
+                    format!("rope_half_{mask}_q{sq}_k{sk}_bq256"),
+                    spec(sq, sk, causal),
+                )
+                .tagged(Group::TileEdges, SWEEP_ENCODING),
+            );
+        }
+    }
+    cases.push(
+        check::Case::new(
+            "rope_half_window100_sinks4_causal_s600_bq256",
+            spec(600, 600, true)
+                .with_window(Window::recent(100))
+                .with_sink_tokens(4),
+        )
+        .tagged(Group::TileEdges, SWEEP_ENCODING),
+    );
+    run_matrix_form(
+        wgpu::Backends::VULKAN,
+        "vulkan",
+        None,
+        None,
+        None,
+        ScoreTile::Rows,
+        Some(256),
         cases,
     );
 }

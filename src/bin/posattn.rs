@@ -192,6 +192,11 @@ enum Command {
         /// adapter's choice, in the storage-dtype table.
         #[arg(long, value_delimiter = ',')]
         row_lanes: Vec<u32>,
+        /// Prefill: also time the fused kernel (f32) with these query rows per workgroup (64,
+        /// 128 or 256, comma-separated) beside the adapter's choice (`Context::block_q`), in
+        /// the storage-dtype table.
+        #[arg(long, value_delimiter = ',')]
+        block_q: Vec<u32>,
     },
     /// Write every kernel variant the crate builds into DIR, one file per variant named by its
     /// key (`<name>.<lang>`): the WGSL wgpu compiles, or naga's translation to SPIR-V, MSL,
@@ -1133,7 +1138,18 @@ fn bench(
     json_path: Option<&std::path::Path>,
     scores: Scores,
     row_lanes: &[u32],
+    blocks: &[u32],
 ) -> posattn::Result<()> {
+    if let Some(&b) = blocks
+        .iter()
+        .find(|b| !posattn::kernel::BLOCK_Q_CHOICES.contains(b))
+    {
+        return Err(posattn::Error::invalid(
+            "block_q",
+            format!("each one of {:?}", posattn::kernel::BLOCK_Q_CHOICES),
+            b,
+        ));
+    }
     if let Some(&l) = row_lanes
         .iter()
         .find(|l| !posattn::kernel::ROW_LANES_CHOICES.contains(l))
@@ -1256,13 +1272,14 @@ fn bench(
                     "dtype": "f32",
                     "scores": "rows",
                     "row_lanes": ctx.row_lanes(head_dim),
+                    "block_q": ctx.block_q(&prefill_bench_spec(seq, head_dim)),
                     "fused_gflops": gf(f_ms),
                     "unfused_gflops": unfused_gflops,
                     "roof_gflops": roof_gflops,
                 }));
             }
-            for (seq, form, lanes, ms) in
-                bench_dtypes(&mut ctx, seqs, head_dim, runs, tile, row_lanes)?
+            for (seq, form, lanes, block, ms) in
+                bench_dtypes(&mut ctx, seqs, head_dim, runs, tile, row_lanes, blocks)?
             {
                 let spec = prefill_bench_spec(seq, head_dim);
                 rows.push(serde_json::json!({
@@ -1273,6 +1290,7 @@ fn bench(
                 "form": form,
                 "scores": if form.contains("tile") || form.contains("coop") { form.split(' ').nth(1) } else { Some("rows") },
                 "row_lanes": lanes,
+                "block_q": block,
                 "fused_gflops": spec.flops() / (ms * 1e-3) / 1e9,
                 "unfused_gflops": null,
                 "roof_gflops": roof_gflops,
@@ -1287,9 +1305,11 @@ fn bench(
 }
 
 /// The fused kernel with every tensor stored in each dtype (f16 in both forms where the adapter
-/// has native f16), then in f32 with each of `lanes` per query row, at the same shapes, timed
-/// alternately in one run so that load from other processes affects the forms alike; speed is
-/// relative to f32. Returns (seq, form, lanes per row, ms) of every form but the first.
+/// has native f16), then in f32 with each of `lanes` per query row and each of `blocks` query
+/// rows per workgroup, at the same shapes, timed alternately in one run so that load from other
+/// processes affects the forms alike; speed is relative to f32. Returns (seq, form, lanes per
+/// row, query rows per workgroup, ms) of every form but the first.
+#[allow(clippy::type_complexity)]
 fn bench_dtypes(
     ctx: &mut Context,
     seqs: &[u32],
@@ -1297,7 +1317,8 @@ fn bench_dtypes(
     runs: usize,
     tile: Option<posattn::ScoreTile>,
     lanes: &[u32],
-) -> posattn::Result<Vec<(u32, &'static str, u32, f64)>> {
+    blocks: &[u32],
+) -> posattn::Result<Vec<(u32, &'static str, u32, u32, f64)>> {
     let mut out = Vec::new();
     use posattn::ScoreTile;
     use posattn::harness::timing::time_encoded;
@@ -1305,15 +1326,30 @@ fn bench_dtypes(
     use wgpu::util::DeviceExt;
     let own = ctx.row_lanes(head_dim);
     let mut forms = vec![
-        ("f32", Dtype::F32, HalfForm::Packed, ScoreTile::Rows, own),
+        (
+            "f32",
+            Dtype::F32,
+            HalfForm::Packed,
+            ScoreTile::Rows,
+            own,
+            None,
+        ),
         (
             "f16 packed",
             Dtype::F16,
             HalfForm::Packed,
             ScoreTile::Rows,
             own,
+            None,
         ),
-        ("bf16", Dtype::Bf16, HalfForm::Packed, ScoreTile::Rows, own),
+        (
+            "bf16",
+            Dtype::Bf16,
+            HalfForm::Packed,
+            ScoreTile::Rows,
+            own,
+            None,
+        ),
     ];
     if ctx.has_native_f16() {
         forms.insert(
@@ -1324,6 +1360,7 @@ fn bench_dtypes(
                 HalfForm::Native,
                 ScoreTile::Rows,
                 own,
+                None,
             ),
         );
     }
@@ -1335,8 +1372,8 @@ fn bench_dtypes(
             ScoreTile::Coop8 => ("f32 coop8", "f16 coop8"),
             _ => ("f32 coop16", "f16 coop16"),
         };
-        forms.push((f32_name, Dtype::F32, HalfForm::Packed, t, 1));
-        forms.push((f16_name, Dtype::F16, half, t, 1));
+        forms.push((f32_name, Dtype::F32, HalfForm::Packed, t, 1, None));
+        forms.push((f16_name, Dtype::F16, half, t, 1, None));
     }
     // The lane-split form (f32, the context's rows per invocation).
     for &l in lanes {
@@ -1346,7 +1383,23 @@ fn bench_dtypes(
             4 => "f32 lanes4",
             _ => "f32 lanes8",
         };
-        forms.push((name, Dtype::F32, HalfForm::Packed, ScoreTile::Rows, l));
+        forms.push((name, Dtype::F32, HalfForm::Packed, ScoreTile::Rows, l, None));
+    }
+    // Query rows per workgroup (f32, the context's rows and lanes).
+    for &b in blocks {
+        let name = match b {
+            64 => "f32 bq64",
+            128 => "f32 bq128",
+            _ => "f32 bq256",
+        };
+        forms.push((
+            name,
+            Dtype::F32,
+            HalfForm::Packed,
+            ScoreTile::Rows,
+            own,
+            Some(b),
+        ));
     }
     println!(
         "
@@ -1366,13 +1419,15 @@ fn bench_dtypes(
             rng.vec(base.kv_len(), 1.0),
         );
         let mut setups = Vec::new();
-        for &(name, d, half, t, l) in &forms {
+        for &(name, d, half, t, l, b) in &forms {
             let spec = base.clone().with_dtype(d);
             ctx.set_score_tile(t)?;
             ctx.set_row_lanes(Some(l))?;
+            ctx.set_block_q(b)?;
             let plan = posattn::Attention::with_half_form(ctx, &spec, half);
             ctx.set_score_tile(ScoreTile::Rows)?;
             ctx.set_row_lanes(None)?;
+            ctx.set_block_q(None)?;
             // A form this adapter cannot run (`Unavailable`) is reported and left out of the
             // row; the others are still timed. Any other error is the caller's.
             match plan {
@@ -1407,7 +1462,7 @@ fn bench_dtypes(
         }
         let f32_ms = setups[0].as_ref().map(|s| pick(&s.2).as_secs_f64() * 1e3);
         print!("  {seq:>6}");
-        for (setup, &(name, _, _, _, lanes)) in setups.iter().zip(&forms) {
+        for (setup, &(name, _, _, _, lanes, block)) in setups.iter().zip(&forms) {
             let Some((_, _, t)) = setup else {
                 print!(" {:>18}", "-");
                 continue;
@@ -1418,7 +1473,8 @@ fn bench_dtypes(
                 None => print!(" {:>18}", format!("{ms:.2}")),
             }
             if name != "f32" {
-                out.push((seq, name, lanes, ms));
+                let block = block.unwrap_or_else(|| ctx.block_q(&base));
+                out.push((seq, name, lanes, block, ms));
             }
         }
         println!();
@@ -1438,10 +1494,10 @@ fn bench_dtypes(
 /// and 8 lanes; CPU adapters only 2, since on lavapipe 4 and 8 ran slower than 2 at head
 /// sizes 64 and 128 and each candidate costs a compile there (BENCHMARKS.md, "The lane-split
 /// form and more rows per invocation").
-fn tune_candidates(ctx: &Context, head_dim: u32) -> Vec<(u32, u32)> {
+fn tune_candidates(ctx: &Context, spec: &posattn::AttentionSpec) -> Vec<(u32, u32)> {
     let cpu = ctx.adapter_info().device_type == wgpu::DeviceType::Cpu;
     let subgroup_lanes = |l: u32| ctx.row_lane_reduce(l) != posattn::kernel::LaneReduce::Workgroup;
-    candidates_for(head_dim, cpu, ctx.block_q(), subgroup_lanes)
+    candidates_for(spec.head_dim, cpu, ctx.block_q(spec), subgroup_lanes)
 }
 
 /// [`tune_candidates`] given whether the adapter is a CPU, its query rows per workgroup
@@ -1524,7 +1580,7 @@ fn tune(
             let spec = prefill_bench_spec(n, d);
             let (q, k, v, o) = random_qkvo(&ctx, &spec, d as u64);
             let mut times = Vec::new();
-            for (r, l) in tune_candidates(&ctx, d) {
+            for (r, l) in tune_candidates(&ctx, &spec) {
                 ctx.set_rows_per_invocation(Some(r))?;
                 ctx.set_row_lanes(Some(l))?;
                 // A candidate must compute attention before its speed counts: a small causal
@@ -1742,6 +1798,7 @@ fn main() -> ExitCode {
             scores,
             head_dim,
             row_lanes,
+            block_q,
             fastest: _,
         } => {
             let _ = seq;
@@ -1749,6 +1806,13 @@ fn main() -> ExitCode {
                 eprintln!(
                     "error: invalid `--row-lanes`: expected it with prefill only (the decode \
                      kernel chooses its lanes per key), got it with --decode"
+                );
+                return ExitCode::from(2);
+            }
+            if !block_q.is_empty() {
+                eprintln!(
+                    "error: invalid `--block-q`: expected it with prefill only (the decode \
+                     kernel has no query blocks), got it with --decode"
                 );
                 return ExitCode::from(2);
             }
@@ -1808,6 +1872,7 @@ fn main() -> ExitCode {
             scores,
             head_dim,
             row_lanes,
+            block_q,
             ..
         } => match bench(
             backend,
@@ -1818,6 +1883,7 @@ fn main() -> ExitCode {
             json.as_deref(),
             scores,
             &row_lanes,
+            &block_q,
         ) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

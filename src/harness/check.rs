@@ -622,7 +622,8 @@ pub fn run_cases_isolated(
         .iter()
         .map(|c| {
             let half = c.half_form.unwrap_or(ctx.half_form());
-            match case_kernel(c, |d| ctx.rows_per_invocation(d), half).map(|k| ctx.fused_variant(k))
+            match case_kernel(c, |d| ctx.rows_per_invocation(d), half)
+                .map(|k| ctx.fused_variant(k, &c.spec))
             {
                 Ok(k) if isolate => match keys.iter().position(|x| *x == k) {
                     Some(i) => i,

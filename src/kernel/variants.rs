@@ -10,6 +10,13 @@ pub const BLOCK_Q: u32 = 64;
 /// Query rows per workgroup of the fused row form on CPU adapters
 /// ([`crate::Context::block_q`], [`KernelKey::with_block_q`]).
 pub const CPU_BLOCK_Q: u32 = 128;
+/// Query rows per workgroup of the fused row form on Vulkan CPU adapters for long rows: from
+/// [`CPU_LONG_KEYS`] visible keys per query row on average ([`crate::Context::block_q`]).
+pub const CPU_LONG_BLOCK_Q: u32 = 256;
+/// Mean visible keys per query row from which Vulkan CPU adapters take [`CPU_LONG_BLOCK_Q`].
+pub const CPU_LONG_KEYS: u64 = 1024;
+/// Query rows per workgroup a caller may ask for ([`crate::Context::set_block_q`]).
+pub const BLOCK_Q_CHOICES: &[u32] = &[64, 128, 256];
 /// Query rows per invocation the fused kernel can be built with.
 pub const ROWS_CHOICES: &[u32] = &[1, 2, 4, 8];
 
@@ -874,7 +881,8 @@ impl KernelKey {
     /// RoPE kernel at every head size with `subgroupAdd` over 8 lanes (lavapipe's fixed
     /// subgroup) or as few as the head size allows, butterflies over 4 lanes (any subgroup of
     /// 4 or more), and the half storage forms at head size 128, with and without read-ahead;
-    /// and the fused kernel's shared tile reads ([`KernelKey::with_tile_share`]).
+    /// and the fused kernel's shared tile reads ([`KernelKey::with_tile_share`]) in the CPU
+    /// adapters' query blocks of 128 and, at head sizes 64 and 128, 256 rows.
     pub fn subgroup_examples() -> Vec<KernelKey> {
         let mut keys = Vec::new();
         for &d in crate::spec::SUPPORTED_HEAD_DIMS {
@@ -928,6 +936,14 @@ impl KernelKey {
             fused.push(cpu(KernelKey::fused(64, 8, PosKind::Rope)
                 .with_storage(storage)
                 .with_lse()));
+        }
+        // lavapipe's block for long rows, on the RoPE kernel at head sizes 64 and 128.
+        for d in [64, 128] {
+            fused.push(
+                KernelKey::fused(d, multi_rows_for(d), PosKind::Rope)
+                    .with_block_q(CPU_LONG_BLOCK_Q)
+                    .with_tile_share(8),
+            );
         }
         for k in fused {
             if !keys.contains(&k) {
