@@ -603,6 +603,16 @@ fn attention_fused(
                     sp[r] = lane_sum4(sp[r]);
                 }
             }
+            // Table-driven biases (T5, KERPLE, Sandwich, FIRE) in log2 units, in a loop left
+            // rolled: the shared body is large (Sandwich's and FIRE's loops among them), and a
+            // copy per row and key made this the slowest variant to compile on llvmpipe (57 s on
+            // GL against 18-26 s for the other head-size-64 kernels).
+            var tb: array<vec4<f32>, ROWS>;
+            if (TABLE_BIAS) {
+                for (var r = 0u; r < ROWS; r++) {
+                    tb[r] = LOG2E * table_bias4(head, qpos[r], kpos);
+                }
+            }
             // Softmax weights of the four keys per row; alpha rescales the row's accumulator.
             var p: array<vec4<f32>, ROWS>;
             var alpha: array<f32, ROWS>;
@@ -635,7 +645,7 @@ fn attention_fused(
                     s += alibi_bias4(slope, m, kpos, sym);
                 }
                 if (TABLE_BIAS) {
-                    s += LOG2E * table_bias4(head, m, kpos);
+                    s += tb[r];
                 }
                 // A custom scheme's score_mod (identity in every other variant).
                 if (CUSTOM_SCORE) {
