@@ -17,7 +17,8 @@
 # the cooperative-matrix score tile); check_lanes.txt and .json (the quick matrix in the
 # lane-split form, 4 lanes per row on the card's subgroups); prefill.txt and .json (`posattn
 # bench` at head_dim 64 and 128 on a plain device: the row form, the matmul roof, the unfused
-# pipeline, every storage dtype, and f32 with 2, 4 and 8 lanes per row); tune.txt and .json
+# pipeline, every storage dtype, f32 with 2, 4 and 8 lanes per row, and f32 in 128- and
+# 256-row query blocks); tune.txt and .json
 # (`posattn tune`: every rows × lanes candidate at seq 2048, the A/B of the lane-split form);
 # prefill_tuned.txt and .json (the prefill tables again with the tuned variants);
 # prefill_coop.txt and .json (the same on a device opened with cooperative matrices,
@@ -124,7 +125,7 @@ step check-coop 60 "$out/check_coop.txt" "$posattn" check --backend "$WGPU_BACKE
 step check-lanes 60 "$out/check_lanes.txt" "$posattn" check --backend "$WGPU_BACKEND" --quick \
     --row-lanes 4 --json "$out/check_lanes.json"
 step prefill 150 "$out/prefill.txt" "$posattn" bench --backend "$WGPU_BACKEND" --seq "$seqs" \
-    --head-dim "$dims" --row-lanes 2,4,8 --json "$out/prefill.json"
+    --head-dim "$dims" --row-lanes 2,4,8 --block-q 128,256 --json "$out/prefill.json"
 # Every rows-per-invocation × lanes-per-row candidate, each checked against the reference
 # first; the tuned choice goes to the results folder, not the machine's cache.
 step tune 120 "$out/tune.txt" env POSATTN_TUNE_FILE="$out/tune.json" "$posattn" tune \

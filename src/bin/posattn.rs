@@ -1272,7 +1272,7 @@ fn bench(
                     "dtype": "f32",
                     "scores": "rows",
                     "row_lanes": ctx.row_lanes(head_dim),
-                    "block_q": ctx.block_q(&prefill_bench_spec(seq, head_dim)),
+                    "block_q": fused.kernel().block_q,
                     "fused_gflops": gf(f_ms),
                     "unfused_gflops": unfused_gflops,
                     "roof_gflops": roof_gflops,
@@ -1462,8 +1462,8 @@ fn bench_dtypes(
         }
         let f32_ms = setups[0].as_ref().map(|s| pick(&s.2).as_secs_f64() * 1e3);
         print!("  {seq:>6}");
-        for (setup, &(name, _, _, _, lanes, block)) in setups.iter().zip(&forms) {
-            let Some((_, _, t)) = setup else {
+        for (setup, &(name, ..)) in setups.iter().zip(&forms) {
+            let Some((plan, _, t)) = setup else {
                 print!(" {:>18}", "-");
                 continue;
             };
@@ -1473,8 +1473,9 @@ fn bench_dtypes(
                 None => print!(" {:>18}", format!("{ms:.2}")),
             }
             if name != "f32" {
-                let block = block.unwrap_or_else(|| ctx.block_q(&base));
-                out.push((seq, name, lanes, block, ms));
+                // The plan's own lanes and block: a form they do not fit keeps its default.
+                let key = plan.kernel();
+                out.push((seq, name, key.row_lanes(), key.block_q, ms));
             }
         }
         println!();
