@@ -720,8 +720,10 @@ impl KernelKey {
     }
 
     /// Every fused variant the crate builds by default (one row per invocation, and the
-    /// multi-row count for the head size, in 64-row query blocks and in the CPU adapters' 128:
-    /// [`CPU_BLOCK_Q`]).
+    /// multi-row count for the head size, in 64-row query blocks, and at head size 64 also in
+    /// the CPU adapters' 128: [`CPU_BLOCK_Q`]; the block only sizes the workgroup, and
+    /// lavapipe's forms with shared tile reads are in [`KernelKey::subgroup_examples`] at every
+    /// head size).
     pub fn all_fused() -> Vec<KernelKey> {
         let mut keys = Vec::new();
         // Listed once each: at the largest head sizes the two-branch row counts coincide.
@@ -734,7 +736,9 @@ impl KernelKey {
             for pos in PosKind::VARIANTS {
                 add(KernelKey::fused(d, 1, pos));
                 add(KernelKey::fused(d, multi_rows_for(d), pos));
-                add(KernelKey::fused(d, multi_rows_for(d), pos).with_block_q(CPU_BLOCK_Q));
+                if d == 64 {
+                    add(KernelKey::fused(d, multi_rows_for(d), pos).with_block_q(CPU_BLOCK_Q));
+                }
                 // Half storage in the packed forms every adapter runs (f16, bf16 and a mix),
                 // on the RoPE kernel at head size 64; native f16 is listed by
                 // `native_f16_examples` (it needs the SHADER_F16 capability).
@@ -764,7 +768,9 @@ impl KernelKey {
                     add(KernelKey::fused_two_branch(d, 1));
                     let two = KernelKey::fused_two_branch(d, two_branch_rows(multi_rows_for(d)));
                     add(two);
-                    add(two.with_block_q(CPU_BLOCK_Q));
+                    if d == 64 {
+                        add(two.with_block_q(CPU_BLOCK_Q));
+                    }
                 }
             }
         }
