@@ -1,6 +1,7 @@
 //! Custom schemes against the built-ins, on every adapter present:
 //!
-//! 1. ALiBi through the score hook against the built-in ALiBi (and T5 likewise), same shape,
+//! 1. ALiBi through the score hook against the built-in ALiBi (and T5 and KERPLE's log kernel
+//!    likewise; KERPLE's built-in runs in the variant the table-driven biases share), same shape,
 //!    same run, interleaved rounds so that drift on a shared machine hits both alike: causal,
 //!    batch 1, 8 heads, head_dim 64, n = 1024 (`POSATTN_CUSTOM_SEQ` changes it).
 //! 2. A block-sparse mask: a sliding window of 256 written as a `mask_mod`, with and without its
@@ -76,6 +77,11 @@ fn main() {
             PositionEncoding::T5(t) => t.clone(),
             _ => unreachable!(),
         };
+        let kerple = posattn::harness::check::kerple(posattn::KerpleForm::Log, 8);
+        let (kp, ka) = match &kerple {
+            PositionEncoding::Kerple(k) => (k.p.clone(), k.a.clone()),
+            _ => unreachable!(),
+        };
         let specs = [
             base.clone().with_position(alibi),
             base.clone().with_position(custom::alibi(8)),
@@ -84,19 +90,25 @@ fn main() {
             base.clone()
                 .with_scale(1.0)
                 .with_position(custom::t5(&t5_desc, 8)),
+            base.clone().with_position(kerple),
+            base.clone().with_position(custom::kerple_log(&kp, &ka)),
         ];
         let ms = interleaved(&ctx, &specs, 12, 3);
         let _ = writeln!(
             report,
             "Hook against built-in, causal, b1 h8 d64, n = {n} (median of 36 runs each, interleaved):\n\n\
              | scheme | built-in ms | hook ms | hook / built-in |\n|---|---|---|---|\n\
-             | ALiBi | {:.2} | {:.2} | {:.3} |\n| T5 | {:.2} | {:.2} | {:.3} |",
+             | ALiBi | {:.2} | {:.2} | {:.3} |\n| T5 | {:.2} | {:.2} | {:.3} |\n\
+             | KERPLE (log) | {:.2} | {:.2} | {:.3} |",
             ms[0],
             ms[1],
             ms[1] / ms[0],
             ms[2],
             ms[3],
-            ms[3] / ms[2]
+            ms[3] / ms[2],
+            ms[4],
+            ms[5],
+            ms[5] / ms[4]
         );
         let base = AttentionSpec::default().with_seq_len(n_win).with_heads(8);
         let rows = [

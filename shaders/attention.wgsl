@@ -82,7 +82,7 @@ var<workgroup> v_tile: array<vec4<f32>, BLOCK_K * HEAD_VEC>;
 // every declared workgroup array against its 16 KiB).
 
 const ROTATES: bool = POS_KIND == POS_ROPE || POS_KIND == POS_XPOS || CUSTOM_ROTATE;
-const TABLE_BIAS: bool = POS_KIND == POS_TABLE;
+const TABLE_BIAS: bool = POS_KIND == POS_TABLE || POS_KIND == POS_T5 || POS_KIND == POS_KERPLE;
 const KPOS: bool = POS_KIND == POS_ALIBI || TABLE_BIAS || TWO_BRANCH || CUSTOM_SCORE || CUSTOM_MASK;
 const K2: u32 = BLOCK_K * HEAD_VEC;
 

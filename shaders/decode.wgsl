@@ -66,7 +66,7 @@ const PREFETCH: bool = true;
 // Keys read ahead at a time.
 const AHEAD: u32 = 8u;
 const ROTATES: bool = POS_KIND == POS_ROPE || POS_KIND == POS_XPOS || CUSTOM_ROTATE;
-const TABLE_BIAS: bool = POS_KIND == POS_TABLE;
+const TABLE_BIAS: bool = POS_KIND == POS_TABLE || POS_KIND == POS_T5 || POS_KIND == POS_KERPLE;
 // Key rotation forms (KEY_ROT): none (no rotation, or keys stored rotated), pairs held by one
 // lane, or any layout with partners read from the cache.
 const KEY_ROT_NONE: u32 = 0u;
