@@ -1,7 +1,7 @@
 //! Custom schemes against the built-ins, on every adapter present:
 //!
 //! 1. ALiBi through the score hook against the built-in ALiBi (and T5 and KERPLE's log kernel
-//!    likewise; KERPLE's built-in runs in the variant the table-driven biases share), same shape,
+//!    likewise, each built-in in its own kernel variant), same shape,
 //!    same run, interleaved rounds so that drift on a shared machine hits both alike: causal,
 //!    batch 1, 8 heads, head_dim 64, n = 1024 (`POSATTN_CUSTOM_SEQ` changes it).
 //! 2. A block-sparse mask: a sliding window of 256 written as a `mask_mod`, with and without its
