@@ -575,6 +575,25 @@ fn round_to_bits(x: f64, bits: i32) -> f64 {
 mod tests {
     use super::*;
 
+    /// Every encoding runs in a variant the crate compiles, and the variant holds its body:
+    /// `table_bias` (shaders/position.wgsl) takes T5 and KERPLE from the variant's constant, so
+    /// either would get no bias at all in the Table variant.
+    #[test]
+    fn every_kind_runs_in_a_compiled_variant_that_holds_its_body() {
+        for k in PosKind::ALL {
+            assert!(
+                PosKind::VARIANTS.contains(&k.variant()),
+                "{k:?} runs in {:?}, which is not compiled",
+                k.variant()
+            );
+        }
+        assert_eq!(PosKind::T5.variant(), PosKind::T5);
+        assert_eq!(PosKind::KerpleLog.variant(), PosKind::Kerple);
+        assert_eq!(PosKind::KerplePower.variant(), PosKind::Kerple);
+        assert_eq!(PosKind::Sandwich.variant(), PosKind::Table);
+        assert_eq!(PosKind::Fire.variant(), PosKind::Table);
+    }
+
     #[test]
     fn params_fields_cover_the_struct() {
         let last = Params::FIELDS.last().unwrap();
