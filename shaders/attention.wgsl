@@ -297,11 +297,6 @@ fn alibi_bias4(slope: f32, m: i32, n: vec4<i32>, sym: bool) -> vec4<f32> {
                      alibi_bias(slope, m, n.z, sym), alibi_bias(slope, m, n.w, sym));
 }
 
-fn table_bias4(head: u32, m: i32, n: vec4<i32>) -> vec4<f32> {
-    return vec4<f32>(table_bias(head, m, n.x), table_bias(head, m, n.y),
-                     table_bias(head, m, n.z), table_bias(head, m, n.w));
-}
-
 @compute @workgroup_size(WG_SIZE)
 fn attention_fused(
     @builtin(workgroup_id) wg: vec3<u32>,

@@ -162,6 +162,39 @@ fn rope_rotate_branch(x: vec2<f32>, i: u32, pos: i32, add_phase: bool) -> vec2<f
 //   Sandwich: (Σ_k cos(Δ·ω_k) − d'/2) · H/(8h), from a table below bias_len, else summed here;
 //   FIRE: the MLP at ln(|cΔ| + 1) / (ln(|c·max(m, L)| + 1) + 1e-6).
 fn table_bias(h: u32, m: i32, n: i32) -> f32 {
+    if (POS_KIND == POS_TABLE && params.pos_kind == POS_FIRE) {
+        return fire_bias4(h, m, vec4<i32>(n)).x;
+    }
+    return distance_bias(h, m, n);
+}
+
+// table_bias for four keys of one query.
+fn table_bias4(h: u32, m: i32, n: vec4<i32>) -> vec4<f32> {
+    if (POS_KIND == POS_TABLE && params.pos_kind == POS_FIRE) {
+        return fire_bias4(h, m, n);
+    }
+    return vec4<f32>(distance_bias(h, m, n.x), distance_bias(h, m, n.y), distance_bias(h, m, n.z),
+                     distance_bias(h, m, n.w));
+}
+
+// FIRE for four keys of one query: each MLP weight is read once for the four (a software driver
+// reads a table at a per-lane address lane by lane, and the MLP reads 3 · width entries).
+fn fire_bias4(h: u32, m: i32, n: vec4<i32>) -> vec4<f32> {
+    let base = params.bias_offset * 4u;
+    let w = params.bias_len;
+    let c = params.bias_p0;
+    let x = log(abs(c * vec4<f32>(vec4<i32>(m) - n)) + 1.0)
+        / (log(abs(c * max(f32(m), params.bias_p1)) + 1.0) + 1e-6);
+    let w2 = base + 2u * w + h * w;
+    var acc = vec4<f32>(aux_f(base + 2u * w + params.num_heads * w + h));
+    for (var j = 0u; j < w; j++) {
+        acc += aux_f(w2 + j) * max(aux_f(base + j) * x + aux_f(base + w + j), vec4<f32>(0.0));
+    }
+    return acc;
+}
+
+// T5, KERPLE and Sandwich for one score (table_bias's cases besides FIRE).
+fn distance_bias(h: u32, m: i32, n: i32) -> f32 {
     let base = params.bias_offset * 4u;
     let kind = params.pos_kind;
     // T5 and KERPLE have variants of their own (POS_KIND, a constant), and the Table variant
@@ -198,18 +231,6 @@ fn table_bias(h: u32, m: i32, n: i32) -> f32 {
             s -= f32(pairs);
         }
         return s * aux_f(base + len + h);
-    }
-    if (kind == POS_FIRE) {
-        let w = params.bias_len;
-        let c = params.bias_p0;
-        let x = log(abs(c * f32(m - n)) + 1.0)
-            / (log(abs(c * max(f32(m), params.bias_p1)) + 1.0) + 1e-6);
-        let w2 = base + 2u * w + h * w;
-        var acc = aux_f(base + 2u * w + params.num_heads * w + h);
-        for (var j = 0u; j < w; j++) {
-            acc += aux_f(w2 + j) * max(aux_f(base + j) * x + aux_f(base + w + j), 0.0);
-        }
-        return acc;
     }
     return 0.0;
 }
