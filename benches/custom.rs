@@ -4,6 +4,7 @@
 //!    likewise, each built-in in its own kernel variant), same shape,
 //!    same run, interleaved rounds so that drift on a shared machine hits both alike: causal,
 //!    batch 1, 8 heads, head_dim 64, n = 1024 (`POSATTN_CUSTOM_SEQ` changes it).
+//!    Sandwich and FIRE have no hook twin here; their built-ins are timed against ALiBi's.
 //! 2. A block-sparse mask: a sliding window of 256 written as a `mask_mod`, with and without its
 //!    `tile_mask`, against the built-in window and full causal attention, on the window
 //!    benchmark's shape (n = 4096, `POSATTN_WINDOW_SEQ` changes it; no position encoding, since
@@ -109,6 +110,28 @@ fn main() {
             ms[4],
             ms[5],
             ms[5] / ms[4]
+        );
+        // Sandwich and FIRE (the variant they share), as multiples of ALiBi in the same rounds.
+        let rel = [
+            base.clone().with_position(PositionEncoding::Alibi(Alibi {
+                slopes: AlibiSlopes::Standard,
+                form: AlibiForm::Causal,
+            })),
+            base.clone()
+                .with_position(PositionEncoding::Sandwich(Default::default())),
+            base.clone().with_position(posattn::harness::check::fire(8)),
+        ];
+        let rm = interleaved(&ctx, &rel, 8, 3);
+        let _ = writeln!(
+            report,
+            "\nBuilt-in Sandwich and FIRE against ALiBi, same shape (median of 24 runs each, interleaved):\n\n\
+             | scheme | ms | time / ALiBi |\n|---|---|---|\n\
+             | ALiBi | {:.2} | 1.000 |\n| Sandwich | {:.2} | {:.3} |\n| FIRE | {:.2} | {:.3} |",
+            rm[0],
+            rm[1],
+            rm[1] / rm[0],
+            rm[2],
+            rm[2] / rm[0]
         );
         let base = AttentionSpec::default().with_seq_len(n_win).with_heads(8);
         let rows = [
