@@ -113,10 +113,7 @@ fn main() {
         );
         // Sandwich and FIRE (the variant they share), as multiples of ALiBi in the same rounds.
         let rel = [
-            base.clone().with_position(PositionEncoding::Alibi(Alibi {
-                slopes: AlibiSlopes::Standard,
-                form: AlibiForm::Causal,
-            })),
+            specs[0].clone(),
             base.clone()
                 .with_position(PositionEncoding::Sandwich(Default::default())),
             base.clone().with_position(posattn::harness::check::fire(8)),
