@@ -14,7 +14,8 @@
 # few minutes; PyTorch is skipped where it finds no CUDA device, and says so.
 #
 # OUT gets: info.txt (adapter, driver, commit); check_coop.txt and .json (the quick matrix with
-# the cooperative-matrix score tile); check_lanes.txt and .json (the quick matrix in the
+# the cooperative-matrix score tile); check_coop_pv.txt and .json (the same with P·V on the
+# cooperative matrices too); check_lanes.txt and .json (the quick matrix in the
 # lane-split form, 4 lanes per row on the card's subgroups); prefill.txt and .json (`posattn
 # bench` at head_dim 64 and 128 on a plain device: the row form, the matmul roof, the unfused
 # pipeline, every storage dtype, f32 with 2, 4 and 8 lanes per row, and f32 in 128- and
@@ -22,7 +23,8 @@
 # (`posattn tune`: every rows × lanes candidate at seq 2048, the A/B of the lane-split form);
 # prefill_tuned.txt and .json (the prefill tables again with the tuned variants);
 # prefill_coop.txt and .json (the same on a device opened with cooperative matrices,
-# with the coop rows in f32 and f16 storage); decode.txt and .json (`posattn bench --decode`);
+# with the coop rows in f32 and f16 storage, the score tile alone and with P·V on the
+# cooperative matrices too); decode.txt and .json (`posattn bench --decode`);
 # decode_unsplit.txt and .json (batch 1, one split: the split-KV speed-up); decode_rotated.txt
 # and .json (keys stored rotated: the per-key rotation's share); decode_sweep.txt (batch 1 at
 # 16, 64 and 256 splits); torch.txt (benches/torch_sdpa.py, prefill and decode); check.txt and
@@ -122,6 +124,8 @@ step info 30 "$out/info.txt" "$posattn" info
 # coop rows in f32 and f16 storage beside the row form.
 step check-coop 60 "$out/check_coop.txt" "$posattn" check --backend "$WGPU_BACKEND" --quick \
     --scores coop --json "$out/check_coop.json"
+step check-coop-pv 60 "$out/check_coop_pv.txt" "$posattn" check --backend "$WGPU_BACKEND" \
+    --quick --scores coop-pv --json "$out/check_coop_pv.json"
 step check-lanes 60 "$out/check_lanes.txt" "$posattn" check --backend "$WGPU_BACKEND" --quick \
     --row-lanes 4 --json "$out/check_lanes.json"
 step prefill 150 "$out/prefill.txt" "$posattn" bench --backend "$WGPU_BACKEND" --seq "$seqs" \
@@ -134,8 +138,8 @@ step tune 120 "$out/tune.txt" env POSATTN_TUNE_FILE="$out/tune.json" "$posattn" 
 step prefill-tuned 90 "$out/prefill_tuned.txt" env POSATTN_TUNE_FILE="$out/tune.json" \
     "$posattn" bench --backend "$WGPU_BACKEND" --seq "$seqs" --head-dim "$dims" \
     --json "$out/prefill_tuned.json"
-step prefill-coop 120 "$out/prefill_coop.txt" "$posattn" bench --backend "$WGPU_BACKEND" \
-    --seq "$seqs" --head-dim "$dims" --scores coop --json "$out/prefill_coop.json"
+step prefill-coop 150 "$out/prefill_coop.txt" "$posattn" bench --backend "$WGPU_BACKEND" \
+    --seq "$seqs" --head-dim "$dims" --scores coop-pv --json "$out/prefill_coop.json"
 step decode 120 "$out/decode.txt" "$posattn" bench --decode --backend "$WGPU_BACKEND" \
     --cache "$caches" --batch "$batches" --json "$out/decode.json"
 # Split-KV against one split at batch 1 (the split rule's choice is in decode.txt), f32 and f16.

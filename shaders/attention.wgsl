@@ -75,7 +75,9 @@ const LN2: f32 = 0.6931471805599453;
 // The score-tile forms (MMA != 0) stage Q and K through their own arrays (mma_put_q,
 // mma_put_k) and leave k_tile at one element (K_TILE_LEN).
 var<workgroup> k_tile: array<vec4<f32>, K_TILE_LEN>;
-var<workgroup> v_tile: array<vec4<f32>, BLOCK_K * HEAD_VEC>;
+// The P·V tile product forms (PV_MMA) stage V through their own array (mma_put_v) and leave
+// v_tile at one element (V_TILE_LEN).
+var<workgroup> v_tile: array<vec4<f32>, V_TILE_LEN>;
 // The workgroup-memory lane reduction (LANE_WG) keeps each invocation's four partial scores per
 // row in an array of its own, reached through lane_red_put and lane_red_get (generated per
 // variant, src/kernel/source.rs; other variants get stubs and no array, since WebGPU counts
@@ -85,6 +87,8 @@ const ROTATES: bool = POS_KIND == POS_ROPE || POS_KIND == POS_XPOS || CUSTOM_ROT
 const TABLE_BIAS: bool = POS_KIND == POS_TABLE || POS_KIND == POS_T5 || POS_KIND == POS_KERPLE;
 const KPOS: bool = POS_KIND == POS_ALIBI || TABLE_BIAS || TWO_BRANCH || CUSTOM_SCORE || CUSTOM_MASK;
 const K2: u32 = BLOCK_K * HEAD_VEC;
+// The P·V tile product forms' output slice, in vec4s per row.
+const PV_VEC: u32 = PV_CH / 4u;
 
 // The vector staging form, for every one-branch variant without a custom rotation: stage_rows
 // with each invocation taking whole vec4 chunks of channels. Chunk c of a row is read as one
@@ -330,6 +334,10 @@ fn attention_fused(
     let cap = params.softcap_log2;
     let has_bias = params.user_bias != 0u;
     let bias_base = batch * params.user_bias_stride_b + head * params.user_bias_stride_h;
+    // A NaN built at run time (a function variable is never a constant expression): the P·V
+    // tile product forms mark hidden keys' scores with it.
+    var qnan_bits = 0x7fc00000u;
+    let qnan = bitcast<f32>(qnan_bits);
 
     // Per row: its index, position, query (rotated, times scale · log2 e), accumulator, running
     // max and sum, and whether a NaN score was seen at a visible key (then the row is NaN, as in
@@ -419,7 +427,17 @@ fn attention_fused(
                     let v_base = ((batch * params.seq_k + key) * params.num_kv_heads + kv_head) * HEAD_VEC;
                     vv = load_v4(v_base + idx % HEAD_VEC);
                 }
-                v_tile[idx] = vv;
+                if (PV_MMA) {
+                    // Keys whose V is not finite in f16 (NaN, ±∞, or beyond f16's range):
+                    // a row that hides such a key forms this tile's P·V itself (below).
+                    mma_put_v(idx, vv);
+                    let big = !(abs(vv) <= vec4<f32>(65504.0));
+                    if (any(big)) {
+                        pv_flag_keys(1u << (idx / HEAD_VEC));
+                    }
+                } else {
+                    v_tile[idx] = vv;
+                }
             }
         }
         workgroupBarrier();
@@ -467,6 +485,10 @@ fn attention_fused(
             & !has_bias
             & (!CUSTOM_MASK | (tile_state == TILE_FULL));
 
+        // The P·V tile product forms: the tile's largest visible score and the keys hidden from
+        // this invocation's row (one row per invocation there), one bit each.
+        var m_tile = MASKED;
+        var hidden = 0u;
         for (var g = 0u; g < BLOCK_K; g += 4u) {
             let kb = g * HEAD_VEC;
             let key = vec4<u32>(key0 + g) + vec4<u32>(0u, 1u, 2u, 3u);
@@ -675,11 +697,31 @@ fn attention_fused(
                 all_vis = all_vis & all(v4);
                 row_nan[r] = row_nan[r] | any(v4 & vec4<bool>(is_nan_bits(s.x), is_nan_bits(s.y),
                                                                 is_nan_bits(s.z), is_nan_bits(s.w)));
-                let m_new = max(m_run[r], max(max(s.x, s.y), max(s.z, s.w)));
-                alpha[r] = exp2(m_run[r] - m_new);
-                p[r] = select(vec4<f32>(0.0), exp2(s - vec4<f32>(m_new)), v4);
-                l_run[r] = l_run[r] * alpha[r] + ((p[r].x + p[r].y) + (p[r].z + p[r].w));
-                m_run[r] = m_new;
+                if (PV_MMA) {
+                    // The final scores back into the score tile, a hidden key's as NaN (a
+                    // visible NaN score makes the row NaN anyway); the softmax waits for the
+                    // tile's maximum.
+                    let si = (r * SLOTS + slot) * BLOCK_K + g;
+                    let sv = select(vec4<f32>(qnan), s, v4);
+                    mma_set_score(si, sv.x);
+                    mma_set_score(si + 1u, sv.y);
+                    mma_set_score(si + 2u, sv.z);
+                    mma_set_score(si + 3u, sv.w);
+                    m_tile = max(m_tile, max(max(s.x, s.y), max(s.z, s.w)));
+                    // (WGSL requires parentheses where `|` and `<<` mix.)
+                    let hid4 = select(0u, 1u, !v4.x) | select(0u, 2u, !v4.y)
+                        | select(0u, 4u, !v4.z) | select(0u, 8u, !v4.w);
+                    hidden = hidden | (hid4 << g);
+                } else {
+                    let m_new = max(m_run[r], max(max(s.x, s.y), max(s.z, s.w)));
+                    alpha[r] = exp2(m_run[r] - m_new);
+                    p[r] = select(vec4<f32>(0.0), exp2(s - vec4<f32>(m_new)), v4);
+                    l_run[r] = l_run[r] * alpha[r] + ((p[r].x + p[r].y) + (p[r].z + p[r].w));
+                    m_run[r] = m_new;
+                }
+            }
+            if (PV_MMA) {
+                continue;
             }
             // Step: accumulate P·V. A masked key has p = 0, but 0 · NaN is NaN, so each row
             // takes the V of a key hidden from it as zero (`keep`; every key is kept when the
@@ -717,6 +759,59 @@ fn attention_fused(
                     a = fma(vec4<f32>(pr.y), select(z, v1, kr.y), a);
                     a = fma(vec4<f32>(pr.z), select(z, v2, kr.z), a);
                     acc[r * LVEC + c] = fma(vec4<f32>(pr.w), select(z, v3, kr.w), a);
+                }
+            }
+        }
+        if (PV_MMA) {
+            // The tile's softmax weights on one scale (the running maximum after the whole
+            // tile), rounded into the P tile, then P·V as a tile product, PV_CH output channels
+            // a round through o_part, each row adding its slice to its rescaled accumulator.
+            // A row that hides a key whose V is not finite (0 · ∞ would make it NaN) forms the
+            // tile's P·V itself instead, from the same rounded V, taking hidden keys' V as zero.
+            let si = slot * BLOCK_K;
+            let m_new = max(m_run[0], m_tile);
+            let a = exp2(m_run[0] - m_new);
+            var lsum = 0.0;
+            for (var k = 0u; k < BLOCK_K; k++) {
+                let sc = mma_score(si + k);
+                let pk = select(exp2(sc - m_new), 0.0, is_nan_bits(sc));
+                lsum += pk;
+                mma_put_p(si + k, pk);
+            }
+            l_run[0] = l_run[0] * a + lsum;
+            m_run[0] = m_new;
+            let own = (pv_flagged() & hidden) != 0u;
+            workgroupBarrier();
+            if (lid == 0u) {
+                pv_flags_clear();
+            }
+            // @unroll
+            for (var rd = 0u; rd < PV_ROUNDS; rd++) {
+                mma_pv(rd, sg_id, n_sg, lid);
+                workgroupBarrier();
+                if (!own) {
+                    // @unroll
+                    for (var c = 0u; c < PV_VEC; c++) {
+                        let ci = rd * PV_VEC + c;
+                        acc[ci] = fma(acc[ci], vec4<f32>(a), mma_opart4(slot * PV_VEC + c));
+                    }
+                }
+                workgroupBarrier();
+            }
+            if (own) {
+                // (PV_HVEC is HEAD_VEC in these forms, 0 elsewhere: no copies there.)
+                // @unroll
+                for (var c = 0u; c < PV_HVEC; c++) {
+                    acc[c] = acc[c] * a;
+                }
+                let z = vec4<f32>(0.0);
+                for (var k = 0u; k < BLOCK_K; k++) {
+                    let pk = vec4<f32>(mma_p(si + k));
+                    let keep = ((hidden >> k) & 1u) == 0u;
+                    // @unroll
+                    for (var c = 0u; c < PV_HVEC; c++) {
+                        acc[c] = fma(pk, select(z, mma_v4(k * HEAD_VEC + c), keep), acc[c]);
+                    }
                 }
             }
         }

@@ -563,7 +563,7 @@ impl Context {
         props: &[wgpu::CooperativeMatrixProperties],
     ) -> Option<ScoreTile> {
         self.coop = ScoreTile::coop_for(self.device.features(), props);
-        if self.score_tile.coop() && self.coop != Some(self.score_tile) {
+        if self.score_tile.coop() && self.coop != Some(self.score_tile.without_pv()) {
             self.score_tile = ScoreTile::Rows;
         }
         self.coop
@@ -575,12 +575,12 @@ impl Context {
     /// `score_tile`. The score-tile forms round Q and K to f16 for the product (f32
     /// accumulation): what tensor cores do, and a precision choice for f32 inputs.
     pub fn set_score_tile(&mut self, tile: ScoreTile) -> Result<()> {
-        if tile.coop() && self.coop != Some(tile) {
+        if tile.coop() && self.coop != Some(tile.without_pv()) {
             return Err(Error::unavailable(
                 "score_tile",
                 format!("{tile:?}"),
                 match self.coop {
-                    Some(c) => format!("{c:?} only"),
+                    Some(c) => format!("{c:?} or {:?} only", c.with_pv()),
                     None => "no cooperative matrices (not offered by the adapter, or the \
                              context was opened without ContextOptions::cooperative_matrix)"
                         .to_string(),

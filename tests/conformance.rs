@@ -531,6 +531,26 @@ fn conformance_vulkan_score_tile() {
     );
 }
 
+/// The score-tile kernel with P·V as a tile product too (the cooperative-matrix P·V forms'
+/// staging, softmax weights on one scale per key tile, the output formed a slice at a time
+/// through workgroup memory, and each row's own P·V where it hides a key whose V is not
+/// finite), both products emulated in plain WGSL: every conformance case in f32 and the
+/// half-storage cases, on lavapipe. Tolerance: `check`'s rule with the plain implementation
+/// also rounding the softmax weights and V to f16 (`reference::attention_half_pv`).
+#[test]
+fn conformance_vulkan_pv_tile() {
+    let mut cases = check::conformance_cases();
+    cases.extend(half_cases());
+    run_matrix_scores(
+        wgpu::Backends::VULKAN,
+        "vulkan",
+        None,
+        None,
+        ScoreTile::EmulatedPv,
+        cases,
+    );
+}
+
 #[test]
 fn conformance_metal() {
     conformance(wgpu::Backends::METAL, "metal");

@@ -525,13 +525,19 @@ fn score_tile_errors_are_typed() {
     use posattn::ScoreTile;
     let Some(mut ctx) = ctx() else { return };
     assert_eq!(ctx.coop_score_tile(), None);
-    for t in [ScoreTile::Coop16, ScoreTile::Coop8] {
+    for t in [
+        ScoreTile::Coop16,
+        ScoreTile::Coop8,
+        ScoreTile::Coop16Pv,
+        ScoreTile::Coop8Pv,
+    ] {
         match ctx.set_score_tile(t) {
             Err(Error::Unavailable { what, .. }) => assert_eq!(what, "score_tile"),
             other => panic!("{t:?}: {other:?}"),
         }
         assert_eq!(ctx.score_tile(), ScoreTile::Rows);
     }
+    ctx.set_score_tile(ScoreTile::EmulatedPv).unwrap();
     ctx.set_score_tile(ScoreTile::Emulated).unwrap();
     let rerope = AttentionSpec::default()
         .with_seq_len(8)

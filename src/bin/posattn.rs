@@ -29,6 +29,10 @@ enum Scores {
     /// The score tile on the adapter's cooperative matrices (opens the device with wgpu's
     /// experimental cooperative-matrix feature; unavailable elsewhere, and reported).
     Coop,
+    /// `tile` with P·V formed as a tile product too (f16 weights and V, f32 accumulation).
+    TilePv,
+    /// `coop` with P·V on the cooperative matrices too.
+    CoopPv,
 }
 
 /// Opens `adapter` for `scores` and sets the context's score tile: the cooperative-matrix form
@@ -38,12 +42,18 @@ fn open_for(
     scores: Scores,
     row_lanes: Option<u32>,
 ) -> posattn::Result<Context> {
-    let mut ctx = pollster::block_on(Context::open_async(adapter, scores == Scores::Coop))?;
+    let coop = matches!(scores, Scores::Coop | Scores::CoopPv);
+    let mut ctx = pollster::block_on(Context::open_async(adapter, coop))?;
     ctx.set_row_lanes(row_lanes)?;
     let tile = match scores {
         Scores::Rows => posattn::ScoreTile::Rows,
         Scores::Tile => posattn::ScoreTile::Emulated,
         Scores::Coop => ctx.coop_score_tile().unwrap_or(posattn::ScoreTile::Coop16),
+        Scores::TilePv => posattn::ScoreTile::EmulatedPv,
+        Scores::CoopPv => ctx
+            .coop_score_tile()
+            .unwrap_or(posattn::ScoreTile::Coop16)
+            .with_pv(),
     };
     ctx.set_score_tile(tile)?;
     Ok(ctx)
@@ -184,7 +194,8 @@ enum Command {
         json: Option<std::path::PathBuf>,
         /// Prefill: also time the fused kernel with its scores formed this way (f32 and f16
         /// storage), beside the row form; `coop` opens the device with cooperative matrices
-        /// and reports where the adapter has none.
+        /// and reports where the adapter has none; the P·V forms (`tile-pv`, `coop-pv`) are
+        /// timed beside their score-only forms.
         #[arg(long, value_enum, default_value_t = Scores::Rows)]
         scores: Scores,
         /// Prefill: also time the fused kernel (f32) with these lanes per query row (1, 2, 4 or
@@ -1364,12 +1375,21 @@ fn bench_dtypes(
             ),
         );
     }
-    // The score tile asked for, in f32 and the adapter's f16 storage.
-    if let Some(t) = tile {
+    // The score tile asked for, in f32 and the adapter's f16 storage; a P·V tile product
+    // form beside its score-product-only form, for the A/B.
+    let tiles: Vec<ScoreTile> = match tile {
+        Some(t) if t.pv() => vec![t.without_pv(), t],
+        Some(t) => vec![t],
+        None => Vec::new(),
+    };
+    for t in tiles {
         let half = ctx.half_form();
         let (f32_name, f16_name) = match t {
             ScoreTile::Emulated => ("f32 tile", "f16 tile"),
+            ScoreTile::EmulatedPv => ("f32 tilepv", "f16 tilepv"),
             ScoreTile::Coop8 => ("f32 coop8", "f16 coop8"),
+            ScoreTile::Coop8Pv => ("f32 coop8pv", "f16 coop8pv"),
+            ScoreTile::Coop16Pv => ("f32 coop16pv", "f16 coop16pv"),
             _ => ("f32 coop16", "f16 coop16"),
         };
         forms.push((f32_name, Dtype::F32, HalfForm::Packed, t, 1, None));

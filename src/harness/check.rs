@@ -497,7 +497,9 @@ pub async fn run_case_async(ctx: &Context, case: &Case) -> CaseResult {
             let r64 = reference::attention_with_bias::<f64>(&case.spec, &q, &k, &v, &pq, &pk, b);
             // A score tile rounds its product's operands to f16: the plain implementation
             // that bounds it does too.
-            let mut r32 = if ctx.score_tile().half_operands() {
+            let mut r32 = if ctx.score_tile().pv() {
+                reference::attention_half_pv::<f32>(&case.spec, &q, &k, &v, &pq, &pk, b)
+            } else if ctx.score_tile().half_operands() {
                 reference::attention_half_scores::<f32>(&case.spec, &q, &k, &v, &pq, &pk, b)
             } else {
                 reference::attention_with_bias::<f32>(&case.spec, &q, &k, &v, &pq, &pk, b)

@@ -371,7 +371,25 @@ pub fn attention_half_scores<T: Real>(
     pos_k: &[i32],
     bias: Option<&[f32]>,
 ) -> Vec<T> {
-    attention_impl(spec, q, k, v, pos_q, pos_k, bias, true).0
+    attention_impl(spec, q, k, v, pos_q, pos_k, bias, true, false).0
+}
+
+/// `attention_half_scores` with P·V's operands rounded to f16 too: each visible key's softmax
+/// weight relative to the row's maximum (exp(s − max), in (0, 1]) and its V row, accumulated
+/// in the working precision and divided by the sum of the unrounded weights. The plain
+/// implementation of what a kernel with f16 tile products for both Q·Kᵀ and P·V
+/// (`ScoreTile::*Pv`) computes, for that kernel's error bound.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_half_pv<T: Real>(
+    spec: &AttentionSpec,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    pos_q: &[i32],
+    pos_k: &[i32],
+    bias: Option<&[f32]>,
+) -> Vec<T> {
+    attention_impl(spec, q, k, v, pos_q, pos_k, bias, true, true).0
 }
 
 /// `attention_with_bias` and each row's log-sum-exp ([batch, num_heads, seq_q], natural log,
@@ -386,7 +404,7 @@ pub fn attention_lse<T: Real>(
     pos_k: &[i32],
     bias: Option<&[f32]>,
 ) -> (Vec<T>, Vec<T>) {
-    attention_impl(spec, q, k, v, pos_q, pos_k, bias, false)
+    attention_impl(spec, q, k, v, pos_q, pos_k, bias, false, false)
 }
 
 /// The smallest normal f16, 2⁻¹⁴.
@@ -402,6 +420,7 @@ fn attention_impl<T: Real>(
     pos_k: &[i32],
     bias: Option<&[f32]>,
     half_scores: bool,
+    half_pv: bool,
 ) -> (Vec<T>, Vec<T>) {
     // Rounded to f16 with subnormals flushed to zero, which SPIR-V's f16 conversions allow
     // (OpQuantizeToF16, the emulated tile's, does on lavapipe).
@@ -652,6 +671,25 @@ fn attention_impl<T: Real>(
                     }
                 }
                 lse[li] = max + sum.ln();
+                if half_pv {
+                    // The weights keep f16's subnormals: a kernel's weights are relative to
+                    // its running maximum, so which tiny ones a flush would drop differs.
+                    let round_p = |e: T| {
+                        T::from_f64(crate::dtype::Dtype::F16.round(e.to_f64() as f32) as f64)
+                    };
+                    for j in 0..sk {
+                        if !vis[j] {
+                            continue;
+                        }
+                        let p = round_p(scores[j]);
+                        let vj = half(row(v, b, j, sk, hkv, kvh));
+                        for c in 0..d {
+                            o[c] = o[c] + p * vj[c];
+                        }
+                    }
+                    o.iter_mut().for_each(|x| *x = *x / sum);
+                    continue;
+                }
                 for j in 0..sk {
                     if !vis[j] {
                         continue;

@@ -49,7 +49,7 @@ pub fn naga_capabilities(key: &KernelKey) -> naga::valid::Capabilities {
         caps |= Capabilities::SUBGROUP;
     }
     // The emulated score tile rounds with quantizeToF16 (an f16 conversion in f32 code).
-    if key.scores == super::variants::ScoreTile::Emulated {
+    if key.scores.half_operands() && !key.scores.coop() {
         caps |= Capabilities::SHADER_FLOAT16_IN_FLOAT32;
     }
     if key.scores.coop() {

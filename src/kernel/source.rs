@@ -171,10 +171,11 @@ pub(crate) fn compose(key: &KernelKey, hooks: Option<&str>) -> Result<String, Co
 /// memory and `mma_score` reads one score. The row form gets empty stubs and no arrays, so its
 /// workgroup memory stays within WebGPU's default limit.
 fn score_tile_wgsl(scores: ScoreTile) -> String {
-    match scores {
+    let qk = match scores.without_pv() {
         ScoreTile::Rows => "fn mma_put_q(i: u32, x: f32) {}\nfn mma_put_k(i: u32, x: f32) {}\n\
              fn mma_product(sg: u32, nsg: u32, lid: u32) {}\n\
-             fn mma_score(i: u32) -> f32 {\n    return 0.0;\n}\n"
+             fn mma_score(i: u32) -> f32 {\n    return 0.0;\n}\n\
+             fn mma_set_score(i: u32, x: f32) {}\n"
             .to_string(),
         // f32 arrays holding f16 values (quantizeToF16 needs no f16 type, only the f16-in-f32
         // conversions every WebGPU device has): the same operands as the cooperative-matrix
@@ -192,7 +193,8 @@ fn score_tile_wgsl(scores: ScoreTile) -> String {
                      for (var c = 0u; c < HEAD_DIM; c++) {\n            \
                          acc = fma(mq[qb + c], mk[kb + c], acc);\n        }\n        \
                      s_tile[e] = acc;\n    }\n}\n\
-             fn mma_score(i: u32) -> f32 {\n    return s_tile[i];\n}\n"
+             fn mma_score(i: u32) -> f32 {\n    return s_tile[i];\n}\n\
+             fn mma_set_score(i: u32, x: f32) {\n    s_tile[i] = x;\n}\n"
             .to_string(),
         // Each subgroup takes fragments sg, sg + nsg, ... of the tile: A is a row-major slice
         // of the Q tile, B = Kᵀ a column-major view of the row-major K tile, the accumulator
@@ -216,9 +218,83 @@ fn score_tile_wgsl(scores: ScoreTile) -> String {
                              let b = coopLoad<coop_mat{t}x{t}<f16, B>>(&mk[k0 * HEAD_DIM + c], HEAD_DIM);\n            \
                              acc = coopMultiplyAdd(a, b, acc);\n        }}\n        \
                          coopStoreT(acc, &s_tile[r0 * BLOCK_K + k0], BLOCK_K);\n    }}\n}}\n\
-                 fn mma_score(i: u32) -> f32 {{\n    return s_tile[i];\n}}\n"
+                 fn mma_score(i: u32) -> f32 {{\n    return s_tile[i];\n}}\n\
+                 fn mma_set_score(i: u32, x: f32) {{\n    s_tile[i] = x;\n}}\n"
             )
         }
+        _ => unreachable!("without_pv gives a score form"),
+    };
+    qk + &pv_tile_wgsl(scores)
+}
+
+/// The P·V tile product's functions (shaders/attention.wgsl calls them only where `PV_MMA`):
+/// `mma_put_p` and `mma_put_v` store one softmax weight and one vec4 of V (rounded to f16),
+/// `mma_p` and `mma_v4` read them back, `mma_pv(rd, ...)` forms the output channels
+/// `rd · PV_CH ..` of every row of the workgroup into `o_part` and `mma_opart4` reads four of
+/// them; `pv_flag_keys` marks keys whose V holds a value that is not finite in f16,
+/// `pv_flagged` reads the marks and `pv_flags_clear` clears them. Other forms get stubs.
+fn pv_tile_wgsl(scores: ScoreTile) -> String {
+    let common = "var<workgroup> o_part: array<f32, OP_LEN>;\n\
+         var<workgroup> v_nf: atomic<u32>;\n\
+         fn mma_v4(i: u32) -> vec4<f32> {\n    \
+             return vec4<f32>(f32(mv[4u * i]), f32(mv[4u * i + 1u]), f32(mv[4u * i + 2u]), f32(mv[4u * i + 3u]));\n}\n\
+         fn mma_opart4(i: u32) -> vec4<f32> {\n    \
+             return vec4<f32>(o_part[4u * i], o_part[4u * i + 1u], o_part[4u * i + 2u], o_part[4u * i + 3u]);\n}\n\
+         fn pv_flag_keys(bits: u32) {\n    atomicOr(&v_nf, bits);\n}\n\
+         fn pv_flagged() -> u32 {\n    return atomicLoad(&v_nf);\n}\n\
+         fn pv_flags_clear() {\n    atomicStore(&v_nf, 0u);\n}\n";
+    match scores {
+        // The P tile shares the score tile (each weight replaces its own score), which keeps
+        // the form within a CPU adapter's 32 KiB of workgroup memory at head size 64.
+        ScoreTile::EmulatedPv => format!(
+            "var<workgroup> mv: array<f32, MV_LEN>;\n{common}\
+             fn mma_put_p(i: u32, x: f32) {{\n    s_tile[i] = quantizeToF16(x);\n}}\n\
+             fn mma_p(i: u32) -> f32 {{\n    return s_tile[i];\n}}\n\
+             fn mma_put_v(i: u32, x: vec4<f32>) {{\n    \
+                 mv[4u * i] = quantizeToF16(x.x);\n    mv[4u * i + 1u] = quantizeToF16(x.y);\n    \
+                 mv[4u * i + 2u] = quantizeToF16(x.z);\n    mv[4u * i + 3u] = quantizeToF16(x.w);\n}}\n\
+             fn mma_pv(rd: u32, sg: u32, nsg: u32, lid: u32) {{\n    \
+                 for (var e = lid; e < BLOCK_Q * PV_CH; e += WG_SIZE) {{\n        \
+                     let pb = (e / PV_CH) * BLOCK_K;\n        \
+                     let c = rd * PV_CH + e % PV_CH;\n        \
+                     var acc = 0.0;\n        \
+                     for (var k = 0u; k < BLOCK_K; k++) {{\n            \
+                         acc = fma(s_tile[pb + k], mv[k * HEAD_DIM + c], acc);\n        }}\n        \
+                     o_part[e] = acc;\n    }}\n}}\n"
+        ),
+        // A is a row-major slice of the P tile, B a row-major slice of the V tile (keys ×
+        // channels), the accumulator stored row-major into the output slice.
+        ScoreTile::Coop8Pv | ScoreTile::Coop16Pv => {
+            let t = scores.fragment();
+            format!(
+                "var<workgroup> mp: array<f16, MP_LEN>;\n\
+                 var<workgroup> mv: array<f16, MV_LEN>;\n{common}\
+                 fn mma_put_p(i: u32, x: f32) {{\n    mp[i] = f16(x);\n}}\n\
+                 fn mma_p(i: u32) -> f32 {{\n    return f32(mp[i]);\n}}\n\
+                 fn mma_put_v(i: u32, x: vec4<f32>) {{\n    \
+                     mv[4u * i] = f16(x.x);\n    mv[4u * i + 1u] = f16(x.y);\n    \
+                     mv[4u * i + 2u] = f16(x.z);\n    mv[4u * i + 3u] = f16(x.w);\n}}\n\
+                 const MMA_FC: u32 = PV_CH / MMA_FRAG;\n\
+                 fn mma_pv(rd: u32, sg: u32, nsg: u32, lid: u32) {{\n    \
+                     for (var f = sg; f < MMA_FQ * MMA_FC; f += nsg) {{\n        \
+                         let r0 = (f / MMA_FC) * MMA_FRAG;\n        \
+                         let c0 = (f % MMA_FC) * MMA_FRAG;\n        \
+                         var acc = coop_mat{t}x{t}<f32, C>();\n        \
+                         for (var k = 0u; k < BLOCK_K; k += MMA_FRAG) {{\n            \
+                             let a = coopLoadT<coop_mat{t}x{t}<f16, A>>(&mp[r0 * BLOCK_K + k], BLOCK_K);\n            \
+                             let b = coopLoadT<coop_mat{t}x{t}<f16, B>>(&mv[k * HEAD_DIM + rd * PV_CH + c0], HEAD_DIM);\n            \
+                             acc = coopMultiplyAdd(a, b, acc);\n        }}\n        \
+                         coopStoreT(acc, &o_part[r0 * PV_CH + c0], PV_CH);\n    }}\n}}\n"
+            )
+        }
+        _ => "fn mma_put_p(i: u32, x: f32) {}\nfn mma_put_v(i: u32, x: vec4<f32>) {}\n\
+              fn mma_p(i: u32) -> f32 {\n    return 0.0;\n}\n\
+              fn mma_v4(i: u32) -> vec4<f32> {\n    return vec4<f32>(0.0);\n}\n\
+              fn mma_pv(rd: u32, sg: u32, nsg: u32, lid: u32) {}\n\
+              fn mma_opart4(i: u32) -> vec4<f32> {\n    return vec4<f32>(0.0);\n}\n\
+              fn pv_flag_keys(bits: u32) {}\nfn pv_flagged() -> u32 {\n    return 0u;\n}\n\
+              fn pv_flags_clear() {}\n"
+            .to_string(),
     }
 }
 

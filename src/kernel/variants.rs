@@ -130,6 +130,12 @@ pub fn workgroup_bytes(key: &KernelKey) -> u32 {
         let (q, k, _, s) = score_tile_lens(key);
         // V in f32; Q and K in f16 (coop) or f32 holding f16 values (emulated); the scores.
         let half = if key.scores.coop() { 2 } else { 4 };
+        if key.scores.pv() {
+            // V and P tiles as half operands, a PV_CH-channel slice of the output tile in f32,
+            // the non-finite-V flags.
+            let (p, v, o) = pv_tile_lens(key);
+            return (q + k + p + v) * half + (s + o) * 4 + 16 + 4;
+        }
         return key.block_k * key.head_dim * 4 + (q + k) * half + s * 4 + 16;
     }
     let tiles = if key.two_branch { 3 } else { 2 };
@@ -153,6 +159,38 @@ pub fn score_tile_lens(key: &KernelKey) -> (u32, u32, u32, u32) {
         1,
         key.block_q * key.block_k,
     )
+}
+
+/// Output channels one round of the P·V tile product forms (`PV_CH`): the output tile is
+/// formed a slice of this many channels at a time through workgroup memory, so that it never
+/// needs `BLOCK_Q × HEAD_DIM` floats of it (32 KiB at head size 128).
+pub const PV_CH: u32 = 32;
+
+/// Output channels per round of the P·V tile product of `scores` at `head_dim`: the largest of
+/// [`PV_CH`], 16, 8 and 4 that divides it; at most 8 in the emulated form, whose f32 operand
+/// tiles must leave room in a CPU adapter's 32 KiB (head size 64: 30 KiB in all).
+pub fn pv_ch_for(scores: ScoreTile, head_dim: u32) -> u32 {
+    let most = if scores.coop() { PV_CH } else { 8 };
+    [PV_CH, 16, 8, 4]
+        .into_iter()
+        .find(|c| *c <= most && head_dim.is_multiple_of(*c))
+        .unwrap_or(4)
+}
+
+/// Element counts of the P·V tile product forms' workgroup arrays: the P tile, the V tile and
+/// the output slice (no P tile in the emulated form, which keeps it in the score tile); 1 each
+/// in every other form.
+pub fn pv_tile_lens(key: &KernelKey) -> (u32, u32, u32) {
+    if !key.scores.pv() || key.stage != Stage::Fused {
+        return (1, 1, 1);
+    }
+    // The emulated form keeps its P tile in the score tile.
+    let p = if key.scores.coop() {
+        key.block_q * key.block_k
+    } else {
+        0
+    };
+    (p, key.block_k * key.head_dim, key.block_q * key.pv_ch())
 }
 
 /// Packed half storage listed among the default variants: all packed f16, all bf16, and a mix
@@ -291,6 +329,14 @@ pub enum ScoreTile {
     /// The same product on 16×16×16 cooperative matrices (f16 operands, f32 accumulator:
     /// NVIDIA's and AMD's Vulkan drivers).
     Coop16,
+    /// [`ScoreTile::Emulated`] with P·V formed the same way: each key tile's softmax weights
+    /// (rounded to f16) times its V tile (rounded to f16), f32 accumulation, in plain WGSL
+    /// loops. The checking path of [`ScoreTile::Coop8Pv`] and [`ScoreTile::Coop16Pv`].
+    EmulatedPv,
+    /// [`ScoreTile::Coop8`] with P·V on 8×8×8 cooperative matrices too.
+    Coop8Pv,
+    /// [`ScoreTile::Coop16`] with P·V on 16×16×16 cooperative matrices too.
+    Coop16Pv,
 }
 
 impl ScoreTile {
@@ -301,25 +347,56 @@ impl ScoreTile {
 
     /// Whether the module uses cooperative matrices.
     pub fn coop(self) -> bool {
-        matches!(self, ScoreTile::Coop8 | ScoreTile::Coop16)
+        matches!(
+            self,
+            ScoreTile::Coop8 | ScoreTile::Coop16 | ScoreTile::Coop8Pv | ScoreTile::Coop16Pv
+        )
+    }
+
+    /// Whether P·V is formed as a tile product too (the `*Pv` forms): the WGSL constant
+    /// `PV_MMA`.
+    pub fn pv(self) -> bool {
+        matches!(
+            self,
+            ScoreTile::EmulatedPv | ScoreTile::Coop8Pv | ScoreTile::Coop16Pv
+        )
+    }
+
+    /// This form with P·V formed as a tile product too (`Rows` stays `Rows`).
+    pub fn with_pv(self) -> ScoreTile {
+        match self {
+            ScoreTile::Emulated => ScoreTile::EmulatedPv,
+            ScoreTile::Coop8 => ScoreTile::Coop8Pv,
+            ScoreTile::Coop16 => ScoreTile::Coop16Pv,
+            other => other,
+        }
+    }
+
+    /// This form with only the score product as a tile product.
+    pub fn without_pv(self) -> ScoreTile {
+        match self {
+            ScoreTile::EmulatedPv => ScoreTile::Emulated,
+            ScoreTile::Coop8Pv => ScoreTile::Coop8,
+            ScoreTile::Coop16Pv => ScoreTile::Coop16,
+            other => other,
+        }
     }
 
     /// The fragment size (the tile product's granularity): 8 or 16, 4 for the emulated form.
     pub fn fragment(self) -> u32 {
-        match self {
-            ScoreTile::Rows | ScoreTile::Emulated => 4,
+        match self.without_pv() {
             ScoreTile::Coop8 => 8,
             ScoreTile::Coop16 => 16,
+            _ => 4,
         }
     }
 
     /// The WGSL constant `MMA`: 0 rows, 1 emulated, else the fragment size.
     fn code(self) -> u32 {
-        match self {
+        match self.without_pv() {
             ScoreTile::Rows => 0,
             ScoreTile::Emulated => 1,
-            ScoreTile::Coop8 => 8,
-            ScoreTile::Coop16 => 16,
+            t => t.fragment(),
         }
     }
 
@@ -329,6 +406,9 @@ impl ScoreTile {
             ScoreTile::Emulated => "_tile",
             ScoreTile::Coop8 => "_cm8",
             ScoreTile::Coop16 => "_cm16",
+            ScoreTile::EmulatedPv => "_tilepv",
+            ScoreTile::Coop8Pv => "_cm8pv",
+            ScoreTile::Coop16Pv => "_cm16pv",
         }
     }
 
@@ -751,9 +831,13 @@ impl KernelKey {
                     }
                 }
                 // The emulated score tile (the cooperative-matrix kernel's arithmetic in plain
-                // WGSL) for every encoding kind at head size 64.
+                // WGSL) for every encoding kind at head size 64, with P·V as a tile product
+                // too, and that form at every head size for RoPE (their P·V rounds differ).
                 if d == 64 {
                     add(KernelKey::fused(d, 1, pos).with_scores(ScoreTile::Emulated));
+                    add(KernelKey::fused(d, 1, pos).with_scores(ScoreTile::EmulatedPv));
+                } else if pos == PosKind::Rope {
+                    add(KernelKey::fused(d, 1, pos).with_scores(ScoreTile::EmulatedPv));
                 }
                 // The lane-split form in its portable reduction (workgroup memory): every
                 // encoding kind at head size 64 and the RoPE kernel at every head size, 4 lanes
@@ -988,10 +1072,16 @@ impl KernelKey {
     /// The cooperative-matrix score-tile variants (the device needs
     /// `EXPERIMENTAL_COOPERATIVE_MATRIX`, `SHADER_F16` and `SUBGROUP`): both fragment sizes for
     /// every encoding kind at head size 64 and the RoPE kernel at every head size, one row per
-    /// invocation (a GPU's), plus native f16 storage and the log-sum-exp output.
+    /// invocation (a GPU's), plus native f16 storage and the log-sum-exp output; each with the score
+    /// product only and with P·V as a tile product too.
     pub fn coop_examples() -> Vec<KernelKey> {
         let mut keys = Vec::new();
-        for tile in [ScoreTile::Coop16, ScoreTile::Coop8] {
+        for tile in [
+            ScoreTile::Coop16,
+            ScoreTile::Coop8,
+            ScoreTile::Coop16Pv,
+            ScoreTile::Coop8Pv,
+        ] {
             for pos in PosKind::VARIANTS {
                 keys.push(KernelKey::fused(64, 1, pos).with_scores(tile));
             }
@@ -1135,6 +1225,7 @@ impl KernelKey {
     /// The variant's constants, prepended to the family source.
     pub fn wgsl_header(&self) -> String {
         let lens = score_tile_lens(self);
+        let pv = pv_tile_lens(self);
         format!(
             "// variant {}\nconst HEAD_DIM: u32 = {}u;\nconst BLOCK_Q: u32 = {}u;\n\
              const BLOCK_K: u32 = {}u;\nconst ROWS: u32 = {}u;\nconst POS_KIND: u32 = {}u;\n\
@@ -1142,7 +1233,10 @@ impl KernelKey {
              const UNITS: u32 = {}u;\nconst LANE_REDUCE: u32 = {}u;\nconst KEY_ROT: u32 = {}u;\n\
              const READ_AHEAD: bool = {};\nconst MMA: u32 = {}u;\nconst MMA_FRAG: u32 = {}u;\n\
              const MQ_LEN: u32 = {}u;\nconst MK_LEN: u32 = {}u;\nconst K_TILE_LEN: u32 = {}u;\n\
-             const S_LEN: u32 = {}u;\nconst RED_LEN: u32 = {}u;\nconst TILE_SHARE: u32 = {}u;\n",
+             const S_LEN: u32 = {}u;\nconst RED_LEN: u32 = {}u;\nconst TILE_SHARE: u32 = {}u;\n\
+             const PV_MMA: bool = {};\nconst PV_CH: u32 = {}u;\nconst PV_ROUNDS: u32 = {}u;\n\
+             const MP_LEN: u32 = {}u;\nconst MV_LEN: u32 = {}u;\nconst OP_LEN: u32 = {}u;\n\
+             const V_TILE_LEN: u32 = {}u;\n",
             self.name(),
             self.head_dim,
             self.block_q.max(1),
@@ -1163,13 +1257,42 @@ impl KernelKey {
             lens.2,
             lens.3,
             lane_red_len(self),
-            self.tile_share
+            self.tile_share,
+            self.scores.pv(),
+            self.pv_ch(),
+            self.pv_rounds(),
+            pv.0,
+            pv.1,
+            pv.2,
+            if self.scores.pv() {
+                1
+            } else {
+                self.block_k.max(1) * self.head_dim / 4
+            }
         )
     }
 
+    /// Output channels per round of the P·V tile product: the largest of [`PV_CH`], 16, 8 and
+    /// 4 that divides the head size.
+    pub fn pv_ch(&self) -> u32 {
+        pv_ch_for(self.scores, self.head_dim)
+    }
+
+    /// Rounds of the P·V tile product (0 in the other forms, which have none).
+    pub fn pv_rounds(&self) -> u32 {
+        if self.scores.pv() {
+            self.head_dim / self.pv_ch()
+        } else {
+            0
+        }
+    }
+
     /// Bounds the composer may unroll loops over.
-    pub(crate) fn unroll_bounds(&self) -> [(&'static str, u32); 10] {
+    pub(crate) fn unroll_bounds(&self) -> [(&'static str, u32); 13] {
         [
+            ("PV_ROUNDS", self.pv_rounds()),
+            ("PV_VEC", self.pv_ch() / 4),
+            ("PV_HVEC", self.pv_rounds() * self.pv_ch() / 4),
             ("HEAD_VEC", self.head_dim / 4),
             ("LVEC", self.head_dim / 4 / self.row_lanes()),
             ("BLOCK_K", self.block_k.max(1)),
@@ -1427,5 +1550,44 @@ mod score_tile_tests {
         );
         // The row form is unchanged: WebGPU's default 16 KiB at head size 64.
         assert_eq!(workgroup_bytes(&rows), WORKGROUP_BYTES);
+    }
+
+    #[test]
+    fn pv_tile_forms_fit_their_devices_and_divide_the_head() {
+        let rows = KernelKey::fused(64, 8, PosKind::Rope);
+        for t in [ScoreTile::Emulated, ScoreTile::Coop8, ScoreTile::Coop16] {
+            let pv = t.with_pv();
+            assert!(pv.pv() && !t.pv());
+            assert_eq!(pv.without_pv(), t);
+            assert_eq!((pv.coop(), pv.fragment()), (t.coop(), t.fragment()));
+            let k = rows.with_scores(pv);
+            assert_ne!(k.name(), rows.with_scores(t).name());
+            // Whole rounds, each a whole number of fragments.
+            for &d in crate::spec::SUPPORTED_HEAD_DIMS {
+                let k = KernelKey::fused(d, 1, PosKind::Rope).with_scores(pv);
+                assert_eq!(k.pv_rounds() * k.pv_ch(), d, "{pv:?} d{d}");
+                if pv.coop() && d.is_multiple_of(t.fragment()) {
+                    assert!(k.pv_ch().is_multiple_of(t.fragment()), "{pv:?} d{d}");
+                }
+            }
+            assert_eq!(rows.with_scores(t).pv_rounds(), 0);
+        }
+        assert_eq!(ScoreTile::Rows.with_pv(), ScoreTile::Rows);
+        // The emulated form within a CPU adapter's 32 KiB at head size 64: Q, K, V tiles and
+        // scores in f32, an 8-channel output slice; the coop form within 48 KiB at 128.
+        let emu = KernelKey::fused(64, 1, PosKind::Rope).with_scores(ScoreTile::EmulatedPv);
+        assert_eq!(emu.pv_ch(), 8);
+        assert_eq!(
+            workgroup_bytes(&emu),
+            (64 * 64 + 16 * 64 + 16 * 64) * 4 + (64 * 16 + 64 * 8) * 4 + 20
+        );
+        assert!(workgroup_bytes(&emu) <= 32768);
+        let coop = KernelKey::fused(128, 1, PosKind::Rope).with_scores(ScoreTile::Coop16Pv);
+        assert_eq!(coop.pv_ch(), PV_CH);
+        assert!(
+            workgroup_bytes(&coop) <= 49152,
+            "{}",
+            workgroup_bytes(&coop)
+        );
     }
 }
