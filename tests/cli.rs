@@ -399,6 +399,13 @@ fn bench_and_check_reject_bad_sizes_before_opening_an_adapter() {
         "{text}"
     );
     assert!(!text.contains("adapters found"), "{text}");
+    let (code, text) = posattn(&["check", "--quick", "--threads", "0"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(
+        text.contains("invalid `--threads`") && text.contains("got 0"),
+        "{text}"
+    );
+    assert!(!text.contains("adapters found"), "{text}");
 }
 
 #[test]

@@ -111,11 +111,12 @@ fn run_matrix_form(
         // A device per kernel variant on llvmpipe (`check::isolates_kernels`), as `posattn check`.
         let info = ctx.adapter_info().clone();
         let reopen = || open(&check::reopen_adapter(&info)?);
-        let run = check::run_cases_isolated(&ctx, &cases, reopen, |r| {
-            if verbose {
-                println!("  {:<44} {:?} {:.2?}", r.name, r.status, r.time);
-            }
-        });
+        let run =
+            check::run_cases_isolated(&ctx, &cases, check::default_check_threads(), reopen, |r| {
+                if verbose {
+                    println!("  {:<44} {:?} {:.2?}", r.name, r.status, r.time);
+                }
+            });
         let results = run.results;
         let (mut pass, mut fail, mut unsup) = (0, 0, 0);
         let mut worst: f64 = 0.0;
@@ -595,6 +596,7 @@ fn isolated_runs_keep_the_case_order_and_open_a_device_per_kernel() {
     let run = check::run_cases_isolated(
         &ctx,
         &cases,
+        2,
         || Context::from_adapter(&check::reopen_adapter(&info)?),
         |r| ran.push(r.name.clone()),
     );
@@ -608,8 +610,23 @@ fn isolated_runs_keep_the_case_order_and_open_a_device_per_kernel() {
     assert!(run.uncaptured.is_empty(), "{:?}", run.uncaptured);
     if isolated {
         assert_eq!(run.devices, 2, "a device per variant on {}", ctx.describe());
+        // Grouped by variant: the RoPE cases in their order on the first device, the ALiBi
+        // case on its own (possibly at the same time, on a second thread).
+        let at = |n: &String| ran.iter().position(|x| x == n).expect("reported");
+        assert_eq!(ran.len(), 3, "{ran:?}");
+        assert!(at(&given[0]) < at(&given[2]), "{ran:?}");
+        // One thread runs the groups one after another, RoPE first.
+        let mut serial = Vec::new();
+        let run = check::run_cases_isolated(
+            &ctx,
+            &cases,
+            1,
+            || Context::from_adapter(&check::reopen_adapter(&info)?),
+            |r| serial.push(r.name.clone()),
+        );
+        assert_eq!(run.devices, 2);
         assert_eq!(
-            ran,
+            serial,
             [given[0].clone(), given[2].clone(), given[1].clone()],
             "grouped by variant"
         );
@@ -622,6 +639,7 @@ fn isolated_runs_keep_the_case_order_and_open_a_device_per_kernel() {
         let run = check::run_cases_isolated(
             &ctx,
             &cases,
+            2,
             || Err(posattn::Error::NoAdapter("gone".into())),
             |_| {},
         );

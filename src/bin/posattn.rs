@@ -124,6 +124,11 @@ enum Command {
         /// score-tile forms keep one lane.
         #[arg(long)]
         row_lanes: Option<u32>,
+        /// Kernel variants run at once on a CPU adapter (llvmpipe compiles each on one core,
+        /// at its first dispatch, on a device of its own): at least 1; default the machine's
+        /// available parallelism, at most 4. GPUs run every case on one device.
+        #[arg(long)]
+        threads: Option<usize>,
     },
     /// One attention on tensors from .npy files ([batch, seq, heads, head_dim]; f32, f16 or f64,
     /// computed in f32), described by a JSON spec; writes the output as .npy.
@@ -369,7 +374,13 @@ fn check(
     json: Option<std::path::PathBuf>,
     scores: Scores,
     row_lanes: Option<u32>,
+    threads: Option<usize>,
 ) -> ExitCode {
+    if threads == Some(0) {
+        eprintln!("error: invalid `--threads`: expected at least 1, got 0");
+        return ExitCode::from(2);
+    }
+    let threads = threads.unwrap_or_else(check::default_check_threads);
     // Without --full or --dtype, the half dtypes run on the covering subset only.
     let every_dtype = full || dtype.is_some();
     let covered = move |c: &check::Case| {
@@ -508,7 +519,7 @@ fn check(
         // (`check::isolates_kernels`): there, every compile slows the next ones on a device.
         let info = ctx.adapter_info().clone();
         let reopen = || open_for(&check::reopen_adapter(&info)?, scores, row_lanes);
-        let run = check::run_cases_isolated(&ctx, &cases, reopen, |r| {
+        let run = check::run_cases_isolated(&ctx, &cases, threads, reopen, |r| {
             bar.inc(1);
             bar.set_message(r.name.clone());
             if verbose || !matches!(r.status, Status::Pass) {
@@ -553,12 +564,26 @@ fn check(
             .map(|(_, r)| r.time.as_secs_f64())
             .sum();
         let first_more = (first - compile).max(0.0);
-        println!(
-            "  {total:.1} s: {compile:.1} s creating {kernels} pipelines, {first_more:.1} s more in \
-             the first case of each kernel (where a driver that compiles at the first dispatch, \
-             as llvmpipe does, compiles), {:.1} s in the other cases and the references",
-            (total - compile - first_more).max(0.0)
-        );
+        // Several devices at once (`run.threads`): the parts are thread time, summed.
+        if run.threads > 1 {
+            let cases_time: f64 = results.iter().map(|r| r.time.as_secs_f64()).sum();
+            println!(
+                "  {total:.1} s on {} threads, whose time went to: {compile:.1} s creating \
+                 {kernels} pipelines, {first_more:.1} s more in the first case of each kernel \
+                 (where a driver that compiles at the first dispatch, as llvmpipe does, \
+                 compiles), {:.1} s in the other cases (the references not counted)",
+                run.threads,
+                (cases_time - first).max(0.0)
+            );
+        } else {
+            println!(
+                "  {total:.1} s: {compile:.1} s creating {kernels} pipelines, {first_more:.1} s \
+                 more in the first case of each kernel (where a driver that compiles at the \
+                 first dispatch, as llvmpipe does, compiles), {:.1} s in the other cases and \
+                 the references",
+                (total - compile - first_more).max(0.0)
+            );
+        }
         let uncaptured = run.uncaptured;
         for e in &uncaptured {
             println!("  uncaptured wgpu error: {e}");
@@ -1773,8 +1798,9 @@ fn main() -> ExitCode {
             json,
             scores,
             row_lanes,
+            threads,
         } => check(
-            backend, adapter, quick, full, filter, dtype, verbose, json, scores, row_lanes,
+            backend, adapter, quick, full, filter, dtype, verbose, json, scores, row_lanes, threads,
         ),
         Command::Info { backend } => info(backend),
         Command::Tune {

@@ -601,6 +601,8 @@ pub struct IsolatedRun {
     pub uncaptured: Vec<String>,
     /// Devices the run used.
     pub devices: usize,
+    /// Threads the groups ran on (1: one after another).
+    pub threads: usize,
 }
 
 /// Runs `cases` grouped by the fused kernel variant each compiles (first appearance order, stable
@@ -608,15 +610,22 @@ pub struct IsolatedRun {
 /// first runs on a context from `reopen` (set up as `ctx` is: rows per invocation, f16 form, score
 /// tile), which is dropped after its group; `ctx` runs the first group and every case whose plan
 /// is rejected (those compile nothing). Elsewhere every case runs on `ctx`. A group whose context
-/// cannot be opened fails each of its cases with that error. `progress` is called in the order
-/// the cases run.
+/// cannot be opened fails each of its cases with that error.
+///
+/// The isolated groups run on up to `threads` threads at once (at least 1;
+/// [`default_check_threads`] is the machine's): llvmpipe compiles a kernel on one core at its
+/// first dispatch, so on a machine with two cores a cold run compiles two variants at a time. `progress` is called as each case ends: in case order within a group,
+/// with the groups interleaved.
 #[cfg(not(target_arch = "wasm32"))]
 pub fn run_cases_isolated(
     ctx: &Context,
     cases: &[Case],
-    mut reopen: impl FnMut() -> Result<Context>,
-    mut progress: impl FnMut(&CaseResult),
+    threads: usize,
+    reopen: impl Fn() -> Result<Context> + Sync,
+    progress: impl FnMut(&CaseResult) + Send,
 ) -> IsolatedRun {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     let isolate = isolates_kernels(ctx.adapter_info());
     // Group index per case: 0 for the first group and the rejected plans.
     let mut keys: Vec<KernelKey> = Vec::new();
@@ -639,30 +648,27 @@ pub fn run_cases_isolated(
         })
         .collect();
     let groups = keys.len().max(1);
-    let mut results: Vec<Option<CaseResult>> = vec![None; cases.len()];
-    let mut run = IsolatedRun {
+    let results: Mutex<Vec<Option<CaseResult>>> = Mutex::new(vec![None; cases.len()]);
+    let run = Mutex::new(IsolatedRun {
         results: Vec::new(),
         kernels: 0,
         compile: Duration::ZERO,
         uncaptured: Vec::new(),
         devices: 0,
-    };
-    let account = |c: &Context, run: &mut IsolatedRun| {
+        threads: 1,
+    });
+    let progress = Mutex::new(progress);
+    let account = |c: &Context| {
         let (k, t) = c.compile_stats();
+        let mut run = run.lock().expect("run record");
         run.kernels += k;
         run.compile += t;
         run.uncaptured.extend(c.take_uncaptured_errors());
         run.devices += 1;
     };
-    for g in 0..groups {
-        let members = (0..cases.len()).filter(|&i| group[i] == g);
-        let own = if g == 0 { None } else { Some(reopen()) };
-        let on: std::result::Result<&Context, String> = match &own {
-            None => Ok(ctx),
-            Some(Ok(c)) => Ok(c),
-            Some(Err(e)) => Err(format!("could not open a device for this kernel: {e}")),
-        };
-        for i in members {
+    // Runs group `g` on `on` (or fails its cases with why it has no context).
+    let run_group = |g: usize, on: std::result::Result<&Context, String>| {
+        for i in (0..cases.len()).filter(|&i| group[i] == g) {
             let r = match on {
                 Ok(c) => run_case(c, &cases[i]),
                 Err(ref why) => CaseResult {
@@ -674,19 +680,59 @@ pub fn run_cases_isolated(
                     time: Duration::ZERO,
                 },
             };
-            progress(&r);
-            results[i] = Some(r);
+            (progress.lock().expect("progress"))(&r);
+            results.lock().expect("results")[i] = Some(r);
         }
-        if let Some(Ok(c)) = &own {
-            account(c, &mut run);
+    };
+    // Groups 1.. on their own contexts, taken in order by whichever thread is free.
+    let next = AtomicUsize::new(1);
+    let worker = || {
+        loop {
+            let g = next.fetch_add(1, Ordering::Relaxed);
+            if g >= groups {
+                break;
+            }
+            match reopen() {
+                Ok(c) => {
+                    run_group(g, Ok(&c));
+                    account(&c);
+                }
+                Err(e) => run_group(
+                    g,
+                    Err(format!("could not open a device for this kernel: {e}")),
+                ),
+            }
         }
-    }
-    account(ctx, &mut run);
+    };
+    let threads = threads.clamp(1, groups);
+    std::thread::scope(|s| {
+        for _ in 1..threads {
+            s.spawn(worker);
+        }
+        run_group(0, Ok(ctx));
+        worker();
+    });
+    account(ctx);
+    let mut run = run.into_inner().expect("run record");
+    run.threads = threads;
     run.results = results
+        .into_inner()
+        .expect("results")
         .into_iter()
         .map(|r| r.expect("every case ran"))
         .collect();
     run
+}
+
+/// Threads for [`run_cases_isolated`] unless told otherwise: the machine's available
+/// parallelism, at most 4 (each llvmpipe compile holds its own LLVM context, some hundreds of
+/// MiB for the largest kernels).
+#[cfg(not(target_arch = "wasm32"))]
+pub fn default_check_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(4)
 }
 
 fn rope() -> PositionEncoding {
