@@ -192,9 +192,9 @@ fn score_tile_wgsl(scores: ScoreTile) -> String {
                      var acc = 0.0;\n        \
                      for (var c = 0u; c < HEAD_DIM; c++) {\n            \
                          acc = fma(mq[qb + c], mk[kb + c], acc);\n        }\n        \
-                     s_tile[e] = acc;\n    }\n}\n\
-             fn mma_score(i: u32) -> f32 {\n    return s_tile[i];\n}\n\
-             fn mma_set_score(i: u32, x: f32) {\n    s_tile[i] = x;\n}\n"
+                     s_tile[(e / BLOCK_K) * S_STRIDE + e % BLOCK_K] = acc;\n    }\n}\n\
+             fn mma_score(i: u32) -> f32 {\n    return s_tile[(i / BLOCK_K) * S_STRIDE + i % BLOCK_K];\n}\n\
+             fn mma_set_score(i: u32, x: f32) {\n    s_tile[(i / BLOCK_K) * S_STRIDE + i % BLOCK_K] = x;\n}\n"
             .to_string(),
         // Each subgroup takes fragments sg, sg + nsg, ... of the tile: A is a row-major slice
         // of the Q tile, B = Kᵀ a column-major view of the row-major K tile, the accumulator
@@ -217,9 +217,9 @@ fn score_tile_wgsl(scores: ScoreTile) -> String {
                              let a = coopLoadT<coop_mat{t}x{t}<f16, A>>(&mq[r0 * HEAD_DIM + c], HEAD_DIM);\n            \
                              let b = coopLoad<coop_mat{t}x{t}<f16, B>>(&mk[k0 * HEAD_DIM + c], HEAD_DIM);\n            \
                              acc = coopMultiplyAdd(a, b, acc);\n        }}\n        \
-                         coopStoreT(acc, &s_tile[r0 * BLOCK_K + k0], BLOCK_K);\n    }}\n}}\n\
-                 fn mma_score(i: u32) -> f32 {{\n    return s_tile[i];\n}}\n\
-                 fn mma_set_score(i: u32, x: f32) {{\n    s_tile[i] = x;\n}}\n"
+                         coopStoreT(acc, &s_tile[r0 * S_STRIDE + k0], S_STRIDE);\n    }}\n}}\n\
+                 fn mma_score(i: u32) -> f32 {{\n    return s_tile[(i / BLOCK_K) * S_STRIDE + i % BLOCK_K];\n}}\n\
+                 fn mma_set_score(i: u32, x: f32) {{\n    s_tile[(i / BLOCK_K) * S_STRIDE + i % BLOCK_K] = x;\n}}\n"
             )
         }
         _ => unreachable!("without_pv gives a score form"),
@@ -239,7 +239,8 @@ fn pv_tile_wgsl(scores: ScoreTile) -> String {
          fn mma_v4(i: u32) -> vec4<f32> {\n    \
              return vec4<f32>(f32(mv[4u * i]), f32(mv[4u * i + 1u]), f32(mv[4u * i + 2u]), f32(mv[4u * i + 3u]));\n}\n\
          fn mma_opart4(i: u32) -> vec4<f32> {\n    \
-             return vec4<f32>(o_part[4u * i], o_part[4u * i + 1u], o_part[4u * i + 2u], o_part[4u * i + 3u]);\n}\n\
+             let o = (i / PV_VEC) * OP_STRIDE + 4u * (i % PV_VEC);\n    \
+             return vec4<f32>(o_part[o], o_part[o + 1u], o_part[o + 2u], o_part[o + 3u]);\n}\n\
          fn pv_flag_keys(bits: u32) {\n    atomicOr(&v_nf, bits);\n}\n\
          fn pv_flagged() -> u32 {\n    return atomicLoad(&v_nf);\n}\n\
          fn pv_flags_clear() {\n    atomicStore(&v_nf, 0u);\n}\n";
@@ -248,19 +249,19 @@ fn pv_tile_wgsl(scores: ScoreTile) -> String {
         // the form within a CPU adapter's 32 KiB of workgroup memory at head size 64.
         ScoreTile::EmulatedPv => format!(
             "var<workgroup> mv: array<f32, MV_LEN>;\n{common}\
-             fn mma_put_p(i: u32, x: f32) {{\n    s_tile[i] = quantizeToF16(x);\n}}\n\
-             fn mma_p(i: u32) -> f32 {{\n    return s_tile[i];\n}}\n\
+             fn mma_put_p(i: u32, x: f32) {{\n    mma_set_score(i, quantizeToF16(x));\n}}\n\
+             fn mma_p(i: u32) -> f32 {{\n    return mma_score(i);\n}}\n\
              fn mma_put_v(i: u32, x: vec4<f32>) {{\n    \
                  mv[4u * i] = quantizeToF16(x.x);\n    mv[4u * i + 1u] = quantizeToF16(x.y);\n    \
                  mv[4u * i + 2u] = quantizeToF16(x.z);\n    mv[4u * i + 3u] = quantizeToF16(x.w);\n}}\n\
              fn mma_pv(rd: u32, sg: u32, nsg: u32, lid: u32) {{\n    \
                  for (var e = lid; e < BLOCK_Q * PV_CH; e += WG_SIZE) {{\n        \
-                     let pb = (e / PV_CH) * BLOCK_K;\n        \
+                     let row = e / PV_CH;\n        \
                      let c = rd * PV_CH + e % PV_CH;\n        \
                      var acc = 0.0;\n        \
                      for (var k = 0u; k < BLOCK_K; k++) {{\n            \
-                         acc = fma(s_tile[pb + k], mv[k * HEAD_DIM + c], acc);\n        }}\n        \
-                     o_part[e] = acc;\n    }}\n}}\n"
+                         acc = fma(s_tile[row * S_STRIDE + k], mv[k * HEAD_DIM + c], acc);\n        }}\n        \
+                     o_part[row * OP_STRIDE + e % PV_CH] = acc;\n    }}\n}}\n"
         ),
         // A is a row-major slice of the P tile, B a row-major slice of the V tile (keys ×
         // channels), the accumulator stored row-major into the output slice.
@@ -269,8 +270,8 @@ fn pv_tile_wgsl(scores: ScoreTile) -> String {
             format!(
                 "var<workgroup> mp: array<f16, MP_LEN>;\n\
                  var<workgroup> mv: array<f16, MV_LEN>;\n{common}\
-                 fn mma_put_p(i: u32, x: f32) {{\n    mp[i] = f16(x);\n}}\n\
-                 fn mma_p(i: u32) -> f32 {{\n    return f32(mp[i]);\n}}\n\
+                 fn mma_put_p(i: u32, x: f32) {{\n    mp[(i / BLOCK_K) * P_STRIDE + i % BLOCK_K] = f16(x);\n}}\n\
+                 fn mma_p(i: u32) -> f32 {{\n    return f32(mp[(i / BLOCK_K) * P_STRIDE + i % BLOCK_K]);\n}}\n\
                  fn mma_put_v(i: u32, x: vec4<f32>) {{\n    \
                      mv[4u * i] = f16(x.x);\n    mv[4u * i + 1u] = f16(x.y);\n    \
                      mv[4u * i + 2u] = f16(x.z);\n    mv[4u * i + 3u] = f16(x.w);\n}}\n\
@@ -281,10 +282,10 @@ fn pv_tile_wgsl(scores: ScoreTile) -> String {
                          let c0 = (f % MMA_FC) * MMA_FRAG;\n        \
                          var acc = coop_mat{t}x{t}<f32, C>();\n        \
                          for (var k = 0u; k < BLOCK_K; k += MMA_FRAG) {{\n            \
-                             let a = coopLoadT<coop_mat{t}x{t}<f16, A>>(&mp[r0 * BLOCK_K + k], BLOCK_K);\n            \
+                             let a = coopLoadT<coop_mat{t}x{t}<f16, A>>(&mp[r0 * P_STRIDE + k], P_STRIDE);\n            \
                              let b = coopLoadT<coop_mat{t}x{t}<f16, B>>(&mv[k * HEAD_DIM + rd * PV_CH + c0], HEAD_DIM);\n            \
                              acc = coopMultiplyAdd(a, b, acc);\n        }}\n        \
-                         coopStoreT(acc, &o_part[r0 * PV_CH + c0], PV_CH);\n    }}\n}}\n"
+                         coopStoreT(acc, &o_part[r0 * OP_STRIDE + c0], OP_STRIDE);\n    }}\n}}\n"
             )
         }
         _ => "fn mma_put_p(i: u32, x: f32) {}\nfn mma_put_v(i: u32, x: vec4<f32>) {}\n\

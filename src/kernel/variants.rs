@@ -157,8 +157,18 @@ pub fn score_tile_lens(key: &KernelKey) -> (u32, u32, u32, u32) {
         key.block_q * key.head_dim,
         key.block_k * key.head_dim,
         1,
-        key.block_q * key.block_k,
+        key.block_q * key.s_stride(),
     )
+}
+
+/// Elements of padding after each row of the score-tile forms' row-major tiles that invocations
+/// read a row each of (the scores, the softmax weights, the output slice): rows of 16 or 32
+/// floats start in the same bank of a GPU's workgroup memory, so 32 invocations reading their
+/// own rows at once would be served one at a time. The cooperative forms pad by 16 bytes (the
+/// alignment a fragment's rows keep); the emulated forms by one element, which keeps them
+/// within a CPU adapter's 32 KiB and still exercises a stride unequal to the row.
+fn tile_pad(scores: ScoreTile, elem_bytes: u32) -> u32 {
+    if scores.coop() { 16 / elem_bytes } else { 1 }
 }
 
 /// Output channels one round of the P·V tile product forms (`PV_CH`): the output tile is
@@ -186,11 +196,11 @@ pub fn pv_tile_lens(key: &KernelKey) -> (u32, u32, u32) {
     }
     // The emulated form keeps its P tile in the score tile.
     let p = if key.scores.coop() {
-        key.block_q * key.block_k
+        key.block_q * key.p_stride()
     } else {
         0
     };
-    (p, key.block_k * key.head_dim, key.block_q * key.pv_ch())
+    (p, key.block_k * key.head_dim, key.block_q * key.op_stride())
 }
 
 /// Packed half storage listed among the default variants: all packed f16, all bf16, and a mix
@@ -1236,7 +1246,8 @@ impl KernelKey {
              const S_LEN: u32 = {}u;\nconst RED_LEN: u32 = {}u;\nconst TILE_SHARE: u32 = {}u;\n\
              const PV_MMA: bool = {};\nconst PV_CH: u32 = {}u;\nconst PV_ROUNDS: u32 = {}u;\n\
              const MP_LEN: u32 = {}u;\nconst MV_LEN: u32 = {}u;\nconst OP_LEN: u32 = {}u;\n\
-             const V_TILE_LEN: u32 = {}u;\n",
+             const V_TILE_LEN: u32 = {}u;\nconst S_STRIDE: u32 = {}u;\nconst P_STRIDE: u32 = {}u;\n\
+             const OP_STRIDE: u32 = {}u;\n",
             self.name(),
             self.head_dim,
             self.block_q.max(1),
@@ -1268,7 +1279,10 @@ impl KernelKey {
                 1
             } else {
                 self.block_k.max(1) * self.head_dim / 4
-            }
+            },
+            self.s_stride(),
+            self.p_stride(),
+            self.op_stride()
         )
     }
 
@@ -1276,6 +1290,21 @@ impl KernelKey {
     /// 4 that divides the head size.
     pub fn pv_ch(&self) -> u32 {
         pv_ch_for(self.scores, self.head_dim)
+    }
+
+    /// Row stride of the score tile, in floats ([`tile_pad`]).
+    pub fn s_stride(&self) -> u32 {
+        self.block_k + tile_pad(self.scores, 4)
+    }
+
+    /// Row stride of the P tile (f16, cooperative P·V forms), in elements.
+    pub fn p_stride(&self) -> u32 {
+        self.block_k + tile_pad(self.scores, 2)
+    }
+
+    /// Row stride of the P·V forms' output slice, in floats.
+    pub fn op_stride(&self) -> u32 {
+        self.pv_ch() + tile_pad(self.scores, 4)
     }
 
     /// Rounds of the P·V tile product (0 in the other forms, which have none).
@@ -1536,17 +1565,20 @@ mod score_tile_tests {
             // Back to the row form: its own tile size (the row count stays 1).
             assert_eq!(k.with_scores(ScoreTile::Rows).block_k, rows.block_k);
         }
-        // Workgroup bytes: V in f32, Q and K tiles in f16 (coop) or f32 (emulated), scores.
+        // Workgroup bytes: V in f32, Q and K tiles in f16 (coop) or f32 (emulated), scores
+        // (rows padded by 16 bytes, or by one float in the emulated form).
         let d = 64;
         let coop = rows.with_scores(ScoreTile::Coop16);
+        assert_eq!(coop.s_stride(), 20);
         assert_eq!(
             workgroup_bytes(&coop),
-            16 * d * 4 + (64 * d + 16 * d) * 2 + 64 * 16 * 4 + 16
+            16 * d * 4 + (64 * d + 16 * d) * 2 + 64 * 20 * 4 + 16
         );
         let emu = rows.with_scores(ScoreTile::Emulated);
+        assert_eq!(emu.s_stride(), 17);
         assert_eq!(
             workgroup_bytes(&emu),
-            16 * d * 4 + (64 * d + 16 * d) * 4 + 64 * 16 * 4 + 16
+            16 * d * 4 + (64 * d + 16 * d) * 4 + 64 * 17 * 4 + 16
         );
         // The row form is unchanged: WebGPU's default 16 KiB at head size 64.
         assert_eq!(workgroup_bytes(&rows), WORKGROUP_BYTES);
@@ -1576,14 +1608,24 @@ mod score_tile_tests {
         // The emulated form within a CPU adapter's 32 KiB at head size 64: Q, K, V tiles and
         // scores in f32, an 8-channel output slice; the coop form within 48 KiB at 128.
         let emu = KernelKey::fused(64, 1, PosKind::Rope).with_scores(ScoreTile::EmulatedPv);
-        assert_eq!(emu.pv_ch(), 8);
+        assert_eq!((emu.pv_ch(), emu.op_stride()), (8, 9));
         assert_eq!(
             workgroup_bytes(&emu),
-            (64 * 64 + 16 * 64 + 16 * 64) * 4 + (64 * 16 + 64 * 8) * 4 + 20
+            (64 * 64 + 16 * 64 + 16 * 64) * 4 + (64 * 17 + 64 * 9) * 4 + 20
         );
         assert!(workgroup_bytes(&emu) <= 32768);
+        // The coop form's rows padded by 16 bytes: P (f16) by 8, the scores and the output
+        // slice (f32) by 4.
         let coop = KernelKey::fused(128, 1, PosKind::Rope).with_scores(ScoreTile::Coop16Pv);
         assert_eq!(coop.pv_ch(), PV_CH);
+        assert_eq!(
+            (coop.s_stride(), coop.p_stride(), coop.op_stride()),
+            (20, 24, 36)
+        );
+        assert_eq!(
+            workgroup_bytes(&coop),
+            (64 * 128 + 16 * 128 + 64 * 24 + 16 * 128) * 2 + (64 * 20 + 64 * 36) * 4 + 20
+        );
         assert!(
             workgroup_bytes(&coop) <= 49152,
             "{}",
