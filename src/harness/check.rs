@@ -614,8 +614,9 @@ pub struct IsolatedRun {
 ///
 /// The isolated groups run on up to `threads` threads at once (at least 1;
 /// [`default_check_threads`] is the machine's): llvmpipe compiles a kernel on one core at its
-/// first dispatch, so on a machine with two cores a cold run compiles two variants at a time. `progress` is called as each case ends: in case order within a group,
-/// with the groups interleaved.
+/// first dispatch, so on a machine with two cores a cold run compiles two variants at a time.
+/// `progress` is called as each case ends: in case order within a group, with the groups
+/// interleaved.
 #[cfg(not(target_arch = "wasm32"))]
 pub fn run_cases_isolated(
     ctx: &Context,
