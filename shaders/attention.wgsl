@@ -334,8 +334,9 @@ fn attention_fused(
     let cap = params.softcap_log2;
     let has_bias = params.user_bias != 0u;
     let bias_base = batch * params.user_bias_stride_b + head * params.user_bias_stride_h;
-    // A NaN built at run time (a function variable is never a constant expression): the P·V
-    // tile product forms mark hidden keys' scores with it.
+    // A NaN built at run time (WGSL forbids a constant expression that evaluates to NaN, and a
+    // function variable is never one): NaN rows' outputs, and the P·V tile product forms' hidden
+    // keys' scores.
     var qnan_bits = 0x7fc00000u;
     let qnan = bitcast<f32>(qnan_bits);
 
@@ -817,10 +818,7 @@ fn attention_fused(
         }
     }
 
-    // A NaN built at run time: WGSL forbids a constant expression that evaluates to NaN, and a
-    // function variable is never a constant expression.
-    var nan_bits = 0x7fc00000u;
-    let nan4 = vec4<f32>(bitcast<f32>(nan_bits));
+    let nan4 = vec4<f32>(qnan);
     // @unroll
     for (var r = 0u; r < ROWS; r++) {
         if (rows[r] < params.seq_q) {
