@@ -20,13 +20,15 @@
 # bench` at head_dim 64 and 128 on a plain device: the row form, the matmul roof, the unfused
 # pipeline, every storage dtype, f32 with 2, 4 and 8 lanes per row, and f32 in 128- and
 # 256-row query blocks); tune.txt and .json
-# (`posattn tune`: every rows × lanes candidate at seq 2048, the A/B of the lane-split form);
+# (`posattn tune`: every rows × lanes candidate at seq 2048, the A/B of the lane-split form,
+# and every decode lanes-per-key candidate at cache 8192);
 # prefill_tuned.txt and .json (the prefill tables again with the tuned variants);
 # prefill_coop.txt and .json (the same on a device opened with cooperative matrices,
 # with the coop rows in f32 and f16 storage, the score tile alone and with P·V on the
 # cooperative matrices too); decode.txt and .json (`posattn bench --decode`);
 # decode_unsplit.txt and .json (batch 1, one split: the split-KV speed-up); decode_rotated.txt
-# and .json (keys stored rotated: the per-key rotation's share); decode_sweep.txt (batch 1 at
+# and .json (keys stored rotated: the per-key rotation's share); decode_lanes.txt and .json
+# (4, 8 and 16 lanes per key beside the rule's: registers per lane); decode_sweep.txt (batch 1 at
 # 16, 64 and 256 splits); torch.txt (benches/torch_sdpa.py, prefill and decode); check.txt and
 # .json (`posattn check`, the whole matrix); log.txt (every step's command, exit status and
 # time).
@@ -89,7 +91,7 @@ step() {
 
 if ((reduced)); then
     check_args=(--quick)
-    tune_args=(--head-dim 64 --seq 256 --runs 3)
+    tune_args=(--head-dim 64 --seq 256 --cache 512 --runs 3)
     seqs=256,512
     dims=64
     caches=512,1024
@@ -151,6 +153,11 @@ step decode-unsplit 60 "$out/decode_unsplit.txt" "$posattn" bench --decode \
 step decode-rotated 60 "$out/decode_rotated.txt" "$posattn" bench --decode \
     --backend "$WGPU_BACKEND" --cache "$caches" --batch "$batches" --dtype f32,f16 \
     --keys-rotated --prefill-max 0 --json "$out/decode_rotated.json"
+# Lanes per key: more lanes hold fewer channels each (at head size 128 and 4 rows, 8 lanes keep
+# about 200 floats a lane in registers, 16 about 90), fewer keys run side by side.
+step decode-lanes 60 "$out/decode_lanes.txt" "$posattn" bench --decode --backend "$WGPU_BACKEND" \
+    --cache "$sweep_caches" --batch "$batches" --dtype f32 --lanes 4,8,16 --prefill-max 0 \
+    --json "$out/decode_lanes.json"
 for s in 16 64 256; do
     step "decode-splits$s" 30 "$out/decode_sweep.txt" "$posattn" bench --decode \
         --backend "$WGPU_BACKEND" --cache "$sweep_caches" --batch 1 --dtype f32 --splits "$s" \

@@ -90,12 +90,11 @@ pub struct Context {
     info: wgpu::AdapterInfo,
     timeout: Duration,
     pipelines: Pipelines,
-    /// Rows per invocation by head size from `posattn tune` (crate::tune), if stored.
-    tuned_rows: std::collections::BTreeMap<u32, u32>,
-    /// Lanes per query row by head size from `posattn tune`, if stored.
-    tuned_lanes: std::collections::BTreeMap<u32, u32>,
+    /// Rows and lanes by head size from `posattn tune` (crate::tune), where stored.
+    tuned: crate::tune::Tuned,
     rows_override: Option<u32>,
     lanes_override: Option<u32>,
+    decode_lanes_override: Option<u32>,
     block_q_override: Option<u32>,
     half_override: Option<HalfForm>,
     /// The cooperative-matrix score tile the device runs (requested feature and an f16
@@ -330,14 +329,14 @@ impl Context {
     ) -> Self {
         let pipelines = Pipelines::new(&device);
         #[cfg(not(target_arch = "wasm32"))]
-        let (tuned_rows, tuned_lanes) = crate::tune::stored(&info);
+        let tuned = crate::tune::stored(&info);
         #[cfg(target_arch = "wasm32")]
-        let (tuned_rows, tuned_lanes) = Default::default();
+        let tuned = Default::default();
         Context {
-            tuned_rows,
-            tuned_lanes,
+            tuned,
             rows_override: None,
             lanes_override: None,
+            decode_lanes_override: None,
             block_q_override: None,
             half_override: None,
             coop: None,
@@ -375,7 +374,7 @@ impl Context {
     /// set, else the adapter's tuned choice for that head size (`posattn tune`, see
     /// [`crate::tune`]), else the heuristic (`kernel::default_rows`).
     pub fn rows_per_invocation(&self, head_dim: u32) -> u32 {
-        match (self.rows_override, self.tuned_rows.get(&head_dim)) {
+        match (self.rows_override, self.tuned.rows.get(&head_dim)) {
             (Some(r), _) => r,
             (None, Some(&r)) => r,
             (None, None) => crate::kernel::default_rows(&self.info, head_dim),
@@ -387,7 +386,7 @@ impl Context {
     pub fn rows_source(&self, head_dim: u32) -> &'static str {
         if self.rows_override.is_some() {
             "override"
-        } else if self.tuned_rows.contains_key(&head_dim) {
+        } else if self.tuned.rows.contains_key(&head_dim) {
             "tuned"
         } else {
             "heuristic"
@@ -416,7 +415,7 @@ impl Context {
     /// subgroups). Plans use it for one-branch kernels with the row-form scores, rounded down to
     /// a count that divides `head_dim / 4` ([`crate::kernel::KernelKey::with_row_lanes`]).
     pub fn row_lanes(&self, head_dim: u32) -> u32 {
-        match (self.lanes_override, self.tuned_lanes.get(&head_dim)) {
+        match (self.lanes_override, self.tuned.lanes.get(&head_dim)) {
             (Some(l), _) => l,
             (None, Some(&l)) => l,
             (None, None) => 1,
@@ -455,6 +454,44 @@ impl Context {
             ));
         }
         self.lanes_override = lanes;
+        Ok(())
+    }
+
+    /// Lanes per key a decode plan at `head_dim` is asked for: the override if set, else the
+    /// adapter's tuned choice (`posattn tune`), else `None`, the adapter rule
+    /// ([`crate::kernel::decode_lane_plan`]). A count above the head's units of 8 channels is
+    /// rounded down ([`crate::kernel::decode_lanes_at_most`]).
+    pub fn decode_lanes(&self, head_dim: u32) -> Option<u32> {
+        self.decode_lanes_override
+            .or_else(|| self.tuned.decode_lanes.get(&head_dim).copied())
+    }
+
+    /// Where [`Context::decode_lanes`] comes from at `head_dim`: `"override"`, `"tuned"` or
+    /// `"heuristic"`.
+    pub fn decode_lanes_source(&self, head_dim: u32) -> &'static str {
+        if self.decode_lanes_override.is_some() {
+            "override"
+        } else if self.tuned.decode_lanes.contains_key(&head_dim) {
+            "tuned"
+        } else {
+            "heuristic"
+        }
+    }
+
+    /// Overrides the decode kernel's lanes per key for every head size (one of
+    /// `kernel::DECODE_LANES_CHOICES`) in plans built afterwards; `None` restores the adapter's
+    /// default.
+    pub fn set_decode_lanes(&mut self, lanes: Option<u32>) -> Result<()> {
+        if let Some(l) = lanes
+            && !crate::kernel::DECODE_LANES_CHOICES.contains(&l)
+        {
+            return Err(Error::invalid(
+                "decode_lanes",
+                format!("one of {:?}", crate::kernel::DECODE_LANES_CHOICES),
+                l,
+            ));
+        }
+        self.decode_lanes_override = lanes;
         Ok(())
     }
 

@@ -414,11 +414,16 @@ impl DecodePlan {
         } else {
             plan.kind
         };
-        // Lanes per key and their sum: from the adapter's subgroup sizes where the device has
-        // subgroups (and the spec allows them).
+        // Lanes per key and their sum: the context's forced or tuned count, else from the
+        // adapter's subgroup sizes where the device has subgroups (and the spec allows them).
         let subgroups =
             spec.subgroups && ctx.device().features().contains(wgpu::Features::SUBGROUP);
-        let (lanes, lane_reduce) = decode_lane_plan(a.head_dim, subgroups, ctx.adapter_info());
+        let (lanes, lane_reduce) = decode_lane_plan(
+            a.head_dim,
+            subgroups,
+            ctx.adapter_info(),
+            ctx.decode_lanes(a.head_dim),
+        );
         // A custom scheme's hooks compose into the decode kernel as into the prefill kernel.
         let base = KernelKey::decode(a.head_dim, spec.rows(), kind);
         let key = match &plan.custom {

@@ -1,5 +1,6 @@
-//! Per-adapter tuning: the fused kernel's query rows per invocation and lanes per row, measured on the adapter by
-//! `posattn tune` and stored in a small JSON file, which [`crate::Context`] reads when it is made.
+//! Per-adapter tuning: the fused kernel's query rows per invocation and lanes per row, and the
+//! decode kernel's lanes per key, measured on the adapter by `posattn tune` and stored in a small
+//! JSON file, which [`crate::Context`] reads when it is made.
 //!
 //! **The file.** `POSATTN_TUNE_FILE` if set (an empty value turns tuning off), else
 //! `$XDG_CACHE_HOME/posattn/tune.json`, else the platform's cache folder: `~/.cache` on Linux,
@@ -10,10 +11,12 @@
 //! (`kernel::multi_row_device`: several rows on CPU adapters, one on GPUs).
 //!
 //! **What is read.** Only rows and lanes a plan can be built with (`kernel::ROWS_CHOICES` and
-//! `kernel::ROW_LANES_CHOICES`: 1, 2, 4, 8 each); a file that cannot be read or parsed, or an
+//! `kernel::ROW_LANES_CHOICES`: 1, 2, 4, 8 each; decode lanes from
+//! `kernel::DECODE_LANES_CHOICES`: 1, 2, 4, 8, 16); a file that cannot be read or parsed, or an
 //! entry for another adapter, leaves the heuristic in place (the context reports which applies:
-//! [`crate::Context::rows_source`]). A file of an older format (format 1 held rows only) reads as
-//! empty, so the next `posattn tune` replaces it.
+//! [`crate::Context::rows_source`], [`crate::Context::decode_lanes_source`]). A file of an older
+//! format (format 1 held rows only, format 2 no decode choice) reads as empty, so the next
+//! `posattn tune` replaces it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -21,7 +24,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 /// The tuning file's format version.
-pub const TUNE_FORMAT: u32 = 2;
+pub const TUNE_FORMAT: u32 = 3;
 
 /// Everything the stored choice depends on.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +76,24 @@ pub struct TuneEntry {
     pub measured: BTreeMap<u32, Vec<(u32, u32, f64)>>,
     /// The shape measured: (heads, seq).
     pub shape: (u32, u32),
+    /// Decode-kernel lanes per key by head size.
+    pub decode_lanes: BTreeMap<u32, u32>,
+    /// The decode measurements behind that choice: per head size, (lanes, median µs per step)
+    /// of every candidate.
+    pub decode_measured: BTreeMap<u32, Vec<(u32, f64)>>,
+    /// The decode shape measured: (query heads, KV heads, batch, cache keys).
+    pub decode_shape: (u32, u32, u32, u32),
+}
+
+/// An adapter's stored choices, by head size (empty maps where nothing is stored).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Tuned {
+    /// Fused-kernel rows per invocation.
+    pub rows: BTreeMap<u32, u32>,
+    /// Fused-kernel lanes per query row.
+    pub lanes: BTreeMap<u32, u32>,
+    /// Decode-kernel lanes per key.
+    pub decode_lanes: BTreeMap<u32, u32>,
 }
 
 /// The whole file.
@@ -165,6 +186,11 @@ impl TuneFile {
                     &e.lanes,
                     crate::kernel::ROW_LANES_CHOICES,
                 ),
+                (
+                    "tune file.decode_lanes",
+                    &e.decode_lanes,
+                    crate::kernel::DECODE_LANES_CHOICES,
+                ),
             ] {
                 for (&d, &r) in map {
                     if !choices.contains(&r) {
@@ -209,21 +235,19 @@ impl TuneFile {
     }
 }
 
-/// The stored rows and lanes for `info`, by head size, from the default file (empty when there
-/// is none or it cannot be read: the heuristic applies).
-pub fn stored(info: &wgpu::AdapterInfo) -> (BTreeMap<u32, u32>, BTreeMap<u32, u32>) {
+/// The stored choices for `info` from the default file (empty when there is none or it cannot
+/// be read: the heuristics apply).
+pub fn stored(info: &wgpu::AdapterInfo) -> Tuned {
     default_path()
         .and_then(|p| TuneFile::read(&p).ok())
         .and_then(|f| {
-            f.find(&TuneKey::of(info))
-                .map(|e| (e.rows.clone(), e.lanes.clone()))
+            f.find(&TuneKey::of(info)).map(|e| Tuned {
+                rows: e.rows.clone(),
+                lanes: e.lanes.clone(),
+                decode_lanes: e.decode_lanes.clone(),
+            })
         })
         .unwrap_or_default()
-}
-
-/// The stored rows for `info`, by head size ([`stored`]'s first map).
-pub fn stored_rows(info: &wgpu::AdapterInfo) -> BTreeMap<u32, u32> {
-    stored(info).0
 }
 
 #[cfg(test)]
@@ -245,6 +269,9 @@ mod tests {
             lanes: BTreeMap::from([(64, 4)]),
             measured: BTreeMap::from([(64, vec![(1, 1, 2.0), (rows, 4, 1.0)])]),
             shape: (8, 512),
+            decode_lanes: BTreeMap::from([(128, 16)]),
+            decode_measured: BTreeMap::from([(128, vec![(8, 2.0), (16, 1.0)])]),
+            decode_shape: (32, 8, 1, 2048),
         }
     }
 
@@ -291,7 +318,22 @@ mod tests {
             TuneFile::read(&path).unwrap_err().field(),
             Some("tune file.lanes")
         );
-        std::fs::write(&path, r#"{"format": 2, "entries": [], "extra": 0}"#).unwrap();
+        let mut bad_decode = entry("a", 4);
+        bad_decode.decode_lanes.insert(64, 32);
+        std::fs::write(
+            &path,
+            serde_json::to_string(&TuneFile {
+                format: TUNE_FORMAT,
+                entries: vec![bad_decode],
+            })
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            TuneFile::read(&path).unwrap_err().field(),
+            Some("tune file.decode_lanes")
+        );
+        std::fs::write(&path, r#"{"format": 3, "entries": [], "extra": 0}"#).unwrap();
         assert_eq!(
             TuneFile::read(&path).unwrap_err().field(),
             Some("tune file")
@@ -303,7 +345,14 @@ mod tests {
         )
         .unwrap();
         assert!(TuneFile::read(&path).unwrap().entries.is_empty());
-        std::fs::write(&path, r#"{"format": 3, "entries": []}"#).unwrap();
+        // Format 2 (no decode choice) too.
+        std::fs::write(
+            &path,
+            r#"{"format": 2, "entries": [{"rows": {"64": 4}, "lanes": {}, "shape": [8, 512]}]}"#,
+        )
+        .unwrap();
+        assert!(TuneFile::read(&path).unwrap().entries.is_empty());
+        std::fs::write(&path, r#"{"format": 4, "entries": []}"#).unwrap();
         assert_eq!(
             TuneFile::read(&path).unwrap_err().field(),
             Some("tune file.format")

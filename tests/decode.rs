@@ -29,16 +29,39 @@ fn contexts(backends: wgpu::Backends, name: &str) -> Vec<Context> {
 }
 
 fn run(backends: wgpu::Backends, name: &str, cases: Vec<DecodeCase>) {
+    run_with_lanes(backends, name, cases, None);
+}
+
+/// `run` with the context's decode lanes per key forced (`Context::set_decode_lanes`).
+fn run_with_lanes(
+    backends: wgpu::Backends,
+    name: &str,
+    cases: Vec<DecodeCase>,
+    lanes: Option<u32>,
+) {
     assert!(!cases.is_empty());
     let filter = std::env::var("POSATTN_DECODE_FILTER").ok();
     let mut failures = Vec::new();
-    for ctx in contexts(backends, name) {
+    for mut ctx in contexts(backends, name) {
+        ctx.set_decode_lanes(lanes).unwrap();
         let (mut pass, mut unsup) = (0, 0);
         for case in &cases {
             if filter.as_deref().is_some_and(|f| !case.name.contains(f)) {
                 continue;
             }
             let r = decode::run_decode_case(&ctx, case);
+            // The variant the case ran (its pipeline is cached by now): the forced lanes, with
+            // the partners read from the cache where the pairs span lanes.
+            if let Some(l) = lanes {
+                let k = posattn::DecodePlan::new(&ctx, &case.spec).unwrap().kernel();
+                assert_eq!(k.lanes, l, "{}", case.name);
+                assert_eq!(
+                    k.key_rot,
+                    posattn::kernel::KeyRotation::General,
+                    "{}",
+                    case.name
+                );
+            }
             println!(
                 "  {:<32} {:?} err {:.2e} bound {:.2e} {:.2?}",
                 r.name, r.status, r.err_gpu, r.bound, r.time
@@ -87,4 +110,25 @@ fn decode_half_storage_and_custom_schemes_vulkan() {
 #[test]
 fn decode_subset_gl() {
     run(wgpu::Backends::GL, "gl", decode::decode_quick_cases());
+}
+
+/// Lanes per key beyond the adapter rule's, as `posattn tune` or `Context::set_decode_lanes`
+/// asks for them: 8 at head size 64 (butterflies over lavapipe's 8-lane subgroups; the rule
+/// takes 4 there) on the quick subset, and 16 at head size 128 (more than lavapipe's subgroup,
+/// so summed through workgroup memory) on the head-size-128 cases; both leave RoPE pairs split
+/// across lanes, so the partners are read from the cache. Each set checks the variant it built.
+#[test]
+fn decode_forced_lanes_vulkan() {
+    for (lanes, cases) in [
+        (8, decode::decode_quick_cases()),
+        (
+            16,
+            decode::decode_cases()
+                .into_iter()
+                .filter(|c| c.spec.attention.head_dim == 128)
+                .collect(),
+        ),
+    ] {
+        run_with_lanes(wgpu::Backends::VULKAN, "vulkan", cases, Some(lanes));
+    }
 }

@@ -1,6 +1,6 @@
 //! A stored tuning reaches the context: with POSATTN_TUNE_FILE naming a file that holds an entry
-//! for the adapter, `Context` takes its rows and lanes for that head size and the heuristic for the others;
-//! an entry for another crate version is ignored. No kernel is compiled. (One test in its own
+//! for the adapter, `Context` takes its rows, lanes and decode lanes for that head size and the
+//! heuristic for the others; an entry for another crate version is ignored. No kernel is compiled. (One test in its own
 //! binary, since it sets an environment variable.)
 
 use std::collections::BTreeMap;
@@ -43,6 +43,9 @@ fn stored_rows_reach_the_context_for_their_adapter_only() {
             lanes: BTreeMap::from([(64, 2)]),
             measured: BTreeMap::from([(64, vec![(rows, 2, 1.0)])]),
             shape: (8, 512),
+            decode_lanes: BTreeMap::from([(128, 16)]),
+            decode_measured: BTreeMap::from([(128, vec![(16, 1.0)])]),
+            decode_shape: (32, 8, 1, 2048),
         });
     }
     file.write(&path).unwrap();
@@ -56,6 +59,20 @@ fn stored_rows_reach_the_context_for_their_adapter_only() {
         heuristic.rows_per_invocation(128)
     );
     assert_eq!(tuned.rows_source(128), "heuristic");
+    // The decode lanes: tuned at 128, the adapter rule elsewhere, an override above both.
+    assert_eq!(heuristic.decode_lanes(128), None);
+    assert_eq!(tuned.decode_lanes(128), Some(16));
+    assert_eq!(tuned.decode_lanes_source(128), "tuned");
+    assert_eq!(tuned.decode_lanes(64), None);
+    assert_eq!(tuned.decode_lanes_source(64), "heuristic");
+    let mut forced = Context::from_adapter(&adapter).unwrap();
+    forced.set_decode_lanes(Some(4)).unwrap();
+    assert_eq!(forced.decode_lanes(128), Some(4));
+    assert_eq!(forced.decode_lanes_source(128), "override");
+    assert_eq!(
+        forced.set_decode_lanes(Some(32)).unwrap_err().field(),
+        Some("decode_lanes")
+    );
     // Only the other version's entry: the heuristic again.
     file.entries.retain(|e| e.key == other_version);
     file.write(&path).unwrap();

@@ -213,6 +213,11 @@ enum Command {
         /// the storage-dtype table.
         #[arg(long, value_delimiter = ',')]
         block_q: Vec<u32>,
+        /// Decode: also time the decode kernel with these lanes per key (1, 2, 4, 8 or 16,
+        /// comma-separated; `Context::set_decode_lanes`) beside the adapter's choice, one row
+        /// each.
+        #[arg(long, value_delimiter = ',')]
+        lanes: Vec<u32>,
     },
     /// Write every kernel variant the crate builds into DIR, one file per variant named by its
     /// key (`<name>.<lang>`): the WGSL wgpu compiles, or naga's translation to SPIR-V, MSL,
@@ -239,6 +244,10 @@ enum Command {
         /// Sequence length of the timed shape (default: 512 on CPU adapters, 2048 elsewhere).
         #[arg(long)]
         seq: Option<u32>,
+        /// Cache length of the timed decode step (default: 2048 on CPU adapters, 8192
+        /// elsewhere).
+        #[arg(long)]
+        cache: Option<u32>,
         /// Timed runs per candidate (the median decides).
         #[arg(long, default_value_t = 5)]
         runs: usize,
@@ -985,6 +994,8 @@ struct DecodeBench {
     keys_rotated: bool,
     splits: Option<u32>,
     read_ahead: Option<bool>,
+    /// Forced lanes per key, each timed beside the adapter's choice.
+    lanes: Vec<u32>,
 }
 
 /// The statistic `bench` reports (`--fastest`), set once before it measures.
@@ -1020,9 +1031,22 @@ fn bench_decode(
     if adapters.is_empty() {
         return Err(posattn::Error::NoAdapter(no_adapter(&opts)));
     }
+    for &l in &cfg.lanes {
+        if !posattn::kernel::DECODE_LANES_CHOICES.contains(&l) {
+            return Err(posattn::Error::invalid(
+                "lanes",
+                format!("one of {:?}", posattn::kernel::DECODE_LANES_CHOICES),
+                l,
+            ));
+        }
+    }
+    // The adapter's choice, then each forced count.
+    let lane_runs: Vec<Option<u32>> = std::iter::once(None)
+        .chain(cfg.lanes.iter().map(|&l| Some(l)))
+        .collect();
     let mut rows = Vec::new();
     for a in adapters {
-        let ctx = Context::from_adapter(&a)?;
+        let mut ctx = Context::from_adapter(&a)?;
         println!("\n{}", ctx.describe());
         // The roof: a plain copy of 64 MiB, timed like the kernels.
         let roof = CopyRoof::new(&ctx, 64 << 20)?;
@@ -1040,11 +1064,12 @@ fn bench_decode(
             statistic()
         );
         println!(
-            "  {:>5} {:>6} {:>5} {:>6} {:>12} {:>8} {:>7} {:>14} {:>8}",
+            "  {:>5} {:>6} {:>5} {:>6} {:>7} {:>12} {:>8} {:>7} {:>14} {:>8}",
             "batch",
             "cache",
             "dtype",
             "splits",
+            "lanes",
             "us/token",
             "GB/s",
             "% roof",
@@ -1053,7 +1078,12 @@ fn bench_decode(
         );
         for &batch in batches.iter() {
             for &cache in caches.iter() {
-                for &dt in cfg.dtypes.iter() {
+                for (&dt, &forced) in cfg
+                    .dtypes
+                    .iter()
+                    .flat_map(|d| lane_runs.iter().map(move |l| (d, l)))
+                {
+                    ctx.set_decode_lanes(forced)?;
                     let mut spec = bench_spec(batch, cache);
                     spec.attention.dtypes = posattn::Dtypes::all(dt);
                     spec.keys_rotated = cfg.keys_rotated;
@@ -1077,8 +1107,10 @@ fn bench_decode(
                     let us = s * 1e6 / batch as f64;
                     let kv_bytes = 2.0 * spec.cache_len() as f64 * dt.size() as f64;
                     let gbps = kv_bytes / s / 1e9;
-                    // The prefill kernel at seq_q = 1 on the same buffers, in f32 (it is slow there).
-                    let prefill_us = if cache <= prefill_max && dt == Dtype::F32 {
+                    // The prefill kernel at seq_q = 1 on the same buffers, in f32 (it is slow
+                    // there), beside the adapter's own lanes only.
+                    let prefill_us = if cache <= prefill_max && dt == Dtype::F32 && forced.is_none()
+                    {
                         let p = posattn::Attention::new(&ctx, &spec.attention)?;
                         let pb = setup.prefill_buffers();
                         let _ = time_encoded(&ctx, 1, |e| p.encode(&ctx, e, &pb))?;
@@ -1087,8 +1119,19 @@ fn bench_decode(
                     } else {
                         None
                     };
+                    let k = plan.kernel();
+                    let lanes = format!(
+                        "{}{}",
+                        k.lanes,
+                        match k.lane_reduce {
+                            posattn::kernel::LaneReduce::Workgroup if k.lanes > 1 => " wg",
+                            posattn::kernel::LaneReduce::Add => " add",
+                            posattn::kernel::LaneReduce::Shuffle => " xor",
+                            posattn::kernel::LaneReduce::Workgroup => "",
+                        }
+                    );
                     println!(
-                        "  {batch:>5} {cache:>6} {dname:>5} {:>6} {us:>12.1} {gbps:>8.2} {:>6.1}% {:>14} {:>8}",
+                        "  {batch:>5} {cache:>6} {dname:>5} {:>6} {lanes:>7} {us:>12.1} {gbps:>8.2} {:>6.1}% {:>14} {:>8}",
                         plan.splits(),
                         100.0 * gbps / roof_gbps,
                         prefill_us.map_or("-".into(), |p| format!("{p:.1}")),
@@ -1102,7 +1145,10 @@ fn bench_decode(
                         "dtype": dname,
                         "keys_rotated": cfg.keys_rotated,
                         "splits": plan.splits(),
-                        "read_ahead": plan.kernel().read_ahead,
+                        "read_ahead": k.read_ahead,
+                        "lanes": k.lanes,
+                        "lane_reduce": format!("{:?}", k.lane_reduce),
+                        "lanes_source": ctx.decode_lanes_source(spec.attention.head_dim),
                         "us_per_token": us,
                         "gbps": gbps,
                         "roof_gbps": roof_gbps,
@@ -1111,6 +1157,7 @@ fn bench_decode(
                 }
             }
         }
+        ctx.set_decode_lanes(None)?;
     }
     if let Some(path) = json_path {
         write_json(path, &rows)?;
@@ -1581,6 +1628,7 @@ fn tune(
     adapter: Option<String>,
     head_dims: &[u32],
     seq: Option<u32>,
+    cache: Option<u32>,
     runs: usize,
     file: Option<std::path::PathBuf>,
 ) -> posattn::Result<()> {
@@ -1670,19 +1718,96 @@ fn tune(
             lanes.insert(d, best_l);
             measured.insert(d, times);
         }
+        ctx.set_rows_per_invocation(None)?;
+        ctx.set_row_lanes(None)?;
+        let cache = cache.unwrap_or(if cpu { 2048 } else { 8192 });
+        let decode = tune_decode(&mut ctx, head_dims, cache, runs)?;
         stored.upsert(TuneEntry {
             key: TuneKey::of(ctx.adapter_info()),
             rows,
             lanes,
             measured,
             shape: (8, n),
+            decode_lanes: decode.0,
+            decode_measured: decode.1,
+            decode_shape: (32, 8, 1, cache),
         });
-        ctx.set_rows_per_invocation(None)?;
-        ctx.set_row_lanes(None)?;
     }
     stored.write(&path)?;
     println!("\nstored in {}", path.display());
     Ok(())
+}
+
+/// Per-head-size decode lanes and the measurements behind them.
+type DecodeTuning = (
+    std::collections::BTreeMap<u32, u32>,
+    std::collections::BTreeMap<u32, Vec<(u32, f64)>>,
+);
+
+/// `posattn tune`'s decode part: every lanes-per-key candidate at each head size, checked
+/// against the f64 reference on a small GQA step with a ragged second sequence, then timed on
+/// Llama-3-8B's heads (32 query, 8 KV, RoPE) at batch 1 against `cache` keys, f32.
+fn tune_decode(
+    ctx: &mut Context,
+    head_dims: &[u32],
+    cache: u32,
+    runs: usize,
+) -> posattn::Result<DecodeTuning> {
+    use posattn::harness::decode::{DecodeCase, DecodeSetup, bench_spec, run_decode_case};
+    use posattn::harness::timing::time_encoded;
+    use posattn::kernel::{DECODE_LANES_CHOICES, decode_lanes_at_most};
+    println!("  decode: 32 query heads, 8 KV heads, RoPE, batch 1, cache {cache}, f32");
+    let mut chosen = std::collections::BTreeMap::new();
+    let mut measured = std::collections::BTreeMap::new();
+    for &d in head_dims {
+        let mut spec = bench_spec(1, cache);
+        spec.attention = spec.attention.with_head_dim(d);
+        let setup = DecodeSetup::new(ctx, &spec)?;
+        let bufs = setup.buffers();
+        let mut times = Vec::new();
+        // One lane per key holds a whole head per row in registers: not a candidate.
+        for &l in DECODE_LANES_CHOICES
+            .iter()
+            .filter(|&&l| l > 1 && decode_lanes_at_most(d, l) == l)
+        {
+            ctx.set_decode_lanes(Some(l))?;
+            let mut small = bench_spec(2, 300);
+            small.attention = small.attention.with_head_dim(d);
+            let case = DecodeCase::new(
+                format!("tune_decode_d{d}_l{l}"),
+                small,
+                vec![(1, 300), (1, 129)],
+            );
+            let result = run_decode_case(ctx, &case);
+            if result.status != Status::Pass {
+                println!("  decode d{d} lanes {l}: not used ({:?})", result.status);
+                continue;
+            }
+            let plan = posattn::DecodePlan::new(ctx, &spec)?;
+            time_encoded(ctx, 1, |e| plan.encode(ctx, e, &bufs))?;
+            let (_, t) = time_encoded(ctx, runs, |e| plan.encode(ctx, e, &bufs))?;
+            let us = posattn::harness::timing::median(&t).as_secs_f64() * 1e6;
+            let k = plan.kernel();
+            println!(
+                "  decode d{d} lanes {l} ({:?}, {} splits): {us:.1} us",
+                k.lane_reduce,
+                plan.splits()
+            );
+            times.push((l, us));
+        }
+        ctx.set_decode_lanes(None)?;
+        let Some(&(best, best_us)) = times.iter().min_by(|a, b| a.1.total_cmp(&b.1)) else {
+            return Err(posattn::Error::invalid(
+                "tune candidates",
+                format!("at least one decode lanes count passing the reference at head_dim {d}"),
+                "none",
+            ));
+        };
+        println!("  decode d{d}: lanes {best} ({best_us:.1} us)");
+        chosen.insert(d, best);
+        measured.insert(d, times);
+    }
+    Ok((chosen, measured))
 }
 
 /// The adapter's cooperative-matrix configurations (`Features::EXPERIMENTAL_COOPERATIVE_MATRIX`).
@@ -1750,7 +1875,8 @@ fn info(backend: Option<Backend>) -> ExitCode {
         println!("  cooperative matrices: {}", describe_coop(&a));
         // The fused variant each head size gets: the stored tuning, else the heuristic (what
         // `Context::rows_per_invocation` returns when nothing overrides it).
-        let (tuned, tuned_lanes) = posattn::tune::stored(&info);
+        let stored = posattn::tune::stored(&info);
+        let (tuned, tuned_lanes) = (&stored.rows, &stored.lanes);
         let classes: Vec<String> = posattn::SUPPORTED_HEAD_DIMS
             .iter()
             .map(|&d| {
@@ -1772,6 +1898,33 @@ fn info(backend: Option<Backend>) -> ExitCode {
                 "tuned where marked, else heuristic"
             },
             classes.join(", ")
+        );
+        // The decode kernel's lanes per key and their sum (what a decode plan builds when
+        // nothing overrides it; Context requests subgroups wherever the adapter has them).
+        let subgroups = f.contains(wgpu::Features::SUBGROUP);
+        let decode: Vec<String> = posattn::SUPPORTED_HEAD_DIMS
+            .iter()
+            .map(|&d| {
+                let wish = stored.decode_lanes.get(&d).copied();
+                let (l, reduce) = posattn::kernel::decode_lane_plan(d, subgroups, &info, wish);
+                let how = match reduce {
+                    posattn::kernel::LaneReduce::Workgroup if l > 1 => " (workgroup sum)",
+                    posattn::kernel::LaneReduce::Workgroup => "",
+                    posattn::kernel::LaneReduce::Add => " (subgroupAdd)",
+                    posattn::kernel::LaneReduce::Shuffle => " (butterflies)",
+                };
+                let src = if wish.is_some() { ", tuned" } else { "" };
+                format!("d{d} {l}{how}{src}")
+            })
+            .collect();
+        println!(
+            "  decode lanes per key ({}): {}",
+            if stored.decode_lanes.is_empty() {
+                "adapter rule; `posattn tune` measures them"
+            } else {
+                "tuned where marked, else the adapter rule"
+            },
+            decode.join(", ")
         );
     }
     match posattn::tune::default_path() {
@@ -1808,9 +1961,10 @@ fn main() -> ExitCode {
             adapter,
             head_dim,
             seq,
+            cache,
             runs,
             file,
-        } => match tune(backend, adapter, &head_dim, seq, runs.max(1), file) {
+        } => match tune(backend, adapter, &head_dim, seq, cache, runs.max(1), file) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e}");
@@ -1846,6 +2000,7 @@ fn main() -> ExitCode {
             head_dim,
             row_lanes,
             block_q,
+            lanes,
             fastest: _,
         } => {
             let _ = seq;
@@ -1900,6 +2055,7 @@ fn main() -> ExitCode {
                     keys_rotated,
                     splits,
                     read_ahead,
+                    lanes,
                 },
                 json.as_deref(),
             ) {
@@ -1920,24 +2076,33 @@ fn main() -> ExitCode {
             head_dim,
             row_lanes,
             block_q,
+            lanes,
             ..
-        } => match bench(
-            backend,
-            adapter,
-            &seq,
-            &head_dim,
-            runs.max(1),
-            json.as_deref(),
-            scores,
-            &row_lanes,
-            &block_q,
-        ) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(2)
+        } => {
+            if !lanes.is_empty() {
+                eprintln!(
+                    "error: invalid `--lanes`: expected it with --decode only (lanes per key;                      the prefill kernel's lanes per row are `--row-lanes`)"
+                );
+                return ExitCode::from(2);
             }
-        },
+            match bench(
+                backend,
+                adapter,
+                &seq,
+                &head_dim,
+                runs.max(1),
+                json.as_deref(),
+                scores,
+                &row_lanes,
+                &block_q,
+            ) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Run {
             args,
             backend,

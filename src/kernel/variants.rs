@@ -239,6 +239,10 @@ pub const DECODE_WG: u32 = 64;
 pub const DECODE_MAX_ROWS: u32 = 8;
 /// Lanes per key of the decode kernel where the adapter's subgroups do not decide it.
 pub const DECODE_MAX_LANES: u32 = 8;
+/// Lanes per key a decode plan can be asked for ([`crate::Context::set_decode_lanes`], a
+/// stored `posattn tune` choice). Each lane holds at least one unit of 8 channels, so a head
+/// size takes at most `head_dim / 8` of them ([`decode_lanes_at_most`]).
+pub const DECODE_LANES_CHOICES: &[u32] = &[1, 2, 4, 8, 16];
 
 /// How the lanes that share a key sum their partial dot products.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -483,6 +487,33 @@ pub fn decode_lanes(head_dim: u32, max_lanes: u32) -> u32 {
 /// Most lanes per key on a CPU adapter (see [`decode_lane_plan`]).
 pub const DECODE_CPU_MAX_LANES: u32 = 4;
 
+/// Lanes per key for an asked count `wish` at `head_dim`: the largest power of two at most
+/// `wish` and at most the head's units of 8 channels (at least 1). Unlike the rule's
+/// [`decode_lanes`] it may leave RoPE pairs split across lanes; the plan then reads the
+/// partners from the cache ([`KeyRotation::General`]).
+pub fn decode_lanes_at_most(head_dim: u32, wish: u32) -> u32 {
+    let cap = wish.min(head_dim / 8).max(1);
+    1 << (31 - cap.leading_zeros())
+}
+
+/// How `lanes` per key sum their partial dot products on a device: `subgroupAdd` where a GPU's
+/// subgroup size is fixed and equal to them, butterflies where its smallest subgroup holds
+/// them (always on a CPU adapter, see [`decode_lane_plan`]), else workgroup memory (no
+/// subgroups, sizes not reported, or more lanes than the smallest subgroup).
+pub fn decode_lane_reduce(lanes: u32, subgroups: bool, info: &wgpu::AdapterInfo) -> LaneReduce {
+    let min = info.subgroup_min_size;
+    if lanes <= 1 || !subgroups || min == 0 || lanes > min {
+        LaneReduce::Workgroup
+    } else if info.device_type != wgpu::DeviceType::Cpu
+        && min == info.subgroup_max_size
+        && min == lanes
+    {
+        LaneReduce::Add
+    } else {
+        LaneReduce::Shuffle
+    }
+}
+
 /// The lanes per key and lane reduction for an adapter: subgroup lanes where the device has
 /// `Features::SUBGROUP`, no more than its smallest subgroup (read from the adapter, never
 /// assumed), with `subgroupAdd` when its subgroup size is fixed and equal to them; otherwise
@@ -493,37 +524,26 @@ pub const DECODE_CPU_MAX_LANES: u32 = 4;
 /// feeds a `subgroupAdd` into that loop, one lane at a time: the partial dot products then run
 /// in scalar code. Butterflies keep them in vector code: Llama-3-8B decode at cache 8192 ran
 /// 1.3× faster (BENCHMARKS.md), and 4 lanes a key a little faster than 8.
+///
+/// `wish` (a forced or tuned count, one of [`DECODE_LANES_CHOICES`]) replaces the rule's count,
+/// through [`decode_lanes_at_most`]; the reduction follows [`decode_lane_reduce`] either way.
 pub fn decode_lane_plan(
     head_dim: u32,
     subgroups: bool,
     info: &wgpu::AdapterInfo,
+    wish: Option<u32>,
 ) -> (u32, LaneReduce) {
-    if !subgroups || info.subgroup_min_size == 0 {
-        return (
-            decode_lanes(head_dim, DECODE_MAX_LANES),
-            LaneReduce::Workgroup,
-        );
-    }
-    let cpu = info.device_type == wgpu::DeviceType::Cpu;
-    let max_lanes = if cpu {
-        info.subgroup_min_size.min(DECODE_CPU_MAX_LANES)
-    } else {
-        info.subgroup_min_size.min(DECODE_MAX_LANES)
+    let lanes = match wish {
+        Some(w) => decode_lanes_at_most(head_dim, w),
+        None if !subgroups || info.subgroup_min_size == 0 => {
+            decode_lanes(head_dim, DECODE_MAX_LANES)
+        }
+        None if info.device_type == wgpu::DeviceType::Cpu => {
+            decode_lanes(head_dim, info.subgroup_min_size.min(DECODE_CPU_MAX_LANES))
+        }
+        None => decode_lanes(head_dim, info.subgroup_min_size.min(DECODE_MAX_LANES)),
     };
-    let lanes = decode_lanes(head_dim, max_lanes);
-    // One lane per key sums nothing.
-    if lanes == 1 {
-        return (1, LaneReduce::Workgroup);
-    }
-    let reduce = if !cpu
-        && info.subgroup_min_size == info.subgroup_max_size
-        && info.subgroup_min_size == lanes
-    {
-        LaneReduce::Add
-    } else {
-        LaneReduce::Shuffle
-    };
-    (lanes, reduce)
+    (lanes, decode_lane_reduce(lanes, subgroups, info))
 }
 
 /// Units of 8 channels each lane of a key holds.
@@ -960,6 +980,13 @@ impl KernelKey {
             // Two RoPE scores per key (ReRoPE, LM-Infinite, StreamingLLM's cache index).
             keys.push(KernelKey::decode(d, 4, PosKind::Rope).with_two_branch(true));
         }
+        // More lanes than the rule takes (a forced or tuned count): 16 at head size 128, whose
+        // RoPE pairs then span lanes, so partners are read from the cache.
+        keys.push(
+            KernelKey::decode(128, 4, PosKind::Rope)
+                .with_lanes(16, LaneReduce::Workgroup)
+                .with_key_rotation(KeyRotation::General),
+        );
         // The caller's bias (a ninth storage buffer), with its reduce.
         keys.push(KernelKey::decode(64, 4, PosKind::Rope).with_bias(true));
         keys.push(KernelKey::decode(64, 2, PosKind::Rope).with_bias(true));
@@ -997,6 +1024,16 @@ impl KernelKey {
                         .with_lanes(decode_lanes(d, 4), LaneReduce::Shuffle),
                 );
             }
+        }
+        // Forced or tuned lanes beyond the rule's: butterflies over 16 lanes at head size 128
+        // (a GPU's 32-lane subgroups) and over 8 at head size 64 (lavapipe's), both with the
+        // partners read from the cache.
+        for (d, lanes) in [(128, 16), (64, 8)] {
+            keys.push(
+                KernelKey::decode(d, 8, PosKind::Rope)
+                    .with_lanes(lanes, LaneReduce::Shuffle)
+                    .with_key_rotation(KeyRotation::General),
+            );
         }
         // The fused kernel's lane-split form with subgroup reductions: butterflies over 4 lanes
         // (one and two rows) and subgroupAdd over 8 (two rows) on the RoPE kernel at every head
@@ -1469,30 +1506,68 @@ mod lane_tests {
         };
         let cpu = info(wgpu::DeviceType::Cpu, 8, 8);
         // lavapipe: butterflies over 4 lanes, never subgroupAdd.
-        assert_eq!(decode_lane_plan(128, true, &cpu), (4, LaneReduce::Shuffle));
-        assert_eq!(decode_lane_plan(32, true, &cpu), (2, LaneReduce::Shuffle));
+        assert_eq!(
+            decode_lane_plan(128, true, &cpu, None),
+            (4, LaneReduce::Shuffle)
+        );
+        assert_eq!(
+            decode_lane_plan(32, true, &cpu, None),
+            (2, LaneReduce::Shuffle)
+        );
         // A GPU whose fixed subgroup is the 8 lanes: subgroupAdd; wider or varying: butterflies.
         let gpu8 = info(wgpu::DeviceType::DiscreteGpu, 8, 8);
-        assert_eq!(decode_lane_plan(128, true, &gpu8), (8, LaneReduce::Add));
+        assert_eq!(
+            decode_lane_plan(128, true, &gpu8, None),
+            (8, LaneReduce::Add)
+        );
         let gpu32 = info(wgpu::DeviceType::DiscreteGpu, 32, 32);
         assert_eq!(
-            decode_lane_plan(128, true, &gpu32),
+            decode_lane_plan(128, true, &gpu32, None),
             (8, LaneReduce::Shuffle)
         );
         let intel = info(wgpu::DeviceType::IntegratedGpu, 8, 32);
         assert_eq!(
-            decode_lane_plan(128, true, &intel),
+            decode_lane_plan(128, true, &intel, None),
             (8, LaneReduce::Shuffle)
         );
         // No subgroups: workgroup memory, whatever the adapter.
         assert_eq!(
-            decode_lane_plan(128, false, &cpu),
+            decode_lane_plan(128, false, &cpu, None),
             (8, LaneReduce::Workgroup)
         );
         assert_eq!(
-            decode_lane_plan(128, true, &info(wgpu::DeviceType::Cpu, 0, 0)).1,
+            decode_lane_plan(128, true, &info(wgpu::DeviceType::Cpu, 0, 0), None).1,
             LaneReduce::Workgroup
         );
+        // An asked count: rounded down to a power of two within the head's units of 8
+        // channels; summed by subgroups only where the smallest subgroup holds the lanes.
+        assert_eq!(
+            decode_lane_plan(128, true, &gpu32, Some(16)),
+            (16, LaneReduce::Shuffle)
+        );
+        assert_eq!(
+            decode_lane_plan(64, true, &gpu32, Some(16)),
+            (8, LaneReduce::Shuffle)
+        );
+        assert_eq!(
+            decode_lane_plan(128, true, &gpu8, Some(16)),
+            (16, LaneReduce::Workgroup)
+        );
+        assert_eq!(
+            decode_lane_plan(128, true, &cpu, Some(8)),
+            (8, LaneReduce::Shuffle)
+        );
+        assert_eq!(
+            decode_lane_plan(128, true, &gpu8, Some(1)),
+            (1, LaneReduce::Workgroup)
+        );
+        assert_eq!(
+            decode_lane_plan(128, false, &gpu32, Some(4)),
+            (4, LaneReduce::Workgroup)
+        );
+        assert_eq!(decode_lanes_at_most(80, 16), 8);
+        assert_eq!(decode_lanes_at_most(32, 3), 2);
+        assert_eq!(decode_lanes_at_most(32, 0), 1);
     }
 
     #[test]
