@@ -227,6 +227,13 @@ enum Command {
         out: std::path::PathBuf,
         #[arg(long, value_enum, default_value_t = Lang::Wgsl)]
         lang: Lang,
+        /// Only the variants whose names contain one of these (comma-separated), e.g.
+        /// `decode_d128` or `_d64_,_coop16`; matching none is an error.
+        #[arg(long, value_delimiter = ',')]
+        filter: Vec<String>,
+        /// Translating threads (default: the machine's available parallelism).
+        #[arg(long)]
+        threads: Option<usize>,
     },
     /// Time the fused kernel's candidate variants (query rows per invocation) on each adapter at
     /// a representative prefill shape (causal RoPE, 8 heads, batch 1) per head size, check each
@@ -282,7 +289,12 @@ enum Lang {
     Glsl,
 }
 
-fn shaders(out: &std::path::Path, lang: Lang) -> ExitCode {
+fn shaders(
+    out: &std::path::Path,
+    lang: Lang,
+    filter: &[String],
+    threads: Option<usize>,
+) -> ExitCode {
     use posattn::kernel::export;
     let lang = match lang {
         Lang::Wgsl => export::Lang::Wgsl,
@@ -291,7 +303,21 @@ fn shaders(out: &std::path::Path, lang: Lang) -> ExitCode {
         Lang::Hlsl => export::Lang::Hlsl,
         Lang::Glsl => export::Lang::Glsl,
     };
-    match export::write_all(out, lang) {
+    if threads == Some(0) {
+        eprintln!("error: invalid `--threads`: expected at least 1, got 0");
+        return ExitCode::from(2);
+    }
+    let keys = export::matching(&export::all_variants(), filter);
+    if keys.is_empty() {
+        eprintln!(
+            "error: invalid `--filter`: expected part of at least one variant's name (`posattn \
+             shaders --out DIR` writes them all), got {}",
+            filter.join(",")
+        );
+        return ExitCode::from(2);
+    }
+    let threads = threads.unwrap_or_else(export::default_threads);
+    match export::write_variants(out, lang, &keys, threads) {
         Ok(paths) => {
             println!(
                 "{} variants written to {} as {}",
@@ -1981,7 +2007,12 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Shaders { out, lang } => shaders(&out, lang),
+        Command::Shaders {
+            out,
+            lang,
+            filter,
+            threads,
+        } => shaders(&out, lang, &filter, threads),
         Command::Bench {
             backend,
             adapter,

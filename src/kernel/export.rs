@@ -111,6 +111,16 @@ impl Module {
         self.key
     }
 
+    /// The WGSL naga parsed (without the `enable` directives; see [`Lang::Wgsl`]).
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// naga's module, validated.
+    pub fn naga(&self) -> &naga::Module {
+        &self.module
+    }
+
     /// The module in `lang`: text, or for SPIR-V the little-endian words.
     pub fn emit(&self, lang: Lang) -> Result<Vec<u8>, TranslateError> {
         let err = |message: String| TranslateError {
@@ -202,17 +212,77 @@ pub fn file_name(key: &KernelKey, lang: Lang) -> String {
 /// Writes every variant in `lang` into `dir` (created if missing), one file per variant named by
 /// [`file_name`]; returns the paths in [`all_variants`] order.
 pub fn write_all(dir: &Path, lang: Lang) -> Result<Vec<PathBuf>, Box<dyn std::error::Error>> {
+    write_variants(dir, lang, &all_variants(), default_threads())
+}
+
+/// Threads [`write_variants`] uses by default: the machine's available parallelism.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The variants of `keys` whose names contain any of `patterns` (all of them when `patterns`
+/// is empty), in order.
+pub fn matching(keys: &[KernelKey], patterns: &[String]) -> Vec<KernelKey> {
+    keys.iter()
+        .copied()
+        .filter(|k| {
+            let name = k.name();
+            patterns.is_empty() || patterns.iter().any(|p| name.contains(p.as_str()))
+        })
+        .collect()
+}
+
+/// Writes `keys` in `lang` into `dir` (created if missing), one file per variant named by
+/// [`file_name`], translating on `threads` threads (naga parses one module per thread); returns
+/// the paths in `keys`' order. The first error stops the remaining variants of its thread and is
+/// returned.
+pub fn write_variants(
+    dir: &Path,
+    lang: Lang,
+    keys: &[KernelKey],
+    threads: usize,
+) -> Result<Vec<PathBuf>, Box<dyn std::error::Error>> {
     std::fs::create_dir_all(dir)?;
-    let mut paths = Vec::new();
-    for key in all_variants() {
+    let write = |key: KernelKey| -> Result<PathBuf, String> {
         let bytes = if lang == Lang::Wgsl {
             key.wgsl().into_bytes()
         } else {
-            Module::new(key)?.emit(lang)?
+            Module::new(key)
+                .and_then(|m| m.emit(lang))
+                .map_err(|e| e.to_string())?
         };
         let path = dir.join(file_name(&key, lang));
         std::fs::write(&path, bytes).map_err(|e| format!("{}: {e}", path.display()))?;
-        paths.push(path);
+        Ok(path)
+    };
+    let threads = threads.clamp(1, keys.len().max(1));
+    // Thread t takes variants t, t + threads, ...: the large head sizes sit together in the
+    // list, and striding shares them out.
+    let parts: Vec<Result<Vec<(usize, PathBuf)>, String>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let write = &write;
+                scope.spawn(move || {
+                    (t..keys.len())
+                        .step_by(threads)
+                        .map(|i| write(keys[i]).map(|p| (i, p)))
+                        .collect::<Result<Vec<_>, String>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("a writer thread panicked".into()))
+            })
+            .collect()
+    });
+    let mut paths: Vec<Option<PathBuf>> = vec![None; keys.len()];
+    for part in parts {
+        for (i, p) in part? {
+            paths[i] = Some(p);
+        }
     }
-    Ok(paths)
+    Ok(paths.into_iter().flatten().collect())
 }
