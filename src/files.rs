@@ -170,7 +170,7 @@ pub fn parse_npy(field: &'static str, bytes: &[u8], rank: Option<usize>) -> Resu
 }
 
 /// Integer positions from .npy bytes (`<i4` or `<i8`, each within ±2^30), shaped [batch, seq]
-/// or [seq] (the same positions for every batch).
+/// or `[seq]` (the same positions for every batch).
 pub fn parse_positions(
     field: &'static str,
     bytes: &[u8],

@@ -1,6 +1,6 @@
 //! Conformance cases written out for another WebGPU implementation to run: per case the kernel's
 //! WGSL, every binding's bytes (the uniform block and the aux table included), the dispatch size,
-//! the f64 reference output and the bound from the tolerance rule of [`check`](super::check). The
+//! the f64 reference output and the bound from the tolerance rule of [`check`]. The
 //! runner poisons the output with NaN, dispatches, and checks the result with that rule: the
 //! largest error against the reference within the bound, and NaN exactly where the reference is
 //! NaN. tests/dawn.rs runs the quick subset this way on Dawn (tests/dawn/cases.mjs).

@@ -1329,7 +1329,7 @@ impl KernelKey {
         pv_ch_for(self.scores, self.head_dim)
     }
 
-    /// Row stride of the score tile, in floats ([`tile_pad`]).
+    /// Row stride of the score tile, in floats (`tile_pad`).
     pub fn s_stride(&self) -> u32 {
         self.block_k + tile_pad(self.scores, 4)
     }
