@@ -392,6 +392,18 @@ fn bench_and_check_reject_bad_sizes_before_opening_an_adapter() {
     let (code, text) = posattn(&["bench", "--decode", "--block-q", "256"]);
     assert_eq!(code, 2, "{text}");
     assert!(text.contains("invalid `--block-q`"), "{text}");
+    // Decode lanes per key: a count no kernel is built with, or with prefill.
+    let (code, text) = posattn(&["bench", "--decode", "--lanes", "4,32"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(
+        text.contains("invalid `lanes`") && text.contains("got 32"),
+        "{text}"
+    );
+    assert!(!text.contains("copy roof"), "{text}");
+    let (code, text) = posattn(&["bench", "--lanes", "8", "--seq", "64"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("invalid `--lanes`"), "{text}");
+    assert!(!text.contains("matmul roof"), "{text}");
     let (code, text) = posattn(&["check", "--quick", "--row-lanes", "16"]);
     assert_eq!(code, 2, "{text}");
     assert!(
