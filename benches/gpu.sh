@@ -153,11 +153,6 @@ step decode-unsplit 60 "$out/decode_unsplit.txt" "$posattn" bench --decode \
 step decode-rotated 60 "$out/decode_rotated.txt" "$posattn" bench --decode \
     --backend "$WGPU_BACKEND" --cache "$caches" --batch "$batches" --dtype f32,f16 \
     --keys-rotated --prefill-max 0 --json "$out/decode_rotated.json"
-# Lanes per key: more lanes hold fewer channels each (at head size 128 and 4 rows, 8 lanes keep
-# about 200 floats a lane in registers, 16 about 90), fewer keys run side by side.
-step decode-lanes 60 "$out/decode_lanes.txt" "$posattn" bench --decode --backend "$WGPU_BACKEND" \
-    --cache "$sweep_caches" --batch "$batches" --dtype f32 --lanes 4,8,16 --prefill-max 0 \
-    --json "$out/decode_lanes.json"
 for s in 16 64 256; do
     step "decode-splits$s" 30 "$out/decode_sweep.txt" "$posattn" bench --decode \
         --backend "$WGPU_BACKEND" --cache "$sweep_caches" --batch 1 --dtype f32 --splits "$s" \
@@ -170,6 +165,11 @@ if python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
 else
     echo "PyTorch with a CUDA device not found: SDPA not run" | tee -a "$log" >"$out/torch.txt"
 fi
+# Lanes per key: more lanes hold fewer channels each (at head size 128 and 4 rows, 8 lanes keep
+# about 200 floats a lane in registers, 16 about 90), fewer keys run side by side.
+step decode-lanes 60 "$out/decode_lanes.txt" "$posattn" bench --decode --backend "$WGPU_BACKEND" \
+    --cache "$sweep_caches" --batch "$batches" --dtype f32 --lanes 4,8,16 --prefill-max 0 \
+    --json "$out/decode_lanes.json"
 # The whole conformance matrix in the row form.
 step check 150 "$out/check.txt" "$posattn" check --backend "$WGPU_BACKEND" "${check_args[@]}" \
     --json "$out/check.json"

@@ -1747,19 +1747,27 @@ fn tune(
         ctx.set_rows_per_invocation(None)?;
         ctx.set_row_lanes(None)?;
         let cache = cache.unwrap_or(if cpu { 2048 } else { 8192 });
-        let decode = tune_decode(&mut ctx, head_dims, cache, runs)?;
-        stored.upsert(TuneEntry {
+        // The prefill choice is stored before decode is measured, so that a run cut short
+        // (a time limit, a failing decode candidate) keeps it; decode's joins it after.
+        let mut entry = TuneEntry {
             key: TuneKey::of(ctx.adapter_info()),
             rows,
             lanes,
             measured,
             shape: (8, n),
-            decode_lanes: decode.0,
-            decode_measured: decode.1,
+            decode_lanes: Default::default(),
+            decode_measured: Default::default(),
             decode_shape: (32, 8, 1, cache),
-        });
+        };
+        stored.upsert(entry.clone());
+        stored.write(&path)?;
+        println!("  prefill choice stored in {}", path.display());
+        let decode = tune_decode(&mut ctx, head_dims, cache, runs)?;
+        entry.decode_lanes = decode.0;
+        entry.decode_measured = decode.1;
+        stored.upsert(entry);
+        stored.write(&path)?;
     }
-    stored.write(&path)?;
     println!("\nstored in {}", path.display());
     Ok(())
 }
@@ -1934,13 +1942,17 @@ fn info(backend: Option<Backend>) -> ExitCode {
                 let wish = stored.decode_lanes.get(&d).copied();
                 let (l, reduce) = posattn::kernel::decode_lane_plan(d, subgroups, &info, wish);
                 let how = match reduce {
-                    posattn::kernel::LaneReduce::Workgroup if l > 1 => " (workgroup sum)",
-                    posattn::kernel::LaneReduce::Workgroup => "",
-                    posattn::kernel::LaneReduce::Add => " (subgroupAdd)",
-                    posattn::kernel::LaneReduce::Shuffle => " (butterflies)",
+                    posattn::kernel::LaneReduce::Workgroup if l > 1 => Some("workgroup sum"),
+                    posattn::kernel::LaneReduce::Workgroup => None,
+                    posattn::kernel::LaneReduce::Add => Some("subgroupAdd"),
+                    posattn::kernel::LaneReduce::Shuffle => Some("butterflies"),
                 };
-                let src = if wish.is_some() { ", tuned" } else { "" };
-                format!("d{d} {l}{how}{src}")
+                let notes: Vec<&str> = how.into_iter().chain(wish.map(|_| "tuned")).collect();
+                if notes.is_empty() {
+                    format!("d{d} {l}")
+                } else {
+                    format!("d{d} {l} ({})", notes.join("; "))
+                }
             })
             .collect();
         println!(
