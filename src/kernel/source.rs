@@ -74,10 +74,15 @@ pub(crate) fn compose(key: &KernelKey, hooks: Option<&str>) -> Result<String, Co
     } else {
         ""
     };
-    let body = unroll(
-        &format!("{COMMON_WGSL}\n{storage}\n{POSITION_WGSL}\n{family}"),
-        &key.unroll_bounds(),
-    )?;
+    // Branches the variant's constants decide are folded before unrolling, so that another
+    // form's dead loops are never expanded.
+    let source = format!("{COMMON_WGSL}\n{storage}\n{POSITION_WGSL}\n{family}");
+    let consts = module_constants(&format!(
+        "{}\n{}\n{source}",
+        key.wgsl_header(),
+        abi::wgsl_declarations_with(&key.bindings())
+    ));
+    let body = unroll(&fold_constant_ifs(&source, &consts), &key.unroll_bounds())?;
     // The tensor accessors of the variant's storage forms (src/kernel/storage.rs).
     let mut accessors = String::new();
     if let Some(tensors) = family_tensors(key.family()) {
@@ -412,6 +417,276 @@ pub(crate) fn unroll(src: &str, bounds: &[(&'static str, u32)]) -> Result<String
     Ok(out)
 }
 
+/// A module-scope constant's value, as far as [`fold_constant_ifs`] evaluates them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ConstValue {
+    /// An integer literal (`8u`, `-1`, `3i`).
+    Int(i64),
+    /// A boolean, literal or a condition over known constants.
+    Bool(bool),
+}
+
+/// The module-scope constants of `src` (lines `const NAME: T = VALUE;` at column 0) whose value
+/// is an integer or boolean literal, or a boolean condition [`eval_condition`] decides from the
+/// constants before it.
+pub(crate) fn module_constants(src: &str) -> std::collections::HashMap<String, ConstValue> {
+    let mut map = std::collections::HashMap::new();
+    for line in src.lines() {
+        let Some(rest) = line.strip_prefix("const ") else {
+            continue;
+        };
+        let Some((name, rest)) = rest.split_once(':') else {
+            continue;
+        };
+        let Some((ty, value)) = rest.split_once('=') else {
+            continue;
+        };
+        let Some(value) = value.trim().strip_suffix(';') else {
+            continue;
+        };
+        let v = match ty.trim() {
+            "bool" => eval_condition(value, &map).map(ConstValue::Bool),
+            "u32" | "i32" => literal(value.trim()),
+            _ => None,
+        };
+        if let Some(v) = v {
+            map.insert(name.trim().to_string(), v);
+        }
+    }
+    map
+}
+
+/// An integer or boolean literal.
+fn literal(tok: &str) -> Option<ConstValue> {
+    match tok {
+        "true" => return Some(ConstValue::Bool(true)),
+        "false" => return Some(ConstValue::Bool(false)),
+        _ => {}
+    }
+    let digits = tok.strip_suffix(['u', 'i']).unwrap_or(tok);
+    digits.parse::<i64>().ok().map(ConstValue::Int)
+}
+
+/// Splits `s` at each top-level (outside parentheses) occurrence of `op`.
+fn split_top(s: &str, op: &str) -> Vec<String> {
+    let mut parts = Vec::new();
+    let (mut depth, mut start, mut i) = (0i32, 0, 0);
+    let bytes = s.as_bytes();
+    while i < s.len() {
+        match bytes[i] {
+            b'(' => depth += 1,
+            b')' => depth -= 1,
+            _ if depth == 0 && s[i..].starts_with(op) => {
+                parts.push(s[start..i].to_string());
+                i += op.len();
+                start = i;
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    parts.push(s[start..].to_string());
+    parts
+}
+
+/// The value of a condition over module constants: `NAME`, `!NAME`, `A op B` (op one of `==`,
+/// `!=`, `<`, `<=`, `>`, `>=`; each side a known constant or a literal), and `&&` / `||` of
+/// those; `None` where any part it needs is not known (a runtime value, a function call).
+pub(crate) fn eval_condition(
+    cond: &str,
+    consts: &std::collections::HashMap<String, ConstValue>,
+) -> Option<bool> {
+    let c = cond.trim();
+    // Parentheses around the whole condition (not `(a) && (b)`).
+    if c.starts_with('(') && matching(c, 0) == Some(c.len() - 1) {
+        return eval_condition(&c[1..c.len() - 1], consts);
+    }
+    let ors = split_top(c, "||");
+    if ors.len() > 1 {
+        let vals: Vec<Option<bool>> = ors.iter().map(|p| eval_condition(p, consts)).collect();
+        return if vals.contains(&Some(true)) {
+            Some(true)
+        } else if vals.iter().all(|v| *v == Some(false)) {
+            Some(false)
+        } else {
+            None
+        };
+    }
+    let ands = split_top(c, "&&");
+    if ands.len() > 1 {
+        let vals: Vec<Option<bool>> = ands.iter().map(|p| eval_condition(p, consts)).collect();
+        return if vals.contains(&Some(false)) {
+            Some(false)
+        } else if vals.iter().all(|v| *v == Some(true)) {
+            Some(true)
+        } else {
+            None
+        };
+    }
+    let value = |t: &str| -> Option<ConstValue> {
+        let t = t.trim();
+        consts.get(t).copied().or_else(|| literal(t))
+    };
+    for op in ["==", "!=", "<=", ">=", "<", ">"] {
+        let parts = split_top(c, op);
+        if parts.len() == 2 {
+            let (a, b) = (value(&parts[0])?, value(&parts[1])?);
+            return match (a, b) {
+                (ConstValue::Int(a), ConstValue::Int(b)) => Some(match op {
+                    "==" => a == b,
+                    "!=" => a != b,
+                    "<=" => a <= b,
+                    ">=" => a >= b,
+                    "<" => a < b,
+                    _ => a > b,
+                }),
+                (ConstValue::Bool(a), ConstValue::Bool(b)) if op == "==" => Some(a == b),
+                (ConstValue::Bool(a), ConstValue::Bool(b)) if op == "!=" => Some(a != b),
+                _ => None,
+            };
+        }
+    }
+    if let Some(x) = c.strip_prefix('!') {
+        return eval_condition(x, consts).map(|b| !b);
+    }
+    match value(c)? {
+        ConstValue::Bool(b) => Some(b),
+        ConstValue::Int(_) => None,
+    }
+}
+
+/// The index of the bracket matching the one at `open` (`(`/`)` or `{`/`}`).
+fn matching(s: &str, open: usize) -> Option<usize> {
+    let (o, c) = match s.as_bytes()[open] {
+        b'(' => (b'(', b')'),
+        _ => (b'{', b'}'),
+    };
+    let mut depth = 0;
+    for (i, &b) in s.as_bytes()[open..].iter().enumerate() {
+        if b == o {
+            depth += 1;
+        } else if b == c {
+            depth -= 1;
+            if depth == 0 {
+                return Some(open + i);
+            }
+        }
+    }
+    None
+}
+
+/// Drops the branches of `if` statements whose conditions the module's constants decide
+/// ([`eval_condition`]): a decided-false clause goes, a decided-true one becomes a plain block
+/// and ends its chain. The drivers fold these anyway; folding them here keeps another form's
+/// dead code (unrolled, it can be a fifth of a kernel) out of the module that naga parses and
+/// validates on every pipeline creation (BENCHMARKS.md, "naga's WGSL front end on the unrolled
+/// kernels"). Only statements whose line starts with `if (` are considered; anything it cannot
+/// parse is left as written.
+pub(crate) fn fold_constant_ifs(
+    src: &str,
+    consts: &std::collections::HashMap<String, ConstValue>,
+) -> String {
+    let mut out = src.to_string();
+    let mut line_start = 0;
+    while line_start < out.len() {
+        let line_end = out[line_start..]
+            .find('\n')
+            .map_or(out.len(), |i| line_start + i + 1);
+        let indent = out[line_start..line_end].len() - out[line_start..line_end].trim_start().len();
+        let at = line_start + indent;
+        if out[at..line_end].starts_with("if (")
+            && let Some((end, text)) = fold_chain(&out, at, consts)
+        {
+            out.replace_range(at..end, &text);
+            // The same line again: what replaced the chain may start another one.
+            continue;
+        }
+        line_start = line_end;
+    }
+    out
+}
+
+/// The `if` chain starting at `at` rewritten with its decided clauses folded, and where it ends;
+/// `None` when nothing is decided (or it does not parse).
+fn fold_chain(
+    s: &str,
+    at: usize,
+    consts: &std::collections::HashMap<String, ConstValue>,
+) -> Option<(usize, String)> {
+    // (condition, block) clauses; an `else` block has no condition.
+    let mut clauses: Vec<(Option<&str>, &str)> = Vec::new();
+    let mut pos = at;
+    let end = loop {
+        let open = pos + s[pos..].find('(')?;
+        let close = matching(s, open)?;
+        let brace = close + 1 + s[close + 1..].find(|c: char| !c.is_whitespace())?;
+        if s.as_bytes()[brace] != b'{' {
+            return None;
+        }
+        let block_end = matching(s, brace)?;
+        clauses.push((Some(&s[open + 1..close]), &s[brace..=block_end]));
+        let next = block_end + 1;
+        let rest = s[next..].trim_start();
+        if let Some(r) = rest.strip_prefix("else") {
+            let r2 = r.trim_start();
+            let r_at = s.len() - r2.len();
+            if r2.starts_with("if ") || r2.starts_with("if(") {
+                pos = r_at;
+                continue;
+            }
+            if r2.starts_with('{') {
+                let e = matching(s, r_at)?;
+                clauses.push((None, &s[r_at..=e]));
+                break e + 1;
+            }
+            return None;
+        }
+        break next;
+    };
+    // A taken block that can leave (return, continue, break, discard) keeps a condition, so that
+    // what follows the statement stays reachable in WGSL's behaviour analysis (Tint warns of
+    // unreachable code otherwise); an `else` block then reads `if (true)`.
+    let jumps = |block: &str| {
+        block
+            .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .any(|w| matches!(w, "return" | "continue" | "break" | "discard"))
+    };
+    let mut kept: Vec<(Option<&str>, &str)> = Vec::new();
+    let mut changed = false;
+    for (cond, block) in clauses {
+        match cond.map(|c| eval_condition(c, consts)) {
+            Some(Some(false)) => changed = true,
+            Some(Some(true)) => {
+                changed = true;
+                kept.push((jumps(block).then_some(cond.unwrap_or("true")), block));
+                break;
+            }
+            Some(None) => kept.push((cond, block)),
+            None => {
+                let guard = kept.is_empty() && jumps(block);
+                kept.push((guard.then_some("true"), block));
+                break;
+            }
+        }
+    }
+    if !changed {
+        return None;
+    }
+    let mut text = String::new();
+    let original = &s[at..end];
+    for (i, (cond, block)) in kept.iter().enumerate() {
+        match (i, cond) {
+            (0, Some(c)) => text += &format!("if ({c}) {block}"),
+            (0, None) => text += block,
+            (_, Some(c)) => text += &format!(" else if ({c}) {block}"),
+            (_, None) => text += &format!(" else {block}"),
+        }
+    }
+    // A taken branch kept with its own condition and nothing dropped is the chain as written.
+    (text != original).then_some((end, text))
+}
+
 /// Byte offset of the first marker that is a line of its own (after indentation).
 fn find_mark(s: &str) -> Option<usize> {
     let mut line_start = 0;
@@ -433,6 +708,58 @@ mod tests {
 
     fn squash(s: &str) -> String {
         s.split_whitespace().collect::<Vec<_>>().join(" ")
+    }
+
+    #[test]
+    fn constants_decide_conditions_and_unknowns_stay_unknown() {
+        let c = module_constants(
+            "const A: u32 = 8u;\nconst B: bool = false;\nconst K: u32 = 2u;\n\
+             const D: bool = A > 4u && !B;\nconst E: bool = A == K || RUNTIME;\n    \
+             const LOCAL: u32 = 1u;\nconst F: u32 = A / 2u;\n",
+        );
+        assert_eq!(c.get("A"), Some(&ConstValue::Int(8)));
+        assert_eq!(c.get("D"), Some(&ConstValue::Bool(true)));
+        // Unknown parts: no value; an indented const is not module scope; no arithmetic.
+        assert_eq!(c.get("E"), None);
+        assert_eq!(c.get("LOCAL"), None);
+        assert_eq!(c.get("F"), None);
+        for (cond, want) in [
+            ("A > 0u", Some(true)),
+            ("(A == K)", Some(false)),
+            ("!B", Some(true)),
+            ("B || A != 8u", Some(false)),
+            ("A == 8u && x > 1", None),
+            ("A == 7u && select(a, b, c)", Some(false)),
+            ("B == false", Some(true)),
+            ("(A > 1u) && (K >= 2u)", Some(true)),
+            ("x", None),
+            ("A", None),
+        ] {
+            assert_eq!(eval_condition(cond, &c), want, "{cond}");
+        }
+    }
+
+    #[test]
+    fn decided_branches_fold_and_the_rest_stays() {
+        let c = module_constants("const ON: bool = true;\nconst OFF: bool = false;\n");
+        let src = "fn f() {\n    if (OFF) {\n        a();\n    } else if (x > 1) {\n        b();\n    \
+                   } else if (ON) {\n        c();\n    } else {\n        d();\n    }\n    \
+                   if (ON) {\n        if (OFF) { e(); }\n        g();\n    } else {\n        h();\n    }\n    \
+                   if (OFF) { i(); }\n    if (y) { j(); } else if (OFF) { k(); }\n    if (z) { l(); }\n}\n";
+        // A taken branch that leaves keeps a condition, so the code after it stays reachable.
+        let jump = "if (ON) {\n    continue;\n}\nif (OFF) {\n    a();\n} else {\n    return;\n}\n";
+        assert_eq!(
+            squash(&fold_constant_ifs(jump, &c)),
+            "if (ON) { continue; } if (true) { return; }"
+        );
+        let got = squash(&fold_constant_ifs(src, &c));
+        assert_eq!(
+            got,
+            squash(
+                "fn f() { if (x > 1) { b(); } else { c(); } { g(); } if (y) { j(); } \
+                 if (z) { l(); } }"
+            ),
+        );
     }
 
     #[test]
