@@ -11,6 +11,18 @@ use std::process::Command;
 
 use posattn::kernel::export::{self, Lang, Module};
 
+/// Runs `val` on the SPIR-V module at `path` for `target_env`: whether it passed, and its output.
+pub(crate) fn run_spirv_val(val: &str, path: &std::path::Path, target_env: &str) -> (bool, String) {
+    let out = Command::new(val)
+        .args(["--target-env", target_env])
+        .arg(path)
+        .output()
+        .expect("run spirv-val");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
 pub(crate) fn spirv_val() -> Option<&'static str> {
     let found = Command::new("spirv-val").arg("--version").output().is_ok();
     if !found {
@@ -50,26 +62,14 @@ fn cooperative_matrix_variants_translate_to_spirv_and_msl() {
         if let Some(val) = val {
             let path = dir.join(export::file_name(key, Lang::Spv));
             std::fs::write(&path, spv).unwrap();
-            let out = Command::new(val)
-                .args(["--target-env", "vulkan1.3"])
-                .arg(&path)
-                .output()
-                .expect("run spirv-val");
+            let (passed, text) = run_spirv_val(val, &path, "vulkan1.3");
             // SPIRV-Tools before 2023.4 (Debian 12 ships 2023.1) does not know the
             // CooperativeMatrixKHR capability (6022): reported, not passed.
-            let text = String::from_utf8_lossy(&out.stdout).to_string()
-                + &String::from_utf8_lossy(&out.stderr);
-            if !out.status.success() && text.contains("Invalid capability operand: 6022") {
+            if !passed && text.contains("Invalid capability operand: 6022") {
                 too_old = true;
                 continue;
             }
-            assert!(
-                out.status.success(),
-                "{}: spirv-val: {}{}",
-                key.name(),
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            assert!(passed, "{}: spirv-val: {text}", key.name());
             validated += 1;
         }
     }

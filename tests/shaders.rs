@@ -5,8 +5,6 @@
 //! parses each variant once), every listed variant is translated to SPIR-V, MSL, HLSL and GLSL
 //! and its SPIR-V checked by `spirv-val` (tests/portability.rs says why).
 
-use std::process::Command;
-
 use posattn::kernel::KernelKey;
 use posattn::kernel::abi::{Access, Params};
 use posattn::kernel::export::{self, Lang, Module};
@@ -54,18 +52,8 @@ fn translate(module: &Module, val: Option<&str>, dir: &std::path::Path) {
     if let Some(val) = val {
         let path = dir.join(export::file_name(&key, Lang::Spv));
         std::fs::write(&path, spv).unwrap();
-        let out = Command::new(val)
-            .args(["--target-env", "vulkan1.1"])
-            .arg(&path)
-            .output()
-            .expect("run spirv-val");
-        assert!(
-            out.status.success(),
-            "{}: spirv-val: {}{}",
-            key.name(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (passed, text) = crate::portability::run_spirv_val(val, &path, "vulkan1.1");
+        assert!(passed, "{}: spirv-val: {text}", key.name());
     }
 }
 

@@ -506,27 +506,20 @@ pub(crate) fn eval_condition(
     if c.starts_with('(') && matching(c, 0) == Some(c.len() - 1) {
         return eval_condition(&c[1..c.len() - 1], consts);
     }
-    let ors = split_top(c, "||");
-    if ors.len() > 1 {
-        let vals: Vec<Option<bool>> = ors.iter().map(|p| eval_condition(p, consts)).collect();
-        return if vals.contains(&Some(true)) {
-            Some(true)
-        } else if vals.iter().all(|v| *v == Some(false)) {
-            Some(false)
-        } else {
-            None
-        };
-    }
-    let ands = split_top(c, "&&");
-    if ands.len() > 1 {
-        let vals: Vec<Option<bool>> = ands.iter().map(|p| eval_condition(p, consts)).collect();
-        return if vals.contains(&Some(false)) {
-            Some(false)
-        } else if vals.iter().all(|v| *v == Some(true)) {
-            Some(true)
-        } else {
-            None
-        };
+    // `||` (decided by any true part) binds looser than `&&` (by any false part); WGSL needs
+    // parentheses to mix them.
+    for (op, decisive) in [("||", true), ("&&", false)] {
+        let parts = split_top(c, op);
+        if parts.len() > 1 {
+            let vals: Vec<Option<bool>> = parts.iter().map(|p| eval_condition(p, consts)).collect();
+            return if vals.contains(&Some(decisive)) {
+                Some(decisive)
+            } else if vals.iter().all(|v| *v == Some(!decisive)) {
+                Some(!decisive)
+            } else {
+                None
+            };
+        }
     }
     let value = |t: &str| -> Option<ConstValue> {
         let t = t.trim();
