@@ -69,6 +69,10 @@ const WG_SIZE: u32 = SLOTS * LANES;
 const LANE_WG: bool = LANES > 1u && LANE_REDUCE == 0u;
 const LOG2E: f32 = 1.4426950408889634;
 const LN2: f32 = 0.6931471805599453;
+// With f16 accumulation (PV_HALF) the running maximum carries this offset (base-2 units, so
+// every weight is at most 2^-3) to keep the accumulators within f16's range, as llama.cpp's
+// FATTN_KQ_MAX_OFFSET does; the sum carries it too, so outputs and log-sum-exp are unchanged.
+const PV_OFFSET: f32 = select(0.0, 3.0, PV_HALF);
 
 
 // K_TILES tiles of keys (the second one rotated for the second branch), then one of values.
@@ -76,8 +80,10 @@ const LN2: f32 = 0.6931471805599453;
 // mma_put_k) and leave k_tile at one element (K_TILE_LEN).
 var<workgroup> k_tile: array<vec4<f32>, K_TILE_LEN>;
 // The P·V tile product forms (PV_MMA) stage V through their own array (mma_put_v) and leave
-// v_tile at one element (V_TILE_LEN).
-var<workgroup> v_tile: array<vec4<f32>, V_TILE_LEN>;
+// v_tile at one element (V_TILE_LEN). pv4 and pv_t are the row form's P·V types (generated per
+// variant, src/kernel/source.rs): vec4<f32> and f32, or vec4<f16> and f16 with f16
+// accumulation (PV_HALF), whose V tile, weights and accumulators are then f16.
+var<workgroup> v_tile: array<pv4, V_TILE_LEN>;
 // The workgroup-memory lane reduction (LANE_WG) keeps each invocation's four partial scores per
 // row in an array of its own, reached through lane_red_put and lane_red_get (generated per
 // variant, src/kernel/source.rs; other variants get stubs and no array, since WebGPU counts
@@ -347,15 +353,15 @@ fn attention_fused(
     var m0 = MASKED;
     var l0 = 0.0;
     if (params.sink_logit_offset != NO_SINK_LOGITS) {
-        m0 = aux_f(params.sink_logit_offset + head) * LOG2E;
-        l0 = 1.0;
+        m0 = aux_f(params.sink_logit_offset + head) * LOG2E + PV_OFFSET;
+        l0 = exp2(-PV_OFFSET);
     }
     var rows: array<u32, ROWS>;
     var qpos: array<i32, ROWS>;
     // Branch br's rotation of row r at (br · ROWS + r) · LVEC (K_TILES branches; this lane's
     // vec4s of it).
     var q: array<vec4<f32>, K_TILES * ROWS * LVEC>;
-    var acc: array<vec4<f32>, ROWS * LVEC>;
+    var acc: array<pv4, ROWS * LVEC>;
     var m_run: array<f32, ROWS>;
     var l_run: array<f32, ROWS>;
     var row_nan: array<bool, ROWS>;
@@ -368,7 +374,7 @@ fn attention_fused(
         row_nan[r] = false;
         // @unroll
         for (var c = 0u; c < LVEC; c++) {
-            acc[r * LVEC + c] = vec4<f32>(0.0);
+            acc[r * LVEC + c] = pv4(0.0);
         }
     }
 
@@ -437,7 +443,7 @@ fn attention_fused(
                         pv_flag_keys(1u << (idx / HEAD_VEC));
                     }
                 } else {
-                    v_tile[idx] = vv;
+                    v_tile[idx] = pv4(vv);
                 }
             }
         }
@@ -537,7 +543,7 @@ fn attention_fused(
                 // @unroll
                 for (var m = 0u; m < TILE_LOADS; m++) {
                     kl[m] = k_tile[kb + m * TS1 + sg_lane];
-                    vl[m] = v_tile[kb + m * TS1 + sg_lane];
+                    vl[m] = vec4<f32>(v_tile[kb + m * TS1 + sg_lane]);
                 }
             }
             var d: array<vec4<f32>, K_TILES * ROWS * 4u>;
@@ -714,7 +720,11 @@ fn attention_fused(
                         | select(0u, 4u, !v4.z) | select(0u, 8u, !v4.w);
                     hidden = hidden | (hid4 << g);
                 } else {
-                    let m_new = max(m_run[r], max(max(s.x, s.y), max(s.z, s.w)));
+                    var s_max = max(max(s.x, s.y), max(s.z, s.w));
+                    if (PV_HALF) {
+                        s_max += PV_OFFSET;
+                    }
+                    let m_new = max(m_run[r], s_max);
                     alpha[r] = exp2(m_run[r] - m_new);
                     p[r] = select(vec4<f32>(0.0), exp2(s - vec4<f32>(m_new)), v4);
                     l_run[r] = l_run[r] * alpha[r] + ((p[r].x + p[r].y) + (p[r].z + p[r].w));
@@ -734,7 +744,15 @@ fn attention_fused(
             for (var r = 0u; r < ROWS; r++) {
                 keep[r] = vis[r] | vec4<bool>(all_vis);
             }
-            let z = vec4<f32>(0.0);
+            // The weights and rescales in the P·V type (f16 with PV_HALF), once per row.
+            var pp: array<pv4, ROWS>;
+            var pa: array<pv_t, ROWS>;
+            // @unroll
+            for (var r = 0u; r < ROWS; r++) {
+                pp[r] = pv4(p[r]);
+                pa[r] = pv_t(alpha[r]);
+            }
+            let z = pv4(0.0);
             // @unroll
             for (var c = 0u; c < LVEC; c++) {
                 let vc = kb + c * LANES + lane;
@@ -743,23 +761,23 @@ fn attention_fused(
                 var v2 = v_tile[vc + 2u * HEAD_VEC];
                 var v3 = v_tile[vc + 3u * HEAD_VEC];
                 if (TILE_SHARE > 0u) {
-                    v0 = tile_bcast(vl[min(c / TS1, TILE_LOADS - 1u)], c % TS1);
-                    v1 = tile_bcast(vl[min((c + HEAD_VEC) / TS1, TILE_LOADS - 1u)],
-                                    (c + HEAD_VEC) % TS1);
-                    v2 = tile_bcast(vl[min((c + 2u * HEAD_VEC) / TS1, TILE_LOADS - 1u)],
-                                    (c + 2u * HEAD_VEC) % TS1);
-                    v3 = tile_bcast(vl[min((c + 3u * HEAD_VEC) / TS1, TILE_LOADS - 1u)],
-                                    (c + 3u * HEAD_VEC) % TS1);
+                    v0 = pv4(tile_bcast(vl[min(c / TS1, TILE_LOADS - 1u)], c % TS1));
+                    v1 = pv4(tile_bcast(vl[min((c + HEAD_VEC) / TS1, TILE_LOADS - 1u)],
+                                        (c + HEAD_VEC) % TS1));
+                    v2 = pv4(tile_bcast(vl[min((c + 2u * HEAD_VEC) / TS1, TILE_LOADS - 1u)],
+                                        (c + 2u * HEAD_VEC) % TS1));
+                    v3 = pv4(tile_bcast(vl[min((c + 3u * HEAD_VEC) / TS1, TILE_LOADS - 1u)],
+                                        (c + 3u * HEAD_VEC) % TS1));
                 }
                 // @unroll
                 for (var r = 0u; r < ROWS; r++) {
-                    let pr = p[r];
+                    let pr = pp[r];
                     let kr = keep[r];
-                    var a = acc[r * LVEC + c] * alpha[r];
-                    a = fma(vec4<f32>(pr.x), select(z, v0, kr.x), a);
-                    a = fma(vec4<f32>(pr.y), select(z, v1, kr.y), a);
-                    a = fma(vec4<f32>(pr.z), select(z, v2, kr.z), a);
-                    acc[r * LVEC + c] = fma(vec4<f32>(pr.w), select(z, v3, kr.w), a);
+                    var a = acc[r * LVEC + c] * pa[r];
+                    a = fma(pv4(pr.x), select(z, v0, kr.x), a);
+                    a = fma(pv4(pr.y), select(z, v1, kr.y), a);
+                    a = fma(pv4(pr.z), select(z, v2, kr.z), a);
+                    acc[r * LVEC + c] = fma(pv4(pr.w), select(z, v3, kr.w), a);
                 }
             }
         }
@@ -827,7 +845,7 @@ fn attention_fused(
             let inv_l = select(0.0, 1.0 / l, l > 0.0);
             // @unroll
             for (var c = 0u; c < LVEC; c++) {
-                let o = select(vec4<f32>(0.0), acc[r * LVEC + c] * inv_l, l > 0.0);
+                let o = select(vec4<f32>(0.0), vec4<f32>(acc[r * LVEC + c]) * inv_l, l > 0.0);
                 store_o4(o_base + c * LANES + lane, select(o, nan4, row_nan[r]));
             }
             // Log-sum-exp in natural log ([batch, heads, seq_q]; −∞ when nothing is attended,

@@ -97,6 +97,7 @@ pub struct Context {
     decode_lanes_override: Option<u32>,
     block_q_override: Option<u32>,
     half_override: Option<HalfForm>,
+    accumulation: crate::dtype::Accumulation,
     /// The cooperative-matrix score tile the device runs (requested feature and an f16
     /// configuration of the adapter), if any.
     coop: Option<ScoreTile>,
@@ -339,6 +340,7 @@ impl Context {
             decode_lanes_override: None,
             block_q_override: None,
             half_override: None,
+            accumulation: crate::dtype::Accumulation::F32,
             coop: None,
             score_tile: ScoreTile::Rows,
             device,
@@ -507,6 +509,7 @@ impl Context {
         let lanes = self.row_lanes(key.head_dim);
         key.with_row_lanes(lanes, self.row_lane_reduce(lanes))
             .with_block_q(self.block_q(spec))
+            .with_half_acc(self.accumulation == crate::dtype::Accumulation::F16)
             .with_tile_share(self.tile_share())
     }
 
@@ -648,6 +651,29 @@ impl Context {
     /// as unavailable, by a plan that stores an f16 tensor.
     pub fn set_half_form(&mut self, form: Option<HalfForm>) {
         self.half_override = form;
+    }
+
+    /// The arithmetic of P·V in the fused kernel's row form for plans made from now on:
+    /// [`crate::Accumulation::F32`] unless set with [`Context::set_accumulation`]. The score-tile
+    /// forms ([`Context::set_score_tile`]) keep their own (f32 accumulation of f16 products).
+    pub fn accumulation(&self) -> crate::dtype::Accumulation {
+        self.accumulation
+    }
+
+    /// Sets the arithmetic of P·V for plans made from now on. [`crate::Accumulation::F16`]
+    /// (f16 weights, V and accumulators; a precision choice, see its docs) needs `SHADER_F16`,
+    /// else an [`Error::Unavailable`] naming `accumulation`. No heuristic and no `posattn tune`
+    /// chooses it: `posattn bench --accumulate f32,f16` measures what it buys on an adapter.
+    pub fn set_accumulation(&mut self, acc: crate::dtype::Accumulation) -> Result<()> {
+        if acc == crate::dtype::Accumulation::F16 && !self.has_native_f16() {
+            return Err(Error::unavailable(
+                "accumulation",
+                "f16 (P·V in f16 arithmetic)",
+                "f32 only (the device has no SHADER_F16)",
+            ));
+        }
+        self.accumulation = acc;
+        Ok(())
     }
 
     /// Sets the longest wait for one submission.

@@ -172,6 +172,40 @@ pub enum HalfForm {
     Packed,
 }
 
+/// The arithmetic of the fused kernel's P·V (its row form): f32 throughout (the default), or
+/// f16 weights, V and output accumulators, which halve the accumulator registers and let a GPU
+/// pack two halves per register, at the cost of f16 rounding in every product and sum
+/// (`Context::set_accumulation`; needs the adapter's `SHADER_F16`). Scores, the softmax's
+/// running maximum and sum, and the final division stay f32 either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Accumulation {
+    /// f32 weights, V and accumulators.
+    #[default]
+    F32,
+    /// f16 weights, V and accumulators, with the running maximum offset so that every weight
+    /// is at most 1/8 (llama.cpp's f16-accumulating kernels do the same).
+    F16,
+}
+
+impl Accumulation {
+    /// Its name on the command line: `f32` or `f16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Accumulation::F32 => "f32",
+            Accumulation::F16 => "f16",
+        }
+    }
+
+    /// The form named `name` (`f32` or `f16`).
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "f32" => Some(Accumulation::F32),
+            "f16" => Some(Accumulation::F16),
+            _ => None,
+        }
+    }
+}
+
 /// Checks that `len` bytes hold whole elements of `d` (and `want` of them, when given).
 pub(crate) fn check_bytes(
     field: &'static str,

@@ -76,7 +76,7 @@ pub use config::{HfConfigFile, HfDefaults, LlamaCppRope, RopeConfig};
 pub use context::enumerate_adapters;
 pub use context::{Context, ContextOptions, describe_adapter, enumerate_adapters_async};
 pub use decode::{DecodeBuffers, DecodePlan, DecodeSpec, KvCache};
-pub use dtype::{Dtype, Dtypes, HalfForm};
+pub use dtype::{Accumulation, Dtype, Dtypes, HalfForm};
 pub use encoding::custom::CustomScheme;
 pub use encoding::masks::{BiasLayout, Extrapolation, Window};
 pub use encoding::position::{

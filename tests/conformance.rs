@@ -5,7 +5,9 @@
 //! (e.g. `vulkan,gl`) to make a backend with no adapter a failure rather than a reported skip.
 
 use posattn::harness::check::{self, Group, Status};
-use posattn::{Context, ContextOptions, Dtype, Dtypes, HalfForm, ScoreTile, enumerate_adapters};
+use posattn::{
+    Accumulation, Context, ContextOptions, Dtype, Dtypes, HalfForm, ScoreTile, enumerate_adapters,
+};
 
 fn conformance(backends: wgpu::Backends, name: &str) {
     run_matrix(backends, name, None, check::conformance_cases());
@@ -33,12 +35,23 @@ fn run_matrix_scores(
     tile: ScoreTile,
     cases: Vec<check::Case>,
 ) {
-    run_matrix_form(backends, name, rows, None, half, tile, None, cases);
+    run_matrix_form(
+        backends,
+        name,
+        rows,
+        None,
+        half,
+        tile,
+        None,
+        Accumulation::F32,
+        cases,
+    );
 }
 
 /// Runs `cases` on every adapter of `backends`; `rows` overrides the rows per invocation,
 /// `lanes` the lanes per query row (the lane-split form), `half` the f16 storage form (a case
-/// may force its own), `tile` how scores are formed and `block_q` the query rows per workgroup.
+/// may force its own), `tile` how scores are formed, `block_q` the query rows per workgroup and
+/// `acc` the arithmetic of P·V.
 #[allow(clippy::too_many_arguments)]
 fn run_matrix_form(
     backends: wgpu::Backends,
@@ -48,6 +61,7 @@ fn run_matrix_form(
     half: Option<HalfForm>,
     tile: ScoreTile,
     block_q: Option<u32>,
+    acc: Accumulation,
     cases: Vec<check::Case>,
 ) {
     let options = ContextOptions::default()
@@ -73,6 +87,7 @@ fn run_matrix_form(
         ctx.set_block_q(block_q)?;
         ctx.set_half_form(half);
         ctx.set_score_tile(tile)?;
+        ctx.set_accumulation(acc)?;
         Ok(ctx)
     };
     for adapter in adapters {
@@ -94,6 +109,21 @@ fn run_matrix_form(
                 !lane_forms.is_empty(),
                 "{l} lanes per row asked for, but no case compiles the lane-split form"
             );
+        }
+        // Likewise f16 accumulation: every case compiles it.
+        if acc == Accumulation::F16 {
+            for c in &cases {
+                let half = c.half_form.unwrap_or(ctx.half_form());
+                let k = check::case_kernel(c, |d| ctx.rows_per_invocation(d), half)
+                    .expect("a fused kernel");
+                let k = ctx.fused_variant(k, &c.spec);
+                assert!(
+                    k.half_acc,
+                    "{}: {} does not accumulate in f16",
+                    c.name,
+                    k.name()
+                );
+            }
         }
         // Likewise the query block asked for.
         if let Some(b) = block_q {
@@ -134,7 +164,7 @@ fn run_matrix_form(
             }
         }
         println!(
-            "conformance on {} ({} rows per invocation at head_dim 64, scores {tile:?}{}): {pass} passed, {fail} failed, {unsup} unsupported; \
+            "conformance on {} ({} rows per invocation at head_dim 64, scores {tile:?}, {acc:?} P·V{}): {pass} passed, {fail} failed, {unsup} unsupported; \
              worst error/bound {worst:.3}; {} kernels on {} devices",
             ctx.describe(),
             // The score-tile forms run one row per invocation.
@@ -284,6 +314,7 @@ fn conformance_vulkan_lane_split() {
         None,
         ScoreTile::Rows,
         None,
+        Accumulation::F32,
         cases,
     );
 }
@@ -305,6 +336,7 @@ fn conformance_vulkan_lane_split_subgroup_add() {
         None,
         ScoreTile::Rows,
         None,
+        Accumulation::F32,
         cases,
     );
 }
@@ -329,6 +361,7 @@ fn conformance_gl_lane_split_workgroup_reduce() {
         None,
         ScoreTile::Rows,
         None,
+        Accumulation::F32,
         cases,
     );
 }
@@ -388,6 +421,7 @@ fn conformance_vulkan_query_block_256() {
         None,
         ScoreTile::Rows,
         Some(256),
+        Accumulation::F32,
         cases,
     );
 }
@@ -555,6 +589,60 @@ fn conformance_vulkan_pv_tile() {
         None,
         ScoreTile::EmulatedPv,
         cases,
+    );
+}
+
+/// P·V in f16 arithmetic (`Accumulation::F16`: f16 weights, V tile and accumulators, the
+/// running maximum offset by 3 in base 2) on lavapipe, which has `SHADER_F16`: what
+/// `posattn check --quick --accumulate f16` runs (every encoding, mask, NaN placement and
+/// combination, the half dtypes on the RoPE head-size-64 cases) at the adapter's rows per
+/// invocation, then the lane-split form (4 lanes a row) on the quick RoPE head-size-64 cases.
+/// Tolerance: `check`'s rule with the plain implementation that rounds the weights (scaled by
+/// 1/8) and V to f16 and sums in f16 (`reference::attention_half_acc`). An adapter without
+/// `SHADER_F16` must refuse the form, naming `accumulation`.
+#[test]
+fn conformance_vulkan_half_accumulation() {
+    let Some(ctx) = crate::common::vulkan("f16 accumulation") else {
+        return;
+    };
+    if !ctx.has_native_f16() {
+        let mut c = ctx;
+        let e = c.set_accumulation(Accumulation::F16).unwrap_err();
+        assert_eq!(e.field(), Some("accumulation"), "{e}");
+        println!(
+            "f16 accumulation: {} has no SHADER_F16, refused",
+            c.describe()
+        );
+        return;
+    }
+    let quick = check::quick_check_cases(&ctx);
+    let rope64: Vec<_> = quick
+        .iter()
+        .filter(|c| c.is_rope_d64() && c.spec.dtypes == Dtypes::F32)
+        .cloned()
+        .collect();
+    drop(ctx);
+    run_matrix_form(
+        wgpu::Backends::VULKAN,
+        "vulkan",
+        None,
+        None,
+        None,
+        ScoreTile::Rows,
+        None,
+        Accumulation::F16,
+        quick,
+    );
+    run_matrix_form(
+        wgpu::Backends::VULKAN,
+        "vulkan",
+        Some(2),
+        Some(4),
+        None,
+        ScoreTile::Rows,
+        None,
+        Accumulation::F16,
+        rope64,
     );
 }
 

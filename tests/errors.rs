@@ -436,6 +436,12 @@ fn half_storage_errors_are_typed() {
         }
         without += 1;
         assert_eq!(c.half_form(), HalfForm::Packed, "{}", c.describe());
+        // f16 arithmetic for P·V needs SHADER_F16 too.
+        let e = c
+            .set_accumulation(posattn::Accumulation::F16)
+            .expect_err("f16 accumulation without SHADER_F16");
+        assert!(matches!(e, Error::Unavailable { .. }), "{e}");
+        assert_eq!(e.field(), Some("accumulation"), "{e}");
         c.set_half_form(Some(HalfForm::Native));
         let spec = AttentionSpec::default()
             .with_seq_len(8)

@@ -64,3 +64,65 @@ fn rope_phase_stays_exact_at_long_positions() {
         }
     }
 }
+
+/// f16 accumulation (`Accumulation::F16`) keeps a row's sums within f16's range: the running
+/// maximum carries an offset of 3 in base 2, so every weight is at most 1/8. Equal scores (zero
+/// queries) over 64 keys whose V is 3000 everywhere sum to 24 000 with the offset, where
+/// weights of 1 would sum to 192 000, past f16's 65 504 (infinite). Rule: the output is finite
+/// and within the worst case of 64 f16 roundings of the running sum (each at most half an ulp,
+/// 2⁻¹¹ of the sum: 64 · 2⁻¹¹ = 1/32 relative; lavapipe is 0.5 % off), and the log-sum-exp is
+/// ln 64 to f32 precision (the offset cancels there). A sink logit of 0 adds a 65th equal
+/// weight, through the same offset.
+#[test]
+fn half_accumulation_keeps_sums_in_range() {
+    let options = ContextOptions::default().with_adapter_name(None);
+    let mut ran = 0;
+    for adapter in enumerate_adapters(&options) {
+        let mut ctx = Context::from_adapter(&adapter).expect("device");
+        if ctx.set_accumulation(posattn::Accumulation::F16).is_err() {
+            println!(
+                "{}: no SHADER_F16, f16 accumulation refused",
+                ctx.describe()
+            );
+            continue;
+        }
+        for sink in [false, true] {
+            let mut spec = AttentionSpec::default()
+                .with_seq_q(3)
+                .with_seq_k(64)
+                .with_heads(2)
+                .with_causal(false);
+            if sink {
+                spec = spec.with_sink_logits(vec![0.0; 2]);
+            }
+            let plan = Attention::new(&ctx, &spec).expect("plan");
+            assert!(plan.kernel().half_acc, "{}", plan.kernel().name());
+            let q = vec![0.0; spec.q_len()];
+            let k = vec![0.5; spec.kv_len()];
+            let v = vec![3000.0; spec.kv_len()];
+            let (out, lse) = plan
+                .run_with_lse(&ctx, &q, &k, &v, None, None, None)
+                .expect("run");
+            let keys: f32 = if sink { 65.0 } else { 64.0 };
+            // With a sink, 64 of 65 equal weights reach V.
+            let want = 3000.0 * 64.0 / keys;
+            for &o in &out {
+                assert!(
+                    o.is_finite() && ((o - want) / want).abs() <= 64.0 / 2048.0,
+                    "{}: output {o}, expected {want} (sink {sink})",
+                    ctx.describe()
+                );
+            }
+            for &l in &lse {
+                assert!(
+                    (l - keys.ln()).abs() <= 1e-5,
+                    "{}: lse {l}, expected {}",
+                    ctx.describe(),
+                    keys.ln()
+                );
+            }
+        }
+        ran += 1;
+    }
+    println!("f16 accumulation in range on {ran} adapters");
+}

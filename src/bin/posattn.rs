@@ -35,16 +35,19 @@ enum Scores {
     CoopPv,
 }
 
-/// Opens `adapter` for `scores` and sets the context's score tile: the cooperative-matrix form
-/// the adapter offers for `Coop` (an error naming `score_tile` where it offers none).
+/// Opens `adapter` for `scores` and sets the context's score tile (the cooperative-matrix form
+/// the adapter offers for `Coop`; an error naming `score_tile` where it offers none), lanes per
+/// row and P·V arithmetic (an error naming `accumulation` for f16 without `SHADER_F16`).
 fn open_for(
     adapter: &wgpu::Adapter,
     scores: Scores,
     row_lanes: Option<u32>,
+    accumulate: posattn::Accumulation,
 ) -> posattn::Result<Context> {
     let coop = matches!(scores, Scores::Coop | Scores::CoopPv);
     let mut ctx = pollster::block_on(Context::open_async(adapter, coop))?;
     ctx.set_row_lanes(row_lanes)?;
+    ctx.set_accumulation(accumulate)?;
     let tile = match scores {
         Scores::Rows => posattn::ScoreTile::Rows,
         Scores::Tile => posattn::ScoreTile::Emulated,
@@ -57,6 +60,11 @@ fn open_for(
     };
     ctx.set_score_tile(tile)?;
     Ok(ctx)
+}
+
+/// `--accumulate`'s values: `f32` or `f16`.
+fn parse_accumulation(text: &str) -> Result<posattn::Accumulation, String> {
+    posattn::Accumulation::parse(text).ok_or_else(|| format!("expected f32 or f16, got {text:?}"))
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -124,6 +132,11 @@ enum Command {
         /// score-tile forms keep one lane.
         #[arg(long)]
         row_lanes: Option<u32>,
+        /// The arithmetic of the fused kernel's P·V: `f32` (the default), or `f16` (f16
+        /// weights, V and accumulators; needs SHADER_F16, reported unsupported elsewhere). Every
+        /// case runs in it, bounded by the plain implementation that accumulates in f16 too.
+        #[arg(long, default_value = "f32", value_parser = parse_accumulation)]
+        accumulate: posattn::Accumulation,
         /// Kernel variants run at once on a CPU adapter (llvmpipe compiles each on one core,
         /// at its first dispatch, on a device of its own): at least 1; default the machine's
         /// available parallelism, at most 4. GPUs run every case on one device.
@@ -191,7 +204,8 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_values_t = vec!["f32".to_string(), "f16".to_string(), "bf16".to_string()])]
         dtype: Vec<String>,
         /// Also write the rows as JSON to FILE. Prefill rows: adapter, seq, head_dim, dtype,
-        /// form (the dtype table's column), scores, row_lanes, fused_gflops,
+        /// form (the dtype table's column), scores, row_lanes, block_q, accumulation,
+        /// fused_gflops,
         /// unfused_gflops (f32 only, else null) and roof_gflops (the best plain WGSL matmul on the
         /// adapter, measured in the same run). Decode rows: batch, cache, dtype, splits,
         /// us_per_token, gbps, roof_gbps (a copy kernel's), prefill_kernel_us.
@@ -213,6 +227,11 @@ enum Command {
         /// the storage-dtype table.
         #[arg(long, value_delimiter = ',')]
         block_q: Vec<u32>,
+        /// Prefill: also time the fused kernel with P·V in this arithmetic (`f16`: f16 weights,
+        /// V and accumulators, needs SHADER_F16; `Context::set_accumulation`), in f32 and
+        /// native f16 storage, beside the f32 forms in the storage-dtype table.
+        #[arg(long, value_delimiter = ',', value_parser = parse_accumulation)]
+        accumulate: Vec<posattn::Accumulation>,
         /// Decode: also time the decode kernel with these lanes per key (1, 2, 4, 8 or 16,
         /// comma-separated; `Context::set_decode_lanes`) beside the adapter's choice, one row
         /// each.
@@ -409,6 +428,7 @@ fn check(
     json: Option<std::path::PathBuf>,
     scores: Scores,
     row_lanes: Option<u32>,
+    accumulate: posattn::Accumulation,
     threads: Option<usize>,
 ) -> ExitCode {
     if threads == Some(0) {
@@ -505,7 +525,7 @@ fn check(
     for adapter in adapters {
         let name = describe_adapter(&adapter.get_info());
         println!("\n{name}");
-        let ctx = match open_for(&adapter, scores, row_lanes) {
+        let ctx = match open_for(&adapter, scores, row_lanes, accumulate) {
             Ok(c) => c,
             Err(e) => {
                 // An adapter without cooperative matrices is declared unsupported for that
@@ -553,7 +573,14 @@ fn check(
         // On llvmpipe each kernel variant compiles on a device of its own, from a new instance
         // (`check::isolates_kernels`): there, every compile slows the next ones on a device.
         let info = ctx.adapter_info().clone();
-        let reopen = || open_for(&check::reopen_adapter(&info)?, scores, row_lanes);
+        let reopen = || {
+            open_for(
+                &check::reopen_adapter(&info)?,
+                scores,
+                row_lanes,
+                accumulate,
+            )
+        };
         let run = check::run_cases_isolated(&ctx, &cases, threads, reopen, |r| {
             bar.inc(1);
             bar.set_message(r.name.clone());
@@ -1248,6 +1275,7 @@ fn bench(
     scores: Scores,
     row_lanes: &[u32],
     blocks: &[u32],
+    accumulate: &[posattn::Accumulation],
 ) -> posattn::Result<()> {
     if let Some(&b) = blocks
         .iter()
@@ -1295,7 +1323,7 @@ fn bench(
     let mut rows = Vec::new();
     for a in adapters {
         // The score tile asked for, if this adapter runs it; the main table is the row form.
-        let (mut ctx, tile) = match open_for(&a, scores, None) {
+        let (mut ctx, tile) = match open_for(&a, scores, None, posattn::Accumulation::F32) {
             Ok(mut c) => {
                 let t = c.score_tile();
                 c.set_score_tile(posattn::ScoreTile::Rows)?;
@@ -1382,14 +1410,15 @@ fn bench(
                     "scores": "rows",
                     "row_lanes": ctx.row_lanes(head_dim),
                     "block_q": fused.kernel().block_q,
+                    "accumulation": "f32",
                     "fused_gflops": gf(f_ms),
                     "unfused_gflops": unfused_gflops,
                     "roof_gflops": roof_gflops,
                 }));
             }
-            for (seq, form, lanes, block, ms) in
-                bench_dtypes(&mut ctx, seqs, head_dim, runs, tile, row_lanes, blocks)?
-            {
+            for (seq, form, lanes, block, ms) in bench_dtypes(
+                &mut ctx, seqs, head_dim, runs, tile, row_lanes, blocks, accumulate,
+            )? {
                 let spec = prefill_bench_spec(seq, head_dim);
                 rows.push(serde_json::json!({
                 "adapter": ctx.describe(),
@@ -1400,6 +1429,7 @@ fn bench(
                 "scores": if form.contains("tile") || form.contains("coop") { form.split(' ').nth(1) } else { Some("rows") },
                 "row_lanes": lanes,
                 "block_q": block,
+                "accumulation": if form.contains("acc16") { "f16" } else { "f32" },
                 "fused_gflops": spec.flops() / (ms * 1e-3) / 1e9,
                 "unfused_gflops": null,
                 "roof_gflops": roof_gflops,
@@ -1418,7 +1448,7 @@ fn bench(
 /// rows per workgroup, at the same shapes, timed alternately in one run so that load from other
 /// processes affects the forms alike; speed is relative to f32. Returns (seq, form, lanes per
 /// row, query rows per workgroup, ms) of every form but the first.
-#[allow(clippy::type_complexity)]
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
 fn bench_dtypes(
     ctx: &mut Context,
     seqs: &[u32],
@@ -1427,11 +1457,12 @@ fn bench_dtypes(
     tile: Option<posattn::ScoreTile>,
     lanes: &[u32],
     blocks: &[u32],
+    accumulate: &[posattn::Accumulation],
 ) -> posattn::Result<Vec<(u32, &'static str, u32, u32, f64)>> {
     let mut out = Vec::new();
     use posattn::ScoreTile;
     use posattn::harness::timing::time_encoded;
-    use posattn::{Dtype, HalfForm};
+    use posattn::{Accumulation, Dtype, HalfForm};
     use wgpu::util::DeviceExt;
     let own = ctx.row_lanes(head_dim);
     let mut forms = vec![
@@ -1442,6 +1473,7 @@ fn bench_dtypes(
             ScoreTile::Rows,
             own,
             None,
+            Accumulation::F32,
         ),
         (
             "f16 packed",
@@ -1450,6 +1482,7 @@ fn bench_dtypes(
             ScoreTile::Rows,
             own,
             None,
+            Accumulation::F32,
         ),
         (
             "bf16",
@@ -1458,6 +1491,7 @@ fn bench_dtypes(
             ScoreTile::Rows,
             own,
             None,
+            Accumulation::F32,
         ),
     ];
     if ctx.has_native_f16() {
@@ -1470,6 +1504,7 @@ fn bench_dtypes(
                 ScoreTile::Rows,
                 own,
                 None,
+                Accumulation::F32,
             ),
         );
     }
@@ -1490,8 +1525,16 @@ fn bench_dtypes(
             ScoreTile::Coop16Pv => ("f32 coop16pv", "f16 coop16pv"),
             _ => ("f32 coop16", "f16 coop16"),
         };
-        forms.push((f32_name, Dtype::F32, HalfForm::Packed, t, 1, None));
-        forms.push((f16_name, Dtype::F16, half, t, 1, None));
+        forms.push((
+            f32_name,
+            Dtype::F32,
+            HalfForm::Packed,
+            t,
+            1,
+            None,
+            Accumulation::F32,
+        ));
+        forms.push((f16_name, Dtype::F16, half, t, 1, None, Accumulation::F32));
     }
     // The lane-split form (f32, the context's rows per invocation).
     for &l in lanes {
@@ -1501,7 +1544,15 @@ fn bench_dtypes(
             4 => "f32 lanes4",
             _ => "f32 lanes8",
         };
-        forms.push((name, Dtype::F32, HalfForm::Packed, ScoreTile::Rows, l, None));
+        forms.push((
+            name,
+            Dtype::F32,
+            HalfForm::Packed,
+            ScoreTile::Rows,
+            l,
+            None,
+            Accumulation::F32,
+        ));
     }
     // Query rows per workgroup (f32, the context's rows and lanes).
     for &b in blocks {
@@ -1517,7 +1568,19 @@ fn bench_dtypes(
             ScoreTile::Rows,
             own,
             Some(b),
+            Accumulation::F32,
         ));
+    }
+    // P·V in f16 arithmetic (f32 and the adapter's f16 storage), the context's rows and lanes;
+    // reported unavailable without SHADER_F16.
+    if accumulate.contains(&Accumulation::F16) {
+        let half = ctx.half_form();
+        for (name, d, h) in [
+            ("f32 acc16", Dtype::F32, HalfForm::Packed),
+            ("f16 acc16", Dtype::F16, half),
+        ] {
+            forms.push((name, d, h, ScoreTile::Rows, own, None, Accumulation::F16));
+        }
     }
     println!(
         "
@@ -1537,15 +1600,18 @@ fn bench_dtypes(
             rng.vec(base.kv_len(), 1.0),
         );
         let mut setups = Vec::new();
-        for &(name, d, half, t, l, b) in &forms {
+        for &(name, d, half, t, l, b, acc) in &forms {
             let spec = base.clone().with_dtype(d);
             ctx.set_score_tile(t)?;
             ctx.set_row_lanes(Some(l))?;
             ctx.set_block_q(b)?;
-            let plan = posattn::Attention::with_half_form(ctx, &spec, half);
+            let plan = ctx
+                .set_accumulation(acc)
+                .and_then(|()| posattn::Attention::with_half_form(ctx, &spec, half));
             ctx.set_score_tile(ScoreTile::Rows)?;
             ctx.set_row_lanes(None)?;
             ctx.set_block_q(None)?;
+            ctx.set_accumulation(Accumulation::F32)?;
             // A form this adapter cannot run (`Unavailable`) is reported and left out of the
             // row; the others are still timed. Any other error is the caller's.
             match plan {
@@ -1989,9 +2055,11 @@ fn main() -> ExitCode {
             json,
             scores,
             row_lanes,
+            accumulate,
             threads,
         } => check(
-            backend, adapter, quick, full, filter, dtype, verbose, json, scores, row_lanes, threads,
+            backend, adapter, quick, full, filter, dtype, verbose, json, scores, row_lanes,
+            accumulate, threads,
         ),
         Command::Info { backend } => info(backend),
         Command::Tune {
@@ -2044,9 +2112,17 @@ fn main() -> ExitCode {
             row_lanes,
             block_q,
             lanes,
+            accumulate,
             fastest: _,
         } => {
             let _ = seq;
+            if !accumulate.is_empty() {
+                eprintln!(
+                    "error: invalid `--accumulate`: expected it with prefill only (the decode \
+                     kernel accumulates in f32), got it with --decode"
+                );
+                return ExitCode::from(2);
+            }
             if !row_lanes.is_empty() {
                 eprintln!(
                     "error: invalid `--row-lanes`: expected it with prefill only (the decode \
@@ -2120,11 +2196,13 @@ fn main() -> ExitCode {
             row_lanes,
             block_q,
             lanes,
+            accumulate,
             ..
         } => {
             if !lanes.is_empty() {
                 eprintln!(
-                    "error: invalid `--lanes`: expected it with --decode only (lanes per key;                      the prefill kernel's lanes per row are `--row-lanes`)"
+                    "error: invalid `--lanes`: expected it with --decode only (lanes per key; \
+                     the prefill kernel's lanes per row are `--row-lanes`)"
                 );
                 return ExitCode::from(2);
             }
@@ -2138,6 +2216,7 @@ fn main() -> ExitCode {
                 scores,
                 &row_lanes,
                 &block_q,
+                &accumulate,
             ) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

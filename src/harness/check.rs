@@ -24,6 +24,10 @@
 //! rotated, scaled queries and the rotated keys to f16 before Q·Kᵀ. Its `ref32` does the same
 //! (the plain f32 implementation with f16 score operands, `reference::attention_half_scores`),
 //! so the bound is that rounding's error, times the same multiple; `ref64` stays exact.
+//!
+//! P·V in f16 arithmetic ([`crate::Accumulation::F16`]) is bounded the same way by the plain
+//! implementation that rounds each weight (scaled by 1/8, as the kernel's offset maximum makes
+//! it) and V to f16 and sums their products in f16 (`reference::attention_half_acc`).
 
 use std::time::Duration;
 
@@ -501,6 +505,8 @@ pub async fn run_case_async(ctx: &Context, case: &Case) -> CaseResult {
                 reference::attention_half_pv::<f32>(&case.spec, &q, &k, &v, &pq, &pk, b)
             } else if ctx.score_tile().half_operands() {
                 reference::attention_half_scores::<f32>(&case.spec, &q, &k, &v, &pq, &pk, b)
+            } else if ctx.accumulation() == crate::dtype::Accumulation::F16 {
+                reference::attention_half_acc::<f32>(&case.spec, &q, &k, &v, &pq, &pk, b)
             } else {
                 reference::attention_with_bias::<f32>(&case.spec, &q, &k, &v, &pq, &pk, b)
             };

@@ -371,7 +371,7 @@ pub fn attention_half_scores<T: Real>(
     pos_k: &[i32],
     bias: Option<&[f32]>,
 ) -> Vec<T> {
-    attention_impl(spec, q, k, v, pos_q, pos_k, bias, true, false).0
+    attention_impl(spec, q, k, v, pos_q, pos_k, bias, true, Pv::Exact).0
 }
 
 /// `attention_half_scores` with P·V's operands rounded to f16 too: each visible key's softmax
@@ -389,7 +389,38 @@ pub fn attention_half_pv<T: Real>(
     pos_k: &[i32],
     bias: Option<&[f32]>,
 ) -> Vec<T> {
-    attention_impl(spec, q, k, v, pos_q, pos_k, bias, true, true).0
+    attention_impl(spec, q, k, v, pos_q, pos_k, bias, true, Pv::Half).0
+}
+
+/// `attention_with_bias` with P·V in f16 arithmetic: each visible key's softmax weight relative
+/// to the row's maximum plus ln 8 (exp(s − max) / 8, in (0, 1/8]) rounded to f16, its V row
+/// rounded to f16, and their products summed in key order into f16 accumulators (each sum
+/// rounded to f16), then divided by the sum of the unrounded weights (f32 arithmetic). The
+/// plain implementation of what the fused kernel with f16 accumulation
+/// (`Accumulation::F16`, `KernelKey::with_half_acc`) computes, for that kernel's error bound;
+/// Q·Kᵀ and the softmax stay in the working precision.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_half_acc<T: Real>(
+    spec: &AttentionSpec,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    pos_q: &[i32],
+    pos_k: &[i32],
+    bias: Option<&[f32]>,
+) -> Vec<T> {
+    attention_impl(spec, q, k, v, pos_q, pos_k, bias, false, Pv::HalfAcc).0
+}
+
+/// P·V's arithmetic in `attention_impl`.
+#[derive(Clone, Copy, PartialEq)]
+enum Pv {
+    /// The working precision.
+    Exact,
+    /// f16 weights and V, accumulated in the working precision.
+    Half,
+    /// f16 weights (scaled by 1/8) and V, accumulated in f16.
+    HalfAcc,
 }
 
 /// `attention_with_bias` and each row's log-sum-exp ([batch, num_heads, seq_q], natural log,
@@ -404,7 +435,7 @@ pub fn attention_lse<T: Real>(
     pos_k: &[i32],
     bias: Option<&[f32]>,
 ) -> (Vec<T>, Vec<T>) {
-    attention_impl(spec, q, k, v, pos_q, pos_k, bias, false, false)
+    attention_impl(spec, q, k, v, pos_q, pos_k, bias, false, Pv::Exact)
 }
 
 /// The smallest normal f16, 2⁻¹⁴.
@@ -420,7 +451,7 @@ fn attention_impl<T: Real>(
     pos_k: &[i32],
     bias: Option<&[f32]>,
     half_scores: bool,
-    half_pv: bool,
+    pv: Pv,
 ) -> (Vec<T>, Vec<T>) {
     // Rounded to f16 with subnormals flushed to zero, which SPIR-V's f16 conversions allow
     // (OpQuantizeToF16, the emulated tile's, does on lavapipe).
@@ -671,12 +702,27 @@ fn attention_impl<T: Real>(
                     }
                 }
                 lse[li] = max + sum.ln();
-                if half_pv {
-                    // The weights keep f16's subnormals: a kernel's weights are relative to
-                    // its running maximum, so which tiny ones a flush would drop differs.
-                    let round_p = |e: T| {
-                        T::from_f64(crate::dtype::Dtype::F16.round(e.to_f64() as f32) as f64)
-                    };
+                // The weights keep f16's subnormals: a kernel's weights are relative to its
+                // running maximum, so which tiny ones a flush would drop differs.
+                let round_p =
+                    |e: T| T::from_f64(crate::dtype::Dtype::F16.round(e.to_f64() as f32) as f64);
+                if pv == Pv::HalfAcc {
+                    let eighth = T::from_f64(0.125);
+                    for j in 0..sk {
+                        if !vis[j] {
+                            continue;
+                        }
+                        let p = round_p(scores[j] * eighth);
+                        let vj = row(v, b, j, sk, hkv, kvh);
+                        for c in 0..d {
+                            o[c] = round_p(o[c] + p * round_p(vj[c]));
+                        }
+                    }
+                    let l = sum * eighth;
+                    o.iter_mut().for_each(|x| *x = *x / l);
+                    continue;
+                }
+                if pv == Pv::Half {
                     for j in 0..sk {
                         if !vis[j] {
                             continue;

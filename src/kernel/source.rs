@@ -115,6 +115,12 @@ pub(crate) fn compose(key: &KernelKey, hooks: Option<&str>) -> Result<String, Co
              fn lane_red_get(i: u32) -> vec4<f32> {\n    return vec4<f32>(0.0);\n}\n"
         };
         accessors += &score_tile_wgsl(key.scores);
+        // The row form's P·V types: f32, or f16 with f16 accumulation (KernelKey::half_acc).
+        accessors += if key.half_acc {
+            "alias pv_t = f16;\nalias pv4 = vec4<f16>;\n"
+        } else {
+            "alias pv_t = f32;\nalias pv4 = vec4<f32>;\n"
+        };
         // The row's log-sum-exp: written only by the variants that bind `lse_buf`.
         accessors += if key.lse {
             "fn store_lse(i: u32, x: f32) {\n    lse_buf[i] = x;\n}\n"

@@ -138,8 +138,10 @@ pub fn workgroup_bytes(key: &KernelKey) -> u32 {
         }
         return key.block_k * key.head_dim * 4 + (q + k) * half + s * 4 + 16;
     }
-    let tiles = if key.two_branch { 3 } else { 2 };
-    tiles * key.block_k * key.head_dim * 4 + lane_red_bytes(key)
+    // K tiles in f32; the V tile in f32, or f16 with f16 accumulation.
+    let k_tiles = if key.two_branch { 2 } else { 1 };
+    let v_bytes = if key.half_acc { 2 } else { 4 };
+    (k_tiles * 4 + v_bytes) * key.block_k * key.head_dim + lane_red_bytes(key)
 }
 
 /// Element counts of the score-tile forms' workgroup arrays: the Q tile, the K tile, `k_tile`
@@ -602,6 +604,9 @@ pub struct KernelKey {
     /// `subgroupBroadcast` (0: each invocation reads every vec4 itself). For CPU adapters, whose
     /// workgroup-memory reads are loops over the lanes ([`KernelKey::with_tile_share`]).
     pub tile_share: u32,
+    /// Fused row form: P·V in f16 arithmetic ([`KernelKey::with_half_acc`]): the softmax
+    /// weights, the staged V tile and the output accumulators are f16 (the module enables f16).
+    pub half_acc: bool,
 }
 
 impl KernelKey {
@@ -625,6 +630,7 @@ impl KernelKey {
             scores: ScoreTile::Rows,
             bias: false,
             tile_share: 0,
+            half_acc: false,
         }
     }
 
@@ -676,6 +682,7 @@ impl KernelKey {
             && subgroup >= 2
             && subgroup.is_power_of_two()
             && !self.two_branch
+            && !self.half_acc
             && self.scores == ScoreTile::Rows
             && self.row_lanes() == 1
             && self.invocations().is_multiple_of(subgroup)
@@ -725,6 +732,27 @@ impl KernelKey {
         }
     }
 
+    /// This fused key with P·V in f16 arithmetic (`on`), or in f32, where the form applies:
+    /// the row form ([`ScoreTile::Rows`], any rows and lanes per row, one or two branches);
+    /// else the key unchanged. The softmax weights, the staged V tile and the output
+    /// accumulators are then f16, as llama.cpp's f16-accumulating flash attention keeps them:
+    /// half the accumulator registers and half the V tile, and twice the arithmetic rate
+    /// where a GPU packs two halves per register. Scores, the running maximum and sum stay
+    /// f32, and the running maximum carries a fixed offset of 3 (base-2 units) so that every
+    /// weight is at most 1/8 and a row's sum of weights times V stays within f16's range. The
+    /// module enables f16 (the device needs `SHADER_F16`); the shared tile reads
+    /// ([`KernelKey::with_tile_share`], a CPU adapter's form) are turned off.
+    pub fn with_half_acc(self, on: bool) -> Self {
+        if self.stage != Stage::Fused || self.scores != ScoreTile::Rows {
+            return self;
+        }
+        KernelKey {
+            half_acc: on,
+            tile_share: if on { 0 } else { self.tile_share },
+            ..self
+        }
+    }
+
     /// Whether the module uses subgroup operations (lane sums or shared tile reads; the
     /// device needs `Features::SUBGROUP`); the cooperative-matrix forms ask for theirs apart.
     pub fn uses_subgroups(&self) -> bool {
@@ -770,13 +798,15 @@ impl KernelKey {
             rows,
             lanes,
             lane_reduce,
+            // f16 accumulation is a form of the row-form P·V.
+            half_acc: self.half_acc && scores == ScoreTile::Rows,
             ..self
         }
     }
 
     /// Whether the module needs `enable f16;` (and the device `SHADER_F16`).
     pub fn native_f16(&self) -> bool {
-        self.storage.iter().any(|s| s.native_f16())
+        self.half_acc || self.storage.iter().any(|s| s.native_f16())
     }
 
     /// The bindings of this variant: the family's table with the tensors' storage types.
@@ -826,6 +856,7 @@ impl KernelKey {
             scores: ScoreTile::Rows,
             bias: false,
             tile_share: 0,
+            half_acc: false,
         }
     }
 
@@ -916,6 +947,7 @@ impl KernelKey {
             scores: ScoreTile::Rows,
             bias: false,
             tile_share: 0,
+            half_acc: false,
         }
     }
 
@@ -1113,6 +1145,24 @@ impl KernelKey {
             keys.push(KernelKey::decode(64, 8, PosKind::Rope).with_storage(storage));
         }
         keys.push(KernelKey::decode_reduce(64).with_storage([F16; 4]));
+        // P·V in f16 arithmetic (KernelKey::with_half_acc): one and several rows per
+        // invocation, the lane-split form, the two-branch kernel, head size 128, half storage.
+        for rows in [1, multi_rows_for(64)] {
+            keys.push(KernelKey::fused(64, rows, PosKind::Rope).with_half_acc(true));
+        }
+        keys.push(KernelKey::fused(64, 1, PosKind::Alibi).with_half_acc(true));
+        keys.push(
+            KernelKey::fused(64, 2, PosKind::Rope)
+                .with_row_lanes(4, LaneReduce::Workgroup)
+                .with_half_acc(true),
+        );
+        keys.push(KernelKey::fused_two_branch(64, 1).with_half_acc(true));
+        keys.push(KernelKey::fused(128, 1, PosKind::Rope).with_half_acc(true));
+        keys.push(
+            KernelKey::fused(64, 1, PosKind::Rope)
+                .with_storage([F16; 4])
+                .with_half_acc(true),
+        );
         keys
     }
 
@@ -1188,7 +1238,7 @@ impl KernelKey {
         };
         match self.stage {
             Stage::Fused => format!(
-                "attention_fused_d{}_bq{}_bk{}_r{}{}_{pos}{branch}{}{dt}",
+                "attention_fused_d{}_bq{}_bk{}_r{}{}_{pos}{branch}{}{}{dt}",
                 self.head_dim,
                 self.block_q,
                 self.block_k,
@@ -1200,7 +1250,8 @@ impl KernelKey {
                 } else {
                     String::new()
                 },
-                self.scores.suffix()
+                self.scores.suffix(),
+                if self.half_acc { "_acch" } else { "" }
             ),
             Stage::Decode => format!(
                 "decode_d{}_r{}_l{}{}_{pos}{branch}{}{}{}{dt}",
@@ -1284,7 +1335,7 @@ impl KernelKey {
              const PV_MMA: bool = {};\nconst PV_CH: u32 = {}u;\nconst PV_ROUNDS: u32 = {}u;\n\
              const MP_LEN: u32 = {}u;\nconst MV_LEN: u32 = {}u;\nconst OP_LEN: u32 = {}u;\n\
              const V_TILE_LEN: u32 = {}u;\nconst S_STRIDE: u32 = {}u;\nconst P_STRIDE: u32 = {}u;\n\
-             const OP_STRIDE: u32 = {}u;\n",
+             const OP_STRIDE: u32 = {}u;\nconst PV_HALF: bool = {};\n",
             self.name(),
             self.head_dim,
             self.block_q.max(1),
@@ -1319,7 +1370,8 @@ impl KernelKey {
             },
             self.s_stride(),
             self.p_stride(),
-            self.op_stride()
+            self.op_stride(),
+            self.half_acc
         )
     }
 
