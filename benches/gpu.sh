@@ -16,11 +16,15 @@
 # OUT gets: info.txt (adapter, driver, commit); check_coop.txt and .json (the quick matrix with
 # the cooperative-matrix score tile); check_coop_pv.txt and .json (the same with P·V on the
 # cooperative matrices too); check_lanes.txt and .json (the quick matrix in the
-# lane-split form, 4 lanes per row on the card's subgroups); prefill.txt and .json (`posattn
+# lane-split form, 4 lanes per row on the card's subgroups); check_acc16.txt and .json (the
+# quick matrix with P·V in f16 arithmetic); check_qwg.txt and .json (the quick matrix with the
+# queries in workgroup memory); prefill.txt and .json (`posattn
 # bench` at head_dim 64 and 128 on a plain device: the row form, the matmul roof, the unfused
-# pipeline, every storage dtype, f32 with 2, 4 and 8 lanes per row, and f32 in 128- and
-# 256-row query blocks); tune.txt and .json
-# (`posattn tune`: every rows × lanes candidate at seq 2048, the A/B of the lane-split form,
+# pipeline, every storage dtype, f32 with 2, 4 and 8 lanes per row, f32 in 128- and
+# 256-row query blocks, f16 accumulation in f32 and f16 storage, and f32 with the queries in
+# workgroup memory); tune.txt and .json
+# (`posattn tune`: every rows × lanes candidate at seq 2048, again with the queries in
+# workgroup memory where they hold 128 floats a lane or more, the A/B of the lane-split form,
 # and every decode lanes-per-key candidate at cache 8192);
 # prefill_tuned.txt and .json (the prefill tables again with the tuned variants);
 # prefill_coop.txt and .json (the same on a device opened with cooperative matrices,
@@ -130,8 +134,13 @@ step check-coop-pv 60 "$out/check_coop_pv.txt" "$posattn" check --backend "$WGPU
     --quick --scores coop-pv --json "$out/check_coop_pv.json"
 step check-lanes 60 "$out/check_lanes.txt" "$posattn" check --backend "$WGPU_BACKEND" --quick \
     --row-lanes 4 --json "$out/check_lanes.json"
+step check-acc16 60 "$out/check_acc16.txt" "$posattn" check --backend "$WGPU_BACKEND" --quick \
+    --accumulate f16 --json "$out/check_acc16.json"
+step check-qwg 60 "$out/check_qwg.txt" "$posattn" check --backend "$WGPU_BACKEND" --quick \
+    --q-workgroup --json "$out/check_qwg.json"
 step prefill 150 "$out/prefill.txt" "$posattn" bench --backend "$WGPU_BACKEND" --seq "$seqs" \
-    --head-dim "$dims" --row-lanes 2,4,8 --block-q 128,256 --json "$out/prefill.json"
+    --head-dim "$dims" --row-lanes 2,4,8 --block-q 128,256 --accumulate f16 --q-workgroup \
+    --json "$out/prefill.json"
 # Every rows-per-invocation × lanes-per-row candidate, each checked against the reference
 # first; the tuned choice goes to the results folder, not the machine's cache.
 step tune 120 "$out/tune.txt" env POSATTN_TUNE_FILE="$out/tune.json" "$posattn" tune \

@@ -84,6 +84,11 @@ var<workgroup> k_tile: array<vec4<f32>, K_TILE_LEN>;
 // variant, src/kernel/source.rs): vec4<f32> and f32, or vec4<f16> and f16 with f16
 // accumulation (PV_HALF), whose V tile, weights and accumulators are then f16.
 var<workgroup> v_tile: array<pv4, V_TILE_LEN>;
+// Q_SHARED: each invocation's query vec4s in workgroup memory instead of registers, vec4 i of
+// invocation lid at i · WG_SIZE + lid (consecutive invocations read consecutive vec4s); one
+// element elsewhere (Q_TILE_LEN). Only its own invocation reads what it wrote, so no barrier
+// guards it.
+var<workgroup> q_tile: array<vec4<f32>, Q_TILE_LEN>;
 // The workgroup-memory lane reduction (LANE_WG) keeps each invocation's four partial scores per
 // row in an array of its own, reached through lane_red_put and lane_red_get (generated per
 // variant, src/kernel/source.rs; other variants get stubs and no array, since WebGPU counts
@@ -360,7 +365,8 @@ fn attention_fused(
     var qpos: array<i32, ROWS>;
     // Branch br's rotation of row r at (br · ROWS + r) · LVEC (K_TILES branches; this lane's
     // vec4s of it).
-    var q: array<vec4<f32>, K_TILES * ROWS * LVEC>;
+    // (One element with Q_SHARED, where the queries live in q_tile.)
+    var q: array<vec4<f32>, select(K_TILES * ROWS * LVEC, 1u, Q_SHARED)>;
     var acc: array<pv4, ROWS * LVEC>;
     var m_run: array<f32, ROWS>;
     var l_run: array<f32, ROWS>;
@@ -470,7 +476,12 @@ fn attention_fused(
                             let r0 = (local % BLOCK_K) * HEAD_VEC + lane;
                             // @unroll
                             for (var c = 0u; c < LVEC; c++) {
-                                q[(br * ROWS + r) * LVEC + c] = k_tile[r0 + c * LANES];
+                                let qi = (br * ROWS + r) * LVEC + c;
+                                if (Q_SHARED) {
+                                    q_tile[qi * WG_SIZE + lid] = k_tile[r0 + c * LANES];
+                                } else {
+                                    q[qi] = k_tile[r0 + c * LANES];
+                                }
                             }
                         }
                     }
@@ -589,7 +600,13 @@ fn attention_fused(
                         // @unroll
                         for (var r = 0u; r < ROWS; r++) {
                             let e = 4u * (br * ROWS + r);
-                            let qc = q[(br * ROWS + r) * LVEC + c];
+                            let qi = (br * ROWS + r) * LVEC + c;
+                            var qc: vec4<f32>;
+                            if (Q_SHARED) {
+                                qc = q_tile[qi * WG_SIZE + lid];
+                            } else {
+                                qc = q[qi];
+                            }
                             d[e] = fma(qc, k0, d[e]);
                             d[e + 1u] = fma(qc, k1, d[e + 1u]);
                             d[e + 2u] = fma(qc, k2, d[e + 2u]);

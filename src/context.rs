@@ -95,6 +95,7 @@ pub struct Context {
     rows_override: Option<u32>,
     lanes_override: Option<u32>,
     decode_lanes_override: Option<u32>,
+    q_shared_override: Option<bool>,
     block_q_override: Option<u32>,
     half_override: Option<HalfForm>,
     accumulation: crate::dtype::Accumulation,
@@ -338,6 +339,7 @@ impl Context {
             rows_override: None,
             lanes_override: None,
             decode_lanes_override: None,
+            q_shared_override: None,
             block_q_override: None,
             half_override: None,
             accumulation: crate::dtype::Accumulation::F32,
@@ -459,6 +461,36 @@ impl Context {
         Ok(())
     }
 
+    /// Whether the fused kernel's row form keeps its queries in workgroup memory at `head_dim`
+    /// ([`crate::kernel::KernelKey::with_q_shared`]): the override if set, else the adapter's
+    /// tuned choice (`posattn tune` measures both placements on GPUs), else `false` (the
+    /// heuristic: registers).
+    pub fn q_in_workgroup(&self, head_dim: u32) -> bool {
+        self.q_shared_override
+            .or_else(|| self.tuned.q_shared.get(&head_dim).copied())
+            .unwrap_or(false)
+    }
+
+    /// Where [`Context::q_in_workgroup`] comes from at `head_dim`: `"override"`, `"tuned"` or
+    /// `"heuristic"`.
+    pub fn q_in_workgroup_source(&self, head_dim: u32) -> &'static str {
+        if self.q_shared_override.is_some() {
+            "override"
+        } else if self.tuned.q_shared.contains_key(&head_dim) {
+            "tuned"
+        } else {
+            "heuristic"
+        }
+    }
+
+    /// Keeps (`Some(true)`) or does not keep (`Some(false)`) the fused kernel's queries in
+    /// workgroup memory in plans made from now on, for every head size; `None` restores the
+    /// adapter's default. A plan whose workgroup memory the queries would overflow is an
+    /// [`Error::Unavailable`] naming the workgroup storage bytes.
+    pub fn set_q_in_workgroup(&mut self, on: Option<bool>) {
+        self.q_shared_override = on;
+    }
+
     /// Lanes per key a decode plan at `head_dim` is asked for: the override if set, else the
     /// adapter's tuned choice (`posattn tune`), else `None`, the adapter rule
     /// ([`crate::kernel::decode_lane_plan`]). A count above the head's units of 8 channels is
@@ -510,6 +542,7 @@ impl Context {
         key.with_row_lanes(lanes, self.row_lane_reduce(lanes))
             .with_block_q(self.block_q(spec))
             .with_half_acc(self.accumulation == crate::dtype::Accumulation::F16)
+            .with_q_shared(self.q_in_workgroup(key.head_dim))
             .with_tile_share(self.tile_share())
     }
 

@@ -1,4 +1,5 @@
-//! Per-adapter tuning: the fused kernel's query rows per invocation and lanes per row, and the
+//! Per-adapter tuning: the fused kernel's query rows per invocation, lanes per row and query
+//! placement (registers or workgroup memory), and the
 //! decode kernel's lanes per key, measured on the adapter by `posattn tune` and stored in a small
 //! JSON file, which [`crate::Context`] reads when it is made.
 //!
@@ -15,8 +16,8 @@
 //! `kernel::DECODE_LANES_CHOICES`: 1, 2, 4, 8, 16); a file that cannot be read or parsed, or an
 //! entry for another adapter, leaves the heuristic in place (the context reports which applies:
 //! [`crate::Context::rows_source`], [`crate::Context::decode_lanes_source`]). A file of an older
-//! format (format 1 held rows only, format 2 no decode choice) reads as empty, so the next
-//! `posattn tune` replaces it.
+//! format (format 1 held rows only, format 2 no decode choice, format 3 no query placement)
+//! reads as empty, so the next `posattn tune` replaces it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -24,7 +25,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 /// The tuning file's format version.
-pub const TUNE_FORMAT: u32 = 3;
+pub const TUNE_FORMAT: u32 = 4;
 
 /// Everything the stored choice depends on.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,9 +72,12 @@ pub struct TuneEntry {
     pub rows: BTreeMap<u32, u32>,
     /// Fused-kernel lanes per query row by head size (1: one invocation per row slot).
     pub lanes: BTreeMap<u32, u32>,
-    /// The measurements behind the choice: per head size, (rows, lanes, median ms) of every
-    /// candidate.
-    pub measured: BTreeMap<u32, Vec<(u32, u32, f64)>>,
+    /// Fused-kernel query placement by head size: `true` keeps the queries in workgroup
+    /// memory ([`crate::kernel::KernelKey::with_q_shared`]), `false` in registers.
+    pub q_shared: BTreeMap<u32, bool>,
+    /// The measurements behind the choice: per head size, (rows, lanes, queries in workgroup
+    /// memory, median ms) of every candidate.
+    pub measured: BTreeMap<u32, Vec<(u32, u32, bool, f64)>>,
     /// The shape measured: (heads, seq).
     pub shape: (u32, u32),
     /// Decode-kernel lanes per key by head size.
@@ -92,6 +96,8 @@ pub struct Tuned {
     pub rows: BTreeMap<u32, u32>,
     /// Fused-kernel lanes per query row.
     pub lanes: BTreeMap<u32, u32>,
+    /// Fused-kernel queries in workgroup memory (`true`) or registers.
+    pub q_shared: BTreeMap<u32, bool>,
     /// Decode-kernel lanes per key.
     pub decode_lanes: BTreeMap<u32, u32>,
 }
@@ -244,6 +250,7 @@ pub fn stored(info: &wgpu::AdapterInfo) -> Tuned {
             f.find(&TuneKey::of(info)).map(|e| Tuned {
                 rows: e.rows.clone(),
                 lanes: e.lanes.clone(),
+                q_shared: e.q_shared.clone(),
                 decode_lanes: e.decode_lanes.clone(),
             })
         })
@@ -267,7 +274,8 @@ mod tests {
             },
             rows: BTreeMap::from([(64, rows)]),
             lanes: BTreeMap::from([(64, 4)]),
-            measured: BTreeMap::from([(64, vec![(1, 1, 2.0), (rows, 4, 1.0)])]),
+            q_shared: BTreeMap::from([(64, true)]),
+            measured: BTreeMap::from([(64, vec![(1, 1, false, 2.0), (rows, 4, true, 1.0)])]),
             shape: (8, 512),
             decode_lanes: BTreeMap::from([(128, 16)]),
             decode_measured: BTreeMap::from([(128, vec![(8, 2.0), (16, 1.0)])]),
@@ -333,7 +341,7 @@ mod tests {
             TuneFile::read(&path).unwrap_err().field(),
             Some("tune file.decode_lanes")
         );
-        std::fs::write(&path, r#"{"format": 3, "entries": [], "extra": 0}"#).unwrap();
+        std::fs::write(&path, r#"{"format": 4, "entries": [], "extra": 0}"#).unwrap();
         assert_eq!(
             TuneFile::read(&path).unwrap_err().field(),
             Some("tune file")
@@ -352,7 +360,14 @@ mod tests {
         )
         .unwrap();
         assert!(TuneFile::read(&path).unwrap().entries.is_empty());
-        std::fs::write(&path, r#"{"format": 4, "entries": []}"#).unwrap();
+        // Format 3 (no query placement) too.
+        std::fs::write(
+            &path,
+            r#"{"format": 3, "entries": [{"rows": {"64": 4}, "measured": {"64": [[4, 1, 2.0]]}}]}"#,
+        )
+        .unwrap();
+        assert!(TuneFile::read(&path).unwrap().entries.is_empty());
+        std::fs::write(&path, r#"{"format": 5, "entries": []}"#).unwrap();
         assert_eq!(
             TuneFile::read(&path).unwrap_err().field(),
             Some("tune file.format")

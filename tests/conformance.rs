@@ -9,6 +9,28 @@ use posattn::{
     Accumulation, Context, ContextOptions, Dtype, Dtypes, HalfForm, ScoreTile, enumerate_adapters,
 };
 
+/// Forms beside the score tile and the lanes: P·V's arithmetic and where the queries live.
+#[derive(Clone, Copy)]
+struct Extra {
+    acc: Accumulation,
+    q_shared: bool,
+}
+
+impl Extra {
+    const NONE: Extra = Extra {
+        acc: Accumulation::F32,
+        q_shared: false,
+    };
+    const HALF_ACC: Extra = Extra {
+        acc: Accumulation::F16,
+        q_shared: false,
+    };
+    const Q_SHARED: Extra = Extra {
+        acc: Accumulation::F32,
+        q_shared: true,
+    };
+}
+
 fn conformance(backends: wgpu::Backends, name: &str) {
     run_matrix(backends, name, None, check::conformance_cases());
 }
@@ -43,7 +65,7 @@ fn run_matrix_scores(
         half,
         tile,
         None,
-        Accumulation::F32,
+        Extra::NONE,
         cases,
     );
 }
@@ -51,7 +73,7 @@ fn run_matrix_scores(
 /// Runs `cases` on every adapter of `backends`; `rows` overrides the rows per invocation,
 /// `lanes` the lanes per query row (the lane-split form), `half` the f16 storage form (a case
 /// may force its own), `tile` how scores are formed, `block_q` the query rows per workgroup and
-/// `acc` the arithmetic of P·V.
+/// `extra` the arithmetic of P·V and where the queries live.
 #[allow(clippy::too_many_arguments)]
 fn run_matrix_form(
     backends: wgpu::Backends,
@@ -61,9 +83,10 @@ fn run_matrix_form(
     half: Option<HalfForm>,
     tile: ScoreTile,
     block_q: Option<u32>,
-    acc: Accumulation,
+    extra: Extra,
     cases: Vec<check::Case>,
 ) {
+    let acc = extra.acc;
     let options = ContextOptions::default()
         .with_backends(backends)
         .with_adapter_name(None);
@@ -88,6 +111,7 @@ fn run_matrix_form(
         ctx.set_half_form(half);
         ctx.set_score_tile(tile)?;
         ctx.set_accumulation(acc)?;
+        ctx.set_q_in_workgroup(Some(extra.q_shared));
         Ok(ctx)
     };
     for adapter in adapters {
@@ -123,6 +147,16 @@ fn run_matrix_form(
                     c.name,
                     k.name()
                 );
+            }
+        }
+        // And the queries in workgroup memory, in every one-branch case.
+        if extra.q_shared {
+            for c in &cases {
+                let half = c.half_form.unwrap_or(ctx.half_form());
+                let k = check::case_kernel(c, |d| ctx.rows_per_invocation(d), half)
+                    .expect("a fused kernel");
+                let k = ctx.fused_variant(k, &c.spec);
+                assert_eq!(k.q_shared, !k.two_branch, "{}: {}", c.name, k.name());
             }
         }
         // Likewise the query block asked for.
@@ -164,7 +198,7 @@ fn run_matrix_form(
             }
         }
         println!(
-            "conformance on {} ({} rows per invocation at head_dim 64, scores {tile:?}, {acc:?} P·V{}): {pass} passed, {fail} failed, {unsup} unsupported; \
+            "conformance on {} ({} rows per invocation at head_dim 64, scores {tile:?}, {acc:?} P·V{}{}): {pass} passed, {fail} failed, {unsup} unsupported; \
              worst error/bound {worst:.3}; {} kernels on {} devices",
             ctx.describe(),
             // The score-tile forms run one row per invocation.
@@ -172,6 +206,11 @@ fn run_matrix_form(
                 ctx.rows_per_invocation(64)
             } else {
                 1
+            },
+            if extra.q_shared {
+                ", queries in workgroup memory"
+            } else {
+                ""
             },
             if lane_forms.is_empty() {
                 String::new()
@@ -314,7 +353,7 @@ fn conformance_vulkan_lane_split() {
         None,
         ScoreTile::Rows,
         None,
-        Accumulation::F32,
+        Extra::NONE,
         cases,
     );
 }
@@ -336,7 +375,7 @@ fn conformance_vulkan_lane_split_subgroup_add() {
         None,
         ScoreTile::Rows,
         None,
-        Accumulation::F32,
+        Extra::NONE,
         cases,
     );
 }
@@ -361,7 +400,7 @@ fn conformance_gl_lane_split_workgroup_reduce() {
         None,
         ScoreTile::Rows,
         None,
-        Accumulation::F32,
+        Extra::NONE,
         cases,
     );
 }
@@ -421,7 +460,7 @@ fn conformance_vulkan_query_block_256() {
         None,
         ScoreTile::Rows,
         Some(256),
-        Accumulation::F32,
+        Extra::NONE,
         cases,
     );
 }
@@ -630,7 +669,7 @@ fn conformance_vulkan_half_accumulation() {
         None,
         ScoreTile::Rows,
         None,
-        Accumulation::F16,
+        Extra::HALF_ACC,
         quick,
     );
     run_matrix_form(
@@ -641,9 +680,37 @@ fn conformance_vulkan_half_accumulation() {
         None,
         ScoreTile::Rows,
         None,
-        Accumulation::F16,
+        Extra::HALF_ACC,
         rope64,
     );
+}
+
+/// Queries in workgroup memory (`KernelKey::with_q_shared`, the GPU form that frees their
+/// registers) on lavapipe, in 64-row query blocks (the queries' 16 KiB at head size 64 and the
+/// K and V tiles fill lavapipe's 32 KiB), on the quick matrix's RoPE head-size-64 cases (the
+/// queries' staging and reads are the same code for every encoding): 8 rows per invocation
+/// (lavapipe's), one, and the lane-split form (2 rows, 4 lanes). Two-branch methods keep their
+/// queries in registers. The same tolerance rules as the register form, whose arithmetic this
+/// is.
+#[test]
+fn conformance_vulkan_queries_in_workgroup_memory() {
+    let rope64: Vec<_> = check::conformance_cases()
+        .into_iter()
+        .filter(|c| check::is_quick(c) && c.is_rope_d64())
+        .collect();
+    for (rows, lanes) in [(8, None), (1, None), (2, Some(4))] {
+        run_matrix_form(
+            wgpu::Backends::VULKAN,
+            "vulkan",
+            Some(rows),
+            lanes,
+            None,
+            ScoreTile::Rows,
+            Some(64),
+            Extra::Q_SHARED,
+            rope64.clone(),
+        );
+    }
 }
 
 #[test]

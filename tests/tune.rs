@@ -41,7 +41,8 @@ fn stored_rows_reach_the_context_for_their_adapter_only() {
             key,
             rows: BTreeMap::from([(64, rows)]),
             lanes: BTreeMap::from([(64, 2)]),
-            measured: BTreeMap::from([(64, vec![(rows, 2, 1.0)])]),
+            q_shared: BTreeMap::from([(64, true)]),
+            measured: BTreeMap::from([(64, vec![(rows, 2, true, 1.0)])]),
             shape: (8, 512),
             decode_lanes: BTreeMap::from([(128, 16)]),
             decode_measured: BTreeMap::from([(128, vec![(16, 1.0)])]),
@@ -59,6 +60,23 @@ fn stored_rows_reach_the_context_for_their_adapter_only() {
         heuristic.rows_per_invocation(128)
     );
     assert_eq!(tuned.rows_source(128), "heuristic");
+    // The queries' placement: tuned at 64 (workgroup memory), registers elsewhere; the key a
+    // plan at 64 builds keeps them there; an override above both.
+    assert!(!heuristic.q_in_workgroup(64));
+    assert!(tuned.q_in_workgroup(64));
+    assert_eq!(tuned.q_in_workgroup_source(64), "tuned");
+    assert!(!tuned.q_in_workgroup(128));
+    assert_eq!(tuned.q_in_workgroup_source(128), "heuristic");
+    let spec = posattn::AttentionSpec::default()
+        .with_seq_len(16)
+        .with_heads(2);
+    let key = posattn::kernel::KernelKey::fused(64, 1, posattn::kernel::PosKind::None);
+    let key = tuned.fused_variant(key, &spec);
+    assert!(key.q_shared, "{}", key.name());
+    let mut forced = Context::from_adapter(&adapter).unwrap();
+    forced.set_q_in_workgroup(Some(false));
+    assert!(!forced.q_in_workgroup(64));
+    assert_eq!(forced.q_in_workgroup_source(64), "override");
     // The decode lanes: tuned at 128, the adapter rule elsewhere, an override above both.
     assert_eq!(heuristic.decode_lanes(128), None);
     assert_eq!(tuned.decode_lanes(128), Some(16));

@@ -137,6 +137,11 @@ enum Command {
         /// case runs in it, bounded by the plain implementation that accumulates in f16 too.
         #[arg(long, default_value = "f32", value_parser = parse_accumulation)]
         accumulate: posattn::Accumulation,
+        /// Keep the fused kernel's queries in workgroup memory instead of registers (the form
+        /// that frees their registers on GPUs; two-branch methods keep registers). Cases whose
+        /// workgroup would exceed the device's workgroup memory are reported unsupported.
+        #[arg(long)]
+        q_workgroup: bool,
         /// Kernel variants run at once on a CPU adapter (llvmpipe compiles each on one core,
         /// at its first dispatch, on a device of its own): at least 1; default the machine's
         /// available parallelism, at most 4. GPUs run every case on one device.
@@ -205,7 +210,7 @@ enum Command {
         dtype: Vec<String>,
         /// Also write the rows as JSON to FILE. Prefill rows: adapter, seq, head_dim, dtype,
         /// form (the dtype table's column), scores, row_lanes, block_q, accumulation,
-        /// fused_gflops,
+        /// q_workgroup, fused_gflops,
         /// unfused_gflops (f32 only, else null) and roof_gflops (the best plain WGSL matmul on the
         /// adapter, measured in the same run). Decode rows: batch, cache, dtype, splits,
         /// us_per_token, gbps, roof_gbps (a copy kernel's), prefill_kernel_us.
@@ -232,6 +237,10 @@ enum Command {
         /// native f16 storage, beside the f32 forms in the storage-dtype table.
         #[arg(long, value_delimiter = ',', value_parser = parse_accumulation)]
         accumulate: Vec<posattn::Accumulation>,
+        /// Prefill: also time the fused kernel (f32, the adapter's rows and lanes) with its
+        /// queries in workgroup memory instead of registers, beside the other forms.
+        #[arg(long)]
+        q_workgroup: bool,
         /// Decode: also time the decode kernel with these lanes per key (1, 2, 4, 8 or 16,
         /// comma-separated; `Context::set_decode_lanes`) beside the adapter's choice, one row
         /// each.
@@ -429,6 +438,7 @@ fn check(
     scores: Scores,
     row_lanes: Option<u32>,
     accumulate: posattn::Accumulation,
+    q_workgroup: bool,
     threads: Option<usize>,
 ) -> ExitCode {
     if threads == Some(0) {
@@ -525,7 +535,10 @@ fn check(
     for adapter in adapters {
         let name = describe_adapter(&adapter.get_info());
         println!("\n{name}");
-        let ctx = match open_for(&adapter, scores, row_lanes, accumulate) {
+        let ctx = match open_for(&adapter, scores, row_lanes, accumulate).map(|mut c| {
+            c.set_q_in_workgroup(q_workgroup.then_some(true));
+            c
+        }) {
             Ok(c) => c,
             Err(e) => {
                 // An adapter without cooperative matrices is declared unsupported for that
@@ -574,12 +587,14 @@ fn check(
         // (`check::isolates_kernels`): there, every compile slows the next ones on a device.
         let info = ctx.adapter_info().clone();
         let reopen = || {
-            open_for(
+            let mut c = open_for(
                 &check::reopen_adapter(&info)?,
                 scores,
                 row_lanes,
                 accumulate,
-            )
+            )?;
+            c.set_q_in_workgroup(q_workgroup.then_some(true));
+            Ok(c)
         };
         let run = check::run_cases_isolated(&ctx, &cases, threads, reopen, |r| {
             bar.inc(1);
@@ -1276,6 +1291,7 @@ fn bench(
     row_lanes: &[u32],
     blocks: &[u32],
     accumulate: &[posattn::Accumulation],
+    q_workgroup: bool,
 ) -> posattn::Result<()> {
     if let Some(&b) = blocks
         .iter()
@@ -1411,13 +1427,22 @@ fn bench(
                     "row_lanes": ctx.row_lanes(head_dim),
                     "block_q": fused.kernel().block_q,
                     "accumulation": "f32",
+                    "q_workgroup": fused.kernel().q_shared,
                     "fused_gflops": gf(f_ms),
                     "unfused_gflops": unfused_gflops,
                     "roof_gflops": roof_gflops,
                 }));
             }
             for (seq, form, lanes, block, ms) in bench_dtypes(
-                &mut ctx, seqs, head_dim, runs, tile, row_lanes, blocks, accumulate,
+                &mut ctx,
+                seqs,
+                head_dim,
+                runs,
+                tile,
+                row_lanes,
+                blocks,
+                accumulate,
+                q_workgroup,
             )? {
                 let spec = prefill_bench_spec(seq, head_dim);
                 rows.push(serde_json::json!({
@@ -1430,6 +1455,7 @@ fn bench(
                 "row_lanes": lanes,
                 "block_q": block,
                 "accumulation": if form.contains("acc16") { "f16" } else { "f32" },
+                "q_workgroup": form == QWG_FORM,
                 "fused_gflops": spec.flops() / (ms * 1e-3) / 1e9,
                 "unfused_gflops": null,
                 "roof_gflops": roof_gflops,
@@ -1448,6 +1474,9 @@ fn bench(
 /// rows per workgroup, at the same shapes, timed alternately in one run so that load from other
 /// processes affects the forms alike; speed is relative to f32. Returns (seq, form, lanes per
 /// row, query rows per workgroup, ms) of every form but the first.
+/// `bench_dtypes`' form with the queries in workgroup memory.
+const QWG_FORM: &str = "f32 qwg";
+
 #[allow(clippy::type_complexity, clippy::too_many_arguments)]
 fn bench_dtypes(
     ctx: &mut Context,
@@ -1458,6 +1487,7 @@ fn bench_dtypes(
     lanes: &[u32],
     blocks: &[u32],
     accumulate: &[posattn::Accumulation],
+    q_workgroup: bool,
 ) -> posattn::Result<Vec<(u32, &'static str, u32, u32, f64)>> {
     let mut out = Vec::new();
     use posattn::ScoreTile;
@@ -1582,6 +1612,19 @@ fn bench_dtypes(
             forms.push((name, d, h, ScoreTile::Rows, own, None, Accumulation::F16));
         }
     }
+    // The queries in workgroup memory (f32, the context's rows and lanes): the form named
+    // QWG_FORM, whose plan is made with `Context::set_q_in_workgroup`.
+    if q_workgroup {
+        forms.push((
+            QWG_FORM,
+            Dtype::F32,
+            HalfForm::Packed,
+            ScoreTile::Rows,
+            own,
+            None,
+            Accumulation::F32,
+        ));
+    }
     println!(
         "
   fused kernel by storage dtype (median ms of {runs}, rounds interleaved; speed vs f32)"
@@ -1605,9 +1648,11 @@ fn bench_dtypes(
             ctx.set_score_tile(t)?;
             ctx.set_row_lanes(Some(l))?;
             ctx.set_block_q(b)?;
+            ctx.set_q_in_workgroup((name == QWG_FORM).then_some(true));
             let plan = ctx
                 .set_accumulation(acc)
                 .and_then(|()| posattn::Attention::with_half_form(ctx, &spec, half));
+            ctx.set_q_in_workgroup(None);
             ctx.set_score_tile(ScoreTile::Rows)?;
             ctx.set_row_lanes(None)?;
             ctx.set_block_q(None)?;
@@ -1679,20 +1724,23 @@ fn bench_dtypes(
 /// and 8 lanes; CPU adapters only 2, since on lavapipe 4 and 8 ran slower than 2 at head
 /// sizes 64 and 128 and each candidate costs a compile there (BENCHMARKS.md, "The lane-split
 /// form and more rows per invocation").
-fn tune_candidates(ctx: &Context, spec: &posattn::AttentionSpec) -> Vec<(u32, u32)> {
+fn tune_candidates(ctx: &Context, spec: &posattn::AttentionSpec) -> Vec<(u32, u32, bool)> {
     let cpu = ctx.adapter_info().device_type == wgpu::DeviceType::Cpu;
     let subgroup_lanes = |l: u32| ctx.row_lane_reduce(l) != posattn::kernel::LaneReduce::Workgroup;
     candidates_for(spec.head_dim, cpu, ctx.block_q(spec), subgroup_lanes)
 }
 
 /// [`tune_candidates`] given whether the adapter is a CPU, its query rows per workgroup
-/// (`Context::block_q`) and which lane counts its subgroups can sum: (rows, lanes) pairs.
+/// (`Context::block_q`) and which lane counts its subgroups can sum: (rows, lanes, queries in
+/// workgroup memory). On GPUs every (rows, lanes) whose queries take at least 128 registers a
+/// lane is tried again with them in workgroup memory (`KernelKey::with_q_shared`), after the
+/// register forms; CPU adapters read workgroup memory lane by lane and keep them in registers.
 fn candidates_for(
     head_dim: u32,
     cpu: bool,
     block_q: u32,
     subgroup_lanes: impl Fn(u32) -> bool,
-) -> Vec<(u32, u32)> {
+) -> Vec<(u32, u32, bool)> {
     let floats = if cpu { 1024 } else { 256 };
     let mut out = Vec::new();
     for &lanes in posattn::kernel::ROW_LANES_CHOICES {
@@ -1708,9 +1756,17 @@ fn candidates_for(
             let per_lane = r * head_dim / lanes;
             let invocations = block_q / r * lanes;
             if (r == 1 && lanes == 1) || (per_lane <= floats && invocations <= 256) {
-                out.push((r, lanes));
+                out.push((r, lanes, false));
             }
         }
+    }
+    if !cpu {
+        let shared: Vec<_> = out
+            .iter()
+            .filter(|c| c.0 * head_dim / c.1 >= 128)
+            .map(|c| (c.0, c.1, true))
+            .collect();
+        out.extend(shared);
     }
     out
 }
@@ -1761,18 +1817,21 @@ fn tune(
         );
         let mut rows = std::collections::BTreeMap::new();
         let mut lanes = std::collections::BTreeMap::new();
+        let mut q_shared = std::collections::BTreeMap::new();
         let mut measured = std::collections::BTreeMap::new();
         for &d in head_dims {
             let spec = prefill_bench_spec(n, d);
             let (q, k, v, o) = random_qkvo(&ctx, &spec, d as u64);
             let mut times = Vec::new();
-            for (r, l) in tune_candidates(&ctx, &spec) {
+            for (r, l, qs) in tune_candidates(&ctx, &spec) {
                 ctx.set_rows_per_invocation(Some(r))?;
                 ctx.set_row_lanes(Some(l))?;
+                ctx.set_q_in_workgroup(Some(qs));
+                let place = if qs { " q in workgroup" } else { "" };
                 // A candidate must compute attention before its speed counts: a small causal
                 // RoPE case with a partial last tile, against the f64 reference.
                 let case = check::Case::new(
-                    format!("tune_d{d}_r{r}_l{l}"),
+                    format!("tune_d{d}_r{r}_l{l}{}", if qs { "_qwg" } else { "" }),
                     posattn::AttentionSpec::default()
                         .with_seq_len(77)
                         .with_heads(2)
@@ -1783,7 +1842,10 @@ fn tune(
                 );
                 let result = check::run_case(&ctx, &case);
                 if result.status != Status::Pass {
-                    println!("  d{d} rows {r} lanes {l}: not used ({:?})", result.status);
+                    println!(
+                        "  d{d} rows {r} lanes {l}{place}: not used ({:?})",
+                        result.status
+                    );
                     continue;
                 }
                 let plan = posattn::Attention::new(&ctx, &spec)?;
@@ -1792,12 +1854,13 @@ fn tune(
                 let (_, t) = time_encoded(&ctx, runs, |e| plan.encode(&ctx, e, &bufs))?;
                 let ms = posattn::harness::timing::median(&t).as_secs_f64() * 1e3;
                 println!(
-                    "  d{d} rows {r} lanes {l}: {ms:.3} ms ({:.1} GFLOP/s)",
+                    "  d{d} rows {r} lanes {l}{place}: {ms:.3} ms ({:.1} GFLOP/s)",
                     spec.flops() / (ms * 1e-3) / 1e9
                 );
-                times.push((r, l, ms));
+                times.push((r, l, qs, ms));
             }
-            let Some(&(best, best_l, best_ms)) = times.iter().min_by(|a, b| a.2.total_cmp(&b.2))
+            let Some(&(best, best_l, best_qs, best_ms)) =
+                times.iter().min_by(|a, b| a.3.total_cmp(&b.3))
             else {
                 return Err(posattn::Error::invalid(
                     "tune candidates",
@@ -1805,13 +1868,22 @@ fn tune(
                     "none",
                 ));
             };
-            println!("  d{d}: rows {best}, lanes {best_l} ({best_ms:.3} ms)");
+            println!(
+                "  d{d}: rows {best}, lanes {best_l}, queries in {} ({best_ms:.3} ms)",
+                if best_qs {
+                    "workgroup memory"
+                } else {
+                    "registers"
+                }
+            );
             rows.insert(d, best);
             lanes.insert(d, best_l);
+            q_shared.insert(d, best_qs);
             measured.insert(d, times);
         }
         ctx.set_rows_per_invocation(None)?;
         ctx.set_row_lanes(None)?;
+        ctx.set_q_in_workgroup(None);
         let cache = cache.unwrap_or(if cpu { 2048 } else { 8192 });
         // The prefill choice is stored before decode is measured, so that a run cut short
         // (a time limit, a failing decode candidate) keeps it; decode's joins it after.
@@ -1819,6 +1891,7 @@ fn tune(
             key: TuneKey::of(ctx.adapter_info()),
             rows,
             lanes,
+            q_shared,
             measured,
             shape: (8, n),
             decode_lanes: Default::default(),
@@ -1980,10 +2053,13 @@ fn info(backend: Option<Backend>) -> ExitCode {
         let classes: Vec<String> = posattn::SUPPORTED_HEAD_DIMS
             .iter()
             .map(|&d| {
-                let lanes = match tuned_lanes.get(&d) {
+                let mut lanes = match tuned_lanes.get(&d) {
                     Some(&l) if l > 1 => format!(" x {l} lanes"),
                     _ => String::new(),
                 };
+                if stored.q_shared.get(&d) == Some(&true) {
+                    lanes += ", q in workgroup memory";
+                }
                 match tuned.get(&d) {
                     Some(r) => format!("d{d} {r}{lanes} (tuned)"),
                     None => format!("d{d} {}", posattn::kernel::default_rows(&info, d)),
@@ -1991,7 +2067,8 @@ fn info(backend: Option<Backend>) -> ExitCode {
             })
             .collect();
         println!(
-            "  prefill rows per invocation, and lanes per row where more than one ({}): {}",
+            "  prefill rows per invocation, and lanes per row where more than one and the \
+             queries' placement where not registers ({}): {}",
             if tuned.is_empty() {
                 "heuristic; `posattn tune` measures them"
             } else {
@@ -2056,10 +2133,22 @@ fn main() -> ExitCode {
             scores,
             row_lanes,
             accumulate,
+            q_workgroup,
             threads,
         } => check(
-            backend, adapter, quick, full, filter, dtype, verbose, json, scores, row_lanes,
-            accumulate, threads,
+            backend,
+            adapter,
+            quick,
+            full,
+            filter,
+            dtype,
+            verbose,
+            json,
+            scores,
+            row_lanes,
+            accumulate,
+            q_workgroup,
+            threads,
         ),
         Command::Info { backend } => info(backend),
         Command::Tune {
@@ -2113,9 +2202,17 @@ fn main() -> ExitCode {
             block_q,
             lanes,
             accumulate,
+            q_workgroup,
             fastest: _,
         } => {
             let _ = seq;
+            if q_workgroup {
+                eprintln!(
+                    "error: invalid `--q-workgroup`: expected it with prefill only (the decode \
+                     kernel has no query tile), got it with --decode"
+                );
+                return ExitCode::from(2);
+            }
             if !accumulate.is_empty() {
                 eprintln!(
                     "error: invalid `--accumulate`: expected it with prefill only (the decode \
@@ -2197,6 +2294,7 @@ fn main() -> ExitCode {
             block_q,
             lanes,
             accumulate,
+            q_workgroup,
             ..
         } => {
             if !lanes.is_empty() {
@@ -2217,6 +2315,7 @@ fn main() -> ExitCode {
                 &row_lanes,
                 &block_q,
                 &accumulate,
+                q_workgroup,
             ) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -2249,22 +2348,34 @@ mod tune_tests {
         // A CPU adapter: up to 1024 floats, at most 2 lanes (where its subgroups sum them).
         assert_eq!(
             candidates_for(64, true, posattn::kernel::CPU_BLOCK_Q, |_| false),
-            [(1, 1), (2, 1), (4, 1), (8, 1)]
+            [(1, 1, false), (2, 1, false), (4, 1, false), (8, 1, false)]
         );
         assert_eq!(
             candidates_for(256, true, posattn::kernel::CPU_BLOCK_Q, |_| true),
-            [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2), (4, 2), (8, 2)]
+            [
+                (1, 1, false),
+                (2, 1, false),
+                (4, 1, false),
+                (1, 2, false),
+                (2, 2, false),
+                (4, 2, false),
+                (8, 2, false)
+            ]
         );
-        // A GPU without subgroups: one lane, 256 floats.
+        // A GPU without subgroups: one lane, 256 floats; both again with the queries in
+        // workgroup memory (128 and 256 floats of them).
         assert_eq!(
             candidates_for(128, false, posattn::kernel::BLOCK_Q, |_| false),
-            [(1, 1), (2, 1)]
+            [(1, 1, false), (2, 1, false), (1, 1, true), (2, 1, true)]
         );
         // A GPU with subgroups of 32 at head size 128: lanes 2 (up to 4 rows), 4 (up to 8),
         // 8 (from 2 rows: one row would be 512 invocations).
+        // Then those holding at least 128 floats of queries a lane, with them in workgroup
+        // memory.
         let c = candidates_for(128, false, posattn::kernel::BLOCK_Q, |l| l <= 32);
+        let pairs: Vec<_> = c.iter().filter(|c| !c.2).map(|c| (c.0, c.1)).collect();
         assert_eq!(
-            c,
+            pairs,
             [
                 (1, 1),
                 (2, 1),
@@ -2280,6 +2391,12 @@ mod tune_tests {
                 (8, 8)
             ]
         );
+        let shared: Vec<_> = c.iter().filter(|c| c.2).map(|c| (c.0, c.1)).collect();
+        assert_eq!(
+            shared,
+            [(1, 1), (2, 1), (2, 2), (4, 2), (4, 4), (8, 4), (8, 8)]
+        );
+        assert!(c.iter().position(|c| c.2).unwrap() == pairs.len());
         // Head size 80 (20 vec4s): no 8 lanes; subgroups of 4: no 8 either way.
         assert!(
             !candidates_for(80, false, posattn::kernel::BLOCK_Q, |_| true)

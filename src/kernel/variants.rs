@@ -141,7 +141,13 @@ pub fn workgroup_bytes(key: &KernelKey) -> u32 {
     // K tiles in f32; the V tile in f32, or f16 with f16 accumulation.
     let k_tiles = if key.two_branch { 2 } else { 1 };
     let v_bytes = if key.half_acc { 2 } else { 4 };
-    (k_tiles * 4 + v_bytes) * key.block_k * key.head_dim + lane_red_bytes(key)
+    // Queries in workgroup memory: every row of the block.
+    let q_bytes = if key.q_shared {
+        key.block_q * key.head_dim * 4
+    } else {
+        0
+    };
+    (k_tiles * 4 + v_bytes) * key.block_k * key.head_dim + lane_red_bytes(key) + q_bytes
 }
 
 /// Element counts of the score-tile forms' workgroup arrays: the Q tile, the K tile, `k_tile`
@@ -607,6 +613,9 @@ pub struct KernelKey {
     /// Fused row form: P·V in f16 arithmetic ([`KernelKey::with_half_acc`]): the softmax
     /// weights, the staged V tile and the output accumulators are f16 (the module enables f16).
     pub half_acc: bool,
+    /// Fused row form: each invocation keeps its rows' queries in workgroup memory instead of
+    /// registers ([`KernelKey::with_q_shared`]).
+    pub q_shared: bool,
 }
 
 impl KernelKey {
@@ -631,6 +640,7 @@ impl KernelKey {
             bias: false,
             tile_share: 0,
             half_acc: false,
+            q_shared: false,
         }
     }
 
@@ -683,6 +693,7 @@ impl KernelKey {
             && subgroup.is_power_of_two()
             && !self.two_branch
             && !self.half_acc
+            && !self.q_shared
             && self.scores == ScoreTile::Rows
             && self.row_lanes() == 1
             && self.invocations().is_multiple_of(subgroup)
@@ -753,6 +764,25 @@ impl KernelKey {
         }
     }
 
+    /// This fused key keeping each invocation's query rows in workgroup memory (`on`) instead
+    /// of registers, where the form applies: the row form ([`ScoreTile::Rows`]) of one-branch
+    /// kernels, any rows and lanes per row; else the key unchanged. The queries then cost no
+    /// registers (a row of 128 channels is 128 of them, beside its accumulator), and every dot
+    /// product reads its query vec4 from workgroup memory, laid out so that consecutive
+    /// invocations read consecutive vec4s; llama.cpp's scalar flash attention keeps Q in shared
+    /// memory the same way. The workgroup holds `block_q × head_dim` more floats, and the
+    /// shared tile reads ([`KernelKey::with_tile_share`], a CPU adapter's form) are turned off.
+    pub fn with_q_shared(self, on: bool) -> Self {
+        if self.stage != Stage::Fused || self.scores != ScoreTile::Rows || self.two_branch {
+            return self;
+        }
+        KernelKey {
+            q_shared: on,
+            tile_share: if on { 0 } else { self.tile_share },
+            ..self
+        }
+    }
+
     /// Whether the module uses subgroup operations (lane sums or shared tile reads; the
     /// device needs `Features::SUBGROUP`); the cooperative-matrix forms ask for theirs apart.
     pub fn uses_subgroups(&self) -> bool {
@@ -798,8 +828,9 @@ impl KernelKey {
             rows,
             lanes,
             lane_reduce,
-            // f16 accumulation is a form of the row-form P·V.
+            // f16 accumulation and queries in workgroup memory are forms of the row form.
             half_acc: self.half_acc && scores == ScoreTile::Rows,
+            q_shared: self.q_shared && scores == ScoreTile::Rows,
             ..self
         }
     }
@@ -857,6 +888,7 @@ impl KernelKey {
             bias: false,
             tile_share: 0,
             half_acc: false,
+            q_shared: false,
         }
     }
 
@@ -909,6 +941,18 @@ impl KernelKey {
                         add(KernelKey::fused(d, rows, pos).with_row_lanes(4, LaneReduce::Workgroup));
                     }
                 }
+                // Queries in workgroup memory (a GPU's form): the RoPE kernel at head sizes 64
+                // and 128, one row per invocation and in the lane-split form, and several rows
+                // at 64.
+                if pos == PosKind::Rope && (d == 64 || d == 128) {
+                    add(KernelKey::fused(d, 1, pos).with_q_shared(true));
+                    add(KernelKey::fused(d, 2, pos)
+                        .with_row_lanes(4, LaneReduce::Workgroup)
+                        .with_q_shared(true));
+                    if d == 64 {
+                        add(KernelKey::fused(d, multi_rows_for(d), pos).with_q_shared(true));
+                    }
+                }
                 if pos == PosKind::Rope {
                     add(KernelKey::fused_two_branch(d, 1));
                     let two = KernelKey::fused_two_branch(d, two_branch_rows(multi_rows_for(d)));
@@ -948,6 +992,7 @@ impl KernelKey {
             bias: false,
             tile_share: 0,
             half_acc: false,
+            q_shared: false,
         }
     }
 
@@ -1238,7 +1283,7 @@ impl KernelKey {
         };
         match self.stage {
             Stage::Fused => format!(
-                "attention_fused_d{}_bq{}_bk{}_r{}{}_{pos}{branch}{}{}{dt}",
+                "attention_fused_d{}_bq{}_bk{}_r{}{}_{pos}{branch}{}{}{}{dt}",
                 self.head_dim,
                 self.block_q,
                 self.block_k,
@@ -1251,7 +1296,8 @@ impl KernelKey {
                     String::new()
                 },
                 self.scores.suffix(),
-                if self.half_acc { "_acch" } else { "" }
+                if self.half_acc { "_acch" } else { "" },
+                if self.q_shared { "_qwg" } else { "" }
             ),
             Stage::Decode => format!(
                 "decode_d{}_r{}_l{}{}_{pos}{branch}{}{}{}{dt}",
@@ -1335,7 +1381,8 @@ impl KernelKey {
              const PV_MMA: bool = {};\nconst PV_CH: u32 = {}u;\nconst PV_ROUNDS: u32 = {}u;\n\
              const MP_LEN: u32 = {}u;\nconst MV_LEN: u32 = {}u;\nconst OP_LEN: u32 = {}u;\n\
              const V_TILE_LEN: u32 = {}u;\nconst S_STRIDE: u32 = {}u;\nconst P_STRIDE: u32 = {}u;\n\
-             const OP_STRIDE: u32 = {}u;\nconst PV_HALF: bool = {};\n",
+             const OP_STRIDE: u32 = {}u;\nconst PV_HALF: bool = {};\nconst Q_SHARED: bool = {};\n\
+             const Q_TILE_LEN: u32 = {}u;\n",
             self.name(),
             self.head_dim,
             self.block_q.max(1),
@@ -1371,7 +1418,13 @@ impl KernelKey {
             self.s_stride(),
             self.p_stride(),
             self.op_stride(),
-            self.half_acc
+            self.half_acc,
+            self.q_shared,
+            if self.q_shared {
+                self.block_q * self.head_dim / 4
+            } else {
+                1
+            }
         )
     }
 
