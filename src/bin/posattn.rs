@@ -237,8 +237,9 @@ enum Command {
         /// native f16 storage, beside the f32 forms in the storage-dtype table.
         #[arg(long, value_delimiter = ',', value_parser = parse_accumulation)]
         accumulate: Vec<posattn::Accumulation>,
-        /// Prefill: also time the fused kernel (f32, the adapter's rows and lanes) with its
-        /// queries in workgroup memory instead of registers, beside the other forms.
+        /// Prefill: also time the fused kernel (f32, the adapter's rows and lanes, 64-row query
+        /// blocks) with its queries in workgroup memory instead of registers, beside the other
+        /// forms (`--block-q 64` is its register twin where the adapter's block is larger).
         #[arg(long)]
         q_workgroup: bool,
         /// Decode: also time the decode kernel with these lanes per key (1, 2, 4, 8 or 16,
@@ -1612,8 +1613,9 @@ fn bench_dtypes(
             forms.push((name, d, h, ScoreTile::Rows, own, None, Accumulation::F16));
         }
     }
-    // The queries in workgroup memory (f32, the context's rows and lanes): the form named
-    // QWG_FORM, whose plan is made with `Context::set_q_in_workgroup`.
+    // The queries in workgroup memory (f32, the context's rows and lanes, 64-row query blocks:
+    // a GPU's, and the smallest query tile): the form named QWG_FORM, whose plan is made with
+    // `Context::set_q_in_workgroup`.
     if q_workgroup {
         forms.push((
             QWG_FORM,
@@ -1621,7 +1623,7 @@ fn bench_dtypes(
             HalfForm::Packed,
             ScoreTile::Rows,
             own,
-            None,
+            Some(posattn::kernel::BLOCK_Q),
             Accumulation::F32,
         ));
     }
