@@ -143,7 +143,7 @@ step prefill 150 "$out/prefill.txt" "$posattn" bench --backend "$WGPU_BACKEND" -
     --json "$out/prefill.json"
 # Every rows-per-invocation × lanes-per-row candidate, each checked against the reference
 # first; the tuned choice goes to the results folder, not the machine's cache.
-step tune 120 "$out/tune.txt" env POSATTN_TUNE_FILE="$out/tune.json" "$posattn" tune \
+step tune 150 "$out/tune.txt" env POSATTN_TUNE_FILE="$out/tune.json" "$posattn" tune \
     --backend "$WGPU_BACKEND" "${tune_args[@]}"
 # The prefill tables again with the tuned variants (the context reads tune.json).
 step prefill-tuned 90 "$out/prefill_tuned.txt" env POSATTN_TUNE_FILE="$out/tune.json" \

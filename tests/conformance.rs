@@ -134,29 +134,22 @@ fn run_matrix_form(
                 "{l} lanes per row asked for, but no case compiles the lane-split form"
             );
         }
-        // Likewise f16 accumulation: every case compiles it.
-        if acc == Accumulation::F16 {
+        // Likewise f16 accumulation and the queries in workgroup memory (one-branch kernels;
+        // two-branch ones keep registers): every case compiles what was asked for.
+        if acc == Accumulation::F16 || extra.q_shared {
             for c in &cases {
                 let half = c.half_form.unwrap_or(ctx.half_form());
                 let k = check::case_kernel(c, |d| ctx.rows_per_invocation(d), half)
                     .expect("a fused kernel");
                 let k = ctx.fused_variant(k, &c.spec);
-                assert!(
-                    k.half_acc,
-                    "{}: {} does not accumulate in f16",
-                    c.name,
-                    k.name()
+                let name = k.name();
+                assert_eq!(k.half_acc, acc == Accumulation::F16, "{}: {name}", c.name);
+                assert_eq!(
+                    k.q_shared,
+                    extra.q_shared && !k.two_branch,
+                    "{}: {name}",
+                    c.name
                 );
-            }
-        }
-        // And the queries in workgroup memory, in every one-branch case.
-        if extra.q_shared {
-            for c in &cases {
-                let half = c.half_form.unwrap_or(ctx.half_form());
-                let k = check::case_kernel(c, |d| ctx.rows_per_invocation(d), half)
-                    .expect("a fused kernel");
-                let k = ctx.fused_variant(k, &c.spec);
-                assert_eq!(k.q_shared, !k.two_branch, "{}: {}", c.name, k.name());
             }
         }
         // Likewise the query block asked for.
