@@ -92,62 +92,7 @@ impl Backend {
 enum Command {
     /// Run the conformance matrix on every adapter (or the chosen ones) against the f64 CPU
     /// reference and print a pass/fail table per adapter. Exits non-zero on any failure.
-    Check {
-        /// Backend to check (default: WGPU_BACKEND if set, else all).
-        #[arg(long, value_enum)]
-        backend: Option<Backend>,
-        /// Only adapters whose name contains this (case-insensitive).
-        #[arg(long)]
-        adapter: Option<String>,
-        /// A short subset of the matrix.
-        #[arg(long)]
-        quick: bool,
-        /// The whole cross product: every case in every dtype. Without it (and without
-        /// `--dtype`), every case runs in f32 and the half dtypes run on the RoPE head_dim-64
-        /// cases, which cover the storage paths without compiling every variant three times.
-        #[arg(long, conflicts_with = "quick")]
-        full: bool,
-        /// Only the cases with these attributes: comma-separated KEY=VALUE terms, keys group,
-        /// encoding, mask, kv, head_dim, name (e.g. `group=relative_bias,mask=causal`).
-        #[arg(long)]
-        filter: Option<String>,
-        /// Storage dtypes to run every case in: f32, f16, bf16, comma-separated (default: f32
-        /// for every case, the half dtypes on the covering subset; see `--full`). On adapters
-        /// with native f16, f16 runs both natively and packed.
-        #[arg(long)]
-        dtype: Option<String>,
-        /// Print every case, not only the failures and a summary.
-        #[arg(long, short)]
-        verbose: bool,
-        /// Also write a machine-readable report (adapters, cases, errors, times) to FILE.
-        #[arg(long, value_name = "FILE")]
-        json: Option<std::path::PathBuf>,
-        /// How the fused kernel forms its scores: every case runs in that form (two-branch
-        /// methods, which only the row form runs, are reported unsupported).
-        #[arg(long, value_enum, default_value_t = Scores::Rows)]
-        scores: Scores,
-        /// Lanes that share each query row of the fused kernel (1, 2, 4 or 8; the lane-split
-        /// form, reduced by subgroup operations where the device has them, else through
-        /// workgroup memory) instead of the adapter's choice. Two-branch methods and the
-        /// score-tile forms keep one lane.
-        #[arg(long)]
-        row_lanes: Option<u32>,
-        /// The arithmetic of the fused kernel's P·V: `f32` (the default), or `f16` (f16
-        /// weights, V and accumulators; needs SHADER_F16, reported unsupported elsewhere). Every
-        /// case runs in it, bounded by the plain implementation that accumulates in f16 too.
-        #[arg(long, default_value = "f32", value_parser = parse_accumulation)]
-        accumulate: posattn::Accumulation,
-        /// Keep the fused kernel's queries in workgroup memory instead of registers (the form
-        /// that frees their registers on GPUs; two-branch methods keep registers). Cases whose
-        /// workgroup would exceed the device's workgroup memory are reported unsupported.
-        #[arg(long)]
-        q_workgroup: bool,
-        /// Kernel variants run at once on a CPU adapter (llvmpipe compiles each on one core,
-        /// at its first dispatch, on a device of its own): at least 1; default the machine's
-        /// available parallelism, at most 4. GPUs run every case on one device.
-        #[arg(long)]
-        threads: Option<usize>,
-    },
+    Check(CheckArgs),
     /// One attention on tensors from .npy files ([batch, seq, heads, head_dim]; f32, f16 or f64,
     /// computed in f32), described by a JSON spec; writes the output as .npy.
     Run {
@@ -426,22 +371,22 @@ fn num_json(x: f64) -> serde_json::Value {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn check(
-    backend: Option<Backend>,
-    adapter: Option<String>,
-    quick: bool,
-    full: bool,
-    filter: Option<String>,
-    dtype: Option<String>,
-    verbose: bool,
-    json: Option<std::path::PathBuf>,
-    scores: Scores,
-    row_lanes: Option<u32>,
-    accumulate: posattn::Accumulation,
-    q_workgroup: bool,
-    threads: Option<usize>,
-) -> ExitCode {
+fn check(args: CheckArgs) -> ExitCode {
+    let CheckArgs {
+        backend,
+        adapter,
+        quick,
+        full,
+        filter,
+        dtype,
+        verbose,
+        json,
+        scores,
+        row_lanes,
+        accumulate,
+        q_workgroup,
+        threads,
+    } = args;
     if threads == Some(0) {
         eprintln!("error: invalid `--threads`: expected at least 1, got 0");
         return ExitCode::from(2);
@@ -716,6 +661,65 @@ fn check(
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// `posattn check`'s options.
+#[derive(clap::Args)]
+struct CheckArgs {
+    /// Backend to check (default: WGPU_BACKEND if set, else all).
+    #[arg(long, value_enum)]
+    backend: Option<Backend>,
+    /// Only adapters whose name contains this (case-insensitive).
+    #[arg(long)]
+    adapter: Option<String>,
+    /// A short subset of the matrix.
+    #[arg(long)]
+    quick: bool,
+    /// The whole cross product: every case in every dtype. Without it (and without
+    /// `--dtype`), every case runs in f32 and the half dtypes run on the RoPE head_dim-64
+    /// cases, which cover the storage paths without compiling every variant three times.
+    #[arg(long, conflicts_with = "quick")]
+    full: bool,
+    /// Only the cases with these attributes: comma-separated KEY=VALUE terms, keys group,
+    /// encoding, mask, kv, head_dim, name (e.g. `group=relative_bias,mask=causal`).
+    #[arg(long)]
+    filter: Option<String>,
+    /// Storage dtypes to run every case in: f32, f16, bf16, comma-separated (default: f32
+    /// for every case, the half dtypes on the covering subset; see `--full`). On adapters
+    /// with native f16, f16 runs both natively and packed.
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Print every case, not only the failures and a summary.
+    #[arg(long, short)]
+    verbose: bool,
+    /// Also write a machine-readable report (adapters, cases, errors, times) to FILE.
+    #[arg(long, value_name = "FILE")]
+    json: Option<std::path::PathBuf>,
+    /// How the fused kernel forms its scores: every case runs in that form (two-branch
+    /// methods, which only the row form runs, are reported unsupported).
+    #[arg(long, value_enum, default_value_t = Scores::Rows)]
+    scores: Scores,
+    /// Lanes that share each query row of the fused kernel (1, 2, 4 or 8; the lane-split
+    /// form, reduced by subgroup operations where the device has them, else through
+    /// workgroup memory) instead of the adapter's choice. Two-branch methods and the
+    /// score-tile forms keep one lane.
+    #[arg(long)]
+    row_lanes: Option<u32>,
+    /// The arithmetic of the fused kernel's P·V: `f32` (the default), or `f16` (f16
+    /// weights, V and accumulators; needs SHADER_F16, reported unsupported elsewhere). Every
+    /// case runs in it, bounded by the plain implementation that accumulates in f16 too.
+    #[arg(long, default_value = "f32", value_parser = parse_accumulation)]
+    accumulate: posattn::Accumulation,
+    /// Keep the fused kernel's queries in workgroup memory instead of registers (the form
+    /// that frees their registers on GPUs; two-branch methods keep registers). Cases whose
+    /// workgroup would exceed the device's workgroup memory are reported unsupported.
+    #[arg(long)]
+    q_workgroup: bool,
+    /// Kernel variants run at once on a CPU adapter (llvmpipe compiles each on one core,
+    /// at its first dispatch, on a device of its own): at least 1; default the machine's
+    /// available parallelism, at most 4. GPUs run every case on one device.
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 #[derive(clap::Args)]
@@ -2123,35 +2127,7 @@ fn main() -> ExitCode {
         FASTEST.store(*fastest, std::sync::atomic::Ordering::Relaxed);
     }
     match cli.command {
-        Command::Check {
-            backend,
-            adapter,
-            quick,
-            full,
-            filter,
-            dtype,
-            verbose,
-            json,
-            scores,
-            row_lanes,
-            accumulate,
-            q_workgroup,
-            threads,
-        } => check(
-            backend,
-            adapter,
-            quick,
-            full,
-            filter,
-            dtype,
-            verbose,
-            json,
-            scores,
-            row_lanes,
-            accumulate,
-            q_workgroup,
-            threads,
-        ),
+        Command::Check(args) => check(args),
         Command::Info { backend } => info(backend),
         Command::Tune {
             backend,
