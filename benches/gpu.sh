@@ -32,7 +32,8 @@
 # cooperative matrices too); decode.txt and .json (`posattn bench --decode`);
 # decode_unsplit.txt and .json (batch 1, one split: the split-KV speed-up); decode_rotated.txt
 # and .json (keys stored rotated: the per-key rotation's share); decode_lanes.txt and .json
-# (4, 8 and 16 lanes per key beside the rule's: registers per lane); decode_sweep.txt (batch 1 at
+# (4, 8 and 16 lanes per key beside the rule's: registers per lane); decode_acc16.txt and .json
+# (f32 and f16 caches with P·V in f32 and in f16 arithmetic); decode_sweep.txt (batch 1 at
 # 16, 64 and 256 splits); torch.txt (benches/torch_sdpa.py, prefill and decode); check.txt and
 # .json (`posattn check`, the whole matrix); log.txt (every step's command, exit status and
 # time).
@@ -179,6 +180,10 @@ fi
 step decode-lanes 60 "$out/decode_lanes.txt" "$posattn" bench --decode --backend "$WGPU_BACKEND" \
     --cache "$sweep_caches" --batch "$batches" --dtype f32 --lanes 4,8,16 --prefill-max 0 \
     --json "$out/decode_lanes.json"
+# P·V in f16 arithmetic in decode (halves each lane's accumulators), f32 and f16 caches.
+step decode-acc16 60 "$out/decode_acc16.txt" "$posattn" bench --decode --backend "$WGPU_BACKEND" \
+    --cache "$sweep_caches" --batch "$batches" --dtype f32,f16 --accumulate f16 --prefill-max 0 \
+    --json "$out/decode_acc16.json"
 # The whole conformance matrix in the row form.
 step check 150 "$out/check.txt" "$posattn" check --backend "$WGPU_BACKEND" "${check_args[@]}" \
     --json "$out/check.json"

@@ -69,10 +69,6 @@ const WG_SIZE: u32 = SLOTS * LANES;
 const LANE_WG: bool = LANES > 1u && LANE_REDUCE == 0u;
 const LOG2E: f32 = 1.4426950408889634;
 const LN2: f32 = 0.6931471805599453;
-// With f16 accumulation (PV_HALF) the running maximum carries this offset (base-2 units, so
-// every weight is at most 2^-3) to keep the accumulators within f16's range, as llama.cpp's
-// FATTN_KQ_MAX_OFFSET does; the sum carries it too, so outputs and log-sum-exp are unchanged.
-const PV_OFFSET: f32 = select(0.0, 3.0, PV_HALF);
 
 
 // K_TILES tiles of keys (the second one rotated for the second branch), then one of values.

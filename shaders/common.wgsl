@@ -6,6 +6,12 @@
 // Finite stand-in for −∞: WGSL lets implementations assume there are no infinities.
 const MASKED: f32 = -1.0e30;
 
+// With f16 accumulation (PV_HALF, the prefill row form and decode) the running maximum carries
+// this offset (base-2 units, so every weight is at most 2^-3) to keep the accumulators within
+// f16's range, as llama.cpp's FATTN_KQ_MAX_OFFSET does; the running sum carries it too, so
+// outputs and log-sum-exp are unchanged.
+const PV_OFFSET: f32 = select(0.0, 3.0, PV_HALF);
+
 // NaN test on the bits: WGSL lets compilers assume floats are never NaN, so `x != x` and
 // max() cannot be trusted to see one.
 fn is_nan_bits(x: f32) -> bool {

@@ -379,7 +379,8 @@ fn decode_attention(
     var q: array<vec4<f32>, R_MAX * SLOTS>;
     // The second branch's rotation of the same channels (TWO_BRANCH).
     var q2: array<vec4<f32>, R_MAX * SLOTS>;
-    var acc: array<vec4<f32>, R_MAX * SLOTS>;
+    // (pv4: vec4<f32>, or vec4<f16> with f16 accumulation, PV_HALF.)
+    var acc: array<pv4, R_MAX * SLOTS>;
     // @unroll
     for (var r = 0u; r < ROWS; r++) {
         let gr = row0 + min(r, n_rows - 1u);
@@ -390,8 +391,8 @@ fn decode_attention(
         m[r] = MASKED;
         l[r] = 0.0;
         if (has_sink_logits) {
-            m[r] = aux_f(params.sink_logit_offset + head) * LOG2E;
-            l[r] = 1.0;
+            m[r] = aux_f(params.sink_logit_offset + head) * LOG2E + PV_OFFSET;
+            l[r] = exp2(-PV_OFFSET);
         }
         let mul = params.scale_log2 * logn_scale(pos);
         // The query's position in the second branch: its own, 0 (LM-Infinite), or StreamingLLM's
@@ -676,7 +677,11 @@ fn decode_attention(
                         vis = false;
                     }
                 }
-                let m_new = max(m[r], s);
+                var s_max = s;
+                if (PV_HALF) {
+                    s_max += PV_OFFSET;
+                }
+                let m_new = max(m[r], s_max);
                 alpha[r] = exp2(m[r] - m_new);
                 p[r] = select(0.0, exp2(s - m_new), vis);
                 l[r] = l[r] * alpha[r] + p[r];
@@ -686,15 +691,26 @@ fn decode_attention(
             }
             // 4. The lane's channels of the value (read with the key), folded into the rows that
             // see the key.
+            // (In the P·V type: the value converted once for every row.)
+            var vp: array<pv4, SLOTS>;
+            // @unroll
+            for (var i = 0u; i < UNITS; i++) {
+                // @unroll
+                for (var h = 0u; h < HALVES; h++) {
+                    vp[2u * i + h] = pv4(vx[2u * i + h]);
+                }
+            }
             // @unroll
             for (var r = 0u; r < ROWS; r++) {
+                let pr = pv4(pv_t(p[r]));
+                let ar = pv_t(alpha[r]);
                 // @unroll
                 for (var i = 0u; i < UNITS; i++) {
                     // @unroll
                     for (var h = 0u; h < HALVES; h++) {
                         let s = r * SLOTS + 2u * i + h;
-                        let a = acc[s] * alpha[r];
-                        acc[s] = select(a, fma(vec4<f32>(p[r]), vx[2u * i + h], a), seen[r]);
+                        let a = acc[s] * ar;
+                        acc[s] = select(a, fma(pr, vp[2u * i + h], a), seen[r]);
                     }
                 }
             }
@@ -713,7 +729,7 @@ fn decode_attention(
                     for (var h = 0u; h < HALVES; h++) {
                         let c = 2u * (lane + LANES * i) + h;
                         if (c < HEAD_VEC) {
-                            mrg_acc[r * HEAD_VEC + c] = acc[r * SLOTS + 2u * i + h];
+                            mrg_acc[r * HEAD_VEC + c] = vec4<f32>(acc[r * SLOTS + 2u * i + h]);
                         }
                     }
                 }
@@ -742,7 +758,8 @@ fn decode_attention(
                         let c = 2u * (lane + LANES * i) + h;
                         if (c < HEAD_VEC) {
                             let s = r * SLOTS + 2u * i + h;
-                            acc[s] = acc[s] * a0 + mrg_acc[r * HEAD_VEC + c] * a1;
+                            acc[s] = pv4(vec4<f32>(acc[s]) * a0
+                                + mrg_acc[r * HEAD_VEC + c] * a1);
                         }
                     }
                 }
@@ -769,7 +786,7 @@ fn decode_attention(
                     // @unroll
                     for (var h = 0u; h < HALVES; h++) {
                         let c = 2u * (lane + LANES * i) + h;
-                        let a = acc[r * SLOTS + 2u * i + h];
+                        let a = vec4<f32>(acc[r * SLOTS + 2u * i + h]);
                         if (c < HEAD_VEC) {
                             if (splits == 1u) {
                                 let out = select(vec4<f32>(0.0), a * (1.0 / l[r]), l[r] > 0.0);

@@ -686,9 +686,10 @@ impl Context {
         self.half_override = form;
     }
 
-    /// The arithmetic of P·V in the fused kernel's row form for plans made from now on:
-    /// [`crate::Accumulation::F32`] unless set with [`Context::set_accumulation`]. The score-tile
-    /// forms ([`Context::set_score_tile`]) keep their own (f32 accumulation of f16 products).
+    /// The arithmetic of P·V in the fused kernel's row form and in decode for plans made from
+    /// now on: [`crate::Accumulation::F32`] unless set with [`Context::set_accumulation`]. The
+    /// score-tile forms ([`Context::set_score_tile`]) keep their own (f32 accumulation of f16
+    /// products).
     pub fn accumulation(&self) -> crate::dtype::Accumulation {
         self.accumulation
     }

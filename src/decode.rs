@@ -446,7 +446,8 @@ impl DecodePlan {
         .with_storage(storage)
         .with_two_branch(plan.two_branch)
         .with_read_ahead(spec.reads_ahead(ctx.adapter_info().device_type))
-        .with_bias(a.bias.is_some());
+        .with_bias(a.bias.is_some())
+        .with_half_acc(ctx.accumulation() == crate::dtype::Accumulation::F16);
         let wg_bytes = decode_workgroup_bytes(&key);
         if wg_bytes > limits.max_compute_workgroup_storage_size {
             return Err(Error::unavailable(

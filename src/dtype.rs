@@ -172,7 +172,8 @@ pub enum HalfForm {
     Packed,
 }
 
-/// The arithmetic of the fused kernel's P·V (its row form): f32 throughout (the default), or
+/// The arithmetic of P·V in the fused kernel's row form and in decode: f32 throughout (the
+/// default), or
 /// f16 weights, V and output accumulators, which halve the accumulator registers and let a GPU
 /// pack two halves per register, at the cost of f16 rounding in every product and sum
 /// (`Context::set_accumulation`; needs the adapter's `SHADER_F16`). Scores, the softmax's

@@ -5,7 +5,7 @@
 
 use posattn::harness::check::Status;
 use posattn::harness::decode::{self, DecodeCase};
-use posattn::{Context, ContextOptions, enumerate_adapters};
+use posattn::{Accumulation, Context, ContextOptions, enumerate_adapters};
 
 fn contexts(backends: wgpu::Backends, name: &str) -> Vec<Context> {
     let options = ContextOptions::default()
@@ -32,24 +32,40 @@ fn run(backends: wgpu::Backends, name: &str, cases: Vec<DecodeCase>) {
     run_with_lanes(backends, name, cases, None);
 }
 
-/// `run` with the context's decode lanes per key forced (`Context::set_decode_lanes`).
 fn run_with_lanes(
     backends: wgpu::Backends,
     name: &str,
     cases: Vec<DecodeCase>,
     lanes: Option<u32>,
 ) {
+    run_with(backends, name, cases, lanes, Accumulation::F32);
+}
+
+/// `run` with the context's decode lanes per key forced (`Context::set_decode_lanes`) and its
+/// P·V arithmetic set (`Context::set_accumulation`); each case checks the variant it built.
+fn run_with(
+    backends: wgpu::Backends,
+    name: &str,
+    cases: Vec<DecodeCase>,
+    lanes: Option<u32>,
+    acc: Accumulation,
+) {
     assert!(!cases.is_empty());
     let filter = std::env::var("POSATTN_DECODE_FILTER").ok();
     let mut failures = Vec::new();
     for mut ctx in contexts(backends, name) {
         ctx.set_decode_lanes(lanes).unwrap();
+        ctx.set_accumulation(acc).unwrap();
         let (mut pass, mut unsup) = (0, 0);
         for case in &cases {
             if filter.as_deref().is_some_and(|f| !case.name.contains(f)) {
                 continue;
             }
             let r = decode::run_decode_case(&ctx, case);
+            if acc == Accumulation::F16 {
+                let k = posattn::DecodePlan::new(&ctx, &case.spec).unwrap().kernel();
+                assert!(k.half_acc, "{}: {}", case.name, k.name());
+            }
             // The variant the case ran (its pipeline is cached by now): the forced lanes, with
             // the partners read from the cache where the pairs span lanes.
             if let Some(l) = lanes {
@@ -87,6 +103,35 @@ fn run_with_lanes(
 fn storage_or_custom(c: &DecodeCase) -> bool {
     let a = &c.spec.attention;
     a.dtypes != posattn::Dtypes::F32 || matches!(a.position, posattn::PositionEncoding::Custom(_))
+}
+
+/// P·V in f16 arithmetic (`Accumulation::F16`: f16 weights, V and accumulators, the running
+/// maximum offset by 3 in base 2) in decode on lavapipe (`SHADER_F16`), bounded by the plain
+/// implementation that sums P·V in f16 (`reference::attention_half_acc`): the quick subset and
+/// the RoPE cases of every query count and cache length, forced splits (chunks merge in f32),
+/// GQA 8:1, the ring caches with and without sinks and an f16 cache.
+#[test]
+fn decode_half_accumulation_vulkan() {
+    let mut cases = decode::decode_quick_cases();
+    let quick: Vec<String> = cases.iter().map(|c| c.name.clone()).collect();
+    cases.extend(decode::decode_cases().into_iter().filter(|c| {
+        let n = c.name.as_str();
+        !quick.iter().any(|q| q == n)
+            && (n.starts_with("decode_rope_q")
+                || n.starts_with("decode_split")
+                || n.starts_with("decode_ring_w64")
+                || n == "decode_gqa8_k777"
+                || (storage_or_custom(c)
+                    && c.spec.attention.dtypes.k == posattn::Dtype::F16
+                    && c.spec.attention.dtypes.q == posattn::Dtype::F32))
+    }));
+    run_with(
+        wgpu::Backends::VULKAN,
+        "vulkan",
+        cases,
+        None,
+        Accumulation::F16,
+    );
 }
 
 #[test]

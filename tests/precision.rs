@@ -126,3 +126,45 @@ fn half_accumulation_keeps_sums_in_range() {
     }
     println!("f16 accumulation in range on {ran} adapters");
 }
+
+/// The same in decode (the decode kernel has its own softmax): one new query against 64 cached
+/// keys of equal score whose V is 3000, in one chunk and in four (split-KV: the chunks, each
+/// with the offset, merge in f32), and with a sink logit. Same rule as above.
+#[test]
+fn decode_half_accumulation_keeps_sums_in_range() {
+    let options = ContextOptions::default().with_adapter_name(None);
+    let mut ran = 0;
+    for adapter in enumerate_adapters(&options) {
+        let mut ctx = Context::from_adapter(&adapter).expect("device");
+        if ctx.set_accumulation(posattn::Accumulation::F16).is_err() {
+            continue;
+        }
+        for (splits, sink) in [(1, false), (4, false), (1, true)] {
+            let mut a = AttentionSpec::default()
+                .with_seq_q(1)
+                .with_seq_k(64)
+                .with_heads(2)
+                .with_causal(false);
+            if sink {
+                a = a.with_sink_logits(vec![0.0; 2]);
+            }
+            let spec = posattn::DecodeSpec::new(a).with_splits(splits);
+            let plan = posattn::DecodePlan::new(&ctx, &spec).expect("plan");
+            assert!(plan.kernel().half_acc, "{}", plan.kernel().name());
+            let q = vec![0.0; spec.q_len()];
+            let k = vec![0.5; spec.cache_len()];
+            let v = vec![3000.0; spec.cache_len()];
+            let out = plan.run(&ctx, &q, &k, &v, None, &[(1, 64)]).expect("run");
+            let want = if sink { 3000.0 * 64.0 / 65.0 } else { 3000.0 };
+            for &o in &out {
+                assert!(
+                    o.is_finite() && ((o - want) / want).abs() <= 64.0 / 2048.0,
+                    "{}: output {o}, expected {want} ({splits} splits, sink {sink})",
+                    ctx.describe()
+                );
+            }
+        }
+        ran += 1;
+    }
+    println!("decode f16 accumulation in range on {ran} adapters");
+}

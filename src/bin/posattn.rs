@@ -177,9 +177,10 @@ enum Command {
         /// the storage-dtype table.
         #[arg(long, value_delimiter = ',')]
         block_q: Vec<u32>,
-        /// Prefill: also time the fused kernel with P·V in this arithmetic (`f16`: f16 weights,
-        /// V and accumulators, needs SHADER_F16; `Context::set_accumulation`), in f32 and
-        /// native f16 storage, beside the f32 forms in the storage-dtype table.
+        /// Also time P·V in this arithmetic (`f16`: f16 weights, V and accumulators, needs
+        /// SHADER_F16; `Context::set_accumulation`). Prefill: the fused kernel in f32 and native
+        /// f16 storage, beside the f32 forms in the storage-dtype table. Decode: every row
+        /// again (lanes column `acc16`).
         #[arg(long, value_delimiter = ',', value_parser = parse_accumulation)]
         accumulate: Vec<posattn::Accumulation>,
         /// Prefill: also time the fused kernel (f32, the adapter's rows and lanes, 64-row query
@@ -1069,6 +1070,8 @@ struct DecodeBench {
     read_ahead: Option<bool>,
     /// Forced lanes per key, each timed beside the adapter's choice.
     lanes: Vec<u32>,
+    /// P·V arithmetic: every row again in each of these beyond f32.
+    accumulate: Vec<posattn::Accumulation>,
 }
 
 /// The statistic `bench` reports (`--fastest`), set once before it measures.
@@ -1113,9 +1116,18 @@ fn bench_decode(
             ));
         }
     }
-    // The adapter's choice, then each forced count.
+    // The adapter's choice, then each forced count; each in f32 arithmetic, then in the other
+    // arithmetic asked for.
     let lane_runs: Vec<Option<u32>> = std::iter::once(None)
         .chain(cfg.lanes.iter().map(|&l| Some(l)))
+        .collect();
+    let acc_runs: Vec<posattn::Accumulation> = std::iter::once(posattn::Accumulation::F32)
+        .chain(
+            cfg.accumulate
+                .iter()
+                .copied()
+                .filter(|&a| a != posattn::Accumulation::F32),
+        )
         .collect();
     let mut rows = Vec::new();
     for a in adapters {
@@ -1137,7 +1149,7 @@ fn bench_decode(
             statistic()
         );
         println!(
-            "  {:>5} {:>6} {:>5} {:>6} {:>7} {:>12} {:>8} {:>7} {:>14} {:>8}",
+            "  {:>5} {:>6} {:>5} {:>6} {:>13} {:>12} {:>8} {:>7} {:>14} {:>8}",
             "batch",
             "cache",
             "dtype",
@@ -1151,12 +1163,18 @@ fn bench_decode(
         );
         for &batch in batches.iter() {
             for &cache in caches.iter() {
-                for (&dt, &forced) in cfg
-                    .dtypes
-                    .iter()
-                    .flat_map(|d| lane_runs.iter().map(move |l| (d, l)))
-                {
+                let acc_runs = &acc_runs;
+                let combos = cfg.dtypes.iter().flat_map(|d| {
+                    lane_runs
+                        .iter()
+                        .flat_map(move |l| acc_runs.iter().map(move |a| (d, l, a)))
+                });
+                for (&dt, &forced, &acc) in combos {
                     ctx.set_decode_lanes(forced)?;
+                    if let Err(e) = ctx.set_accumulation(acc) {
+                        println!("  {batch:>5} {cache:>6} {:>5} unavailable: {e}", dt.name());
+                        continue;
+                    }
                     let mut spec = bench_spec(batch, cache);
                     spec.attention.dtypes = posattn::Dtypes::all(dt);
                     spec.keys_rotated = cfg.keys_rotated;
@@ -1182,7 +1200,10 @@ fn bench_decode(
                     let gbps = kv_bytes / s / 1e9;
                     // The prefill kernel at seq_q = 1 on the same buffers, in f32 (it is slow
                     // there), beside the adapter's own lanes only.
-                    let prefill_us = if cache <= prefill_max && dt == Dtype::F32 && forced.is_none()
+                    let prefill_us = if cache <= prefill_max
+                        && dt == Dtype::F32
+                        && forced.is_none()
+                        && acc == posattn::Accumulation::F32
                     {
                         let p = posattn::Attention::new(&ctx, &spec.attention)?;
                         let pb = setup.prefill_buffers();
@@ -1194,17 +1215,18 @@ fn bench_decode(
                     };
                     let k = plan.kernel();
                     let lanes = format!(
-                        "{}{}",
+                        "{}{}{}",
                         k.lanes,
                         match k.lane_reduce {
                             posattn::kernel::LaneReduce::Workgroup if k.lanes > 1 => " wg",
                             posattn::kernel::LaneReduce::Add => " add",
                             posattn::kernel::LaneReduce::Shuffle => " xor",
                             posattn::kernel::LaneReduce::Workgroup => "",
-                        }
+                        },
+                        if k.half_acc { " acc16" } else { "" }
                     );
                     println!(
-                        "  {batch:>5} {cache:>6} {dname:>5} {:>6} {lanes:>7} {us:>12.1} {gbps:>8.2} {:>6.1}% {:>14} {:>8}",
+                        "  {batch:>5} {cache:>6} {dname:>5} {:>6} {lanes:>13} {us:>12.1} {gbps:>8.2} {:>6.1}% {:>14} {:>8}",
                         plan.splits(),
                         100.0 * gbps / roof_gbps,
                         prefill_us.map_or("-".into(), |p| format!("{p:.1}")),
@@ -1222,6 +1244,7 @@ fn bench_decode(
                         "lanes": k.lanes,
                         "lane_reduce": format!("{:?}", k.lane_reduce),
                         "lanes_source": ctx.decode_lanes_source(spec.attention.head_dim),
+                        "accumulation": acc.name(),
                         "us_per_token": us,
                         "gbps": gbps,
                         "roof_gbps": roof_gbps,
@@ -1231,6 +1254,7 @@ fn bench_decode(
             }
         }
         ctx.set_decode_lanes(None)?;
+        ctx.set_accumulation(posattn::Accumulation::F32)?;
     }
     if let Some(path) = json_path {
         write_json(path, &rows)?;
@@ -2191,13 +2215,6 @@ fn main() -> ExitCode {
                 );
                 return ExitCode::from(2);
             }
-            if !accumulate.is_empty() {
-                eprintln!(
-                    "error: invalid `--accumulate`: expected it with prefill only (the decode \
-                     kernel accumulates in f32), got it with --decode"
-                );
-                return ExitCode::from(2);
-            }
             if !row_lanes.is_empty() {
                 eprintln!(
                     "error: invalid `--row-lanes`: expected it with prefill only (the decode \
@@ -2250,6 +2267,7 @@ fn main() -> ExitCode {
                     splits,
                     read_ahead,
                     lanes,
+                    accumulate,
                 },
                 json.as_deref(),
             ) {

@@ -161,13 +161,16 @@ impl History {
         (k, v, p)
     }
 
-    /// The references (f64, f32) for sequence b's `q_len` new rows over its first `keys` tokens.
+    /// The references (f64, f32) for sequence b's `q_len` new rows over its first `keys` tokens;
+    /// with `acc` f16 the f32 one is the plain implementation with P·V in f16
+    /// (`reference::attention_half_acc`).
     pub fn reference(
         &self,
         spec: &DecodeSpec,
         b: usize,
         q_len: u32,
         keys: u32,
+        acc: crate::Accumulation,
     ) -> (Vec<f64>, Vec<f32>) {
         let a = &spec.attention;
         let row = (a.num_kv_heads * a.head_dim) as usize;
@@ -186,9 +189,17 @@ impl History {
         let pk = &self.pos[b][..keys as usize];
         let pq = &pk[(keys - q_len) as usize..];
         let bias = bias.as_deref();
+        let r32 = match acc {
+            crate::Accumulation::F32 => {
+                reference::attention_with_bias::<f32>(&s, q, k, v, pq, pk, bias)
+            }
+            crate::Accumulation::F16 => {
+                reference::attention_half_acc::<f32>(&s, q, k, v, pq, pk, bias)
+            }
+        };
         (
             reference::attention_with_bias::<f64>(&s, q, k, v, pq, pk, bias),
-            reference::attention_with_bias::<f32>(&s, q, k, v, pq, pk, bias),
+            r32,
         )
     }
 }
@@ -200,6 +211,18 @@ pub fn check_output(
     history: &History,
     lengths: &[(u32, u32)],
     gpu: &[f32],
+) -> (Status, f64, f64, f64) {
+    check_output_with(spec, history, lengths, gpu, crate::Accumulation::F32)
+}
+
+/// [`check_output`] for a plan whose P·V ran in `acc` arithmetic (the bound's plain
+/// implementation does the same).
+pub fn check_output_with(
+    spec: &DecodeSpec,
+    history: &History,
+    lengths: &[(u32, u32)],
+    gpu: &[f32],
+    acc: crate::Accumulation,
 ) -> (Status, f64, f64, f64) {
     let a = &spec.attention;
     let qrow = (a.num_heads * a.head_dim) as usize;
@@ -221,7 +244,7 @@ pub fn check_output(
         if ql == 0 {
             continue;
         }
-        let (r64, r32) = history.reference(spec, b, ql, kl);
+        let (r64, r32) = history.reference(spec, b, ql, kl, acc);
         g_all.extend_from_slice(written);
         r64_all.extend(r64);
         // The plain implementation stores its output in the output's dtype too.
@@ -277,7 +300,13 @@ pub async fn run_decode_case_async(ctx: &Context, case: &DecodeCase) -> CaseResu
         Err(e @ Error::Unavailable { .. }) => result.status = Status::Unsupported(e.to_string()),
         Err(e) => result.status = Status::Fail(e.to_string()),
         Ok(gpu) => {
-            let (status, eg, ef, b) = check_output(&case.spec, &history, &case.lengths, &gpu);
+            let (status, eg, ef, b) = check_output_with(
+                &case.spec,
+                &history,
+                &case.lengths,
+                &gpu,
+                ctx.accumulation(),
+            );
             result.status = status;
             result.err_gpu = eg;
             result.err_f32 = ef;

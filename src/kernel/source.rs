@@ -94,6 +94,15 @@ pub(crate) fn compose(key: &KernelKey, hooks: Option<&str>) -> Result<String, Co
             accessors += &form.accessor(*accessor, name, buffer);
         }
     }
+    // P·V's types in the fused row form and the decode kernel: f32, or f16 with f16
+    // accumulation (KernelKey::half_acc).
+    if matches!(key.family(), Family::Fused | Family::Decode) {
+        accessors += if key.half_acc {
+            "alias pv_t = f16;\nalias pv4 = vec4<f16>;\n"
+        } else {
+            "alias pv_t = f32;\nalias pv4 = vec4<f32>;\n"
+        };
+    }
     if key.family() == Family::Decode {
         accessors += lane_sum_wgsl(key.lane_reduce);
         // The caller's bias: read only by the variants that bind `user_bias`.
@@ -115,12 +124,6 @@ pub(crate) fn compose(key: &KernelKey, hooks: Option<&str>) -> Result<String, Co
              fn lane_red_get(i: u32) -> vec4<f32> {\n    return vec4<f32>(0.0);\n}\n"
         };
         accessors += &score_tile_wgsl(key.scores);
-        // The row form's P·V types: f32, or f16 with f16 accumulation (KernelKey::half_acc).
-        accessors += if key.half_acc {
-            "alias pv_t = f16;\nalias pv4 = vec4<f16>;\n"
-        } else {
-            "alias pv_t = f32;\nalias pv4 = vec4<f32>;\n"
-        };
         // The row's log-sum-exp: written only by the variants that bind `lse_buf`.
         accessors += if key.lse {
             "fn store_lse(i: u32, x: f32) {\n    lse_buf[i] = x;\n}\n"

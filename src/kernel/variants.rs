@@ -610,8 +610,9 @@ pub struct KernelKey {
     /// `subgroupBroadcast` (0: each invocation reads every vec4 itself). For CPU adapters, whose
     /// workgroup-memory reads are loops over the lanes ([`KernelKey::with_tile_share`]).
     pub tile_share: u32,
-    /// Fused row form: P·V in f16 arithmetic ([`KernelKey::with_half_acc`]): the softmax
-    /// weights, the staged V tile and the output accumulators are f16 (the module enables f16).
+    /// Fused row form and decode: P·V in f16 arithmetic ([`KernelKey::with_half_acc`]): the
+    /// softmax weights, V (the fused kernel's staged tile) and the output accumulators are f16
+    /// (the module enables f16).
     pub half_acc: bool,
     /// Fused row form: each invocation keeps its rows' queries in workgroup memory instead of
     /// registers ([`KernelKey::with_q_shared`]).
@@ -743,9 +744,10 @@ impl KernelKey {
         }
     }
 
-    /// This fused key with P·V in f16 arithmetic (`on`), or in f32, where the form applies:
-    /// the row form ([`ScoreTile::Rows`], any rows and lanes per row, one or two branches);
-    /// else the key unchanged. The softmax weights, the staged V tile and the output
+    /// This fused or decode key with P·V in f16 arithmetic (`on`), or in f32, where the form
+    /// applies: the fused row form ([`ScoreTile::Rows`], any rows and lanes per row, one or two
+    /// branches) and every decode form (the split-KV reduce merges in f32); else the key
+    /// unchanged. The softmax weights, the staged V tile and the output
     /// accumulators are then f16, as llama.cpp's f16-accumulating flash attention keeps them:
     /// half the accumulator registers and half the V tile, and twice the arithmetic rate
     /// where a GPU packs two halves per register. Scores, the running maximum and sum stay
@@ -754,7 +756,9 @@ impl KernelKey {
     /// module enables f16 (the device needs `SHADER_F16`); the shared tile reads
     /// ([`KernelKey::with_tile_share`], a CPU adapter's form) are turned off.
     pub fn with_half_acc(self, on: bool) -> Self {
-        if self.stage != Stage::Fused || self.scores != ScoreTile::Rows {
+        let applies = (self.stage == Stage::Fused && self.scores == ScoreTile::Rows)
+            || self.stage == Stage::Decode;
+        if !applies {
             return self;
         }
         KernelKey {
@@ -1203,6 +1207,21 @@ impl KernelKey {
         );
         keys.push(KernelKey::fused_two_branch(64, 1).with_half_acc(true));
         keys.push(KernelKey::fused(128, 1, PosKind::Rope).with_half_acc(true));
+        // And in decode: 4 rows (Llama-3's GQA) at head sizes 64 and 128, with an f16 cache,
+        // the two-branch form.
+        for d in [64, 128] {
+            keys.push(KernelKey::decode(d, 4, PosKind::Rope).with_half_acc(true));
+        }
+        keys.push(
+            KernelKey::decode(64, 4, PosKind::Rope)
+                .with_storage([F32, F16, F16, F32])
+                .with_half_acc(true),
+        );
+        keys.push(
+            KernelKey::decode(64, 4, PosKind::Rope)
+                .with_two_branch(true)
+                .with_half_acc(true),
+        );
         keys.push(
             KernelKey::fused(64, 1, PosKind::Rope)
                 .with_storage([F16; 4])
@@ -1300,14 +1319,15 @@ impl KernelKey {
                 if self.q_shared { "_qwg" } else { "" }
             ),
             Stage::Decode => format!(
-                "decode_d{}_r{}_l{}{}_{pos}{branch}{}{}{}{dt}",
+                "decode_d{}_r{}_l{}{}_{pos}{branch}{}{}{}{}{dt}",
                 self.head_dim,
                 self.rows,
                 self.lanes,
                 self.lane_reduce.suffix(),
                 self.key_rot.suffix(),
                 if self.read_ahead { "_ra" } else { "" },
-                if self.bias { "_ub" } else { "" }
+                if self.bias { "_ub" } else { "" },
+                if self.half_acc { "_acch" } else { "" }
             ),
             Stage::DecodeReduce => format!(
                 "decode_reduce_d{}{}{dt}",
