@@ -625,11 +625,11 @@ fn conformance_vulkan_pv_tile() {
 }
 
 /// P·V in f16 arithmetic (`Accumulation::F16`: f16 weights, V tile and accumulators, the
-/// running maximum offset by 3 in base 2) on lavapipe, which has `SHADER_F16`: what
-/// `posattn check --quick --accumulate f16` runs (masks, NaN placements, sinks and sink
-/// logits, softcaps, the combinations and ReRoPE's two branches, the half dtypes on the RoPE
-/// head-size-64 cases; of the encodings no encoding, RoPE and ALiBi) at the adapter's rows per
-/// invocation, then the lane-split form (4 lanes a row) on the quick RoPE head-size-64 cases.
+/// running maximum offset by 3 in base 2) on lavapipe, which has `SHADER_F16`: the RoPE
+/// head-size-64 cases of `posattn check --quick --accumulate f16` (masks, NaN placements, sinks
+/// and sink logits, softcaps, windows) in f32 and native f16 storage and its two-branch case
+/// (ReRoPE) at the adapter's rows per invocation, then the lane-split form (4 lanes a row) on
+/// the f32 ones. `posattn check --accumulate f16` runs every encoding.
 /// Tolerance: `check`'s rule with the plain implementation that rounds the weights (scaled by
 /// 1/8) and V to f16 and sums in f16 (`reference::attention_half_acc`). An adapter without
 /// `SHADER_F16` must refuse the form, naming `accumulation`.
@@ -648,20 +648,17 @@ fn conformance_vulkan_half_accumulation() {
         );
         return;
     }
-    // The table-driven biases and xPos differ only in their scores: their kernels are left
-    // out (the P·V code is the same in every kernel), which saves four compiles.
-    let scores_only = [
-        "xpos",
-        "t5",
-        "kerple",
-        "sandwich",
-        "fire",
-        "combo_t5",
-        "combo_kerple",
-    ];
+    // The RoPE kernel (masks, NaN placements, sinks and sink logits, softcaps, windows, in f32
+    // and native f16 storage) and the two-branch one: the P·V code is the same in every
+    // encoding's kernel, so the others are left out (eight fewer cold compiles).
     let quick: Vec<_> = check::quick_check_cases(&ctx)
         .into_iter()
-        .filter(|c| !scores_only.iter().any(|p| c.name.starts_with(p)))
+        .filter(|c| {
+            c.spec.extrapolation != posattn::Extrapolation::None
+                || (c.is_rope_d64()
+                    && (c.spec.dtypes == Dtypes::F32
+                        || (c.spec.dtypes == Dtypes::all(Dtype::F16) && c.half_form.is_none())))
+        })
         .collect();
     let rope64: Vec<_> = quick
         .iter()
@@ -696,17 +693,16 @@ fn conformance_vulkan_half_accumulation() {
 /// Queries in workgroup memory (`KernelKey::with_q_shared`, the GPU form that frees their
 /// registers) on lavapipe, in 64-row query blocks (the queries' 16 KiB at head size 64 and the
 /// K and V tiles fill lavapipe's 32 KiB), on the quick matrix's RoPE head-size-64 cases (the
-/// queries' staging and reads are the same code for every encoding): 8 rows per invocation
-/// (lavapipe's), one, and the lane-split form (2 rows, 4 lanes). Two-branch methods keep their
-/// queries in registers. The same tolerance rules as the register form, whose arithmetic this
-/// is.
+/// queries' staging and reads are the same code for every encoding): one row per invocation (a
+/// GPU's) and the lane-split form (2 rows, 4 lanes). Two-branch methods keep their queries in
+/// registers. The same tolerance rules as the register form, whose arithmetic this is.
 #[test]
 fn conformance_vulkan_queries_in_workgroup_memory() {
     let rope64: Vec<_> = check::conformance_cases()
         .into_iter()
         .filter(|c| check::is_quick(c) && c.is_rope_d64())
         .collect();
-    for (rows, lanes) in [(8, None), (1, None), (2, Some(4))] {
+    for (rows, lanes) in [(1, None), (2, Some(4))] {
         run_matrix_form(
             wgpu::Backends::VULKAN,
             "vulkan",

@@ -107,24 +107,27 @@ fn storage_or_custom(c: &DecodeCase) -> bool {
 
 /// P·V in f16 arithmetic (`Accumulation::F16`: f16 weights, V and accumulators, the running
 /// maximum offset by 3 in base 2) in decode on lavapipe (`SHADER_F16`), bounded by the plain
-/// implementation that sums P·V in f16 (`reference::attention_half_acc`): the quick subset and
-/// the RoPE cases of every query count and cache length, forced splits (chunks merge in f32),
-/// GQA 8:1, the ring caches with and without sinks and an f16 cache.
+/// implementation that sums P·V in f16 (`reference::attention_half_acc`): the quick subset, one
+/// and four new queries against 2049 and 4100 keys, forced splits (chunks merge in f32), the ring
+/// cache with sinks, and an f16 cache (the kernels of one and four rows and of the f16 cache; the
+/// arithmetic is the same code in every row bucket).
 #[test]
 fn decode_half_accumulation_vulkan() {
     let mut cases = decode::decode_quick_cases();
-    let quick: Vec<String> = cases.iter().map(|c| c.name.clone()).collect();
-    cases.extend(decode::decode_cases().into_iter().filter(|c| {
-        let n = c.name.as_str();
-        !quick.iter().any(|q| q == n)
-            && (n.starts_with("decode_rope_q")
-                || n.starts_with("decode_split")
-                || n.starts_with("decode_ring_w64")
-                || n == "decode_gqa8_k777"
-                || (storage_or_custom(c)
-                    && c.spec.attention.dtypes.k == posattn::Dtype::F16
-                    && c.spec.attention.dtypes.q == posattn::Dtype::F32))
-    }));
+    let more = [
+        "decode_rope_q1_k2049",
+        "decode_rope_q4_k4100",
+        "decode_split7",
+        "decode_split130",
+        "decode_ring_w64_sinks4_q3",
+        "decode_kv_f16_b2_split2",
+    ];
+    cases.extend(
+        decode::decode_cases()
+            .into_iter()
+            .filter(|c| more.contains(&c.name.as_str())),
+    );
+    assert_eq!(cases.len(), 2 + more.len(), "a named case is missing");
     run_with(
         wgpu::Backends::VULKAN,
         "vulkan",
