@@ -4,7 +4,7 @@
 //!
 //! Specialisation needs no preprocessor: each variant choice is a WGSL `const`, and every driver
 //! folds `if (POS_KIND == POS_ROPE)` on a constant. The composer folds those branches itself too
-//! ([`fold_constant_ifs`]), so that another form's dead code never reaches naga, whose front end
+//! (`fold_constant_ifs`), so that another form's dead code never reaches naga, whose front end
 //! parses and validates every line on each pipeline creation; the source stays valid WGSL
 //! without it. What a preprocessor cannot give is unrolling, which the software drivers need (a
 //! private array indexed by a loop variable becomes a branch ladder on Mesa's GL path): a loop
