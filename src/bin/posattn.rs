@@ -1462,7 +1462,7 @@ fn bench(
                     "roof_gflops": roof_gflops,
                 }));
             }
-            for (seq, form, lanes, block, ms) in bench_dtypes(
+            for (seq, form, key, ms) in bench_dtypes(
                 &mut ctx,
                 seqs,
                 head_dim,
@@ -1481,10 +1481,10 @@ fn bench(
                 "dtype": form.split(' ').next(),
                 "form": form,
                 "scores": if form.contains("tile") || form.contains("coop") { form.split(' ').nth(1) } else { Some("rows") },
-                "row_lanes": lanes,
-                "block_q": block,
-                "accumulation": if form.contains("acc16") { "f16" } else { "f32" },
-                "q_workgroup": form == QWG_FORM,
+                "row_lanes": key.row_lanes(),
+                "block_q": key.block_q,
+                "accumulation": if key.half_acc { "f16" } else { "f32" },
+                "q_workgroup": key.q_shared,
                 "fused_gflops": spec.flops() / (ms * 1e-3) / 1e9,
                 "unfused_gflops": null,
                 "roof_gflops": roof_gflops,
@@ -1498,15 +1498,46 @@ fn bench(
     Ok(())
 }
 
+/// One column of `bench_dtypes`' table: how its plan is made.
+#[derive(Clone, Copy)]
+struct Form {
+    name: &'static str,
+    dtype: posattn::Dtype,
+    half: posattn::HalfForm,
+    tile: posattn::ScoreTile,
+    /// Lanes per query row.
+    lanes: u32,
+    /// Query rows per workgroup (`None`: the context's rule).
+    block: Option<u32>,
+    acc: posattn::Accumulation,
+    /// Queries in workgroup memory.
+    q_shared: bool,
+}
+
+impl Form {
+    /// The row form in `dtype` (f16 packed) with `lanes` per row, f32 P·V, queries in
+    /// registers, the context's query block.
+    fn rows(name: &'static str, dtype: posattn::Dtype, lanes: u32) -> Form {
+        Form {
+            name,
+            dtype,
+            half: posattn::HalfForm::Packed,
+            tile: posattn::ScoreTile::Rows,
+            lanes,
+            block: None,
+            acc: posattn::Accumulation::F32,
+            q_shared: false,
+        }
+    }
+}
+
 /// The fused kernel with every tensor stored in each dtype (f16 in both forms where the adapter
 /// has native f16), then in f32 with each of `lanes` per query row and each of `blocks` query
-/// rows per workgroup, at the same shapes, timed alternately in one run so that load from other
-/// processes affects the forms alike; speed is relative to f32. Returns (seq, form, lanes per
-/// row, query rows per workgroup, ms) of every form but the first.
-/// `bench_dtypes`' form with the queries in workgroup memory.
-const QWG_FORM: &str = "f32 qwg";
-
-#[allow(clippy::type_complexity, clippy::too_many_arguments)]
+/// rows per workgroup, with P·V in f16 arithmetic (`accumulate`) and with the queries in
+/// workgroup memory (`q_workgroup`), at the same shapes, timed alternately in one run so that
+/// load from other processes affects the forms alike; speed is relative to f32. Returns (seq,
+/// form, the variant its plan built, ms) of every form but the first.
+#[allow(clippy::too_many_arguments)]
 fn bench_dtypes(
     ctx: &mut Context,
     seqs: &[u32],
@@ -1517,7 +1548,7 @@ fn bench_dtypes(
     blocks: &[u32],
     accumulate: &[posattn::Accumulation],
     q_workgroup: bool,
-) -> posattn::Result<Vec<(u32, &'static str, u32, u32, f64)>> {
+) -> posattn::Result<Vec<(u32, &'static str, posattn::kernel::KernelKey, f64)>> {
     let mut out = Vec::new();
     use posattn::ScoreTile;
     use posattn::harness::timing::time_encoded;
@@ -1525,46 +1556,17 @@ fn bench_dtypes(
     use wgpu::util::DeviceExt;
     let own = ctx.row_lanes(head_dim);
     let mut forms = vec![
-        (
-            "f32",
-            Dtype::F32,
-            HalfForm::Packed,
-            ScoreTile::Rows,
-            own,
-            None,
-            Accumulation::F32,
-        ),
-        (
-            "f16 packed",
-            Dtype::F16,
-            HalfForm::Packed,
-            ScoreTile::Rows,
-            own,
-            None,
-            Accumulation::F32,
-        ),
-        (
-            "bf16",
-            Dtype::Bf16,
-            HalfForm::Packed,
-            ScoreTile::Rows,
-            own,
-            None,
-            Accumulation::F32,
-        ),
+        Form::rows("f32", Dtype::F32, own),
+        Form::rows("f16 packed", Dtype::F16, own),
+        Form::rows("bf16", Dtype::Bf16, own),
     ];
     if ctx.has_native_f16() {
         forms.insert(
             1,
-            (
-                "f16 native",
-                Dtype::F16,
-                HalfForm::Native,
-                ScoreTile::Rows,
-                own,
-                None,
-                Accumulation::F32,
-            ),
+            Form {
+                half: HalfForm::Native,
+                ..Form::rows("f16 native", Dtype::F16, own)
+            },
         );
     }
     // The score tile asked for, in f32 and the adapter's f16 storage; a P·V tile product
@@ -1584,16 +1586,15 @@ fn bench_dtypes(
             ScoreTile::Coop16Pv => ("f32 coop16pv", "f16 coop16pv"),
             _ => ("f32 coop16", "f16 coop16"),
         };
-        forms.push((
-            f32_name,
-            Dtype::F32,
-            HalfForm::Packed,
-            t,
-            1,
-            None,
-            Accumulation::F32,
-        ));
-        forms.push((f16_name, Dtype::F16, half, t, 1, None, Accumulation::F32));
+        forms.push(Form {
+            tile: t,
+            ..Form::rows(f32_name, Dtype::F32, 1)
+        });
+        forms.push(Form {
+            tile: t,
+            half,
+            ..Form::rows(f16_name, Dtype::F16, 1)
+        });
     }
     // The lane-split form (f32, the context's rows per invocation).
     for &l in lanes {
@@ -1603,15 +1604,7 @@ fn bench_dtypes(
             4 => "f32 lanes4",
             _ => "f32 lanes8",
         };
-        forms.push((
-            name,
-            Dtype::F32,
-            HalfForm::Packed,
-            ScoreTile::Rows,
-            l,
-            None,
-            Accumulation::F32,
-        ));
+        forms.push(Form::rows(name, Dtype::F32, l));
     }
     // Query rows per workgroup (f32, the context's rows and lanes).
     for &b in blocks {
@@ -1620,15 +1613,10 @@ fn bench_dtypes(
             128 => "f32 bq128",
             _ => "f32 bq256",
         };
-        forms.push((
-            name,
-            Dtype::F32,
-            HalfForm::Packed,
-            ScoreTile::Rows,
-            own,
-            Some(b),
-            Accumulation::F32,
-        ));
+        forms.push(Form {
+            block: Some(b),
+            ..Form::rows(name, Dtype::F32, own)
+        });
     }
     // P·V in f16 arithmetic (f32 and the adapter's f16 storage), the context's rows and lanes;
     // reported unavailable without SHADER_F16.
@@ -1638,30 +1626,29 @@ fn bench_dtypes(
             ("f32 acc16", Dtype::F32, HalfForm::Packed),
             ("f16 acc16", Dtype::F16, half),
         ] {
-            forms.push((name, d, h, ScoreTile::Rows, own, None, Accumulation::F16));
+            forms.push(Form {
+                half: h,
+                acc: Accumulation::F16,
+                ..Form::rows(name, d, own)
+            });
         }
     }
     // The queries in workgroup memory (f32, the context's rows and lanes, 64-row query blocks:
-    // a GPU's, and the smallest query tile): the form named QWG_FORM, whose plan is made with
-    // `Context::set_q_in_workgroup`.
+    // a GPU's, and the smallest query tile).
     if q_workgroup {
-        forms.push((
-            QWG_FORM,
-            Dtype::F32,
-            HalfForm::Packed,
-            ScoreTile::Rows,
-            own,
-            Some(posattn::kernel::BLOCK_Q),
-            Accumulation::F32,
-        ));
+        forms.push(Form {
+            block: Some(posattn::kernel::BLOCK_Q),
+            q_shared: true,
+            ..Form::rows("f32 qwg", Dtype::F32, own)
+        });
     }
     println!(
         "
   fused kernel by storage dtype (median ms of {runs}, rounds interleaved; speed vs f32)"
     );
     print!("  {:>6}", "seq");
-    for (name, ..) in &forms {
-        print!(" {name:>18}");
+    for f in &forms {
+        print!(" {:>18}", f.name);
     }
     println!();
     for &seq in seqs {
@@ -1673,15 +1660,16 @@ fn bench_dtypes(
             rng.vec(base.kv_len(), 1.0),
         );
         let mut setups = Vec::new();
-        for &(name, d, half, t, l, b, acc) in &forms {
+        for f in &forms {
+            let (name, d) = (f.name, f.dtype);
             let spec = base.clone().with_dtype(d);
-            ctx.set_score_tile(t)?;
-            ctx.set_row_lanes(Some(l))?;
-            ctx.set_block_q(b)?;
-            ctx.set_q_in_workgroup((name == QWG_FORM).then_some(true));
+            ctx.set_score_tile(f.tile)?;
+            ctx.set_row_lanes(Some(f.lanes))?;
+            ctx.set_block_q(f.block)?;
+            ctx.set_q_in_workgroup(Some(f.q_shared));
             let plan = ctx
-                .set_accumulation(acc)
-                .and_then(|()| posattn::Attention::with_half_form(ctx, &spec, half));
+                .set_accumulation(f.acc)
+                .and_then(|()| posattn::Attention::with_half_form(ctx, &spec, f.half));
             ctx.set_q_in_workgroup(None);
             ctx.set_score_tile(ScoreTile::Rows)?;
             ctx.set_row_lanes(None)?;
@@ -1721,7 +1709,7 @@ fn bench_dtypes(
         }
         let f32_ms = setups[0].as_ref().map(|s| pick(&s.2).as_secs_f64() * 1e3);
         print!("  {seq:>6}");
-        for (setup, &(name, ..)) in setups.iter().zip(&forms) {
+        for (setup, &Form { name, .. }) in setups.iter().zip(&forms) {
             let Some((plan, _, t)) = setup else {
                 print!(" {:>18}", "-");
                 continue;
@@ -1732,9 +1720,8 @@ fn bench_dtypes(
                 None => print!(" {:>18}", format!("{ms:.2}")),
             }
             if name != "f32" {
-                // The plan's own lanes and block: a form they do not fit keeps its default.
-                let key = plan.kernel();
-                out.push((seq, name, key.row_lanes(), key.block_q, ms));
+                // The plan's own variant: a form that does not fit keeps its default.
+                out.push((seq, name, plan.kernel(), ms));
             }
         }
         println!();
