@@ -25,14 +25,16 @@
 # workgroup memory); tune.txt and .json
 # (`posattn tune`: every rows × lanes candidate at seq 2048, again with the queries in
 # workgroup memory where they hold 128 floats a lane or more, the A/B of the lane-split form,
-# and every decode lanes-per-key candidate at cache 8192);
+# and every decode lanes-per-key candidate at cache 8192, then the best and the next larger
+# count at 2 and 4 keys a step);
 # prefill_tuned.txt and .json (the prefill tables again with the tuned variants);
 # prefill_coop.txt and .json (the same on a device opened with cooperative matrices,
 # with the coop rows in f32 and f16 storage, the score tile alone and with P·V on the
 # cooperative matrices too); decode.txt and .json (`posattn bench --decode`);
 # decode_unsplit.txt and .json (batch 1, one split: the split-KV speed-up); decode_rotated.txt
 # and .json (keys stored rotated: the per-key rotation's share); decode_lanes.txt and .json
-# (4, 8 and 16 lanes per key beside the rule's: registers per lane); decode_acc16.txt and .json
+# (4, 8 and 16 lanes per key beside the rule's: registers per lane); decode_keys.txt and .json
+# (1, 2 and 4 keys per softmax step at the rule's lanes and at 16); decode_acc16.txt and .json
 # (f32 and f16 caches with P·V in f32 and in f16 arithmetic); decode_sweep.txt (batch 1 at
 # 16, 64 and 256 splits); torch.txt (benches/torch_sdpa.py, prefill and decode); check.txt and
 # .json (`posattn check`, the whole matrix); log.txt (every step's command, exit status and
@@ -180,6 +182,12 @@ fi
 step decode-lanes 60 "$out/decode_lanes.txt" "$posattn" bench --decode --backend "$WGPU_BACKEND" \
     --cache "$sweep_caches" --batch "$batches" --dtype f32 --lanes 4,8,16 --prefill-max 0 \
     --json "$out/decode_lanes.json"
+# Keys per softmax step: 2 and 4 keys' reads and dot products side by side, one rescale of the
+# accumulators per step (the shape of llama.cpp's and FlashInfer's decode kernels), at the
+# rule's lanes and at 16 (fewer registers a lane for the step's keys).
+step decode-keys 60 "$out/decode_keys.txt" "$posattn" bench --decode --backend "$WGPU_BACKEND" \
+    --cache "$sweep_caches" --batch "$batches" --dtype f32 --lanes 16 --keys-per-step 2,4 \
+    --prefill-max 0 --json "$out/decode_keys.json"
 # P·V in f16 arithmetic in decode (halves each lane's accumulators), f32 and f16 caches.
 step decode-acc16 60 "$out/decode_acc16.txt" "$posattn" bench --decode --backend "$WGPU_BACKEND" \
     --cache "$sweep_caches" --batch "$batches" --dtype f32,f16 --accumulate f16 --prefill-max 0 \

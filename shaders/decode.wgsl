@@ -30,6 +30,12 @@
 //   4. folds its channels of the value (read with the key, so that both rows' cache misses
 //      overlap) into the accumulator of every row that sees the key. A hidden key is never
 //      multiplied in, so whatever its slot holds cannot reach the output.
+// With KEY_STEP > 1 (2 or 4 keys a step, a variant constant: `Context::set_decode_keys_per_step`,
+// or `posattn tune` on GPUs) a step takes the group's next KEY_STEP keys: steps 1 and 2 for each
+// of them (their reads independent of each other's arithmetic), then one softmax update per
+// row for all of them (the accumulators rescaled once per step, not once per key), then their
+// values read and folded in, as llama.cpp's and FlashInfer's decode kernels take a block of
+// keys at a time. A key past the group's run is hidden like a masked one.
 // With TWO_BRANCH (an extrapolation method: ReRoPE, LM-Infinite, StreamingLLM's cache index)
 // each row also holds its query in the second branch's rotation, each key is rotated a second
 // way as well, both dot products are summed, and the method's rule picks one score per row and
@@ -532,185 +538,249 @@ fn decode_attention(
                 }
             }
         }
-        for (var step = s0; step < min(s0 + AHEAD, steps); step++) {
-            let v = g_begin + step;
-            let valid = v < g_end;
-            let key = select(v - n_sink + win_lo, v, v < n_sink);
-            var slot = 0u;
-            var kpos = 0;
-            var kx: array<vec4<f32>, SLOTS>;
+        for (var step = s0; step < min(s0 + AHEAD, steps); step += KEY_STEP) {
+            // KEY_STEP consecutive keys of the group's run a step (a variant constant, 1, 2 or
+            // 4): their scores first, then one softmax update for all of them, then their
+            // values. With more than one, the keys' reads are independent of each other's
+            // arithmetic and the accumulators are rescaled once per step, not once per key.
+            var kvalid: array<bool, KEY_STEP>;
+            var kkey: array<u32, KEY_STEP>;
+            var kslot: array<u32, KEY_STEP>;
+            var kpos: array<i32, KEY_STEP>;
+            // One key's value channels, read with its key where a step holds one key (both
+            // rows' cache misses overlap), else after the softmax.
             var vx: array<vec4<f32>, SLOTS>;
-            // The key in the second branch's rotation (TWO_BRANCH).
-            var kx2: array<vec4<f32>, SLOTS>;
-            // 1. The lane's channels of the key, rotated.
-            if (valid) {
-                slot = step_slot(v, n_sink, win_lo, ring, ring_base, ring_len, ring_s, cap);
-                kpos = pos_k[b * cap + slot];
-                let row = kv_row(b, slot, kv);
-                // @unroll
-                for (var i = 0u; i < UNITS; i++) {
-                    let j = lane + LANES * i;
-                    if (j < HEAD_UNITS) {
-                        let x = k_at8(row * HEAD_UNITS + j);
-                        kx[2u * i] = x.a;
-                        kx[2u * i + 1u] = x.b;
-                        let y = v_at8(row * HEAD_UNITS + j);
-                        vx[2u * i] = y.a;
-                        vx[2u * i + 1u] = y.b;
-                    }
-                }
-                let kraw = kx;
-                // The partner vec4s the general form reads, kept for the second branch.
-                var kpart: array<vec4<f32>, SLOTS>;
-                if (KEY_ROT == KEY_ROT_PAIRS) {
-                    kx = rotate_key_pairs(kraw, freq, kpos, kpos - origin);
-                } else if (KEY_ROT == KEY_ROT_GENERAL) {
+            // 2. Each key's share of each row's dot product, summed over the key's lanes (in
+            // both branches with TWO_BRANCH): dot[j][r].
+            var dot: array<f32, R_MAX * KEY_STEP>;
+            var dot2: array<f32, R_MAX * KEY_STEP>;
+            // @unroll
+            for (var j = 0u; j < KEY_STEP; j++) {
+                let v = g_begin + step + j;
+                let valid = v < g_end;
+                kvalid[j] = valid;
+                kkey[j] = select(v - n_sink + win_lo, v, v < n_sink);
+                kslot[j] = 0u;
+                kpos[j] = 0;
+                var kx: array<vec4<f32>, SLOTS>;
+                // The key in the second branch's rotation (TWO_BRANCH).
+                var kx2: array<vec4<f32>, SLOTS>;
+                // 1. The lane's channels of the key, rotated.
+                if (valid) {
+                    let slot = step_slot(v, n_sink, win_lo, ring, ring_base, ring_len, ring_s,
+                                         cap);
+                    let kp = pos_k[b * cap + slot];
+                    kslot[j] = slot;
+                    kpos[j] = kp;
+                    let row = kv_row(b, slot, kv);
                     // @unroll
                     for (var i = 0u; i < UNITS; i++) {
-                        // @unroll
-                        for (var h = 0u; h < HALVES; h++) {
-                            let c = 2u * (lane + LANES * i) + h;
-                            if (c < HEAD_VEC) {
-                                kpart[2u * i + h] = k_at4(row * HEAD_VEC + partner_vec4(c));
-                                kx[2u * i + h] = rotate_vec4(kraw[2u * i + h], kpart[2u * i + h],
-                                                             c, kpos, kpos - origin, -1.0, false);
+                        let u = lane + LANES * i;
+                        if (u < HEAD_UNITS) {
+                            let x = k_at8(row * HEAD_UNITS + u);
+                            kx[2u * i] = x.a;
+                            kx[2u * i + 1u] = x.b;
+                            if (KEY_STEP == 1u) {
+                                let y = v_at8(row * HEAD_UNITS + u);
+                                vx[2u * i] = y.a;
+                                vx[2u * i + 1u] = y.b;
                             }
                         }
                     }
-                }
-                if (TWO_BRANCH) {
+                    let kraw = kx;
+                    // The partner vec4s the general form reads, kept for the second branch.
+                    var kpart: array<vec4<f32>, SLOTS>;
                     if (KEY_ROT == KEY_ROT_PAIRS) {
-                        kx2 = rotate_key_pairs(kraw, bfreq, kpos, 0);
-                    } else {
+                        kx = rotate_key_pairs(kraw, freq, kp, kp - origin);
+                    } else if (KEY_ROT == KEY_ROT_GENERAL) {
                         // @unroll
                         for (var i = 0u; i < UNITS; i++) {
                             // @unroll
                             for (var h = 0u; h < HALVES; h++) {
                                 let c = 2u * (lane + LANES * i) + h;
                                 if (c < HEAD_VEC) {
-                                    kx2[2u * i + h] = rotate_vec4(kraw[2u * i + h],
-                                                                  kpart[2u * i + h], c, kpos, 0,
-                                                                  -1.0, true);
+                                    kpart[2u * i + h] = k_at4(row * HEAD_VEC + partner_vec4(c));
+                                    kx[2u * i + h] = rotate_vec4(kraw[2u * i + h],
+                                                                 kpart[2u * i + h], c, kp,
+                                                                 kp - origin, -1.0, false);
+                                }
+                            }
+                        }
+                    }
+                    if (TWO_BRANCH) {
+                        if (KEY_ROT == KEY_ROT_PAIRS) {
+                            kx2 = rotate_key_pairs(kraw, bfreq, kp, 0);
+                        } else {
+                            // @unroll
+                            for (var i = 0u; i < UNITS; i++) {
+                                // @unroll
+                                for (var h = 0u; h < HALVES; h++) {
+                                    let c = 2u * (lane + LANES * i) + h;
+                                    if (c < HEAD_VEC) {
+                                        kx2[2u * i + h] = rotate_vec4(kraw[2u * i + h],
+                                                                      kpart[2u * i + h], c, kp,
+                                                                      0, -1.0, true);
+                                    }
                                 }
                             }
                         }
                     }
                 }
-            }
-            // 2. The lane's share of each row's dot product, summed over the key's lanes (in
-            // both branches with TWO_BRANCH).
-            var dot: array<f32, R_MAX>;
-            var dot2: array<f32, R_MAX>;
-            // @unroll
-            for (var r = 0u; r < ROWS; r++) {
-                var d = vec4<f32>(0.0);
-                var d2 = vec4<f32>(0.0);
+                var dj: array<f32, R_MAX>;
+                var dj2: array<f32, R_MAX>;
                 // @unroll
-                for (var i = 0u; i < UNITS; i++) {
+                for (var r = 0u; r < ROWS; r++) {
+                    var d = vec4<f32>(0.0);
+                    var d2 = vec4<f32>(0.0);
                     // @unroll
-                    for (var h = 0u; h < HALVES; h++) {
-                        d = fma(q[r * SLOTS + 2u * i + h], kx[2u * i + h], d);
-                        if (TWO_BRANCH) {
-                            d2 = fma(q2[r * SLOTS + 2u * i + h], kx2[2u * i + h], d2);
+                    for (var i = 0u; i < UNITS; i++) {
+                        // @unroll
+                        for (var h = 0u; h < HALVES; h++) {
+                            d = fma(q[r * SLOTS + 2u * i + h], kx[2u * i + h], d);
+                            if (TWO_BRANCH) {
+                                d2 = fma(q2[r * SLOTS + 2u * i + h], kx2[2u * i + h], d2);
+                            }
                         }
                     }
+                    dj[r] = (d.x + d.y) + (d.z + d.w);
+                    dj2[r] = (d2.x + d2.y) + (d2.z + d2.w);
                 }
-                dot[r] = (d.x + d.y) + (d.z + d.w);
-                dot2[r] = (d2.x + d2.y) + (d2.z + d2.w);
+                dj = sum_key_lanes(dj, lid, kg);
+                if (TWO_BRANCH) {
+                    dj2 = sum_key_lanes(dj2, lid, kg);
+                }
+                // @unroll
+                for (var r = 0u; r < ROWS; r++) {
+                    dot[j * R_MAX + r] = dj[r];
+                    dot2[j * R_MAX + r] = dj2[r];
+                }
             }
-            dot = sum_key_lanes(dot, lid, kg);
-            if (TWO_BRANCH) {
-                dot2 = sum_key_lanes(dot2, lid, kg);
-            }
-            // 3. Modifications, masks and the online softmax, per row.
-            let kk = i32(key);
-            var p: array<f32, R_MAX>;
-            var seen: array<bool, R_MAX>;
+            // 3. Modifications, masks and the online softmax, per row, over the step's keys.
+            var p: array<f32, R_MAX * KEY_STEP>;
+            var seen: array<bool, R_MAX * KEY_STEP>;
             var alpha: array<f32, R_MAX>;
-            var any_seen = false;
             // @unroll
             for (var r = 0u; r < ROWS; r++) {
                 let qi = row_qi[r];
                 let head = row_head[r];
                 let ip = row_ip[r];
-                var vis = valid && r < n_rows && (params.causal == 0u || kk <= ip)
-                    && (in_window(vec4<i32>(kk), ip).x || kk < sinks);
-                // A custom scheme's hooks (identities in every other variant), with the query's
-                // index among its sequence's new queries and the key's index.
-                if (CUSTOM_MASK && vis) {
-                    vis = pa_mask4(qpos[r], vec4<i32>(kpos), head, qi, vec4<u32>(key)).x;
-                }
-                // The second branch's score where its rule picks it (as in the prefill kernel):
-                // keys at distance ≥ w (ReRoPE), or keys seen only as sinks (LM-Infinite,
-                // StreamingLLM's cache index).
-                var dk = dot[r];
-                if (TWO_BRANCH) {
-                    var use2 = kk < sinks && !in_window(vec4<i32>(kk), ip).x;
-                    if (params.branch_rule == BRANCH_RULE_DISTANCE) {
-                        use2 = abs(qpos[r] - kpos) >= params.branch_w;
+                var sj: array<f32, KEY_STEP>;
+                var visj: array<bool, KEY_STEP>;
+                var s_top = m[r];
+                // @unroll
+                for (var j = 0u; j < KEY_STEP; j++) {
+                    let kk = i32(kkey[j]);
+                    let kp = kpos[j];
+                    var vis = kvalid[j] && r < n_rows && (params.causal == 0u || kk <= ip)
+                        && (in_window(vec4<i32>(kk), ip).x || kk < sinks);
+                    // A custom scheme's hooks (identities in every other variant), with the
+                    // query's index among its sequence's new queries and the key's index.
+                    if (CUSTOM_MASK && vis) {
+                        vis = pa_mask4(qpos[r], vec4<i32>(kp), head, qi, vec4<u32>(kkey[j])).x;
                     }
-                    dk = select(dk, dot2[r], use2);
-                }
-                var s = MASKED;
-                if (vis) {
-                    s = modify_score(dk, head, qpos[r], kpos);
-                    if (CUSTOM_SCORE) {
-                        s = pa_score4(vec4<f32>(s), qpos[r], vec4<i32>(kpos), head, qi,
-                                      vec4<u32>(key)).x;
+                    // The second branch's score where its rule picks it (as in the prefill
+                    // kernel): keys at distance ≥ w (ReRoPE), or keys seen only as sinks
+                    // (LM-Infinite, StreamingLLM's cache index).
+                    var dk = dot[j * R_MAX + r];
+                    if (TWO_BRANCH) {
+                        var use2 = kk < sinks && !in_window(vec4<i32>(kk), ip).x;
+                        if (params.branch_rule == BRANCH_RULE_DISTANCE) {
+                            use2 = abs(qpos[r] - kp) >= params.branch_w;
+                        }
+                        dk = select(dk, dot2[j * R_MAX + r], use2);
                     }
-                    // The caller's bias at (sequence, head, new query, cache slot), in natural
-                    // log units: −∞ (or ≤ −1e30) hides the key, NaN propagates.
-                    if (USER_BIAS) {
-                        let ub = user_bias_at(b * params.user_bias_stride_b
-                            + head * params.user_bias_stride_h + qi * cap + slot);
-                        if (bias_masks(ub)) {
+                    var s = MASKED;
+                    if (vis) {
+                        s = modify_score(dk, head, qpos[r], kp);
+                        if (CUSTOM_SCORE) {
+                            s = pa_score4(vec4<f32>(s), qpos[r], vec4<i32>(kp), head, qi,
+                                          vec4<u32>(kkey[j])).x;
+                        }
+                        // The caller's bias at (sequence, head, new query, cache slot), in
+                        // natural log units: −∞ (or ≤ −1e30) hides the key, NaN propagates.
+                        if (USER_BIAS) {
+                            let ub = user_bias_at(b * params.user_bias_stride_b
+                                + head * params.user_bias_stride_h + qi * cap + kslot[j]);
+                            if (bias_masks(ub)) {
+                                s = MASKED;
+                                vis = false;
+                            } else {
+                                s += ub * LOG2E;
+                            }
+                        }
+                        // A NaN at a visible key makes the row NaN, as in a plain softmax.
+                        if (is_nan_bits(s)) {
+                            nanf[r] = true;
                             s = MASKED;
                             vis = false;
-                        } else {
-                            s += ub * LOG2E;
                         }
                     }
-                    // A NaN at a visible key makes the row NaN, as in a plain softmax.
-                    if (is_nan_bits(s)) {
-                        nanf[r] = true;
-                        s = MASKED;
-                        vis = false;
+                    var s_max = s;
+                    if (PV_HALF) {
+                        s_max += PV_OFFSET;
+                    }
+                    s_top = max(s_top, s_max);
+                    sj[j] = s;
+                    visj[j] = vis;
+                }
+                let m_new = s_top;
+                alpha[r] = exp2(m[r] - m_new);
+                var l_new = l[r] * alpha[r];
+                // @unroll
+                for (var j = 0u; j < KEY_STEP; j++) {
+                    let pj = select(0.0, exp2(sj[j] - m_new), visj[j]);
+                    p[j * R_MAX + r] = pj;
+                    seen[j * R_MAX + r] = visj[j];
+                    l_new += pj;
+                }
+                l[r] = l_new;
+                m[r] = m_new;
+            }
+            // 4. The lane's channels of each value, folded into the rows that see its key, the
+            // accumulators rescaled first.
+            // @unroll
+            for (var j = 0u; j < KEY_STEP; j++) {
+                if (KEY_STEP > 1u && kvalid[j]) {
+                    let row = kv_row(b, kslot[j], kv);
+                    // @unroll
+                    for (var i = 0u; i < UNITS; i++) {
+                        let u = lane + LANES * i;
+                        if (u < HEAD_UNITS) {
+                            let y = v_at8(row * HEAD_UNITS + u);
+                            vx[2u * i] = y.a;
+                            vx[2u * i + 1u] = y.b;
+                        }
                     }
                 }
-                var s_max = s;
-                if (PV_HALF) {
-                    s_max += PV_OFFSET;
-                }
-                let m_new = max(m[r], s_max);
-                alpha[r] = exp2(m[r] - m_new);
-                p[r] = select(0.0, exp2(s - m_new), vis);
-                l[r] = l[r] * alpha[r] + p[r];
-                m[r] = m_new;
-                seen[r] = vis;
-                any_seen = any_seen || vis;
-            }
-            // 4. The lane's channels of the value (read with the key), folded into the rows that
-            // see the key.
-            // (In the P·V type: the value converted once for every row.)
-            var vp: array<pv4, SLOTS>;
-            // @unroll
-            for (var i = 0u; i < UNITS; i++) {
-                // @unroll
-                for (var h = 0u; h < HALVES; h++) {
-                    vp[2u * i + h] = pv4(vx[2u * i + h]);
-                }
-            }
-            // @unroll
-            for (var r = 0u; r < ROWS; r++) {
-                let pr = pv4(pv_t(p[r]));
-                let ar = pv_t(alpha[r]);
+                // (In the P·V type: the value converted once for every row.)
+                var vp: array<pv4, SLOTS>;
                 // @unroll
                 for (var i = 0u; i < UNITS; i++) {
                     // @unroll
                     for (var h = 0u; h < HALVES; h++) {
-                        let s = r * SLOTS + 2u * i + h;
-                        let a = acc[s] * ar;
-                        acc[s] = select(a, fma(pr, vp[2u * i + h], a), seen[r]);
+                        vp[2u * i + h] = pv4(vx[2u * i + h]);
+                    }
+                }
+                // @unroll
+                for (var r = 0u; r < ROWS; r++) {
+                    let pr = pv4(pv_t(p[j * R_MAX + r]));
+                    // The rescale by alpha goes with the step's first key (for one key a step,
+                    // the multiply and the fused add of the form before).
+                    var ar = pv_t(1.0);
+                    if (j == 0u) {
+                        ar = pv_t(alpha[r]);
+                    }
+                    // @unroll
+                    for (var i = 0u; i < UNITS; i++) {
+                        // @unroll
+                        for (var h = 0u; h < HALVES; h++) {
+                            let s = r * SLOTS + 2u * i + h;
+                            var a = acc[s];
+                            if (j == 0u) {
+                                a = a * ar;
+                            }
+                            acc[s] = select(a, fma(pr, vp[2u * i + h], a), seen[j * R_MAX + r]);
+                        }
                     }
                 }
             }

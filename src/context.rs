@@ -95,6 +95,7 @@ pub struct Context {
     rows_override: Option<u32>,
     lanes_override: Option<u32>,
     decode_lanes_override: Option<u32>,
+    decode_keys_override: Option<u32>,
     q_shared_override: Option<bool>,
     block_q_override: Option<u32>,
     half_override: Option<HalfForm>,
@@ -339,6 +340,7 @@ impl Context {
             rows_override: None,
             lanes_override: None,
             decode_lanes_override: None,
+            decode_keys_override: None,
             q_shared_override: None,
             block_q_override: None,
             half_override: None,
@@ -526,6 +528,48 @@ impl Context {
             ));
         }
         self.decode_lanes_override = lanes;
+        Ok(())
+    }
+
+    /// Keys each key group of the decode kernel folds into its softmax per step at `head_dim`
+    /// (one of `kernel::DECODE_KEYS_PER_STEP_CHOICES`): the override if set, else the adapter's
+    /// tuned choice (`posattn tune` measures 2 and 4 on GPUs), else 1, one softmax update per
+    /// key. More keys a step make the keys' reads independent of each
+    /// other's arithmetic and rescale the accumulators once per step, the shape of llama.cpp's
+    /// and FlashInfer's decode kernels; on lavapipe, whose decode time is the per-lane reads
+    /// of K and V, it is not faster (BENCHMARKS.md), and on GPUs it is measured by `posattn
+    /// bench --decode --keys-per-step` and `benches/gpu.sh`.
+    pub fn decode_keys_per_step(&self, head_dim: u32) -> u32 {
+        self.decode_keys_override
+            .or_else(|| self.tuned.decode_keys.get(&head_dim).copied())
+            .unwrap_or(1)
+    }
+
+    /// Where [`Context::decode_keys_per_step`] comes from at `head_dim`: `"override"`,
+    /// `"tuned"` or `"heuristic"`.
+    pub fn decode_keys_per_step_source(&self, head_dim: u32) -> &'static str {
+        if self.decode_keys_override.is_some() {
+            "override"
+        } else if self.tuned.decode_keys.contains_key(&head_dim) {
+            "tuned"
+        } else {
+            "heuristic"
+        }
+    }
+
+    /// Overrides the decode kernel's keys per step for every head size (one of
+    /// `kernel::DECODE_KEYS_PER_STEP_CHOICES`) in plans built afterwards; `None` restores 1.
+    pub fn set_decode_keys_per_step(&mut self, keys: Option<u32>) -> Result<()> {
+        if let Some(k) = keys
+            && !crate::kernel::DECODE_KEYS_PER_STEP_CHOICES.contains(&k)
+        {
+            return Err(Error::invalid(
+                "decode_keys_per_step",
+                format!("one of {:?}", crate::kernel::DECODE_KEYS_PER_STEP_CHOICES),
+                k,
+            ));
+        }
+        self.decode_keys_override = keys;
         Ok(())
     }
 

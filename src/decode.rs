@@ -447,7 +447,8 @@ impl DecodePlan {
         .with_two_branch(plan.two_branch)
         .with_read_ahead(spec.reads_ahead(ctx.adapter_info().device_type))
         .with_bias(a.bias.is_some())
-        .with_half_acc(ctx.accumulation() == crate::dtype::Accumulation::F16);
+        .with_half_acc(ctx.accumulation() == crate::dtype::Accumulation::F16)
+        .with_keys_per_step(ctx.decode_keys_per_step(a.head_dim));
         let wg_bytes = decode_workgroup_bytes(&key);
         if wg_bytes > limits.max_compute_workgroup_storage_size {
             return Err(Error::unavailable(

@@ -1,6 +1,6 @@
 //! Per-adapter tuning: the fused kernel's query rows per invocation, lanes per row and query
 //! placement (registers or workgroup memory), and the
-//! decode kernel's lanes per key, measured on the adapter by `posattn tune` and stored in a small
+//! decode kernel's lanes per key and keys per softmax step, measured on the adapter by `posattn tune` and stored in a small
 //! JSON file, which [`crate::Context`] reads when it is made.
 //!
 //! **The file.** `POSATTN_TUNE_FILE` if set (an empty value turns tuning off), else
@@ -13,11 +13,12 @@
 //!
 //! **What is read.** Only rows and lanes a plan can be built with (`kernel::ROWS_CHOICES` and
 //! `kernel::ROW_LANES_CHOICES`: 1, 2, 4, 8 each; decode lanes from
-//! `kernel::DECODE_LANES_CHOICES`: 1, 2, 4, 8, 16); a file that cannot be read or parsed, or an
+//! `kernel::DECODE_LANES_CHOICES`: 1, 2, 4, 8, 16; decode keys per step from
+//! `kernel::DECODE_KEYS_PER_STEP_CHOICES`: 1, 2, 4); a file that cannot be read or parsed, or an
 //! entry for another adapter, leaves the heuristic in place (the context reports which applies:
 //! [`crate::Context::rows_source`], [`crate::Context::decode_lanes_source`]). A file of an older
-//! format (format 1 held rows only, format 2 no decode choice, format 3 no query placement)
-//! reads as empty, so the next `posattn tune` replaces it.
+//! format (format 1 held rows only, format 2 no decode choice, format 3 no query placement,
+//! format 4 no decode keys per step) reads as empty, so the next `posattn tune` replaces it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -25,7 +26,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 /// The tuning file's format version.
-pub const TUNE_FORMAT: u32 = 4;
+pub const TUNE_FORMAT: u32 = 5;
 
 /// Everything the stored choice depends on.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,9 +83,11 @@ pub struct TuneEntry {
     pub shape: (u32, u32),
     /// Decode-kernel lanes per key by head size.
     pub decode_lanes: BTreeMap<u32, u32>,
-    /// The decode measurements behind that choice: per head size, (lanes, median µs per step)
-    /// of every candidate.
-    pub decode_measured: BTreeMap<u32, Vec<(u32, f64)>>,
+    /// Decode-kernel keys per softmax step by head size.
+    pub decode_keys: BTreeMap<u32, u32>,
+    /// The decode measurements behind those choices: per head size, (lanes, keys per step,
+    /// median µs per step) of every candidate.
+    pub decode_measured: BTreeMap<u32, Vec<(u32, u32, f64)>>,
     /// The decode shape measured: (query heads, KV heads, batch, cache keys).
     pub decode_shape: (u32, u32, u32, u32),
 }
@@ -100,6 +103,8 @@ pub struct Tuned {
     pub q_shared: BTreeMap<u32, bool>,
     /// Decode-kernel lanes per key.
     pub decode_lanes: BTreeMap<u32, u32>,
+    /// Decode-kernel keys per softmax step.
+    pub decode_keys: BTreeMap<u32, u32>,
 }
 
 /// The whole file.
@@ -197,6 +202,11 @@ impl TuneFile {
                     &e.decode_lanes,
                     crate::kernel::DECODE_LANES_CHOICES,
                 ),
+                (
+                    "tune file.decode_keys",
+                    &e.decode_keys,
+                    crate::kernel::DECODE_KEYS_PER_STEP_CHOICES,
+                ),
             ] {
                 for (&d, &r) in map {
                     if !choices.contains(&r) {
@@ -252,6 +262,7 @@ pub fn stored(info: &wgpu::AdapterInfo) -> Tuned {
                 lanes: e.lanes.clone(),
                 q_shared: e.q_shared.clone(),
                 decode_lanes: e.decode_lanes.clone(),
+                decode_keys: e.decode_keys.clone(),
             })
         })
         .unwrap_or_default()
@@ -278,7 +289,8 @@ mod tests {
             measured: BTreeMap::from([(64, vec![(1, 1, false, 2.0), (rows, 4, true, 1.0)])]),
             shape: (8, 512),
             decode_lanes: BTreeMap::from([(128, 16)]),
-            decode_measured: BTreeMap::from([(128, vec![(8, 2.0), (16, 1.0)])]),
+            decode_keys: BTreeMap::from([(128, 4)]),
+            decode_measured: BTreeMap::from([(128, vec![(8, 1, 2.0), (16, 4, 1.0)])]),
             decode_shape: (32, 8, 1, 2048),
         }
     }
@@ -341,7 +353,22 @@ mod tests {
             TuneFile::read(&path).unwrap_err().field(),
             Some("tune file.decode_lanes")
         );
-        std::fs::write(&path, r#"{"format": 4, "entries": [], "extra": 0}"#).unwrap();
+        let mut bad_keys = entry("a", 4);
+        bad_keys.decode_keys.insert(64, 3);
+        std::fs::write(
+            &path,
+            serde_json::to_string(&TuneFile {
+                format: TUNE_FORMAT,
+                entries: vec![bad_keys],
+            })
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            TuneFile::read(&path).unwrap_err().field(),
+            Some("tune file.decode_keys")
+        );
+        std::fs::write(&path, r#"{"format": 5, "entries": [], "extra": 0}"#).unwrap();
         assert_eq!(
             TuneFile::read(&path).unwrap_err().field(),
             Some("tune file")
@@ -367,7 +394,14 @@ mod tests {
         )
         .unwrap();
         assert!(TuneFile::read(&path).unwrap().entries.is_empty());
-        std::fs::write(&path, r#"{"format": 5, "entries": []}"#).unwrap();
+        // Format 4 (no decode keys per step) too.
+        std::fs::write(
+            &path,
+            r#"{"format": 4, "entries": [{"rows": {"64": 4}, "decode_measured": {"128": [[8, 2.0]]}}]}"#,
+        )
+        .unwrap();
+        assert!(TuneFile::read(&path).unwrap().entries.is_empty());
+        std::fs::write(&path, r#"{"format": 6, "entries": []}"#).unwrap();
         assert_eq!(
             TuneFile::read(&path).unwrap_err().field(),
             Some("tune file.format")

@@ -38,17 +38,19 @@ fn run_with_lanes(
     cases: Vec<DecodeCase>,
     lanes: Option<u32>,
 ) {
-    run_with(backends, name, cases, lanes, Accumulation::F32);
+    run_with(backends, name, cases, lanes, Accumulation::F32, 1);
 }
 
-/// `run` with the context's decode lanes per key forced (`Context::set_decode_lanes`) and its
-/// P·V arithmetic set (`Context::set_accumulation`); each case checks the variant it built.
+/// `run` with the context's decode lanes per key forced (`Context::set_decode_lanes`), its
+/// P·V arithmetic set (`Context::set_accumulation`) and its keys per step
+/// (`Context::set_decode_keys_per_step`); each case checks the variant it built.
 fn run_with(
     backends: wgpu::Backends,
     name: &str,
     cases: Vec<DecodeCase>,
     lanes: Option<u32>,
     acc: Accumulation,
+    keys: u32,
 ) {
     assert!(!cases.is_empty());
     let filter = std::env::var("POSATTN_DECODE_FILTER").ok();
@@ -56,12 +58,15 @@ fn run_with(
     for mut ctx in contexts(backends, name) {
         ctx.set_decode_lanes(lanes).unwrap();
         ctx.set_accumulation(acc).unwrap();
+        ctx.set_decode_keys_per_step(Some(keys)).unwrap();
         let (mut pass, mut unsup) = (0, 0);
         for case in &cases {
             if filter.as_deref().is_some_and(|f| !case.name.contains(f)) {
                 continue;
             }
             let r = decode::run_decode_case(&ctx, case);
+            let built = posattn::DecodePlan::new(&ctx, &case.spec).unwrap().kernel();
+            assert_eq!(built.keys_per_step, keys, "{}: {}", case.name, built.name());
             if acc == Accumulation::F16 {
                 let k = posattn::DecodePlan::new(&ctx, &case.spec).unwrap().kernel();
                 assert!(k.half_acc, "{}: {}", case.name, k.name());
@@ -134,6 +139,7 @@ fn decode_half_accumulation_vulkan() {
         cases,
         None,
         Accumulation::F16,
+        1,
     );
 }
 
@@ -179,4 +185,51 @@ fn decode_forced_lanes_vulkan() {
     ] {
         run_with_lanes(wgpu::Backends::VULKAN, "vulkan", cases, Some(lanes));
     }
+}
+
+/// Several keys a softmax step (`Context::set_decode_keys_per_step`): four keys on cases that
+/// share one kernel (ragged lengths, runs that end inside a step, StreamingLLM's sinks and
+/// window, the ring cache, forced splits), two keys with ReRoPE in the interleaved layout (two
+/// branches picked per key, keys rotated with partners read from the cache) and the caller's
+/// bias (read at each key's slot). Each case checks the variant it built.
+#[test]
+fn decode_keys_per_step_vulkan() {
+    let pick = |names: &[&str]| -> Vec<DecodeCase> {
+        let cases: Vec<DecodeCase> = decode::decode_cases()
+            .into_iter()
+            .filter(|c| names.contains(&c.name.as_str()))
+            .collect();
+        assert_eq!(cases.len(), names.len(), "a named case is missing");
+        cases
+    };
+    let mut four = decode::decode_quick_cases();
+    four.extend(pick(&[
+        "decode_window_sinks",
+        "decode_ring_w64_sinks4_q3",
+        "decode_split7",
+    ]));
+    run_with(
+        wgpu::Backends::VULKAN,
+        "vulkan",
+        four,
+        None,
+        Accumulation::F32,
+        4,
+    );
+    // One kernel for the rest: ReRoPE in the interleaved layout with the caller's bias added.
+    let mut both = pick(&["decode_rerope_w16_interleaved"]);
+    both[0].name += "_bias";
+    both[0].spec.attention = both[0]
+        .spec
+        .attention
+        .clone()
+        .with_bias(posattn::BiasLayout::default());
+    run_with(
+        wgpu::Backends::VULKAN,
+        "vulkan",
+        both,
+        None,
+        Accumulation::F32,
+        2,
+    );
 }

@@ -45,7 +45,8 @@ fn stored_rows_reach_the_context_for_their_adapter_only() {
             measured: BTreeMap::from([(64, vec![(rows, 2, true, 1.0)])]),
             shape: (8, 512),
             decode_lanes: BTreeMap::from([(128, 16)]),
-            decode_measured: BTreeMap::from([(128, vec![(16, 1.0)])]),
+            decode_keys: BTreeMap::from([(128, 4)]),
+            decode_measured: BTreeMap::from([(128, vec![(16, 4, 1.0)])]),
             decode_shape: (32, 8, 1, 2048),
         });
     }
@@ -90,6 +91,26 @@ fn stored_rows_reach_the_context_for_their_adapter_only() {
     assert_eq!(
         forced.set_decode_lanes(Some(32)).unwrap_err().field(),
         Some("decode_lanes")
+    );
+    // The decode keys per step: tuned at 128, 1 elsewhere, an override above both, and the
+    // plan built from the tuned context takes them.
+    assert_eq!(heuristic.decode_keys_per_step(128), 1);
+    assert_eq!(tuned.decode_keys_per_step(128), 4);
+    assert_eq!(tuned.decode_keys_per_step_source(128), "tuned");
+    assert_eq!(tuned.decode_keys_per_step(64), 1);
+    assert_eq!(tuned.decode_keys_per_step_source(64), "heuristic");
+    let plan =
+        posattn::DecodePlan::new(&tuned, &posattn::harness::decode::bench_spec(1, 64)).unwrap();
+    assert_eq!(plan.kernel().keys_per_step, 4, "{}", plan.kernel().name());
+    forced.set_decode_keys_per_step(Some(2)).unwrap();
+    assert_eq!(forced.decode_keys_per_step(128), 2);
+    assert_eq!(forced.decode_keys_per_step_source(128), "override");
+    assert_eq!(
+        forced
+            .set_decode_keys_per_step(Some(3))
+            .unwrap_err()
+            .field(),
+        Some("decode_keys_per_step")
     );
     // Only the other version's entry: the heuristic again.
     file.entries.retain(|e| e.key == other_version);

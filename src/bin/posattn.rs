@@ -193,6 +193,11 @@ enum Command {
         /// each.
         #[arg(long, value_delimiter = ',')]
         lanes: Vec<u32>,
+        /// Decode: also time the decode kernel folding these keys per softmax step (2 or 4,
+        /// comma-separated; `Context::set_decode_keys_per_step`) beside one key a step, every
+        /// row again (lanes column `ks2`, `ks4`).
+        #[arg(long, value_delimiter = ',')]
+        keys_per_step: Vec<u32>,
     },
     /// Write every kernel variant the crate builds into DIR, one file per variant named by its
     /// key (`<name>.<lang>`): the WGSL wgpu compiles, or naga's translation to SPIR-V, MSL,
@@ -1072,6 +1077,8 @@ struct DecodeBench {
     lanes: Vec<u32>,
     /// P·V arithmetic: every row again in each of these beyond f32.
     accumulate: Vec<posattn::Accumulation>,
+    /// Keys per softmax step: every row again in each of these beyond 1.
+    keys_per_step: Vec<u32>,
 }
 
 /// The statistic `bench` reports (`--fastest`), set once before it measures.
@@ -1116,8 +1123,20 @@ fn bench_decode(
             ));
         }
     }
+    for &k in &cfg.keys_per_step {
+        if !posattn::kernel::DECODE_KEYS_PER_STEP_CHOICES.contains(&k) {
+            return Err(posattn::Error::invalid(
+                "keys_per_step",
+                format!("one of {:?}", posattn::kernel::DECODE_KEYS_PER_STEP_CHOICES),
+                k,
+            ));
+        }
+    }
+    let key_runs: Vec<u32> = std::iter::once(1)
+        .chain(cfg.keys_per_step.iter().copied().filter(|&k| k != 1))
+        .collect();
     // The adapter's choice, then each forced count; each in f32 arithmetic, then in the other
-    // arithmetic asked for.
+    // arithmetic asked for; each at one key a step, then at the other counts asked for.
     let lane_runs: Vec<Option<u32>> = std::iter::once(None)
         .chain(cfg.lanes.iter().map(|&l| Some(l)))
         .collect();
@@ -1163,14 +1182,17 @@ fn bench_decode(
         );
         for &batch in batches.iter() {
             for &cache in caches.iter() {
-                let acc_runs = &acc_runs;
+                let (acc_runs, key_runs) = (&acc_runs, &key_runs);
                 let combos = cfg.dtypes.iter().flat_map(|d| {
-                    lane_runs
-                        .iter()
-                        .flat_map(move |l| acc_runs.iter().map(move |a| (d, l, a)))
+                    lane_runs.iter().flat_map(move |l| {
+                        acc_runs
+                            .iter()
+                            .flat_map(move |a| key_runs.iter().map(move |k| (d, l, a, k)))
+                    })
                 });
-                for (&dt, &forced, &acc) in combos {
+                for (&dt, &forced, &acc, &keys) in combos {
                     ctx.set_decode_lanes(forced)?;
+                    ctx.set_decode_keys_per_step(Some(keys))?;
                     if let Err(e) = ctx.set_accumulation(acc) {
                         println!("  {batch:>5} {cache:>6} {:>5} unavailable: {e}", dt.name());
                         continue;
@@ -1203,6 +1225,7 @@ fn bench_decode(
                     let prefill_us = if cache <= prefill_max
                         && dt == Dtype::F32
                         && forced.is_none()
+                        && keys == 1
                         && acc == posattn::Accumulation::F32
                     {
                         let p = posattn::Attention::new(&ctx, &spec.attention)?;
@@ -1215,7 +1238,7 @@ fn bench_decode(
                     };
                     let k = plan.kernel();
                     let lanes = format!(
-                        "{}{}{}",
+                        "{}{}{}{}",
                         k.lanes,
                         match k.lane_reduce {
                             posattn::kernel::LaneReduce::Workgroup if k.lanes > 1 => " wg",
@@ -1223,7 +1246,12 @@ fn bench_decode(
                             posattn::kernel::LaneReduce::Shuffle => " xor",
                             posattn::kernel::LaneReduce::Workgroup => "",
                         },
-                        if k.half_acc { " acc16" } else { "" }
+                        if k.half_acc { " acc16" } else { "" },
+                        if k.keys_per_step > 1 {
+                            format!(" ks{}", k.keys_per_step)
+                        } else {
+                            String::new()
+                        }
                     );
                     println!(
                         "  {batch:>5} {cache:>6} {dname:>5} {:>6} {lanes:>13} {us:>12.1} {gbps:>8.2} {:>6.1}% {:>14} {:>8}",
@@ -1245,6 +1273,7 @@ fn bench_decode(
                         "lane_reduce": format!("{:?}", k.lane_reduce),
                         "lanes_source": ctx.decode_lanes_source(spec.attention.head_dim),
                         "accumulation": acc.name(),
+                        "keys_per_step": k.keys_per_step,
                         "us_per_token": us,
                         "gbps": gbps,
                         "roof_gbps": roof_gbps,
@@ -1254,6 +1283,7 @@ fn bench_decode(
             }
         }
         ctx.set_decode_lanes(None)?;
+        ctx.set_decode_keys_per_step(None)?;
         ctx.set_accumulation(posattn::Accumulation::F32)?;
     }
     if let Some(path) = json_path {
@@ -1912,6 +1942,7 @@ fn tune(
             measured,
             shape: (8, n),
             decode_lanes: Default::default(),
+            decode_keys: Default::default(),
             decode_measured: Default::default(),
             decode_shape: (32, 8, 1, cache),
         };
@@ -1920,7 +1951,8 @@ fn tune(
         println!("  prefill choice stored in {}", path.display());
         let decode = tune_decode(&mut ctx, head_dims, cache, runs)?;
         entry.decode_lanes = decode.0;
-        entry.decode_measured = decode.1;
+        entry.decode_keys = decode.1;
+        entry.decode_measured = decode.2;
         stored.upsert(entry);
         stored.write(&path)?;
     }
@@ -1928,15 +1960,18 @@ fn tune(
     Ok(())
 }
 
-/// Per-head-size decode lanes and the measurements behind them.
+/// Per-head-size decode lanes and keys per step, and the measurements behind them.
 type DecodeTuning = (
     std::collections::BTreeMap<u32, u32>,
-    std::collections::BTreeMap<u32, Vec<(u32, f64)>>,
+    std::collections::BTreeMap<u32, u32>,
+    std::collections::BTreeMap<u32, Vec<(u32, u32, f64)>>,
 );
 
-/// `posattn tune`'s decode part: every lanes-per-key candidate at each head size, checked
-/// against the f64 reference on a small GQA step with a ragged second sequence, then timed on
-/// Llama-3-8B's heads (32 query, 8 KV, RoPE) at batch 1 against `cache` keys, f32.
+/// `posattn tune`'s decode part: every lanes-per-key candidate at each head size at one key a
+/// step, then on GPUs the best lanes and the next larger count at 2 and 4 keys a step (CPU adapters, whose decode time is
+/// the per-lane reads of K and V, keep 1: BENCHMARKS.md), each checked against the f64
+/// reference on a small GQA step with a ragged second sequence, then timed on Llama-3-8B's
+/// heads (32 query, 8 KV, RoPE) at batch 1 against `cache` keys, f32.
 fn tune_decode(
     ctx: &mut Context,
     head_dims: &[u32],
@@ -1948,29 +1983,54 @@ fn tune_decode(
     use posattn::kernel::{DECODE_LANES_CHOICES, decode_lanes_at_most};
     println!("  decode: 32 query heads, 8 KV heads, RoPE, batch 1, cache {cache}, f32");
     let mut chosen = std::collections::BTreeMap::new();
+    let mut chosen_keys = std::collections::BTreeMap::new();
     let mut measured = std::collections::BTreeMap::new();
+    let gpu = ctx.adapter_info().device_type != wgpu::DeviceType::Cpu;
     for &d in head_dims {
         let mut spec = bench_spec(1, cache);
         spec.attention = spec.attention.with_head_dim(d);
         let setup = DecodeSetup::new(ctx, &spec)?;
         let bufs = setup.buffers();
-        let mut times = Vec::new();
+        let mut times: Vec<(u32, u32, f64)> = Vec::new();
         // One lane per key holds a whole head per row in registers: not a candidate.
-        for &l in DECODE_LANES_CHOICES
+        let lane_candidates: Vec<(u32, u32)> = DECODE_LANES_CHOICES
             .iter()
             .filter(|&&l| l > 1 && decode_lanes_at_most(d, l) == l)
-        {
+            .map(|&l| (l, 1))
+            .collect();
+        let mut candidates = lane_candidates.clone();
+        let (mut i, mut extended) = (0, false);
+        loop {
+            // After the lanes candidates, on GPUs: the best lanes, and the next larger count
+            // (fewer registers a lane for the step's keys), at more keys a step.
+            if gpu && !extended && i == lane_candidates.len() {
+                extended = true;
+                if let Some(&(bl, _, _)) = times.iter().min_by(|a, b| a.2.total_cmp(&b.2)) {
+                    let wider = lane_candidates.iter().map(|c| c.0).find(|&l| l > bl);
+                    for l in std::iter::once(bl).chain(wider) {
+                        candidates.extend([(l, 2), (l, 4)]);
+                    }
+                }
+            }
+            let Some(&(l, keys)) = candidates.get(i) else {
+                break;
+            };
+            i += 1;
             ctx.set_decode_lanes(Some(l))?;
+            ctx.set_decode_keys_per_step(Some(keys))?;
             let mut small = bench_spec(2, 300);
             small.attention = small.attention.with_head_dim(d);
             let case = DecodeCase::new(
-                format!("tune_decode_d{d}_l{l}"),
+                format!("tune_decode_d{d}_l{l}_ks{keys}"),
                 small,
                 vec![(1, 300), (1, 129)],
             );
             let result = run_decode_case(ctx, &case);
             if result.status != Status::Pass {
-                println!("  decode d{d} lanes {l}: not used ({:?})", result.status);
+                println!(
+                    "  decode d{d} lanes {l} keys {keys}: not used ({:?})",
+                    result.status
+                );
                 continue;
             }
             let plan = posattn::DecodePlan::new(ctx, &spec)?;
@@ -1979,25 +2039,28 @@ fn tune_decode(
             let us = posattn::harness::timing::median(&t).as_secs_f64() * 1e6;
             let k = plan.kernel();
             println!(
-                "  decode d{d} lanes {l} ({:?}, {} splits): {us:.1} us",
+                "  decode d{d} lanes {l} keys {keys} ({:?}, {} splits): {us:.1} us",
                 k.lane_reduce,
                 plan.splits()
             );
-            times.push((l, us));
+            times.push((l, keys, us));
         }
         ctx.set_decode_lanes(None)?;
-        let Some(&(best, best_us)) = times.iter().min_by(|a, b| a.1.total_cmp(&b.1)) else {
+        ctx.set_decode_keys_per_step(None)?;
+        let Some(&(best, best_keys, best_us)) = times.iter().min_by(|a, b| a.2.total_cmp(&b.2))
+        else {
             return Err(posattn::Error::invalid(
                 "tune candidates",
                 format!("at least one decode lanes count passing the reference at head_dim {d}"),
                 "none",
             ));
         };
-        println!("  decode d{d}: lanes {best} ({best_us:.1} us)");
+        println!("  decode d{d}: lanes {best}, {best_keys} keys a step ({best_us:.1} us)");
         chosen.insert(d, best);
+        chosen_keys.insert(d, best_keys);
         measured.insert(d, times);
     }
-    Ok((chosen, measured))
+    Ok((chosen, chosen_keys, measured))
 }
 
 /// The adapter's cooperative-matrix configurations (`Features::EXPERIMENTAL_COOPERATIVE_MATRIX`).
@@ -2124,6 +2187,19 @@ fn info(backend: Option<Backend>) -> ExitCode {
             },
             decode.join(", ")
         );
+        // Keys per softmax step: 1 unless tuned.
+        let keys: Vec<String> = posattn::SUPPORTED_HEAD_DIMS
+            .iter()
+            .filter_map(|&d| stored.decode_keys.get(&d).map(|k| format!("d{d} {k}")))
+            .collect();
+        println!(
+            "  decode keys per step: {}",
+            if keys.is_empty() {
+                "1 (`posattn tune` measures 2 and 4 on GPUs)".to_string()
+            } else {
+                format!("{} (tuned), else 1", keys.join(", "))
+            }
+        );
     }
     match posattn::tune::default_path() {
         Some(p) => println!("tuning file: {}", p.display()),
@@ -2192,6 +2268,7 @@ fn main() -> ExitCode {
             lanes,
             accumulate,
             q_workgroup,
+            keys_per_step,
             fastest: _,
         } => {
             let _ = seq;
@@ -2255,6 +2332,7 @@ fn main() -> ExitCode {
                     read_ahead,
                     lanes,
                     accumulate,
+                    keys_per_step,
                 },
                 json.as_deref(),
             ) {
@@ -2278,8 +2356,16 @@ fn main() -> ExitCode {
             lanes,
             accumulate,
             q_workgroup,
+            keys_per_step,
             ..
         } => {
+            if !keys_per_step.is_empty() {
+                eprintln!(
+                    "error: invalid `--keys-per-step`: expected it with --decode only (keys per \
+                     softmax step of the decode kernel)"
+                );
+                return ExitCode::from(2);
+            }
             if !lanes.is_empty() {
                 eprintln!(
                     "error: invalid `--lanes`: expected it with --decode only (lanes per key; \

@@ -251,6 +251,12 @@ pub const DECODE_MAX_LANES: u32 = 8;
 /// stored `posattn tune` choice). Each lane holds at least one unit of 8 channels, so a head
 /// size takes at most `head_dim / 8` of them ([`decode_lanes_at_most`]).
 pub const DECODE_LANES_CHOICES: &[u32] = &[1, 2, 4, 8, 16];
+/// Keys each key group of the decode kernel folds in per step
+/// ([`crate::Context::set_decode_keys_per_step`], [`KernelKey::with_keys_per_step`]): 1 (the
+/// default: one softmax update per key), 2 or 4 (their dot products first, one update for all,
+/// the accumulators rescaled once, then their values; the field's decode kernels, llama.cpp's
+/// and FlashInfer's, take a block of keys a step).
+pub const DECODE_KEYS_PER_STEP_CHOICES: &[u32] = &[1, 2, 4];
 
 /// How the lanes that share a key sum their partial dot products.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -617,6 +623,9 @@ pub struct KernelKey {
     /// Fused row form: each invocation keeps its rows' queries in workgroup memory instead of
     /// registers ([`KernelKey::with_q_shared`]).
     pub q_shared: bool,
+    /// Decode: keys each key group folds in per step ([`KernelKey::with_keys_per_step`]; 1 in
+    /// other families).
+    pub keys_per_step: u32,
 }
 
 impl KernelKey {
@@ -642,6 +651,7 @@ impl KernelKey {
             tile_share: 0,
             half_acc: false,
             q_shared: false,
+            keys_per_step: 1,
         }
     }
 
@@ -893,6 +903,7 @@ impl KernelKey {
             tile_share: 0,
             half_acc: false,
             q_shared: false,
+            keys_per_step: 1,
         }
     }
 
@@ -997,6 +1008,7 @@ impl KernelKey {
             tile_share: 0,
             half_acc: false,
             q_shared: false,
+            keys_per_step: 1,
         }
     }
 
@@ -1013,6 +1025,19 @@ impl KernelKey {
     /// This decode key reading the next keys' cache lines ahead, or not.
     pub fn with_read_ahead(self, read_ahead: bool) -> Self {
         KernelKey { read_ahead, ..self }
+    }
+
+    /// This decode key folding `keys` keys into each key group's softmax per step (one of
+    /// [`DECODE_KEYS_PER_STEP_CHOICES`]; other counts, and other families, leave the key as it
+    /// is).
+    pub fn with_keys_per_step(self, keys: u32) -> Self {
+        if self.stage != Stage::Decode || !DECODE_KEYS_PER_STEP_CHOICES.contains(&keys) {
+            return self;
+        }
+        KernelKey {
+            keys_per_step: keys,
+            ..self
+        }
     }
 
     /// This decode key rotating keys as `key_rot` says.
@@ -1041,7 +1066,7 @@ impl KernelKey {
     /// Every decode variant listed by default: the portable form (workgroup-memory
     /// reduction) of every head size and encoding at 4 rows (Llama-3's GQA), the other row
     /// buckets on the RoPE kernel, the read-ahead form (CPU adapters) and the two-branch form
-    /// (extrapolation methods) of the 4-row RoPE kernel,
+    /// (extrapolation methods) of the 4-row RoPE kernel, several keys a softmax step,
     /// and half storage in the packed forms every adapter runs on the RoPE kernel at head size
     /// 64, with and without read-ahead (native f16 needs the SHADER_F16 capability, subgroup
     /// forms the `subgroups` feature: [`KernelKey::native_f16_examples`],
@@ -1067,6 +1092,17 @@ impl KernelKey {
             KernelKey::decode(128, 4, PosKind::Rope)
                 .with_lanes(16, LaneReduce::Workgroup)
                 .with_key_rotation(KeyRotation::General),
+        );
+        // Several keys a softmax step: 4 on the 4-row RoPE kernel at head sizes 64 and 128, 2
+        // with two RoPE scores per key and the caller's bias.
+        for d in [64, 128] {
+            keys.push(KernelKey::decode(d, 4, PosKind::Rope).with_keys_per_step(4));
+        }
+        keys.push(
+            KernelKey::decode(64, 4, PosKind::Rope)
+                .with_two_branch(true)
+                .with_bias(true)
+                .with_keys_per_step(2),
         );
         // The caller's bias (a ninth storage buffer), with its reduce.
         keys.push(KernelKey::decode(64, 4, PosKind::Rope).with_bias(true));
@@ -1106,6 +1142,13 @@ impl KernelKey {
                 );
             }
         }
+        // Four keys a step with each key's 8 lanes summed by butterflies (a GPU's form at
+        // head size 128).
+        keys.push(
+            KernelKey::decode(128, 4, PosKind::Rope)
+                .with_lanes(8, LaneReduce::Shuffle)
+                .with_keys_per_step(4),
+        );
         // Forced or tuned lanes beyond the rule's: butterflies over 16 lanes at head size 128
         // (a GPU's 32-lane subgroups) and over 8 at head size 64 (lavapipe's), both with the
         // partners read from the cache.
@@ -1319,12 +1362,17 @@ impl KernelKey {
                 if self.q_shared { "_qwg" } else { "" }
             ),
             Stage::Decode => format!(
-                "decode_d{}_r{}_l{}{}_{pos}{branch}{}{}{}{}{dt}",
+                "decode_d{}_r{}_l{}{}_{pos}{branch}{}{}{}{}{}{dt}",
                 self.head_dim,
                 self.rows,
                 self.lanes,
                 self.lane_reduce.suffix(),
                 self.key_rot.suffix(),
+                if self.keys_per_step > 1 {
+                    format!("_ks{}", self.keys_per_step)
+                } else {
+                    String::new()
+                },
                 if self.read_ahead { "_ra" } else { "" },
                 if self.bias { "_ub" } else { "" },
                 if self.half_acc { "_acch" } else { "" }
@@ -1402,7 +1450,7 @@ impl KernelKey {
              const MP_LEN: u32 = {}u;\nconst MV_LEN: u32 = {}u;\nconst OP_LEN: u32 = {}u;\n\
              const V_TILE_LEN: u32 = {}u;\nconst S_STRIDE: u32 = {}u;\nconst P_STRIDE: u32 = {}u;\n\
              const OP_STRIDE: u32 = {}u;\nconst PV_HALF: bool = {};\nconst Q_SHARED: bool = {};\n\
-             const Q_TILE_LEN: u32 = {}u;\n",
+             const Q_TILE_LEN: u32 = {}u;\nconst KEY_STEP: u32 = {}u;\n",
             self.name(),
             self.head_dim,
             self.block_q.max(1),
@@ -1444,7 +1492,8 @@ impl KernelKey {
                 self.block_q * self.head_dim / 4
             } else {
                 1
-            }
+            },
+            self.keys_per_step.max(1)
         )
     }
 
@@ -1479,7 +1528,7 @@ impl KernelKey {
     }
 
     /// Bounds the composer may unroll loops over.
-    pub(crate) fn unroll_bounds(&self) -> [(&'static str, u32); 13] {
+    pub(crate) fn unroll_bounds(&self) -> [(&'static str, u32); 14] {
         [
             ("PV_ROUNDS", self.pv_rounds()),
             ("PV_VEC", self.pv_ch() / 4),
@@ -1498,6 +1547,7 @@ impl KernelKey {
                 "TILE_LOADS",
                 self.head_dim.checked_div(self.tile_share).unwrap_or(1),
             ),
+            ("KEY_STEP", self.keys_per_step.max(1)),
         ]
     }
 
