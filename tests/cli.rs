@@ -404,6 +404,18 @@ fn bench_and_check_reject_bad_sizes_before_opening_an_adapter() {
     assert_eq!(code, 2, "{text}");
     assert!(text.contains("invalid `--lanes`"), "{text}");
     assert!(!text.contains("matmul roof"), "{text}");
+    // Decode keys per softmax step: a count no kernel is built with, or with prefill.
+    let (code, text) = posattn(&["bench", "--decode", "--keys-per-step", "2,3"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(
+        text.contains("invalid `keys_per_step`") && text.contains("got 3"),
+        "{text}"
+    );
+    assert!(!text.contains("copy roof"), "{text}");
+    let (code, text) = posattn(&["bench", "--keys-per-step", "2", "--seq", "64"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("invalid `--keys-per-step`"), "{text}");
+    assert!(!text.contains("matmul roof"), "{text}");
     let (code, text) = posattn(&["check", "--quick", "--row-lanes", "16"]);
     assert_eq!(code, 2, "{text}");
     assert!(
