@@ -241,6 +241,10 @@ enum Command {
         /// The tuning file (default: POSATTN_TUNE_FILE, else the user's cache folder).
         #[arg(long, value_name = "FILE")]
         file: Option<std::path::PathBuf>,
+        /// Decode: time 2 and 4 keys a softmax step (at the best lanes per key and the next
+        /// larger count) on a CPU adapter too; GPUs always do.
+        #[arg(long)]
+        decode_keys: bool,
     },
     /// Draw what a position scheme does into a PNG: its logit against relative distance and
     /// one head's attention weights over a long sequence with and without each extrapolation
@@ -1818,15 +1822,26 @@ fn candidates_for(
     out
 }
 
-fn tune(
-    backend: Option<Backend>,
-    adapter: Option<String>,
-    head_dims: &[u32],
+/// What `posattn tune` measures (see `Command::Tune`).
+struct TuneArgs {
+    head_dims: Vec<u32>,
     seq: Option<u32>,
     cache: Option<u32>,
     runs: usize,
     file: Option<std::path::PathBuf>,
-) -> posattn::Result<()> {
+    decode_keys: bool,
+}
+
+fn tune(backend: Option<Backend>, adapter: Option<String>, args: TuneArgs) -> posattn::Result<()> {
+    let TuneArgs {
+        head_dims,
+        seq,
+        cache,
+        runs,
+        file,
+        decode_keys,
+    } = args;
+    let head_dims = &head_dims[..];
     use posattn::harness::timing::time_encoded;
     use posattn::tune::{TuneEntry, TuneFile, TuneKey};
     let path = match file.or_else(posattn::tune::default_path) {
@@ -1949,7 +1964,7 @@ fn tune(
         stored.upsert(entry.clone());
         stored.write(&path)?;
         println!("  prefill choice stored in {}", path.display());
-        let decode = tune_decode(&mut ctx, head_dims, cache, runs)?;
+        let decode = tune_decode(&mut ctx, head_dims, cache, runs, decode_keys)?;
         entry.decode_lanes = decode.0;
         entry.decode_keys = decode.1;
         entry.decode_measured = decode.2;
@@ -1968,15 +1983,17 @@ type DecodeTuning = (
 );
 
 /// `posattn tune`'s decode part: every lanes-per-key candidate at each head size at one key a
-/// step, then on GPUs the best lanes and the next larger count at 2 and 4 keys a step (CPU adapters, whose decode time is
-/// the per-lane reads of K and V, keep 1: BENCHMARKS.md), each checked against the f64
-/// reference on a small GQA step with a ragged second sequence, then timed on Llama-3-8B's
-/// heads (32 query, 8 KV, RoPE) at batch 1 against `cache` keys, f32.
+/// step, then on GPUs (or with `--decode-keys`) the best lanes and the next larger count at 2
+/// and 4 keys a step (CPU adapters, whose decode time is the per-lane reads of K and V, keep 1:
+/// BENCHMARKS.md), each checked against the f64 reference on a small GQA step with a ragged
+/// second sequence, then timed on Llama-3-8B's heads (32 query, 8 KV, RoPE) at batch 1 against
+/// `cache` keys, f32.
 fn tune_decode(
     ctx: &mut Context,
     head_dims: &[u32],
     cache: u32,
     runs: usize,
+    keys_on_cpu: bool,
 ) -> posattn::Result<DecodeTuning> {
     use posattn::harness::decode::{DecodeCase, DecodeSetup, bench_spec, run_decode_case};
     use posattn::harness::timing::time_encoded;
@@ -1985,7 +2002,7 @@ fn tune_decode(
     let mut chosen = std::collections::BTreeMap::new();
     let mut chosen_keys = std::collections::BTreeMap::new();
     let mut measured = std::collections::BTreeMap::new();
-    let gpu = ctx.adapter_info().device_type != wgpu::DeviceType::Cpu;
+    let more_keys = keys_on_cpu || ctx.adapter_info().device_type != wgpu::DeviceType::Cpu;
     for &d in head_dims {
         let mut spec = bench_spec(1, cache);
         spec.attention = spec.attention.with_head_dim(d);
@@ -2003,7 +2020,7 @@ fn tune_decode(
         loop {
             // After the lanes candidates, on GPUs: the best lanes, and the next larger count
             // (fewer registers a lane for the step's keys), at more keys a step.
-            if gpu && !extended && i == lane_candidates.len() {
+            if more_keys && !extended && i == lane_candidates.len() {
                 extended = true;
                 if let Some(&(bl, _, _)) = times.iter().min_by(|a, b| a.2.total_cmp(&b.2)) {
                     let wider = lane_candidates.iter().map(|c| c.0).find(|&l| l > bl);
@@ -2224,7 +2241,19 @@ fn main() -> ExitCode {
             cache,
             runs,
             file,
-        } => match tune(backend, adapter, &head_dim, seq, cache, runs.max(1), file) {
+            decode_keys,
+        } => match tune(
+            backend,
+            adapter,
+            TuneArgs {
+                head_dims: head_dim,
+                seq,
+                cache,
+                runs: runs.max(1),
+                file,
+                decode_keys,
+            },
+        ) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e}");
