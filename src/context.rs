@@ -533,12 +533,12 @@ impl Context {
 
     /// Keys each key group of the decode kernel folds into its softmax per step at `head_dim`
     /// (one of `kernel::DECODE_KEYS_PER_STEP_CHOICES`): the override if set, else the adapter's
-    /// tuned choice (`posattn tune` measures 2 and 4 on GPUs), else 1, one softmax update per
-    /// key. More keys a step make the keys' reads independent of each
-    /// other's arithmetic and rescale the accumulators once per step, the shape of llama.cpp's
-    /// and FlashInfer's decode kernels; on lavapipe, whose decode time is the per-lane reads
-    /// of K and V, it is not faster (BENCHMARKS.md), and on GPUs it is measured by `posattn
-    /// bench --decode --keys-per-step` and `benches/gpu.sh`.
+    /// tuned choice (`posattn tune` measures 2 and 4 on GPUs, and with `--decode-keys` on CPU
+    /// adapters), else 1, one softmax update per key. More keys a step make the keys' reads
+    /// independent of each other's arithmetic and rescale the accumulators once per step, the
+    /// shape of llama.cpp's and FlashInfer's decode kernels; on lavapipe, whose decode time is
+    /// the per-lane reads of K and V, it is not faster (BENCHMARKS.md), and on GPUs it is
+    /// measured by `posattn bench --decode --keys-per-step` and `benches/gpu.sh`.
     pub fn decode_keys_per_step(&self, head_dim: u32) -> u32 {
         self.decode_keys_override
             .or_else(|| self.tuned.decode_keys.get(&head_dim).copied())
